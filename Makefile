@@ -1,0 +1,38 @@
+# Two entry points from a fresh clone: `make demo` and `make test`.
+# Both create/refresh the virtualenv and install everything they need.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint tables bench clean venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/infemu sim examples/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Regenerate the compact cost tables from ../shared/data (maintainers only).
+tables: $(STAMP)
+	$(BIN)/python tools/derive_tables.py --shared ../shared/data --out emulator/costmodel/data
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sim_speed.py
+	$(BIN)/python benchmarks/costmodel_accuracy.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

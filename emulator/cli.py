@@ -1,0 +1,184 @@
+"""The ``infemu`` command.
+
+Every user error (bad spec, bad flag value, missing trace) prints one line per
+problem and exits 2; a traceback means a bug in infemu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from emulator.errors import SpecError
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _add_workload_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload overrides (exact; replace the spec's values)")
+    g.add_argument("--rate", type=_positive_float, help="requests per second (open loop)")
+    g.add_argument("--requests", type=_positive_int, help="number of requests")
+    g.add_argument("--duration", type=_positive_float, help="seconds of arrivals")
+    g.add_argument("--concurrency", type=_positive_int, help="closed-loop clients")
+    g.add_argument("--input-len", type=_positive_int, help="prompt tokens, fixed")
+    g.add_argument("--output-len", type=_positive_int, help="output tokens, fixed")
+    g.add_argument("--trace", help="replay a trace file (Azure CSV, Mooncake/RAGPulse JSONL, BurstGPT CSV)")
+    g.add_argument("--trace-format", choices=["azure", "mooncake", "burstgpt", "ragpulse"])
+    g.add_argument("--seed", type=_nonneg_int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="infemu",
+        description="Emulation testbed for distributed LLM inference: one spec, simulated or emulated.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sim", help="discrete-event simulation of a spec in virtual time")
+    p.add_argument("spec", help="InferenceCluster YAML (several documents = several designs)")
+    _add_workload_flags(p)
+    p.add_argument("--cluster", help="simulate only the document with this metadata.name")
+    p.add_argument("--out", help="write requests.jsonl and summary.json here")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (one object per cluster)")
+    p.add_argument("--no-bulk", action="store_true", help="step every decode iteration (slower; for checks)")
+
+    p = sub.add_parser("cost", help="per-operator time of one engine step")
+    p.add_argument("spec")
+    p.add_argument("--pool", help="pool name (default: the first pool)")
+    p.add_argument("--cluster", help="document name in a multi-document spec")
+    p.add_argument("--prefill-tokens", type=_nonneg_int, default=0, help="new prompt tokens in the step")
+    p.add_argument("--prefill-context", type=_nonneg_int, default=0, help="tokens already cached before the chunk")
+    p.add_argument("--decode-batch", type=_nonneg_int, default=0, help="decoding sequences in the step")
+    p.add_argument("--context", type=_nonneg_int, default=1024, help="KV length of each decoding sequence")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("validate", help="check a spec and print its placement")
+    p.add_argument("spec")
+
+    sub.add_parser("catalog", help="list the GPUs, link tiers and models infemu knows")
+    return ap
+
+
+def _select(clusters, name: str | None):
+    if name is None:
+        return clusters
+    chosen = [c for c in clusters if c.name == name]
+    if not chosen:
+        raise SpecError([f"--cluster: {name!r} is not in the spec; documents: {', '.join(c.name for c in clusters)}"])
+    return chosen
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from emulator.overrides import WorkloadOverrides, apply_overrides
+    from emulator.report import print_summary_table, write_report
+    from emulator.sim.simulator import simulate
+    from emulator.spec import load_clusters
+    from emulator.workload.plan import build_plan
+
+    ov = WorkloadOverrides(
+        rate=args.rate,
+        requests=args.requests,
+        duration=args.duration,
+        concurrency=args.concurrency,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        trace=args.trace,
+        trace_format=args.trace_format,
+        seed=args.seed,
+    )
+    clusters = _select(load_clusters(args.spec), args.cluster)
+    base_dir = os.path.dirname(os.path.abspath(args.spec))
+    results = []
+    for cluster in clusters:
+        cluster = apply_overrides(cluster, ov)
+        plan = build_plan(cluster.spec.workload, base_dir)
+        t0 = time.perf_counter()
+        result = simulate(cluster, plan, bulk=not args.no_bulk)
+        wall = time.perf_counter() - t0
+        results.append((cluster, result, wall))
+        if args.out:
+            out = args.out if len(clusters) == 1 else os.path.join(args.out, cluster.name)
+            write_report(out, cluster, result)
+    if args.json:
+        for _, result, _ in results:
+            print(json.dumps(result.summary))
+    else:
+        for cluster, result, wall in results:
+            print_summary_table(cluster, result, wall)
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from emulator.report import print_cost_table
+    from emulator.spec import load_clusters
+
+    cluster = _select(load_clusters(args.spec), args.cluster)[0]
+    return print_cost_table(cluster, args)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from emulator.report import print_placement
+    from emulator.spec import load_clusters
+
+    for cluster in load_clusters(args.spec):
+        print_placement(cluster)
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from emulator.report import print_catalog
+
+    print_catalog()
+    return 0
+
+
+COMMANDS = {"sim": cmd_sim, "cost": cmd_cost, "validate": cmd_validate, "catalog": cmd_catalog}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

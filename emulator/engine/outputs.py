@@ -1,0 +1,53 @@
+"""Plain data crossing the engine boundary: what a step runs, what it produced, engine stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emulator.costmodel.interface import BatchShape
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request_id: str
+    num_new_tokens: int
+    num_context_tokens: int  # tokens already in KV before this step
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    shape: BatchShape
+    kv_pulls: tuple[str, ...] = ()  # consumer requests whose blocks were just allocated: start pulling
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step did for one request: tokens sampled and whether it ended."""
+
+    request_id: str
+    new_tokens: int
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for routers and metrics adapters (vLLM's stats dataclasses, STYLE principle 9)."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    num_gpu_blocks: int
+    prefix_queries: int
+    prefix_hits: int
+    num_preemptions: int
+    num_iterations: int
+    prompt_tokens: int
+    generation_tokens: int

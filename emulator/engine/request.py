@@ -1,0 +1,87 @@
+"""A request inside one engine: token counters, status and timestamps. No clock, no I/O.
+
+One counter model (vLLM v1): ``num_computed_tokens`` catches up with
+``num_tokens``; a step that makes them equal samples one new token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # decode side of P/D: blocks allocated, pull in flight
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_LENGTH = "length"
+    FINISHED_REMOTE_DECODE = "remote_decode"  # prefill side of P/D: KV held until the pull completes
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = {
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_REMOTE_DECODE,
+    RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
+}
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+    arrival_s: float
+    block_hashes: tuple[int, ...] = ()  # chained hashes of the prompt's full blocks (prefix caching)
+    # P/D: a prefill instance produces the KV (and the first token); a decode instance consumes it.
+    kv_role: str = "none"  # none | producer | consumer
+    num_output_tokens: int = 0
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    # accounting
+    num_cached_tokens: int = 0  # prefix-cache hit at first admission
+    num_preemptions: int = 0
+    first_scheduled_s: float | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    kv_ready_s: float | None = None  # consumer: when the pulled KV arrived
+    token_chunks: list = field(default_factory=list)  # float timestamps or np arrays of them
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_output_tokens
+
+    @property
+    def num_new_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def token_times(self) -> np.ndarray:
+        """Every output token's timestamp, in order."""
+        parts: list[np.ndarray] = []
+        run: list[float] = []
+        for c in self.token_chunks:
+            if isinstance(c, float):
+                run.append(c)
+                continue
+            if run:
+                parts.append(np.asarray(run))
+                run = []
+            parts.append(c)
+        if run:
+            parts.append(np.asarray(run))
+        return np.concatenate(parts) if parts else np.zeros(0)

@@ -1,0 +1,356 @@
+"""The scheduler of one serving instance, vLLM v1 style: synchronous and deterministic.
+
+``schedule(now) -> SchedulerOutput``; the driver runs it for the cost model's
+time; ``update_from_output(output, now) -> list[RequestOutput]``. No wall clock,
+no asyncio, no sockets: the simulator and the real-time worker both drive it.
+
+Policy, in order each step: running requests first (FCFS), each gets its
+missing tokens up to the token budget (chunked prefill) and KV slots, preempting
+the newest running request by recompute when blocks run out; then requests
+whose remote KV must be pulled get their blocks; then waiting requests are
+admitted while the budget, ``max_num_seqs`` and free blocks allow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from emulator.costmodel.interface import BatchShape
+from emulator.engine.config import EngineConfig
+from emulator.engine.kv_cache import KVCacheManager
+from emulator.engine.outputs import RequestOutput, ScheduledRequest, SchedulerOutput, SchedulerStats
+from emulator.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.kv = KVCacheManager(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.remote_waiting: deque[Request] = deque()  # consumers whose blocks are not yet allocated
+        self.pulling: dict[str, Request] = {}  # consumers whose KV pull is in flight
+        self.held: dict[str, Request] = {}  # producers holding KV until the pull completes
+        self.running: list[Request] = []
+        self.in_flight: set[str] = set()  # scheduled in a batch that has not finished (pipeline parallel)
+        self.num_preemptions = 0
+        self.num_iterations = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    # ---- intake --------------------------------------------------------------
+    def add_request(self, req: Request) -> RequestOutput | None:
+        """Queue a request, or reject it at once (returned output) when it can never run."""
+        error = self._admission_error(req)
+        if error is not None:
+            req.status = RequestStatus.FINISHED_ERROR
+            req.error = error
+            req.finish_reason = "error"
+            return RequestOutput(req.request_id, 0, True, "error")
+        self.requests[req.request_id] = req
+        if req.kv_role == "consumer":
+            req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+            self.remote_waiting.append(req)
+        else:
+            self.waiting.append(req)
+        return None
+
+    def _admission_error(self, req: Request) -> str | None:
+        cfg = self.config
+        if req.num_prompt_tokens < 1:
+            return "the prompt is empty"
+        if req.max_tokens < 1:
+            return "max_tokens must be at least 1"
+        total = req.num_prompt_tokens + req.max_tokens
+        if total > cfg.max_model_len:
+            return (
+                f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({req.num_prompt_tokens} in the messages, {req.max_tokens} in the completion)."
+            )
+        if not cfg.enable_chunked_prefill and req.num_prompt_tokens > cfg.max_num_batched_tokens:
+            return (
+                f"the prompt ({req.num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
+                f"({cfg.max_num_batched_tokens}) and chunked prefill is off"
+            )
+        return None
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for q in (self.waiting, self.remote_waiting):
+            if req in q:
+                q.remove(req)
+        self.pulling.pop(request_id, None)
+        self.held.pop(request_id, None)
+        if req in self.running:
+            self.running.remove(req)
+        self.in_flight.discard(request_id)
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED_ABORTED
+        req.finish_reason = "abort"
+
+    # ---- P/D hand-off ----------------------------------------------------------
+    def finish_remote_kv(self, request_id: str, now: float) -> None:
+        """Consumer: the pulled KV has arrived; the request becomes schedulable for decode."""
+        req = self.pulling.pop(request_id)
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.kv_ready_s = now
+        req.status = RequestStatus.WAITING
+        self.kv.cache_full_blocks(req)
+        self.waiting.append(req)
+
+    def release_kv(self, request_id: str) -> None:
+        """Producer: the consumer has the KV; free the blocks."""
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+            self.requests.pop(request_id, None)
+
+    # ---- one step -------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.remote_waiting)
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        prefill: list[tuple[int, int]] = []
+        num_decode = 0
+        decode_kv = 0
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            if req.request_id in self.in_flight:
+                i += 1
+                continue
+            n = min(req.num_new_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, n):
+                victim = self._pick_victim()
+                if victim is None or victim is req:
+                    if victim is req:
+                        self._preempt(req)
+                        preempted.append(req.request_id)
+                    n = 0
+                    break
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+            if n == 0:
+                if req not in self.running:
+                    continue  # req itself was preempted; the list shifted
+                i += 1
+                continue
+            self._account(req, n, now, scheduled, prefill)
+            if req.num_computed_tokens >= req.num_prompt_tokens:
+                num_decode += 1
+                decode_kv += req.num_computed_tokens + n
+            budget -= n
+            i += 1
+
+        kv_pulls: list[str] = []
+        while self.remote_waiting:
+            req = self.remote_waiting[0]
+            if not self.kv.allocate_slots(req, req.num_prompt_tokens):
+                break
+            self.remote_waiting.popleft()
+            self.pulling[req.request_id] = req
+            kv_pulls.append(req.request_id)
+
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                req = self.waiting[0]
+                computed: list[int] = []
+                if req.num_computed_tokens == 0 and self.kv.num_blocks_of(req) == 0:
+                    computed, hit = self.kv.get_computed_blocks(req)
+                else:
+                    hit = 0
+                n = req.num_tokens - req.num_computed_tokens - hit
+                if not cfg.enable_chunked_prefill and n > budget:
+                    break
+                n = min(n, budget)
+                if not self.kv.allocate_slots(req, n, computed):
+                    break
+                self.waiting.popleft()
+                if hit:
+                    req.num_computed_tokens = hit
+                    if req.first_scheduled_s is None:
+                        req.num_cached_tokens = hit
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                self._account(req, n, now, scheduled, prefill)
+                if req.num_computed_tokens >= req.num_prompt_tokens:
+                    num_decode += 1
+                    decode_kv += req.num_computed_tokens + n
+                budget -= n
+
+        shape = BatchShape(prefill_chunks=tuple(prefill), num_decode=num_decode, decode_kv_sum=decode_kv)
+        for s in scheduled:
+            self.in_flight.add(s.request_id)
+        if scheduled:
+            self.num_iterations += 1
+        return SchedulerOutput(tuple(scheduled), shape, tuple(kv_pulls), tuple(preempted))
+
+    def _account(self, req: Request, n: int, now: float, scheduled: list, prefill: list) -> None:
+        if req.first_scheduled_s is None:
+            req.first_scheduled_s = now
+        scheduled.append(ScheduledRequest(req.request_id, n, req.num_computed_tokens))
+        if req.num_computed_tokens < req.num_prompt_tokens:
+            prefill.append((n, req.num_computed_tokens))
+
+    def _pick_victim(self) -> Request | None:
+        for req in reversed(self.running):
+            if req.request_id not in self.in_flight:
+                return req
+        return None
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(self, output: SchedulerOutput, now: float) -> list[RequestOutput]:
+        results: list[RequestOutput] = []
+        finished_any = False
+        for s in output.scheduled:
+            self.in_flight.discard(s.request_id)
+            req = self.requests.get(s.request_id)
+            if req is None or req.is_finished:
+                continue  # aborted while in flight
+            prompt_part = max(0, min(s.num_new_tokens, req.num_prompt_tokens - req.num_computed_tokens))
+            self.prompt_tokens += prompt_part
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(req)
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a partial prefill chunk samples nothing
+            req.num_output_tokens += 1
+            self.generation_tokens += 1
+            req.token_chunks.append(now)
+            if req.first_token_s is None:
+                req.first_token_s = now
+            if req.kv_role == "producer":
+                self._finish(req, RequestStatus.FINISHED_REMOTE_DECODE, now, hold=True)
+                finished_any = True
+                results.append(RequestOutput(req.request_id, 1, True, "remote_decode"))
+            elif req.num_output_tokens >= req.max_tokens:
+                self._finish(req, RequestStatus.FINISHED_LENGTH, now)
+                finished_any = True
+                results.append(RequestOutput(req.request_id, 1, True, "length"))
+            else:
+                results.append(RequestOutput(req.request_id, 1, False))
+        if finished_any:
+            self.running = [r for r in self.running if not r.is_finished]
+        return results
+
+    def _finish(self, req: Request, status: RequestStatus, now: float, hold: bool = False) -> None:
+        req.status = status
+        req.finish_reason = status.value
+        req.finish_s = now
+        if hold:
+            self.held[req.request_id] = req
+        else:
+            self.kv.free(req)
+            self.requests.pop(req.request_id, None)
+
+    # ---- bulk decode (the simulator's fast path) ------------------------------
+    def steady_decode_horizon(self, max_steps: int) -> int:
+        """How many upcoming steps are guaranteed identical pure-decode steps if nothing arrives.
+
+        True when every running request is decoding, nothing can be admitted, no
+        batch is in flight, and the KV blocks the steps need are free. The last of
+        these steps may finish requests. Returns 0 when the next step is not such a step.
+        """
+        if not self.running or self.in_flight or self.remote_waiting:
+            return 0
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return 0
+        if len(self.running) > self.config.max_num_batched_tokens:
+            return 0
+        horizon = max_steps
+        for r in self.running:
+            if r.num_new_tokens != 1 or r.num_computed_tokens < r.num_prompt_tokens or r.kv_role == "producer":
+                return 0
+            left = r.max_tokens - r.num_output_tokens
+            if left < horizon:
+                horizon = left
+        if horizon <= 0:
+            return 0
+        return self._block_limited_horizon(horizon)
+
+    def _block_limited_horizon(self, horizon: int) -> int:
+        """Largest k <= horizon whose new-block demand over k steps fits in the free blocks."""
+        bs = self.config.block_size
+        free = self.kv.num_free_blocks
+        firsts = []
+        for r in self.running:
+            cap = self.kv.num_blocks_of(r) * bs
+            # step j (1-based) holds num_computed + j tokens; a new block is needed when that exceeds cap
+            firsts.append(cap - r.num_computed_tokens + 1)
+        first = np.asarray(firsts, dtype=np.int64)
+        counts = np.where(first <= horizon, (horizon - first) // bs + 1, 0)
+        if counts.sum() <= free:
+            return horizon
+        steps = np.sort(np.concatenate([f + bs * np.arange(c) for f, c in zip(first, counts, strict=True) if c > 0]))
+        return int(steps[free]) - 1  # the (free+1)-th allocation cannot be served
+
+    def advance_steady(self, end_times: np.ndarray) -> list[RequestOutput]:
+        """Apply ``len(end_times)`` pure-decode steps at once; equal to stepping one by one."""
+        n = len(end_times)
+        results: list[RequestOutput] = []
+        last = float(end_times[-1])
+        finished_any = False
+        for r in self.running:
+            self.kv.allocate_slots(r, n)
+            r.num_computed_tokens += n
+            r.num_output_tokens += n
+            r.token_chunks.append(end_times)
+            if r.num_output_tokens >= r.max_tokens:
+                self._finish(r, RequestStatus.FINISHED_LENGTH, last)
+                finished_any = True
+                results.append(RequestOutput(r.request_id, n, True, "length"))
+            else:
+                results.append(RequestOutput(r.request_id, n, False))
+        self.generation_tokens += n * len(self.running)
+        self.num_iterations += n
+        if finished_any:
+            self.running = [r for r in self.running if not r.is_finished]
+        return results
+
+    # ---- observation -------------------------------------------------------------
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting) + len(self.remote_waiting) + len(self.pulling),
+            kv_usage=self.kv.usage,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_gpu_blocks=self.config.num_gpu_blocks,
+            prefix_queries=self.kv.prefix_queries,
+            prefix_hits=self.kv.prefix_hits,
+            num_preemptions=self.num_preemptions,
+            num_iterations=self.num_iterations,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+    def check_invariants(self) -> None:
+        """KV conservation and queue consistency; tests call this after every step."""
+        pool = self.kv.pool
+        referenced = sum(1 for c in pool.ref_cnt if c > 0)
+        assert referenced + pool.num_free == pool.num_blocks, "allocated + free != total"
+        assert all(c >= 0 for c in pool.ref_cnt)
+        assert len(self.running) <= self.config.max_num_seqs
+        for r in self.running:
+            assert r.status == RequestStatus.RUNNING
+            assert self.kv.num_blocks_of(r) * self.config.block_size >= r.num_computed_tokens
+        ids = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        assert len(ids) == len(set(ids)), "a request is queued twice"

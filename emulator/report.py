@@ -1,0 +1,157 @@
+"""Human-readable output of the CLI (rich tables) and the report folder of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from emulator.results import write_jsonl
+
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
+    s = result.summary
+    slo = cluster.spec.slo
+    title = f"{cluster.name}: {s['requests']} requests, {s['completed']} completed, {s['failed']} failed"
+    console.print(title)
+    t = Table()
+    t.add_column("metric")
+    for col in ("mean", "p50", "p90", "p99"):
+        t.add_column(col, justify="right")
+    for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("e2e_ms", "E2E ms")):
+        row = s[key]
+        t.add_row(label, *(_fmt(row[c]) for c in ("mean", "p50", "p90", "p99")))
+    console.print(t)
+    target = slo.attainment_target
+    verdict = "meets" if s["slo_attainment"] >= target else "misses"
+    console.print(
+        f"  output {s['output_tokens_per_s']:.1f} tok/s over {s['duration_s']:.1f} s;"
+        f" SLO attainment {100 * s['slo_attainment']:.1f}% (TTFT<={slo.ttft_ms:g} ms, TPOT<={slo.tpot_ms:g} ms),"
+        f" {verdict} the {100 * target:.0f}% target"
+    )
+    if wall_s is not None:
+        console.print(f"  simulated {result.simulated_s:.1f} s in {wall_s:.2f} s wall ({result.events} events)")
+
+
+def write_report(out_dir: str, cluster, result) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    write_jsonl(os.path.join(out_dir, "requests.jsonl"), result.records)
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(result.summary, fh, indent=2)
+    with open(os.path.join(out_dir, "instances.json"), "w", encoding="utf-8") as fh:
+        json.dump(result.instances, fh, indent=2)
+
+
+def print_cost_table(cluster, args) -> int:
+    from emulator.build import build_instances
+    from emulator.costmodel.interface import BatchShape
+    from emulator.errors import SpecError
+
+    spec = cluster.spec
+    pools = {p.name: p for p in spec.pools}
+    name = args.pool or spec.pools[0].name
+    if name not in pools:
+        raise SpecError([f"--pool: {name!r} is not a pool of {cluster.name}; pools: {', '.join(pools)}"])
+    if args.prefill_tokens == 0 and args.decode_batch == 0:
+        raise SpecError(["--prefill-tokens / --decode-batch: give at least one token to price"])
+    _, setups = build_instances(spec)
+    setup = next(s for s in setups if s.pool.name == name)
+    shape = BatchShape(
+        prefill_chunks=((args.prefill_tokens, args.prefill_context),) if args.prefill_tokens else (),
+        num_decode=args.decode_batch,
+        decode_kv_sum=args.decode_batch * args.context,
+    )
+    cm = setup.cost
+    ops = cm.breakdown(shape)
+    st = cm.step_time(shape)
+    if args.json:
+        print(json.dumps({"pool": name, "ops_ms": {k: v * 1e3 for k, v in ops.items()},
+                          "step_ms": st.total_s * 1e3, "interval_ms": st.interval_s * 1e3,
+                          "sources": cm.sources}))
+        return 0
+    pool = setup.pool
+    t = Table(
+        title=(
+            f"{cluster.name}/{name}: {spec.model.name} {spec.model.dtype} on {pool.tp * pool.pp}x {spec.gpu}"
+            f" (tp={pool.tp} pp={pool.pp} ep={pool.ep}); prefill {args.prefill_tokens} tokens"
+            f" (+{args.prefill_context} cached), decode batch {args.decode_batch} at KV {args.context}"
+        ),
+        title_justify="left",
+    )
+    t.add_column("operator")
+    t.add_column("ms", justify="right")
+    t.add_column("share", justify="right")
+    t.add_column("source")
+    total = sum(ops.values())
+    source_key = {"shared_expert_gate_up": "shared_expert", "shared_expert_down": "shared_expert",
+                  "tp_all_reduce": "all_reduce", "ep_dispatch_combine": "alltoall"}
+    for op, sec in ops.items():
+        src = cm.sources.get(source_key.get(op, op), "alpha-beta" if op == "pp_send_recv" else "fixed"
+                             if op == "step_overhead" else "roofline")
+        t.add_row(op, f"{sec * 1e3:.3f}", f"{100 * sec / total:.1f}%", src)
+    t.add_row("step (launch to output)", f"{st.total_s * 1e3:.3f}", "", "")
+    if pool.pp > 1:
+        t.add_row("launch interval (pipelined)", f"{st.interval_s * 1e3:.3f}", "", "")
+    console.print(t)
+    mem = setup.memory
+    console.print(
+        f"  per GPU: weights {mem.weights / 1e9:.1f} GB, reserve {mem.reserve / 1e9:.1f} GB,"
+        f" KV {mem.kv / 1e9:.1f} GB = {mem.num_gpu_blocks} blocks x {pool.block_size} tokens;"
+        f" KV per token (whole model) {cm.kv_transfer_bytes(1)} B"
+    )
+    return 0
+
+
+def print_placement(cluster) -> None:
+    from emulator.build import build_instances
+
+    topo, setups = build_instances(cluster.spec)
+    t = Table(title=f"{cluster.name}: {len(setups)} instances on {topo.nodes}x{topo.gpus_per_node} {topo.gpu.name}"
+              f" (scale-up {topo.scale_up.name} x{topo.domain_size}, scale-out {topo.scale_out.name})",
+              title_justify="left")
+    for col in ("instance", "role", "gpus", "node", "domain", "KV blocks"):
+        t.add_column(col)
+    for s in setups:
+        i = s.instance
+        t.add_row(i.name, i.role, ",".join(map(str, i.gpus)), str(i.node), str(i.domain), str(s.engine.num_gpu_blocks))
+    console.print(t)
+    console.print("  spec is valid")
+
+
+def print_catalog() -> None:
+    from emulator.catalog.gpus import GPUS
+    from emulator.catalog.links import TIERS
+    from emulator.catalog.models import CATALOG, get_model
+
+    t = Table(title="GPUs", title_justify="left")
+    for col in ("name", "BF16 TFLOP/s", "FP8 TFLOP/s", "HBM GB", "HBM TB/s", "NVLink GB/s", "NIC Gb/s", "tables"):
+        t.add_column(col)
+    for g in GPUS.values():
+        t.add_row(g.name, f"{g.bf16_flops / 1e12:.0f}", "-" if g.fp8_flops is None else f"{g.fp8_flops / 1e12:.0f}",
+                  f"{g.hbm_bytes / 1e9:.0f}", f"{g.hbm_bw / 1e12:.2f}", f"{g.nvlink_bw / 1e9:.0f}",
+                  f"{g.nic_gbps:.0f}", g.table or "-")
+    console.print(t)
+    t = Table(title="Link tiers", title_justify="left")
+    for col in ("name", "kind", "GB/s per GPU", "latency us", "domain"):
+        t.add_column(col)
+    for lt in TIERS.values():
+        t.add_row(lt.name, lt.kind, f"{lt.bandwidth / 1e9:g}", f"{lt.latency_s * 1e6:g}", str(lt.domain_size or "-"))
+    console.print(t)
+    t = Table(title="Models", title_justify="left")
+    for col in ("name", "params B", "active B", "layers", "heads/kv", "KV B/token (bf16)", "kind"):
+        t.add_column(col)
+    for name in CATALOG:
+        m = get_model(name)
+        kind = ("MLA " if m.is_mla else "") + (f"MoE {m.num_experts}x top{m.top_k}" if m.is_moe else "dense")
+        t.add_row(name, f"{m.total_params() / 1e9:.1f}", f"{m.active_params() / 1e9:.1f}", str(m.layers),
+                  f"{m.heads}/{m.kv_heads}", str(m.kv_bytes_per_token("bf16")), kind)
+    console.print(t)

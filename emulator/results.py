@@ -1,0 +1,114 @@
+"""Per-request records and the summary every driver reports with the same keys.
+
+``summary`` keys are a public interface (``infemu sim --json``, ``infemu run``'s
+``summary.json``, the LoadTest status): requests, completed, failed, duration_s,
+ttft_ms, tpot_ms, e2e_ms (each {mean, p50, p90, p99}), output_tokens_per_s,
+slo_attainment. SLO attainment follows DistServe: a request counts only when it
+completed and met every SLO; failed requests count against it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SUMMARY_KEYS = (
+    "requests",
+    "completed",
+    "failed",
+    "duration_s",
+    "ttft_ms",
+    "tpot_ms",
+    "e2e_ms",
+    "output_tokens_per_s",
+    "slo_attainment",
+)
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int = 0
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    ok: bool = False
+    error: str | None = None
+    instance: str | None = None
+    prefill_instance: str | None = None
+    cached_tokens: int = 0
+    preemptions: int = 0
+    first_scheduled_s: float | None = None
+    kv_transfer_s: float | None = None
+    itl_max_ms: float | None = None
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token_s is None else (self.first_token_s - self.arrival_s) * 1e3
+
+    @property
+    def e2e_ms(self) -> float | None:
+        return None if self.finish_s is None else (self.finish_s - self.arrival_s) * 1e3
+
+    @property
+    def tpot_ms(self) -> float | None:
+        if self.finish_s is None or self.first_token_s is None or self.output_tokens < 2:
+            return None
+        return (self.finish_s - self.first_token_s) / (self.output_tokens - 1) * 1e3
+
+    @property
+    def queue_ms(self) -> float | None:
+        return None if self.first_scheduled_s is None else (self.first_scheduled_s - self.arrival_s) * 1e3
+
+    def meets(self, ttft_ms: float, tpot_ms: float) -> bool:
+        if not self.ok or self.ttft_ms is None or self.ttft_ms > ttft_ms:
+            return False
+        tpot = self.tpot_ms
+        return tpot is None or tpot <= tpot_ms
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms"):
+            d[k] = getattr(self, k)
+        return d
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    arr = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"mean": float(arr.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def summarize(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms: float) -> dict:
+    done = [r for r in records if r.ok]
+    if records:
+        start = min(r.arrival_s for r in records)
+        end = max((r.finish_s for r in records if r.finish_s is not None), default=start)
+        duration = max(end - start, 0.0)
+    else:
+        duration = 0.0
+    out_tokens = sum(r.output_tokens for r in done)
+    met = sum(1 for r in records if r.meets(ttft_slo_ms, tpot_slo_ms))
+    return {
+        "requests": len(records),
+        "completed": len(done),
+        "failed": len(records) - len(done),
+        "duration_s": duration,
+        "ttft_ms": _stats([r.ttft_ms for r in done if r.ttft_ms is not None]),
+        "tpot_ms": _stats([r.tpot_ms for r in done if r.tpot_ms is not None]),
+        "e2e_ms": _stats([r.e2e_ms for r in done if r.e2e_ms is not None]),
+        "output_tokens_per_s": out_tokens / duration if duration > 0 else 0.0,
+        "slo_attainment": met / len(records) if records else 0.0,
+    }
+
+
+def write_jsonl(path: str, records: Iterable[RequestRecord]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r.to_json()) + "\n")

@@ -1,0 +1,345 @@
+"""The one spec: an ``InferenceCluster`` resource, shared by sim, local emulation and Kubernetes.
+
+Keys are camelCase (Kubernetes convention); the engine's config keeps vLLM's
+snake_case names and is mapped once in ``emulator.engine.config``. Loading
+produces either typed objects or a ``SpecError`` with one line per problem, each
+naming the field path (``spec.pools[1].tp``), the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from emulator.errors import SpecError
+
+API_VERSION = "infemu.io/v1alpha1"
+KIND = "InferenceCluster"
+
+Role = Literal["aggregated", "prefill", "decode", "attention", "ffn", "rag", "kvstore"]
+ENGINE_ROLES = ("aggregated", "prefill", "decode")
+RouterPolicy = Literal["round_robin", "least_loaded", "prefix_affinity", "session", "pd"]
+TraceFormat = Literal["azure", "mooncake", "burstgpt", "ragpulse"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+# ---- model, hardware, topology ---------------------------------------------
+
+
+class ModelSpec(_Model):
+    name: str = Field(description="Catalog name (llama-3.1-8b, ...) or a path to a Hugging Face config.json.")
+    dtype: Literal["bf16", "fp8"] = Field("bf16", description="Weight and GEMM precision.")
+    kv_cache_dtype: Literal["auto", "bf16", "fp8"] = Field(
+        "auto", description="KV-cache precision; auto = bf16 (vLLM's default keeps the model dtype)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @property
+    def kv_dtype(self) -> str:
+        return "bf16" if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+
+
+class ScaleUpSpec(_Model):
+    size: int = Field(8, ge=1, description="GPUs in one NVLink/NVSwitch domain (8 for HGX, 72 for NVL72).")
+    tier: str | None = Field(None, description="Link tier name; default follows the GPU (nvlink4 for H100).")
+    latency_us: float | None = Field(None, ge=0)
+
+
+class ScaleOutSpec(_Model):
+    tier: str | None = Field(None, description="Link tier name; default follows the GPU (ib-ndr-400 for H100).")
+    latency_us: float | None = Field(None, ge=0)
+
+
+class TopologySpec(_Model):
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=1)
+    scale_up: ScaleUpSpec = ScaleUpSpec()
+    scale_out: ScaleOutSpec = ScaleOutSpec()
+    allow_cross_domain_tp: bool = Field(
+        False, description="Let a TP group straddle scale-up domains (its all-reduce then crosses scale-out)."
+    )
+
+
+# ---- pools -------------------------------------------------------------------
+
+
+class PoolSpec(_Model):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    role: Role = "aggregated"
+    replicas: int = Field(1, ge=0)
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1, description="Expert-parallel degree for MoE layers; must divide tp.")
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    chunked_prefill: bool = True
+    prefix_caching: bool = True
+    block_size: int = Field(16, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    step_overhead_us: float = Field(
+        250.0, ge=0, description="Fixed CPU/launch cost per engine step (scheduler + CUDA-graph replay)."
+    )
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tp * self.pp
+
+
+class RouterSpec(_Model):
+    policy: RouterPolicy = "least_loaded"
+
+
+class SLOSpec(_Model):
+    ttft_ms: float = Field(1000.0, gt=0)
+    tpot_ms: float = Field(100.0, gt=0)
+    attainment_target: float = Field(0.9, gt=0, le=1)
+
+
+# ---- workload ----------------------------------------------------------------
+
+
+class FixedLength(_Model):
+    type: Literal["fixed"] = "fixed"
+    value: int = Field(ge=1)
+
+
+class UniformLength(_Model):
+    type: Literal["uniform"] = "uniform"
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformLength:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class LognormalLength(_Model):
+    type: Literal["lognormal"] = "lognormal"
+    mean: float = Field(gt=0, description="Mean length in tokens.")
+    sigma: float = Field(0.5, ge=0, description="Standard deviation of log(length).")
+    min: int = Field(1, ge=1)
+    max: int = Field(32768, ge=1)
+
+
+class TraceLength(_Model):
+    type: Literal["trace"] = "trace"
+
+
+LengthDist = Annotated[
+    FixedLength | UniformLength | LognormalLength | TraceLength, Field(discriminator="type")
+]
+
+
+class PoissonArrival(_Model):
+    type: Literal["poisson"] = "poisson"
+
+
+class GammaArrival(_Model):
+    type: Literal["gamma"] = "gamma"
+    cv: float = Field(gt=0, description="Coefficient of variation of inter-arrival times (1 = Poisson).")
+
+
+class ConstantArrival(_Model):
+    type: Literal["constant"] = "constant"
+
+
+class ConcurrencyArrival(_Model):
+    type: Literal["concurrency"] = "concurrency"
+    n: int = Field(ge=1, description="Closed-loop clients, each sending its next request on completion.")
+
+
+class TraceArrival(_Model):
+    type: Literal["trace"] = "trace"
+    path: str
+    format: TraceFormat
+    time_scale: float = Field(1.0, gt=0, description="Multiply trace timestamps by this (0.5 = twice as fast).")
+
+
+Arrival = Annotated[
+    PoissonArrival | GammaArrival | ConstantArrival | ConcurrencyArrival | TraceArrival,
+    Field(discriminator="type"),
+]
+
+
+class WorkloadSpec(_Model):
+    arrival: Arrival = PoissonArrival()
+    rate: float | None = Field(1.0, gt=0, description="Requests per second (open-loop arrivals).")
+    input_length: LengthDist = Field(
+        None, description="Prompt lengths; default: from the trace with a trace arrival, else fixed 512."
+    )
+    output_length: LengthDist = Field(
+        None, description="Output lengths; default: from the trace with a trace arrival, else fixed 128."
+    )
+    requests: int | None = Field(None, ge=1)
+    duration: float | None = Field(None, gt=0, description="Seconds of arrivals.")
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lengths(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        arrival = data.get("arrival")
+        is_trace = isinstance(arrival, TraceArrival) or (isinstance(arrival, dict) and arrival.get("type") == "trace")
+        defaults = {"inputLength": 512, "outputLength": 128}
+        out = dict(data)
+        for key, snake in (("inputLength", "input_length"), ("outputLength", "output_length")):
+            if out.get(key) is None and out.get(snake) is None:
+                out.pop(snake, None)
+                out[key] = {"type": "trace"} if is_trace else {"type": "fixed", "value": defaults[key]}
+        return out
+
+    @model_validator(mode="after")
+    def _stop_condition(self) -> WorkloadSpec:
+        if self.requests is None and self.duration is None and not isinstance(self.arrival, TraceArrival):
+            raise ValueError("set requests or duration (or use a trace arrival)")
+        return self
+
+
+# ---- the resource --------------------------------------------------------------
+
+
+class ClusterSpec(_Model):
+    model: ModelSpec
+    gpu: str = "h100-sxm"
+    topology: TopologySpec = TopologySpec()
+    pools: list[PoolSpec] = Field(min_length=1)
+    router: RouterSpec = RouterSpec()
+    slo: SLOSpec = SLOSpec()
+    workload: WorkloadSpec = WorkloadSpec(requests=100)
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str | None = None
+
+
+class InferenceCluster(_Model):
+    api_version: Literal["infemu.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["InferenceCluster"] = KIND
+    metadata: Metadata
+    spec: ClusterSpec
+    status: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+# ---- loading with readable errors -------------------------------------------------
+
+
+def _walk(data: Any, loc: tuple) -> tuple[str, Any]:
+    """Render a pydantic location as ``spec.pools[1].tp`` and return the input value there.
+
+    Discriminated unions put the tag (``gamma``) in the location; it is not a key the
+    user wrote, so it is dropped from the path.
+    """
+    path = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue
+        if isinstance(node, dict) and part not in node and part in ("function-after", "function-before"):
+            continue
+        path += f".{part}" if path else str(part)
+        node = node.get(part) if isinstance(node, dict) else None
+    return path, node
+
+
+def _message(err: dict, value: Any) -> str:
+    kind = err["type"]
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        return f"{value!r}: unknown field (check spelling; keys are camelCase)"
+    if kind == "union_tag_invalid":
+        expected = err.get("ctx", {}).get("expected_tags", "")
+        return f"{value!r}: unknown type; allowed: {expected}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind in ("model_type", "model_attributes_type"):
+        return f"expected a mapping, got {value!r}"
+    return f"{value!r}: {msg}" if value is not None else msg
+
+
+def format_validation_error(exc: ValidationError, data: Any, prefix: str = "") -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = err["loc"]
+        path, value = _walk(data, loc)
+        if err["type"] == "extra_forbidden":
+            value = loc[-1]
+        lines.append(f"{prefix}{path or '<document>'}: {_message(err, value)}")
+    return lines
+
+
+def parse_cluster(data: Any, source: str = "") -> InferenceCluster:
+    """Validate one document; raise SpecError with field-path lines."""
+    prefix = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise SpecError([f"{prefix}<document>: expected an InferenceCluster mapping, got {type(data).__name__}"])
+    try:
+        cluster = InferenceCluster.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, data, prefix)) from None
+    from emulator.validation import cross_field_problems  # catalogs and topology live there
+
+    problems = cross_field_problems(cluster)
+    if problems:
+        raise SpecError([f"{prefix}{p}" for p in problems])
+    return cluster
+
+
+def load_clusters(path: str) -> list[InferenceCluster]:
+    """Load every InferenceCluster document of a YAML file (multi-document files compare designs)."""
+    if not os.path.exists(path):
+        raise SpecError([f"{path}: no such file"])
+    try:
+        with open(path, encoding="utf-8") as fh:
+            docs = [d for d in yaml.safe_load_all(fh) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([f"{path}:{where}: invalid YAML: {problem}"]) from None
+    if not docs:
+        raise SpecError([f"{path}: the file holds no document"])
+    clusters, problems = [], []
+    for i, doc in enumerate(docs):
+        source = path if len(docs) == 1 else f"{path} (document {i + 1})"
+        if isinstance(doc, dict) and doc.get("kind") not in (None, KIND):
+            continue  # other resources (e.g. a LoadTest) may share the file
+        try:
+            clusters.append(parse_cluster(doc, source))
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems)
+    if not clusters:
+        raise SpecError([f"{path}: no InferenceCluster document found"])
+    names = [c.name for c in clusters]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecError([f"{path}: metadata.name {d!r} appears more than once" for d in dupes])
+    return clusters

@@ -1,0 +1,135 @@
+"""Placement of instances on emulated GPUs, and the link tier between any two of them.
+
+Instances are packed in spec order, node by node; a TP×PP group never straddles
+a scale-up domain unless the spec allows it. The tier between two instances is
+the scale-up tier when they share a domain and the scale-out tier otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from emulator.catalog.gpus import GPU, get_gpu
+from emulator.catalog.links import LinkTier, get_tier
+from emulator.spec import ClusterSpec, PoolSpec
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One serving instance: a pool replica on a set of GPUs."""
+
+    name: str
+    pool: str
+    role: str
+    index: int
+    gpus: tuple[int, ...]  # global GPU ids: node * gpus_per_node + local id
+    node: int
+    domain: int
+
+    @property
+    def num_gpus(self) -> int:
+        return len(self.gpus)
+
+
+class PlacementError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Topology:
+    gpu: GPU
+    nodes: int
+    gpus_per_node: int
+    domain_size: int
+    scale_up: LinkTier
+    scale_out: LinkTier
+    instances: tuple[Instance, ...]
+    spans_domains: frozenset[str]  # instances whose GPUs straddle scale-up domains
+
+    def domain_of(self, gpu_id: int) -> int:
+        return gpu_id // self.domain_size
+
+    def tier_between(self, a: Instance, b: Instance) -> LinkTier:
+        if a.name == b.name:
+            return self.scale_up
+        if a.name in self.spans_domains or b.name in self.spans_domains:
+            return self.scale_out
+        return self.scale_up if a.domain == b.domain else self.scale_out
+
+    def intra_instance_tier(self, inst: Instance) -> LinkTier:
+        return self.scale_out if inst.name in self.spans_domains else self.scale_up
+
+    def by_name(self, name: str) -> Instance:
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        raise KeyError(name)
+
+
+def resolve_tiers(spec: ClusterSpec, gpu: GPU) -> tuple[LinkTier, LinkTier]:
+    up = get_tier(spec.topology.scale_up.tier or gpu.default_scale_up_tier)
+    out = get_tier(spec.topology.scale_out.tier or gpu.default_scale_out_tier)
+    if spec.topology.scale_up.latency_us is not None:
+        up = LinkTier(up.name, up.kind, up.bandwidth, spec.topology.scale_up.latency_us * 1e-6, up.domain_size)
+    if spec.topology.scale_out.latency_us is not None:
+        out = LinkTier(out.name, out.kind, out.bandwidth, spec.topology.scale_out.latency_us * 1e-6)
+    return up, out
+
+
+def instance_name(pool: PoolSpec, index: int) -> str:
+    return f"{pool.name}-{index}"
+
+
+def place(spec: ClusterSpec) -> Topology:
+    """Pack every pool replica onto GPUs; raise PlacementError naming the pool that does not fit."""
+    gpu = get_gpu(spec.gpu)
+    up, out = resolve_tiers(spec, gpu)
+    topo = spec.topology
+    domain = min(topo.scale_up.size, topo.nodes * topo.gpus_per_node)
+    total = topo.nodes * topo.gpus_per_node
+    free = list(range(total))
+    instances: list[Instance] = []
+    spans: set[str] = set()
+    for pi, pool in enumerate(spec.pools):
+        need = pool.gpus_per_instance
+        for r in range(pool.replicas):
+            name = instance_name(pool, r)
+            chosen = _take_within_domain(free, need, domain)
+            if chosen is None:
+                if not topo.allow_cross_domain_tp or len(free) < need:
+                    raise PlacementError(
+                        f"spec.pools[{pi}]: replica {r} needs {need} GPUs "
+                        + (
+                            f"within one {domain}-GPU scale-up domain"
+                            if len(free) >= need
+                            else f"but only {len(free)} of {total} GPUs are left"
+                        )
+                        + "; add nodes, lower tp/pp/replicas"
+                        + ("" if topo.allow_cross_domain_tp else " or set topology.allowCrossDomainTp")
+                    )
+                chosen = free[:need]
+                spans.add(name)
+            for g in chosen:
+                free.remove(g)
+            instances.append(
+                Instance(
+                    name=name,
+                    pool=pool.name,
+                    role=pool.role,
+                    index=r,
+                    gpus=tuple(chosen),
+                    node=chosen[0] // topo.gpus_per_node,
+                    domain=chosen[0] // domain,
+                )
+            )
+    return Topology(gpu, topo.nodes, topo.gpus_per_node, domain, up, out, tuple(instances), frozenset(spans))
+
+
+def _take_within_domain(free: list[int], need: int, domain: int) -> list[int] | None:
+    by_domain: dict[int, list[int]] = {}
+    for g in free:
+        by_domain.setdefault(g // domain, []).append(g)
+    for gpus in by_domain.values():
+        if len(gpus) >= need:
+            return gpus[:need]
+    return None

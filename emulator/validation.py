@@ -1,0 +1,132 @@
+"""Cross-field checks of a spec against the catalogs: the problems a schema cannot see.
+
+Each problem is one line ``<field path>: <value and what is wrong>; <fix>``.
+"""
+
+from __future__ import annotations
+
+from emulator.catalog.gpus import GPUS, get_gpu
+from emulator.catalog.links import TIERS
+from emulator.catalog.models import get_model
+from emulator.engine.config import memory_plan
+from emulator.spec import ConcurrencyArrival, InferenceCluster, TraceArrival, TraceLength
+from emulator.topology import PlacementError, place
+
+
+def effective_max_model_len(pool, model) -> int:
+    return pool.max_model_len or model.max_model_len
+
+
+def cross_field_problems(cluster: InferenceCluster) -> list[str]:
+    spec = cluster.spec
+    problems: list[str] = []
+    try:
+        model = get_model(spec.model.name)
+    except (KeyError, ValueError, OSError) as exc:
+        return [f"spec.model.name: {spec.model.name!r}: {str(exc).strip(chr(34))}"]
+    try:
+        gpu = get_gpu(spec.gpu)
+    except KeyError:
+        return [f"spec.gpu: {spec.gpu!r}: unknown GPU; known: {', '.join(sorted(GPUS))}"]
+    if spec.model.dtype == "fp8" and gpu.fp8_flops is None:
+        problems.append(f"spec.model.dtype: 'fp8': {gpu.name} has no FP8 tensor cores; use bf16")
+    if spec.model.kv_dtype == "fp8" and gpu.fp8_flops is None:
+        problems.append(f"spec.model.kvCacheDtype: 'fp8': {gpu.name} has no FP8 support; use auto or bf16")
+    for field, tier in (("scaleUp", spec.topology.scale_up.tier), ("scaleOut", spec.topology.scale_out.tier)):
+        if tier is not None and tier.lower() not in TIERS:
+            problems.append(f"spec.topology.{field}.tier: {tier!r}: unknown tier; known: {', '.join(TIERS)}")
+    domain = min(spec.topology.scale_up.size, spec.topology.nodes * spec.topology.gpus_per_node)
+
+    names = [p.name for p in spec.pools]
+    for i, pool in enumerate(spec.pools):
+        at = f"spec.pools[{i}]"
+        if names.count(pool.name) > 1:
+            problems.append(f"{at}.name: {pool.name!r} is used by more than one pool; names must be unique")
+        if model.heads % pool.tp:
+            problems.append(f"{at}.tp: {pool.tp} does not divide the model's {model.heads} attention heads")
+        elif not model.is_mla and model.kv_heads % pool.tp and pool.tp % model.kv_heads:
+            problems.append(
+                f"{at}.tp: {pool.tp} neither divides nor is a multiple of the model's {model.kv_heads} KV heads"
+            )
+        if pool.pp > model.layers:
+            problems.append(f"{at}.pp: {pool.pp} exceeds the model's {model.layers} layers")
+        if pool.ep > 1:
+            if not model.is_moe:
+                problems.append(f"{at}.ep: {pool.ep} needs an MoE model; {model.name} is dense, use ep: 1")
+            elif pool.tp % pool.ep:
+                problems.append(f"{at}.ep: {pool.ep} must divide tp ({pool.tp}): experts are sharded over the TP ranks")
+            elif model.num_experts % pool.ep:
+                problems.append(f"{at}.ep: {pool.ep} does not divide the model's {model.num_experts} experts")
+        if pool.gpus_per_instance > domain and not spec.topology.allow_cross_domain_tp:
+            problems.append(
+                f"{at}: tp*pp = {pool.gpus_per_instance} GPUs exceeds the {domain}-GPU scale-up domain; "
+                "lower tp/pp or set spec.topology.allowCrossDomainTp: true"
+            )
+        if pool.role not in ("aggregated", "prefill", "decode"):
+            continue
+        plan = memory_plan(
+            model,
+            gpu,
+            dtype=spec.model.dtype,
+            kv_dtype=spec.model.kv_dtype,
+            tp=pool.tp,
+            pp=pool.pp,
+            block_size=pool.block_size,
+            gpu_memory_utilization=pool.gpu_memory_utilization,
+            max_num_batched_tokens=pool.max_num_batched_tokens,
+        )
+        if plan.weights >= plan.usable:
+            problems.append(
+                f"{at}: weights need {plan.weights / 1e9:.1f} GB per GPU (model {model.weight_bytes(spec.model.dtype) / 1e9:.1f} GB"
+                f" / tp*pp {pool.tp * pool.pp}) but {gpu.name} x gpuMemoryUtilization {pool.gpu_memory_utilization}"
+                f" gives {plan.usable / 1e9:.1f} GB; raise tp or pp, or use dtype fp8"
+            )
+            continue
+        if plan.num_gpu_blocks < 1:
+            problems.append(
+                f"{at}: no memory is left for the KV cache after weights ({plan.weights / 1e9:.1f} GB) and the"
+                f" activation reserve ({plan.reserve / 1e9:.1f} GB); raise tp/pp or gpuMemoryUtilization"
+            )
+            continue
+        max_len = effective_max_model_len(pool, model)
+        if pool.max_model_len and pool.max_model_len > model.max_model_len:
+            problems.append(
+                f"{at}.maxModelLen: {pool.max_model_len} exceeds the model's {model.max_model_len} positions"
+            )
+        if plan.num_gpu_blocks * pool.block_size < max_len:
+            problems.append(
+                f"{at}.maxModelLen: {max_len} tokens do not fit in the KV cache "
+                f"({plan.num_gpu_blocks * pool.block_size} tokens); set maxModelLen lower or add GPUs"
+            )
+        if not pool.chunked_prefill and pool.max_num_batched_tokens < max_len:
+            problems.append(
+                f"{at}.maxNumBatchedTokens: {pool.max_num_batched_tokens} is smaller than maxModelLen {max_len}"
+                " with chunkedPrefill off (a long prompt could never run); raise it, set maxModelLen, or enable chunkedPrefill"
+            )
+
+    roles = {p.role for p in spec.pools if p.replicas > 0}
+    if "prefill" in roles and "decode" not in roles:
+        problems.append("spec.pools: a prefill pool needs a decode pool to hand its KV cache to; add role: decode")
+    if "decode" in roles and "prefill" not in roles:
+        problems.append("spec.pools: a decode pool needs a prefill pool; add role: prefill or use role: aggregated")
+    if not roles & {"aggregated", "prefill"}:
+        problems.append("spec.pools: no pool serves requests; add a pool with role aggregated (or prefill + decode)")
+
+    if not problems:
+        try:
+            place(spec)
+        except PlacementError as exc:
+            problems.append(str(exc))
+        total = spec.topology.nodes * spec.topology.gpus_per_node
+        if spec.topology.scale_up.size > total:
+            pass  # a domain larger than the cluster is simply the whole cluster
+
+    wl = spec.workload
+    open_loop = not isinstance(wl.arrival, ConcurrencyArrival | TraceArrival)
+    if open_loop and wl.rate is None:
+        problems.append("spec.workload.rate: required for poisson/gamma/constant arrivals (requests per second)")
+    if not isinstance(wl.arrival, TraceArrival):
+        for field, dist in (("inputLength", wl.input_length), ("outputLength", wl.output_length)):
+            if isinstance(dist, TraceLength):
+                problems.append(f"spec.workload.{field}: type 'trace' needs arrival type 'trace'")
+    return problems

@@ -1,0 +1,153 @@
+"""The request plan: when each request arrives and how long its prompt and output are.
+
+A pure function of the workload spec and the seed, read by the simulator now and
+by the load generator's dispatcher (issue "Load"), so both see the same requests.
+Arrival times and lengths draw from separate RNG streams.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from emulator.errors import InputError
+from emulator.rng import PartitionedRNG
+from emulator.spec import (
+    ConcurrencyArrival,
+    ConstantArrival,
+    FixedLength,
+    GammaArrival,
+    LognormalLength,
+    PoissonArrival,
+    TraceArrival,
+    TraceLength,
+    UniformLength,
+    WorkloadSpec,
+)
+from emulator.workload.traces import TraceRecord, read_trace
+
+MAX_PLANNED = 5_000_000
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    index: int
+    arrival_s: float | None  # None: closed loop, sent when a client is free
+    input_len: int
+    output_len: int
+    segments: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    requests: tuple[PlannedRequest, ...]
+    concurrency: int | None = None  # closed-loop clients; None = open loop
+    duration_s: float | None = None
+
+
+def inter_arrivals(rng: np.random.Generator, arrival, rate: float, n: int) -> np.ndarray:
+    """n inter-arrival gaps with mean 1/rate: exponential (CV 1), Gamma with a CV, or constant."""
+    mean = 1.0 / rate
+    if isinstance(arrival, PoissonArrival):
+        return rng.exponential(mean, n)
+    if isinstance(arrival, GammaArrival):
+        shape = 1.0 / arrival.cv**2
+        return rng.gamma(shape, mean / shape, n)
+    if isinstance(arrival, ConstantArrival):
+        return np.full(n, mean)
+    raise TypeError(f"no inter-arrival law for {type(arrival).__name__}")
+
+
+def sample_lengths(rng: np.random.Generator, dist, n: int) -> np.ndarray:
+    if isinstance(dist, FixedLength):
+        return np.full(n, dist.value, dtype=np.int64)
+    if isinstance(dist, UniformLength):
+        return rng.integers(dist.min, dist.max + 1, n)
+    if isinstance(dist, LognormalLength):
+        mu = np.log(dist.mean) - dist.sigma**2 / 2  # so that E[length] = mean
+        vals = np.rint(rng.lognormal(mu, dist.sigma, n)).astype(np.int64)
+        return np.clip(vals, dist.min, dist.max)
+    raise TypeError(f"cannot sample {type(dist).__name__} without a trace")
+
+
+def detect_trace_format(path: str) -> str:
+    """Guess a trace's format from its header or first record."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: trace file not found")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        head = fh.readline()
+    if "ContextTokens" in head:
+        return "azure"
+    if "Request tokens" in head:
+        return "burstgpt"
+    if head.lstrip().startswith("{"):
+        return "ragpulse" if '"sys_prompt"' in head or '"session_id"' in head else "mooncake"
+    raise InputError(
+        f"{path}: cannot tell the trace format from its first line; pass --trace-format azure|mooncake|burstgpt|ragpulse"
+    )
+
+
+def build_plan(wl: WorkloadSpec, base_dir: str | None = None) -> RequestPlan:
+    rng = PartitionedRNG(wl.seed)
+    arrival = wl.arrival
+    if isinstance(arrival, TraceArrival):
+        return _trace_plan(wl, arrival, rng, base_dir)
+    if isinstance(arrival, ConcurrencyArrival):
+        n = wl.requests or max(1, int((wl.duration or 60) * (wl.rate or 1.0)))
+        ins = sample_lengths(rng.for_subsystem("workload.input"), wl.input_length, n)
+        outs = sample_lengths(rng.for_subsystem("workload.output"), wl.output_length, n)
+        reqs = tuple(PlannedRequest(i, None, int(ins[i]), int(outs[i])) for i in range(n))
+        return RequestPlan(reqs, concurrency=arrival.n, duration_s=wl.duration)
+    rate = wl.rate
+    if rate is None:
+        raise InputError("spec.workload.rate: required for open-loop arrivals")
+    arr_rng = rng.for_subsystem("workload.arrivals")
+    if wl.requests is not None:
+        gaps = inter_arrivals(arr_rng, arrival, rate, wl.requests)
+        times = np.concatenate([[0.0], np.cumsum(gaps[1:])]) if wl.requests else np.zeros(0)
+        if wl.duration is not None:
+            times = times[times < wl.duration]
+    else:
+        expected = int(wl.duration * rate * 1.2) + 16
+        if expected > MAX_PLANNED:
+            raise InputError(f"spec.workload: rate x duration plans {expected} requests; the limit is {MAX_PLANNED}")
+        gaps = inter_arrivals(arr_rng, arrival, rate, expected)
+        times = np.concatenate([[0.0], np.cumsum(gaps[1:])])
+        while times[-1] < wl.duration:
+            more = inter_arrivals(arr_rng, arrival, rate, expected)
+            times = np.concatenate([times, times[-1] + np.cumsum(more)])
+        times = times[times < wl.duration]
+    n = len(times)
+    ins = sample_lengths(rng.for_subsystem("workload.input"), wl.input_length, n)
+    outs = sample_lengths(rng.for_subsystem("workload.output"), wl.output_length, n)
+    reqs = tuple(PlannedRequest(i, float(times[i]), int(ins[i]), int(outs[i])) for i in range(n))
+    return RequestPlan(reqs, duration_s=wl.duration)
+
+
+def _trace_plan(wl: WorkloadSpec, arrival: TraceArrival, rng: PartitionedRNG, base_dir: str | None) -> RequestPlan:
+    path = arrival.path
+    if not os.path.isabs(path) and not os.path.exists(path) and base_dir:
+        candidate = os.path.join(base_dir, path)
+        if os.path.exists(candidate):
+            path = candidate
+    records: list[TraceRecord] = read_trace(path, arrival.format)
+    if wl.duration is not None:
+        records = [r for r in records if r.timestamp_s * arrival.time_scale < wl.duration]
+    if wl.requests is not None:
+        records = records[: wl.requests]
+    n = len(records)
+    if isinstance(wl.input_length, TraceLength):
+        ins = np.array([r.input_len for r in records], dtype=np.int64)
+    else:
+        ins = sample_lengths(rng.for_subsystem("workload.input"), wl.input_length, n)
+    if isinstance(wl.output_length, TraceLength):
+        outs = np.array([r.output_len for r in records], dtype=np.int64)
+    else:
+        outs = sample_lengths(rng.for_subsystem("workload.output"), wl.output_length, n)
+    reqs = []
+    for i, r in enumerate(records):
+        segments = r.segments if int(ins[i]) == r.input_len else ()
+        reqs.append(PlannedRequest(i, r.timestamp_s * arrival.time_scale, int(ins[i]), int(outs[i]), segments))
+    return RequestPlan(tuple(reqs), duration_s=wl.duration)
