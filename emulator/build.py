@@ -52,7 +52,9 @@ def engine_config(spec: ClusterSpec, pool: PoolSpec, model: ModelArch) -> tuple[
     return cfg, plan
 
 
-def cost_model_for(spec: ClusterSpec, pool: PoolSpec, topo: Topology, inst: Instance | None = None) -> InstanceCostModel:
+def cost_model_for(
+    spec: ClusterSpec, pool: PoolSpec, topo: Topology, inst: Instance | None = None
+) -> InstanceCostModel:
     model = get_model(spec.model.name)
     intra = topo.intra_instance_tier(inst) if inst is not None else topo.scale_up
     return instance_cost_model(

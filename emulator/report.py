@@ -74,9 +74,17 @@ def print_cost_table(cluster, args) -> int:
     ops = cm.breakdown(shape)
     st = cm.step_time(shape)
     if args.json:
-        print(json.dumps({"pool": name, "ops_ms": {k: v * 1e3 for k, v in ops.items()},
-                          "step_ms": st.total_s * 1e3, "interval_ms": st.interval_s * 1e3,
-                          "sources": cm.sources}))
+        print(
+            json.dumps(
+                {
+                    "pool": name,
+                    "ops_ms": {k: v * 1e3 for k, v in ops.items()},
+                    "step_ms": st.total_s * 1e3,
+                    "interval_ms": st.interval_s * 1e3,
+                    "sources": cm.sources,
+                }
+            )
+        )
         return 0
     pool = setup.pool
     t = Table(
@@ -92,11 +100,17 @@ def print_cost_table(cluster, args) -> int:
     t.add_column("share", justify="right")
     t.add_column("source")
     total = sum(ops.values())
-    source_key = {"shared_expert_gate_up": "shared_expert", "shared_expert_down": "shared_expert",
-                  "tp_all_reduce": "all_reduce", "ep_dispatch_combine": "alltoall"}
+    source_key = {
+        "shared_expert_gate_up": "shared_expert",
+        "shared_expert_down": "shared_expert",
+        "tp_all_reduce": "all_reduce",
+        "ep_dispatch_combine": "alltoall",
+    }
     for op, sec in ops.items():
-        src = cm.sources.get(source_key.get(op, op), "alpha-beta" if op == "pp_send_recv" else "fixed"
-                             if op == "step_overhead" else "roofline")
+        src = cm.sources.get(
+            source_key.get(op, op),
+            "alpha-beta" if op == "pp_send_recv" else "fixed" if op == "step_overhead" else "roofline",
+        )
         t.add_row(op, f"{sec * 1e3:.3f}", f"{100 * sec / total:.1f}%", src)
     t.add_row("step (launch to output)", f"{st.total_s * 1e3:.3f}", "", "")
     if pool.pp > 1:
@@ -115,9 +129,11 @@ def print_placement(cluster) -> None:
     from emulator.build import build_instances
 
     topo, setups = build_instances(cluster.spec)
-    t = Table(title=f"{cluster.name}: {len(setups)} instances on {topo.nodes}x{topo.gpus_per_node} {topo.gpu.name}"
-              f" (scale-up {topo.scale_up.name} x{topo.domain_size}, scale-out {topo.scale_out.name})",
-              title_justify="left")
+    t = Table(
+        title=f"{cluster.name}: {len(setups)} instances on {topo.nodes}x{topo.gpus_per_node} {topo.gpu.name}"
+        f" (scale-up {topo.scale_up.name} x{topo.domain_size}, scale-out {topo.scale_out.name})",
+        title_justify="left",
+    )
     for col in ("instance", "role", "gpus", "node", "domain", "KV blocks"):
         t.add_column(col)
     for s in setups:
@@ -136,9 +152,16 @@ def print_catalog() -> None:
     for col in ("name", "BF16 TFLOP/s", "FP8 TFLOP/s", "HBM GB", "HBM TB/s", "NVLink GB/s", "NIC Gb/s", "tables"):
         t.add_column(col)
     for g in GPUS.values():
-        t.add_row(g.name, f"{g.bf16_flops / 1e12:.0f}", "-" if g.fp8_flops is None else f"{g.fp8_flops / 1e12:.0f}",
-                  f"{g.hbm_bytes / 1e9:.0f}", f"{g.hbm_bw / 1e12:.2f}", f"{g.nvlink_bw / 1e9:.0f}",
-                  f"{g.nic_gbps:.0f}", g.table or "-")
+        t.add_row(
+            g.name,
+            f"{g.bf16_flops / 1e12:.0f}",
+            "-" if g.fp8_flops is None else f"{g.fp8_flops / 1e12:.0f}",
+            f"{g.hbm_bytes / 1e9:.0f}",
+            f"{g.hbm_bw / 1e12:.2f}",
+            f"{g.nvlink_bw / 1e9:.0f}",
+            f"{g.nic_gbps:.0f}",
+            g.table or "-",
+        )
     console.print(t)
     t = Table(title="Link tiers", title_justify="left")
     for col in ("name", "kind", "GB/s per GPU", "latency us", "domain"):
@@ -152,6 +175,13 @@ def print_catalog() -> None:
     for name in CATALOG:
         m = get_model(name)
         kind = ("MLA " if m.is_mla else "") + (f"MoE {m.num_experts}x top{m.top_k}" if m.is_moe else "dense")
-        t.add_row(name, f"{m.total_params() / 1e9:.1f}", f"{m.active_params() / 1e9:.1f}", str(m.layers),
-                  f"{m.heads}/{m.kv_heads}", str(m.kv_bytes_per_token("bf16")), kind)
+        t.add_row(
+            name,
+            f"{m.total_params() / 1e9:.1f}",
+            f"{m.active_params() / 1e9:.1f}",
+            str(m.layers),
+            f"{m.heads}/{m.kv_heads}",
+            str(m.kv_bytes_per_token("bf16")),
+            kind,
+        )
     console.print(t)

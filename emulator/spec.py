@@ -27,9 +27,7 @@ TraceFormat = Literal["azure", "mooncake", "burstgpt", "ragpulse"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 # ---- model, hardware, topology ---------------------------------------------
@@ -141,9 +139,7 @@ class TraceLength(_Model):
     type: Literal["trace"] = "trace"
 
 
-LengthDist = Annotated[
-    FixedLength | UniformLength | LognormalLength | TraceLength, Field(discriminator="type")
-]
+LengthDist = Annotated[FixedLength | UniformLength | LognormalLength | TraceLength, Field(discriminator="type")]
 
 
 class PoissonArrival(_Model):

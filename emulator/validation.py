@@ -77,7 +77,8 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
         )
         if plan.weights >= plan.usable:
             problems.append(
-                f"{at}: weights need {plan.weights / 1e9:.1f} GB per GPU (model {model.weight_bytes(spec.model.dtype) / 1e9:.1f} GB"
+                f"{at}: weights need {plan.weights / 1e9:.1f} GB per GPU"
+                f" (model {model.weight_bytes(spec.model.dtype) / 1e9:.1f} GB"
                 f" / tp*pp {pool.tp * pool.pp}) but {gpu.name} x gpuMemoryUtilization {pool.gpu_memory_utilization}"
                 f" gives {plan.usable / 1e9:.1f} GB; raise tp or pp, or use dtype fp8"
             )
@@ -101,7 +102,8 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
         if not pool.chunked_prefill and pool.max_num_batched_tokens < max_len:
             problems.append(
                 f"{at}.maxNumBatchedTokens: {pool.max_num_batched_tokens} is smaller than maxModelLen {max_len}"
-                " with chunkedPrefill off (a long prompt could never run); raise it, set maxModelLen, or enable chunkedPrefill"
+                " with chunkedPrefill off (a long prompt could never run);"
+                " raise it, set maxModelLen, or enable chunkedPrefill"
             )
 
     roles = {p.role for p in spec.pools if p.replicas > 0}

@@ -24,8 +24,7 @@ def main() -> None:
         src = os.path.join(args.shared, "profiles", "aiconfigurator", system)
         dst = os.path.join(args.out, f"{gpu}.npz")
         store = write_tables(src, dst)
-        print(f"{gpu}: {len(store)} arrays, {os.path.getsize(dst) / 1e6:.2f} MB "
-              f"in {time.perf_counter() - t0:.1f}s")
+        print(f"{gpu}: {len(store)} arrays, {os.path.getsize(dst) / 1e6:.2f} MB in {time.perf_counter() - t0:.1f}s")
 
 
 if __name__ == "__main__":

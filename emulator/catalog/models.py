@@ -186,7 +186,7 @@ def _normalise(name: str) -> str:
 @cache
 def get_model(name: str) -> ModelArch:
     """A catalog name (``llama-3.1-8b``), a Hugging Face id, or a path to a config.json."""
-    if name.endswith(".json") or os.path.sep in name and os.path.exists(name):
+    if name.endswith(".json") or (os.path.sep in name and os.path.exists(name)):
         with open(name, encoding="utf-8") as fh:
             return arch_from_config(os.path.basename(name).removesuffix(".json"), json.load(fh))
     key = _normalise(name)

@@ -27,9 +27,7 @@ GEMM_DTYPES = {"bfloat16": "bf16", "fp8": "fp8"}
 MOE_DTYPES = {"bfloat16": 0, "fp8": 1}
 
 
-def read_rows(
-    path: str, columns: list[str], keep: Callable[[dict[str, str]], bool] | None = None
-) -> np.ndarray:
+def read_rows(path: str, columns: list[str], keep: Callable[[dict[str, str]], bool] | None = None) -> np.ndarray:
     """Read selected numeric columns of a gzip CSV into an array, one row per kept record."""
     out: list[list[float]] = []
     with gzip.open(path, "rt", newline="") as fh:
@@ -76,17 +74,24 @@ def attention_rows(path: str, columns: list[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.float64).reshape(-1, len(columns) + 1)
 
 
+# Fill order per table (axis 4 = batch, 5 = length): the smoother axis first. Measured on
+# held-out H100 rows: prefill 3.5% median error batch-first vs 5.7% length-first;
+# decode 4.2% length-first vs 5.6% batch-first.
+ATTN_FILL_ORDER = {"attn_ctx": (4, 5), "attn_gen": (5, 4)}
+
+
 def attention_grid(
-    rows: np.ndarray, axis_values: list[np.ndarray] | None = None
+    rows: np.ndarray, axis_values: list[np.ndarray] | None = None, table: str = "attn_ctx"
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Grid over (kv dtype, head_dim, kv_heads, heads, batch, length).
 
-    Holes are filled only along length and batch inside one head configuration:
+    Holes are filled along batch and length (order: ``ATTN_FILL_ORDER``) inside one
+    head configuration only:
     head configurations that were never measured stay empty and are resolved at
     query time from their measured neighbours.
     """
     axes, grid = grid_from_rows(rows, axis_values)
-    return axes, fill_holes(grid, axes, along=(5, 4))
+    return axes, fill_holes(grid, axes, along=ATTN_FILL_ORDER[table])
 
 
 def moe_rows(path: str) -> np.ndarray:
@@ -142,10 +147,10 @@ def derive_gpu_tables(profile_dir: str) -> dict[str, np.ndarray]:
                 _put(store, f"gemm_{name}", *gemm_grid(rows))
     ctx = _one(profile_dir, "attention__*context_attention_perf.csv.gz")
     if ctx:
-        _put(store, "attn_ctx", *attention_grid(attention_rows(ctx, ATTN_CTX_COLS)))
+        _put(store, "attn_ctx", *attention_grid(attention_rows(ctx, ATTN_CTX_COLS), table="attn_ctx"))
     gen = _one(profile_dir, "attention__*generation_attention_perf.csv.gz")
     if gen:
-        _put(store, "attn_gen", *attention_grid(attention_rows(gen, ATTN_GEN_COLS)))
+        _put(store, "attn_gen", *attention_grid(attention_rows(gen, ATTN_GEN_COLS), table="attn_gen"))
     moe = _one(profile_dir, "moe__*moe_perf.csv.gz")
     if moe:
         store["moe_rows"] = moe_rows(moe).astype(np.float32)

@@ -33,7 +33,8 @@ def _fill_line_loglog(x_log: np.ndarray, y: np.ndarray) -> np.ndarray:
     slope_hi = (yk[-1] - yk[-2]) / (xk[-1] - xk[-2])
     filled[lo] = yk[0] + slope_lo * (x_log[missing][lo] - xk[0])
     filled[hi] = yk[-1] + slope_hi * (x_log[missing][hi] - xk[-1])
-    out[missing] = np.exp(filled)
+    # a steep end segment must not extrapolate to absurd values over a long empty stretch
+    out[missing] = np.exp(np.clip(filled, yk.min() - 10.0, yk.max() + 10.0))
     return out
 
 

@@ -82,25 +82,44 @@ class InstanceCostModel:
             qk = m.qk_nope_dim + m.qk_rope_dim
             if m.q_lora_rank:
                 ops.append(("mla_q_a", self._gemm_line("mla_q_a", m.q_lora_rank, m.hidden), m.layers, "tokens"))
-                ops.append(("mla_q_b", self._gemm_line("mla_q_b", self.heads_local * qk, m.q_lora_rank), m.layers, "tokens"))
+                ops.append(
+                    ("mla_q_b", self._gemm_line("mla_q_b", self.heads_local * qk, m.q_lora_rank), m.layers, "tokens")
+                )
             else:
                 ops.append(("mla_q", self._gemm_line("mla_q", self.heads_local * qk, m.hidden), m.layers, "tokens"))
-            ops.append(("mla_kv_a", self._gemm_line("mla_kv_a", m.kv_lora_rank + m.qk_rope_dim, m.hidden), m.layers, "tokens"))
+            ops.append(
+                ("mla_kv_a", self._gemm_line("mla_kv_a", m.kv_lora_rank + m.qk_rope_dim, m.hidden), m.layers, "tokens")
+            )
             kv_b_n = self.heads_local * (m.qk_nope_dim + m.v_head_dim)
             ops.append(("mla_kv_b", self._gemm_line("mla_kv_b", kv_b_n, m.kv_lora_rank), m.layers, "tokens"))
-            ops.append(("attn_out", self._gemm_line("attn_out", m.hidden, self.heads_local * m.v_head_dim), m.layers, "tokens"))
+            ops.append(
+                ("attn_out", self._gemm_line("attn_out", m.hidden, self.heads_local * m.v_head_dim), m.layers, "tokens")
+            )
         else:
             qkv_n = (self.heads_local + 2 * self.kv_local) * m.head_dim
             ops.append(("qkv_proj", self._gemm_line("qkv_proj", qkv_n, m.hidden), m.layers, "tokens"))
-            ops.append(("attn_out", self._gemm_line("attn_out", m.hidden, self.heads_local * m.head_dim), m.layers, "tokens"))
+            ops.append(
+                ("attn_out", self._gemm_line("attn_out", m.hidden, self.heads_local * m.head_dim), m.layers, "tokens")
+            )
         if self._dense_layers:
             inter = m.intermediate // t
-            ops.append(("mlp_gate_up", self._gemm_line("mlp_gate_up", 2 * inter, m.hidden), self._dense_layers, "tokens"))
+            ops.append(
+                ("mlp_gate_up", self._gemm_line("mlp_gate_up", 2 * inter, m.hidden), self._dense_layers, "tokens")
+            )
             ops.append(("mlp_down", self._gemm_line("mlp_down", m.hidden, inter), self._dense_layers, "tokens"))
         if self._moe_layers and m.shared_experts:
             inter = m.shared_intermediate * m.shared_experts // t
-            ops.append(("shared_expert_gate_up", self._gemm_line("shared_expert", 2 * inter, m.hidden), self._moe_layers, "tokens"))
-            ops.append(("shared_expert_down", self._gemm_line("shared_expert", m.hidden, inter), self._moe_layers, "tokens"))
+            ops.append(
+                (
+                    "shared_expert_gate_up",
+                    self._gemm_line("shared_expert", 2 * inter, m.hidden),
+                    self._moe_layers,
+                    "tokens",
+                )
+            )
+            ops.append(
+                ("shared_expert_down", self._gemm_line("shared_expert", m.hidden, inter), self._moe_layers, "tokens")
+            )
         ops.append(("lm_head", self._gemm_line("lm_head", m.vocab // t, m.hidden), 1, "logits"))
         return ops
 

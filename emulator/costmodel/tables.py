@@ -7,7 +7,7 @@ from importlib import resources
 
 import numpy as np
 
-from emulator.costmodel.derive import KV_DTYPES, MOE_DTYPES
+from emulator.costmodel.derive import ATTN_FILL_ORDER, KV_DTYPES, MOE_DTYPES
 from emulator.costmodel.grid import LogGrid, LogLine, fill_holes
 
 MS = 1e-3
@@ -41,9 +41,7 @@ class GpuTables:
         return None if axes is None else axes[0]
 
     # ---- attention -----------------------------------------------------------
-    def attention_slice(
-        self, table: str, kv_dtype: str, head_dim: int, kv_heads: int, heads: int
-    ) -> LogGrid | None:
+    def attention_slice(self, table: str, kv_dtype: str, head_dim: int, kv_heads: int, heads: int) -> LogGrid | None:
         """The (batch, length) grid for one head configuration, resolving unmeasured ones.
 
         head_dim and kv_heads snap to the nearest measured value; a head count that
@@ -77,7 +75,7 @@ class GpuTables:
             lo = hi - 1
             w = (np.log(heads) - np.log(head_axis[lo])) / (np.log(head_axis[hi]) - np.log(head_axis[lo]))
             grid = np.exp((1 - w) * np.log(slices[lo]) + w * np.log(slices[hi]))
-        grid = fill_holes(grid, [axes[4], axes[5]], along=(1, 0))
+        grid = fill_holes(grid, [axes[4], axes[5]], along=tuple(a - 4 for a in ATTN_FILL_ORDER[table]))
         if np.isnan(grid).any():
             return None
         return LogGrid([axes[4], axes[5]], grid * scale * MS)

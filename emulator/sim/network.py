@@ -77,6 +77,5 @@ class FlowNetwork:
     def completion_times(self, now: float) -> dict[str, float]:
         self._progress(now)
         return {
-            fid: now + (f.remaining_bytes / f.rate if f.rate > 0 else float("inf"))
-            for fid, f in self.flows.items()
+            fid: now + (f.remaining_bytes / f.rate if f.rate > 0 else float("inf")) for fid, f in self.flows.items()
         }

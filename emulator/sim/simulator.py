@@ -354,4 +354,3 @@ class Simulation:
 
 def simulate(cluster: InferenceCluster, plan: RequestPlan, *, bulk: bool = True) -> SimResult:
     return Simulation(cluster, plan, bulk=bulk).run()
-

@@ -85,7 +85,8 @@ def detect_trace_format(path: str) -> str:
     if head.lstrip().startswith("{"):
         return "ragpulse" if '"sys_prompt"' in head or '"session_id"' in head else "mooncake"
     raise InputError(
-        f"{path}: cannot tell the trace format from its first line; pass --trace-format azure|mooncake|burstgpt|ragpulse"
+        f"{path}: cannot tell the trace format from its first line;"
+        " pass --trace-format azure|mooncake|burstgpt|ragpulse"
     )
 
 

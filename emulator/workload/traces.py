@@ -104,7 +104,9 @@ def read_mooncake(path: str) -> list[TraceRecord]:
             n_in, n_out = int(obj["input_length"]), int(obj["output_length"])
             ids = [int(h) for h in obj.get("hash_ids", [])]
         except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}:{line}: Mooncake record needs timestamp, input_length, output_length ({exc})") from None
+            raise InputError(
+                f"{path}:{line}: Mooncake record needs timestamp, input_length, output_length ({exc})"
+            ) from None
         segments = []
         left = n_in
         for h in ids:
@@ -145,7 +147,9 @@ def read_ragpulse(path: str) -> list[TraceRecord]:
             n_in, n_out = int(obj["input_length"]), int(obj["output_length"])
             parts = obj.get("hash_ids") or {}
         except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}:{line}: RAGPulse record needs timestamp, input_length, output_length ({exc})") from None
+            raise InputError(
+                f"{path}:{line}: RAGPulse record needs timestamp, input_length, output_length ({exc})"
+            ) from None
         segments: list[tuple[int, int]] = []
         used = 0
         for p_index, (part, _, _) in enumerate(RAGPULSE_PARTS):

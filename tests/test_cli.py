@@ -1,0 +1,125 @@
+"""The ``infemu`` command as a user runs it: output shapes, JSON keys, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, example
+
+from emulator.results import SUMMARY_KEYS
+
+STAT_KEYS = {"mean", "p50", "p90", "p99"}
+
+
+def infemu(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "emulator.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+
+
+def test_sim_json_has_exactly_the_public_keys():
+    r = infemu("sim", example("quickstart.yaml"), "--requests", "50", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert list(summary) == list(SUMMARY_KEYS)
+    for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        assert set(summary[key]) == STAT_KEYS
+    assert summary["requests"] == 50 and summary["completed"] == 50 and summary["failed"] == 0
+
+
+def test_sim_human_table_and_report_folder(tmp_path):
+    r = infemu("sim", example("quickstart.yaml"), "--requests", "30", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "TTFT ms" in r.stdout and "SLO attainment" in r.stdout
+    lines = (tmp_path / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 30 and "ttft_ms" in json.loads(lines[0])
+    assert list(json.loads((tmp_path / "summary.json").read_text())) == list(SUMMARY_KEYS)
+
+
+def test_command_line_lengths_are_exact():
+    r = infemu(
+        "sim",
+        example("quickstart.yaml"),
+        "--requests",
+        "20",
+        "--input-len",
+        "100",
+        "--output-len",
+        "7",
+        "--out",
+        "/tmp/infemu-cli-exact",
+    )
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in Path("/tmp/infemu-cli-exact/requests.jsonl").read_text().splitlines()]
+    assert {x["prompt_tokens"] for x in recs} == {100} and {x["output_tokens"] for x in recs} == {7}
+
+
+def test_multi_document_json_prints_one_object_per_cluster():
+    r = infemu("sim", example("tp-vs-pp.yaml"), "--requests", "100", "--json")
+    assert r.returncode == 0, r.stderr
+    objs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(objs) == 2 and all(list(o) == list(SUMMARY_KEYS) for o in objs)
+
+
+def test_cost_prints_per_operator_breakdown():
+    r = infemu(
+        "cost",
+        example("quickstart.yaml"),
+        "--pool",
+        "agg",
+        "--prefill-tokens",
+        "512",
+        "--decode-batch",
+        "8",
+        "--context",
+        "1024",
+    )
+    assert r.returncode == 0, r.stderr
+    for op in ("qkv_proj", "mlp_gate_up", "attention_prefill", "attention_decode", "lm_head", "step_overhead"):
+        assert op in r.stdout
+    assert "table" in r.stdout and "KV per token (whole model) 131072 B" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["sim", "examples/quickstart.yaml", "--rate", "-3"], "argument --rate: -3 must be > 0"),
+        (["sim", "examples/quickstart.yaml", "--requests", "abc"], "'abc' is not a whole number"),
+        (["sim", "missing.yaml"], "error: missing.yaml: no such file"),
+        (["sim", "examples/quickstart.yaml", "--trace", "nope.csv"], "error: nope.csv: trace file not found"),
+        (["cost", "examples/quickstart.yaml", "--pool", "zzz", "--decode-batch", "1"], "--pool: 'zzz' is not a pool"),
+        (["sim", "examples/tp-vs-pp.yaml", "--cluster", "x"], "--cluster: 'x' is not in the spec"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(args, fragment):
+    r = infemu(*args)
+    assert r.returncode == 2
+    assert fragment in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_malformed_spec_exit_2_one_line_per_problem(tmp_path):
+    p = tmp_path / "bad.yaml"
+    quickstart = Path(example("quickstart.yaml")).read_text()
+    p.write_text(quickstart.replace("tp: 1", "tp: 3").replace("maxNumSeqs: 128", "maxNumSeqs: 0"))
+    r = infemu("sim", str(p))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "spec.pools[0].maxNumSeqs: 0" in lines[0]
+    p.write_text(quickstart.replace("tp: 1", "tp: 3"))
+    r = infemu("sim", str(p))
+    assert r.returncode == 2
+    first, second = r.stderr.strip().splitlines()
+    assert first == f"error: {p}: spec.pools[0].tp: 3 does not divide the model's 32 attention heads"
+    assert "tp*pp = 3 GPUs exceeds the 1-GPU scale-up domain" in second
+
+
+def test_malformed_trace_is_a_clear_error(tmp_path):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2}\nnot json\n')
+    r = infemu("sim", "examples/quickstart.yaml", "--trace", str(bad), "--trace-format", "mooncake")
+    assert r.returncode == 2 and f"{bad}:2: invalid JSON" in r.stderr

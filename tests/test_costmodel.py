@@ -1,0 +1,102 @@
+"""Cost model: physics sanity, held-out accuracy against the profiled tables, driver parity."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from emulator.catalog.gpus import get_gpu
+from emulator.catalog.models import get_model
+from emulator.costmodel.accuracy import held_out_attention, held_out_gemm
+from emulator.costmodel.instance import InstanceConfig, InstanceCostModel
+from emulator.costmodel.interface import BatchShape
+
+H100 = "profiles/aiconfigurator/h100_sxm"
+
+
+def cost(model="llama-3.1-8b", gpu="h100-sxm", **kw) -> InstanceCostModel:
+    return InstanceCostModel(InstanceConfig(get_model(model), get_gpu(gpu), **kw))
+
+
+def test_decode_step_is_bounded_below_by_reading_the_weights():
+    cm = cost()
+    m, g = get_model("llama-3.1-8b"), get_gpu("h100-sxm")
+    bound = m.weight_bytes("bf16") / g.hbm_bw  # ≈ 4.8 ms
+    assert 4.7e-3 < bound < 4.9e-3
+    step = cm.step_time(BatchShape(num_decode=1, decode_kv_sum=512)).total_s
+    assert bound <= step <= 1.4 * bound
+
+
+def test_kv_bytes_per_token_formulas():
+    assert get_model("llama-3.1-8b").kv_bytes_per_token("bf16") == 2 * 32 * 8 * 128 * 2
+    assert get_model("llama-3.1-70b").kv_bytes_per_token("fp8") == 2 * 80 * 8 * 128 * 1
+    assert get_model("deepseek-v3").kv_bytes_per_token("bf16") == 61 * (512 + 64) * 2  # MLA latent + rope
+
+
+def test_parameter_counts_match_published_sizes():
+    for name, billions in [
+        ("llama-3.1-8b", 8.03),
+        ("llama-3.1-70b", 70.6),
+        ("llama-3.1-405b", 405.9),
+        ("qwen3-30b-a3b", 30.5),
+        ("qwen3-235b-a22b", 235.1),
+        ("deepseek-v3", 671.0),
+        ("mixtral-8x22b", 140.6),
+        ("qwen3-32b", 32.8),
+    ]:
+        assert get_model(name).total_params() / 1e9 == pytest.approx(billions, rel=0.01), name
+    assert get_model("deepseek-v3").active_params() / 1e9 == pytest.approx(37.5, rel=0.02)
+
+
+def test_tensor_parallel_speeds_up_prefill_sublinearly():
+    shape = BatchShape(prefill_chunks=((2048, 0),))
+    d1 = cost().step_time(shape).total_s
+    d2 = cost(tp=2).step_time(shape).total_s
+    assert 1.2 < d1 / d2 < 2.0
+
+
+def test_pipeline_parallel_overlaps_micro_batches():
+    st = cost(pp=2).step_time(BatchShape(prefill_chunks=((1024, 0),)))
+    assert st.interval_s < 0.6 * st.total_s
+
+
+def test_prefill_attention_grows_with_cached_context():
+    cm = cost()
+    fresh = cm.breakdown(BatchShape(prefill_chunks=((512, 0),)))["attention_prefill"]
+    long_ctx = cm.breakdown(BatchShape(prefill_chunks=((512, 8192),)))["attention_prefill"]
+    assert long_ctx > 3 * fresh
+
+
+def test_every_catalog_model_has_a_finite_positive_step_on_every_gpu():
+    for model, tp, ep in [("qwen3-30b-a3b", 2, 2), ("deepseek-v3", 8, 8), ("mixtral-8x22b", 8, 1), ("qwen3-32b", 2, 1)]:
+        for gpu in ("a100-sxm-80g", "h100-sxm", "h200-sxm", "b200"):
+            cm = cost(model, gpu, tp=tp, ep=ep)
+            for shape in (BatchShape(num_decode=64, decode_kv_sum=64 * 2000), BatchShape(prefill_chunks=((4096, 0),))):
+                t = cm.step_time(shape).total_s
+                assert 0 < t < 10 and np.isfinite(t), (model, gpu)
+
+
+def test_roofline_fallback_without_tables():
+    with_t = cost().step_time(BatchShape(num_decode=8, decode_kv_sum=8 * 1024)).total_s
+    without = cost(use_tables=False).step_time(BatchShape(num_decode=8, decode_kv_sum=8 * 1024)).total_s
+    assert without == pytest.approx(with_t, rel=0.35)  # same physics, no profile
+
+
+def test_decode_stretch_reproduces_single_steps_exactly():
+    cm = cost(tp=2)
+    shapes = [BatchShape(num_decode=13, decode_kv_sum=13 * 700 + 13 * j) for j in range(50)]
+    stretch = cm.decode_stretch_s(13, 13 * 700, 50)
+    assert [cm.step_time(s).total_s for s in shapes] == list(stretch)
+
+
+def test_held_out_gemm_rows_predicted_within_5_percent(shared_data):
+    err = held_out_gemm(os.path.join(shared_data, H100), "bfloat16")
+    assert err.rows > 5000 and err.median <= 0.05, err
+
+
+@pytest.mark.parametrize("table", ["attn_ctx", "attn_gen"])
+def test_held_out_attention_rows_predicted_within_5_percent(shared_data, table):
+    err = held_out_attention(os.path.join(shared_data, H100), table)
+    assert err.rows > 3000 and err.median <= 0.05, err

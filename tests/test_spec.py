@@ -1,0 +1,111 @@
+"""Spec loading: every example is valid; bad input gives one line per problem, naming the field."""
+
+from __future__ import annotations
+
+import glob
+import os
+import textwrap
+
+import pytest
+from conftest import EXAMPLES, example
+
+from emulator.errors import SpecError
+from emulator.spec import load_clusters
+
+BASE = """
+apiVersion: infemu.io/v1alpha1
+kind: InferenceCluster
+metadata: {{name: t}}
+spec:
+  model: {model}
+  gpu: {gpu}
+  topology: {{nodes: {nodes}, gpusPerNode: 8}}
+  pools:
+{pools}
+  workload: {{requests: 10}}
+"""
+
+
+def write_spec(tmp_path, pools: str, model: str = "llama-3.1-70b", gpu: str = "h100-sxm", nodes: int = 1) -> str:
+    p = tmp_path / "spec.yaml"
+    p.write_text(BASE.format(model=model, gpu=gpu, nodes=nodes, pools=textwrap.indent(pools.strip(), "    ")))
+    return str(p)
+
+
+def problems(path: str) -> list[str]:
+    with pytest.raises(SpecError) as exc:
+        load_clusters(path)
+    return exc.value.problems
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml"))))
+def test_every_example_loads(path):
+    assert load_clusters(path)
+
+
+def test_tp_must_divide_heads(tmp_path):
+    path = write_spec(tmp_path, "- {name: a, tp: 8}\n- {name: b, tp: 3}")
+    assert problems(path) == [f"{path}: spec.pools[1].tp: 3 does not divide the model's 64 attention heads"]
+
+
+def test_weights_must_fit(tmp_path):
+    (line,) = problems(write_spec(tmp_path, "- {name: a, tp: 1}"))
+    assert "spec.pools[0]: weights need 141.1 GB per GPU" in line and "raise tp or pp" in line
+
+
+def test_pools_must_fit_on_the_gpus(tmp_path):
+    (line,) = problems(write_spec(tmp_path, "- {name: a, tp: 4, replicas: 3}"))
+    assert "spec.pools[0]: replica 2 needs 4 GPUs but only 0 of 8 GPUs are left" in line
+
+
+def test_tp_stays_in_one_scale_up_domain(tmp_path):
+    (line,) = problems(write_spec(tmp_path, "- {name: a, tp: 16}", nodes=2))
+    assert "tp*pp = 16 GPUs exceeds the 8-GPU scale-up domain" in line and "allowCrossDomainTp" in line
+
+
+def test_schema_errors_name_path_value_and_allowed(tmp_path):
+    path = write_spec(tmp_path, "- {name: a, tp: 8, role: mixer, maxNumSeqs: -1, bogus: 1}")
+    got = problems(path)
+    roles = "'aggregated', 'prefill', 'decode', 'attention', 'ffn', 'rag' or 'kvstore'"
+    assert f"{path}: spec.pools[0].role: 'mixer': Input should be {roles}" in got
+    assert f"{path}: spec.pools[0].maxNumSeqs: -1: Input should be greater than or equal to 1" in got
+    assert f"{path}: spec.pools[0].bogus: 'bogus': unknown field (check spelling; keys are camelCase)" in got
+    assert len(got) == 3
+
+
+def test_unknown_model_and_gpu(tmp_path):
+    (line,) = problems(write_spec(tmp_path, "- {name: a}", model="gpt-9"))
+    assert line.startswith(f"{tmp_path}/spec.yaml: spec.model.name: 'gpt-9': unknown model")
+    (line,) = problems(write_spec(tmp_path, "- {name: a}", model="llama-3.1-8b", gpu="tpu-v9"))
+    assert "spec.gpu: 'tpu-v9': unknown GPU; known: a100-sxm-80g, b200, h100-sxm, h200-sxm" in line
+
+
+def test_fp8_needs_hopper_or_newer(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(BASE.format(model="{name: llama-3.1-8b, dtype: fp8}", gpu="a100", nodes=1, pools="    - {name: a}"))
+    assert any("has no FP8 tensor cores" in line for line in problems(str(p)))
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed\n")
+    (line,) = problems(str(bad))
+    assert "invalid YAML" in line and "line" in line
+    (line,) = problems(str(tmp_path / "nope.yaml"))
+    assert line.endswith("nope.yaml: no such file")
+
+
+def test_gamma_cv_error_drops_the_union_tag(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(
+        BASE.format(model="llama-3.1-8b", gpu="h100", nodes=1, pools="    - {name: a}").replace(
+            "workload: {requests: 10}", "workload: {requests: 10, arrival: {type: gamma, cv: -2}}"
+        )
+    )
+    (line,) = problems(str(p))
+    assert "spec.workload.arrival.cv: -2: Input should be greater than 0" in line
+
+
+def test_multi_document_spec_compares_designs():
+    names = [c.name for c in load_clusters(example("tp-vs-pp.yaml"))]
+    assert names == ["intra-op-tp2", "inter-op-pp2"]
