@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
 
     sub.add_parser("catalog", help="list the GPUs, link tiers and models infemu knows")
+
+    p = sub.add_parser("up", help="start the cluster as local processes (router + every instance)")
+    p.add_argument("spec")
+    p.add_argument("--cluster", help="document name in a multi-document spec")
+    p.add_argument("--detach", action="store_true", help="return once ready; stop later with `infemu down`")
+    p.add_argument("--json", action="store_true", help='print {"router": URL, "instances": [...]}')
+    p.add_argument("--run-dir", help="where state and logs go (default .infemu/runs/<cluster>-<time>)")
+
+    p = sub.add_parser("down", help="stop detached clusters (all of them, or one run directory)")
+    p.add_argument("run_dir", nargs="?")
     return ap
 
 
@@ -164,7 +174,60 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sim": cmd_sim, "cost": cmd_cost, "validate": cmd_validate, "catalog": cmd_catalog}
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+
+    from emulator.cluster.local import LocalCluster
+    from emulator.report import print_endpoints
+    from emulator.spec import load_clusters
+
+    clusters = load_clusters(args.spec)
+    if args.cluster is None and len(clusters) > 1:
+        raise SpecError([f"--cluster: {args.spec} holds {len(clusters)} clusters; name one of "
+                         f"{', '.join(c.name for c in clusters)}"])
+    cluster = _select(clusters, args.cluster)[0]
+    lc = LocalCluster(args.spec, cluster.name, args.run_dir, detach=args.detach)
+    state = lc.start()
+    if args.json:
+        print(json.dumps(state.to_json()))
+    else:
+        print_endpoints(state)
+    if args.detach:
+        return 0
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            dead = lc.dead_processes()
+            if dead:
+                name, code = dead[0]
+                print(f"error: instance {name} exited with code {code}; stopping the cluster", file=sys.stderr)
+                lc.stop()
+                return 1
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    lc.stop()
+    print("cluster stopped")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from emulator.cluster.local import down
+
+    stopped = down(args.run_dir)
+    print("\n".join(stopped) if stopped else "no running cluster found")
+    return 0
+
+
+COMMANDS = {
+    "sim": cmd_sim,
+    "cost": cmd_cost,
+    "validate": cmd_validate,
+    "catalog": cmd_catalog,
+    "up": cmd_up,
+    "down": cmd_down,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

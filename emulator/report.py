@@ -185,3 +185,14 @@ def print_catalog() -> None:
             kind,
         )
     console.print(t)
+
+
+def print_endpoints(state) -> None:
+    t = Table(title=f"{state.cluster}: ready (state and logs in {state.run_dir})", title_justify="left")
+    for col in ("role", "instance", "URL"):
+        t.add_column(col)
+    t.add_row("router", "router", state.router)
+    for p in state.processes:
+        if p.role != "router":
+            t.add_row(p.role, p.name, p.url)
+    console.print(t)

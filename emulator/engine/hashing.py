@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def _h(prev: int, payload: bytes) -> int:
     d = hashlib.blake2b(prev.to_bytes(8, "little") + payload, digest_size=8).digest()
@@ -39,10 +41,12 @@ def hashes_from_segments(segments: Sequence[tuple[int, int]], block_size: int) -
 
 def hashes_from_tokens(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
     """vLLM-style: hash(parent hash, token ids of the block) for every full block."""
+    full = len(token_ids) // block_size * block_size
+    data = np.asarray(token_ids[:full], dtype="<u4").tobytes()
+    step = 4 * block_size
     out: list[int] = []
     prev = 0
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = token_ids[start : start + block_size]
-        prev = _h(prev, b"".join(int(t).to_bytes(4, "little", signed=False) for t in block))
+    for start in range(0, len(data), step):
+        prev = _h(prev, data[start : start + step])
         out.append(prev)
     return tuple(out)

@@ -1,0 +1,225 @@
+"""A whole cluster as local processes: start, wait until ready, stop without orphans.
+
+State lives in a run directory (``.infemu/runs/<cluster>-<time>``): ``state.json``
+with every process and URL, one log file per instance, and the port files the
+processes write once bound. ``infemu down`` reads it to stop a detached cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+
+from emulator.errors import SpecError
+
+RUNS_DIR = os.path.join(".infemu", "runs")
+START_TIMEOUT_S = 60.0
+
+
+class ClusterStartError(SpecError):
+    """An instance failed to start: names it and why; everything already started is stopped."""
+
+
+@dataclass
+class ProcessInfo:
+    name: str
+    role: str
+    pid: int
+    url: str = ""
+    log: str = ""
+
+
+@dataclass
+class RunState:
+    cluster: str
+    spec: str
+    run_dir: str
+    router: str = ""
+    processes: list[ProcessInfo] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"router": self.router,
+                "instances": [{"name": p.name, "role": p.role, "url": p.url} for p in self.processes
+                              if p.role != "router"]}
+
+    def save(self) -> None:
+        path = os.path.join(self.run_dir, "state.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump({**asdict(self)}, fh, indent=2)
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def load(cls, run_dir: str) -> RunState:
+        with open(os.path.join(run_dir, "state.json"), encoding="utf-8") as fh:
+            raw = json.load(fh)
+        raw["processes"] = [ProcessInfo(**p) for p in raw["processes"]]
+        return cls(**raw)
+
+
+def _get(url: str, timeout: float = 1.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return " | ".join(line.strip() for line in fh.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LocalCluster:
+    def __init__(self, spec_path: str, cluster_name: str, run_dir: str | None = None, detach: bool = False) -> None:
+        self.spec_path = os.path.abspath(spec_path)
+        self.cluster_name = cluster_name
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = os.path.abspath(run_dir or os.path.join(RUNS_DIR, f"{cluster_name}-{stamp}-{os.getpid()}"))
+        self.detach = detach
+        self.state = RunState(cluster_name, self.spec_path, self.run_dir)
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, kind: str, name: str, role: str, extra: list[str]) -> ProcessInfo:
+        log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
+        port_file = os.path.join(self.run_dir, "ports", name)
+        cmd = [sys.executable, "-m", "emulator.cluster.process", kind, "--spec", self.spec_path,
+               "--cluster", self.cluster_name, "--port-file", port_file, *extra]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self._procs[name] = proc
+        info = ProcessInfo(name, role, proc.pid, log=log_path)
+        self.state.processes.append(info)
+        self.state.save()
+        return info
+
+    def _wait_ready(self, infos: list[ProcessInfo]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        pending = {i.name: i for i in infos}
+        while pending:
+            for name, info in list(pending.items()):
+                proc = self._procs[name]
+                code = proc.poll()
+                if code is not None:
+                    raise ClusterStartError([f"instance {name} exited with code {code} while starting: "
+                                             f"{_tail(info.log) or 'no output'} (log: {info.log})"])
+                port_file = os.path.join(self.run_dir, "ports", name)
+                if not info.url and os.path.exists(port_file):
+                    with open(port_file, encoding="utf-8") as fh:
+                        info.url = f"http://127.0.0.1:{fh.read().strip()}"
+                if info.url and _get(f"{info.url}/ready") == 200:
+                    del pending[name]
+            if time.monotonic() > deadline:
+                raise ClusterStartError([f"instance {n} not ready after {START_TIMEOUT_S:.0f} s (log: {i.log})"
+                                         for n, i in pending.items()])
+            time.sleep(0.05)
+        self.state.save()
+
+    def start(self) -> RunState:
+        from emulator.build import build_instances
+        from emulator.spec import load_clusters
+
+        cluster = next((c for c in load_clusters(self.spec_path) if c.name == self.cluster_name), None)
+        if cluster is None:
+            raise SpecError([f"{self.spec_path}: no cluster named {self.cluster_name!r}"])
+        _, setups = build_instances(cluster.spec)
+        for sub in ("logs", "ports"):
+            os.makedirs(os.path.join(self.run_dir, sub), exist_ok=True)
+        try:
+            workers = [self._spawn("worker", s.instance.name, s.instance.role, ["--instance", s.instance.name])
+                       for s in setups]
+            self._wait_ready(workers)
+            backends = [{"name": w.name, "role": w.role, "url": w.url} for w in workers]
+            backends_file = os.path.join(self.run_dir, "backends.json")
+            with open(backends_file, "w", encoding="utf-8") as fh:
+                json.dump(backends, fh)
+            router = self._spawn("router", "router", "router", ["--backends", backends_file])
+            self._wait_ready([router])
+            self.state.router = router.url
+            self.state.save()
+        except BaseException:
+            self.stop()
+            raise
+        return self.state
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        stop_processes([p.pid for p in self.state.processes], timeout_s)
+        for proc in self._procs.values():
+            try:
+                proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def dead_processes(self) -> list[tuple[str, int]]:
+        return [(n, p.returncode) for n, p in self._procs.items() if p.poll() is not None]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().split(") ", 1)[1].split(" ", 1)[0] != "Z"
+    except OSError:
+        return False
+
+
+def _is_ours(pid: int) -> bool:
+    """Guard against PID reuse: only stop processes that run infemu's entry point."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"emulator.cluster.process" in fh.read()
+    except OSError:
+        return False
+
+
+def stop_processes(pids: list[int], timeout_s: float = 10.0) -> None:
+    """SIGTERM each process group, wait, then SIGKILL what is left."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def down(run_dir: str | None = None) -> list[str]:
+    """Stop detached clusters: one run directory, or every run under .infemu/runs. Returns what was stopped."""
+    dirs = [run_dir] if run_dir else sorted(
+        os.path.join(RUNS_DIR, d) for d in (os.listdir(RUNS_DIR) if os.path.isdir(RUNS_DIR) else [])
+    )
+    stopped = []
+    for d in dirs:
+        try:
+            state = RunState.load(d)
+        except (OSError, ValueError, TypeError):
+            continue
+        pids = [p.pid for p in state.processes if _alive(p.pid) and _is_ours(p.pid)]
+        if pids:
+            stop_processes(pids)
+            stopped.append(f"{state.cluster} ({d}): {len(pids)} processes stopped")
+    return stopped

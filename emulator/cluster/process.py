@@ -1,0 +1,104 @@
+"""Entry point of one emulated process (a worker instance or the router).
+
+``python -m emulator.cluster.process worker --spec S --cluster C --instance I --port-file F``
+binds an ephemeral port (no race with other runs), writes it to the port file,
+serves until SIGTERM/SIGINT, then shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from emulator.errors import SpecError
+
+
+def _cluster(spec: str, name: str):
+    from emulator.spec import load_clusters
+
+    for c in load_clusters(spec):
+        if c.name == name:
+            return c
+    raise SpecError([f"{spec}: no cluster named {name!r}"])
+
+
+def build_app(args: argparse.Namespace) -> web.Application:
+    cluster = _cluster(args.spec, args.cluster)
+    if args.kind == "worker":
+        from emulator.serve.app import WorkerSettings, create_app
+
+        return create_app(WorkerSettings(cluster, args.instance, host=args.host, port=args.port))
+    from emulator.build import build_instances
+    from emulator.catalog.models import get_model
+    from emulator.router.proxy import RouterSettings, create_router_app
+
+    with open(args.backends, encoding="utf-8") as fh:
+        backends = tuple((b["name"], b["role"], b["url"]) for b in json.load(fh))
+    _, setups = build_instances(cluster.spec)
+    front = [s for s in setups if s.instance.role in ("aggregated", "prefill")]
+    settings = RouterSettings(
+        model_name=cluster.spec.model.name,
+        max_model_len=front[0].engine.max_model_len if front else 0,
+        policy=cluster.spec.router.policy,
+        backends=backends,
+        vocab_size=get_model(cluster.spec.model.name).vocab,
+        block_size=front[0].engine.block_size if front else 16,
+    )
+    return create_router_app(settings)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    app = build_app(args)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+    await site.start()
+    port = runner.addresses[0][1]
+    if args.kind == "worker":
+        from emulator.serve.app import WORKER
+
+        app[WORKER].url = f"http://{args.host}:{port}"
+    if args.port_file:
+        tmp = args.port_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(str(port))
+        os.replace(tmp, args.port_file)
+    logging.getLogger("infemu").info("%s %s listening on %s:%d", args.kind, args.instance or "router", args.host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m emulator.cluster.process")
+    ap.add_argument("kind", choices=["worker", "router"])
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--instance", default="")
+    ap.add_argument("--backends", help="router: JSON list of {name, role, url}")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--port-file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except SpecError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The OpenAI front door: routes each request to a backend and streams the answer back.
+
+Guarantees: a request is retried on another backend only before its first byte
+reached the client; once tokens were streamed, a backend failure ends the stream
+with an explicit ``data: {"error": ...}`` event and ``[DONE]`` — no client hangs.
+With P/D pools the router orchestrates: the prefill instance (chosen by load)
+returns the first token and ``kv_transfer_params``; the decode instance (chosen
+by load and free KV) pulls the KV from that prefill instance and streams the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from emulator.engine.hashing import hashes_from_tokens
+from emulator.router.backends import Backend, BackendPool
+from emulator.router.policies import KVAware, NoEndpointError, RoutingRequest, make_policy
+from emulator.serve.app import models_body
+from emulator.serve.protocol import APIError
+from emulator.serve.tokens import chat_prompt, tokenize
+
+log = logging.getLogger("infemu.router")
+MAX_ATTEMPTS = 3
+SESSION_HEADER = "X-Session-Id"
+
+
+class BackendFailed(Exception):
+    """The backend could not be reached or answered 5xx before any byte went to the client."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection: stop relaying (the backend then aborts); not a backend fault."""
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    model_name: str
+    max_model_len: int
+    policy: str
+    backends: tuple[tuple[str, str, str], ...]  # (name, role, url)
+    vocab_size: int = 128256
+    block_size: int = 16
+
+
+class Router:
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.pool = BackendPool([Backend(n, r, u) for n, r, u in settings.backends])
+        self.policy = make_policy(settings.policy)
+        self.decode_policy = KVAware()
+        self.pd = bool(self.pool.by_role("decode"))
+        self.registry = CollectorRegistry()
+        self.requests = Counter("infemu_router_requests", "Requests by backend and outcome.",
+                                ["backend", "outcome"], registry=self.registry)
+        self.retries = Counter("infemu_router_retries", "Requests retried on another backend.", registry=self.registry)
+        self.healthy = Gauge("infemu_router_backend_healthy", "1 when the backend is admitted.", ["backend"],
+                             registry=self.registry)
+        self.session: ClientSession | None = None
+
+    async def start(self) -> None:
+        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=3, sock_read=None))
+        await self.pool.start()
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    # ---- choosing ---------------------------------------------------------------
+    def _routing_request(self, body: dict, request: web.Request) -> RoutingRequest:
+        session = request.headers.get(SESSION_HEADER) or (body.get("user") if isinstance(body.get("user"), str) else None)
+        hashes: tuple[int, ...] = ()
+        if self.settings.policy == "prefix_affinity":
+            prompt = body.get("prompt")
+            if isinstance(body.get("messages"), list):
+                ids = tokenize(chat_prompt(body["messages"]), self.settings.vocab_size)
+            elif isinstance(prompt, str):
+                ids = tokenize(prompt, self.settings.vocab_size)
+            elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+                ids = prompt
+            else:
+                ids = []
+            hashes = hashes_from_tokens(ids[: 4 * self.settings.block_size], self.settings.block_size)
+        return RoutingRequest(request_id="", block_hashes=hashes, session=session)
+
+    def _choose(self, candidates: list[Backend], rr: RoutingRequest, exclude: set[str], decode: bool = False) -> Backend:
+        pool = [b for b in candidates if b.name not in exclude]
+        if not pool:
+            raise NoEndpointError("no healthy backend")
+        snaps = [b.snapshot() for b in pool]
+        policy = self.decode_policy if decode else self.policy
+        return pool[policy.choose(snaps, rr)]
+
+    # ---- endpoints ------------------------------------------------------------------
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            return _error(APIError(400, "the request body is not valid JSON", None, "invalid_json"))
+        if body.get("model") != self.settings.model_name:
+            if not isinstance(body.get("model"), str):
+                return _error(APIError(400, "'model' is required", "model", "missing_required_parameter"))
+            return _error(APIError(404, f"The model `{body.get('model')}` does not exist.", "model",
+                                   "model_not_found", "NotFoundError"))
+        rr = self._routing_request(body, request)
+        state = _ClientStream(request, bool(body.get("stream")))
+        try:
+            if self.pd:
+                return await self._pd(request.path, body, rr, state)
+            return await self._single(request.path, body, rr, state, raw)
+        except ClientGone:
+            self.requests.labels("-", "client_gone").inc()
+            return state.resp or web.Response(status=499)
+        except NoEndpointError:
+            return await state.fail(APIError(503, "no healthy backend can serve this request", None,
+                                             "no_backend", "ServiceUnavailable"))
+
+    async def _single(self, path: str, body: dict, rr: RoutingRequest, state: _ClientStream,
+                      raw: bytes | None = None) -> web.StreamResponse:
+        tried: set[str] = set()
+        front = [b for b in self.pool.by_role("aggregated", "prefill") if b.healthy]
+        for attempt in range(MAX_ATTEMPTS):
+            backend = self._choose(front, rr, tried)
+            tried.add(backend.name)
+            try:
+                return await self._relay(backend, path, body, state, raw=raw)
+            except BackendFailed as exc:
+                log.warning("backend %s failed before the first byte: %s", backend.name, exc)
+                self.pool.mark_failed(backend)
+                self.requests.labels(backend.name, "retried").inc()
+                if attempt + 1 < MAX_ATTEMPTS:
+                    self.retries.inc()
+        return await state.fail(APIError(503, "every backend tried failed", None, "backend_failed",
+                                         "ServiceUnavailable"))
+
+    async def _relay(self, backend: Backend, path: str, body: dict, state: _ClientStream,
+                     skip_role_chunk: bool = False, raw: bytes | None = None) -> web.StreamResponse:
+        """Forward body to backend and relay its answer; BackendFailed only while nothing was sent."""
+        assert self.session is not None
+        backend.in_flight += 1
+        try:
+            try:
+                if raw is not None:  # unchanged body: forward the client's bytes, no re-encoding
+                    resp = await self.session.post(f"{backend.url}{path}", data=raw,
+                                                   headers={"Content-Type": "application/json"})
+                else:
+                    resp = await self.session.post(f"{backend.url}{path}", json=body)
+            except (ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise BackendFailed(str(exc)) from None
+            async with resp:
+                if resp.status >= 500:
+                    raise BackendFailed(f"status {resp.status}")
+                if resp.status >= 400 or "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                    data = await resp.read()
+                    self.requests.labels(backend.name, "ok" if resp.status < 400 else "client_error").inc()
+                    return await state.whole(data, resp.status)
+                try:
+                    if skip_role_chunk:  # P/D: the router already sent the role chunk and the first token
+                        first = await resp.content.readline()
+                        if not _is_role_only(first):
+                            await state.write(first)
+                    async for block in resp.content.iter_any():  # relay whole reads, not line by line
+                        await state.write(block)
+                except (ClientError, asyncio.TimeoutError, OSError) as exc:
+                    if not state.started:
+                        raise BackendFailed(str(exc)) from None
+                    self.requests.labels(backend.name, "broken_stream").inc()
+                    self.pool.mark_failed(backend)
+                    return await state.fail(APIError(502, f"backend {backend.name} failed mid-stream: {exc}", None,
+                                                     "backend_failed", "ServiceUnavailable"))
+                if not state.done:
+                    if not state.started:
+                        raise BackendFailed("empty stream")
+                    self.requests.labels(backend.name, "broken_stream").inc()
+                    return await state.fail(APIError(502, f"backend {backend.name} ended the stream early", None,
+                                                     "backend_failed", "ServiceUnavailable"))
+                self.requests.labels(backend.name, "ok").inc()
+                return await state.finish()
+        finally:
+            backend.in_flight -= 1
+
+    async def _pd(self, path: str, body: dict, rr: RoutingRequest, state: _ClientStream) -> web.StreamResponse:
+        """Prefill by load, then decode by load and free KV; the decode pulls the KV from that prefill."""
+        assert self.session is not None
+        tried: set[str] = set()
+        prefill_body = {**body, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
+        prefill_body.pop("stream_options", None)
+        first = None
+        prefills = [b for b in self.pool.by_role("prefill") if b.healthy]
+        for _ in range(MAX_ATTEMPTS):
+            p = self._choose(prefills, rr, tried)
+            tried.add(p.name)
+            p.in_flight += 1
+            try:
+                async with self.session.post(f"{p.url}{path}", json=prefill_body) as resp:
+                    data = await resp.read()
+                    if resp.status >= 500:
+                        raise BackendFailed(f"status {resp.status}")
+                    if resp.status >= 400:
+                        return await state.whole(data, resp.status)
+                    first = json.loads(data)
+                    break
+            except (BackendFailed, ClientError, asyncio.TimeoutError, OSError) as exc:
+                log.warning("prefill %s failed: %s", p.name, exc)
+                self.pool.mark_failed(p)
+                self.retries.inc()
+            finally:
+                p.in_flight -= 1
+        if first is None:
+            return await state.fail(APIError(503, "every prefill backend tried failed", None, "backend_failed",
+                                             "ServiceUnavailable"))
+        self.requests.labels(p.name, "ok").inc()
+        kv = first.get("kv_transfer_params")
+        if not kv:  # a one-token answer: the prefill instance finished it
+            return await state.from_complete(first, body)
+        first_text = _text_of(first)
+        decode_body = {**body, "kv_transfer_params": kv}
+        decodes = [b for b in self.pool.by_role("decode") if b.healthy]
+        d = self._choose(decodes, RoutingRequest("", rr.block_hashes, rr.session), set(), decode=True)
+        if state.stream:
+            await state.write_prefix(first, first_text)
+            return await self._relay(d, path, decode_body, state, skip_role_chunk=True)
+        inner = _ClientStream(state.request, False, capture=True)
+        try:
+            await self._relay(d, path, decode_body, inner)
+        except BackendFailed as exc:
+            return await state.fail(APIError(502, f"decode {d.name} failed: {exc}", None, "backend_failed",
+                                             "ServiceUnavailable"))
+        if inner.captured_status >= 400:
+            return await state.whole(inner.captured, inner.captured_status)
+        rest = json.loads(inner.captured)
+        _prepend_text(rest, first_text)
+        return await state.whole(json.dumps(rest).encode(), 200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(models_body(self.settings.model_name, self.settings.max_model_len))
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ok = any(b.healthy for b in self.pool.by_role("aggregated", "prefill"))
+        if self.pd:
+            ok = ok and any(b.healthy for b in self.pool.by_role("decode"))
+        return web.Response(status=200 if ok else 503, text="ready" if ok else "no healthy backend")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        for b in self.pool.backends:
+            self.healthy.labels(b.name).set(1 if b.healthy else 0)
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _ClientStream:
+    """What the client has been sent so far: decides between retrying and an explicit error."""
+
+    def __init__(self, request: web.Request, stream: bool, capture: bool = False) -> None:
+        self.request = request
+        self.stream = stream
+        self.capture = capture
+        self.resp: web.StreamResponse | None = None
+        self.started = False
+        self.done = False
+        self.captured = b""
+        self.captured_status = 0
+
+    async def _prepare(self) -> web.StreamResponse:
+        if self.resp is None:
+            self.resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await self.resp.prepare(self.request)
+        return self.resp
+
+    async def write(self, line: bytes) -> None:
+        if b"data: [DONE]" in line[-16:]:
+            self.done = True
+        try:
+            resp = await self._prepare()
+            await resp.write(line)
+        except (ConnectionResetError, ConnectionError) as exc:
+            raise ClientGone(str(exc)) from None
+        self.started = True
+
+    async def write_prefix(self, first: dict, text: str) -> None:
+        """Stream the prefill instance's first token before relaying the decode stream."""
+        obj = first.get("object")
+        rid, model, created = first.get("id"), first.get("model"), first.get("created")
+        if obj == "chat.completion":
+            chunks = [{"role": "assistant", "content": ""}, {"content": text}]
+            for delta in chunks:
+                await self.write(_sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                       "model": model,
+                                       "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                    "finish_reason": None}]}))
+        else:
+            await self.write(_sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None,
+                                                "stop_reason": None}]}))
+
+    async def whole(self, data: bytes, status: int) -> web.StreamResponse:
+        if self.capture:
+            self.captured, self.captured_status = data, status
+            return web.Response(status=status)
+        if self.started:
+            return await self.fail(APIError(502, "backend answered out of band", None, "backend_failed"))
+        return web.Response(body=data, status=status, content_type="application/json")
+
+    async def from_complete(self, first: dict, body: dict) -> web.StreamResponse:
+        first.pop("kv_transfer_params", None)
+        if not self.stream:
+            return web.json_response(first)
+        await self.write_prefix(first, _text_of(first))
+        finish = first["choices"][0].get("finish_reason")
+        if first.get("object") == "chat.completion":
+            last = {"id": first["id"], "object": "chat.completion.chunk", "created": first["created"],
+                    "model": first["model"], "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                          "finish_reason": finish}]}
+        else:
+            last = {"id": first["id"], "object": "text_completion", "created": first["created"],
+                    "model": first["model"], "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                          "finish_reason": finish, "stop_reason": None}]}
+        await self.write(_sse(last))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await self.write(_sse({**{k: last[k] for k in ("id", "object", "created", "model")}, "choices": [],
+                                   "usage": first.get("usage")}))
+        await self.write(b"data: [DONE]\n\n")
+        return await self.finish()
+
+    async def finish(self) -> web.StreamResponse:
+        resp = await self._prepare()
+        await resp.write_eof()
+        return resp
+
+    async def fail(self, err: APIError) -> web.StreamResponse:
+        if self.capture:
+            self.captured, self.captured_status = json.dumps(err.body()).encode(), err.status
+            return web.Response(status=err.status)
+        if not self.started:
+            return _error(err)
+        resp = await self._prepare()
+        await resp.write(_sse(err.body()))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        self.done = True
+        return resp
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _is_role_only(line: bytes) -> bool:
+    if not line.startswith(b"data: {"):
+        return False
+    try:
+        obj = json.loads(line[6:])
+        delta = obj["choices"][0]["delta"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return False
+    return "role" in delta and not delta.get("content")
+
+
+def _text_of(resp: dict) -> str:
+    choice = resp["choices"][0]
+    return choice["message"]["content"] if "message" in choice else choice.get("text", "")
+
+
+def _prepend_text(resp: dict, text: str) -> None:
+    choice = resp["choices"][0]
+    if "message" in choice:
+        choice["message"]["content"] = text + (choice["message"].get("content") or "")
+    else:
+        choice["text"] = text + choice.get("text", "")
+
+
+def _error(exc: APIError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status)
+
+
+ROUTER = web.AppKey("router", Router)
+
+
+def create_router_app(settings: RouterSettings) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    router = Router(settings)
+    app[ROUTER] = router
+
+    async def lifecycle(app: web.Application):
+        await router.start()
+        yield
+        await router.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/completions", router.generate)
+    app.router.add_post("/v1/chat/completions", router.generate)
+    app.router.add_get("/v1/models", router.models)
+    app.router.add_get("/health", router.health)
+    app.router.add_get("/ready", router.ready)
+    app.router.add_get("/metrics", router.metrics)
+    return app

@@ -1,0 +1,329 @@
+"""The worker service: one emulated serving instance behind vLLM's OpenAI API and metrics.
+
+``create_app(settings)`` builds the aiohttp application; a cleanup context
+starts the engine and, on shutdown, ends every open stream with an explicit
+error. Roles: ``aggregated`` serves whole requests; ``prefill`` returns the first
+token and holds the KV cache until a decode instance pulls it (``/internal/kv``);
+``decode`` accepts ``kv_transfer_params`` from the router, pulls the KV over TCP
+through the shaped link, then decodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from aiohttp import ClientSession, ClientTimeout, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from emulator.build import InstanceSetup, build_instances
+from emulator.catalog.models import get_model
+from emulator.engine.hashing import hashes_from_tokens
+from emulator.engine.request import Request
+from emulator.engine.scheduler import Scheduler
+from emulator.net.inproc import PacedLink, byte_scale
+from emulator.serve.engine_loop import RealTimeEngine, StreamEvent
+from emulator.serve.metrics import EngineMetrics
+from emulator.serve.protocol import APIError, GenerationRequest, full_response, parse_request, stream_chunk, usage_chunk
+from emulator.serve.tokens import output_token, prompt_seed, synthetic_eos
+from emulator.spec import InferenceCluster
+from emulator.topology import Topology
+
+log = logging.getLogger("infemu.worker")
+
+KV_HOLD_TIMEOUT_S = 60.0  # a prefill's KV is released if no decode pulls it by then (vLLM's NIXL abort timeout)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    cluster: InferenceCluster
+    instance: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    target_link_rate: float = 40e6  # bytes/s on the wire per shaped link (byte scaling)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class Worker:
+    """Everything one instance owns; routes are thin methods over it."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        spec = settings.cluster.spec
+        self.topology: Topology
+        self.topology, setups = build_instances(spec)
+        matches = [s for s in setups if s.instance.name == settings.instance]
+        if not matches:
+            raise ValueError(f"instance {settings.instance!r} is not in cluster {settings.cluster.name!r}")
+        self.setup: InstanceSetup = matches[0]
+        self.model = get_model(spec.model.name)
+        self.model_name = spec.model.name
+        self.role = self.setup.instance.role
+        eng = self.setup.engine
+        cache_info = {
+            "block_size": str(eng.block_size),
+            "num_gpu_blocks": str(eng.num_gpu_blocks),
+            "cache_dtype": spec.model.kv_dtype,
+            "enable_prefix_caching": str(eng.enable_prefix_caching),
+            "gpu_memory_utilization": str(self.setup.pool.gpu_memory_utilization),
+        }
+        self.metrics = EngineMetrics(self.model_name, eng.max_model_len, cache_info)
+        self.scheduler = Scheduler(eng)
+        self.engine: RealTimeEngine | None = None
+        self.links: dict[str, PacedLink] = {}
+        self.scales: dict[str, float] = {}
+        gpus = self.setup.instance.num_gpus
+        for tier in {self.topology.scale_up, self.topology.scale_out}:
+            logical = tier.bandwidth * gpus
+            scale = byte_scale(logical, settings.target_link_rate)
+            self.scales[tier.name] = scale
+            self.links[tier.name] = PacedLink(tier.name, logical / scale, tier.latency_s)
+        self.held_timers: dict[str, asyncio.TimerHandle] = {}
+        self.session: ClientSession | None = None
+        self.ready = False
+        self.url = settings.url  # updated once the server knows its bound port
+
+    # ---- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=5))
+        self.engine = RealTimeEngine(self.scheduler, self.setup.cost, self.metrics, self.setup.pool.pp, self._pull_kv)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.engine is not None:
+            await self.engine.close()
+        if self.session is not None:
+            await self.session.close()
+
+    # ---- KV transfer -------------------------------------------------------------
+    def _tier_to(self, other_instance: str):
+        me = self.setup.instance
+        try:
+            other = self.topology.by_name(other_instance)
+        except KeyError:
+            return self.topology.scale_out
+        return self.topology.tier_between(me, other)
+
+    async def _pull_kv(self, req: Request, source: dict) -> None:
+        url = f"{source['remote_url']}/internal/kv/{source['remote_request_id']}"
+        t0 = asyncio.get_running_loop().time()
+        assert self.session is not None
+        async with self.session.get(url, params={"to": self.settings.instance}) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"{url} answered {resp.status}: {(await resp.text())[:200]}")
+            logical = float(resp.headers.get("X-Infemu-Logical-Bytes", "0"))
+            tier = resp.headers.get("X-Infemu-Tier", "")
+            async for _ in resp.content.iter_chunked(1 << 16):
+                pass
+        elapsed = asyncio.get_running_loop().time() - t0
+        self.metrics.kv_bytes.inc(logical)
+        self.metrics.kv_seconds.observe(elapsed)
+        self.metrics.link(tier, "rx", logical)
+
+    async def serve_kv(self, request: web.Request) -> web.StreamResponse:
+        rid = request.match_info["rid"]
+        held = self.scheduler.held.get(rid)
+        if held is None:
+            raise web.HTTPNotFound(text=json.dumps({"error": f"no KV held for request {rid}"}),
+                                   content_type="application/json")
+        dst = request.query.get("to", "")
+        tier = self._tier_to(dst)
+        link = self.links[tier.name]
+        logical = self.setup.cost.kv_transfer_bytes(held.num_prompt_tokens)
+        wire = max(1, math.ceil(logical / self.scales[tier.name]))
+        resp = web.StreamResponse(headers={"X-Infemu-Logical-Bytes": str(logical), "X-Infemu-Tier": tier.name,
+                                           "Content-Length": str(wire), "Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        try:
+            await link.send(wire, resp.write)
+            await resp.write_eof()
+            self.metrics.link(tier.name, "tx", logical)
+        finally:
+            self._release(rid)
+        return resp
+
+    def _release(self, rid: str) -> None:
+        timer = self.held_timers.pop(rid, None)
+        if timer is not None:
+            timer.cancel()
+        self.scheduler.release_kv(rid)
+
+    # ---- the OpenAI endpoints ---------------------------------------------------------
+    async def generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(APIError(400, "the request body is not valid JSON", None, "invalid_json"))
+        try:
+            g = parse_request(kind, body, self.model.vocab)
+            if g.model != self.model_name:
+                raise APIError(404, f"The model `{g.model}` does not exist.", "model", "model_not_found",
+                               "NotFoundError")
+            return await self._run(request, g)
+        except APIError as exc:
+            return _error(exc)
+
+    async def _run(self, request: web.Request, g: GenerationRequest) -> web.StreamResponse:
+        assert self.engine is not None
+        max_len = self.setup.engine.max_model_len
+        n_prompt = len(g.prompt_ids)
+        requested = g.max_tokens if g.max_tokens is not None else max(max_len - n_prompt, 1)
+        if n_prompt + requested > max_len:
+            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you requested "
+                                f"{n_prompt + requested} tokens ({n_prompt} in the messages, {requested} in the "
+                                "completion). Please reduce the length of the messages or completion.",
+                           "max_tokens" if g.max_tokens else "messages", "context_length_exceeded")
+        seed = prompt_seed(g.prompt_ids)
+        n_out = requested if g.ignore_eos else min(requested, synthetic_eos(seed, g.min_tokens))
+        finish_reason = "length" if n_out == requested else "stop"
+        kv = g.kv_transfer_params or {}
+        rid = f"{'chatcmpl' if g.kind == 'chat' else 'cmpl'}-{g.request_id}"
+        hashes = hashes_from_tokens(g.prompt_ids, self.setup.engine.block_size) if self.setup.engine.enable_prefix_caching else ()
+        now = asyncio.get_running_loop().time()
+        producer = (self.role == "prefill" or kv.get("do_remote_decode")) and n_out > 1
+        consumer = bool(kv.get("do_remote_prefill")) and "remote_url" in kv
+        if producer:
+            req = Request(rid, n_prompt, n_out, now, hashes, kv_role="producer")
+        elif consumer:
+            req = Request(rid, n_prompt, n_out, now, hashes, kv_role="consumer", num_output_tokens=1)
+        else:
+            req = Request(rid, n_prompt, n_out, now, hashes)
+        handle = self.engine.add(req, kv_source=kv if consumer else None)
+        position = 1 if consumer else 0
+
+        if not g.stream or producer:
+            text_parts, reason, error = [], None, None
+            while True:
+                ev: StreamEvent = await handle.queue.get()
+                if ev.kind == "tokens":
+                    for _ in range(ev.count):
+                        text_parts.append(output_token(seed, position, self.model.vocab)[1])
+                        position += 1
+                elif ev.kind == "finish":
+                    reason = ev.reason
+                    break
+                else:
+                    error = ev.message
+                    break
+            if error is not None:
+                raise APIError(400 if not self.ready else 503, error, None, "request_failed", "ServiceUnavailable")
+            kv_params = None
+            if reason == "remote_decode":
+                kv_params = {"do_remote_prefill": True, "remote_url": self.url,
+                             "remote_instance": self.settings.instance, "remote_request_id": rid,
+                             "prompt_tokens": n_prompt}
+                self.held_timers[rid] = asyncio.get_running_loop().call_later(
+                    KV_HOLD_TIMEOUT_S, self._release, rid)
+                out_reason = None
+            else:
+                out_reason = finish_reason
+                self.metrics.success[finish_reason].inc()
+            body = full_response(g, rid, "".join(text_parts), out_reason, n_prompt, position, kv_params)
+            return web.json_response(body)
+
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        try:
+            first = g.kind == "chat"
+            if first:
+                await _sse(resp, stream_chunk(g, rid, "", None, first=True))
+            while True:
+                ev = await handle.queue.get()
+                if ev.kind == "tokens":
+                    for _ in range(ev.count):
+                        text = output_token(seed, position, self.model.vocab)[1]
+                        position += 1
+                        await _sse(resp, stream_chunk(g, rid, text, None))
+                elif ev.kind == "finish":
+                    self.metrics.success[finish_reason].inc()
+                    await _sse(resp, stream_chunk(g, rid, "" if g.kind != "chat" else None, finish_reason))
+                    if g.include_usage:
+                        await _sse(resp, usage_chunk(g, rid, n_prompt, position))
+                    break
+                else:
+                    await _sse(resp, APIError(503, ev.message or "request failed", None, "request_failed",
+                                              "ServiceUnavailable").body())
+                    break
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.engine.abort(rid)
+            raise
+        return resp
+
+    # ---- small endpoints ---------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(models_body(self.model_name, self.setup.engine.max_model_len))
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready_probe(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.ready else 503, text="ready" if self.ready else "starting")
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def info(self, request: web.Request) -> web.Response:
+        inst = self.setup.instance
+        return web.json_response({"instance": inst.name, "role": inst.role, "pool": inst.pool, "gpus": list(inst.gpus),
+                                  "node": inst.node, "domain": inst.domain,
+                                  "num_gpu_blocks": self.setup.engine.num_gpu_blocks})
+
+
+def models_body(model_name: str, max_model_len: int) -> dict:
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                        "owned_by": "infemu", "root": model_name, "parent": None,
+                                        "max_model_len": max_model_len}]}
+
+
+async def _sse(resp: web.StreamResponse, obj: dict) -> None:
+    await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _error(exc: APIError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status)
+
+
+WORKER = web.AppKey("worker", Worker)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler):
+    """Unknown routes and methods answer in OpenAI's error format too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            return _error(APIError(exc.status, exc.reason, None, None, "invalid_request_error"))
+        raise
+
+
+def create_app(settings: WorkerSettings) -> web.Application:
+    app = web.Application(middlewares=[_json_errors], client_max_size=64 * 1024 * 1024)
+    worker = Worker(settings)
+    app[WORKER] = worker
+
+    async def lifecycle(app: web.Application):
+        await worker.start()
+        yield
+        await worker.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/completions", lambda r: worker.generate(r, "completion"))
+    app.router.add_post("/v1/chat/completions", lambda r: worker.generate(r, "chat"))
+    app.router.add_get("/v1/models", worker.models)
+    app.router.add_get("/health", worker.health)
+    app.router.add_get("/ready", worker.ready_probe)
+    app.router.add_get("/metrics", worker.metrics_endpoint)
+    app.router.add_get("/internal/kv/{rid}", worker.serve_kv)
+    app.router.add_get("/internal/info", worker.info)
+    return app

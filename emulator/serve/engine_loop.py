@@ -1,0 +1,234 @@
+"""The real-time driver: the simulator's engine objects, stepped on asyncio against the wall clock.
+
+Each step is scheduled, priced by the cost model, and completed by a timer at
+an absolute deadline: when work continues, the next step starts at the previous
+deadline, not at the (late) wake-up, so lateness never accumulates. The
+lateness itself is measured and exported (``infemu_iteration_timing_error_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from emulator.costmodel.interface import CostModel
+from emulator.engine.outputs import SchedulerOutput
+from emulator.engine.request import Request
+from emulator.engine.scheduler import Scheduler
+from emulator.serve.metrics import EngineMetrics
+
+log = logging.getLogger("infemu.engine")
+
+KVPull = Callable[[Request, dict], Awaitable[None]]
+
+
+@dataclass
+class StreamEvent:
+    kind: str  # tokens | finish | error
+    count: int = 0
+    reason: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class Handle:
+    request: Request
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    kv_source: dict | None = None
+
+
+class RealTimeEngine:
+    def __init__(self, scheduler: Scheduler, cost: CostModel, metrics: EngineMetrics, pp: int = 1,
+                 kv_pull: KVPull | None = None) -> None:
+        self.scheduler = scheduler
+        self.cost = cost
+        self.metrics = metrics
+        self.pp = pp
+        self.kv_pull = kv_pull
+        self.handles: dict[str, Handle] = {}
+        self.in_flight = 0
+        self._next_launch = 0.0
+        self._launch_timer: asyncio.TimerHandle | None = None
+        self._last_stats = scheduler.stats()
+        self._errors: collections.deque[float] = collections.deque(maxlen=1000)
+        self._durations: collections.deque[float] = collections.deque(maxlen=1000)
+        self._warned_at = -1e9
+        self._pulls: set[asyncio.Task] = set()
+        self.closed = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    # ---- intake ------------------------------------------------------------------
+    def add(self, req: Request, kv_source: dict | None = None) -> Handle:
+        """Queue a request; its rejection (if any) arrives as the handle's first event."""
+        handle = Handle(req, kv_source=kv_source)
+        rejected = self.scheduler.add_request(req)
+        if rejected is not None:
+            handle.queue.put_nowait(StreamEvent("error", message=req.error))
+            return handle
+        self.handles[req.request_id] = handle
+        self._update_gauges()
+        self._try_launch(self.now())
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        if self.handles.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+            self.metrics.success["abort"].inc()
+            self._update_gauges()
+
+    # ---- stepping ------------------------------------------------------------------
+    def _try_launch(self, start: float) -> None:
+        if self.closed or self.in_flight >= self.pp:
+            return
+        if start < self._next_launch:
+            if self._launch_timer is None:
+                self._launch_timer = self.loop.call_at(self._next_launch, self._timer_launch)
+            return
+        out = self.scheduler.schedule(start)
+        for rid in out.kv_pulls:
+            self._start_pull(rid)
+        if out.is_empty:
+            return
+        st = self.cost.step_time(out.shape)
+        deadline = start + st.total_s
+        self.in_flight += 1
+        self.metrics.modelled.observe(st.total_s)
+        self.metrics.iteration_tokens.observe(out.shape.num_tokens)
+        self.loop.call_at(deadline, self._complete, out, deadline, st.total_s)
+        if self.pp > 1:
+            self._next_launch = start + st.interval_s
+            if self.in_flight < self.pp and self._launch_timer is None:
+                self._launch_timer = self.loop.call_at(self._next_launch, self._timer_launch)
+
+    def _timer_launch(self) -> None:
+        self._launch_timer = None
+        self._try_launch(self._next_launch)
+
+    def _complete(self, out: SchedulerOutput, deadline: float, duration: float) -> None:
+        lateness = self.now() - deadline
+        self.in_flight -= 1
+        self._record_timing(lateness, duration)
+        results = self.scheduler.update_from_output(out, deadline)
+        for ro in results:
+            handle = self.handles.get(ro.request_id)
+            if handle is None:
+                continue
+            if ro.new_tokens:
+                handle.queue.put_nowait(StreamEvent("tokens", ro.new_tokens))
+            if ro.finished:
+                self._finish(handle, ro.finish_reason or "length")
+        self._update_gauges()
+        # an overloaded host must not fall ever further behind: restart from now then
+        self._try_launch(deadline if lateness < 0.05 else self.now())
+
+    def _finish(self, handle: Handle, reason: str) -> None:
+        req = handle.request
+        del self.handles[req.request_id]
+        if reason != "remote_decode":
+            self._observe_request(req)
+        handle.queue.put_nowait(StreamEvent("finish", reason=reason))
+
+    def _observe_request(self, req: Request) -> None:
+        m = self.metrics
+        arrival, first, finish = req.arrival_s, req.first_token_s, req.finish_s
+        if req.kv_role != "consumer" and first is not None:
+            m.ttft.observe(first - arrival)
+        if finish is not None:
+            m.e2e.observe(finish - arrival)
+        if req.first_scheduled_s is not None:
+            m.queue.observe(req.first_scheduled_s - arrival)
+            if finish is not None:
+                m.inference.observe(finish - req.first_scheduled_s)
+            if first is not None:
+                m.prefill.observe(first - req.first_scheduled_s)
+        if first is not None and finish is not None:
+            m.decode.observe(finish - first)
+        times = req.token_times()
+        for gap in np.diff(times):
+            m.itl.observe(gap)
+            m.tpot.observe(gap)
+        m.req_prompt_tokens.observe(req.num_prompt_tokens)
+        m.req_generation_tokens.observe(req.num_output_tokens)
+
+    # ---- P/D: pulling KV -----------------------------------------------------------
+    def _start_pull(self, rid: str) -> None:
+        handle = self.handles.get(rid)
+        if handle is None or self.kv_pull is None or handle.kv_source is None:
+            self.scheduler.abort(rid)
+            if handle is not None:
+                self.handles.pop(rid, None)
+                handle.queue.put_nowait(StreamEvent("error", message="no KV source for a remote-prefill request"))
+            return
+        task = asyncio.ensure_future(self._pull(handle))
+        self._pulls.add(task)
+        task.add_done_callback(self._pulls.discard)
+
+    async def _pull(self, handle: Handle) -> None:
+        rid = handle.request.request_id
+        try:
+            await self.kv_pull(handle.request, handle.kv_source)
+        except Exception as exc:  # the transfer failed: the request ends with an explicit error
+            log.warning("KV pull for %s failed: %s", rid, exc)
+            if self.handles.pop(rid, None) is not None:
+                self.scheduler.abort(rid)
+                handle.queue.put_nowait(StreamEvent("error", message=f"KV transfer failed: {exc}"))
+            return
+        if rid not in self.handles:
+            return  # aborted meanwhile
+        self.scheduler.finish_remote_kv(rid, self.now())
+        self._try_launch(self.now())
+
+    # ---- observation ----------------------------------------------------------------
+    def _record_timing(self, lateness: float, duration: float) -> None:
+        self.metrics.timing_error.observe(lateness)
+        self._errors.append(lateness)
+        self._durations.append(duration)
+        if len(self._errors) >= 50 and len(self._errors) % 25 == 0:
+            p99 = float(np.percentile(self._errors, 99))
+            median = float(np.median(self._durations))
+            self.metrics.timing_error_p99.set(p99)
+            overloaded = p99 > 0.05 * median
+            self.metrics.overloaded.set(1 if overloaded else 0)
+            if overloaded and self.now() - self._warned_at > 10:
+                self._warned_at = self.now()
+                log.warning("host too loaded to emulate faithfully: step timing error p99 %.2f ms > 5%% of the"
+                            " median step %.2f ms", p99 * 1e3, median * 1e3)
+
+    def _update_gauges(self) -> None:
+        s = self.scheduler.stats()
+        last = self._last_stats
+        m = self.metrics
+        m.running.set(s.num_running)
+        m.waiting.set(s.num_waiting)
+        m.kv_usage.set(s.kv_usage)
+        m.gpu_cache_usage.set(s.kv_usage)
+        for counter, delta in (
+            ((m.prompt_tokens,), s.prompt_tokens - last.prompt_tokens),
+            ((m.generation_tokens,), s.generation_tokens - last.generation_tokens),
+            ((m.prefix_queries, m.gpu_prefix_queries), s.prefix_queries - last.prefix_queries),
+            ((m.prefix_hits, m.gpu_prefix_hits), s.prefix_hits - last.prefix_hits),
+            ((m.preemptions,), s.num_preemptions - last.num_preemptions),
+        ):
+            if delta:
+                for c in counter:
+                    c.inc(delta)
+        self._last_stats = s
+
+    async def close(self) -> None:
+        self.closed = True
+        for task in list(self._pulls):
+            task.cancel()
+        for rid, handle in list(self.handles.items()):
+            handle.queue.put_nowait(StreamEvent("error", message="the server is shutting down"))
+            self.handles.pop(rid, None)

@@ -1,0 +1,168 @@
+"""OpenAI request parsing and response shapes (completions and chat completions).
+
+Validation errors become ``APIError`` with OpenAI's error JSON
+(``{"error": {"message", "type", "param", "code"}}``) and a 4xx status; a
+handler never answers 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from emulator.serve.tokens import chat_prompt, tokenize
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 err_type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.err_type = err_type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GenerationRequest:
+    kind: str  # "chat" | "completion"
+    model: str
+    prompt_ids: list[int]
+    max_tokens: int | None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+    kv_transfer_params: dict | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _int(body: dict, key: str, minimum: int | None = None) -> int | None:
+    if key not in body or body[key] is None:
+        return None
+    v = body[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise APIError(400, f"'{key}' must be an integer, got {v!r}", key, "invalid_type")
+    if minimum is not None and v < minimum:
+        raise APIError(400, f"'{key}' must be at least {minimum}, got {v}", key, "invalid_value")
+    return v
+
+
+def _bool(body: dict, key: str) -> bool:
+    v = body.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise APIError(400, f"'{key}' must be a boolean, got {v!r}", key, "invalid_type")
+    return v
+
+
+def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "'model' is required", "model", "missing_required_parameter")
+    n = _int(body, "n", 1)
+    if n not in (None, 1):
+        raise APIError(400, "only n=1 is supported", "n", "invalid_value")
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' is required and must be a non-empty array", "messages",
+                           "missing_required_parameter")
+        if not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise APIError(400, "each message needs a 'role' and 'content'", "messages", "invalid_value")
+        ids = tokenize(chat_prompt(messages), vocab_size)
+        max_tokens = _int(body, "max_completion_tokens", 1)
+        if max_tokens is None:
+            max_tokens = _int(body, "max_tokens", 1)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            ids = tokenize(prompt, vocab_size)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if any(t < 0 or t >= vocab_size for t in prompt):
+                raise APIError(400, f"token ids must be in [0, {vocab_size})", "prompt", "invalid_value")
+            ids = list(prompt)
+        elif prompt is None:
+            raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
+        else:
+            raise APIError(400, "'prompt' must be a string or a list of token ids (batches of several are not supported)",
+                           "prompt", "invalid_value")
+        max_tokens = _int(body, "max_tokens", 1)
+    if not ids:
+        raise APIError(400, "the prompt is empty", "prompt" if kind != "chat" else "messages", "invalid_value")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    kv = body.get("kv_transfer_params")
+    if kv is not None and not isinstance(kv, dict):
+        raise APIError(400, "'kv_transfer_params' must be an object", "kv_transfer_params", "invalid_type")
+    min_tokens = _int(body, "min_tokens", 0) or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens",
+                       "invalid_value")
+    user = body.get("user")
+    return GenerationRequest(
+        kind=kind,
+        model=model,
+        prompt_ids=ids,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        ignore_eos=_bool(body, "ignore_eos"),
+        stream=_bool(body, "stream"),
+        include_usage=bool(opts.get("include_usage", False)),
+        user=user if isinstance(user, str) else None,
+        kv_transfer_params=kv,
+    )
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def stream_chunk(req: GenerationRequest, rid: str, text: str | None, finish: str | None, first: bool = False) -> dict:
+    if req.kind == "chat":
+        delta: dict = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"id": rid, "object": "chat.completion.chunk", "created": req.created, "model": req.model,
+                "choices": [choice]}
+    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish, "stop_reason": None}
+    return {"id": rid, "object": "text_completion", "created": req.created, "model": req.model, "choices": [choice]}
+
+
+def usage_chunk(req: GenerationRequest, rid: str, prompt: int, completion: int) -> dict:
+    obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": req.created, "model": req.model, "choices": [],
+            "usage": usage(prompt, completion)}
+
+
+def full_response(req: GenerationRequest, rid: str, text: str, finish: str, prompt: int, completion: int,
+                  kv_params: dict | None = None) -> dict:
+    if req.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+        body = {"id": rid, "object": "chat.completion", "created": req.created, "model": req.model,
+                "choices": [choice], "usage": usage(prompt, completion)}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        body = {"id": rid, "object": "text_completion", "created": req.created, "model": req.model,
+                "choices": [choice], "usage": usage(prompt, completion)}
+    if kv_params is not None:
+        body["kv_transfer_params"] = kv_params
+    return body
