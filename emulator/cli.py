@@ -183,8 +183,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     clusters = load_clusters(args.spec)
     if args.cluster is None and len(clusters) > 1:
-        raise SpecError([f"--cluster: {args.spec} holds {len(clusters)} clusters; name one of "
-                         f"{', '.join(c.name for c in clusters)}"])
+        raise SpecError(
+            [
+                f"--cluster: {args.spec} holds {len(clusters)} clusters; name one of "
+                f"{', '.join(c.name for c in clusters)}"
+            ]
+        )
     cluster = _select(clusters, args.cluster)[0]
     lc = LocalCluster(args.spec, cluster.name, args.run_dir, detach=args.detach)
     state = lc.start()

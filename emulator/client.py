@@ -34,8 +34,16 @@ def prompt_ids(p: PlannedRequest, vocab: int) -> list[int]:
 
 def request_body(model: str, p: PlannedRequest, vocab: int) -> bytes:
     """Encoded ahead of the run, so sending costs nothing at the planned time."""
-    return json.dumps({"model": model, "prompt": prompt_ids(p, vocab), "max_tokens": p.output_len,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    return json.dumps(
+        {
+            "model": model,
+            "prompt": prompt_ids(p, vocab),
+            "max_tokens": p.output_len,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
 
 
 async def send_one(session: ClientSession, url: str, p: PlannedRequest, body: bytes, t_origin: float) -> RequestRecord:
@@ -44,30 +52,33 @@ async def send_one(session: ClientSession, url: str, p: PlannedRequest, body: by
     rec.arrival_s = start - t_origin
     times: list[float] = []
     try:
-        async with session.post(f"{url}/v1/completions", data=body,
-                                headers={"Content-Type": "application/json"}) as resp:
+        async with session.post(
+            f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
             if resp.status != 200:
                 rec.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 rec.finish_s = time.perf_counter() - t_origin
                 return rec
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data: "):
-                    continue
-                if line == b"data: [DONE]":
-                    break
+            tail = b""
+            async for block in resp.content.iter_any():  # whole reads: every token in one read arrived together
                 now = time.perf_counter() - t_origin
-                if b'"text":"' in line and b'"text":"",' not in line:  # a token chunk: no JSON parse needed
-                    times.append(now)
-                    continue
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    rec.error = obj["error"].get("message", "error event")
-                elif obj.get("usage"):
-                    rec.output_tokens = obj["usage"]["completion_tokens"]
+                data = tail + block
+                events = data.split(b"\n\n")
+                tail = events.pop()
+                for ev in events:
+                    if not ev.startswith(b"data: "):
+                        continue
+                    if b'"text":"' in ev and b'"text":"",' not in ev:  # a token chunk: no JSON parse needed
+                        times.append(now)
+                    elif ev != b"data: [DONE]":
+                        obj = json.loads(ev[6:])
+                        if "error" in obj:
+                            rec.error = obj["error"].get("message", "error event")
+                        elif obj.get("usage"):
+                            rec.output_tokens = obj["usage"]["completion_tokens"]
     except Exception as exc:  # the request ends with an explicit error, whatever broke
         rec.error = f"{type(exc).__name__}: {exc}"
-    rec.finish_s = (times[-1] if times else time.perf_counter() - t_origin)
+    rec.finish_s = times[-1] if times else time.perf_counter() - t_origin
     if times:
         rec.first_token_s = times[0]
         if len(times) > 1:
@@ -78,24 +89,37 @@ async def send_one(session: ClientSession, url: str, p: PlannedRequest, body: by
     return rec
 
 
-async def run_plan(url: str, model: str, plan: RequestPlan, vocab: int, max_connections: int = 1000
-                   ) -> tuple[list[RequestRecord], np.ndarray]:
-    """Send every planned request at its arrival time; returns records and start lags (s)."""
+async def run_plan(
+    url: str, model: str, plan: RequestPlan, vocab: int, max_connections: int = 1000, dilation: float = 1.0
+) -> tuple[list[RequestRecord], np.ndarray]:
+    """Send every planned request at its arrival time; returns records and start lags (s).
+
+    With time dilation D the plan is played D times slower and every time in the
+    records is divided by D, so they read in the emulated cluster's time."""
     connector = TCPConnector(limit=max_connections)
     bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
     async with ClientSession(timeout=ClientTimeout(total=None), connector=connector) as session:
         t_origin = time.perf_counter() + 0.05
         lags: list[float] = []
+        lead = [0.0]  # wake this early: the median lateness of asyncio's timers, learned as we go
 
         async def at(p: PlannedRequest) -> RequestRecord:
-            delay = t_origin + (p.arrival_s or 0.0) - time.perf_counter()
+            delay = t_origin + (p.arrival_s or 0.0) * dilation - time.perf_counter() - lead[0]
             if delay > 0:
                 await asyncio.sleep(delay)
-            lags.append(time.perf_counter() - t_origin - (p.arrival_s or 0.0))
+            lag = time.perf_counter() - t_origin - (p.arrival_s or 0.0) * dilation
+            lags.append(lag)
+            if len(lags) % 20 == 0:
+                lead[0] = min(max(float(np.median(np.asarray(lags[-200:]) + lead[0])), 0.0), 0.002)
             return await send_one(session, url, p, bodies[p.index], t_origin)
 
         records = await asyncio.gather(*(at(p) for p in plan.requests))
     # arrival is the planned time, so coordinated omission shows up as TTFT, not hidden
     for rec, p in zip(records, plan.requests, strict=True):
-        rec.arrival_s = p.arrival_s or rec.arrival_s
-    return list(records), np.asarray(lags)
+        for attr in ("first_token_s", "finish_s"):
+            if getattr(rec, attr) is not None:
+                setattr(rec, attr, getattr(rec, attr) / dilation)
+        if rec.itl_max_ms is not None:
+            rec.itl_max_ms /= dilation
+        rec.arrival_s = p.arrival_s if p.arrival_s is not None else rec.arrival_s / dilation
+    return list(records), np.asarray(lags) / dilation

@@ -211,6 +211,18 @@ class WorkloadSpec(_Model):
 # ---- the resource --------------------------------------------------------------
 
 
+class EmulationSpec(_Model):
+    """How the real-time emulation runs on this host (ignored by the simulator)."""
+
+    time_dilation: float = Field(
+        1.0,
+        ge=1.0,
+        le=100.0,
+        description="Multiply every modelled duration (and divide every link rate) by D; reported times are "
+        "divided by D. Lets a small host emulate a fleet whose steps are shorter than its own overheads.",
+    )
+
+
 class ClusterSpec(_Model):
     model: ModelSpec
     gpu: str = "h100-sxm"
@@ -219,6 +231,7 @@ class ClusterSpec(_Model):
     router: RouterSpec = RouterSpec()
     slo: SLOSpec = SLOSpec()
     workload: WorkloadSpec = WorkloadSpec(requests=100)
+    emulation: EmulationSpec = EmulationSpec()
 
 
 class Metadata(BaseModel):

@@ -45,9 +45,10 @@ class RunState:
     processes: list[ProcessInfo] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"router": self.router,
-                "instances": [{"name": p.name, "role": p.role, "url": p.url} for p in self.processes
-                              if p.role != "router"]}
+        return {
+            "router": self.router,
+            "instances": [{"name": p.name, "role": p.role, "url": p.url} for p in self.processes if p.role != "router"],
+        }
 
     def save(self) -> None:
         path = os.path.join(self.run_dir, "state.json")
@@ -65,7 +66,7 @@ class RunState:
 
 def _get(url: str, timeout: float = 1.0) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback only
             return resp.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -94,11 +95,23 @@ class LocalCluster:
     def _spawn(self, kind: str, name: str, role: str, extra: list[str]) -> ProcessInfo:
         log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
         port_file = os.path.join(self.run_dir, "ports", name)
-        cmd = [sys.executable, "-m", "emulator.cluster.process", kind, "--spec", self.spec_path,
-               "--cluster", self.cluster_name, "--port-file", port_file, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "emulator.cluster.process",
+            kind,
+            "--spec",
+            self.spec_path,
+            "--cluster",
+            self.cluster_name,
+            "--port-file",
+            port_file,
+            *extra,
+        ]
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self._procs[name] = proc
         info = ProcessInfo(name, role, proc.pid, log=log_path)
         self.state.processes.append(info)
@@ -113,8 +126,12 @@ class LocalCluster:
                 proc = self._procs[name]
                 code = proc.poll()
                 if code is not None:
-                    raise ClusterStartError([f"instance {name} exited with code {code} while starting: "
-                                             f"{_tail(info.log) or 'no output'} (log: {info.log})"])
+                    raise ClusterStartError(
+                        [
+                            f"instance {name} exited with code {code} while starting: "
+                            f"{_tail(info.log) or 'no output'} (log: {info.log})"
+                        ]
+                    )
                 port_file = os.path.join(self.run_dir, "ports", name)
                 if not info.url and os.path.exists(port_file):
                     with open(port_file, encoding="utf-8") as fh:
@@ -122,8 +139,9 @@ class LocalCluster:
                 if info.url and _get(f"{info.url}/ready") == 200:
                     del pending[name]
             if time.monotonic() > deadline:
-                raise ClusterStartError([f"instance {n} not ready after {START_TIMEOUT_S:.0f} s (log: {i.log})"
-                                         for n, i in pending.items()])
+                raise ClusterStartError(
+                    [f"instance {n} not ready after {START_TIMEOUT_S:.0f} s (log: {i.log})" for n, i in pending.items()]
+                )
             time.sleep(0.05)
         self.state.save()
 
@@ -138,8 +156,9 @@ class LocalCluster:
         for sub in ("logs", "ports"):
             os.makedirs(os.path.join(self.run_dir, sub), exist_ok=True)
         try:
-            workers = [self._spawn("worker", s.instance.name, s.instance.role, ["--instance", s.instance.name])
-                       for s in setups]
+            workers = [
+                self._spawn("worker", s.instance.name, s.instance.role, ["--instance", s.instance.name]) for s in setups
+            ]
             self._wait_ready(workers)
             backends = [{"name": w.name, "role": w.role, "url": w.url} for w in workers]
             backends_file = os.path.join(self.run_dir, "backends.json")
@@ -209,8 +228,10 @@ def stop_processes(pids: list[int], timeout_s: float = 10.0) -> None:
 
 def down(run_dir: str | None = None) -> list[str]:
     """Stop detached clusters: one run directory, or every run under .infemu/runs. Returns what was stopped."""
-    dirs = [run_dir] if run_dir else sorted(
-        os.path.join(RUNS_DIR, d) for d in (os.listdir(RUNS_DIR) if os.path.isdir(RUNS_DIR) else [])
+    dirs = (
+        [run_dir]
+        if run_dir
+        else sorted(os.path.join(RUNS_DIR, d) for d in (os.listdir(RUNS_DIR) if os.path.isdir(RUNS_DIR) else []))
     )
     stopped = []
     for d in dirs:

@@ -64,10 +64,19 @@ class RoundRobin:
 
 
 class LeastLoaded:
-    """Fewest running + waiting requests; ties go to the emptier KV cache, then the lower index."""
+    """Fewest running + waiting requests; ties rotate (round robin among the least loaded).
+
+    Rotation, not KV usage, breaks ties: KV usage is the stalest number a router scrapes,
+    and at light load nearly every decision is a tie."""
+
+    def __init__(self) -> None:
+        self._turn = 0
 
     def choose(self, endpoints: Sequence[EndpointSnapshot], request: RoutingRequest) -> int:
-        return min(_healthy(endpoints), key=lambda i: (endpoints[i].load, endpoints[i].kv_usage, i))
+        n = len(endpoints)
+        turn = self._turn
+        self._turn += 1
+        return min(_healthy(endpoints), key=lambda i: (endpoints[i].load, (i - turn) % n))
 
 
 class KVAware:

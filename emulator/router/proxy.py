@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from emulator.engine.hashing import hashes_from_tokens
 from emulator.router.backends import Backend, BackendPool
 from emulator.router.policies import KVAware, NoEndpointError, RoutingRequest, make_policy
-from emulator.serve.app import models_body
+from emulator.serve.app import ARRIVAL_HEADER, models_body
 from emulator.serve.protocol import APIError
 from emulator.serve.tokens import chat_prompt, tokenize
 
@@ -56,11 +56,13 @@ class Router:
         self.decode_policy = KVAware()
         self.pd = bool(self.pool.by_role("decode"))
         self.registry = CollectorRegistry()
-        self.requests = Counter("infemu_router_requests", "Requests by backend and outcome.",
-                                ["backend", "outcome"], registry=self.registry)
+        self.requests = Counter(
+            "infemu_router_requests", "Requests by backend and outcome.", ["backend", "outcome"], registry=self.registry
+        )
         self.retries = Counter("infemu_router_retries", "Requests retried on another backend.", registry=self.registry)
-        self.healthy = Gauge("infemu_router_backend_healthy", "1 when the backend is admitted.", ["backend"],
-                             registry=self.registry)
+        self.healthy = Gauge(
+            "infemu_router_backend_healthy", "1 when the backend is admitted.", ["backend"], registry=self.registry
+        )
         self.session: ClientSession | None = None
 
     async def start(self) -> None:
@@ -74,7 +76,9 @@ class Router:
 
     # ---- choosing ---------------------------------------------------------------
     def _routing_request(self, body: dict, request: web.Request) -> RoutingRequest:
-        session = request.headers.get(SESSION_HEADER) or (body.get("user") if isinstance(body.get("user"), str) else None)
+        session = request.headers.get(SESSION_HEADER) or (
+            body.get("user") if isinstance(body.get("user"), str) else None
+        )
         hashes: tuple[int, ...] = ()
         if self.settings.policy == "prefix_affinity":
             prompt = body.get("prompt")
@@ -89,7 +93,9 @@ class Router:
             hashes = hashes_from_tokens(ids[: 4 * self.settings.block_size], self.settings.block_size)
         return RoutingRequest(request_id="", block_hashes=hashes, session=session)
 
-    def _choose(self, candidates: list[Backend], rr: RoutingRequest, exclude: set[str], decode: bool = False) -> Backend:
+    def _choose(
+        self, candidates: list[Backend], rr: RoutingRequest, exclude: set[str], decode: bool = False
+    ) -> Backend:
         pool = [b for b in candidates if b.name not in exclude]
         if not pool:
             raise NoEndpointError("no healthy backend")
@@ -99,6 +105,7 @@ class Router:
 
     # ---- endpoints ------------------------------------------------------------------
     async def generate(self, request: web.Request) -> web.StreamResponse:
+        received = asyncio.get_running_loop().time()
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -109,11 +116,15 @@ class Router:
         if body.get("model") != self.settings.model_name:
             if not isinstance(body.get("model"), str):
                 return _error(APIError(400, "'model' is required", "model", "missing_required_parameter"))
-            return _error(APIError(404, f"The model `{body.get('model')}` does not exist.", "model",
-                                   "model_not_found", "NotFoundError"))
+            return _error(
+                APIError(
+                    404, f"The model `{body.get('model')}` does not exist.", "model", "model_not_found", "NotFoundError"
+                )
+            )
         rr = self._routing_request(body, request)
         state = _ClientStream(request, bool(body.get("stream")))
         try:
+            state.arrival = received
             if self.pd:
                 return await self._pd(request.path, body, rr, state)
             return await self._single(request.path, body, rr, state, raw)
@@ -121,11 +132,13 @@ class Router:
             self.requests.labels("-", "client_gone").inc()
             return state.resp or web.Response(status=499)
         except NoEndpointError:
-            return await state.fail(APIError(503, "no healthy backend can serve this request", None,
-                                             "no_backend", "ServiceUnavailable"))
+            return await state.fail(
+                APIError(503, "no healthy backend can serve this request", None, "no_backend", "ServiceUnavailable")
+            )
 
-    async def _single(self, path: str, body: dict, rr: RoutingRequest, state: _ClientStream,
-                      raw: bytes | None = None) -> web.StreamResponse:
+    async def _single(
+        self, path: str, body: dict, rr: RoutingRequest, state: _ClientStream, raw: bytes | None = None
+    ) -> web.StreamResponse:
         tried: set[str] = set()
         front = [b for b in self.pool.by_role("aggregated", "prefill") if b.healthy]
         for attempt in range(MAX_ATTEMPTS):
@@ -139,21 +152,31 @@ class Router:
                 self.requests.labels(backend.name, "retried").inc()
                 if attempt + 1 < MAX_ATTEMPTS:
                     self.retries.inc()
-        return await state.fail(APIError(503, "every backend tried failed", None, "backend_failed",
-                                         "ServiceUnavailable"))
+        return await state.fail(
+            APIError(503, "every backend tried failed", None, "backend_failed", "ServiceUnavailable")
+        )
 
-    async def _relay(self, backend: Backend, path: str, body: dict, state: _ClientStream,
-                     skip_role_chunk: bool = False, raw: bytes | None = None) -> web.StreamResponse:
+    async def _relay(
+        self,
+        backend: Backend,
+        path: str,
+        body: dict,
+        state: _ClientStream,
+        skip_role_chunk: bool = False,
+        raw: bytes | None = None,
+    ) -> web.StreamResponse:
         """Forward body to backend and relay its answer; BackendFailed only while nothing was sent."""
         assert self.session is not None
         backend.in_flight += 1
         try:
             try:
+                headers = {ARRIVAL_HEADER: repr(state.arrival)} if state.arrival else {}
                 if raw is not None:  # unchanged body: forward the client's bytes, no re-encoding
-                    resp = await self.session.post(f"{backend.url}{path}", data=raw,
-                                                   headers={"Content-Type": "application/json"})
+                    resp = await self.session.post(
+                        f"{backend.url}{path}", data=raw, headers={"Content-Type": "application/json", **headers}
+                    )
                 else:
-                    resp = await self.session.post(f"{backend.url}{path}", json=body)
+                    resp = await self.session.post(f"{backend.url}{path}", json=body, headers=headers)
             except (ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise BackendFailed(str(exc)) from None
             async with resp:
@@ -175,14 +198,28 @@ class Router:
                         raise BackendFailed(str(exc)) from None
                     self.requests.labels(backend.name, "broken_stream").inc()
                     self.pool.mark_failed(backend)
-                    return await state.fail(APIError(502, f"backend {backend.name} failed mid-stream: {exc}", None,
-                                                     "backend_failed", "ServiceUnavailable"))
+                    return await state.fail(
+                        APIError(
+                            502,
+                            f"backend {backend.name} failed mid-stream: {exc}",
+                            None,
+                            "backend_failed",
+                            "ServiceUnavailable",
+                        )
+                    )
                 if not state.done:
                     if not state.started:
                         raise BackendFailed("empty stream")
                     self.requests.labels(backend.name, "broken_stream").inc()
-                    return await state.fail(APIError(502, f"backend {backend.name} ended the stream early", None,
-                                                     "backend_failed", "ServiceUnavailable"))
+                    return await state.fail(
+                        APIError(
+                            502,
+                            f"backend {backend.name} ended the stream early",
+                            None,
+                            "backend_failed",
+                            "ServiceUnavailable",
+                        )
+                    )
                 self.requests.labels(backend.name, "ok").inc()
                 return await state.finish()
         finally:
@@ -201,7 +238,9 @@ class Router:
             tried.add(p.name)
             p.in_flight += 1
             try:
-                async with self.session.post(f"{p.url}{path}", json=prefill_body) as resp:
+                async with self.session.post(
+                    f"{p.url}{path}", json=prefill_body, headers={ARRIVAL_HEADER: repr(state.arrival)}
+                ) as resp:
                     data = await resp.read()
                     if resp.status >= 500:
                         raise BackendFailed(f"status {resp.status}")
@@ -216,8 +255,9 @@ class Router:
             finally:
                 p.in_flight -= 1
         if first is None:
-            return await state.fail(APIError(503, "every prefill backend tried failed", None, "backend_failed",
-                                             "ServiceUnavailable"))
+            return await state.fail(
+                APIError(503, "every prefill backend tried failed", None, "backend_failed", "ServiceUnavailable")
+            )
         self.requests.labels(p.name, "ok").inc()
         kv = first.get("kv_transfer_params")
         if not kv:  # a one-token answer: the prefill instance finished it
@@ -230,11 +270,13 @@ class Router:
             await state.write_prefix(first, first_text)
             return await self._relay(d, path, decode_body, state, skip_role_chunk=True)
         inner = _ClientStream(state.request, False, capture=True)
+        inner.arrival = 0.0  # the decode step is not backdated: the KV pull starts now
         try:
             await self._relay(d, path, decode_body, inner)
         except BackendFailed as exc:
-            return await state.fail(APIError(502, f"decode {d.name} failed: {exc}", None, "backend_failed",
-                                             "ServiceUnavailable"))
+            return await state.fail(
+                APIError(502, f"decode {d.name} failed: {exc}", None, "backend_failed", "ServiceUnavailable")
+            )
         if inner.captured_status >= 400:
             return await state.whole(inner.captured, inner.captured_status)
         rest = json.loads(inner.captured)
@@ -271,6 +313,7 @@ class _ClientStream:
         self.done = False
         self.captured = b""
         self.captured_status = 0
+        self.arrival = 0.0
 
     async def _prepare(self) -> web.StreamResponse:
         if self.resp is None:
@@ -295,14 +338,31 @@ class _ClientStream:
         if obj == "chat.completion":
             chunks = [{"role": "assistant", "content": ""}, {"content": text}]
             for delta in chunks:
-                await self.write(_sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                       "model": model,
-                                       "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                    "finish_reason": None}]}))
+                await self.write(
+                    _sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+                        }
+                    )
+                )
         else:
-            await self.write(_sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None,
-                                                "stop_reason": None}]}))
+            await self.write(
+                _sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [
+                            {"index": 0, "text": text, "logprobs": None, "finish_reason": None, "stop_reason": None}
+                        ],
+                    }
+                )
+            )
 
     async def whole(self, data: bytes, status: int) -> web.StreamResponse:
         if self.capture:
@@ -319,17 +379,32 @@ class _ClientStream:
         await self.write_prefix(first, _text_of(first))
         finish = first["choices"][0].get("finish_reason")
         if first.get("object") == "chat.completion":
-            last = {"id": first["id"], "object": "chat.completion.chunk", "created": first["created"],
-                    "model": first["model"], "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                          "finish_reason": finish}]}
+            last = {
+                "id": first["id"],
+                "object": "chat.completion.chunk",
+                "created": first["created"],
+                "model": first["model"],
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}],
+            }
         else:
-            last = {"id": first["id"], "object": "text_completion", "created": first["created"],
-                    "model": first["model"], "choices": [{"index": 0, "text": "", "logprobs": None,
-                                                          "finish_reason": finish, "stop_reason": None}]}
+            last = {
+                "id": first["id"],
+                "object": "text_completion",
+                "created": first["created"],
+                "model": first["model"],
+                "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": finish, "stop_reason": None}],
+            }
         await self.write(_sse(last))
         if (body.get("stream_options") or {}).get("include_usage"):
-            await self.write(_sse({**{k: last[k] for k in ("id", "object", "created", "model")}, "choices": [],
-                                   "usage": first.get("usage")}))
+            await self.write(
+                _sse(
+                    {
+                        **{k: last[k] for k in ("id", "object", "created", "model")},
+                        "choices": [],
+                        "usage": first.get("usage"),
+                    }
+                )
+            )
         await self.write(b"data: [DONE]\n\n")
         return await self.finish()
 

@@ -35,6 +35,7 @@ from emulator.topology import Topology
 
 log = logging.getLogger("infemu.worker")
 
+ARRIVAL_HEADER = "X-Infemu-Arrival"  # the router's receipt time (monotonic seconds)
 KV_HOLD_TIMEOUT_S = 60.0  # a prefill's KV is released if no decode pulls it by then (vLLM's NIXL abort timeout)
 
 
@@ -85,6 +86,9 @@ class Worker:
             scale = byte_scale(logical, settings.target_link_rate)
             self.scales[tier.name] = scale
             self.links[tier.name] = PacedLink(tier.name, logical / scale, tier.latency_s)
+        self.dilation = spec.emulation.time_dilation
+        for link in self.links.values():  # a dilated host moves the same bytes D times slower
+            link.set(rate_bytes_per_s=link.rate / self.dilation, latency_s=link.latency_s * self.dilation)
         self.held_timers: dict[str, asyncio.TimerHandle] = {}
         self.session: ClientSession | None = None
         self.ready = False
@@ -93,7 +97,9 @@ class Worker:
     # ---- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=5))
-        self.engine = RealTimeEngine(self.scheduler, self.setup.cost, self.metrics, self.setup.pool.pp, self._pull_kv)
+        self.engine = RealTimeEngine(
+            self.scheduler, self.setup.cost, self.metrics, self.setup.pool.pp, self._pull_kv, dilation=self.dilation
+        )
         self.ready = True
 
     async def stop(self) -> None:
@@ -125,22 +131,29 @@ class Worker:
                 pass
         elapsed = asyncio.get_running_loop().time() - t0
         self.metrics.kv_bytes.inc(logical)
-        self.metrics.kv_seconds.observe(elapsed)
+        self.metrics.kv_seconds.observe(elapsed / self.dilation)
         self.metrics.link(tier, "rx", logical)
 
     async def serve_kv(self, request: web.Request) -> web.StreamResponse:
         rid = request.match_info["rid"]
         held = self.scheduler.held.get(rid)
         if held is None:
-            raise web.HTTPNotFound(text=json.dumps({"error": f"no KV held for request {rid}"}),
-                                   content_type="application/json")
+            raise web.HTTPNotFound(
+                text=json.dumps({"error": f"no KV held for request {rid}"}), content_type="application/json"
+            )
         dst = request.query.get("to", "")
         tier = self._tier_to(dst)
         link = self.links[tier.name]
         logical = self.setup.cost.kv_transfer_bytes(held.num_prompt_tokens)
         wire = max(1, math.ceil(logical / self.scales[tier.name]))
-        resp = web.StreamResponse(headers={"X-Infemu-Logical-Bytes": str(logical), "X-Infemu-Tier": tier.name,
-                                           "Content-Length": str(wire), "Content-Type": "application/octet-stream"})
+        resp = web.StreamResponse(
+            headers={
+                "X-Infemu-Logical-Bytes": str(logical),
+                "X-Infemu-Tier": tier.name,
+                "Content-Length": str(wire),
+                "Content-Type": "application/octet-stream",
+            }
+        )
         await resp.prepare(request)
         try:
             await link.send(wire, resp.write)
@@ -158,6 +171,14 @@ class Worker:
 
     # ---- the OpenAI endpoints ---------------------------------------------------------
     async def generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        received = asyncio.get_running_loop().time()
+        stamp = request.headers.get(ARRIVAL_HEADER)
+        if stamp is not None:
+            try:  # the router's receipt time, on the same monotonic clock when on the same host
+                t = float(stamp)
+                received = t if received - 1.0 < t <= received else received
+            except ValueError:
+                pass
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -165,29 +186,38 @@ class Worker:
         try:
             g = parse_request(kind, body, self.model.vocab)
             if g.model != self.model_name:
-                raise APIError(404, f"The model `{g.model}` does not exist.", "model", "model_not_found",
-                               "NotFoundError")
-            return await self._run(request, g)
+                raise APIError(
+                    404, f"The model `{g.model}` does not exist.", "model", "model_not_found", "NotFoundError"
+                )
+            return await self._run(request, g, received)
         except APIError as exc:
             return _error(exc)
 
-    async def _run(self, request: web.Request, g: GenerationRequest) -> web.StreamResponse:
+    async def _run(self, request: web.Request, g: GenerationRequest, received: float) -> web.StreamResponse:
         assert self.engine is not None
         max_len = self.setup.engine.max_model_len
         n_prompt = len(g.prompt_ids)
         requested = g.max_tokens if g.max_tokens is not None else max(max_len - n_prompt, 1)
         if n_prompt + requested > max_len:
-            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you requested "
-                                f"{n_prompt + requested} tokens ({n_prompt} in the messages, {requested} in the "
-                                "completion). Please reduce the length of the messages or completion.",
-                           "max_tokens" if g.max_tokens else "messages", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{n_prompt + requested} tokens ({n_prompt} in the messages, {requested} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                "max_tokens" if g.max_tokens else "messages",
+                "context_length_exceeded",
+            )
         seed = prompt_seed(g.prompt_ids)
         n_out = requested if g.ignore_eos else min(requested, synthetic_eos(seed, g.min_tokens))
         finish_reason = "length" if n_out == requested else "stop"
         kv = g.kv_transfer_params or {}
         rid = f"{'chatcmpl' if g.kind == 'chat' else 'cmpl'}-{g.request_id}"
-        hashes = hashes_from_tokens(g.prompt_ids, self.setup.engine.block_size) if self.setup.engine.enable_prefix_caching else ()
-        now = asyncio.get_running_loop().time()
+        hashes = (
+            hashes_from_tokens(g.prompt_ids, self.setup.engine.block_size)
+            if self.setup.engine.enable_prefix_caching
+            else ()
+        )
+        now = received
         producer = (self.role == "prefill" or kv.get("do_remote_decode")) and n_out > 1
         consumer = bool(kv.get("do_remote_prefill")) and "remote_url" in kv
         if producer:
@@ -217,11 +247,14 @@ class Worker:
                 raise APIError(400 if not self.ready else 503, error, None, "request_failed", "ServiceUnavailable")
             kv_params = None
             if reason == "remote_decode":
-                kv_params = {"do_remote_prefill": True, "remote_url": self.url,
-                             "remote_instance": self.settings.instance, "remote_request_id": rid,
-                             "prompt_tokens": n_prompt}
-                self.held_timers[rid] = asyncio.get_running_loop().call_later(
-                    KV_HOLD_TIMEOUT_S, self._release, rid)
+                kv_params = {
+                    "do_remote_prefill": True,
+                    "remote_url": self.url,
+                    "remote_instance": self.settings.instance,
+                    "remote_request_id": rid,
+                    "prompt_tokens": n_prompt,
+                }
+                self.held_timers[rid] = asyncio.get_running_loop().call_later(KV_HOLD_TIMEOUT_S, self._release, rid)
                 out_reason = None
             else:
                 out_reason = finish_reason
@@ -249,8 +282,12 @@ class Worker:
                         await _sse(resp, usage_chunk(g, rid, n_prompt, position))
                     break
                 else:
-                    await _sse(resp, APIError(503, ev.message or "request failed", None, "request_failed",
-                                              "ServiceUnavailable").body())
+                    await _sse(
+                        resp,
+                        APIError(
+                            503, ev.message or "request failed", None, "request_failed", "ServiceUnavailable"
+                        ).body(),
+                    )
                     break
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -274,15 +311,34 @@ class Worker:
 
     async def info(self, request: web.Request) -> web.Response:
         inst = self.setup.instance
-        return web.json_response({"instance": inst.name, "role": inst.role, "pool": inst.pool, "gpus": list(inst.gpus),
-                                  "node": inst.node, "domain": inst.domain,
-                                  "num_gpu_blocks": self.setup.engine.num_gpu_blocks})
+        return web.json_response(
+            {
+                "instance": inst.name,
+                "role": inst.role,
+                "pool": inst.pool,
+                "gpus": list(inst.gpus),
+                "node": inst.node,
+                "domain": inst.domain,
+                "num_gpu_blocks": self.setup.engine.num_gpu_blocks,
+            }
+        )
 
 
 def models_body(model_name: str, max_model_len: int) -> dict:
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                        "owned_by": "infemu", "root": model_name, "parent": None,
-                                        "max_model_len": max_model_len}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model_name,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "infemu",
+                "root": model_name,
+                "parent": None,
+                "max_model_len": max_model_len,
+            }
+        ],
+    }
 
 
 async def _sse(resp: web.StreamResponse, obj: dict) -> None:
@@ -318,8 +374,15 @@ def create_app(settings: WorkerSettings) -> web.Application:
         await worker.stop()
 
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_post("/v1/completions", lambda r: worker.generate(r, "completion"))
-    app.router.add_post("/v1/chat/completions", lambda r: worker.generate(r, "chat"))
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await worker.generate(request, "completion")
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await worker.generate(request, "chat")
+
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", worker.models)
     app.router.add_get("/health", worker.health)
     app.router.add_get("/ready", worker.ready_probe)

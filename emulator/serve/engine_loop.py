@@ -43,13 +43,21 @@ class Handle:
 
 
 class RealTimeEngine:
-    def __init__(self, scheduler: Scheduler, cost: CostModel, metrics: EngineMetrics, pp: int = 1,
-                 kv_pull: KVPull | None = None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        cost: CostModel,
+        metrics: EngineMetrics,
+        pp: int = 1,
+        kv_pull: KVPull | None = None,
+        dilation: float = 1.0,
+    ) -> None:
         self.scheduler = scheduler
         self.cost = cost
         self.metrics = metrics
         self.pp = pp
         self.kv_pull = kv_pull
+        self.dilation = dilation  # wall seconds per emulated second
         self.handles: dict[str, Handle] = {}
         self.in_flight = 0
         self._next_launch = 0.0
@@ -59,6 +67,9 @@ class RealTimeEngine:
         self._durations: collections.deque[float] = collections.deque(maxlen=1000)
         self._warned_at = -1e9
         self._pulls: set[asyncio.Task] = set()
+        self._busy_until = 0.0  # logical end of the last step: a backdated arrival cannot start before it
+        self._lead_s = 0.0  # timers fire this early: the median wake-up lateness, learned (no busy-waiting)
+        self._raw_late: collections.deque[float] = collections.deque(maxlen=200)
         self.closed = False
 
     @property
@@ -70,7 +81,11 @@ class RealTimeEngine:
 
     # ---- intake ------------------------------------------------------------------
     def add(self, req: Request, kv_source: dict | None = None) -> Handle:
-        """Queue a request; its rejection (if any) arrives as the handle's first event."""
+        """Queue a request; its rejection (if any) arrives as the handle's first event.
+
+        ``req.arrival_s`` may lie slightly in the past (when the router or the HTTP layer
+        received it): an idle engine then starts the step at that moment, so HTTP parsing
+        does not delay the modelled GPU work."""
         handle = Handle(req, kv_source=kv_source)
         rejected = self.scheduler.add_request(req)
         if rejected is not None:
@@ -78,7 +93,7 @@ class RealTimeEngine:
             return handle
         self.handles[req.request_id] = handle
         self._update_gauges()
-        self._try_launch(self.now())
+        self._try_launch(max(min(req.arrival_s, self.now()), self._busy_until))
         return handle
 
     def abort(self, request_id: str) -> None:
@@ -101,13 +116,15 @@ class RealTimeEngine:
         if out.is_empty:
             return
         st = self.cost.step_time(out.shape)
-        deadline = start + st.total_s
+        total_s, interval_s = st.total_s * self.dilation, st.interval_s * self.dilation
+        deadline = start + total_s
         self.in_flight += 1
         self.metrics.modelled.observe(st.total_s)
         self.metrics.iteration_tokens.observe(out.shape.num_tokens)
-        self.loop.call_at(deadline, self._complete, out, deadline, st.total_s)
+        self._busy_until = max(self._busy_until, deadline if self.pp == 1 else start + interval_s)
+        self.loop.call_at(deadline - self._lead_s, self._complete, out, deadline, total_s)
         if self.pp > 1:
-            self._next_launch = start + st.interval_s
+            self._next_launch = start + interval_s
             if self.in_flight < self.pp and self._launch_timer is None:
                 self._launch_timer = self.loop.call_at(self._next_launch, self._timer_launch)
 
@@ -117,6 +134,7 @@ class RealTimeEngine:
 
     def _complete(self, out: SchedulerOutput, deadline: float, duration: float) -> None:
         lateness = self.now() - deadline
+        self._learn_lead(lateness)
         self.in_flight -= 1
         self._record_timing(lateness, duration)
         results = self.scheduler.update_from_output(out, deadline)
@@ -140,22 +158,24 @@ class RealTimeEngine:
         handle.queue.put_nowait(StreamEvent("finish", reason=reason))
 
     def _observe_request(self, req: Request) -> None:
+        """Per-request histograms in emulated seconds (wall seconds / dilation)."""
         m = self.metrics
+        d = self.dilation
         arrival, first, finish = req.arrival_s, req.first_token_s, req.finish_s
         if req.kv_role != "consumer" and first is not None:
-            m.ttft.observe(first - arrival)
+            m.ttft.observe((first - arrival) / d)
         if finish is not None:
-            m.e2e.observe(finish - arrival)
+            m.e2e.observe((finish - arrival) / d)
         if req.first_scheduled_s is not None:
-            m.queue.observe(req.first_scheduled_s - arrival)
+            m.queue.observe((req.first_scheduled_s - arrival) / d)
             if finish is not None:
-                m.inference.observe(finish - req.first_scheduled_s)
+                m.inference.observe((finish - req.first_scheduled_s) / d)
             if first is not None:
-                m.prefill.observe(first - req.first_scheduled_s)
+                m.prefill.observe((first - req.first_scheduled_s) / d)
         if first is not None and finish is not None:
-            m.decode.observe(finish - first)
+            m.decode.observe((finish - first) / d)
         times = req.token_times()
-        for gap in np.diff(times):
+        for gap in np.diff(times) / d:
             m.itl.observe(gap)
             m.tpot.observe(gap)
         m.req_prompt_tokens.observe(req.num_prompt_tokens)
@@ -189,6 +209,13 @@ class RealTimeEngine:
         self.scheduler.finish_remote_kv(rid, self.now())
         self._try_launch(self.now())
 
+    def _learn_lead(self, lateness: float) -> None:
+        """asyncio timers fire late (epoll rounds timeouts up to the next millisecond); firing
+        early by the median lateness centres the error on zero at no CPU cost."""
+        self._raw_late.append(lateness + self._lead_s)
+        if len(self._raw_late) >= 20 and len(self._raw_late) % 10 == 0:
+            self._lead_s = min(max(float(np.median(self._raw_late)), 0.0), 0.002)
+
     # ---- observation ----------------------------------------------------------------
     def _record_timing(self, lateness: float, duration: float) -> None:
         self.metrics.timing_error.observe(lateness)
@@ -202,8 +229,12 @@ class RealTimeEngine:
             self.metrics.overloaded.set(1 if overloaded else 0)
             if overloaded and self.now() - self._warned_at > 10:
                 self._warned_at = self.now()
-                log.warning("host too loaded to emulate faithfully: step timing error p99 %.2f ms > 5%% of the"
-                            " median step %.2f ms", p99 * 1e3, median * 1e3)
+                log.warning(
+                    "host too loaded to emulate faithfully: step timing error p99 %.2f ms > 5%% of the"
+                    " median step %.2f ms",
+                    p99 * 1e3,
+                    median * 1e3,
+                )
 
     def _update_gauges(self) -> None:
         s = self.scheduler.stats()

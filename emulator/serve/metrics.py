@@ -12,12 +12,74 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 disable_created_metrics()  # vLLM does the same: no *_created series
 
-TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0]
-REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+TPOT_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+REQUEST_LATENCY_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
 ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 TIMING_ERROR_BUCKETS = [-0.001, 0.0, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]
 TRANSFER_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]
@@ -56,57 +118,103 @@ class EngineMetrics:
         self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
         self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
         self.gpu_cache_usage = gauge(
-            "vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use vllm:kv_cache_usage_perc instead."
+            "vllm:gpu_cache_usage_perc",
+            "GPU KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use vllm:kv_cache_usage_perc instead.",
         )
-        info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                     [*sorted(cache_info), "engine"], registry=r)
+        info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            [*sorted(cache_info), "engine"],
+            registry=r,
+        )
         info.labels(**cache_info, engine=engine).set(1)
-        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.")
+        self.prefix_queries = counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        )
         self.prefix_hits = counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
         self.gpu_prefix_queries = counter("vllm:gpu_prefix_cache_queries", "GPU prefix cache queries (DEPRECATED).")
         self.gpu_prefix_hits = counter("vllm:gpu_prefix_cache_hits", "GPU prefix cache hits (DEPRECATED).")
         self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
-        success = Counter("vllm:request_success", "Count of successfully processed requests.",
-                          [*labels, "finished_reason"], registry=r)
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [*labels, "finished_reason"],
+            registry=r,
+        )
         self.success = {reason: success.labels(*lv, reason) for reason in FINISH_REASONS}
         token_buckets = build_1_2_5_buckets(max_model_len)
-        self.req_prompt_tokens = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
-        self.req_generation_tokens = hist("vllm:request_generation_tokens", "Number of generation tokens processed.",
-                                          token_buckets)
-        self.iteration_tokens = hist("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
-                                     ITERATION_TOKEN_BUCKETS)
-        self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)
-        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", TPOT_BUCKETS)
-        self.tpot = hist("vllm:time_per_output_token_seconds",
-                         "Histogram of time per output token in seconds. DEPRECATED: Use vllm:inter_token_latency_seconds.",
-                         TPOT_BUCKETS)
-        self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                        REQUEST_LATENCY_BUCKETS)
-        self.queue = hist("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
-                          REQUEST_LATENCY_BUCKETS)
-        self.inference = hist("vllm:request_inference_time_seconds",
-                              "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS)
-        self.prefill = hist("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
-                            REQUEST_LATENCY_BUCKETS)
-        self.decode = hist("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
-                           REQUEST_LATENCY_BUCKETS)
+        self.req_prompt_tokens = hist(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets
+        )
+        self.req_generation_tokens = hist(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets
+        )
+        self.iteration_tokens = hist(
+            "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_TOKEN_BUCKETS
+        )
+        self.ttft = hist(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.itl = hist(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", TPOT_BUCKETS
+        )
+        self.tpot = hist(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds. DEPRECATED: Use vllm:inter_token_latency_seconds.",
+            TPOT_BUCKETS,
+        )
+        self.e2e = hist(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
+        )
+        self.queue = hist(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.inference = hist(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.prefill = hist(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.decode = hist(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
         # ---- infemu: fidelity of the emulation itself
-        self.timing_error = hist("infemu_iteration_timing_error_seconds",
-                                 "Measured minus modelled end of each engine step (wake-up lateness).",
-                                 TIMING_ERROR_BUCKETS)
-        self.modelled = hist("infemu_iteration_modelled_seconds", "Modelled duration of each engine step.",
-                             [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0])
-        self.timing_error_p99 = gauge("infemu_iteration_timing_error_p99_seconds",
-                                      "p99 of the step timing error over the last 1000 steps.")
-        self.overloaded = gauge("infemu_emulation_overloaded",
-                                "1 when the timing error p99 exceeds 5% of the median step: results are not faithful.")
+        self.timing_error = hist(
+            "infemu_iteration_timing_error_seconds",
+            "Measured minus modelled end of each engine step (wake-up lateness).",
+            TIMING_ERROR_BUCKETS,
+        )
+        self.modelled = hist(
+            "infemu_iteration_modelled_seconds",
+            "Modelled duration of each engine step.",
+            [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],
+        )
+        self.timing_error_p99 = gauge(
+            "infemu_iteration_timing_error_p99_seconds", "p99 of the step timing error over the last 1000 steps."
+        )
+        self.overloaded = gauge(
+            "infemu_emulation_overloaded",
+            "1 when the timing error p99 exceeds 5% of the median step: results are not faithful.",
+        )
         # ---- infemu: KV transfers and links
         self.kv_bytes = counter("infemu_kv_transfer_bytes", "Logical KV-cache bytes pulled by this instance.")
         self.kv_seconds = hist("infemu_kv_transfer_seconds", "Duration of each KV-cache pull.", TRANSFER_BUCKETS)
-        self.link_bytes = Counter("infemu_link_bytes", "Logical bytes sent per link tier and direction.",
-                                  [*labels, "tier", "direction"], registry=r)
+        self.link_bytes = Counter(
+            "infemu_link_bytes",
+            "Logical bytes sent per link tier and direction.",
+            [*labels, "tier", "direction"],
+            registry=r,
+        )
         self.link_lv = lv
 
     def link(self, tier: str, direction: str, nbytes: float) -> None:

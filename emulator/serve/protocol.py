@@ -16,8 +16,14 @@ from emulator.serve.tokens import chat_prompt, tokenize
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 err_type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        err_type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -77,8 +83,9 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' is required and must be a non-empty array", "messages",
-                           "missing_required_parameter")
+            raise APIError(
+                400, "'messages' is required and must be a non-empty array", "messages", "missing_required_parameter"
+            )
         if not all(isinstance(m, dict) and "role" in m for m in messages):
             raise APIError(400, "each message needs a 'role' and 'content'", "messages", "invalid_value")
         ids = tokenize(chat_prompt(messages), vocab_size)
@@ -91,15 +98,21 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
             ids = tokenize(prompt, vocab_size)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif (
+            isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
             if any(t < 0 or t >= vocab_size for t in prompt):
                 raise APIError(400, f"token ids must be in [0, {vocab_size})", "prompt", "invalid_value")
             ids = list(prompt)
         elif prompt is None:
             raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
         else:
-            raise APIError(400, "'prompt' must be a string or a list of token ids (batches of several are not supported)",
-                           "prompt", "invalid_value")
+            raise APIError(
+                400,
+                "'prompt' must be a string or a list of token ids (batches of several are not supported)",
+                "prompt",
+                "invalid_value",
+            )
         max_tokens = _int(body, "max_tokens", 1)
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt" if kind != "chat" else "messages", "invalid_value")
@@ -111,8 +124,9 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
         raise APIError(400, "'kv_transfer_params' must be an object", "kv_transfer_params", "invalid_type")
     min_tokens = _int(body, "min_tokens", 0) or 0
     if max_tokens is not None and min_tokens > max_tokens:
-        raise APIError(400, f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens",
-                       "invalid_value")
+        raise APIError(
+            400, f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens", "invalid_value"
+        )
     user = body.get("user")
     return GenerationRequest(
         kind=kind,
@@ -140,29 +154,63 @@ def stream_chunk(req: GenerationRequest, rid: str, text: str | None, finish: str
         if text is not None:
             delta["content"] = text
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"id": rid, "object": "chat.completion.chunk", "created": req.created, "model": req.model,
-                "choices": [choice]}
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": req.created,
+            "model": req.model,
+            "choices": [choice],
+        }
     choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish, "stop_reason": None}
     return {"id": rid, "object": "text_completion", "created": req.created, "model": req.model, "choices": [choice]}
 
 
 def usage_chunk(req: GenerationRequest, rid: str, prompt: int, completion: int) -> dict:
     obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-    return {"id": rid, "object": obj, "created": req.created, "model": req.model, "choices": [],
-            "usage": usage(prompt, completion)}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": req.created,
+        "model": req.model,
+        "choices": [],
+        "usage": usage(prompt, completion),
+    }
 
 
-def full_response(req: GenerationRequest, rid: str, text: str, finish: str, prompt: int, completion: int,
-                  kv_params: dict | None = None) -> dict:
+def full_response(
+    req: GenerationRequest,
+    rid: str,
+    text: str,
+    finish: str,
+    prompt: int,
+    completion: int,
+    kv_params: dict | None = None,
+) -> dict:
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
-        body = {"id": rid, "object": "chat.completion", "created": req.created, "model": req.model,
-                "choices": [choice], "usage": usage(prompt, completion)}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        body = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": req.created,
+            "model": req.model,
+            "choices": [choice],
+            "usage": usage(prompt, completion),
+        }
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
-        body = {"id": rid, "object": "text_completion", "created": req.created, "model": req.model,
-                "choices": [choice], "usage": usage(prompt, completion)}
+        body = {
+            "id": rid,
+            "object": "text_completion",
+            "created": req.created,
+            "model": req.model,
+            "choices": [choice],
+            "usage": usage(prompt, completion),
+        }
     if kv_params is not None:
         body["kv_transfer_params"] = kv_params
     return body

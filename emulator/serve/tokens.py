@@ -58,7 +58,9 @@ def output_token(seed: int, position: int, vocab_size: int) -> tuple[int, str]:
 
 
 def prompt_seed(token_ids: Sequence[int]) -> int:
-    return _h(b"".join(int(t).to_bytes(4, "little", signed=False) for t in token_ids[-64:]) + bytes([len(token_ids) % 251]))
+    return _h(
+        b"".join(int(t).to_bytes(4, "little", signed=False) for t in token_ids[-64:]) + bytes([len(token_ids) % 251])
+    )
 
 
 def synthetic_eos(seed: int, min_tokens: int) -> int:

@@ -1,0 +1,165 @@
+"""`infemu up` as real processes: the official openai client through the router, P/D with a real
+KV pull, a backend killed mid-run, and no process left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+from conftest import ROOT, example
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+
+
+def infemu(*args: str, cwd: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "emulator.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+
+
+def metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                total += s.value
+    return total
+
+
+def emulator_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "emulator.cluster.process"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.fixture
+def pd_cluster(tmp_path):
+    r = infemu("up", example("pd-llama70b-h100.yaml"), "--detach", "--json", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    state = json.loads(r.stdout)
+    yield state
+    infemu("down", cwd=str(tmp_path))
+
+
+def test_openai_client_streams_through_the_pd_router_with_a_real_kv_pull(pd_cluster, tmp_path):
+    assert set(pd_cluster) == {"router", "instances"}
+    assert {(i["name"], i["role"]) for i in pd_cluster["instances"]} == {
+        ("prefill-0", "prefill"),
+        ("prefill-1", "prefill"),
+        ("decode-0", "decode"),
+    }
+    client = openai.OpenAI(base_url=f"{pd_cluster['router']}/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="llama-3.1-70b",
+        messages=[{"role": "user", "content": "tell me about links " * 50}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks, usage = 0, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+        if chunk.usage:
+            usage = chunk.usage
+    assert chunks == 12
+    assert usage.completion_tokens == 12 and usage.total_tokens == usage.prompt_tokens + 12
+    decode = next(i["url"] for i in pd_cluster["instances"] if i["role"] == "decode")
+    kv_per_token = 2 * 80 * 8 * 128 * 2  # 2 · layers · kv_heads · head_dim · bf16 bytes
+    assert metric(decode, "infemu_kv_transfer_bytes_total") == kv_per_token * usage.prompt_tokens
+
+    before = metric(decode, "infemu_kv_transfer_bytes_total")
+    done = client.completions.create(
+        model="llama-3.1-70b", prompt=list(range(100, 1100)), max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    assert done.usage.prompt_tokens == 1000 and done.usage.completion_tokens == 5
+    assert metric(decode, "infemu_kv_transfer_bytes_total") - before == kv_per_token * 1000
+
+
+def test_down_leaves_no_process_behind(tmp_path):
+    before = set(emulator_pids())
+    r = infemu("up", example("quickstart.yaml"), "--detach", "--json", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    mine = set(emulator_pids()) - before
+    assert len(mine) >= 2
+    r = infemu("down", cwd=str(tmp_path))
+    assert "processes stopped" in r.stdout
+    assert not mine & set(emulator_pids())
+
+
+def test_foreground_up_stops_its_children_on_sigterm(tmp_path):
+    before = set(emulator_pids())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator.cli", "up", example("quickstart.yaml"), "--json"],
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    line = proc.stdout.readline()
+    assert json.loads(line)["router"].startswith("http://127.0.0.1:")
+    children = set(emulator_pids()) - before
+    assert children
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert not children & set(emulator_pids())
+
+
+TWO_REPLICAS = """
+apiVersion: infemu.io/v1alpha1
+kind: InferenceCluster
+metadata: {name: two}
+spec:
+  model: llama-3.1-8b
+  gpu: h100-sxm
+  topology: {nodes: 1, gpusPerNode: 2}
+  pools: [{name: agg, replicas: 2}]
+  router: {policy: round_robin}
+"""
+
+
+def test_a_killed_backend_gives_retries_before_the_first_byte_and_errors_after(tmp_path):
+    spec = tmp_path / "two.yaml"
+    spec.write_text(TWO_REPLICAS)
+    r = infemu("up", str(spec), "--detach", "--json", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    state = json.loads(r.stdout)
+    try:
+        client = openai.OpenAI(base_url=f"{state['router']}/v1", api_key="unused", max_retries=0, timeout=20)
+        stream = client.completions.create(
+            model="llama-3.1-8b", prompt="a long answer", max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+        )
+        it = iter(stream)
+        next(it)  # the first token arrived: from now on a failure must be an explicit error
+        busy = max(state["instances"], key=lambda i: metric(i["url"], "vllm:num_requests_running"))
+        run_dir = tmp_path / ".infemu" / "runs" / os.listdir(tmp_path / ".infemu" / "runs")[0]
+        processes = json.loads((run_dir / "state.json").read_text())["processes"]
+        os.killpg(next(p["pid"] for p in processes if p["name"] == busy["name"]), signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError) as exc:
+            for _ in it:
+                pass
+        assert "failed mid-stream" in str(exc.value) or "ended the stream early" in str(exc.value)
+        assert time.monotonic() - t0 < 10  # no hung client
+        # new requests right after the kill: retried on the survivor before any byte was sent
+        for _ in range(4):
+            ok = client.completions.create(
+                model="llama-3.1-8b", prompt="again", max_tokens=3, extra_body={"ignore_eos": True}
+            )
+            assert ok.usage.completion_tokens == 3
+    finally:
+        infemu("down", cwd=str(tmp_path))

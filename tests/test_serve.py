@@ -1,0 +1,171 @@
+"""The worker service in-process: OpenAI shapes, errors, metrics families and buckets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import example
+from prometheus_client.parser import text_string_to_metric_families
+
+from emulator.serve.app import WorkerSettings, create_app
+from emulator.serve.metrics import REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, build_1_2_5_buckets
+from emulator.spec import load_clusters
+
+MODEL = "llama-3.1-8b"
+
+
+@pytest.fixture
+async def client():
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as c:
+        yield c
+
+
+async def sse_events(resp) -> list[dict | str]:
+    out = []
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line.startswith("data: "):
+            out.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
+    return out
+
+
+async def test_chat_stream_shape_and_usage(client):
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi there"}],
+            "max_tokens": 7,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    events = await sse_events(resp)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(tokens) == 7
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 7
+
+
+async def test_completion_with_token_ids_is_deterministic(client):
+    body = {"model": MODEL, "prompt": [5, 6, 7, 8, 9], "max_tokens": 6, "ignore_eos": True}
+    a = await (await client.post("/v1/completions", json=body)).json()
+    b = await (await client.post("/v1/completions", json=body)).json()
+    assert a["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+    assert a["choices"][0]["text"] == b["choices"][0]["text"] and a["choices"][0]["text"]
+    assert a["object"] == "text_completion" and a["choices"][0]["finish_reason"] == "length"
+
+
+async def test_synthetic_eos_stops_before_max_tokens_without_ignore_eos(client):
+    async def ask(prompt: str, **kw) -> dict:
+        return await (await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, **kw})).json()
+
+    answers = await asyncio.gather(
+        *(ask(f"question number {i}", max_tokens=300) for i in range(8)), ask("x", max_tokens=60, min_tokens=60)
+    )
+    lengths = {(r["usage"]["completion_tokens"], r["choices"][0]["finish_reason"]) for r in answers[:-1]}
+    assert any(reason == "stop" for _, reason in lengths)  # a synthetic end of sequence before max_tokens
+    assert len({n for n, _ in lengths}) > 1
+    assert answers[-1]["usage"]["completion_tokens"] == 60  # min_tokens holds the EOS back
+
+
+async def test_models_health_ready(client):
+    models = await (await client.get("/v1/models")).json()
+    assert models["data"][0]["id"] == MODEL
+    assert (await client.get("/health")).status == 200
+    assert (await client.get("/ready")).status == 200
+
+
+@pytest.mark.parametrize(
+    "path, body, status, code",
+    [
+        ("/v1/completions", b"{not json", 400, "invalid_json"),
+        ("/v1/completions", {"model": "gpt-x", "prompt": "hi"}, 404, "model_not_found"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 400, "invalid_value"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": [1] * 131000, "max_tokens": 500},
+            400,
+            "context_length_exceeded",
+        ),
+        ("/v1/chat/completions", {"model": MODEL}, 400, "missing_required_parameter"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": [1, -4]}, 400, "invalid_value"),
+    ],
+)
+async def test_bad_requests_get_openai_errors_never_500(client, path, body, status, code):
+    kw = {"data": body} if isinstance(body, bytes) else {"json": body}
+    resp = await client.post(path, **kw)
+    assert resp.status == status
+    err = (await resp.json())["error"]
+    assert err["code"] == code and err["message"] and "type" in err and "param" in err
+
+
+async def test_metrics_families_types_and_buckets(client):
+    await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "hello world " * 40, "max_tokens": 5, "ignore_eos": True}
+    )
+    text = await (await client.get("/metrics")).text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    expected = {
+        "vllm:num_requests_running": "gauge",
+        "vllm:num_requests_waiting": "gauge",
+        "vllm:kv_cache_usage_perc": "gauge",
+        "vllm:gpu_cache_usage_perc": "gauge",
+        "vllm:cache_config_info": "gauge",
+        "vllm:prompt_tokens": "counter",
+        "vllm:generation_tokens": "counter",
+        "vllm:request_success": "counter",
+        "vllm:num_preemptions": "counter",
+        "vllm:prefix_cache_queries": "counter",
+        "vllm:prefix_cache_hits": "counter",
+        "vllm:gpu_prefix_cache_queries": "counter",
+        "vllm:gpu_prefix_cache_hits": "counter",
+        "vllm:time_to_first_token_seconds": "histogram",
+        "vllm:inter_token_latency_seconds": "histogram",
+        "vllm:time_per_output_token_seconds": "histogram",
+        "vllm:e2e_request_latency_seconds": "histogram",
+        "vllm:request_queue_time_seconds": "histogram",
+        "vllm:request_prefill_time_seconds": "histogram",
+        "vllm:request_decode_time_seconds": "histogram",
+        "vllm:request_prompt_tokens": "histogram",
+        "vllm:request_generation_tokens": "histogram",
+        "vllm:iteration_tokens_total": "histogram",
+        "infemu_iteration_timing_error_seconds": "histogram",
+        "infemu_kv_transfer_bytes": "counter",
+        "infemu_kv_transfer_seconds": "histogram",
+        "infemu_link_bytes": "counter",
+    }
+    for name, kind in expected.items():
+        assert name in fams, name
+        assert fams[name].type == kind, (name, fams[name].type)
+    assert "vllm:prompt_tokens_total" in text and "_created" not in text
+
+    def buckets(name):
+        return [float(s.labels["le"]) for s in fams[name].samples if s.name.endswith("_bucket")][:-1]
+
+    assert buckets("vllm:time_to_first_token_seconds") == TTFT_BUCKETS
+    assert buckets("vllm:inter_token_latency_seconds") == TPOT_BUCKETS
+    assert buckets("vllm:time_per_output_token_seconds") == TPOT_BUCKETS
+    assert buckets("vllm:e2e_request_latency_seconds") == REQUEST_LATENCY_BUCKETS
+    assert buckets("vllm:request_prompt_tokens") == build_1_2_5_buckets(131072)
+    assert buckets("vllm:iteration_tokens_total") == [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+    info = next(s for s in fams["vllm:cache_config_info"].samples)
+    assert info.labels["block_size"] == "16" and int(info.labels["num_gpu_blocks"]) > 1000
+    ok = [s for s in fams["vllm:request_success"].samples if s.labels.get("finished_reason") == "length"]
+    assert ok[0].value == 1 and all(s.labels["model_name"] == MODEL for s in ok)
+
+
+def test_1_2_5_buckets():
+    assert build_1_2_5_buckets(100) == [1, 2, 5, 10, 20, 50, 100]
