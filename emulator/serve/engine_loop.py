@@ -119,7 +119,7 @@ class RealTimeEngine:
         total_s, interval_s = st.total_s * self.dilation, st.interval_s * self.dilation
         deadline = start + total_s
         self.in_flight += 1
-        self.metrics.modelled.observe(st.total_s)
+        self.metrics.modelled.observe(total_s)  # wall seconds: what the timing error is compared with
         self.metrics.iteration_tokens.observe(out.shape.num_tokens)
         self._busy_until = max(self._busy_until, deadline if self.pp == 1 else start + interval_s)
         self.loop.call_at(deadline - self._lead_s, self._complete, out, deadline, total_s)

@@ -1,0 +1,152 @@
+"""How many emulated instances this host can run faithfully.
+
+N decode-heavy aggregated instances (Llama-3.1-8B on H100, 128-token prompts, 512-token
+answers, one token per SSE chunk as vLLM streams) behind the router, each kept busy by
+closed-loop streaming clients. For each N: streamed tokens/s at the clients and each
+worker's step timing error p99 against 5% of its median step (the workers' own
+``infemu_emulation_overloaded`` verdict). Reports the largest faithful N. With
+``--dilation D`` every step lasts D times longer in wall time, so the 5% budget grows D-fold
+while the streamed tokens/s (wall) shrink D-fold.
+
+    python benchmarks/emulation_capacity.py [--sizes 1,2,4,8,16,32] [--seconds 15] [--clients-per-instance 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+
+import yaml
+from aiohttp import ClientSession, ClientTimeout, TCPConnector
+from prometheus_client.parser import text_string_to_metric_families
+
+from emulator.cluster.local import LocalCluster
+
+MODEL = "llama-3.1-8b"
+
+
+def spec_for(n: int, dilation: float) -> dict:
+    return {
+        "apiVersion": "infemu.io/v1alpha1",
+        "kind": "InferenceCluster",
+        "metadata": {"name": f"capacity-{n}"},
+        "spec": {
+            "model": MODEL,
+            "gpu": "h100-sxm",
+            "topology": {"nodes": (n + 7) // 8, "gpusPerNode": min(n, 8)},
+            "pools": [{"name": "agg", "replicas": n, "maxModelLen": 4096}],
+            "router": {"policy": "least_loaded"},
+            "emulation": {"timeDilation": dilation},
+        },
+    }
+
+
+async def closed_loop(url: str, clients: int, seconds: float) -> int:
+    """Streaming clients that each send the next request when the last finishes; returns tokens."""
+    body = json.dumps(
+        {"model": MODEL, "prompt": list(range(1, 129)), "max_tokens": 512, "ignore_eos": True, "stream": True}
+    ).encode()
+    tokens = 0
+    stop_at = time.monotonic() + seconds
+
+    async def client(session: ClientSession) -> None:
+        nonlocal tokens
+        while time.monotonic() < stop_at:
+            async with session.post(
+                f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
+                async for block in resp.content.iter_any():
+                    tokens += block.count(b'"text":"') - block.count(b'"text":"",')
+                    if time.monotonic() >= stop_at:
+                        break
+
+    async with ClientSession(timeout=ClientTimeout(total=None), connector=TCPConnector(limit=0)) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    return tokens
+
+
+def worker_fidelity(url: str) -> tuple[float, float, bool]:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    p99, overloaded, steps = 0.0, False, []
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "infemu_iteration_timing_error_p99_seconds":
+            p99 = fam.samples[0].value
+        elif fam.name == "infemu_emulation_overloaded":
+            overloaded = fam.samples[0].value > 0
+        elif fam.name == "infemu_iteration_modelled_seconds":
+            steps = [(float(s.labels["le"]), s.value) for s in fam.samples if s.name.endswith("_bucket")]
+    total = steps[-1][1] if steps else 0
+    median = next((le for le, c in steps if c >= total / 2), 0.0) if total else 0.0
+    return p99, median, overloaded
+
+
+def run_size(n: int, seconds: float, per_instance: int, dilation: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "spec.yaml")
+        with open(path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(spec_for(n, dilation), fh)
+        lc = LocalCluster(path, f"capacity-{n}", run_dir=os.path.join(tmp, "run"))
+        t0 = time.monotonic()
+        state = lc.start()
+        start_s = time.monotonic() - t0
+        try:
+            tokens = asyncio.run(closed_loop(state.router, n * per_instance, seconds))
+            fidelity = [worker_fidelity(p.url) for p in state.processes if p.role != "router"]
+        finally:
+            lc.stop()
+    worst = max(fidelity, key=lambda f: f[0] / max(f[1], 1e-9))
+    return {
+        "instances": n,
+        "dilation": dilation,
+        "start_s": start_s,
+        "tokens_per_s": tokens / seconds,
+        "worst_p99_ms": worst[0] * 1e3,
+        "median_step_ms_bucket": worst[1] * 1e3,
+        "faithful": not any(f[2] for f in fidelity),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,2,4,8,16,32")
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--clients-per-instance", type=int, default=8)
+    ap.add_argument("--dilation", type=float, default=1.0, help="time dilation D (steps last D times longer)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        row = run_size(n, args.seconds, args.clients_per_instance, args.dilation)
+        rows.append(row)
+        if not args.json:
+            verdict = "faithful" if row["faithful"] else "OVERLOADED"
+            print(
+                f"D={args.dilation:g} N={n:3d} start {row['start_s']:5.1f}s  "
+                f"streamed {row['tokens_per_s']:8.0f} tok/s  worst timing p99 {row['worst_p99_ms']:6.2f} ms "
+                f"(median step <= {row['median_step_ms_bucket']:.0f} ms)  {verdict}",
+                flush=True,
+            )
+        if len(rows) >= 2 and not rows[-1]["faithful"] and not rows[-2]["faithful"]:
+            break  # two overloaded sizes in a row: larger ones will not do better
+    if args.json:
+        print(json.dumps(rows))
+        return
+    ok = [r for r in rows if r["faithful"]]
+    if ok:
+        best = max(ok, key=lambda r: r["instances"])
+        print(
+            f"largest faithful cluster on this host: {best['instances']} instances, "
+            f"{best['tokens_per_s']:.0f} streamed tokens/s (targets: >= 32 instances, >= 10,000 tok/s)"
+        )
+    else:
+        print("no size ran faithfully on this host", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
