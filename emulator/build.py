@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from emulator.capacity import effective_max_model_len, pool_memory_plan
 from emulator.catalog.gpus import get_gpu
 from emulator.catalog.models import ModelArch, get_model
 from emulator.costmodel.instance import InstanceConfig, InstanceCostModel, instance_cost_model
-from emulator.engine.config import EngineConfig, MemoryPlan, memory_plan
+from emulator.engine.config import EngineConfig, MemoryPlan
 from emulator.spec import ClusterSpec, PoolSpec
 from emulator.topology import Instance, Topology, place
-from emulator.validation import effective_max_model_len
 
 
 @dataclass(frozen=True)
@@ -27,18 +27,7 @@ class InstanceSetup:
 
 
 def engine_config(spec: ClusterSpec, pool: PoolSpec, model: ModelArch) -> tuple[EngineConfig, MemoryPlan]:
-    gpu = get_gpu(spec.gpu)
-    plan = memory_plan(
-        model,
-        gpu,
-        dtype=spec.model.dtype,
-        kv_dtype=spec.model.kv_dtype,
-        tp=pool.tp,
-        pp=pool.pp,
-        block_size=pool.block_size,
-        gpu_memory_utilization=pool.gpu_memory_utilization,
-        max_num_batched_tokens=pool.max_num_batched_tokens,
-    )
+    plan = pool_memory_plan(spec, pool, model, get_gpu(spec.gpu))
     cfg = EngineConfig(
         max_num_seqs=pool.max_num_seqs,
         max_num_batched_tokens=pool.max_num_batched_tokens,

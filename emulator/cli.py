@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a spec and print its placement")
     p.add_argument("spec")
 
+    p = sub.add_parser("topology", help="placement of every instance and the link tier between each pair")
+    p.add_argument("spec")
+    p.add_argument("--cluster", help="document name in a multi-document spec")
+    p.add_argument("--json", action="store_true")
+
     sub.add_parser("catalog", help="list the GPUs, link tiers and models infemu knows")
 
     p = sub.add_parser("up", help="start the cluster as local processes (router + every instance)")
@@ -95,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="return once ready; stop later with `infemu down`")
     p.add_argument("--json", action="store_true", help='print {"router": URL, "instances": [...]}')
     p.add_argument("--run-dir", help="where state and logs go (default .infemu/runs/<cluster>-<time>)")
+
+    p = sub.add_parser("link", help="change links of a running cluster live (degrade, delay, cut, reset)")
+    lsub = p.add_subparsers(dest="link_command", required=True, metavar="ACTION")
+    p = lsub.add_parser("set", help="change the links between two instances or pools, both directions")
+    p.add_argument("--from", dest="src", required=True, help="instance or pool name")
+    p.add_argument("--to", dest="dst", required=True, help="instance or pool name")
+    p.add_argument("--bandwidth-factor", type=_positive_float, help="multiply the tier's bandwidth (0.1 = 10x slower)")
+    p.add_argument("--latency-us", type=float, help="one-way latency in microseconds")
+    p.add_argument("--cut", action="store_true", help="fail every transfer on these links")
+    p.add_argument("--reset", action="store_true", help="back to the tier's own numbers")
+    p.add_argument("--run-dir", help="the cluster's run directory (default: the newest under .infemu/runs)")
 
     p = sub.add_parser("down", help="stop detached clusters (all of them, or one run directory)")
     p.add_argument("run_dir", nargs="?")
@@ -167,6 +183,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topology(args: argparse.Namespace) -> int:
+    from emulator.report import print_topology
+    from emulator.spec import load_clusters
+    from emulator.topology import place
+
+    for cluster in _select(load_clusters(args.spec), args.cluster):
+        topo = place(cluster.spec)
+        if args.json:
+            print(json.dumps({"cluster": cluster.name, **topo.to_json()}))
+        else:
+            print_topology(cluster, topo)
+    return 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from emulator.report import print_catalog
 
@@ -216,6 +246,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_link(args: argparse.Namespace) -> int:
+    from emulator.cluster.links import set_links
+
+    for line in set_links(
+        args.run_dir,
+        args.src,
+        args.dst,
+        bandwidth_factor=args.bandwidth_factor,
+        latency_us=args.latency_us,
+        cut=args.cut,
+        reset=args.reset,
+    ):
+        print(line)
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from emulator.cluster.local import down
 
@@ -229,8 +275,10 @@ COMMANDS = {
     "cost": cmd_cost,
     "validate": cmd_validate,
     "catalog": cmd_catalog,
+    "topology": cmd_topology,
     "up": cmd_up,
     "down": cmd_down,
+    "link": cmd_link,
 }
 
 

@@ -196,3 +196,28 @@ def print_endpoints(state) -> None:
         if p.role != "router":
             t.add_row(p.role, p.name, p.url)
     console.print(t)
+
+
+def print_topology(cluster, topo) -> None:
+    console.print(
+        f"{cluster.name}: {topo.nodes} node(s) x {topo.gpus_per_node} {topo.gpu.name}; scale-up {topo.scale_up.name}"
+        f" ({topo.scale_up.bandwidth / 1e9:g} GB/s per GPU, {topo.scale_up.latency_s * 1e6:g} us) in domains of"
+        f" {topo.domain_size}; scale-out {topo.scale_out.name} ({topo.scale_out.bandwidth / 1e9:g} GB/s per GPU,"
+        f" {topo.scale_out.latency_s * 1e6:g} us)"
+    )
+    t = Table(title="placement", title_justify="left")
+    for col in ("instance", "role", "node", "domain", "GPUs"):
+        t.add_column(col)
+    for i in topo.instances:
+        t.add_row(i.name, i.role, str(i.node), str(i.domain), ",".join(map(str, i.gpus)))
+    console.print(t)
+    t = Table(title="link tier between instances", title_justify="left")
+    t.add_column("")
+    for i in topo.instances:
+        t.add_column(i.name)
+    for i, row in zip(topo.instances, topo.tier_matrix(), strict=True):
+        t.add_row(
+            i.name,
+            *["-" if a == i.name else tier for a, tier in zip([x.name for x in topo.instances], row, strict=True)],
+        )
+    console.print(t)

@@ -54,11 +54,17 @@ class ScaleUpSpec(_Model):
     size: int = Field(8, ge=1, description="GPUs in one NVLink/NVSwitch domain (8 for HGX, 72 for NVL72).")
     tier: str | None = Field(None, description="Link tier name; default follows the GPU (nvlink4 for H100).")
     latency_us: float | None = Field(None, ge=0)
+    byte_scale: float | None = Field(
+        None, ge=1, description="Emulation: send 1/S of the logical bytes at 1/S of the rate (default: automatic)."
+    )
 
 
 class ScaleOutSpec(_Model):
     tier: str | None = Field(None, description="Link tier name; default follows the GPU (ib-ndr-400 for H100).")
     latency_us: float | None = Field(None, ge=0)
+    byte_scale: float | None = Field(
+        None, ge=1, description="Emulation: send 1/S of the logical bytes at 1/S of the rate (default: automatic)."
+    )
 
 
 class TopologySpec(_Model):

@@ -59,6 +59,41 @@ class Topology:
     def intra_instance_tier(self, inst: Instance) -> LinkTier:
         return self.scale_out if inst.name in self.spans_domains else self.scale_up
 
+    def tier_matrix(self) -> list[list[str]]:
+        """Tier name between every pair of instances (row, column in placement order)."""
+        return [[self.tier_between(a, b).name for b in self.instances] for a in self.instances]
+
+    def to_json(self) -> dict:
+        return {
+            "gpu": self.gpu.name,
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "scale_up": {
+                "tier": self.scale_up.name,
+                "domain_size": self.domain_size,
+                "bandwidth_gbps": self.scale_up.bandwidth * 8 / 1e9,
+                "latency_us": self.scale_up.latency_s * 1e6,
+            },
+            "scale_out": {
+                "tier": self.scale_out.name,
+                "bandwidth_gbps": self.scale_out.bandwidth * 8 / 1e9,
+                "latency_us": self.scale_out.latency_s * 1e6,
+            },
+            "instances": [
+                {
+                    "name": i.name,
+                    "pool": i.pool,
+                    "role": i.role,
+                    "gpus": list(i.gpus),
+                    "node": i.node,
+                    "domain": i.domain,
+                    "spans_domains": i.name in self.spans_domains,
+                }
+                for i in self.instances
+            ],
+            "tiers": {"names": [i.name for i in self.instances], "matrix": self.tier_matrix()},
+        }
+
     def by_name(self, name: str) -> Instance:
         for inst in self.instances:
             if inst.name == name:

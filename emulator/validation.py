@@ -5,16 +5,12 @@ Each problem is one line ``<field path>: <value and what is wrong>; <fix>``.
 
 from __future__ import annotations
 
+from emulator.capacity import effective_max_model_len, pool_memory_plan
 from emulator.catalog.gpus import GPUS, get_gpu
 from emulator.catalog.links import TIERS
 from emulator.catalog.models import get_model
-from emulator.engine.config import memory_plan
 from emulator.spec import ConcurrencyArrival, InferenceCluster, TraceArrival, TraceLength
 from emulator.topology import PlacementError, place
-
-
-def effective_max_model_len(pool, model) -> int:
-    return pool.max_model_len or model.max_model_len
 
 
 def cross_field_problems(cluster: InferenceCluster) -> list[str]:
@@ -64,17 +60,7 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
             )
         if pool.role not in ("aggregated", "prefill", "decode"):
             continue
-        plan = memory_plan(
-            model,
-            gpu,
-            dtype=spec.model.dtype,
-            kv_dtype=spec.model.kv_dtype,
-            tp=pool.tp,
-            pp=pool.pp,
-            block_size=pool.block_size,
-            gpu_memory_utilization=pool.gpu_memory_utilization,
-            max_num_batched_tokens=pool.max_num_batched_tokens,
-        )
+        plan = pool_memory_plan(spec, pool, model, gpu)
         if plan.weights >= plan.usable:
             problems.append(
                 f"{at}: weights need {plan.weights / 1e9:.1f} GB per GPU"

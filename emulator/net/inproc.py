@@ -38,12 +38,16 @@ class PacedLink:
             await asyncio.sleep(self.latency_s)
         left = nbytes
         payload = bytes(CHUNK_BYTES)
+        # The flow's own timeline: a late wake-up must not push every later chunk back
+        # (asyncio rounds sleeps up to the millisecond), so each chunk starts when the
+        # previous one was due, or when the link frees up, never at "now".
+        flow_due = loop.time()
         while left > 0:
             size = min(CHUNK_BYTES, left)
-            now = loop.time()
-            start = max(now, self._next_free)
+            start = max(flow_due, self._next_free)
             done = start + size / self.rate
             self._next_free = done
+            flow_due = done
             delay = done - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)

@@ -1,7 +1,10 @@
-"""The router's view of its backends: health, and load scraped from their ``/metrics``.
+"""The router's view of its backends: health, and load polled from them.
 
-Each backend is scraped every ``scrape_interval_s`` (100 ms: least-loaded sees
-load at most that stale) for vLLM's running/waiting gauges and KV usage; a
+Each backend is polled every ``scrape_interval_s`` (100 ms: least-loaded sees
+load at most that stale) for running/waiting requests and KV usage — from
+infemu's cheap ``/load`` JSON, or from vLLM's gauges in ``/metrics`` for any
+other vLLM-compatible backend (rendering every histogram at 10 Hz would itself
+disturb an emulated worker's step timing); a
 failed scrape ejects the backend, the next good one readmits it. Requests the
 router has in flight to a backend count too, so a burst between two scrapes
 does not all land on one backend.
@@ -32,6 +35,7 @@ class Backend:
     num_gpu_blocks: int = 0
     in_flight: int = 0
     failures: int = 0
+    load_endpoint: bool = True  # infemu workers answer /load; other vLLM look-alikes only /metrics
     last_ok: float = field(default=0.0)
 
     def snapshot(self) -> EndpointSnapshot:
@@ -91,10 +95,19 @@ class BackendPool:
     async def _scrape(self, b: Backend) -> None:
         assert self._session is not None
         try:
-            async with self._session.get(f"{b.url}/metrics") as resp:
-                if resp.status != 200:
-                    raise ClientError(f"status {resp.status}")
-                load = parse_load(await resp.text())
+            if b.load_endpoint:
+                async with self._session.get(f"{b.url}/load") as resp:
+                    if resp.status == 404:
+                        b.load_endpoint = False
+                    elif resp.status != 200:
+                        raise ClientError(f"status {resp.status}")
+                    else:
+                        load = await resp.json()
+            if not b.load_endpoint:
+                async with self._session.get(f"{b.url}/metrics") as resp:
+                    if resp.status != 200:
+                        raise ClientError(f"status {resp.status}")
+                    load = parse_load(await resp.text())
         except (ClientError, asyncio.TimeoutError, OSError) as exc:
             b.failures += 1
             if b.healthy:

@@ -181,7 +181,7 @@ class Router:
                 raise BackendFailed(str(exc)) from None
             async with resp:
                 if resp.status >= 500:
-                    raise BackendFailed(f"status {resp.status}")
+                    raise BackendFailed(f"status {resp.status}: {_message_of(await resp.read())}")
                 if resp.status >= 400 or "text/event-stream" not in resp.headers.get("Content-Type", ""):
                     data = await resp.read()
                     self.requests.labels(backend.name, "ok" if resp.status < 400 else "client_error").inc()
@@ -425,6 +425,13 @@ class _ClientStream:
         await resp.write_eof()
         self.done = True
         return resp
+
+
+def _message_of(data: bytes) -> str:
+    try:
+        return json.loads(data)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return data[:200].decode(errors="replace")
 
 
 def _sse(obj: dict) -> bytes:

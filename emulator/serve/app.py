@@ -81,15 +81,22 @@ class Worker:
         self.links: dict[str, PacedLink] = {}
         self.scales: dict[str, float] = {}
         gpus = self.setup.instance.num_gpus
+        overrides = {
+            self.topology.scale_up.name: spec.topology.scale_up.byte_scale,
+            self.topology.scale_out.name: spec.topology.scale_out.byte_scale,
+        }
         for tier in {self.topology.scale_up, self.topology.scale_out}:
             logical = tier.bandwidth * gpus
-            scale = byte_scale(logical, settings.target_link_rate)
+            scale = overrides.get(tier.name) or byte_scale(logical, settings.target_link_rate)
             self.scales[tier.name] = scale
             self.links[tier.name] = PacedLink(tier.name, logical / scale, tier.latency_s)
         self.dilation = spec.emulation.time_dilation
         for link in self.links.values():  # a dilated host moves the same bytes D times slower
             link.set(rate_bytes_per_s=link.rate / self.dilation, latency_s=link.latency_s * self.dilation)
         self.held_timers: dict[str, asyncio.TimerHandle] = {}
+        # live changes towards one peer instance ("*" = every peer): the fault-injection hook
+        self.peer_links: dict[str, PacedLink] = {}
+        self.cut: set[str] = set()
         self.session: ClientSession | None = None
         self.ready = False
         self.url = settings.url  # updated once the server knows its bound port
@@ -143,7 +150,13 @@ class Worker:
             )
         dst = request.query.get("to", "")
         tier = self._tier_to(dst)
-        link = self.links[tier.name]
+        if dst in self.cut or "*" in self.cut:
+            self._release(rid)
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": f"link {self.settings.instance} -> {dst} is cut"}),
+                content_type="application/json",
+            )
+        link = self.peer_links.get(dst) or self.peer_links.get("*") or self.links[tier.name]
         logical = self.setup.cost.kv_transfer_bytes(held.num_prompt_tokens)
         wire = max(1, math.ceil(logical / self.scales[tier.name]))
         resp = web.StreamResponse(
@@ -309,6 +322,55 @@ class Worker:
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def set_link(self, request: web.Request) -> web.Response:
+        """POST /admin/link {"to": peer instance or "*", "bandwidth_factor": f, "latency_us": l, "cut": bool,
+        "reset": bool}: degrade, delay or cut this instance's sending side towards a peer, live."""
+        try:
+            body = await request.json()
+            to = str(body.get("to", "*"))
+            if body.get("reset"):
+                self.peer_links.pop(to, None)
+                self.cut.discard(to)
+                return web.json_response({"to": to, "reset": True})
+            tier = self._tier_to(to) if to != "*" else self.topology.scale_out
+            base = self.links[tier.name]
+            factor = float(body.get("bandwidth_factor", 1.0))
+            if not 0 < factor <= 1e6:
+                raise ValueError("bandwidth_factor must be > 0")
+            latency = float(body["latency_us"]) * 1e-6 * self.dilation if "latency_us" in body else base.latency_s
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+            return _error(APIError(400, f"bad link change: {exc}", None, "invalid_value"))
+        if body.get("cut"):
+            self.cut.add(to)
+        else:
+            self.cut.discard(to)
+            link = self.peer_links.get(to)
+            if link is None:
+                link = self.peer_links[to] = PacedLink(f"{tier.name}->{to}", base.rate * factor, latency)
+            else:
+                link.set(rate_bytes_per_s=base.rate * factor, latency_s=latency)
+        return web.json_response(
+            {
+                "to": to,
+                "tier": tier.name,
+                "cut": to in self.cut,
+                "rate_bytes_per_s": None if to in self.cut else self.peer_links[to].rate,
+                "latency_s": None if to in self.cut else self.peer_links[to].latency_s,
+            }
+        )
+
+    async def load(self, request: web.Request) -> web.Response:
+        """What a router needs, without rendering every histogram (the router polls this at 10 Hz)."""
+        s = self.scheduler.stats()
+        return web.json_response(
+            {
+                "running": s.num_running,
+                "waiting": s.num_waiting,
+                "kv_usage": s.kv_usage,
+                "num_gpu_blocks": s.num_gpu_blocks,
+            }
+        )
+
     async def info(self, request: web.Request) -> web.Response:
         inst = self.setup.instance
         return web.json_response(
@@ -389,4 +451,6 @@ def create_app(settings: WorkerSettings) -> web.Application:
     app.router.add_get("/metrics", worker.metrics_endpoint)
     app.router.add_get("/internal/kv/{rid}", worker.serve_kv)
     app.router.add_get("/internal/info", worker.info)
+    app.router.add_get("/load", worker.load)
+    app.router.add_post("/admin/link", worker.set_link)
     return app
