@@ -1,10 +1,11 @@
 """Emulation against simulation: the same spec, plan and seed through real processes and through
 the simulator agree on TTFT and TPOT (means within 5%, p90 within 10%), and the workers keep their
-step timing error p99 within 2 ms (the single-worker quickstart).
+step timing error p99 within 2 ms.
 
 Python's HTTP path adds ~5 ms per request on a 2-core host; the quickstart's TTFT is ~40 ms, so it
 runs with time dilation D=4 (modelled durations x4, reported times /4), which the design provides for
-small hosts. The P/D example (TTFT ~180 ms, four processes on two cores) runs at D=3.
+small hosts (at D=1 the quickstart's TTFT mean reads ~12% high, its p90 and TPOT still agree).
+The P/D example (TTFT ~150 ms, four processes and the client on two cores) runs at D=3.
 """
 
 from __future__ import annotations
@@ -41,9 +42,7 @@ def _timing_p99(url: str) -> float:
     "name, rate, requests, dilation, timing_p99_s",
     [
         ("quickstart.yaml", 11.0, 150, 4.0, 0.002),  # about half of the ~22 req/s saturation
-        # about half of the prefill pools' saturation; four processes and the client share two
-        # cores, which puts the wake-up p99 at 3-6 ms (still under 5% of its 30-300 ms steps)
-        ("pd-llama70b-h100.yaml", 7.0, 120, 3.0, 0.010),
+        ("pd-llama70b-h100.yaml", 7.0, 120, 3.0, 0.002),  # about half of the prefill pools' saturation
     ],
 )
 def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilation, timing_p99_s):
