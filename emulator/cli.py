@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="return once ready; stop later with `infemu down`")
     p.add_argument("--json", action="store_true", help='print {"router": URL, "instances": [...]}')
     p.add_argument("--run-dir", help="where state and logs go (default .infemu/runs/<cluster>-<time>)")
+    p.add_argument(
+        "--shaping",
+        choices=["auto", "tc", "inproc"],
+        default="auto",
+        help="link shaping backend: tc (root: namespaces + qdiscs), inproc (no privileges), auto",
+    )
 
     p = sub.add_parser("link", help="change links of a running cluster live (degrade, delay, cut, reset)")
     lsub = p.add_subparsers(dest="link_command", required=True, metavar="ACTION")
@@ -111,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cut", action="store_true", help="fail every transfer on these links")
     p.add_argument("--reset", action="store_true", help="back to the tier's own numbers")
     p.add_argument("--run-dir", help="the cluster's run directory (default: the newest under .infemu/runs)")
+
+    p = sub.add_parser("doctor", help="which link-shaping backends work here and how fast they shape accurately")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="probe fewer rates")
 
     p = sub.add_parser("down", help="stop detached clusters (all of them, or one run directory)")
     p.add_argument("run_dir", nargs="?")
@@ -220,8 +230,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             ]
         )
     cluster = _select(clusters, args.cluster)[0]
-    lc = LocalCluster(args.spec, cluster.name, args.run_dir, detach=args.detach)
+    lc = LocalCluster(args.spec, cluster.name, args.run_dir, detach=args.detach, shaping=args.shaping)
     state = lc.start()
+    print(f"shaping: {state.shaping} — {lc.shaping_reason}", file=sys.stderr)
     if args.json:
         print(json.dumps(state.to_json()))
     else:
@@ -262,6 +273,35 @@ def cmd_link(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from emulator.net.doctor import diagnose
+
+    report = diagnose(quick=args.quick)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(
+        f"root: {'yes' if report['root'] else 'no'}; netem: {'yes' if report['netem'] else 'no'};"
+        f" ifb: {'yes' if report['ifb'] else 'no'}"
+    )
+    for name, b in report["backends"].items():
+        line = f"{name:7s} {'works' if b['works'] else 'unavailable'} — {b['why']}"
+        if "max_rate_MBps" in b:
+            line += f"; shapes accurately (within 5%) up to {b['max_rate_MBps']:.0f} MB/s on the wire"
+        print(line)
+        for m in b.get("measurements", []):
+            print(
+                f"          {m['rate_MBps']:6.0f} MB/s: {m['measured_s']:.3f} s vs {m['expected_s']:.3f} s"
+                f" ({m['error_pct']:+.1f}%)"
+            )
+    d = report["defaults"]
+    print(
+        f"defaults: shaping {d['shaping']}, {d['wire_rate_MBps']:.0f} MB/s per shaped link on the wire"
+        f" (byte scaling), latency {d['latency']}"
+    )
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from emulator.cluster.local import down
 
@@ -279,6 +319,7 @@ COMMANDS = {
     "up": cmd_up,
     "down": cmd_down,
     "link": cmd_link,
+    "doctor": cmd_doctor,
 }
 
 

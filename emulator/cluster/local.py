@@ -43,6 +43,8 @@ class RunState:
     run_dir: str
     router: str = ""
     processes: list[ProcessInfo] = field(default_factory=list)
+    shaping: str = "inproc"
+    run_id: str = ""  # names the tc backend's namespaces, veths and bridge
 
     def to_json(self) -> dict:
         return {
@@ -83,7 +85,9 @@ def _tail(path: str, lines: int = 5) -> str:
 
 
 class LocalCluster:
-    def __init__(self, spec_path: str, cluster_name: str, run_dir: str | None = None, detach: bool = False) -> None:
+    def __init__(
+        self, spec_path: str, cluster_name: str, run_dir: str | None = None, detach: bool = False, shaping: str = "auto"
+    ) -> None:
         self.spec_path = os.path.abspath(spec_path)
         self.cluster_name = cluster_name
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -91,11 +95,30 @@ class LocalCluster:
         self.detach = detach
         self.state = RunState(cluster_name, self.spec_path, self.run_dir)
         self._procs: dict[str, subprocess.Popen] = {}
+        self.shaping_request = shaping
+        self.shaping_reason = ""
+        self._hosts: dict = {}
 
-    def _spawn(self, kind: str, name: str, role: str, extra: list[str]) -> ProcessInfo:
+    def _choose_shaping(self) -> str:
+        from emulator.net import tc
+
+        if self.shaping_request == "inproc":
+            self.shaping_reason = "in-process pacing (requested)"
+            return "inproc"
+        ok, why = tc.available()
+        if ok:
+            self.shaping_reason = f"kernel HTB/TBF in network namespaces ({why})"
+            return "tc"
+        if self.shaping_request == "tc":
+            raise ClusterStartError([f"--shaping tc: {why}; run as root or use --shaping inproc"])
+        self.shaping_reason = f"in-process pacing (tc unavailable: {why})"
+        return "inproc"
+
+    def _spawn(self, kind: str, name: str, role: str, extra: list[str], netns: str | None = None) -> ProcessInfo:
         log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
         port_file = os.path.join(self.run_dir, "ports", name)
         cmd = [
+            *(["ip", "netns", "exec", netns] if netns else []),
             sys.executable,
             "-m",
             "emulator.cluster.process",
@@ -134,8 +157,9 @@ class LocalCluster:
                     )
                 port_file = os.path.join(self.run_dir, "ports", name)
                 if not info.url and os.path.exists(port_file):
+                    host = self._hosts[name].address if name in self._hosts else "127.0.0.1"
                     with open(port_file, encoding="utf-8") as fh:
-                        info.url = f"http://127.0.0.1:{fh.read().strip()}"
+                        info.url = f"http://{host}:{fh.read().strip()}"
                 if info.url and _get(f"{info.url}/ready") == 200:
                     del pending[name]
             if time.monotonic() > deadline:
@@ -152,13 +176,21 @@ class LocalCluster:
         cluster = next((c for c in load_clusters(self.spec_path) if c.name == self.cluster_name), None)
         if cluster is None:
             raise SpecError([f"{self.spec_path}: no cluster named {self.cluster_name!r}"])
-        _, setups = build_instances(cluster.spec)
+        topo, setups = build_instances(cluster.spec)
         for sub in ("logs", "ports"):
             os.makedirs(os.path.join(self.run_dir, sub), exist_ok=True)
+        self.state.shaping = self._choose_shaping()
         try:
-            workers = [
-                self._spawn("worker", s.instance.name, s.instance.role, ["--instance", s.instance.name]) for s in setups
-            ]
+            if self.state.shaping == "tc":
+                self._build_network(cluster, topo, setups)
+            workers = []
+            for s in setups:
+                name = s.instance.name
+                extra = ["--instance", name, "--shaping", self.state.shaping]
+                host = self._hosts.get(name)
+                if host is not None:
+                    extra += ["--host", host.address]
+                workers.append(self._spawn("worker", name, s.instance.role, extra, host.netns if host else None))
             self._wait_ready(workers)
             backends = [{"name": w.name, "role": w.role, "url": w.url} for w in workers]
             backends_file = os.path.join(self.run_dir, "backends.json")
@@ -173,6 +205,20 @@ class LocalCluster:
             raise
         return self.state
 
+    def _build_network(self, cluster, topo, setups) -> None:
+        """tc backend: a namespace per instance on a private bridge, each with its static tree."""
+        from emulator.net.plan import link_plan
+        from emulator.net.tc import TcNetwork, TierClass
+
+        self.state.run_id = os.urandom(3).hex()
+        self.state.save()  # recorded before anything exists, so `infemu down` can always clean up
+        net = TcNetwork(self.state.run_id)
+        self._hosts = net.create([s.instance.name for s in setups])
+        for s in setups:
+            plan = link_plan(cluster.spec, topo, s.instance)
+            classes = [TierClass(p.tier.kind, p.wire_rate, 10 * (i + 1)) for i, p in enumerate(plan.values())]
+            net.shape(s.instance.name, classes)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         stop_processes([p.pid for p in self.state.processes], timeout_s)
         for proc in self._procs.values():
@@ -180,6 +226,10 @@ class LocalCluster:
                 proc.wait(timeout=0.1)
             except subprocess.TimeoutExpired:
                 pass
+        if self.state.run_id:
+            from emulator.net.tc import cleanup
+
+            cleanup(self.state.run_id)
 
     def dead_processes(self) -> list[tuple[str, int]]:
         return [(n, p.returncode) for n, p in self._procs.items() if p.poll() is not None]
@@ -243,4 +293,10 @@ def down(run_dir: str | None = None) -> list[str]:
         if pids:
             stop_processes(pids)
             stopped.append(f"{state.cluster} ({d}): {len(pids)} processes stopped")
+        if state.run_id:
+            from emulator.net.tc import cleanup
+
+            removed = cleanup(state.run_id)
+            if removed:
+                stopped.append(f"{state.cluster} ({d}): removed {', '.join(removed)}")
     return stopped

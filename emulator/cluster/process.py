@@ -35,7 +35,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
     if args.kind == "worker":
         from emulator.serve.app import WorkerSettings, create_app
 
-        return create_app(WorkerSettings(cluster, args.instance, host=args.host, port=args.port))
+        return create_app(WorkerSettings(cluster, args.instance, host=args.host, port=args.port, shaping=args.shaping))
     from emulator.build import build_instances
     from emulator.catalog.models import get_model
     from emulator.router.proxy import RouterSettings, create_router_app
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--port-file")
+    ap.add_argument("--shaping", choices=["inproc", "tc"], default="inproc")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -25,7 +25,9 @@ from emulator.catalog.models import get_model
 from emulator.engine.hashing import hashes_from_tokens
 from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
-from emulator.net.inproc import PacedLink, byte_scale
+from emulator.net.inproc import PacedLink
+from emulator.net.plan import link_plan
+from emulator.net.tc import KernelLink
 from emulator.serve.engine_loop import RealTimeEngine, StreamEvent
 from emulator.serve.metrics import EngineMetrics
 from emulator.serve.protocol import APIError, GenerationRequest, full_response, parse_request, stream_chunk, usage_chunk
@@ -45,7 +47,7 @@ class WorkerSettings:
     instance: str
     host: str = "127.0.0.1"
     port: int = 8000
-    target_link_rate: float = 40e6  # bytes/s on the wire per shaped link (byte scaling)
+    shaping: str = "inproc"  # inproc: pace in this process; tc: the namespace's qdiscs shape, we mark TOS
 
     @property
     def url(self) -> str:
@@ -78,21 +80,15 @@ class Worker:
         self.metrics = EngineMetrics(self.model_name, eng.max_model_len, cache_info)
         self.scheduler = Scheduler(eng)
         self.engine: RealTimeEngine | None = None
-        self.links: dict[str, PacedLink] = {}
+        self.links: dict[str, PacedLink | KernelLink] = {}
         self.scales: dict[str, float] = {}
-        gpus = self.setup.instance.num_gpus
-        overrides = {
-            self.topology.scale_up.name: spec.topology.scale_up.byte_scale,
-            self.topology.scale_out.name: spec.topology.scale_out.byte_scale,
-        }
-        for tier in {self.topology.scale_up, self.topology.scale_out}:
-            logical = tier.bandwidth * gpus
-            scale = overrides.get(tier.name) or byte_scale(logical, settings.target_link_rate)
-            self.scales[tier.name] = scale
-            self.links[tier.name] = PacedLink(tier.name, logical / scale, tier.latency_s)
-        self.dilation = spec.emulation.time_dilation
-        for link in self.links.values():  # a dilated host moves the same bytes D times slower
-            link.set(rate_bytes_per_s=link.rate / self.dilation, latency_s=link.latency_s * self.dilation)
+        for name, plan in link_plan(spec, self.topology, self.setup.instance).items():
+            self.scales[name] = plan.scale
+            if settings.shaping == "tc":
+                self.links[name] = KernelLink(name, plan.tier.kind, plan.wire_rate, plan.latency_s)
+            else:
+                self.links[name] = PacedLink(name, plan.wire_rate, plan.latency_s)
+        self.dilation = spec.emulation.time_dilation  # link_plan already slowed the links D-fold
         self.held_timers: dict[str, asyncio.TimerHandle] = {}
         # live changes towards one peer instance ("*" = every peer): the fault-injection hook
         self.peer_links: dict[str, PacedLink] = {}
@@ -127,9 +123,11 @@ class Worker:
 
     async def _pull_kv(self, req: Request, source: dict) -> None:
         url = f"{source['remote_url']}/internal/kv/{source['remote_request_id']}"
-        t0 = asyncio.get_running_loop().time()
         assert self.session is not None
         async with self.session.get(url, params={"to": self.settings.instance}) as resp:
+            # the transfer proper: from the sender's response (it then adds the latency and
+            # streams the bytes) to the last byte; request set-up is not part of the link
+            t0 = asyncio.get_running_loop().time()
             if resp.status != 200:
                 raise RuntimeError(f"{url} answered {resp.status}: {(await resp.text())[:200]}")
             logical = float(resp.headers.get("X-Infemu-Logical-Bytes", "0"))
@@ -168,6 +166,8 @@ class Worker:
             }
         )
         await resp.prepare(request)
+        if isinstance(link, KernelLink):
+            link.mark(request.transport.get_extra_info("socket") if request.transport else None)
         try:
             await link.send(wire, resp.write)
             await resp.write_eof()
