@@ -97,6 +97,11 @@ class PoolSpec(_Model):
     step_overhead_us: float = Field(
         250.0, ge=0, description="Fixed CPU/launch cost per engine step (scheduler + CUDA-graph replay)."
     )
+    placement: list[list[int]] | None = Field(
+        None,
+        description="Explicit GPU ids per replica (global id = node * gpusPerNode + local id); "
+        "default: packed in spec order, never straddling a scale-up domain.",
+    )
 
     @property
     def gpus_per_instance(self) -> int:

@@ -129,6 +129,29 @@ def place(spec: ClusterSpec) -> Topology:
         need = pool.gpus_per_instance
         for r in range(pool.replicas):
             name = instance_name(pool, r)
+            if pool.placement is not None:
+                chosen = _explicit(pool, pi, r, need, free, total)
+                if len({g // domain for g in chosen}) > 1:
+                    if not topo.allow_cross_domain_tp:
+                        raise PlacementError(
+                            f"spec.pools[{pi}].placement[{r}]: GPUs {chosen} straddle scale-up domains of {domain}; "
+                            "pick GPUs in one domain or set topology.allowCrossDomainTp"
+                        )
+                    spans.add(name)
+                for g in chosen:
+                    free.remove(g)
+                instances.append(
+                    Instance(
+                        name,
+                        pool.name,
+                        pool.role,
+                        r,
+                        tuple(chosen),
+                        chosen[0] // topo.gpus_per_node,
+                        chosen[0] // domain,
+                    )
+                )
+                continue
             chosen = _take_within_domain(free, need, domain)
             if chosen is None:
                 if not topo.allow_cross_domain_tp or len(free) < need:
@@ -158,6 +181,22 @@ def place(spec: ClusterSpec) -> Topology:
                 )
             )
     return Topology(gpu, topo.nodes, topo.gpus_per_node, domain, up, out, tuple(instances), frozenset(spans))
+
+
+def _explicit(pool: PoolSpec, pi: int, r: int, need: int, free: list[int], total: int) -> list[int]:
+    at = f"spec.pools[{pi}].placement"
+    if len(pool.placement) != pool.replicas:
+        raise PlacementError(f"{at}: {len(pool.placement)} entries for {pool.replicas} replicas; give one per replica")
+    chosen = list(pool.placement[r])
+    if len(chosen) != need or len(set(chosen)) != need:
+        raise PlacementError(f"{at}[{r}]: {chosen} must name {need} distinct GPUs (tp*pp)")
+    bad = [g for g in chosen if not 0 <= g < total]
+    if bad:
+        raise PlacementError(f"{at}[{r}]: GPU ids {bad} outside 0..{total - 1}")
+    taken = [g for g in chosen if g not in free]
+    if taken:
+        raise PlacementError(f"{at}[{r}]: GPUs {taken} are already used by another instance")
+    return chosen
 
 
 def _take_within_domain(free: list[int], need: int, domain: int) -> list[int] | None:

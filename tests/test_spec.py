@@ -109,3 +109,25 @@ def test_gamma_cv_error_drops_the_union_tag(tmp_path):
 def test_multi_document_spec_compares_designs():
     names = [c.name for c in load_clusters(example("tp-vs-pp.yaml"))]
     assert names == ["intra-op-tp2", "inter-op-pp2"]
+
+
+def test_explicit_placement_sets_the_tier_between_instances(tmp_path):
+    from emulator.topology import place
+
+    pools = """
+- {name: p, role: prefill, tp: 4, placement: [[8, 9, 10, 11]]}
+- {name: d, role: decode, tp: 4, placement: [[12, 13, 14, 15]]}
+- {name: q, role: prefill, tp: 4, placement: [[0, 1, 2, 3]]}
+"""
+    cluster = load_clusters(write_spec(tmp_path, pools, nodes=2))[0]
+    topo = place(cluster.spec)
+    p, d, q = topo.instances
+    assert p.node == 1 and topo.tier_between(p, d).name == "nvlink4"
+    assert topo.tier_between(q, d).name == "ib-ndr-400"
+
+
+def test_bad_explicit_placement_names_the_field(tmp_path):
+    (line,) = problems(write_spec(tmp_path, "- {name: a, tp: 4, placement: [[6, 7, 8, 9]]}", nodes=2))
+    assert "spec.pools[0].placement[0]: GPUs [6, 7, 8, 9] straddle scale-up domains" in line
+    (line,) = problems(write_spec(tmp_path, "- {name: a, tp: 4, replicas: 2, placement: [[0, 1, 2, 3], [3, 4, 5, 6]]}"))
+    assert "spec.pools[0].placement[1]: GPUs [3] are already used" in line
