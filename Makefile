@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/infemu sim examples/quickstart.yaml
+	$(BIN)/infemu run examples/quickstart.yaml --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

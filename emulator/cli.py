@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON (one object per cluster)")
     p.add_argument("--no-bulk", action="store_true", help="step every decode iteration (slower; for checks)")
 
+    p = sub.add_parser("run", help="start the cluster locally, drive the workload, report SLO attainment")
+    p.add_argument("spec")
+    _add_workload_flags(p)
+    p.add_argument("--cluster", help="document name in a multi-document spec")
+    p.add_argument("--out", help="report folder: requests.jsonl, summary.json, instances.json")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--shaping", choices=["auto", "tc", "inproc"], default="auto")
+
     p = sub.add_parser("cost", help="per-operator time of one engine step")
     p.add_argument("spec")
     p.add_argument("--pool", help="pool name (default: the first pool)")
@@ -137,23 +145,13 @@ def _select(clusters, name: str | None):
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from emulator.overrides import WorkloadOverrides, apply_overrides
+    from emulator.overrides import apply_overrides
     from emulator.report import print_summary_table, write_report
     from emulator.sim.simulator import simulate
     from emulator.spec import load_clusters
     from emulator.workload.plan import build_plan
 
-    ov = WorkloadOverrides(
-        rate=args.rate,
-        requests=args.requests,
-        duration=args.duration,
-        concurrency=args.concurrency,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        trace=args.trace,
-        trace_format=args.trace_format,
-        seed=args.seed,
-    )
+    ov = _overrides(args)
     clusters = _select(load_clusters(args.spec), args.cluster)
     base_dir = os.path.dirname(os.path.abspath(args.spec))
     results = []
@@ -173,6 +171,49 @@ def cmd_sim(args: argparse.Namespace) -> int:
     else:
         for cluster, result, wall in results:
             print_summary_table(cluster, result, wall)
+    return 0
+
+
+def _overrides(args: argparse.Namespace):
+    from emulator.overrides import WorkloadOverrides
+
+    return WorkloadOverrides(
+        rate=args.rate,
+        requests=args.requests,
+        duration=args.duration,
+        concurrency=args.concurrency,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        trace=args.trace,
+        trace_format=args.trace_format,
+        seed=args.seed,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from emulator.overrides import apply_overrides
+    from emulator.report import print_summary_table
+    from emulator.run import run
+    from emulator.spec import load_clusters
+    from emulator.workload.plan import build_plan
+
+    clusters = load_clusters(args.spec)
+    if args.cluster is None and len(clusters) > 1:
+        raise SpecError(
+            [
+                f"--cluster: {args.spec} holds {len(clusters)} clusters; name one of "
+                f"{', '.join(c.name for c in clusters)}"
+            ]
+        )
+    cluster = apply_overrides(_select(clusters, args.cluster)[0], _overrides(args))
+    plan = build_plan(cluster.spec.workload, os.path.dirname(os.path.abspath(args.spec)))
+    result = run(cluster, args.spec, plan, args.out, shaping=args.shaping)
+    if args.json:
+        print(json.dumps(result.summary))
+    else:
+        print_summary_table(cluster, result)
+        if args.out:
+            print(f"  report: {args.out}/requests.jsonl, summary.json, instances.json")
     return 0
 
 
@@ -312,6 +353,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "sim": cmd_sim,
+    "run": cmd_run,
     "cost": cmd_cost,
     "validate": cmd_validate,
     "catalog": cmd_catalog,

@@ -89,8 +89,43 @@ async def send_one(session: ClientSession, url: str, p: PlannedRequest, body: by
     return rec
 
 
+async def run_closed_loop(
+    url: str, model: str, plan: RequestPlan, vocab: int, dilation: float = 1.0, on_done=None
+) -> list[RequestRecord]:
+    """``plan.concurrency`` clients, each sending the next planned request when its last one ends."""
+    bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
+    queue = list(plan.requests)
+    records: list[RequestRecord] = []
+    stop_at = None if plan.duration_s is None else time.perf_counter() + plan.duration_s * dilation
+    async with ClientSession(timeout=ClientTimeout(total=None), connector=TCPConnector(limit=0)) as session:
+        t_origin = time.perf_counter()
+
+        async def client() -> None:
+            while queue and (stop_at is None or time.perf_counter() < stop_at):
+                p = queue.pop(0)
+                rec = await send_one(session, url, p, bodies[p.index], t_origin)
+                records.append(rec)
+                if on_done is not None:
+                    on_done(rec)
+
+        await asyncio.gather(*(client() for _ in range(plan.concurrency or 1)))
+    for rec in records:
+        for attr in ("arrival_s", "first_token_s", "finish_s"):
+            if getattr(rec, attr) is not None:
+                setattr(rec, attr, getattr(rec, attr) / dilation)
+        if rec.itl_max_ms is not None:
+            rec.itl_max_ms /= dilation
+    return sorted(records, key=lambda r: int(r.request_id.split("-")[1]))
+
+
 async def run_plan(
-    url: str, model: str, plan: RequestPlan, vocab: int, max_connections: int = 1000, dilation: float = 1.0
+    url: str,
+    model: str,
+    plan: RequestPlan,
+    vocab: int,
+    max_connections: int = 1000,
+    dilation: float = 1.0,
+    on_done=None,
 ) -> tuple[list[RequestRecord], np.ndarray]:
     """Send every planned request at its arrival time; returns records and start lags (s).
 
@@ -111,7 +146,10 @@ async def run_plan(
             lags.append(lag)
             if len(lags) % 20 == 0:
                 lead[0] = min(max(float(np.median(np.asarray(lags[-200:]) + lead[0])), 0.0), 0.002)
-            return await send_one(session, url, p, bodies[p.index], t_origin)
+            rec = await send_one(session, url, p, bodies[p.index], t_origin)
+            if on_done is not None:
+                on_done(rec)
+            return rec
 
         records = await asyncio.gather(*(at(p) for p in plan.requests))
     # arrival is the planned time, so coordinated omission shows up as TTFT, not hidden

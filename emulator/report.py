@@ -40,6 +40,17 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
     )
     if wall_s is not None:
         console.print(f"  simulated {result.simulated_s:.1f} s in {wall_s:.2f} s wall ({result.events} events)")
+    elif getattr(result, "instances", None):
+        for name, st in result.instances.items():
+            q = st.get("prefix_cache_queries", 0)
+            hit = f"prefix hits {100 * st.get('prefix_cache_hits', 0) / q:.0f}%" if q else "no prefix queries"
+            ratio = 100 * st.get("timing_error_ratio", 0)
+            flag = " (over the 5% budget: raise spec.emulation.timeDilation)" if st.get("overloaded") else ""
+            console.print(
+                f"  {name} ({st.get('role')}): {hit}, {int(st.get('preemptions', 0))} preemptions,"
+                f" step timing error p99 {1e3 * st.get('timing_error_p99_s', 0):.2f} ms"
+                f" = {ratio:.1f}% of the median step{flag}"
+            )
 
 
 def write_report(out_dir: str, cluster, result) -> None:

@@ -163,3 +163,50 @@ def test_a_killed_backend_gives_retries_before_the_first_byte_and_errors_after(t
             assert ok.usage.completion_tokens == 3
     finally:
         infemu("down", cwd=str(tmp_path))
+
+
+def test_infemu_run_reports_the_sim_summary_keys_and_writes_the_report(tmp_path):
+    from emulator.results import SUMMARY_KEYS
+
+    r = infemu(
+        "run",
+        example("quickstart.yaml"),
+        "--requests",
+        "20",
+        "--rate",
+        "5",
+        "--out",
+        "rep",
+        "--json",
+        "--shaping",
+        "inproc",
+        cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert list(summary) == list(SUMMARY_KEYS) and summary["completed"] == 20 and summary["failed"] == 0
+    assert "20/20 done" in r.stderr  # live progress
+    lines = (tmp_path / "rep" / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 20 and json.loads(lines[0])["ttft_ms"] > 0
+    assert json.loads((tmp_path / "rep" / "summary.json").read_text()) == summary
+    assert "agg-0" in json.loads((tmp_path / "rep" / "instances.json").read_text())
+    assert not emulator_pids()
+
+
+def test_infemu_run_closed_loop_concurrency(tmp_path):
+    r = infemu(
+        "run",
+        example("quickstart.yaml"),
+        "--concurrency",
+        "3",
+        "--requests",
+        "9",
+        "--output-len",
+        "8",
+        "--json",
+        "--shaping",
+        "inproc",
+        cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["completed"] == 9

@@ -86,7 +86,13 @@ def _tail(path: str, lines: int = 5) -> str:
 
 class LocalCluster:
     def __init__(
-        self, spec_path: str, cluster_name: str, run_dir: str | None = None, detach: bool = False, shaping: str = "auto"
+        self,
+        spec_path: str,
+        cluster_name: str,
+        run_dir: str | None = None,
+        detach: bool = False,
+        shaping: str = "auto",
+        cluster=None,
     ) -> None:
         self.spec_path = os.path.abspath(spec_path)
         self.cluster_name = cluster_name
@@ -96,6 +102,7 @@ class LocalCluster:
         self.state = RunState(cluster_name, self.spec_path, self.run_dir)
         self._procs: dict[str, subprocess.Popen] = {}
         self.shaping_request = shaping
+        self.cluster = cluster  # an already-overridden cluster; processes still read the spec file
         self.shaping_reason = ""
         self._hosts: dict = {}
 
@@ -173,7 +180,7 @@ class LocalCluster:
         from emulator.build import build_instances
         from emulator.spec import load_clusters
 
-        cluster = next((c for c in load_clusters(self.spec_path) if c.name == self.cluster_name), None)
+        cluster = self.cluster or next((c for c in load_clusters(self.spec_path) if c.name == self.cluster_name), None)
         if cluster is None:
             raise SpecError([f"{self.spec_path}: no cluster named {self.cluster_name!r}"])
         topo, setups = build_instances(cluster.spec)

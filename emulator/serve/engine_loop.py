@@ -225,6 +225,7 @@ class RealTimeEngine:
             p99 = float(np.percentile(self._errors, 99))
             median = float(np.median(self._durations))
             self.metrics.timing_error_p99.set(p99)
+            self.metrics.timing_error_ratio.set(p99 / median if median > 0 else 0.0)
             overloaded = p99 > 0.05 * median
             self.metrics.overloaded.set(1 if overloaded else 0)
             if overloaded and self.now() - self._warned_at > 10:

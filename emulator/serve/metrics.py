@@ -202,6 +202,9 @@ class EngineMetrics:
         self.timing_error_p99 = gauge(
             "infemu_iteration_timing_error_p99_seconds", "p99 of the step timing error over the last 1000 steps."
         )
+        self.timing_error_ratio = gauge(
+            "infemu_iteration_timing_error_ratio", "Step timing error p99 divided by the median modelled step."
+        )
         self.overloaded = gauge(
             "infemu_emulation_overloaded",
             "1 when the timing error p99 exceeds 5% of the median step: results are not faithful.",

@@ -1,0 +1,117 @@
+"""``infemu run``: start the local cluster, drive the spec's workload through the router, measure
+every request from the stream, stop the cluster, and report.
+
+The report folder holds ``requests.jsonl`` (one record per request, the simulator's fields),
+``summary.json`` (the same keys as ``infemu sim --json``) and ``instances.json`` (final engine
+stats scraped from each worker). Live progress goes to stderr once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from emulator.catalog.models import get_model
+from emulator.client import run_closed_loop, run_plan
+from emulator.cluster.local import LocalCluster
+from emulator.results import RequestRecord, summarize, write_jsonl
+from emulator.spec import InferenceCluster
+from emulator.workload.plan import RequestPlan
+
+
+@dataclass
+class RunResult:
+    name: str
+    records: list[RequestRecord]
+    summary: dict
+    instances: dict = field(default_factory=dict)
+    events: int = 0
+    simulated_s: float = 0.0  # wall seconds of load (the table's "simulated" line reads it)
+
+
+class Progress:
+    """Elapsed, completed, req/s and the running SLO attainment, printed once a second."""
+
+    def __init__(self, cluster: InferenceCluster, total: int, stream=sys.stderr) -> None:
+        self.slo = cluster.spec.slo
+        self.total = total
+        self.stream = stream
+        self.done = 0
+        self.met = 0
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+
+    def __call__(self, rec: RequestRecord) -> None:
+        self.done += 1
+        self.met += rec.meets(self.slo.ttft_ms, self.slo.tpot_ms)
+        now = time.perf_counter()
+        if now - self._last >= 1.0 or self.done == self.total:
+            self._last = now
+            el = now - self.t0
+            print(
+                f"  {el:6.1f}s  {self.done}/{self.total} done  {self.done / max(el, 1e-9):6.1f} req/s"
+                f"  attainment {100 * self.met / self.done:5.1f}%",
+                file=self.stream,
+                flush=True,
+            )
+
+
+def _scrape(url: str) -> dict:
+    out: dict = {}
+    try:
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()  # loopback only
+    except OSError:
+        return out
+    for line in text.splitlines():
+        for key, name in (
+            ("prefix_cache_hits", "vllm:prefix_cache_hits_total"),
+            ("prefix_cache_queries", "vllm:prefix_cache_queries_total"),
+            ("preemptions", "vllm:num_preemptions_total"),
+            ("timing_error_p99_s", "infemu_iteration_timing_error_p99_seconds"),
+            ("overloaded", "infemu_emulation_overloaded"),
+            ("timing_error_ratio", "infemu_iteration_timing_error_ratio"),
+            ("kv_transfer_bytes", "infemu_kv_transfer_bytes_total"),
+        ):
+            if line.startswith(name + "{"):
+                out[key] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def run(
+    cluster: InferenceCluster, spec_path: str, plan: RequestPlan, out_dir: str | None, shaping: str = "auto"
+) -> RunResult:
+    lc = LocalCluster(spec_path, cluster.name, shaping=shaping, cluster=cluster)
+    state = lc.start()
+    print(
+        f"cluster {cluster.name} ready: router {state.router}; shaping {state.shaping} ({lc.shaping_reason})",
+        file=sys.stderr,
+    )
+    progress = Progress(cluster, len(plan.requests))
+    model = cluster.spec.model.name
+    vocab = get_model(model).vocab
+    dilation = cluster.spec.emulation.time_dilation
+    t0 = time.perf_counter()
+    try:
+        if plan.concurrency:
+            records = asyncio.run(run_closed_loop(state.router, model, plan, vocab, dilation, on_done=progress))
+        else:
+            records, _ = asyncio.run(run_plan(state.router, model, plan, vocab, dilation=dilation, on_done=progress))
+        instances = {p.name: {"role": p.role, **_scrape(p.url)} for p in state.processes if p.role != "router"}
+    finally:
+        lc.stop()
+    wall = time.perf_counter() - t0
+    slo = cluster.spec.slo
+    result = RunResult(cluster.name, records, summarize(records, slo.ttft_ms, slo.tpot_ms), instances, simulated_s=wall)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        write_jsonl(os.path.join(out_dir, "requests.jsonl"), records)
+        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
+            json.dump(result.summary, fh, indent=2)
+        with open(os.path.join(out_dir, "instances.json"), "w", encoding="utf-8") as fh:
+            json.dump(instances, fh, indent=2)
+    return result
