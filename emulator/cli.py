@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--shaping", choices=["auto", "tc", "inproc"], default="auto")
 
+    p = sub.add_parser("sweep", help="SLO attainment against rate, and goodput (simulated with --sim)")
+    p.add_argument("spec")
+    p.add_argument("--rates", required=True, help="comma-separated request rates, e.g. 1,2,4,8")
+    p.add_argument("--sim", action="store_true", help="simulate instead of emulating")
+    p.add_argument("--requests", type=_positive_int, help="requests per rate (default: the spec's)")
+    p.add_argument("--cluster", help="document name in a multi-document spec")
+    p.add_argument("--out", help="write sweep.json and sweep.png here")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--shaping", choices=["auto", "tc", "inproc"], default="auto")
+
     p = sub.add_parser("cost", help="per-operator time of one engine step")
     p.add_argument("spec")
     p.add_argument("--pool", help="pool name (default: the first pool)")
@@ -214,6 +224,55 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_summary_table(cluster, result)
         if args.out:
             print(f"  report: {args.out}/requests.jsonl, summary.json, instances.json")
+    return 0
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError([f"--rates: {text!r} is not a comma-separated list of numbers"]) from None
+    if not rates or any(r <= 0 for r in rates):
+        raise SpecError([f"--rates: {text!r}: give one or more rates > 0, e.g. 1,2,4"])
+    return sorted(set(rates))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from emulator.spec import load_clusters
+    from emulator.sweep import goodput, sweep, write_outputs
+
+    rates = _rates(args.rates)
+    clusters = _select(load_clusters(args.spec), args.cluster)
+    for cluster in clusters:
+        points = sweep(cluster, args.spec, rates, simulate_only=args.sim, requests=args.requests, shaping=args.shaping)
+        gp = goodput(points, cluster.spec.slo.attainment_target)
+        if args.out:
+            out = args.out if len(clusters) == 1 else os.path.join(args.out, cluster.name)
+            plot = write_outputs(out, cluster, points, gp)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "cluster": cluster.name,
+                        "goodput_rps": gp,
+                        "points": [{"rate": p.rate, "slo_attainment": p.summary["slo_attainment"]} for p in points],
+                    }
+                )
+            )
+            continue
+        print(f"{cluster.name} ({'simulated' if args.sim else 'emulated'}):")
+        print(f"  {'rate':>7} {'attain':>7} {'TTFT p90':>9} {'TPOT p90':>9} {'tok/s':>8}")
+        for p in points:
+            s = p.summary
+            print(
+                f"  {p.rate:7g} {100 * s['slo_attainment']:6.1f}% {s['ttft_ms']['p90'] or 0:9.1f}"
+                f" {s['tpot_ms']['p90'] or 0:9.2f} {s['output_tokens_per_s']:8.0f}"
+            )
+        target = cluster.spec.slo.attainment_target
+        print(
+            f"  goodput: {gp:g} req/s (highest swept rate with attainment >= {100 * target:.0f}%)"
+            + (f"; plot {plot}" if args.out else "")
+        )
     return 0
 
 
@@ -354,6 +413,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 COMMANDS = {
     "sim": cmd_sim,
     "run": cmd_run,
+    "sweep": cmd_sweep,
     "cost": cmd_cost,
     "validate": cmd_validate,
     "catalog": cmd_catalog,

@@ -123,3 +123,31 @@ def test_malformed_trace_is_a_clear_error(tmp_path):
     bad.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2}\nnot json\n')
     r = infemu("sim", "examples/quickstart.yaml", "--trace", str(bad), "--trace-format", "mooncake")
     assert r.returncode == 2 and f"{bad}:2: invalid JSON" in r.stderr
+
+
+def test_sweep_finds_goodput_and_writes_a_plot(tmp_path):
+    r = infemu(
+        "sweep",
+        example("quickstart.yaml"),
+        "--rates",
+        "8,20,28",
+        "--sim",
+        "--requests",
+        "400",
+        "--json",
+        "--out",
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    attain = {p["rate"]: p["slo_attainment"] for p in out["points"]}
+    assert attain[8.0] >= 0.9 and attain[28.0] < 0.9  # past the ~22 req/s knee
+    assert out["goodput_rps"] == max(rate for rate, a in attain.items() if a >= 0.9)
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "sweep.json").read_text())["goodput_rps"] == out["goodput_rps"]
+
+
+@pytest.mark.parametrize("rates", ["a,b", "-1,2", ""])
+def test_sweep_rejects_bad_rates(rates):
+    r = infemu("sweep", "examples/quickstart.yaml", "--rates", rates, "--sim")
+    assert r.returncode == 2 and "--rates" in r.stderr and "Traceback" not in r.stderr

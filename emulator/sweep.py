@@ -1,0 +1,82 @@
+"""``infemu sweep``: SLO attainment against request rate, and goodput — the highest rate whose
+attainment meets the target (DistServe's definition) — simulated or emulated."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from emulator.overrides import WorkloadOverrides, apply_overrides
+from emulator.spec import InferenceCluster
+from emulator.workload.plan import build_plan
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    rate: float
+    summary: dict
+
+
+def sweep(
+    cluster: InferenceCluster,
+    spec_path: str,
+    rates: list[float],
+    *,
+    simulate_only: bool,
+    requests: int | None = None,
+    shaping: str = "auto",
+) -> list[SweepPoint]:
+    points = []
+    base_dir = os.path.dirname(os.path.abspath(spec_path))
+    for rate in rates:
+        c = apply_overrides(cluster, WorkloadOverrides(rate=rate, requests=requests))
+        plan = build_plan(c.spec.workload, base_dir)
+        if simulate_only:
+            from emulator.sim.simulator import simulate
+
+            summary = simulate(c, plan).summary
+        else:
+            from emulator.run import run
+
+            summary = run(c, spec_path, plan, None, shaping=shaping).summary
+        points.append(SweepPoint(rate, summary))
+    return points
+
+
+def goodput(points: list[SweepPoint], target: float) -> float:
+    """The highest swept rate whose attainment meets the target (0 when none does)."""
+    ok = [p.rate for p in points if p.summary["slo_attainment"] >= target]
+    return max(ok, default=0.0)
+
+
+def write_outputs(out_dir: str, cluster: InferenceCluster, points: list[SweepPoint], gp: float) -> str:
+    """sweep.json and sweep.png (attainment and TTFT/TPOT p90 against rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "sweep.json"), "w", encoding="utf-8") as fh:
+        json.dump({"goodput_rps": gp, "points": [{"rate": p.rate, **p.summary} for p in points]}, fh, indent=2)
+    rates = [p.rate for p in points]
+    target = cluster.spec.slo.attainment_target
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(rates, [100 * p.summary["slo_attainment"] for p in points], "o-")
+    ax1.axhline(100 * target, color="grey", ls="--", label=f"target {100 * target:.0f}%")
+    if gp:
+        ax1.axvline(gp, color="green", ls=":", label=f"goodput {gp:g} req/s")
+    ax1.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", title=cluster.name, ylim=(0, 105))
+    ax1.legend()
+    ax2.plot(rates, [p.summary["ttft_ms"]["p90"] or 0 for p in points], "o-", label="TTFT p90")
+    ax2.plot(rates, [p.summary["tpot_ms"]["p90"] or 0 for p in points], "s-", label="TPOT p90")
+    ax2.axhline(cluster.spec.slo.ttft_ms, color="C0", ls="--", lw=0.8)
+    ax2.axhline(cluster.spec.slo.tpot_ms, color="C1", ls="--", lw=0.8)
+    ax2.set(xlabel="request rate (req/s)", ylabel="ms", yscale="log", title="latency p90 vs SLOs")
+    ax2.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "sweep.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
