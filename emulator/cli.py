@@ -154,6 +154,17 @@ def _select(clusters, name: str | None):
     return chosen
 
 
+def _one_cluster(args: argparse.Namespace):
+    """The one cluster a command runs for real: a multi-document spec needs --cluster."""
+    from emulator.spec import load_clusters
+
+    clusters = load_clusters(args.spec)
+    if args.cluster is None and len(clusters) > 1:
+        names = ", ".join(c.name for c in clusters)
+        raise SpecError([f"--cluster: {args.spec} holds {len(clusters)} clusters; name one of {names}"])
+    return _select(clusters, args.cluster)[0]
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from emulator.overrides import apply_overrides
     from emulator.report import print_summary_table, write_report
@@ -204,18 +215,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from emulator.overrides import apply_overrides
     from emulator.report import print_summary_table
     from emulator.run import run
-    from emulator.spec import load_clusters
     from emulator.workload.plan import build_plan
 
-    clusters = load_clusters(args.spec)
-    if args.cluster is None and len(clusters) > 1:
-        raise SpecError(
-            [
-                f"--cluster: {args.spec} holds {len(clusters)} clusters; name one of "
-                f"{', '.join(c.name for c in clusters)}"
-            ]
-        )
-    cluster = apply_overrides(_select(clusters, args.cluster)[0], _overrides(args))
+    cluster = apply_overrides(_one_cluster(args), _overrides(args))
     plan = build_plan(cluster.spec.workload, os.path.dirname(os.path.abspath(args.spec)))
     result = run(cluster, args.spec, plan, args.out, shaping=args.shaping)
     if args.json:
@@ -319,17 +321,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from emulator.cluster.local import LocalCluster
     from emulator.report import print_endpoints
-    from emulator.spec import load_clusters
 
-    clusters = load_clusters(args.spec)
-    if args.cluster is None and len(clusters) > 1:
-        raise SpecError(
-            [
-                f"--cluster: {args.spec} holds {len(clusters)} clusters; name one of "
-                f"{', '.join(c.name for c in clusters)}"
-            ]
-        )
-    cluster = _select(clusters, args.cluster)[0]
+    cluster = _one_cluster(args)
     lc = LocalCluster(args.spec, cluster.name, args.run_dir, detach=args.detach, shaping=args.shaping)
     state = lc.start()
     print(f"shaping: {state.shaping} — {lc.shaping_reason}", file=sys.stderr)

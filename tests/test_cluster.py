@@ -41,8 +41,21 @@ def metric(url: str, name: str) -> float:
 
 
 def emulator_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "emulator.cluster.process"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    """Live infemu worker/router processes, read from /proc (no procps needed)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read()
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                state = fh.read().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if b"emulator.cluster.process" in cmd and state != "Z":
+            pids.append(int(entry))
+    return pids
 
 
 @pytest.fixture

@@ -52,6 +52,17 @@ class TierClass:
         return max(MIN_BURST_BYTES, int(self.payload_bytes_per_s * WIRE_PER_PAYLOAD * 0.004))
 
 
+def _class_and_leaf(verb: str, dev: str, c: TierClass) -> list[list[str]]:
+    """The HTB class and its TBF leaf for one tier (``verb``: replace to build, change to retune)."""
+    rate, burst = f"{c.wire_bits_per_s}bit", str(c.burst_bytes)
+    return [
+        ["tc", "class", verb, "dev", dev, "parent", "1:", "classid", f"1:{c.classid}", "htb",
+         "rate", rate, "ceil", rate, "burst", burst, "cburst", burst],
+        ["tc", "qdisc", verb, "dev", dev, "parent", f"1:{c.classid}", "handle", f"{c.classid}:", "tbf",
+         "rate", rate, "burst", burst, "latency", "100ms"],
+    ]  # fmt: skip
+
+
 def tree_commands(dev: str, classes: list[TierClass]) -> list[list[str]]:
     """The static egress tree of one namespace, as tc argument lists (pure: unit-testable)."""
     cmds = [
@@ -59,115 +70,12 @@ def tree_commands(dev: str, classes: list[TierClass]) -> list[list[str]]:
         ["tc", "class", "replace", "dev", dev, "parent", "1:", "classid", "1:99", "htb", "rate", UNSHAPED_RATE],
     ]
     for c in classes:
-        rate = f"{c.wire_bits_per_s}bit"
-        cmds += [
-            [
-                "tc",
-                "class",
-                "replace",
-                "dev",
-                dev,
-                "parent",
-                "1:",
-                "classid",
-                f"1:{c.classid}",
-                "htb",
-                "rate",
-                rate,
-                "ceil",
-                rate,
-                "burst",
-                str(c.burst_bytes),
-                "cburst",
-                str(c.burst_bytes),
-            ],
-            [
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                dev,
-                "parent",
-                f"1:{c.classid}",
-                "handle",
-                f"{c.classid}:",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                str(c.burst_bytes),
-                "latency",
-                "100ms",
-            ],
-            [
-                "tc",
-                "filter",
-                "replace",
-                "dev",
-                dev,
-                "parent",
-                "1:",
-                "protocol",
-                "ip",
-                "prio",
-                "1",
-                "handle",
-                f"800::{c.classid}",
-                "u32",
-                "match",
-                "ip",
-                "tos",
-                hex(c.tos),
-                "0xfc",
-                "flowid",
-                f"1:{c.classid}",
-            ],
-        ]
+        cmds += _class_and_leaf("replace", dev, c)
+        cmds.append(
+            ["tc", "filter", "replace", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1",
+             "handle", f"800::{c.classid}", "u32", "match", "ip", "tos", hex(c.tos), "0xfc", "flowid", f"1:{c.classid}"]
+        )  # fmt: skip
     return cmds
-
-
-def change_rate_commands(dev: str, c: TierClass) -> list[list[str]]:
-    rate = f"{c.wire_bits_per_s}bit"
-    return [
-        [
-            "tc",
-            "class",
-            "change",
-            "dev",
-            dev,
-            "parent",
-            "1:",
-            "classid",
-            f"1:{c.classid}",
-            "htb",
-            "rate",
-            rate,
-            "ceil",
-            rate,
-            "burst",
-            str(c.burst_bytes),
-            "cburst",
-            str(c.burst_bytes),
-        ],
-        [
-            "tc",
-            "qdisc",
-            "change",
-            "dev",
-            dev,
-            "parent",
-            f"1:{c.classid}",
-            "handle",
-            f"{c.classid}:",
-            "tbf",
-            "rate",
-            rate,
-            "burst",
-            str(c.burst_bytes),
-            "latency",
-            "100ms",
-        ],
-    ]
 
 
 class KernelLink:
