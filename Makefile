@@ -8,9 +8,11 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint tables bench clean venv
 
 $(STAMP): pyproject.toml
-	# iproute2 (ip, tc) for the tc shaping backend; installed when missing and we are root
-	command -v tc >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
-	  (apt-get update -q && apt-get install -y -q iproute2) || true
+	# iproute2 (tc shaping backend) and prometheus (promtool, `infemu run --prometheus`):
+	# Debian packages, installed when missing and we are root
+	(command -v tc && command -v promtool) >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	   iproute2 prometheus) || true
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
 	  (apt-get update -q && apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV))
 	$(BIN)/python -m pip install --quiet --upgrade pip

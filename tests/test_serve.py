@@ -155,7 +155,7 @@ async def test_metrics_families_types_and_buckets(client):
     def buckets(name):
         return [float(s.labels["le"]) for s in fams[name].samples if s.name.endswith("_bucket")][:-1]
 
-    assert buckets("vllm:time_to_first_token_seconds") == TTFT_BUCKETS
+    assert buckets("vllm:time_to_first_token_seconds") == TTFT_BUCKETS  # the quickstart's SLOs are vLLM buckets
     assert buckets("vllm:inter_token_latency_seconds") == TPOT_BUCKETS
     assert buckets("vllm:time_per_output_token_seconds") == TPOT_BUCKETS
     assert buckets("vllm:e2e_request_latency_seconds") == REQUEST_LATENCY_BUCKETS

@@ -46,6 +46,8 @@ class RouterSettings:
     backends: tuple[tuple[str, str, str], ...]  # (name, role, url)
     vocab_size: int = 128256
     block_size: int = 16
+    slo_ttft_s: float = 1.0
+    slo_tpot_s: float = 0.1
 
 
 class Router:
@@ -62,6 +64,13 @@ class Router:
         self.retries = Counter("infemu_router_retries", "Requests retried on another backend.", registry=self.registry)
         self.healthy = Gauge(
             "infemu_router_backend_healthy", "1 when the backend is admitted.", ["backend"], registry=self.registry
+        )
+        self.slo_requests = Counter(
+            "infemu_router_slo_requests",
+            "Requests as the router saw them end: met=true when TTFT and TPOT both met their SLOs (DistServe's"
+            " per-request attainment, which two histograms cannot give).",
+            ["model_name", "met"],
+            registry=self.registry,
         )
         self.session: ClientSession | None = None
 
@@ -123,8 +132,26 @@ class Router:
             )
         rr = self._routing_request(body, request)
         state = _ClientStream(request, bool(body.get("stream")))
+        state.arrival = received
         try:
-            state.arrival = received
+            return await self._dispatch(request, body, rr, state, raw)
+        finally:
+            self._account(state)
+
+    def _account(self, state: _ClientStream) -> None:
+        """Count the request against the SLOs as the router saw it (first token and end of stream)."""
+        end = asyncio.get_running_loop().time()
+        ok = state.ok and state.tokens > 0 if state.stream else state.ok
+        first = state.first_token_at if state.stream else end
+        met = False
+        if ok and first is not None and state.arrival:
+            ttft = first - state.arrival
+            tpot = (state.last_token_at - first) / (state.tokens - 1) if state.stream and state.tokens > 1 else 0.0
+            met = ttft <= self.settings.slo_ttft_s and tpot <= self.settings.slo_tpot_s
+        self.slo_requests.labels(self.settings.model_name, "true" if met else "false").inc()
+
+    async def _dispatch(self, request, body, rr, state, raw) -> web.StreamResponse:
+        try:
             if self.pd:
                 return await self._pd(request.path, body, rr, state)
             return await self._single(request.path, body, rr, state, raw)
@@ -314,6 +341,10 @@ class _ClientStream:
         self.captured = b""
         self.captured_status = 0
         self.arrival = 0.0
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.tokens = 0
+        self.ok = False
 
     async def _prepare(self) -> web.StreamResponse:
         if self.resp is None:
@@ -330,6 +361,18 @@ class _ClientStream:
         except (ConnectionResetError, ConnectionError) as exc:
             raise ClientGone(str(exc)) from None
         self.started = True
+        n = (
+            line.count(b'"text":"')
+            - line.count(b'"text":"",')
+            + line.count(b'"content":"')
+            - line.count(b'"content":""')
+        )
+        if n > 0:
+            now = asyncio.get_running_loop().time()
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+            self.tokens += n
 
     async def write_prefix(self, first: dict, text: str) -> None:
         """Stream the prefill instance's first token before relaying the decode stream."""
@@ -370,6 +413,7 @@ class _ClientStream:
             return web.Response(status=status)
         if self.started:
             return await self.fail(APIError(502, "backend answered out of band", None, "backend_failed"))
+        self.ok = status < 400
         return web.Response(body=data, status=status, content_type="application/json")
 
     async def from_complete(self, first: dict, body: dict) -> web.StreamResponse:
@@ -409,6 +453,7 @@ class _ClientStream:
         return await self.finish()
 
     async def finish(self) -> web.StreamResponse:
+        self.ok = True
         resp = await self._prepare()
         await resp.write_eof()
         return resp

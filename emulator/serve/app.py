@@ -77,7 +77,13 @@ class Worker:
             "enable_prefix_caching": str(eng.enable_prefix_caching),
             "gpu_memory_utilization": str(self.setup.pool.gpu_memory_utilization),
         }
-        self.metrics = EngineMetrics(self.model_name, eng.max_model_len, cache_info)
+        self.metrics = EngineMetrics(
+            self.model_name,
+            eng.max_model_len,
+            cache_info,
+            slo_ttft_s=spec.slo.ttft_ms / 1e3,
+            slo_tpot_s=spec.slo.tpot_ms / 1e3,
+        )
         self.scheduler = Scheduler(eng)
         self.engine: RealTimeEngine | None = None
         self.links: dict[str, PacedLink | KernelLink] = {}

@@ -98,8 +98,21 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
         exp += 1
 
 
+def with_thresholds(buckets: list[float], thresholds: list[float]) -> list[float]:
+    """vLLM's buckets plus the SLO thresholds, so attainment can be read from the histogram."""
+    return sorted({*buckets, *(round(t, 6) for t in thresholds if t > 0)})
+
+
 class EngineMetrics:
-    def __init__(self, model_name: str, max_model_len: int, cache_info: dict[str, str], engine: str = "0") -> None:
+    def __init__(
+        self,
+        model_name: str,
+        max_model_len: int,
+        cache_info: dict[str, str],
+        engine: str = "0",
+        slo_ttft_s: float | None = None,
+        slo_tpot_s: float | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name", "engine"]
         lv = (model_name, engine)
@@ -154,16 +167,18 @@ class EngineMetrics:
         self.iteration_tokens = hist(
             "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_TOKEN_BUCKETS
         )
+        ttft_buckets = with_thresholds(TTFT_BUCKETS, [slo_ttft_s or 0])
+        tpot_buckets = with_thresholds(TPOT_BUCKETS, [slo_tpot_s or 0])
         self.ttft = hist(
-            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", ttft_buckets
         )
         self.itl = hist(
-            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", TPOT_BUCKETS
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", tpot_buckets
         )
         self.tpot = hist(
             "vllm:time_per_output_token_seconds",
             "Histogram of time per output token in seconds. DEPRECATED: Use vllm:inter_token_latency_seconds.",
-            TPOT_BUCKETS,
+            tpot_buckets,
         )
         self.e2e = hist(
             "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
