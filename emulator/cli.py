@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder: requests.jsonl, summary.json, instances.json")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--shaping", choices=["auto", "tc", "inproc"], default="auto")
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="run a real Prometheus with the spec's rules; its data stays in the report folder",
+    )
 
     p = sub.add_parser("sweep", help="SLO attainment against rate, and goodput (simulated with --sim)")
     p.add_argument("spec")
@@ -223,11 +228,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cluster = apply_overrides(_one_cluster(args), _overrides(args))
     plan = build_plan(cluster.spec.workload, os.path.dirname(os.path.abspath(args.spec)))
-    result = run(cluster, args.spec, plan, args.out, shaping=args.shaping)
+    result = run(cluster, args.spec, plan, args.out, shaping=args.shaping, prometheus=args.prometheus)
     if args.json:
         print(json.dumps(result.summary))
     else:
         print_summary_table(cluster, result)
+        if result.prometheus is not None and result.prometheus["slo_attainment"] is not None:
+            print(
+                f"  Prometheus recorded SLO attainment {100 * result.prometheus['slo_attainment']:.1f}% over"
+                f" {result.prometheus['requests']:.0f} requests (client: {100 * result.summary['slo_attainment']:.1f}%)"
+            )
         if args.out:
             print(f"  report: {args.out}/requests.jsonl, summary.json, instances.json")
     return 0

@@ -32,6 +32,7 @@ class RunResult:
     instances: dict = field(default_factory=dict)
     events: int = 0
     simulated_s: float = 0.0  # wall seconds of load (the table's "simulated" line reads it)
+    prometheus: dict | None = None  # what the real Prometheus recorded, when --prometheus
 
 
 class Progress:
@@ -82,11 +83,41 @@ def _scrape(url: str) -> dict:
     return out
 
 
+def _prometheus_view(prom) -> dict:
+    """Attainment as Prometheus recorded it (cumulative counters at the last scrape) and the rules' view."""
+    prom.final_scrape()
+    met = prom.query('sum(infemu_router_slo_requests_total{met="true"})') or 0.0
+    total = prom.query("sum(infemu_router_slo_requests_total)") or 0.0
+    return {
+        "url": prom.url,
+        "slo_attainment": met / total if total else None,
+        "requests": total,
+        "ttft_attainment_rule": prom.query("infemu:ttft_attainment:ratio_rate5m"),
+        "itl_attainment_rule": prom.query("infemu:itl_attainment:ratio_rate5m"),
+    }
+
+
 def run(
-    cluster: InferenceCluster, spec_path: str, plan: RequestPlan, out_dir: str | None, shaping: str = "auto"
+    cluster: InferenceCluster,
+    spec_path: str,
+    plan: RequestPlan,
+    out_dir: str | None,
+    shaping: str = "auto",
+    prometheus: bool = False,
 ) -> RunResult:
     lc = LocalCluster(spec_path, cluster.name, shaping=shaping, cluster=cluster)
     state = lc.start()
+    prom = None
+    if prometheus:
+        from emulator.observability.prometheus import LocalPrometheus
+
+        folder = os.path.join(out_dir or lc.run_dir, "prometheus")
+        try:
+            prom = LocalPrometheus(folder, cluster, state)
+        except BaseException:
+            lc.stop()
+            raise
+        print(f"prometheus {prom.url} scraping every second; data in {folder}", file=sys.stderr)
     print(
         f"cluster {cluster.name} ready: router {state.router}; shaping {state.shaping} ({lc.shaping_reason})",
         file=sys.stderr,
@@ -102,11 +133,21 @@ def run(
         else:
             records, _ = asyncio.run(run_plan(state.router, model, plan, vocab, dilation=dilation, on_done=progress))
         instances = {p.name: {"role": p.role, **_scrape(p.url)} for p in state.processes if p.role != "router"}
+        prom_view = _prometheus_view(prom) if prom is not None else None
     finally:
+        if prom is not None:
+            prom.stop()
         lc.stop()
     wall = time.perf_counter() - t0
     slo = cluster.spec.slo
-    result = RunResult(cluster.name, records, summarize(records, slo.ttft_ms, slo.tpot_ms), instances, simulated_s=wall)
+    result = RunResult(
+        cluster.name,
+        records,
+        summarize(records, slo.ttft_ms, slo.tpot_ms),
+        instances,
+        simulated_s=wall,
+        prometheus=prom_view,
+    )
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         write_jsonl(os.path.join(out_dir, "requests.jsonl"), records)
@@ -114,4 +155,7 @@ def run(
             json.dump(result.summary, fh, indent=2)
         with open(os.path.join(out_dir, "instances.json"), "w", encoding="utf-8") as fh:
             json.dump(instances, fh, indent=2)
+        if prom_view is not None:
+            with open(os.path.join(out_dir, "prometheus.json"), "w", encoding="utf-8") as fh:
+                json.dump(prom_view, fh, indent=2)
     return result

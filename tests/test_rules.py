@@ -39,3 +39,14 @@ def test_promtool_checks_and_unit_tests_the_rules():
     tests = os.path.join(ROOT, "dashboards", "prometheus", "tests")
     r = subprocess.run([PROMTOOL, "test", "rules", "rules_test.yaml"], capture_output=True, text=True, cwd=tests)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
+def test_shipped_dashboard_matches_its_generator():
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("make_dashboard", os.path.join(ROOT, "tools", "make_dashboard.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(ROOT, "dashboards", "grafana", "infemu-fleet.json"), encoding="utf-8") as fh:
+        assert json.load(fh) == module.dashboard()

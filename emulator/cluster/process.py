@@ -51,8 +51,9 @@ def build_app(args: argparse.Namespace) -> web.Application:
         backends=backends,
         vocab_size=get_model(cluster.spec.model.name).vocab,
         block_size=front[0].engine.block_size if front else 16,
-        slo_ttft_s=cluster.spec.slo.ttft_ms / 1e3,
-        slo_tpot_s=cluster.spec.slo.tpot_ms / 1e3,
+        # the router times requests in wall seconds: a dilated cluster's SLOs are D times longer
+        slo_ttft_s=cluster.spec.slo.ttft_ms / 1e3 * cluster.spec.emulation.time_dilation,
+        slo_tpot_s=cluster.spec.slo.tpot_ms / 1e3 * cluster.spec.emulation.time_dilation,
     )
     return create_router_app(settings)
 
