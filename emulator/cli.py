@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--shaping", choices=["auto", "tc", "inproc"], default="auto")
     p.add_argument(
+        "--workload",
+        help="drive with Locust users of this kind: chat, coding, summarization, agentic, multihop, rag"
+        " (closed loop: --concurrency users for --duration seconds)",
+    )
+    p.add_argument(
         "--prometheus",
         action="store_true",
         help="run a real Prometheus with the spec's rules; its data stays in the report folder",
@@ -226,9 +231,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from emulator.run import run
     from emulator.workload.plan import build_plan
 
+    locust = None
+    if args.workload is not None:
+        from emulator.run import LocustLoad
+        from loadgen.workloads import WORKLOADS
+
+        if args.workload not in WORKLOADS:
+            raise SpecError([f"--workload: {args.workload!r} is unknown; use one of {', '.join(WORKLOADS)}"])
+        locust = LocustLoad(args.workload, args.concurrency or 4, args.duration or 30.0)
+        args.concurrency = args.duration = None  # they shape the Locust run, not the plan
     cluster = apply_overrides(_one_cluster(args), _overrides(args))
     plan = build_plan(cluster.spec.workload, os.path.dirname(os.path.abspath(args.spec)))
-    result = run(cluster, args.spec, plan, args.out, shaping=args.shaping, prometheus=args.prometheus)
+    result = run(cluster, args.spec, plan, args.out, shaping=args.shaping, prometheus=args.prometheus, locust=locust)
     if args.json:
         print(json.dumps(result.summary))
     else:

@@ -1,0 +1,188 @@
+"""Locust users for LLM serving, as a library (locust-plugins style).
+
+Every call streams; TTFT, TPOT and E2E are fired into Locust's stats as their own request
+types (so Locust's CSVs and UI show them), and each request is appended to a JSONL file
+(``INFEMU_REQUESTS_JSONL``, one file per Locust process) with the simulator's fields.
+Configuration comes from the environment the runner sets: ``INFEMU_MODEL``, ``INFEMU_SEED``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import threading
+import time
+
+import gevent
+from locust import HttpUser, constant, task
+
+from loadgen import workloads
+
+_ids = itertools.count()
+_lock = threading.Lock()
+_sink = None
+
+
+def _write(record: dict) -> None:
+    global _sink
+    path = os.environ.get("INFEMU_REQUESTS_JSONL")
+    if not path:
+        return
+    with _lock:
+        if _sink is None:
+            _sink = open(f"{path}.{os.getpid()}", "a", encoding="utf-8")  # noqa: SIM115 - process lifetime
+        _sink.write(json.dumps(record) + "\n")
+        _sink.flush()
+
+
+class StreamingUser(HttpUser):
+    """Base: ``call(body, name)`` streams one chat completion and records it; returns the answer."""
+
+    abstract = True
+    wait_time = constant(0)  # closed loop: the next call starts when the last ends (plus think time)
+
+    def on_start(self) -> None:
+        self.model = os.environ.get("INFEMU_MODEL", "")
+        seed = int(os.environ.get("INFEMU_SEED", "0"))
+        self.rng = random.Random(seed * 1_000_003 + next(_ids))
+
+    def call(self, body: dict, name: str) -> str:
+        body = {**body, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
+        start = time.perf_counter()
+        times: list[float] = []
+        parts: list[str] = []
+        error, usage = None, None
+        try:
+            with self.client.post(
+                "/v1/chat/completions", json=body, stream=True, catch_response=True, name=name
+            ) as resp:
+                if resp.status_code != 200:
+                    error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                else:
+                    for line in resp.iter_lines():
+                        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                            continue
+                        obj = json.loads(line[6:])
+                        if "error" in obj:
+                            error = obj["error"].get("message", "error event")
+                            break
+                        if obj.get("usage"):
+                            usage = obj["usage"]
+                        for choice in obj.get("choices") or []:
+                            content = (choice.get("delta") or {}).get("content")
+                            if content:
+                                times.append(time.perf_counter())
+                                parts.append(content)
+                if error:
+                    resp.failure(error)
+                else:
+                    resp.success()
+        except Exception as exc:  # any failure ends this request with an explicit error
+            error = f"{type(exc).__name__}: {exc}"
+        self._record(name, start, times, usage, error)
+        return "".join(parts)
+
+    def _record(self, name: str, start: float, times: list[float], usage: dict | None, error: str | None) -> None:
+        fire = self.environment.events.request.fire
+        end = times[-1] if times else time.perf_counter()
+        n = len(times)
+        ttft = (times[0] - start) * 1e3 if times else None
+        tpot = (end - times[0]) / (n - 1) * 1e3 if n > 1 else None
+        exc = RuntimeError(error) if error else None
+        if ttft is not None:
+            fire(request_type="TTFT", name=name, response_time=ttft, response_length=n, exception=exc, context={})
+        if tpot is not None:
+            fire(request_type="TPOT", name=name, response_time=tpot, response_length=n, exception=exc, context={})
+        fire(
+            request_type="E2E",
+            name=name,
+            response_time=(end - start) * 1e3,
+            response_length=n,
+            exception=exc,
+            context={},
+        )
+        gaps = [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
+        _write(
+            {
+                "request_id": f"{os.getpid()}-{next(_ids)}",
+                "workload": name,
+                "arrival_s": start,
+                "first_token_s": times[0] if times else None,
+                "finish_s": end,
+                "ok": error is None and n > 0,
+                "error": error,
+                "prompt_tokens": (usage or {}).get("prompt_tokens", 0),
+                "output_tokens": (usage or {}).get("completion_tokens", n),
+                "ttft_ms": ttft,
+                "tpot_ms": tpot,
+                "e2e_ms": (end - start) * 1e3,
+                "itl_max_ms": max(gaps) if gaps else None,
+            }
+        )
+
+
+class ChatUser(StreamingUser):
+    @task
+    def chat(self) -> None:
+        self.call(workloads.chat(self.rng), "chat")
+
+
+class CodingUser(StreamingUser):
+    @task
+    def coding(self) -> None:
+        self.call(workloads.coding(self.rng), "coding")
+
+
+class SummarizationUser(StreamingUser):
+    @task
+    def summarize(self) -> None:
+        self.call(workloads.summarization(self.rng), "summarization")
+
+
+class AgenticUser(StreamingUser):
+    """A session of K turns: shared system prompt, growing context, think time between turns."""
+
+    turns = int(os.environ.get("INFEMU_AGENTIC_TURNS", "5"))
+
+    @task
+    def session(self) -> None:
+        s = workloads.agentic(self.rng, self.turns)
+        turn = s.first()
+        while turn is not None:
+            if turn.think_s:
+                gevent.sleep(turn.think_s)
+            answer = self.call(turn.body, "agentic")
+            turn = s.next_turn(answer)
+
+
+class MultiHopUser(StreamingUser):
+    """A chain: each call's prompt contains the previous answer."""
+
+    @task
+    def chain(self) -> None:
+        s = workloads.multihop(self.rng)
+        turn = s.first()
+        while turn is not None:
+            turn = s.next_turn(self.call(turn.body, "multihop"))
+
+
+class RAGUser(StreamingUser):
+    """Prompts assembled from a synthetic corpus whose popular passages repeat (shared KV blocks)."""
+
+    corpus = workloads.Corpus()
+
+    @task
+    def ask(self) -> None:
+        self.call(workloads.rag(self.rng, self.corpus), "rag")
+
+
+CLASSES = {
+    "chat": ChatUser,
+    "coding": CodingUser,
+    "summarization": SummarizationUser,
+    "agentic": AgenticUser,
+    "multihop": MultiHopUser,
+    "rag": RAGUser,
+}

@@ -1,0 +1,138 @@
+"""What each kind of user asks: pure, seeded builders of OpenAI request bodies.
+
+Chat (short in, medium out), coding (long input, short output), summarization (long
+input), agentic sessions (K turns over a shared system prompt; each turn's messages are
+the previous context plus the answer and a tool result, so the prefix is reused), multi-hop
+chains (each call quotes the previous answer) and RAG (passages drawn from a synthetic
+corpus with Zipf popularity, so popular passages share KV blocks). No I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+WORDS = (
+    "cache token prefill decode batch link latency bandwidth expert tensor pipeline kernel memory "
+    "router queue stream model layer attention network cluster node switch fabric"
+).split()
+SYSTEM_PROMPT = "You are a careful assistant operating tools for an inference cluster. " + " ".join(
+    WORDS * 12
+)  # ~300 words shared by every agentic session
+
+
+def text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+@dataclass
+class Turn:
+    body: dict
+    think_s: float = 0.0
+
+
+@dataclass
+class Session:
+    """A sequence of calls; ``next_turn(answer)`` builds the following call from the last answer."""
+
+    kind: str
+    turns_left: int
+    rng: random.Random
+    messages: list[dict] = field(default_factory=list)
+    max_tokens: int = 64
+
+    def first(self) -> Turn:
+        return Turn(self._body())
+
+    def next_turn(self, answer: str) -> Turn | None:
+        self.turns_left -= 1
+        if self.turns_left <= 0:
+            return None
+        if self.kind == "agentic":
+            self.messages.append({"role": "assistant", "content": answer})
+            self.messages.append({"role": "tool", "content": f"tool result: {text(self.rng, 60)}"})
+            self.messages.append({"role": "user", "content": f"next step: {text(self.rng, 12)}"})
+            return Turn(self._body(), think_s=self.rng.uniform(0.2, 1.0))
+        # multi-hop: the next question quotes the previous answer
+        self.messages = [{"role": "user", "content": f"Given: {answer}\nAnswer the follow-up: {text(self.rng, 20)}"}]
+        return Turn(self._body())
+
+    def _body(self) -> dict:
+        return {"messages": list(self.messages), "max_tokens": self.max_tokens, "ignore_eos": True}
+
+
+def chat(rng: random.Random) -> dict:
+    return {
+        "messages": [{"role": "user", "content": text(rng, rng.randint(20, 200))}],
+        "max_tokens": rng.randint(64, 384),
+        "ignore_eos": True,
+    }
+
+
+def coding(rng: random.Random) -> dict:
+    code = "\n".join(f"def f{i}(x): return x * {rng.randint(1, 99)}  # {text(rng, 8)}" for i in range(150))
+    return {
+        "messages": [{"role": "user", "content": f"Fix the bug:\n{code}"}],
+        "max_tokens": rng.randint(32, 128),
+        "ignore_eos": True,
+    }
+
+
+def summarization(rng: random.Random) -> dict:
+    return {
+        "messages": [{"role": "user", "content": f"Summarize: {text(rng, rng.randint(1000, 2500))}"}],
+        "max_tokens": rng.randint(100, 250),
+        "ignore_eos": True,
+    }
+
+
+def agentic(rng: random.Random, turns: int = 5) -> Session:
+    s = Session(
+        "agentic",
+        turns,
+        rng,
+        [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": f"task: {text(rng, 20)}"}],
+        max_tokens=48,
+    )
+    return s
+
+
+def multihop(rng: random.Random, hops: int = 3) -> Session:
+    return Session("multihop", hops, rng, [{"role": "user", "content": f"Question: {text(rng, 30)}"}], max_tokens=64)
+
+
+class Corpus:
+    """Synthetic passages; popularity follows Zipf(s=1.1) so popular passages recur across prompts."""
+
+    def __init__(self, n: int = 500, seed: int = 7) -> None:
+        rng = random.Random(seed)
+        self.passages = [f"[doc {i}] {text(rng, rng.randint(80, 200))}" for i in range(n)]
+        weights = [1.0 / (i + 1) ** 1.1 for i in range(n)]
+        total = sum(weights)
+        self.cdf = []
+        acc = 0.0
+        for w in weights:
+            acc += w / total
+            self.cdf.append(acc)
+
+    def draw(self, rng: random.Random, k: int) -> list[str]:
+        import bisect
+
+        return [
+            self.passages[min(bisect.bisect_left(self.cdf, rng.random()), len(self.passages) - 1)] for _ in range(k)
+        ]
+
+
+def rag(rng: random.Random, corpus: Corpus, passages: int = 4) -> dict:
+    context = "\n".join(sorted(corpus.draw(rng, passages)))  # retrieval order: by document id
+    return {
+        "messages": [
+            {"role": "system", "content": "Answer from the passages."},
+            {"role": "user", "content": f"{context}\nQuestion: {text(rng, 15)}"},
+        ],
+        "max_tokens": rng.randint(64, 200),
+        "ignore_eos": True,
+    }
+
+
+WORKLOADS = ("chat", "coding", "summarization", "agentic", "multihop", "rag")

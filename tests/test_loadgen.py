@@ -1,0 +1,132 @@
+"""Load generation: arrival laws, the workload builders, Locust users against a real cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, example
+
+from emulator.spec import ConstantArrival, GammaArrival, PoissonArrival
+from emulator.workload.plan import inter_arrivals
+from loadgen import workloads
+
+
+def _cv(x: np.ndarray) -> float:
+    return float(x.std() / x.mean())
+
+
+def test_poisson_inter_arrivals_mean_and_cv_within_3_percent():
+    gaps = inter_arrivals(np.random.default_rng(1), PoissonArrival(), 50.0, 10_000)
+    assert gaps.mean() == pytest.approx(1 / 50, rel=0.03) and _cv(gaps) == pytest.approx(1.0, rel=0.03)
+
+
+@pytest.mark.parametrize("cv", [0.5, 2.0])
+def test_gamma_inter_arrivals_hit_the_requested_cv_within_5_percent(cv):
+    gaps = inter_arrivals(np.random.default_rng(2), GammaArrival(cv=cv), 20.0, 10_000)
+    assert _cv(gaps) == pytest.approx(cv, rel=0.05) and gaps.mean() == pytest.approx(1 / 20, rel=0.05)
+
+
+def test_constant_arrivals_are_constant():
+    assert set(inter_arrivals(np.random.default_rng(0), ConstantArrival(), 4.0, 10)) == {0.25}
+
+
+def test_agentic_sessions_grow_their_context_on_a_shared_system_prompt():
+    s = workloads.agentic(random.Random(3), turns=5)
+    bodies = [s.first().body]
+    while (turn := s.next_turn("the answer")) is not None:
+        bodies.append(turn.body)
+        assert 0.2 <= turn.think_s <= 1.0
+    assert len(bodies) == 5
+    assert all(b["messages"][0]["content"] == workloads.SYSTEM_PROMPT for b in bodies)
+    for prev, nxt in itertools.pairwise(bodies):
+        assert nxt["messages"][: len(prev["messages"])] == prev["messages"]  # the prefix is reused
+
+
+def test_multihop_quotes_the_previous_answer_and_rag_repeats_popular_passages():
+    s = workloads.multihop(random.Random(4), hops=3)
+    s.first()
+    assert "ANSWER-42" in s.next_turn("ANSWER-42").body["messages"][0]["content"]
+    corpus = workloads.Corpus()
+    rng = random.Random(5)
+    drawn = [p for _ in range(200) for p in corpus.draw(rng, 4)]
+    assert drawn.count(corpus.passages[0]) > 50  # Zipf: the head passage recurs
+
+
+def _infemu(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "emulator.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+
+
+@pytest.mark.slow
+def test_agentic_locust_users_reuse_the_prefix_and_report_ttft_tpot(tmp_path):
+    r = _infemu(
+        "run",
+        example("quickstart.yaml"),
+        "--workload",
+        "agentic",
+        "--concurrency",
+        "3",
+        "--duration",
+        "10",
+        "--out",
+        "rep",
+        "--json",
+        "--shaping",
+        "inproc",
+        cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["completed"] >= 10 and summary["failed"] == 0
+    inst = json.loads((tmp_path / "rep" / "instances.json").read_text())["agg-0"]
+    assert inst["prefix_cache_hits"] / inst["prefix_cache_queries"] > 0.5  # 5-turn sessions
+    with open(tmp_path / "rep" / "locust_stats.csv", newline="") as fh:
+        types = {row["Type"] for row in csv.DictReader(fh)}
+    assert {"TTFT", "TPOT", "E2E"} <= types
+
+
+@pytest.mark.slow
+def test_open_loop_start_lag_p99_within_10_ms_at_50_requests_per_second(tmp_path):
+    from emulator.catalog.models import get_model
+    from emulator.client import run_plan
+    from emulator.cluster.local import LocalCluster
+    from emulator.overrides import WorkloadOverrides, apply_overrides
+    from emulator.spec import load_clusters
+    from emulator.workload.plan import build_plan
+
+    cluster = apply_overrides(
+        load_clusters(example("quickstart.yaml"))[0],
+        WorkloadOverrides(rate=50, requests=400, input_len=128, output_len=16),
+    )
+    lc = LocalCluster(
+        example("quickstart.yaml"), cluster.name, run_dir=str(tmp_path / "run"), shaping="inproc", cluster=cluster
+    )
+    state = lc.start()
+    try:
+        records, lags = asyncio.run(
+            run_plan(state.router, "llama-3.1-8b", build_plan(cluster.spec.workload), get_model("llama-3.1-8b").vocab)
+        )
+    finally:
+        lc.stop()
+    assert all(r.ok for r in records)
+    assert float(np.percentile(lags, 99)) <= 0.010, np.percentile(lags, [50, 99])
+
+
+def test_unknown_workload_is_one_line_and_exit_2(tmp_path):
+    r = _infemu("run", example("quickstart.yaml"), "--workload", "poetry", cwd=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --workload: 'poetry' is unknown")
