@@ -252,8 +252,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"  Prometheus recorded SLO attainment {100 * result.prometheus['slo_attainment']:.1f}% over"
                 f" {result.prometheus['requests']:.0f} requests (client: {100 * result.summary['slo_attainment']:.1f}%)"
             )
+        gp = result.goodput
+        print(
+            f"  goodput: {gp['requests_per_s']:.2f} req/s, {gp['output_tokens_per_s']:.0f} output tok/s"
+            " meeting every SLO"
+        )
         if args.out:
-            print(f"  report: {args.out}/requests.jsonl, summary.json, instances.json")
+            print(
+                f"  report: {args.out}/report.html (plots), requests.jsonl, summary.json, goodput.json, instances.json"
+            )
     return 0
 
 

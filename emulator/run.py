@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from emulator.catalog.models import get_model
 from emulator.client import run_closed_loop, run_plan
 from emulator.cluster.local import LocalCluster
-from emulator.results import RequestRecord, summarize, write_jsonl
+from emulator.results import RequestRecord, goodput, summarize, write_jsonl
 from emulator.spec import InferenceCluster
 from emulator.workload.plan import RequestPlan
 
@@ -33,6 +33,7 @@ class RunResult:
     events: int = 0
     simulated_s: float = 0.0  # wall seconds of load (the table's "simulated" line reads it)
     prometheus: dict | None = None  # what the real Prometheus recorded, when --prometheus
+    goodput: dict = field(default_factory=dict)  # requests/s and output tokens/s that met every SLO
 
 
 class Progress:
@@ -81,6 +82,35 @@ def _scrape(url: str) -> dict:
             if line.startswith(name + "{"):
                 out[key] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+class Sampler:
+    """Polls every worker's /load twice a second during the run: queue depth and KV usage series."""
+
+    def __init__(self, workers: list, interval_s: float = 0.5) -> None:
+        import threading
+
+        self.workers = workers
+        self.interval_s = interval_s
+        self.series: dict[str, list[tuple[float, dict]]] = {w.name: [] for w in workers}
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for w in self.workers:
+                try:
+                    with urllib.request.urlopen(f"{w.url}/load", timeout=1) as r:  # loopback only
+                        self.series[w.name].append((time.perf_counter() - self._t0, json.loads(r.read())))
+                except (OSError, ValueError):
+                    pass
+
+    def stop(self) -> dict[str, list[tuple[float, dict]]]:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        return self.series
 
 
 @dataclass(frozen=True)
@@ -209,6 +239,7 @@ def run(
     vocab = get_model(model).vocab
     dilation = cluster.spec.emulation.time_dilation
     t0 = time.perf_counter()
+    sampler = Sampler([p for p in state.processes if p.role != "router"])
     try:
         if locust is not None:
             records = _run_locust(locust, state.router, model, out_dir or lc.run_dir, cluster.spec.workload.seed)
@@ -219,6 +250,7 @@ def run(
         instances = {p.name: {"role": p.role, **_scrape(p.url)} for p in state.processes if p.role != "router"}
         prom_view = _prometheus_view(prom) if prom is not None else None
     finally:
+        samples = sampler.stop()
         if prom is not None:
             prom.stop()
         lc.stop()
@@ -231,6 +263,7 @@ def run(
         instances,
         simulated_s=wall,
         prometheus=prom_view,
+        goodput=goodput(records, slo.ttft_ms, slo.tpot_ms),
     )
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -242,4 +275,17 @@ def run(
         if prom_view is not None:
             with open(os.path.join(out_dir, "prometheus.json"), "w", encoding="utf-8") as fh:
                 json.dump(prom_view, fh, indent=2)
+        with open(os.path.join(out_dir, "goodput.json"), "w", encoding="utf-8") as fh:
+            json.dump(result.goodput, fh, indent=2)
+        from emulator.htmlreport import write_html
+
+        write_html(
+            os.path.join(out_dir, "report.html"),
+            f"infemu run: {cluster.name}",
+            records,
+            result.summary,
+            result.goodput,
+            slo,
+            samples,
+        )
     return result

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from emulator.engine.hashing import hashes_from_tokens
@@ -75,7 +75,10 @@ class Router:
         self.session: ClientSession | None = None
 
     async def start(self) -> None:
-        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=3, sock_read=None))
+        # no pool limit: aiohttp's default of 100 connections would silently cap the requests in flight
+        self.session = ClientSession(
+            timeout=ClientTimeout(total=None, sock_connect=3, sock_read=None), connector=TCPConnector(limit=0)
+        )
         await self.pool.start()
 
     async def stop(self) -> None:

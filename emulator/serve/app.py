@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from emulator.build import InstanceSetup, build_instances
@@ -105,7 +105,7 @@ class Worker:
 
     # ---- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
-        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=5))
+        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=5), connector=TCPConnector(limit=0))
         self.engine = RealTimeEngine(
             self.scheduler, self.setup.cost, self.metrics, self.setup.pool.pp, self._pull_kv, dilation=self.dilation
         )

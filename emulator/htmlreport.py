@@ -1,0 +1,110 @@
+"""``report.html``: one self-contained page (plots embedded as PNG) for a run's report folder.
+
+TTFT and TPOT CDFs against the SLOs, attainment and throughput over time, queue depth and
+KV usage per instance (sampled from the workers during the run), and the latency
+breakdown (queue + prefill until the first token, then decode) by percentile.
+Imports matplotlib, so only the report path pays for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import numpy as np
+
+from emulator.results import RequestRecord
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(
+    path: str,
+    title: str,
+    records: list[RequestRecord],
+    summary: dict,
+    goodput: dict,
+    slo,
+    samples: dict[str, list[tuple[float, dict]]],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    ok = [r for r in records if r.ok]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, limit, label in ((axes[0], "ttft_ms", slo.ttft_ms, "TTFT"), (axes[1], "tpot_ms", slo.tpot_ms, "TPOT")):
+        vals = np.sort([getattr(r, key) for r in ok if getattr(r, key) is not None])
+        if len(vals):
+            ax.plot(vals, np.arange(1, len(vals) + 1) / len(vals))
+        ax.axvline(limit, color="red", ls="--", label=f"SLO {limit:g} ms")
+        ax.set(xlabel=f"{label} (ms)", ylabel="CDF", title=f"{label} CDF", xscale="log")
+        ax.legend()
+    fig.tight_layout()
+    figs.append(("Latency CDFs", _png(fig)))
+    plt.close(fig)
+
+    if ok:
+        end = max(r.finish_s for r in ok)
+        bins = np.arange(0, end + 1.0, 1.0)
+        fin = np.array([r.finish_s for r in ok])
+        met = np.array([r.meets(slo.ttft_ms, slo.tpot_ms) for r in ok])
+        toks = np.array([r.output_tokens for r in ok])
+        idx = np.digitize(fin, bins)
+        att = [met[idx == i].mean() if (idx == i).any() else np.nan for i in range(1, len(bins))]
+        thr = [toks[idx == i].sum() for i in range(1, len(bins))]
+        fig, ax = plt.subplots(figsize=(10, 3.4))
+        ax.plot(bins[1:], 100 * np.array(att), "o-", ms=3, label="attainment %")
+        ax.axhline(100 * slo.attainment_target, color="grey", ls="--")
+        ax2 = ax.twinx()
+        ax2.plot(bins[1:], thr, color="C1", label="output tok/s")
+        ax.set(xlabel="time (s)", ylabel="attainment (%)", ylim=(0, 105), title="Attainment and throughput over time")
+        ax2.set_ylabel("output tokens/s")
+        fig.tight_layout()
+        figs.append(("Attainment and throughput", _png(fig)))
+        plt.close(fig)
+
+    if samples:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
+        for name, series in samples.items():
+            t = [s[0] for s in series]
+            a1.plot(t, [s[1].get("running", 0) + s[1].get("waiting", 0) for s in series], label=name)
+            a2.plot(t, [100 * s[1].get("kv_usage", 0) for s in series], label=name)
+        a1.set(xlabel="time (s)", ylabel="running + waiting", title="Queue depth per instance")
+        a2.set(xlabel="time (s)", ylabel="KV usage (%)", title="KV-cache usage per instance", ylim=(0, 100))
+        a1.legend(fontsize=7)
+        fig.tight_layout()
+        figs.append(("Queues and KV cache", _png(fig)))
+        plt.close(fig)
+
+    if ok:
+        qs = [50, 90, 99]
+        ttft = np.percentile([r.ttft_ms for r in ok], qs)
+        decode = np.percentile([r.e2e_ms - r.ttft_ms for r in ok], qs)
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        ax.bar([f"p{q}" for q in qs], ttft, label="queue + prefill (+ KV transfer): TTFT")
+        ax.bar([f"p{q}" for q in qs], decode, bottom=ttft, label="decode")
+        ax.set(ylabel="ms", title="Latency breakdown")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figs.append(("Latency breakdown", _png(fig)))
+        plt.close(fig)
+
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    imgs = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b64}'/>" for t, b64 in figs)
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:1050px;margin:auto}td{padding:2px 10px}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1><p>goodput: {goodput['requests_per_s']:.2f} req/s, "
+        f"{goodput['output_tokens_per_s']:.0f} output tok/s meeting TTFT &le; {slo.ttft_ms:g} ms and TPOT "
+        f"&le; {slo.tpot_ms:g} ms</p><table>{rows}</table>{imgs}</body></html>"
+    )
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(page)
