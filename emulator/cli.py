@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--shaping", choices=["auto", "tc", "inproc"], default="auto")
     p.add_argument(
+        "--max-in-flight",
+        type=_positive_int,
+        help="open loop: drop (and count) a request due while this many are in flight",
+    )
+    p.add_argument(
+        "--shape",
+        choices=["stages", "burst"],
+        help="with --workload: Locust LoadTestShape (ramp stages, or periodic bursts)",
+    )
+    p.add_argument(
         "--workload",
         help="drive with Locust users of this kind: chat, coding, summarization, agentic, multihop, rag"
         " (closed loop: --concurrency users for --duration seconds)",
@@ -238,11 +248,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if args.workload not in WORKLOADS:
             raise SpecError([f"--workload: {args.workload!r} is unknown; use one of {', '.join(WORKLOADS)}"])
-        locust = LocustLoad(args.workload, args.concurrency or 4, args.duration or 30.0)
+        locust = LocustLoad(args.workload, args.concurrency or 4, args.duration or 30.0, args.shape)
         args.concurrency = args.duration = None  # they shape the Locust run, not the plan
     cluster = apply_overrides(_one_cluster(args), _overrides(args))
     plan = build_plan(cluster.spec.workload, os.path.dirname(os.path.abspath(args.spec)))
-    result = run(cluster, args.spec, plan, args.out, shaping=args.shaping, prometheus=args.prometheus, locust=locust)
+    result = run(
+        cluster,
+        args.spec,
+        plan,
+        args.out,
+        shaping=args.shaping,
+        prometheus=args.prometheus,
+        locust=locust,
+        max_in_flight=args.max_in_flight,
+    )
     if args.json:
         print(json.dumps(result.summary))
     else:

@@ -126,6 +126,7 @@ async def run_plan(
     max_connections: int = 1000,
     dilation: float = 1.0,
     on_done=None,
+    max_in_flight: int | None = None,
 ) -> tuple[list[RequestRecord], np.ndarray]:
     """Send every planned request at its arrival time; returns records and start lags (s).
 
@@ -137,16 +138,33 @@ async def run_plan(
         t_origin = time.perf_counter() + 0.05
         lags: list[float] = []
         lead = [0.0]  # wake this early: the median lateness of asyncio's timers, learned as we go
+        in_flight = [0]
 
         async def at(p: PlannedRequest) -> RequestRecord:
             delay = t_origin + (p.arrival_s or 0.0) * dilation - time.perf_counter() - lead[0]
             if delay > 0:
                 await asyncio.sleep(delay)
             lag = time.perf_counter() - t_origin - (p.arrival_s or 0.0) * dilation
+            if max_in_flight is not None and in_flight[0] >= max_in_flight:
+                # open loop: a request that cannot start at its time is dropped and counted, never delayed
+                rec = RequestRecord(
+                    f"req-{p.index}",
+                    (p.arrival_s or 0.0) * dilation,
+                    p.input_len,
+                    error=f"dropped: {max_in_flight} requests already in flight (--max-in-flight)",
+                    finish_s=lag + (p.arrival_s or 0.0) * dilation,
+                )
+                if on_done is not None:
+                    on_done(rec)
+                return rec
             lags.append(lag)
             if len(lags) % 20 == 0:
                 lead[0] = min(max(float(np.median(np.asarray(lags[-200:]) + lead[0])), 0.0), 0.002)
-            rec = await send_one(session, url, p, bodies[p.index], t_origin)
+            in_flight[0] += 1
+            try:
+                rec = await send_one(session, url, p, bodies[p.index], t_origin)
+            finally:
+                in_flight[0] -= 1
             if on_done is not None:
                 on_done(rec)
             return rec

@@ -120,6 +120,7 @@ class LocustLoad:
     workload: str
     users: int
     duration_s: float
+    shape: str | None = None  # stages | burst: a LoadTestShape drives the user count instead
 
 
 def _run_locust(load: LocustLoad, router: str, model: str, folder: str, seed: int) -> list[RequestRecord]:
@@ -140,7 +141,11 @@ def _run_locust(load: LocustLoad, router: str, model: str, folder: str, seed: in
         "INFEMU_WORKLOAD": load.workload,
         "INFEMU_SEED": str(seed),
         "INFEMU_REQUESTS_JSONL": sink,
+        "INFEMU_USERS": str(load.users),
+        "INFEMU_DURATION": str(load.duration_s),
     }
+    if load.shape:
+        env["INFEMU_SHAPE"] = load.shape
     cmd = [
         sys.executable,
         "-m",
@@ -213,6 +218,7 @@ def run(
     shaping: str = "auto",
     prometheus: bool = False,
     locust: LocustLoad | None = None,
+    max_in_flight: int | None = None,
 ) -> RunResult:
     """Drive ``plan`` with the asyncio client, or, with ``locust``, a Locust user class."""
     lc = LocalCluster(spec_path, cluster.name, shaping=shaping, cluster=cluster)
@@ -246,7 +252,11 @@ def run(
         elif plan.concurrency:
             records = asyncio.run(run_closed_loop(state.router, model, plan, vocab, dilation, on_done=progress))
         else:
-            records, _ = asyncio.run(run_plan(state.router, model, plan, vocab, dilation=dilation, on_done=progress))
+            records, _ = asyncio.run(
+                run_plan(
+                    state.router, model, plan, vocab, dilation=dilation, on_done=progress, max_in_flight=max_in_flight
+                )
+            )
         instances = {p.name: {"role": p.role, **_scrape(p.url)} for p in state.processes if p.role != "router"}
         prom_view = _prometheus_view(prom) if prom is not None else None
     finally:

@@ -166,6 +166,22 @@ class ConstantArrival(_Model):
     type: Literal["constant"] = "constant"
 
 
+class MMPPArrival(_Model):
+    """On/off bursts: a two-state Markov-modulated Poisson process (exponential state durations)."""
+
+    type: Literal["mmpp"] = "mmpp"
+    burst_rate: float = Field(gt=0, description="Requests per second during a burst.")
+    idle_rate: float = Field(0.0, ge=0, description="Requests per second between bursts.")
+    burst_seconds: float = Field(gt=0, description="Mean duration of a burst.")
+    idle_seconds: float = Field(gt=0, description="Mean duration between bursts.")
+
+    @property
+    def mean_rate(self) -> float:
+        return (self.burst_rate * self.burst_seconds + self.idle_rate * self.idle_seconds) / (
+            self.burst_seconds + self.idle_seconds
+        )
+
+
 class ConcurrencyArrival(_Model):
     type: Literal["concurrency"] = "concurrency"
     n: int = Field(ge=1, description="Closed-loop clients, each sending its next request on completion.")
@@ -179,7 +195,7 @@ class TraceArrival(_Model):
 
 
 Arrival = Annotated[
-    PoissonArrival | GammaArrival | ConstantArrival | ConcurrencyArrival | TraceArrival,
+    PoissonArrival | GammaArrival | ConstantArrival | MMPPArrival | ConcurrencyArrival | TraceArrival,
     Field(discriminator="type"),
 ]
 

@@ -9,7 +9,7 @@ from emulator.capacity import effective_max_model_len, pool_memory_plan
 from emulator.catalog.gpus import GPUS, get_gpu
 from emulator.catalog.links import TIERS
 from emulator.catalog.models import get_model
-from emulator.spec import ConcurrencyArrival, InferenceCluster, TraceArrival, TraceLength
+from emulator.spec import ConcurrencyArrival, InferenceCluster, MMPPArrival, TraceArrival, TraceLength
 from emulator.topology import PlacementError, place
 
 
@@ -110,7 +110,7 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
             pass  # a domain larger than the cluster is simply the whole cluster
 
     wl = spec.workload
-    open_loop = not isinstance(wl.arrival, ConcurrencyArrival | TraceArrival)
+    open_loop = not isinstance(wl.arrival, ConcurrencyArrival | TraceArrival | MMPPArrival)
     if open_loop and wl.rate is None:
         problems.append("spec.workload.rate: required for poisson/gamma/constant arrivals (requests per second)")
     if not isinstance(wl.arrival, TraceArrival):

@@ -223,3 +223,26 @@ def test_infemu_run_closed_loop_concurrency(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["completed"] == 9
+
+
+def test_a_cluster_that_fails_to_start_names_the_instance_and_leaves_nothing(tmp_path):
+    """The spec validated, but the model's config.json vanished before the workers read it."""
+    import shutil as _shutil
+
+    from emulator.cluster.local import ClusterStartError, LocalCluster
+    from emulator.spec import load_clusters
+
+    config = tmp_path / "model.json"
+    _shutil.copy(
+        os.path.join(ROOT, "emulator", "catalog", "data", "models", "meta-llama--Meta-Llama-3.1-8B.config.json"), config
+    )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TWO_REPLICAS.replace("model: llama-3.1-8b", f"model: {config}"))
+    cluster = load_clusters(str(spec))[0]
+    config.unlink()
+    before = set(emulator_pids())
+    with pytest.raises(ClusterStartError) as exc:
+        LocalCluster(str(spec), cluster.name, run_dir=str(tmp_path / "run"), shaping="inproc", cluster=cluster).start()
+    assert "instance agg-0 exited with code 2 while starting" in str(exc.value)
+    assert "model.json" in str(exc.value)  # the worker's own one-line error, from its log
+    assert not set(emulator_pids()) - before

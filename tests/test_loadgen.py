@@ -130,3 +130,69 @@ def test_open_loop_start_lag_p99_within_10_ms_at_50_requests_per_second(tmp_path
 def test_unknown_workload_is_one_line_and_exit_2(tmp_path):
     r = _infemu("run", example("quickstart.yaml"), "--workload", "poetry", cwd=str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --workload: 'poetry' is unknown")
+
+
+def test_mmpp_bursts_keep_the_mean_rate_and_are_burstier_than_poisson():
+    from emulator.spec import MMPPArrival
+    from emulator.workload.plan import mmpp_times
+
+    arr = MMPPArrival(burst_rate=40, idle_rate=2, burst_seconds=2, idle_seconds=6)
+    times = mmpp_times(np.random.default_rng(3), arr, None, 4000.0)
+    assert len(times) / 4000.0 == pytest.approx(arr.mean_rate, rel=0.05)  # (40*2 + 2*6) / 8 = 11.5 req/s
+    assert _cv(np.diff(times)) > 1.5  # Poisson would be 1.0
+
+
+def test_mmpp_spec_plans_and_simulates():
+    from emulator.overrides import WorkloadOverrides, apply_overrides
+    from emulator.sim.simulator import simulate
+    from emulator.spec import parse_cluster
+    from emulator.workload.plan import build_plan
+
+    doc = {
+        "apiVersion": "infemu.io/v1alpha1",
+        "kind": "InferenceCluster",
+        "metadata": {"name": "burst"},
+        "spec": {
+            "model": "llama-3.1-8b",
+            "topology": {"gpusPerNode": 1},
+            "pools": [{"name": "a"}],
+            "workload": {
+                "arrival": {"type": "mmpp", "burstRate": 30, "idleRate": 1, "burstSeconds": 3, "idleSeconds": 9},
+                "requests": 300,
+            },
+        },
+    }
+    cluster = apply_overrides(parse_cluster(doc), WorkloadOverrides(output_len=32))
+    plan = build_plan(cluster.spec.workload)
+    assert len(plan.requests) == 300
+    assert simulate(cluster, plan).summary["completed"] == 300
+
+
+def test_load_shapes_are_pure_schedules():
+    from loadgen.shapes import burst_users, stages_users
+
+    assert [stages_users(t, 8, 40) for t in (0, 11, 21, 31, 40)] == [2, 4, 8, 2, None]
+    assert [burst_users(t, 2, 30) for t in (0, 6.9, 7, 9.9, 10, 29)] == [2, 2, 8, 8, 2, 8]
+
+
+async def test_open_loop_cap_drops_and_counts_instead_of_delaying():
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from emulator.client import run_plan
+    from emulator.workload.plan import PlannedRequest, RequestPlan
+
+    async def slow(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(0.3)
+        await resp.write(b'data: {"choices":[{"text":"x"}]}\n\ndata: [DONE]\n\n')
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", slow)
+    async with TestServer(app) as server:
+        plan = RequestPlan(tuple(PlannedRequest(i, 0.01 * i, 8, 1) for i in range(10)))
+        records, _ = await run_plan(str(server.make_url("")).rstrip("/"), "m", plan, 1000, max_in_flight=3)
+    dropped = [r for r in records if r.error and r.error.startswith("dropped")]
+    assert len(dropped) == 7 and sum(r.ok for r in records) == 3

@@ -20,6 +20,7 @@ from emulator.spec import (
     FixedLength,
     GammaArrival,
     LognormalLength,
+    MMPPArrival,
     PoissonArrival,
     TraceArrival,
     TraceLength,
@@ -58,6 +59,26 @@ def inter_arrivals(rng: np.random.Generator, arrival, rate: float, n: int) -> np
     if isinstance(arrival, ConstantArrival):
         return np.full(n, mean)
     raise TypeError(f"no inter-arrival law for {type(arrival).__name__}")
+
+
+def mmpp_times(rng: np.random.Generator, arrival: MMPPArrival, n: int | None, duration: float | None) -> np.ndarray:
+    """Arrival times of an on/off MMPP: alternate exponential burst/idle periods, Poisson within each."""
+    times: list[float] = []
+    t, bursting = 0.0, True
+    limit = duration if duration is not None else float("inf")
+    while t < limit and (n is None or len(times) < n):
+        span = rng.exponential(arrival.burst_seconds if bursting else arrival.idle_seconds)
+        rate = arrival.burst_rate if bursting else arrival.idle_rate
+        if rate > 0:
+            k = rng.poisson(rate * span)
+            times.extend(np.sort(t + rng.uniform(0, span, k)).tolist())
+        t += span
+        bursting = not bursting
+        if len(times) > MAX_PLANNED:
+            raise InputError(f"spec.workload.arrival: the MMPP plans more than {MAX_PLANNED} requests")
+    out = np.asarray(times)
+    out = out[out < limit]
+    return out[:n] if n is not None else out
 
 
 def sample_lengths(rng: np.random.Generator, dist, n: int) -> np.ndarray:
@@ -101,6 +122,15 @@ def build_plan(wl: WorkloadSpec, base_dir: str | None = None) -> RequestPlan:
         outs = sample_lengths(rng.for_subsystem("workload.output"), wl.output_length, n)
         reqs = tuple(PlannedRequest(i, None, int(ins[i]), int(outs[i])) for i in range(n))
         return RequestPlan(reqs, concurrency=arrival.n, duration_s=wl.duration)
+    if isinstance(arrival, MMPPArrival):
+        times = mmpp_times(rng.for_subsystem("workload.arrivals"), arrival, wl.requests, wl.duration)
+        n = len(times)
+        ins = sample_lengths(rng.for_subsystem("workload.input"), wl.input_length, n)
+        outs = sample_lengths(rng.for_subsystem("workload.output"), wl.output_length, n)
+        return RequestPlan(
+            tuple(PlannedRequest(i, float(times[i]), int(ins[i]), int(outs[i])) for i in range(n)),
+            duration_s=wl.duration,
+        )
     rate = wl.rate
     if rate is None:
         raise InputError("spec.workload.rate: required for open-loop arrivals")
