@@ -26,7 +26,7 @@ DASHBOARD = os.path.join(ROOT, "dashboards", "grafana", "infemu-fleet.json")
 
 
 def test_prometheus_agrees_with_the_client_and_serves_every_dashboard_query(tmp_path):
-    # past saturation (~24 req/s): attainment ~68%, far from 0% and 100%
+    # well past saturation (~24 req/s): the queue grows steadily, attainment far from 0% and 100%
     r = subprocess.run(
         [
             sys.executable,
@@ -37,7 +37,7 @@ def test_prometheus_agrees_with_the_client_and_serves_every_dashboard_query(tmp_
             "--requests",
             "250",
             "--rate",
-            "23",
+            "36",
             "--prometheus",
             "--out",
             "rep",
