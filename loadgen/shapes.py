@@ -1,5 +1,4 @@
-"""Locust load shapes whose schedule is a pure function of run time (``users_at``), so tests and
-the simulator can read the same schedule that Locust's ``tick()`` follows."""
+"""Locust load shapes; their schedules are the pure functions in ``loadgen.schedules``."""
 
 from __future__ import annotations
 
@@ -7,23 +6,7 @@ import os
 
 from locust import LoadTestShape
 
-
-def stages_users(t: float, peak: int, duration: float) -> int | None:
-    """Ramp: 25%, 50%, 100% of the peak over the first three quarters, then back to 25%."""
-    if t >= duration:
-        return None
-    quarter = duration / 4
-    fraction = (0.25, 0.5, 1.0, 0.25)[min(int(t // quarter), 3)]
-    return max(1, round(peak * fraction))
-
-
-def burst_users(
-    t: float, base: int, duration: float, period: float = 10.0, burst_s: float = 3.0, factor: int = 4
-) -> int | None:
-    """A steady base with a burst of ``factor`` x base users for ``burst_s`` every ``period`` seconds."""
-    if t >= duration:
-        return None
-    return base * factor if (t % period) >= period - burst_s else base
+from loadgen.schedules import burst_users, stages_users
 
 
 class StagesShape(LoadTestShape):

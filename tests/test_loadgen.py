@@ -169,7 +169,7 @@ def test_mmpp_spec_plans_and_simulates():
 
 
 def test_load_shapes_are_pure_schedules():
-    from loadgen.shapes import burst_users, stages_users
+    from loadgen.schedules import burst_users, stages_users
 
     assert [stages_users(t, 8, 40) for t in (0, 11, 21, 31, 40)] == [2, 4, 8, 2, None]
     assert [burst_users(t, 2, 30) for t in (0, 6.9, 7, 9.9, 10, 29)] == [2, 2, 8, 8, 2, 8]
