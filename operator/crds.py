@@ -1,0 +1,177 @@
+"""The ``InferenceCluster`` CRD, generated from the same pydantic spec the CLI validates with.
+
+Pydantic's JSON Schema becomes a Kubernetes *structural* schema: references inlined, every
+field typed, ``Optional`` as ``nullable``, discriminated unions merged into one object whose
+``type`` is an enum (the API server cannot branch on a discriminator; the operator's pydantic
+validation still enforces each variant), JSON Schema 2020 exclusive bounds rewritten the
+OpenAPI 3.0 way, titles and defaults dropped (pydantic applies the defaults). Cross-field rules
+(TP divides the heads, weights fit, ...) stay in the operator, which reports them as a
+``Ready=False`` condition naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emulator.spec import API_VERSION, KIND, ClusterSpec
+
+GROUP, VERSION = API_VERSION.split("/")
+PLURAL = "inferenceclusters"
+
+
+def _resolve(node: Any, defs: dict) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _resolve(defs[node["$ref"].split("/")[-1]], defs)
+        return {k: _resolve(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, defs) for v in node]
+    return node
+
+
+def _merge_union(variants: list[dict]) -> dict:
+    props: dict[str, Any] = {}
+    tags = []
+    for v in variants:
+        for name, sub in v.get("properties", {}).items():
+            if name == "type":
+                tags.extend(sub.get("enum") or [sub.get("const")])
+                continue
+            props.setdefault(name, sub)
+    return {"type": "object", "properties": {"type": {"type": "string", "enum": tags}, **props}, "required": ["type"]}
+
+
+def structural(node: Any) -> Any:
+    """Rewrite one (resolved) JSON Schema node into a structural OpenAPI v3 schema node."""
+    if not isinstance(node, dict):
+        return node
+    if "oneOf" in node:  # a discriminated union
+        merged = _merge_union([structural(v) for v in node["oneOf"]])
+        if "description" in node:
+            merged["description"] = node["description"]
+        return merged
+    if "anyOf" in node:
+        non_null = [v for v in node["anyOf"] if v.get("type") != "null"]
+        out = structural(non_null[0]) if len(non_null) == 1 else {"x-kubernetes-preserve-unknown-fields": True}
+        if len(non_null) < len(node["anyOf"]):
+            out = {**out, "nullable": True}
+        if "description" in node:
+            out["description"] = node["description"]
+        return out
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("title", "default", "additionalProperties", "discriminator"):
+            continue
+        if key == "const":
+            out["enum"] = [value]
+        elif key == "exclusiveMinimum":
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum":
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key == "properties":
+            out["properties"] = {k: structural(v) for k, v in value.items()}
+        elif key == "items":
+            out["items"] = structural(value)
+        else:
+            out[key] = value
+    if "properties" in out:
+        out["type"] = "object"
+        out.pop("required", None) if not out.get("required") else None
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    if not any(k in out for k in ("type", "x-kubernetes-preserve-unknown-fields")):
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    return out
+
+
+def spec_schema() -> dict:
+    raw = ClusterSpec.model_json_schema(by_alias=True)
+    return structural(_resolve({k: v for k, v in raw.items() if k != "$defs"}, raw.get("$defs", {})))
+
+
+STATUS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "observedGeneration": {"type": "integer"},
+        "conditions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "status"],
+                "properties": {
+                    "type": {"type": "string"},
+                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                    "reason": {"type": "string"},
+                    "message": {"type": "string"},
+                    "lastTransitionTime": {"type": "string", "format": "date-time"},
+                },
+            },
+        },
+        "pools": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "role": {"type": "string"},
+                    "ready": {"type": "integer"},
+                    "desired": {"type": "integer"},
+                },
+            },
+        },
+        "router": {"type": "string"},
+    },
+    "x-kubernetes-preserve-unknown-fields": True,
+}
+
+
+def inference_cluster_crd() -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "plural": PLURAL,
+                "singular": "inferencecluster",
+                "kind": KIND,
+                "shortNames": ["ic", "infc"],
+                "categories": ["infemu"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+                        {"name": "GPU", "type": "string", "jsonPath": ".spec.gpu"},
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                        },
+                        {"name": "Router", "type": "string", "jsonPath": ".status.router", "priority": 1},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "An emulated LLM inference cluster (infemu).",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": STATUS_SCHEMA,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
