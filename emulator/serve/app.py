@@ -62,7 +62,8 @@ class Worker:
         spec = settings.cluster.spec
         self.topology: Topology
         self.topology, setups = build_instances(spec)
-        matches = [s for s in setups if s.instance.name == settings.instance]
+        wanted = settings.instance.removeprefix(f"{settings.cluster.name}-")  # a pod name: <cluster>-<pool>-<n>
+        matches = [s for s in setups if s.instance.name == wanted]
         if not matches:
             raise ValueError(f"instance {settings.instance!r} is not in cluster {settings.cluster.name!r}")
         self.setup: InstanceSetup = matches[0]

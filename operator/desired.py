@@ -1,0 +1,282 @@
+"""Reconcile as a pure function: an ``InferenceCluster`` in, the children it should have out.
+
+Per pool a StatefulSet (stable pod names carry each instance's emulated node/GPU identity, so
+tiers follow the emulated topology, not the Kubernetes node) with a headless Service; the
+router Deployment and Service; a ConfigMap with the spec, the placement and the tier matrix,
+and the router's backend list. Workers run as non-root with a read-only root filesystem and
+no capabilities; with ``shaping: tc`` an init container — the only one with NET_ADMIN —
+installs the pod's static TOS-classified HTB/TBF tree. The handlers apply these idempotently
+and adopt them with owner references.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import yaml
+
+from emulator.build import build_instances
+from emulator.net.plan import link_plan
+from emulator.spec import InferenceCluster
+
+PORT = 8000
+CONFIG_DIR = "/etc/infemu"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    image: str = "ghcr.io/infemu/infemu:0.1.0"
+    shaping: str = "inproc"  # inproc | tc
+    cpu: str = "250m"
+    memory: str = "256Mi"
+
+
+def labels(cluster: InferenceCluster, component: str, pool: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "infemu",
+        "app.kubernetes.io/instance": cluster.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "infemu",
+        "app.kubernetes.io/managed-by": "infemu-operator",
+    }
+    if pool:
+        out["infemu.io/pool"] = pool
+    return out
+
+
+def _meta(name: str, namespace: str, lbl: dict) -> dict:
+    return {"name": name, "namespace": namespace, "labels": lbl}
+
+
+def _security() -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _probe(path: str) -> dict:
+    return {"httpGet": {"path": path, "port": PORT}, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
+
+
+def _resources(s: OperatorSettings) -> dict:
+    return {"requests": {"cpu": s.cpu, "memory": s.memory}, "limits": {"memory": s.memory}}
+
+
+def _config_volume(cluster: InferenceCluster) -> tuple[dict, dict]:
+    volume = {"name": "config", "configMap": {"name": f"{cluster.name}-config"}}
+    mount = {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}
+    return volume, mount
+
+
+def config_map(cluster: InferenceCluster, namespace: str) -> dict:
+    topo, _ = build_instances(cluster.spec)
+    doc = cluster.model_dump(by_alias=True, exclude_none=True, exclude={"status"})
+    backends = [
+        {
+            "name": i.name,
+            "role": i.role,
+            "url": f"http://{cluster.name}-{i.name}.{cluster.name}-{i.pool}.{namespace}.svc.cluster.local:{PORT}",
+        }
+        for i in topo.instances
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(f"{cluster.name}-config", namespace, labels(cluster, "config")),
+        "data": {
+            "cluster.yaml": yaml.safe_dump(doc, sort_keys=False),
+            "topology.json": json.dumps({"cluster": cluster.name, **topo.to_json()}),
+            "backends.json": json.dumps(backends),
+        },
+    }
+
+
+def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: OperatorSettings) -> list[dict]:
+    name = f"{cluster.name}-{pool.name}"
+    lbl = labels(cluster, pool.role, pool.name)
+    volume, mount = _config_volume(cluster)
+    worker = {
+        "name": "worker",
+        "image": settings.image,
+        "args": [
+            "python",
+            "-m",
+            "emulator.cluster.process",
+            "worker",
+            "--spec",
+            f"{CONFIG_DIR}/cluster.yaml",
+            "--cluster",
+            cluster.name,
+            "--instance",
+            "$(POD_NAME)",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(PORT),
+            "--shaping",
+            settings.shaping,
+        ],
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "readinessProbe": _probe("/ready"),
+        "livenessProbe": _probe("/health"),
+        "resources": _resources(settings),
+        "securityContext": _security(),
+        "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    pod_spec: dict = {
+        "containers": [worker],
+        "volumes": [volume, {"name": "tmp", "emptyDir": {}}],
+        "enableServiceLinks": False,
+    }
+    if settings.shaping == "tc":
+        pod_spec["initContainers"] = [
+            {
+                "name": "tc-init",
+                "image": settings.image,
+                "args": [
+                    "python",
+                    "-m",
+                    "infemu_operator.tcinit",
+                    "--spec",
+                    f"{CONFIG_DIR}/cluster.yaml",
+                    "--cluster",
+                    cluster.name,
+                    "--instance",
+                    "$(POD_NAME)",
+                ],
+                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "securityContext": {
+                    "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]},
+                    "runAsUser": 0,
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                },
+                "volumeMounts": [mount],
+            }
+        ]
+    statefulset = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _meta(name, namespace, lbl),
+        "spec": {
+            "serviceName": name,
+            "replicas": pool.replicas,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": {"app.kubernetes.io/instance": cluster.name, "infemu.io/pool": pool.name}},
+            "template": {
+                "metadata": {
+                    "labels": lbl,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, namespace, lbl),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": False,
+            "selector": {"app.kubernetes.io/instance": cluster.name, "infemu.io/pool": pool.name},
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
+        },
+    }
+    return [statefulset, service]
+
+
+def router_objects(cluster: InferenceCluster, namespace: str, settings: OperatorSettings) -> list[dict]:
+    name = f"{cluster.name}-router"
+    lbl = labels(cluster, "router")
+    volume, mount = _config_volume(cluster)
+    container = {
+        "name": "router",
+        "image": settings.image,
+        "args": [
+            "python",
+            "-m",
+            "emulator.cluster.process",
+            "router",
+            "--spec",
+            f"{CONFIG_DIR}/cluster.yaml",
+            "--cluster",
+            cluster.name,
+            "--backends",
+            f"{CONFIG_DIR}/backends.json",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(PORT),
+        ],
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "readinessProbe": _probe("/ready"),
+        "livenessProbe": _probe("/health"),
+        "resources": _resources(settings),
+        "securityContext": _security(),
+        "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, namespace, lbl),
+        "spec": {
+            "replicas": 1,
+            "selector": {
+                "matchLabels": {"app.kubernetes.io/instance": cluster.name, "app.kubernetes.io/component": "router"}
+            },
+            "template": {
+                "metadata": {
+                    "labels": lbl,
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT)},
+                },
+                "spec": {
+                    "containers": [container],
+                    "volumes": [volume, {"name": "tmp", "emptyDir": {}}],
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, namespace, lbl),
+        "spec": {
+            "selector": {"app.kubernetes.io/instance": cluster.name, "app.kubernetes.io/component": "router"},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+        },
+    }
+    return [deployment, service]
+
+
+def desired_children(cluster: InferenceCluster, namespace: str, settings: OperatorSettings | None = None) -> list[dict]:
+    """Every child object of one InferenceCluster, in apply order (config first, router last)."""
+    settings = settings or OperatorSettings()
+    out = [config_map(cluster, namespace)]
+    for pool in cluster.spec.pools:
+        out += pool_objects(cluster, namespace, pool, settings)
+    out += router_objects(cluster, namespace, settings)
+    return out
+
+
+def tc_tree_for(cluster: InferenceCluster, instance: str) -> list[list[str]]:
+    """The tc commands the init container runs for one instance (pure, testable)."""
+    from emulator.net.tc import TierClass, tree_commands
+
+    topo, _ = build_instances(cluster.spec)
+    inst = topo.by_name(instance)
+    plan = link_plan(cluster.spec, topo, inst)
+    return tree_commands(
+        "eth0", [TierClass(p.tier.kind, p.wire_rate, 10 * (i + 1)) for i, p in enumerate(plan.values())]
+    )
