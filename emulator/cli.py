@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -400,25 +401,21 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    import signal
-
     from emulator.cluster.local import LocalCluster
     from emulator.report import print_endpoints
 
     cluster = _one_cluster(args)
     lc = LocalCluster(args.spec, cluster.name, args.run_dir, detach=args.detach, shaping=args.shaping)
     state = lc.start()
-    print(f"shaping: {state.shaping} — {lc.shaping_reason}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(state.to_json()))
-    else:
-        print_endpoints(state)
-    if args.detach:
-        return 0
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop:
+    try:  # SIGTERM arrives as KeyboardInterrupt (see main): either one stops the cluster
+        print(f"shaping: {state.shaping} — {lc.shaping_reason}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(state.to_json()), flush=True)
+        else:
+            print_endpoints(state)
+        if args.detach:
+            return 0
+        while True:
             dead = lc.dead_processes()
             if dead:
                 name, code = dead[0]
@@ -503,7 +500,14 @@ COMMANDS = {
 }
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM behaves like Ctrl-C from the first instruction on, so a cluster being started or
+    # running is always stopped by the `finally`/`except` that owns it: no orphans, no namespaces left
+    signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -5,7 +5,7 @@ step timing error p99 within 2 ms.
 Python's HTTP path adds ~5 ms per request on a 2-core host; the quickstart's TTFT is ~40 ms, so it
 runs with time dilation D=4 (modelled durations x4, reported times /4), which the design provides for
 small hosts (at D=1 the quickstart's TTFT mean reads ~12% high, its p90 and TPOT still agree).
-The P/D example (TTFT ~150 ms, four processes and the client on two cores) runs at D=3.
+The P/D example (TTFT ~150 ms, four processes and the client on two cores) runs at D=4.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _timing_p99(url: str) -> float:
     "name, rate, requests, dilation, timing_p99_s",
     [
         ("quickstart.yaml", 11.0, 150, 4.0, 0.002),  # about half of the ~22 req/s saturation
-        ("pd-llama70b-h100.yaml", 7.0, 120, 3.0, 0.002),  # about half of the prefill pools' saturation
+        ("pd-llama70b-h100.yaml", 7.0, 120, 4.0, 0.002),  # about half of the prefill pools' saturation
     ],
 )
 def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilation, timing_p99_s):
