@@ -182,6 +182,7 @@ def test_a_killed_backend_gives_retries_before_the_first_byte_and_errors_after(t
 def test_infemu_run_reports_the_sim_summary_keys_and_writes_the_report(tmp_path):
     from emulator.results import SUMMARY_KEYS
 
+    before = set(emulator_pids())
     r = infemu(
         "run",
         example("quickstart.yaml"),
@@ -204,7 +205,7 @@ def test_infemu_run_reports_the_sim_summary_keys_and_writes_the_report(tmp_path)
     assert len(lines) == 20 and json.loads(lines[0])["ttft_ms"] > 0
     assert json.loads((tmp_path / "rep" / "summary.json").read_text()) == summary
     assert "agg-0" in json.loads((tmp_path / "rep" / "instances.json").read_text())
-    assert not emulator_pids()
+    assert not set(emulator_pids()) - before
 
 
 def test_infemu_run_closed_loop_concurrency(tmp_path):
