@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -20,3 +22,15 @@ def shared_data() -> str:
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"reference data not found at {SHARED_DATA} (CI clones with shared/ beside the checkout)")
     return SHARED_DATA
+
+
+def run_infemu(*args: str, cwd: str = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The ``infemu`` command as a user runs it, from this checkout, in a given folder."""
+    return subprocess.run(
+        [sys.executable, "-m", "emulator.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )

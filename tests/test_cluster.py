@@ -14,21 +14,10 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import ROOT, example
+from conftest import ROOT, example, run_infemu
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
-
-
-def infemu(*args: str, cwd: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "emulator.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
 
 
 def metric(url: str, name: str) -> float:
@@ -61,11 +50,11 @@ def emulator_pids() -> list[int]:
 
 @pytest.fixture
 def pd_cluster(tmp_path):
-    r = infemu("up", example("pd-llama70b-h100.yaml"), "--detach", "--json", cwd=str(tmp_path))
+    r = run_infemu("up", example("pd-llama70b-h100.yaml"), "--detach", "--json", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     state = json.loads(r.stdout)
     yield state
-    infemu("down", cwd=str(tmp_path))
+    run_infemu("down", cwd=str(tmp_path))
 
 
 def test_openai_client_streams_through_the_pd_router_with_a_real_kv_pull(pd_cluster, tmp_path):
@@ -106,11 +95,11 @@ def test_openai_client_streams_through_the_pd_router_with_a_real_kv_pull(pd_clus
 
 def test_down_leaves_no_process_behind(tmp_path):
     before = set(emulator_pids())
-    r = infemu("up", example("quickstart.yaml"), "--detach", "--json", cwd=str(tmp_path))
+    r = run_infemu("up", example("quickstart.yaml"), "--detach", "--json", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     mine = set(emulator_pids()) - before
     assert len(mine) >= 2
-    r = infemu("down", cwd=str(tmp_path))
+    r = run_infemu("down", cwd=str(tmp_path))
     assert "processes stopped" in r.stdout
     assert not mine & set(emulator_pids())
 
@@ -149,7 +138,7 @@ spec:
 def test_a_killed_backend_gives_retries_before_the_first_byte_and_errors_after(tmp_path):
     spec = tmp_path / "two.yaml"
     spec.write_text(TWO_REPLICAS)
-    r = infemu("up", str(spec), "--detach", "--json", cwd=str(tmp_path))
+    r = run_infemu("up", str(spec), "--detach", "--json", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     state = json.loads(r.stdout)
     try:
@@ -176,14 +165,14 @@ def test_a_killed_backend_gives_retries_before_the_first_byte_and_errors_after(t
             )
             assert ok.usage.completion_tokens == 3
     finally:
-        infemu("down", cwd=str(tmp_path))
+        run_infemu("down", cwd=str(tmp_path))
 
 
 def test_infemu_run_reports_the_sim_summary_keys_and_writes_the_report(tmp_path):
     from emulator.results import SUMMARY_KEYS
 
     before = set(emulator_pids())
-    r = infemu(
+    r = run_infemu(
         "run",
         example("quickstart.yaml"),
         "--requests",
@@ -209,7 +198,7 @@ def test_infemu_run_reports_the_sim_summary_keys_and_writes_the_report(tmp_path)
 
 
 def test_infemu_run_closed_loop_concurrency(tmp_path):
-    r = infemu(
+    r = run_infemu(
         "run",
         example("quickstart.yaml"),
         "--concurrency",

@@ -6,14 +6,11 @@ import asyncio
 import csv
 import itertools
 import json
-import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, example
+from conftest import example, run_infemu
 
 from emulator.spec import ConstantArrival, GammaArrival, PoissonArrival
 from emulator.workload.plan import inter_arrivals
@@ -61,20 +58,9 @@ def test_multihop_quotes_the_previous_answer_and_rag_repeats_popular_passages():
     assert drawn.count(corpus.passages[0]) > 50  # Zipf: the head passage recurs
 
 
-def _infemu(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "emulator.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
-
-
 @pytest.mark.slow
 def test_agentic_locust_users_reuse_the_prefix_and_report_ttft_tpot(tmp_path):
-    r = _infemu(
+    r = run_infemu(
         "run",
         example("quickstart.yaml"),
         "--workload",
@@ -128,7 +114,7 @@ def test_open_loop_start_lag_p99_within_10_ms_at_50_requests_per_second(tmp_path
 
 
 def test_unknown_workload_is_one_line_and_exit_2(tmp_path):
-    r = _infemu("run", example("quickstart.yaml"), "--workload", "poetry", cwd=str(tmp_path))
+    r = run_infemu("run", example("quickstart.yaml"), "--workload", "poetry", cwd=str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip().startswith("error: --workload: 'poetry' is unknown")
 
 

@@ -13,7 +13,7 @@ import time
 
 import openai
 import pytest
-from conftest import ROOT, example
+from conftest import ROOT, example, run_infemu
 
 from emulator.net.probe import Transfer, measure
 from emulator.net.tc import WIRE_PER_PAYLOAD, TierClass, available, tree_commands
@@ -64,17 +64,6 @@ def test_tc_flows_share_a_tier_and_leave_other_tiers_alone():
     # two flows inside one class is TCP's, not exactly half; the inproc backend splits exactly.
 
 
-def _infemu(*args, cwd, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "emulator.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
-
-
 def _leftovers() -> list[str]:
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
@@ -91,7 +80,7 @@ def _leftovers() -> list[str]:
 @needs_tc
 def test_pd_example_runs_under_tc_and_down_removes_everything(tmp_path):
     before = set(_leftovers())
-    r = _infemu("up", example("pd-llama70b-h100.yaml"), "--detach", "--json", "--shaping", "tc", cwd=str(tmp_path))
+    r = run_infemu("up", example("pd-llama70b-h100.yaml"), "--detach", "--json", "--shaping", "tc", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "shaping: tc" in r.stderr
     state = json.loads(r.stdout)
@@ -102,7 +91,7 @@ def test_pd_example_runs_under_tc_and_down_removes_everything(tmp_path):
         model="llama-3.1-70b", prompt=list(range(1, 1201)), max_tokens=4, extra_body={"ignore_eos": True}
     )
     assert done.usage.completion_tokens == 4
-    r = _infemu("down", cwd=str(tmp_path))
+    r = run_infemu("down", cwd=str(tmp_path))
     assert "removed" in r.stdout
     assert not set(_leftovers()) - before
 
@@ -128,7 +117,7 @@ def test_sigterm_and_sigkill_of_the_launcher_leave_nothing_after_down(tmp_path):
         if sig == signal.SIGKILL:  # nothing could clean up: `infemu down` finishes the job
             time.sleep(0.2)
             assert set(_leftovers()) - before
-            _infemu("down", cwd=str(tmp_path))
+            run_infemu("down", cwd=str(tmp_path))
         assert not set(_leftovers()) - before, sig
 
 
@@ -146,7 +135,7 @@ def test_pd_kv_transfer_time_in_metrics_matches_the_tier(tmp_path, backend):
     doc["spec"]["emulation"] = {"timeDilation": 20}
     spec = tmp_path / "pd.yaml"
     spec.write_text(yaml.safe_dump(doc))
-    r = _infemu("up", str(spec), "--detach", "--json", "--shaping", backend, cwd=str(tmp_path))
+    r = run_infemu("up", str(spec), "--detach", "--json", "--shaping", backend, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     state = json.loads(r.stdout)
     try:
@@ -166,4 +155,4 @@ def test_pd_kv_transfer_time_in_metrics_matches_the_tier(tmp_path, backend):
         expected = 15e-6 + 3000 * 327_680 / (4 * 50e9)
         assert seconds == pytest.approx(expected, rel=0.05), (backend, seconds, expected)
     finally:
-        _infemu("down", cwd=str(tmp_path))
+        run_infemu("down", cwd=str(tmp_path))

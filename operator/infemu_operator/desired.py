@@ -73,6 +73,21 @@ def _config_volume(cluster: InferenceCluster) -> tuple[dict, dict]:
     return volume, mount
 
 
+def _serving_container(name: str, args: list[str], settings: OperatorSettings, mount: dict) -> dict:
+    """A worker or router container: HTTP port, probes, resources, locked-down security context."""
+    return {
+        "name": name,
+        "image": settings.image,
+        "args": ["python", "-m", "emulator.cluster.process", *args, "--host", "0.0.0.0", "--port", str(PORT)],
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "readinessProbe": _probe("/ready"),
+        "livenessProbe": _probe("/health"),
+        "resources": _resources(settings),
+        "securityContext": _security(),
+        "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
 def config_map(cluster: InferenceCluster, namespace: str) -> dict:
     topo, _ = build_instances(cluster.spec)
     doc = cluster.model_dump(by_alias=True, exclude_none=True, exclude={"status"})
@@ -100,13 +115,9 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
     name = f"{cluster.name}-{pool.name}"
     lbl = labels(cluster, pool.role, pool.name)
     volume, mount = _config_volume(cluster)
-    worker = {
-        "name": "worker",
-        "image": settings.image,
-        "args": [
-            "python",
-            "-m",
-            "emulator.cluster.process",
+    worker = _serving_container(
+        "worker",
+        [
             "worker",
             "--spec",
             f"{CONFIG_DIR}/cluster.yaml",
@@ -114,21 +125,13 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
             cluster.name,
             "--instance",
             "$(POD_NAME)",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(PORT),
             "--shaping",
             settings.shaping,
         ],
-        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-        "ports": [{"name": "http", "containerPort": PORT}],
-        "readinessProbe": _probe("/ready"),
-        "livenessProbe": _probe("/health"),
-        "resources": _resources(settings),
-        "securityContext": _security(),
-        "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
-    }
+        settings,
+        mount,
+    )
+    worker["env"] = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     pod_spec: dict = {
         "containers": [worker],
         "volumes": [volume, {"name": "tmp", "emptyDir": {}}],
@@ -200,13 +203,9 @@ def router_objects(cluster: InferenceCluster, namespace: str, settings: Operator
     name = f"{cluster.name}-router"
     lbl = labels(cluster, "router")
     volume, mount = _config_volume(cluster)
-    container = {
-        "name": "router",
-        "image": settings.image,
-        "args": [
-            "python",
-            "-m",
-            "emulator.cluster.process",
+    container = _serving_container(
+        "router",
+        [
             "router",
             "--spec",
             f"{CONFIG_DIR}/cluster.yaml",
@@ -214,18 +213,10 @@ def router_objects(cluster: InferenceCluster, namespace: str, settings: Operator
             cluster.name,
             "--backends",
             f"{CONFIG_DIR}/backends.json",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(PORT),
         ],
-        "ports": [{"name": "http", "containerPort": PORT}],
-        "readinessProbe": _probe("/ready"),
-        "livenessProbe": _probe("/health"),
-        "resources": _resources(settings),
-        "securityContext": _security(),
-        "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
-    }
+        settings,
+        mount,
+    )
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
