@@ -53,13 +53,17 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
             )
 
 
+def write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+
+
 def write_report(out_dir: str, cluster, result) -> None:
+    """The files every driver's report folder has: requests.jsonl, summary.json, instances.json."""
     os.makedirs(out_dir, exist_ok=True)
     write_jsonl(os.path.join(out_dir, "requests.jsonl"), result.records)
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(result.summary, fh, indent=2)
-    with open(os.path.join(out_dir, "instances.json"), "w", encoding="utf-8") as fh:
-        json.dump(result.instances, fh, indent=2)
+    write_json(os.path.join(out_dir, "summary.json"), result.summary)
+    write_json(os.path.join(out_dir, "instances.json"), result.instances)
 
 
 def print_cost_table(cluster, args) -> int:

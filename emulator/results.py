@@ -108,15 +108,14 @@ def summarize(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms:
     }
 
 
-def goodput(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms: float) -> dict:
-    """Requests/s and output tokens/s that met every SLO, over the run's duration (DistServe's goodput
-    at this one rate; ``infemu sweep`` finds the highest rate that keeps attainment on target)."""
-    s = summarize(records, ttft_slo_ms, tpot_slo_ms)
+def goodput(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms: float, duration_s: float) -> dict:
+    """Requests/s and output tokens/s that met every SLO over the run's duration (the summary's
+    ``duration_s``): DistServe's goodput at this one rate; ``infemu sweep`` finds the highest rate
+    that keeps attainment on target."""
     met = [r for r in records if r.meets(ttft_slo_ms, tpot_slo_ms)]
-    d = s["duration_s"]
     return {
-        "requests_per_s": len(met) / d if d else 0.0,
-        "output_tokens_per_s": sum(r.output_tokens for r in met) / d if d else 0.0,
+        "requests_per_s": len(met) / duration_s if duration_s else 0.0,
+        "output_tokens_per_s": sum(r.output_tokens for r in met) / duration_s if duration_s else 0.0,
     }
 
 

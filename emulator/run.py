@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from emulator.catalog.models import get_model
 from emulator.client import run_closed_loop, run_plan
 from emulator.cluster.local import LocalCluster
-from emulator.results import RequestRecord, goodput, summarize, write_jsonl
+from emulator.results import RequestRecord, goodput, summarize
 from emulator.spec import InferenceCluster
 from emulator.workload.plan import RequestPlan
 
@@ -266,28 +266,24 @@ def run(
         lc.stop()
     wall = time.perf_counter() - t0
     slo = cluster.spec.slo
+    summary = summarize(records, slo.ttft_ms, slo.tpot_ms)
     result = RunResult(
         cluster.name,
         records,
-        summarize(records, slo.ttft_ms, slo.tpot_ms),
+        summary,
         instances,
         simulated_s=wall,
         prometheus=prom_view,
-        goodput=goodput(records, slo.ttft_ms, slo.tpot_ms),
+        goodput=goodput(records, slo.ttft_ms, slo.tpot_ms, summary["duration_s"]),
     )
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        write_jsonl(os.path.join(out_dir, "requests.jsonl"), records)
-        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
-            json.dump(result.summary, fh, indent=2)
-        with open(os.path.join(out_dir, "instances.json"), "w", encoding="utf-8") as fh:
-            json.dump(instances, fh, indent=2)
-        if prom_view is not None:
-            with open(os.path.join(out_dir, "prometheus.json"), "w", encoding="utf-8") as fh:
-                json.dump(prom_view, fh, indent=2)
-        with open(os.path.join(out_dir, "goodput.json"), "w", encoding="utf-8") as fh:
-            json.dump(result.goodput, fh, indent=2)
         from emulator.htmlreport import write_html
+        from emulator.report import write_json, write_report
+
+        write_report(out_dir, cluster, result)  # requests.jsonl, summary.json, instances.json, as `infemu sim`
+        write_json(os.path.join(out_dir, "goodput.json"), result.goodput)
+        if prom_view is not None:
+            write_json(os.path.join(out_dir, "prometheus.json"), prom_view)
 
         write_html(
             os.path.join(out_dir, "report.html"),
