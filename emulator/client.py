@@ -89,6 +89,15 @@ async def send_one(session: ClientSession, url: str, p: PlannedRequest, body: by
     return rec
 
 
+def _to_emulated_time(rec: RequestRecord, dilation: float) -> None:
+    """Wall-clock seconds on a dilated cluster -> the emulated cluster's seconds (divide by D)."""
+    for attr in ("arrival_s", "first_token_s", "finish_s"):
+        if getattr(rec, attr) is not None:
+            setattr(rec, attr, getattr(rec, attr) / dilation)
+    if rec.itl_max_ms is not None:
+        rec.itl_max_ms /= dilation
+
+
 async def run_closed_loop(
     url: str, model: str, plan: RequestPlan, vocab: int, dilation: float = 1.0, on_done=None
 ) -> list[RequestRecord]:
@@ -110,11 +119,7 @@ async def run_closed_loop(
 
         await asyncio.gather(*(client() for _ in range(plan.concurrency or 1)))
     for rec in records:
-        for attr in ("arrival_s", "first_token_s", "finish_s"):
-            if getattr(rec, attr) is not None:
-                setattr(rec, attr, getattr(rec, attr) / dilation)
-        if rec.itl_max_ms is not None:
-            rec.itl_max_ms /= dilation
+        _to_emulated_time(rec, dilation)
     return sorted(records, key=lambda r: int(r.request_id.split("-")[1]))
 
 
@@ -172,10 +177,7 @@ async def run_plan(
         records = await asyncio.gather(*(at(p) for p in plan.requests))
     # arrival is the planned time, so coordinated omission shows up as TTFT, not hidden
     for rec, p in zip(records, plan.requests, strict=True):
-        for attr in ("first_token_s", "finish_s"):
-            if getattr(rec, attr) is not None:
-                setattr(rec, attr, getattr(rec, attr) / dilation)
-        if rec.itl_max_ms is not None:
-            rec.itl_max_ms /= dilation
-        rec.arrival_s = p.arrival_s if p.arrival_s is not None else rec.arrival_s / dilation
+        _to_emulated_time(rec, dilation)
+        if p.arrival_s is not None:
+            rec.arrival_s = p.arrival_s
     return list(records), np.asarray(lags) / dilation
