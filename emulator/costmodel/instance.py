@@ -14,7 +14,6 @@ stages, and a fixed per-step overhead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -292,14 +291,3 @@ def instance_cost_model(cfg: InstanceConfig) -> InstanceCostModel:
     if model is None:
         model = _CACHE[cfg] = InstanceCostModel(cfg)
     return model
-
-
-def stretch_equals_steps(cm: InstanceCostModel, shapes: list[BatchShape]) -> Callable[[], bool]:
-    """Test helper: a predicate that the stretch path reproduces per-step times bit for bit."""
-
-    def check() -> bool:
-        s0 = shapes[0]
-        stretch = cm.decode_stretch_s(s0.num_decode, s0.decode_kv_sum, len(shapes))
-        return all(stretch[i] == cm.step_time(s).total_s for i, s in enumerate(shapes))
-
-    return check
