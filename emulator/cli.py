@@ -7,6 +7,7 @@ problem and exits 2; a traceback means a bug in infemu.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -253,8 +254,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.workload not in WORKLOADS:
             raise SpecError([f"--workload: {args.workload!r} is unknown; use one of {', '.join(WORKLOADS)}"])
         locust = LocustLoad(args.workload, args.concurrency or 4, args.duration or 30.0, args.shape)
-        args.concurrency = args.duration = None  # they shape the Locust run, not the plan
-    cluster = apply_overrides(_one_cluster(args), _overrides(args))
+    overrides = _overrides(args)
+    if locust is not None:  # --concurrency and --duration shape the Locust run, not the plan
+        overrides = dataclasses.replace(overrides, concurrency=None, duration=None)
+    cluster = apply_overrides(_one_cluster(args), overrides)
     plan = build_plan(cluster.spec.workload, os.path.dirname(os.path.abspath(args.spec)))
     result = run(
         cluster,
