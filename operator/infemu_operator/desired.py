@@ -22,6 +22,8 @@ from emulator.spec import InferenceCluster
 
 PORT = 8000
 CONFIG_DIR = "/etc/infemu"
+# the pod name is the instance identity (<cluster>-<pool>-<ordinal>): both containers read it
+POD_NAME_ENV = ({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},)
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
         settings,
         mount,
     )
-    worker["env"] = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    worker["env"] = list(POD_NAME_ENV)
     pod_spec: dict = {
         "containers": [worker],
         "volumes": [volume, {"name": "tmp", "emptyDir": {}}],
@@ -153,7 +155,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
                     "--instance",
                     "$(POD_NAME)",
                 ],
-                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "env": list(POD_NAME_ENV),
                 "securityContext": {
                     "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]},
                     "runAsUser": 0,
