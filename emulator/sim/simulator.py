@@ -157,7 +157,8 @@ class Simulation:
             self._fail(rec, now, "no instance accepts requests")
             return
         snaps = [i.snapshot() for i in self.front]
-        # Only hash when a policy can use it: prefix-affinity reads the leading blocks.
+        # Block hashes are computed once per block size (cached): prefix-affinity routes on the
+        # leading blocks, and the chosen engine caches by the same hashes.
         bs = self.front[0].block_size
         routing = RoutingRequest(rid, self._hashes(p, bs), None, p.input_len)
         inst = self.front[self.policy.choose(snaps, routing)]
