@@ -34,3 +34,15 @@ def run_infemu(*args: str, cwd: str = ROOT, timeout: float = 300) -> subprocess.
         timeout=timeout,
         env={**os.environ, "PYTHONPATH": ROOT},
     )
+
+
+def metric_value(url: str, sample: str) -> float:
+    """The value of one sample in an instance's /metrics (summed over label sets); it must exist."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    values = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == sample]
+    assert values, f"{url}/metrics has no {sample}"
+    return sum(values)

@@ -11,12 +11,10 @@ The P/D example (TTFT ~150 ms, four processes and the client on two cores) runs 
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 import pytest
 import yaml
-from conftest import example
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import example, metric_value
 
 from emulator.catalog.models import get_model
 from emulator.client import run_plan
@@ -28,14 +26,6 @@ from emulator.spec import load_clusters
 from emulator.workload.plan import build_plan
 
 pytestmark = pytest.mark.slow
-
-
-def _timing_p99(url: str) -> float:
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "infemu_iteration_timing_error_p99_seconds":
-            return fam.samples[0].value
-    raise AssertionError("no timing error gauge")
 
 
 @pytest.mark.parametrize(
@@ -65,7 +55,11 @@ def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilati
                 state.router, cluster.spec.model.name, plan, get_model(cluster.spec.model.name).vocab, dilation=dilation
             )
         )
-        timing = [_timing_p99(p.url) for p in state.processes if p.role != "router"]
+        timing = [
+            metric_value(p.url, "infemu_iteration_timing_error_p99_seconds")
+            for p in state.processes
+            if p.role != "router"
+        ]
     finally:
         lc.stop()
     emu = summarize(records, cluster.spec.slo.ttft_ms, cluster.spec.slo.tpot_ms)

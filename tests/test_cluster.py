@@ -10,24 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import openai
 import pytest
-from conftest import ROOT, example, run_infemu
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import ROOT, example, metric_value, run_infemu
 
 pytestmark = pytest.mark.slow
-
-
-def metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name:
-                total += s.value
-    return total
 
 
 def emulator_pids() -> list[int]:
@@ -83,14 +71,14 @@ def test_openai_client_streams_through_the_pd_router_with_a_real_kv_pull(pd_clus
     assert usage.completion_tokens == 12 and usage.total_tokens == usage.prompt_tokens + 12
     decode = next(i["url"] for i in pd_cluster["instances"] if i["role"] == "decode")
     kv_per_token = 2 * 80 * 8 * 128 * 2  # 2 · layers · kv_heads · head_dim · bf16 bytes
-    assert metric(decode, "infemu_kv_transfer_bytes_total") == kv_per_token * usage.prompt_tokens
+    assert metric_value(decode, "infemu_kv_transfer_bytes_total") == kv_per_token * usage.prompt_tokens
 
-    before = metric(decode, "infemu_kv_transfer_bytes_total")
+    before = metric_value(decode, "infemu_kv_transfer_bytes_total")
     done = client.completions.create(
         model="llama-3.1-70b", prompt=list(range(100, 1100)), max_tokens=5, extra_body={"ignore_eos": True}
     )
     assert done.usage.prompt_tokens == 1000 and done.usage.completion_tokens == 5
-    assert metric(decode, "infemu_kv_transfer_bytes_total") - before == kv_per_token * 1000
+    assert metric_value(decode, "infemu_kv_transfer_bytes_total") - before == kv_per_token * 1000
 
 
 def test_down_leaves_no_process_behind(tmp_path):
@@ -148,7 +136,7 @@ def test_a_killed_backend_gives_retries_before_the_first_byte_and_errors_after(t
         )
         it = iter(stream)
         next(it)  # the first token arrived: from now on a failure must be an explicit error
-        busy = max(state["instances"], key=lambda i: metric(i["url"], "vllm:num_requests_running"))
+        busy = max(state["instances"], key=lambda i: metric_value(i["url"], "vllm:num_requests_running"))
         run_dir = tmp_path / ".infemu" / "runs" / os.listdir(tmp_path / ".infemu" / "runs")[0]
         processes = json.loads((run_dir / "state.json").read_text())["processes"]
         os.killpg(next(p["pid"] for p in processes if p["name"] == busy["name"]), signal.SIGKILL)

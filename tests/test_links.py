@@ -8,12 +8,10 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import openai
 import pytest
-from conftest import ROOT, example
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import ROOT, example, metric_value
 
 from emulator.net.inproc import PacedLink, byte_scale
 
@@ -55,15 +53,7 @@ def test_byte_scale_keeps_wire_rates_low_and_never_below_one():
 
 
 def _kv_seconds(url: str) -> tuple[float, float]:
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    total = count = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "infemu_kv_transfer_seconds_sum":
-                total = s.value
-            elif s.name == "infemu_kv_transfer_seconds_count":
-                count = s.value
-    return total, count
+    return (metric_value(url, "infemu_kv_transfer_seconds_sum"), metric_value(url, "infemu_kv_transfer_seconds_count"))
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import time
 
 import openai
 import pytest
-from conftest import ROOT, example, run_infemu
+from conftest import ROOT, example, metric_value, run_infemu
 
 from emulator.net.probe import Transfer, measure
 from emulator.net.tc import WIRE_PER_PAYLOAD, TierClass, available, tree_commands
@@ -125,10 +125,7 @@ def test_sigterm_and_sigkill_of_the_launcher_leave_nothing_after_down(tmp_path):
 @pytest.mark.parametrize("backend", ["inproc", pytest.param("tc", marks=needs_tc)])
 def test_pd_kv_transfer_time_in_metrics_matches_the_tier(tmp_path, backend):
     """D=20 stretches a ~5 ms KV transfer to ~100 ms of wall time, well above timer jitter."""
-    import urllib.request
-
     import yaml
-    from prometheus_client.parser import text_string_to_metric_families
 
     with open(example("pd-llama70b-h100.yaml"), encoding="utf-8") as fh:
         doc = yaml.safe_load(fh)
@@ -144,13 +141,7 @@ def test_pd_kv_transfer_time_in_metrics_matches_the_tier(tmp_path, backend):
             model="llama-3.1-70b", prompt=list(range(1, 3001)), max_tokens=2, extra_body={"ignore_eos": True}
         )
         decode = next(i["url"] for i in state["instances"] if i["role"] == "decode")
-        text = urllib.request.urlopen(f"{decode}/metrics", timeout=5).read().decode()
-        seconds = next(
-            s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-            if s.name == "infemu_kv_transfer_seconds_sum"
-        )
+        seconds = metric_value(decode, "infemu_kv_transfer_seconds_sum")
         # 3000 tokens x 327,680 B over the prefill's 4 ConnectX-7 NICs (4 x 50 GB/s) + 15 us
         expected = 15e-6 + 3000 * 327_680 / (4 * 50e9)
         assert seconds == pytest.approx(expected, rel=0.05), (backend, seconds, expected)
