@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from emulator.catalog.models import get_model
 from emulator.client import run_closed_loop, run_plan
 from emulator.cluster.local import LocalCluster
+from emulator.locust_driver import LocustLoad, run_locust
 from emulator.results import RequestRecord, goodput, summarize
 from emulator.spec import InferenceCluster
 from emulator.workload.plan import RequestPlan
@@ -113,89 +114,6 @@ class Sampler:
         return self.series
 
 
-@dataclass(frozen=True)
-class LocustLoad:
-    """A Locust load: one of loadgen's user classes, closed loop, for a duration."""
-
-    workload: str
-    users: int
-    duration_s: float
-    shape: str | None = None  # stages | burst: a LoadTestShape drives the user count instead
-
-
-def _run_locust(load: LocustLoad, router: str, model: str, folder: str, seed: int) -> list[RequestRecord]:
-    """Locust headless in its own process (gevent must not share our asyncio process)."""
-    import glob
-    import subprocess
-
-    import loadgen
-
-    os.makedirs(folder, exist_ok=True)
-    sink = os.path.join(folder, "locust-requests.jsonl")
-    for old in glob.glob(sink + ".*"):
-        os.remove(old)
-    locustfile = os.path.join(os.path.dirname(loadgen.__file__), "locustfile.py")
-    env = {
-        **os.environ,
-        "INFEMU_MODEL": model,
-        "INFEMU_WORKLOAD": load.workload,
-        "INFEMU_SEED": str(seed),
-        "INFEMU_REQUESTS_JSONL": sink,
-        "INFEMU_USERS": str(load.users),
-        "INFEMU_DURATION": str(load.duration_s),
-    }
-    if load.shape:
-        env["INFEMU_SHAPE"] = load.shape
-    cmd = [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        locustfile,
-        "--headless",
-        "-u",
-        str(load.users),
-        "-r",
-        str(load.users),
-        "-t",
-        f"{max(1, int(load.duration_s))}s",
-        "--host",
-        router,
-        "--csv",
-        os.path.join(folder, "locust"),
-        "--only-summary",
-        "--stop-timeout",
-        "60",
-    ]
-    with open(os.path.join(folder, "locust.log"), "ab") as log:
-        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    records = []
-    for path in sorted(glob.glob(sink + ".*")):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                r = json.loads(line)
-                rec = RequestRecord(
-                    r["request_id"],
-                    r["arrival_s"],
-                    r["prompt_tokens"],
-                    r["output_tokens"],
-                    r["first_token_s"],
-                    r["finish_s"],
-                    r["ok"],
-                    r["error"],
-                    itl_max_ms=r["itl_max_ms"],
-                )
-                records.append(rec)
-    if not records:
-        raise RuntimeError(f"locust exited with code {code} and recorded no request; see {folder}/locust.log")
-    t0 = min(r.arrival_s for r in records)
-    for r in records:  # seconds from the first request, like every other driver
-        r.arrival_s -= t0
-        r.first_token_s = None if r.first_token_s is None else r.first_token_s - t0
-        r.finish_s = None if r.finish_s is None else r.finish_s - t0
-    return sorted(records, key=lambda r: r.arrival_s)
-
-
 def _prometheus_view(prom) -> dict:
     """Attainment as Prometheus recorded it (cumulative counters at the last scrape) and the rules' view."""
     prom.final_scrape()
@@ -248,7 +166,7 @@ def run(
     sampler = Sampler([p for p in state.processes if p.role != "router"])
     try:
         if locust is not None:
-            records = _run_locust(locust, state.router, model, out_dir or lc.run_dir, cluster.spec.workload.seed)
+            records = run_locust(locust, state.router, model, out_dir or lc.run_dir, cluster.spec.workload.seed)
         elif plan.concurrency:
             records = asyncio.run(run_closed_loop(state.router, model, plan, vocab, dilation, on_done=progress))
         else:

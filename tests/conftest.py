@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -15,6 +17,16 @@ SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 
 def example(name: str) -> str:
     return os.path.join(EXAMPLES, name)
+
+
+def example_files(kind: str = "InferenceCluster") -> list[str]:
+    """The example files holding at least one resource of ``kind`` (InferenceCluster, LoadTest)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml"))):
+        with open(path, encoding="utf-8") as fh:
+            if any(d and d.get("kind") == kind for d in yaml.safe_load_all(fh)):
+                out.append(path)
+    return out
 
 
 @pytest.fixture

@@ -12,14 +12,17 @@ import pytest
 import yaml
 from conftest import EXAMPLES, ROOT
 
-from infemu_operator.crds import inference_cluster_crd
+from emulator.loadtest import parse_loadtest
+from infemu_operator.crds import all_crds, inference_cluster_crd
 
-CRD_FILE = os.path.join(ROOT, "charts", "infemu", "crds", "inferenceclusters.infemu.io.yaml")
+CRD_DIR = os.path.join(ROOT, "charts", "infemu", "crds")
 
 
-def test_committed_crd_matches_the_generator():
-    with open(CRD_FILE, encoding="utf-8") as fh:
-        assert yaml.safe_load(fh) == inference_cluster_crd()
+def test_committed_crds_match_the_generator():
+    assert sorted(os.listdir(CRD_DIR)) == sorted(all_crds()), "run `infemu crds`"
+    for name, crd in all_crds().items():
+        with open(os.path.join(CRD_DIR, name), encoding="utf-8") as fh:
+            assert yaml.safe_load(fh) == crd, f"{name} drifted from the models: run `infemu crds`"
 
 
 def _walk(node, path="spec"):
@@ -31,17 +34,19 @@ def _walk(node, path="spec"):
             yield from _walk(node["items"], f"{path}[]")
 
 
-def test_schema_is_structural():
-    schema = inference_cluster_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+@pytest.mark.parametrize("crd", list(all_crds()))
+def test_schema_is_structural(crd):
+    schema = all_crds()[crd]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         assert "$ref" not in node and "oneOf" not in node and "anyOf" not in node, path
         assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
         assert not ("properties" in node and "additionalProperties" in node), path
 
 
-def test_crd_manifest_validates_against_kubernetes_1_30_in_strict_mode():
+@pytest.mark.parametrize("crd", list(all_crds()))
+def test_crd_manifest_validates_against_kubernetes_1_30_in_strict_mode(crd):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    kubernetes_validate.validate(inference_cluster_crd(), "1.30", strict=True)
+    kubernetes_validate.validate(all_crds()[crd], "1.30", strict=True)
 
 
 def _as_json_schema(node):
@@ -65,10 +70,15 @@ def _as_json_schema(node):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml"))))
 def test_every_example_is_a_valid_custom_resource(path):
-    schema = _as_json_schema(inference_cluster_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    schemas = {
+        c["spec"]["names"]["kind"]: _as_json_schema(c["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+        for c in all_crds().values()
+    }
     with open(path, encoding="utf-8") as fh:
         for doc in yaml.safe_load_all(fh):
-            jsonschema.validate(doc, schema)
+            jsonschema.validate(doc, schemas[doc["kind"]])
+            if doc["kind"] == "LoadTest":
+                parse_loadtest(doc, path)  # and the model's own rules
 
 
 def test_the_schema_rejects_what_the_api_server_would():

@@ -4,18 +4,15 @@ away from the worker container."""
 
 from __future__ import annotations
 
-import glob
-import os
-
 import pytest
-from conftest import EXAMPLES
+from conftest import example_files
 
 from emulator.spec import load_clusters
 from infemu_operator.desired import OperatorSettings, desired_children, tc_tree_for
 from infemu_operator.tcinit import instance_of
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
-CLUSTERS = [c for path in sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml"))) for c in load_clusters(path)]
+CLUSTERS = [c for path in example_files() for c in load_clusters(path)]
 
 
 @pytest.mark.parametrize("shaping", ["inproc", "tc"])

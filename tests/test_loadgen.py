@@ -182,3 +182,45 @@ async def test_open_loop_cap_drops_and_counts_instead_of_delaying():
         records, _ = await run_plan(str(server.make_url("")).rstrip("/"), "m", plan, 1000, max_in_flight=3)
     dropped = [r for r in records if r.error and r.error.startswith("dropped")]
     assert len(dropped) == 7 and sum(r.ok for r in records) == 3
+
+
+@pytest.mark.slow
+def test_infemu_loadtest_drives_a_running_router_with_locust_master_and_workers(tmp_path):
+    """What the LoadTest Job runs: Locust master + 2 forked workers against an existing router;
+    the compact summary (the `infemu sim --json` keys) lands in the termination-log file."""
+    from emulator.results import SUMMARY_KEYS
+
+    up = run_infemu("up", example("quickstart.yaml"), "--detach", "--json", cwd=str(tmp_path))
+    assert up.returncode == 0, up.stderr
+    router = json.loads(up.stdout)["router"]
+    try:
+        term = tmp_path / "termination-log"
+        r = run_infemu(
+            "loadtest",
+            "--target",
+            router,
+            "--model",
+            "llama-3.1-8b",
+            "--workload",
+            "chat",
+            "--users",
+            "4",
+            "--duration",
+            "6",
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path / "lt"),
+            "--summary-file",
+            str(term),
+            cwd=str(tmp_path),
+        )
+    finally:
+        run_infemu("down", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr + (tmp_path / "lt" / "locust.log").read_text()
+    summary = json.loads(r.stdout)
+    assert set(SUMMARY_KEYS) <= set(summary) and summary["completed"] > 0 and summary["failed"] == 0
+    compact = json.loads(term.read_text())
+    assert compact["requests"] == summary["requests"] and len(term.read_bytes()) <= 4096
+    # both forked workers sent requests (one JSONL file per Locust process)
+    assert len(list((tmp_path / "lt").glob("locust-requests.jsonl.*"))) >= 2

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import glob
-import os
 import textwrap
 
 import pytest
-from conftest import EXAMPLES, example
+from conftest import example, example_files
 
 from emulator.errors import SpecError
 from emulator.spec import load_clusters
@@ -38,7 +36,7 @@ def problems(path: str) -> list[str]:
     return exc.value.problems
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml"))))
+@pytest.mark.parametrize("path", example_files())
 def test_every_example_loads(path):
     assert load_clusters(path)
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
+from emulator.loadtest import LOADTEST_KIND, LoadTestSpec
 from emulator.spec import API_VERSION, KIND, ClusterSpec
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "inferenceclusters"
+LOADTEST_PLURAL = "loadtests"
 
 
 def _resolve(node: Any, defs: dict) -> Any:
@@ -84,29 +88,34 @@ def structural(node: Any) -> Any:
     return out
 
 
-def spec_schema() -> dict:
-    raw = ClusterSpec.model_json_schema(by_alias=True)
+def spec_schema(model: type[BaseModel] = ClusterSpec) -> dict:
+    raw = model.model_json_schema(by_alias=True)
     return structural(_resolve({k: v for k, v in raw.items() if k != "$defs"}, raw.get("$defs", {})))
 
+
+CONDITIONS_SCHEMA = {
+    "type": "array",
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+    "items": {
+        "type": "object",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {"type": "string"},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "reason": {"type": "string"},
+            "message": {"type": "string"},
+            "lastTransitionTime": {"type": "string", "format": "date-time"},
+        },
+    },
+}
 
 STATUS_SCHEMA = {
     "type": "object",
     "properties": {
-        "observedGeneration": {"type": "integer"},
-        "conditions": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["type", "status"],
-                "properties": {
-                    "type": {"type": "string"},
-                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-                    "reason": {"type": "string"},
-                    "message": {"type": "string"},
-                    "lastTransitionTime": {"type": "string", "format": "date-time"},
-                },
-            },
-        },
+        "observedGeneration": {"type": "integer", "nullable": True},
+        "appliedAt": {"type": "string", "format": "date-time"},
+        "conditions": CONDITIONS_SCHEMA,
         "pools": {
             "type": "array",
             "items": {
@@ -121,23 +130,45 @@ STATUS_SCHEMA = {
         },
         "router": {"type": "string"},
     },
+    "x-kubernetes-preserve-unknown-fields": True,  # kopf keeps its handler progress here
+}
+
+LOADTEST_STATUS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed"]},
+        "message": {"type": "string"},
+        "job": {"type": "string"},
+        "target": {"type": "string"},
+        "summaryConfigMap": {"type": "string"},
+        "startTime": {"type": "string", "format": "date-time"},
+        "completionTime": {"type": "string", "format": "date-time"},
+        "conditions": CONDITIONS_SCHEMA,
+        "summary": {
+            "type": "object",
+            "description": "the same keys as `infemu sim --json`",
+            "x-kubernetes-preserve-unknown-fields": True,
+        },
+    },
     "x-kubernetes-preserve-unknown-fields": True,
 }
 
 
-def inference_cluster_crd() -> dict:
+def _crd(
+    kind: str, plural: str, short_names: list[str], spec: dict, status: dict, columns: list[dict], description: str
+) -> dict:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "plural": PLURAL,
-                "singular": "inferencecluster",
-                "kind": KIND,
-                "shortNames": ["ic", "infc"],
+                "plural": plural,
+                "singular": kind.lower(),
+                "kind": kind,
+                "shortNames": short_names,
                 "categories": ["infemu"],
             },
             "versions": [
@@ -147,27 +178,20 @@ def inference_cluster_crd() -> dict:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
-                        {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
-                        {"name": "GPU", "type": "string", "jsonPath": ".spec.gpu"},
-                        {
-                            "name": "Ready",
-                            "type": "string",
-                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
-                        },
-                        {"name": "Router", "type": "string", "jsonPath": ".status.router", "priority": 1},
+                        *columns,
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "An emulated LLM inference cluster (infemu).",
+                            "description": description,
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": spec_schema(),
-                                "status": STATUS_SCHEMA,
+                                "spec": spec,
+                                "status": status,
                             },
                         }
                     },
@@ -175,3 +199,44 @@ def inference_cluster_crd() -> dict:
             ],
         },
     }
+
+
+def inference_cluster_crd() -> dict:
+    return _crd(
+        KIND,
+        PLURAL,
+        ["ic", "infc"],
+        spec_schema(ClusterSpec),
+        STATUS_SCHEMA,
+        [
+            {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+            {"name": "GPU", "type": "string", "jsonPath": ".spec.gpu"},
+            {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+            {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
+            {"name": "Router", "type": "string", "jsonPath": ".status.router", "priority": 1},
+        ],
+        "An emulated LLM inference cluster (infemu).",
+    )
+
+
+def loadtest_crd() -> dict:
+    return _crd(
+        LOADTEST_KIND,
+        LOADTEST_PLURAL,
+        ["lt"],
+        spec_schema(LoadTestSpec),
+        LOADTEST_STATUS_SCHEMA,
+        [
+            {"name": "Cluster", "type": "string", "jsonPath": ".spec.cluster"},
+            {"name": "Workload", "type": "string", "jsonPath": ".spec.workload"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Attainment", "type": "number", "jsonPath": ".status.summary.slo_attainment"},
+            {"name": "TTFT-p99", "type": "number", "jsonPath": ".status.summary.ttft_ms.p99", "priority": 1},
+        ],
+        "A Locust load test against an InferenceCluster's router (infemu); its spec is read once, at creation.",
+    )
+
+
+def all_crds() -> dict[str, dict]:
+    """File name -> CRD, as the chart's crds/ folder holds them."""
+    return {f"{c['metadata']['name']}.yaml": c for c in (inference_cluster_crd(), loadtest_crd())}

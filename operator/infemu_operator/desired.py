@@ -12,6 +12,7 @@ and adopt them with owner references.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import yaml
@@ -28,16 +29,34 @@ POD_NAME_ENV = ({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "me
 
 @dataclass(frozen=True)
 class OperatorSettings:
+    """What the chart's values decide for every child (the operator reads them from its env)."""
+
     image: str = "ghcr.io/infemu/infemu:0.1.0"
     shaping: str = "inproc"  # inproc | tc
     cpu: str = "250m"
     memory: str = "256Mi"
+    pull_policy: str = "IfNotPresent"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> OperatorSettings:
+        env = dict(os.environ if env is None else env)
+        d = cls()
+        shaping = env.get("INFEMU_SHAPING", d.shaping)
+        if shaping not in ("inproc", "tc"):
+            raise ValueError(f"INFEMU_SHAPING={shaping!r}: use inproc or tc")
+        return cls(
+            image=env.get("INFEMU_IMAGE", d.image),
+            shaping=shaping,
+            cpu=env.get("INFEMU_WORKER_CPU", d.cpu),
+            memory=env.get("INFEMU_WORKER_MEMORY", d.memory),
+            pull_policy=env.get("INFEMU_IMAGE_PULL_POLICY", d.pull_policy),
+        )
 
 
-def labels(cluster: InferenceCluster, component: str, pool: str | None = None) -> dict[str, str]:
+def labels(instance: str, component: str, pool: str | None = None) -> dict[str, str]:
     out = {
         "app.kubernetes.io/name": "infemu",
-        "app.kubernetes.io/instance": cluster.name,
+        "app.kubernetes.io/instance": instance,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "infemu",
         "app.kubernetes.io/managed-by": "infemu-operator",
@@ -47,11 +66,11 @@ def labels(cluster: InferenceCluster, component: str, pool: str | None = None) -
     return out
 
 
-def _meta(name: str, namespace: str, lbl: dict) -> dict:
+def object_meta(name: str, namespace: str, lbl: dict) -> dict:
     return {"name": name, "namespace": namespace, "labels": lbl}
 
 
-def _security() -> dict:
+def security_context() -> dict:
     return {
         "runAsNonRoot": True,
         "runAsUser": 10001,
@@ -65,7 +84,7 @@ def _probe(path: str) -> dict:
     return {"httpGet": {"path": path, "port": PORT}, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
 
 
-def _resources(s: OperatorSettings) -> dict:
+def resources(s: OperatorSettings) -> dict:
     return {"requests": {"cpu": s.cpu, "memory": s.memory}, "limits": {"memory": s.memory}}
 
 
@@ -80,12 +99,13 @@ def _serving_container(name: str, args: list[str], settings: OperatorSettings, m
     return {
         "name": name,
         "image": settings.image,
+        "imagePullPolicy": settings.pull_policy,
         "args": ["python", "-m", "emulator.cluster.process", *args, "--host", "0.0.0.0", "--port", str(PORT)],
         "ports": [{"name": "http", "containerPort": PORT}],
         "readinessProbe": _probe("/ready"),
         "livenessProbe": _probe("/health"),
-        "resources": _resources(settings),
-        "securityContext": _security(),
+        "resources": resources(settings),
+        "securityContext": security_context(),
         "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
     }
 
@@ -104,7 +124,7 @@ def config_map(cluster: InferenceCluster, namespace: str) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(f"{cluster.name}-config", namespace, labels(cluster, "config")),
+        "metadata": object_meta(f"{cluster.name}-config", namespace, labels(cluster.name, "config")),
         "data": {
             "cluster.yaml": yaml.safe_dump(doc, sort_keys=False),
             "topology.json": json.dumps({"cluster": cluster.name, **topo.to_json()}),
@@ -115,7 +135,7 @@ def config_map(cluster: InferenceCluster, namespace: str) -> dict:
 
 def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: OperatorSettings) -> list[dict]:
     name = f"{cluster.name}-{pool.name}"
-    lbl = labels(cluster, pool.role, pool.name)
+    lbl = labels(cluster.name, pool.role, pool.name)
     volume, mount = _config_volume(cluster)
     worker = _serving_container(
         "worker",
@@ -144,6 +164,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
             {
                 "name": "tc-init",
                 "image": settings.image,
+                "imagePullPolicy": settings.pull_policy,
                 "args": [
                     "python",
                     "-m",
@@ -168,7 +189,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
     statefulset = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": _meta(name, namespace, lbl),
+        "metadata": object_meta(name, namespace, lbl),
         "spec": {
             "serviceName": name,
             "replicas": pool.replicas,
@@ -190,7 +211,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(name, namespace, lbl),
+        "metadata": object_meta(name, namespace, lbl),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": False,
@@ -203,7 +224,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
 
 def router_objects(cluster: InferenceCluster, namespace: str, settings: OperatorSettings) -> list[dict]:
     name = f"{cluster.name}-router"
-    lbl = labels(cluster, "router")
+    lbl = labels(cluster.name, "router")
     volume, mount = _config_volume(cluster)
     container = _serving_container(
         "router",
@@ -222,7 +243,7 @@ def router_objects(cluster: InferenceCluster, namespace: str, settings: Operator
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(name, namespace, lbl),
+        "metadata": object_meta(name, namespace, lbl),
         "spec": {
             "replicas": 1,
             "selector": {
@@ -244,7 +265,7 @@ def router_objects(cluster: InferenceCluster, namespace: str, settings: Operator
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(name, namespace, lbl),
+        "metadata": object_meta(name, namespace, lbl),
         "spec": {
             "selector": {"app.kubernetes.io/instance": cluster.name, "app.kubernetes.io/component": "router"},
             "ports": [{"name": "http", "port": 80, "targetPort": "http"}],

@@ -1,0 +1,254 @@
+"""kopf handlers: thin (``register`` attaches them to a registry). Parse, call the pure reconcile, apply, write status.
+
+InferenceCluster: create/update/resume apply ``desired_children`` (create, or patch on
+conflict) adopted with owner references — deletion is garbage collection's job, so there is no
+deletion handler. Pools removed from the spec are pruned. An invalid spec gives ``Ready=False``
+with the field errors and no children (and no retry loop: the next edit triggers the update
+handler). A timer refreshes the status from the children.
+
+LoadTest: creation starts a Job (``infemu_operator.loadtest``); a timer follows it while it
+runs and, when it ends, copies the summary into the status and a ConfigMap.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from emulator.errors import SpecError
+from emulator.loadtest import LOADTEST_KIND, parse_loadtest
+from emulator.spec import API_VERSION, KIND, InferenceCluster, parse_cluster
+from infemu_operator.crds import GROUP, LOADTEST_PLURAL, PLURAL, VERSION
+from infemu_operator.desired import OperatorSettings, desired_children
+from infemu_operator.kube import Kube, api_message, load_config
+from infemu_operator.loadtest import job_name, job_outcome, loadtest_job, summary_config_map
+from infemu_operator.status import (
+    cluster_status,
+    condition,
+    invalid_spec_status,
+    merge_conditions,
+    now,
+    pool_status,
+    router_endpoint,
+)
+
+STATUS_INTERVAL_S = 10.0
+LOADTEST_INTERVAL_S = 5.0
+PRUNABLE = (("apps/v1", "StatefulSet"), ("v1", "Service"))
+
+
+class Runtime:
+    """The process-wide API client and settings, set up once at operator startup."""
+
+    kube: Kube | None = None
+    settings: OperatorSettings = OperatorSettings()
+
+
+def _kube() -> Kube:
+    if Runtime.kube is None:
+        load_config()
+        Runtime.kube = Kube()
+    return Runtime.kube
+
+
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    Runtime.settings = OperatorSettings.from_env()
+    settings.posting.level = logging.WARNING  # Kubernetes events only for problems
+    settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
+    _kube()
+
+
+def _as_cluster(name: str, namespace: str, spec: Any) -> InferenceCluster:
+    doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": namespace}}
+    return parse_cluster({**doc, "spec": _plain(spec)}, f"{KIND} {namespace}/{name}")
+
+
+def _plain(value: Any) -> Any:
+    """kopf hands out read-only mapping views; pydantic wants dicts and lists."""
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_status(patch: kopf.Patch, status: Any, new: dict) -> None:
+    new = {**new, "conditions": merge_conditions(status.get("conditions"), new.get("conditions", []))}
+    for key, value in new.items():
+        patch.status[key] = value
+
+
+def _live_status(cluster: InferenceCluster, namespace: str, generation: int, status: Any) -> dict:
+    kube = _kube()
+    pools = [(p.name, p.role, p.replicas) for p in cluster.spec.pools]
+    sts = {
+        o["metadata"]["labels"].get("infemu.io/pool"): o
+        for o in kube.list("apps/v1", "StatefulSet", namespace, {"app.kubernetes.io/instance": cluster.name})
+    }
+    router = kube.get("apps/v1", "Deployment", namespace, f"{cluster.name}-router")
+    applied = status.get("appliedAt")
+    since = (dt.datetime.now(dt.timezone.utc) - _parse_time(applied)).total_seconds() if applied else 0.0
+    return cluster_status(
+        generation=generation,
+        observed_generation=status.get("observedGeneration"),
+        pools=pool_status(pools, sts),
+        router=router,
+        endpoint=router_endpoint(cluster.name, namespace),
+        since_apply_s=since,
+    )
+
+
+def _parse_time(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def _prune(cluster: InferenceCluster, namespace: str, keep: list[dict], owner_uid: str, logger) -> None:
+    """Delete children of pools that left the spec (owned by this resource, not desired any more)."""
+    kube = _kube()
+    wanted = {(o["kind"], o["metadata"]["name"]) for o in keep}
+    for api_version, kind in PRUNABLE:
+        for obj in kube.list(api_version, kind, namespace, {"app.kubernetes.io/instance": cluster.name}):
+            meta = obj["metadata"]
+            owned = any(r.get("uid") == owner_uid for r in meta.get("ownerReferences", []))
+            if owned and (kind, meta["name"]) not in wanted:
+                kube.delete(api_version, kind, namespace, meta["name"])
+                logger.info(f"pruned {kind} {meta['name']}: its pool left the spec")
+
+
+def reconcile_cluster(body, spec, name, namespace, meta, status, patch, logger, **_: Any) -> None:
+    generation = meta.get("generation", 0)
+    try:
+        cluster = _as_cluster(name, namespace, spec)
+    except SpecError as exc:
+        _set_status(patch, status, invalid_spec_status(generation, exc.problems))
+        logger.error("invalid spec, nothing applied: " + "; ".join(exc.problems))
+        return
+    children = desired_children(cluster, namespace, Runtime.settings)
+    kube = _kube()
+    try:
+        for obj in children:
+            kopf.append_owner_reference(obj, owner=body)
+            kube.apply(obj)
+        _prune(cluster, namespace, children, meta["uid"], logger)
+    except ApiException as exc:
+        message = f"applying children failed: {api_message(exc)}"
+        degraded = [
+            condition("Ready", False, "ApplyFailed", message),
+            condition("Degraded", True, "ApplyFailed", message),
+        ]
+        _set_status(patch, status, {"conditions": degraded})
+        raise kopf.TemporaryError(message, delay=30) from exc
+    applied = {**dict(status), "observedGeneration": generation, "appliedAt": now()}
+    live = _live_status(cluster, namespace, generation, applied)
+    _set_status(patch, status, {**live, "appliedAt": applied["appliedAt"]})
+    logger.info(f"applied {len(children)} objects for generation {generation}")
+
+
+def refresh_cluster_status(spec, name, namespace, meta, status, patch, **_: Any) -> None:
+    try:
+        cluster = _as_cluster(name, namespace, spec)
+    except SpecError:
+        return  # the InvalidSpec conditions stay as the reconcile wrote them
+    live = _live_status(cluster, namespace, meta.get("generation", 0), status)
+    live.pop("observedGeneration")  # the reconcile's to set: a timer racing it must not roll it back
+    seen = [(c.get("type"), c.get("status"), c.get("message")) for c in status.get("conditions", [])]
+    if (
+        seen != [(c["type"], c["status"], c["message"]) for c in live["conditions"]]
+        or status.get("pools") != live["pools"]
+    ):
+        _set_status(patch, status, live)
+
+
+# ---- LoadTest -------------------------------------------------------------------------
+
+
+def start_loadtest(body, spec, name, namespace, status, patch, logger, **_: Any) -> None:
+    if status.get("job") or status.get("phase") in ("Succeeded", "Failed"):
+        return  # already started (resume after an operator restart)
+    doc = {"apiVersion": API_VERSION, "kind": LOADTEST_KIND, "metadata": {"name": name, "namespace": namespace}}
+    try:
+        lt = parse_loadtest({**doc, "spec": _plain(spec)}, f"{LOADTEST_KIND} {namespace}/{name}")
+    except SpecError as exc:
+        _finish(patch, status, "Failed", "InvalidSpec", "; ".join(exc.problems))
+        return
+    kube = _kube()
+    target = kube.get(API_VERSION, KIND, namespace, lt.spec.cluster)
+    if target is None:
+        message = f"spec.cluster: InferenceCluster {namespace}/{lt.spec.cluster} does not exist (yet); retrying"
+        patch.status["phase"] = "Pending"
+        patch.status["message"] = message
+        raise kopf.TemporaryError(message, delay=15)
+    try:
+        cluster = _as_cluster(lt.spec.cluster, namespace, target.get("spec", {}))
+    except SpecError as exc:
+        _finish(patch, status, "Failed", "TargetInvalid", "; ".join(exc.problems))
+        return
+    job = loadtest_job(lt, cluster, namespace, Runtime.settings)
+    kopf.append_owner_reference(job, owner=body)
+    try:
+        kube.apply(job)
+    except ApiException as exc:
+        raise kopf.TemporaryError(f"creating the Job failed: {api_message(exc)}", delay=30) from exc
+    patch.status["phase"] = "Running"
+    patch.status["job"] = job["metadata"]["name"]
+    patch.status["target"] = router_endpoint(cluster.name, namespace)
+    patch.status["startTime"] = now()
+    patch.status["message"] = f"{lt.spec.arrival.users} {lt.spec.workload} users for {lt.spec.duration_seconds:g} s"
+    logger.info(f"started Job {job['metadata']['name']} against {patch.status['target']}")
+
+
+def _finish(patch: kopf.Patch, status: Any, phase: str, reason: str, message: str) -> None:
+    patch.status["phase"] = phase
+    patch.status["message"] = message
+    patch.status["completionTime"] = now()
+    done = condition("Complete", phase == "Succeeded", reason, message)
+    patch.status["conditions"] = merge_conditions(status.get("conditions"), [done])
+
+
+def follow_loadtest(body, name, namespace, status, patch, logger, **_: Any) -> None:
+    kube = _kube()
+    job = kube.get("batch/v1", "Job", namespace, status.get("job") or job_name(name))
+    if job is None:
+        _finish(patch, status, "Failed", "JobMissing", "the load-test Job was deleted before it finished")
+        return
+    pods = kube.list("v1", "Pod", namespace, {"job-name": job["metadata"]["name"]})
+    phase, summary, message = job_outcome(job, pods)
+    if phase == "Running":
+        return
+    if summary is not None:
+        cm = summary_config_map(name, namespace, summary)
+        kopf.append_owner_reference(cm, owner=body)
+        kube.apply(cm)
+        patch.status["summary"] = summary
+        patch.status["summaryConfigMap"] = cm["metadata"]["name"]
+    _finish(patch, status, phase, "JobSucceeded" if phase == "Succeeded" else "JobFailed", message)
+    logger.info(f"load test {phase.lower()}: {message}")
+
+
+def _running(status, **_: Any) -> bool:
+    return status.get("phase") == "Running"
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    status_interval_s: float = STATUS_INTERVAL_S,
+    loadtest_interval_s: float = LOADTEST_INTERVAL_S,
+) -> kopf.OperatorRegistry:
+    """Attach every handler to ``registry`` (the operator's default one, or a test's own with
+    shorter timer intervals)."""
+    kopf.on.startup(registry=registry)(configure)
+    for on in (kopf.on.create, kopf.on.update, kopf.on.resume):
+        on(GROUP, VERSION, PLURAL, registry=registry)(reconcile_cluster)
+    kopf.timer(GROUP, VERSION, PLURAL, registry=registry, interval=status_interval_s, initial_delay=status_interval_s)(
+        refresh_cluster_status
+    )
+    for on in (kopf.on.create, kopf.on.resume):
+        on(GROUP, VERSION, LOADTEST_PLURAL, registry=registry)(start_loadtest)
+    kopf.timer(GROUP, VERSION, LOADTEST_PLURAL, registry=registry, interval=loadtest_interval_s, when=_running)(
+        follow_loadtest
+    )
+    return registry

@@ -1,0 +1,313 @@
+"""The kopf handlers against an emulated API server (kmock, kopf's own recommendation).
+
+The operator runs for real — ``kopf.operator`` with the registered handlers, logging in through
+a kubeconfig that points at the emulator — and the tests act like a user: create, edit and
+delete resources over HTTP, then read what the operator did from the emulator's object store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import kopf
+import kubernetes
+import pytest
+import yaml
+from conftest import example
+
+kmock_lib = pytest.importorskip("kmock")
+
+from infemu_operator import handlers  # noqa: E402
+from infemu_operator.loadtest import job_name  # noqa: E402
+
+NS = "lab"
+IC = "infemu.io/v1alpha1/inferenceclusters"
+LT = "infemu.io/v1alpha1/loadtests"
+STS = "apps/v1/statefulsets"
+DEPLOY = "apps/v1/deployments"
+SVC = "v1/services"
+CM = "v1/configmaps"
+JOB = "batch/v1/jobs"
+POD = "v1/pods"
+
+
+def _example_body(file: str, name: str | None = None) -> dict:
+    with open(example(file), encoding="utf-8") as fh:
+        doc = next(d for d in yaml.safe_load_all(fh) if d and d.get("kind") == "InferenceCluster")
+    return doc if name is None else {**doc, "metadata": {**doc["metadata"], "name": name}}
+
+
+def _with_identity(body: dict, uid: str) -> dict:
+    """What the API server adds on create (the emulator does not invent them)."""
+    meta = {**body["metadata"], "namespace": NS, "uid": uid, "generation": 1, "resourceVersion": "1"}
+    return {**body, "metadata": meta}
+
+
+async def _until(predicate, timeout: float = 15.0, what: str = "condition"):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _live(kmock, resource: str, name: str) -> dict | None:
+    key = (kmock_lib.resource(resource), NS, name)
+    if key not in kmock.objects or kmock.objects[key].deleted:
+        return None
+    return dict(kmock.objects[key].raw)
+
+
+def _names(kmock, resource: str) -> set[str]:
+    wanted = kmock_lib.resource(resource)
+    return {name for (res, _, name), obj in kmock.objects.items() if res == wanted and not obj.deleted}
+
+
+@pytest.fixture
+async def operator(kmock, tmp_path, monkeypatch):
+    for res, kind, subresources in (
+        (IC, "InferenceCluster", {"status"}),
+        (LT, "LoadTest", {"status"}),
+        (STS, "StatefulSet", {"status", "scale"}),
+        (DEPLOY, "Deployment", {"status", "scale"}),
+        (SVC, "Service", {"status"}),
+        (CM, "ConfigMap", set()),
+        (JOB, "Job", {"status"}),
+        (POD, "Pod", {"status"}),
+        ("v1/events", "Event", set()),
+    ):
+        kmock.resources[res] = kmock_lib.ResourceInfo(
+            kind=kind,
+            namespaced=True,
+            verbs={"list", "watch", "get", "create", "patch", "delete"},
+            subresources=subresources,
+        )
+    # kopf's backbone: every real API server serves these two; the operator waits for them
+    for res, kind in (("v1/namespaces", "Namespace"), ("apiextensions.k8s.io/v1/customresourcedefinitions", "CRD")):
+        kmock.resources[res] = kmock_lib.ResourceInfo(kind=kind, namespaced=False, verbs={"list", "watch", "get"})
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u", "namespace": NS}}],
+                "current-context": "kmock",
+            }
+        )
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    # kopf's stock login reads the client's default path, which the client fixed at import time
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    handlers.Runtime.kube = None
+    settings = kopf.OperatorSettings()
+    settings.watching.server_timeout = 10
+    settings.posting.enabled = False
+    settings.queueing.exit_timeout = 0.5  # stop quickly at teardown
+    settings.queueing.idle_timeout = 0.5
+    settings.scanning.disabled = True  # exact namespace names, as `infemu operator --namespace` runs
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=handlers.register(
+                type(kopf.get_default_registry())(), status_interval_s=0.3, loadtest_interval_s=0.3
+            ),
+            settings=settings,
+            standalone=True,
+            namespaces=[NS],
+            stop_flag=stop,
+        )
+    )
+    try:
+        yield kmock
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=10)
+        handlers.Runtime.kube = None
+
+
+async def _create(kmock, resource: str, body: dict) -> None:
+    path = f"/apis/{resource.rsplit('/', 1)[0]}/namespaces/{NS}/{resource.rsplit('/', 1)[1]}"
+    resp = await kmock.post(path, json=body)
+    assert resp.status in (200, 201), await resp.text()
+
+
+async def _patch(kmock, resource: str, name: str, patch: dict) -> None:
+    group_version, plural = resource.rsplit("/", 1)
+    resp = await kmock.patch(
+        f"/apis/{group_version}/namespaces/{NS}/{plural}/{name}",
+        json=patch,
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    assert resp.status == 200, await resp.text()
+
+
+def _condition(obj: dict | None, kind: str) -> dict:
+    for c in (obj or {}).get("status", {}).get("conditions", []):
+        if c["type"] == kind:
+            return c
+    return {}
+
+
+async def test_create_makes_owned_children_then_a_scale_change_patches_them(operator):
+    kmock = operator
+    body = _with_identity(_example_body("pd-llama70b-h100.yaml"), "uid-pd")
+    await _create(kmock, IC, body)
+    name = body["metadata"]["name"]
+    await _until(lambda: _live(kmock, DEPLOY, f"{name}-router"), what="the router Deployment")
+    children = {
+        (STS, f"{name}-prefill"),
+        (STS, f"{name}-decode"),
+        (SVC, f"{name}-prefill"),
+        (SVC, f"{name}-decode"),
+        (SVC, f"{name}-router"),
+        (DEPLOY, f"{name}-router"),
+        (CM, f"{name}-config"),
+    }
+    for res, child in children:
+        obj = _live(kmock, res, child)
+        assert obj is not None, (res, child)
+        refs = obj["metadata"]["ownerReferences"]
+        assert [(r["kind"], r["name"], r["uid"], r["controller"]) for r in refs] == [
+            ("InferenceCluster", name, "uid-pd", True)
+        ]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == name
+    assert _live(kmock, STS, f"{name}-prefill")["spec"]["replicas"] == 2
+    # the status arrives with the conditions and per-pool counts (nothing is ready in an emulator)
+    ic = await _until(lambda: _condition(_live(kmock, IC, name), "Progressing") and _live(kmock, IC, name))
+    assert ic["status"]["observedGeneration"] == 1
+    assert ic["status"]["router"] == f"http://{name}-router.{NS}.svc.cluster.local"
+    assert {p["name"]: (p["ready"], p["desired"]) for p in ic["status"]["pools"]} == {
+        "prefill": (0, 2),
+        "decode": (0, 1),
+    }
+    assert _condition(ic, "Ready")["status"] == "False" and _condition(ic, "Progressing")["status"] == "True"
+    assert "finalizers" not in ic["metadata"] or all("infemu" in f for f in ic["metadata"]["finalizers"])
+
+    # the StatefulSet controller reports its pods ready: the timer turns Ready=True
+    for pool, n in (("prefill", 2), ("decode", 1)):
+        await _patch(kmock, STS, f"{name}-{pool}", {"status": {"readyReplicas": n, "updatedReplicas": n}})
+    await _patch(kmock, DEPLOY, f"{name}-router", {"status": {"availableReplicas": 1}})
+    ic = await _until(
+        lambda: _condition(_live(kmock, IC, name), "Ready").get("status") == "True" and _live(kmock, IC, name),
+        what="Ready=True from the status timer",
+    )
+    assert _condition(ic, "Ready")["reason"] == "AllReplicasReady"
+    assert _condition(ic, "Degraded")["status"] == "False"
+
+    # scale the prefill pool down: the StatefulSet is patched in place, not recreated
+    pools = [dict(p) for p in body["spec"]["pools"]]
+    pools[0]["replicas"] = 1
+    await _patch(kmock, IC, name, {"metadata": {"generation": 2}, "spec": {"pools": pools}})
+    await _until(
+        lambda: (_live(kmock, STS, f"{name}-prefill") or {}).get("spec", {}).get("replicas") == 1,
+        what="the prefill StatefulSet scaled to 1",
+    )
+    assert len(kmock.objects[STS, NS, f"{name}-prefill"].history) >= 2
+    await _until(lambda: (_live(kmock, IC, name) or {}).get("status", {}).get("observedGeneration") == 2)
+
+    # rename the decode pool: the new one is created, the old StatefulSet and Service are pruned
+    pools[1]["name"] = "decode-b"
+    await _patch(kmock, IC, name, {"metadata": {"generation": 3}, "spec": {"pools": pools}})
+    await _until(
+        lambda: _live(kmock, STS, f"{name}-decode") is None and _live(kmock, SVC, f"{name}-decode") is None,
+        what="the dropped pool pruned",
+    )
+    assert _live(kmock, STS, f"{name}-decode-b")["spec"]["replicas"] == 1
+
+
+async def test_invalid_spec_gives_a_condition_naming_the_field_and_no_children(operator):
+    kmock = operator
+    body = _with_identity(_example_body("quickstart.yaml", "broken"), "uid-broken")
+    body["spec"]["pools"][0]["tp"] = 3  # passes the schema (an integer), fails cross-field validation
+    await _create(kmock, IC, body)
+    ic = await _until(lambda: _condition(_live(kmock, IC, "broken"), "Ready") and _live(kmock, IC, "broken"))
+    ready = _condition(ic, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "spec.pools[0].tp" in ready["message"]
+    assert _condition(ic, "Degraded")["status"] == "True"
+    await asyncio.sleep(1.0)  # give a crash loop the chance to show itself
+    assert not any(n.startswith("broken-") for res in (STS, SVC, DEPLOY, CM) for n in _names(kmock, res))
+
+
+async def test_delete_completes_without_a_blocking_finalizer(operator):
+    kmock = operator
+    body = _with_identity(_example_body("quickstart.yaml", "short-lived"), "uid-sl")
+    await _create(kmock, IC, body)
+    await _until(lambda: _live(kmock, DEPLOY, "short-lived-router"), what="children")
+    resp = await kmock.delete(f"/apis/infemu.io/v1alpha1/namespaces/{NS}/inferenceclusters/short-lived")
+    assert resp.status == 200
+    await _until(lambda: _live(kmock, IC, "short-lived") is None, timeout=10, what="the resource to be gone")
+    # children go by garbage collection (owner references), which needs no handler of ours
+    assert _live(kmock, DEPLOY, "short-lived-router")["metadata"]["ownerReferences"][0]["uid"] == "uid-sl"
+
+
+async def test_a_loadtest_becomes_a_job_and_its_summary_lands_in_status_and_a_configmap(operator):
+    kmock = operator
+    await _create(kmock, IC, _with_identity(_example_body("quickstart.yaml"), "uid-q"))
+    cluster = _example_body("quickstart.yaml")["metadata"]["name"]
+    lt = {
+        "apiVersion": "infemu.io/v1alpha1",
+        "kind": "LoadTest",
+        "metadata": {"name": "chat-8", "namespace": NS, "uid": "uid-lt", "generation": 1},
+        "spec": {"cluster": cluster, "workload": "chat", "arrival": {"users": 8}, "durationSeconds": 30, "workers": 2},
+    }
+    await _create(kmock, LT, lt)
+    job = await _until(lambda: _live(kmock, JOB, job_name("chat-8")), what="the Locust Job")
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-lt"
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["infemu", "loadtest"]
+    assert args[args.index("--target") + 1] == f"http://{cluster}-router.{NS}.svc.cluster.local"
+    assert args[args.index("--workers") + 1] == "2" and args[args.index("--users") + 1] == "8"
+    assert await _until(lambda: (_live(kmock, LT, "chat-8") or {}).get("status", {}).get("phase"))
+
+    # the Job's pod finishes and leaves its summary as the termination message
+    summary = {"requests": 40, "completed": 40, "failed": 0, "slo_attainment": 0.95, "ttft_ms": {"p99": 310.0}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "chat-8-locust-abcde", "namespace": NS, "labels": {"job-name": job_name("chat-8")}},
+        "status": {
+            "containerStatuses": [
+                {"name": "locust", "state": {"terminated": {"exitCode": 0, "message": json.dumps(summary)}}}
+            ]
+        },
+    }
+    resp = await kmock.post(f"/api/v1/namespaces/{NS}/pods", json=pod)
+    assert resp.status in (200, 201)
+    await _patch(kmock, JOB, job_name("chat-8"), {"status": {"succeeded": 1}})
+    done = await _until(
+        lambda: (
+            (_live(kmock, LT, "chat-8") or {}).get("status", {}).get("phase") == "Succeeded"
+            and _live(kmock, LT, "chat-8")
+        ),
+        what="the LoadTest to succeed",
+    )
+    assert done["status"]["summary"] == summary
+    cm = _live(kmock, CM, "chat-8-summary")
+    assert json.loads(cm["data"]["summary.json"]) == summary
+
+
+async def test_a_loadtest_with_a_bad_spec_fails_with_the_field(operator):
+    kmock = operator
+    lt = {
+        "apiVersion": "infemu.io/v1alpha1",
+        "kind": "LoadTest",
+        "metadata": {"name": "bad", "namespace": NS, "uid": "uid-bad", "generation": 1},
+        "spec": {"cluster": "x", "workload": "poetry"},
+    }
+    await _create(kmock, LT, lt)
+    obj = await _until(
+        lambda: (_live(kmock, LT, "bad") or {}).get("status", {}).get("phase") and _live(kmock, LT, "bad")
+    )
+    assert obj["status"]["phase"] == "Failed" and "spec.workload" in obj["status"]["message"]
+    assert _live(kmock, JOB, job_name("bad")) is None

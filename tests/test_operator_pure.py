@@ -1,0 +1,141 @@
+"""The operator's pure parts: status from children, the LoadTest Job, its outcome, settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import example, example_files
+
+from emulator.errors import SpecError
+from emulator.loadtest import LoadTestSpec, compact_summary, parse_loadtest
+from emulator.spec import load_clusters
+from infemu_operator.desired import OperatorSettings
+from infemu_operator.loadtest import job_outcome, loadtest_job, summary_config_map
+from infemu_operator.status import cluster_status, invalid_spec_status, merge_conditions, pool_status
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+QUICKSTART = load_clusters(example("quickstart.yaml"))[0]
+
+
+def _status(ready: dict, updated: dict | None = None, router: int = 1, observed: int = 1, since: float = 5.0):
+    updated = updated or ready
+    sts = {n: {"status": {"readyReplicas": r, "updatedReplicas": updated[n]}} for n, r in ready.items()}
+    pools = pool_status([(n, "decode", 2) for n in ready], sts)
+    st = cluster_status(
+        generation=1,
+        observed_generation=observed,
+        pools=pools,
+        router={"status": {"availableReplicas": router}},
+        endpoint="http://c-router.ns.svc.cluster.local",
+        since_apply_s=since,
+    )
+    return {c["type"]: (c["status"], c["reason"]) for c in st["conditions"]}
+
+
+def test_conditions_follow_the_children():
+    assert _status({"a": 2, "b": 2}) == {
+        "Ready": ("True", "AllReplicasReady"),
+        "Progressing": ("False", "Complete"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    starting = _status({"a": 1, "b": 2})
+    assert starting["Ready"][0] == "False" and starting["Progressing"][0] == "True"
+    assert starting["Degraded"][0] == "False"
+    stuck = _status({"a": 1, "b": 2}, since=3600)  # past the 600 s progress deadline
+    assert stuck["Degraded"] == ("True", "ProgressDeadlineExceeded") and stuck["Progressing"][0] == "False"
+    rolling = _status({"a": 2, "b": 2}, updated={"a": 1, "b": 2})  # ready, but a template rollout runs
+    assert rolling["Ready"][0] == "True" and rolling["Progressing"][0] == "True"
+    assert _status({"a": 2}, router=0)["Ready"][0] == "False"
+    assert _status({"a": 2}, observed=0)["Progressing"][0] == "True"  # a newer generation not yet applied
+
+
+def test_last_transition_time_moves_only_on_a_status_change():
+    first = merge_conditions(None, [{"type": "Ready", "status": "False"}], at="2026-01-01T00:00:00Z")
+    same = merge_conditions(first, [{"type": "Ready", "status": "False", "message": "x"}], at="2026-01-02T00:00:00Z")
+    flipped = merge_conditions(same, [{"type": "Ready", "status": "True"}], at="2026-01-03T00:00:00Z")
+    assert [c["lastTransitionTime"] for c in (*first, *same, *flipped)] == [
+        "2026-01-01T00:00:00Z",
+        "2026-01-01T00:00:00Z",
+        "2026-01-03T00:00:00Z",
+    ]
+
+
+def test_invalid_spec_status_carries_the_field():
+    st = invalid_spec_status(4, ["spec.pools[0].tp: 3 does not divide the model's 32 attention heads"])
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "spec.pools[0].tp" in ready["message"] and st["observedGeneration"] == 4
+
+
+@pytest.mark.parametrize("path", example_files("LoadTest"))
+def test_loadtest_examples_become_a_strictly_valid_job(path):
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        docs = [d for d in yaml.safe_load_all(fh) if d and d["kind"] == "LoadTest"]
+    for doc in docs:
+        lt = parse_loadtest({**doc, "metadata": {**doc["metadata"], "namespace": "lab"}})
+        job = loadtest_job(lt, QUICKSTART, "lab", OperatorSettings())
+        kubernetes_validate.validate(job, "1.30", strict=True)
+        pod = job["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+        container = pod["containers"][0]
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert container["terminationMessagePath"] == "/dev/termination-log"
+        args = container["args"]
+        # the target cluster's SLO is the default
+        assert args[args.index("--ttft-ms") + 1] == f"{QUICKSTART.spec.slo.ttft_ms:g}"
+        assert args[args.index("--model") + 1] == QUICKSTART.spec.model.name
+        kubernetes_validate.validate(summary_config_map(lt.metadata.name, "lab", {"requests": 1}), "1.30", strict=True)
+
+
+def test_loadtest_spec_errors_name_the_field():
+    with pytest.raises(SpecError) as err:
+        parse_loadtest(
+            {
+                "apiVersion": "infemu.io/v1alpha1",
+                "kind": "LoadTest",
+                "metadata": {"name": "x"},
+                "spec": {"cluster": "c", "workers": 0},
+            }
+        )
+    assert err.value.problems == ["spec.workers: 0: Input should be greater than or equal to 1"]
+
+
+def test_loadtest_workloads_are_the_locust_user_classes():
+    from typing import get_args
+
+    from loadgen.workloads import WORKLOADS
+
+    assert get_args(LoadTestSpec.model_fields["workload"].annotation) == WORKLOADS
+
+
+def _pod(message: str, code: int = 0) -> dict:
+    term = {"exitCode": code, "message": message, "reason": "Completed" if code == 0 else "Error"}
+    return {"status": {"containerStatuses": [{"name": "locust", "state": {"terminated": term}}]}}
+
+
+def test_job_outcome_reads_the_summary_from_the_termination_message():
+    summary = {"requests": 10, "completed": 9, "failed": 1, "slo_attainment": 0.8}
+    assert job_outcome({"status": {"active": 1}}, []) == ("Running", None, "1 pod(s) active")
+    phase, got, message = job_outcome({"status": {"succeeded": 1}}, [_pod(json.dumps(summary))])
+    assert (phase, got) == ("Succeeded", summary) and message == "9 of 10 requests completed"
+    phase, got, message = job_outcome({"status": {"failed": 1}}, [_pod("error: locust exited with code 1", 1)])
+    assert phase == "Failed" and got is None and "locust exited" in message
+    gone = {"status": {"failed": 1, "conditions": [{"type": "Failed", "message": "DeadlineExceeded"}]}}
+    assert job_outcome(gone, []) == ("Failed", None, "DeadlineExceeded")
+
+
+def test_a_full_summary_fits_a_termination_message():
+    from emulator.results import RequestRecord, summarize
+
+    records = [RequestRecord(f"r{i}", i * 0.1, 100, 50, i * 0.1 + 0.2, i * 0.1 + 2.0, True) for i in range(100)]
+    text = compact_summary(summarize(records, 500, 50))
+    assert len(text.encode()) <= 4096 and json.loads(text)["requests"] == 100
+
+
+def test_operator_settings_come_from_the_charts_env():
+    s = OperatorSettings.from_env({"INFEMU_IMAGE": "infemu:dev", "INFEMU_SHAPING": "tc", "INFEMU_WORKER_CPU": "1"})
+    assert (s.image, s.shaping, s.cpu) == ("infemu:dev", "tc", "1")
+    with pytest.raises(ValueError, match="INFEMU_SHAPING"):
+        OperatorSettings.from_env({"INFEMU_SHAPING": "netem"})
