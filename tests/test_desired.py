@@ -4,12 +4,17 @@ away from the worker container."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
 import pytest
-from conftest import example_files
+from conftest import ROOT, example_files, metric_value
 
 from emulator.spec import load_clusters
-from infemu_operator.desired import OperatorSettings, desired_children, tc_tree_for
-from infemu_operator.tcinit import instance_of
+from infemu_operator.desired import CONFIG_DIR, OperatorSettings, desired_children, tc_tree_for
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 CLUSTERS = [c for path in example_files() for c in load_clusters(path)]
@@ -48,6 +53,103 @@ def test_replicas_and_the_tc_tree_follow_the_spec():
     cluster = next(c for c in CLUSTERS if c.name == "pd-llama70b")
     sts = {o["metadata"]["name"]: o for o in desired_children(cluster, "lab") if o["kind"] == "StatefulSet"}
     assert sts["pd-llama70b-prefill"]["spec"]["replicas"] == 2 and sts["pd-llama70b-decode"]["spec"]["replicas"] == 1
-    assert instance_of("pd-llama70b-prefill-1", "pd-llama70b") == "prefill-1"
     tree = [" ".join(c) for c in tc_tree_for(cluster, "prefill-1")]
+    assert tree == [" ".join(c) for c in tc_tree_for(cluster, "pd-llama70b-prefill-1")]  # the pod name form
     assert any("match ip tos 0x40" in c for c in tree)  # the scale-out (InfiniBand) class
+
+
+def _pod_commands(cluster, tmp_path) -> tuple[list[tuple[str, list[str]]], dict[str, int]]:
+    """Every worker and router container of the reconcile, as local commands: the ConfigMap's
+    files in ``tmp_path``, $(POD_NAME)/$(POD_IP) filled in, and a port per pod (one host)."""
+    import socket
+
+    children = desired_children(cluster, "lab", OperatorSettings())
+    config = next(o for o in children if o["kind"] == "ConfigMap")
+    for name, text in config["data"].items():
+        (tmp_path / name).write_text(text)
+    ports = {}
+    for obj in children:
+        if obj["kind"] == "StatefulSet":
+            for i in range(obj["spec"]["replicas"]):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    ports[f"{obj['metadata']['name']}-{i}"] = s.getsockname()[1]
+    backends = json.loads(config["data"]["backends.json"])
+    for b in backends:  # the pods' DNS names, resolved the way cluster DNS would
+        pod = f"{cluster.name}-{b['name']}"
+        b["url"] = f"http://127.0.0.1:{ports[pod]}"
+    (tmp_path / "backends.json").write_text(json.dumps(backends))
+    commands = []
+    for obj in children:
+        if obj["kind"] not in ("StatefulSet", "Deployment"):
+            continue
+        container = obj["spec"]["template"]["spec"]["containers"][0]
+        replicas = obj["spec"]["replicas"]
+        for i in range(replicas):
+            pod = f"{obj['metadata']['name']}-{i}"
+            port = ports.get(pod, 0)
+            args = [
+                a.replace("$(POD_NAME)", pod).replace("$(POD_IP)", "127.0.0.1").replace(CONFIG_DIR, str(tmp_path))
+                for a in container["args"]
+            ]
+            args[args.index("--port") + 1] = str(port)
+            if "--advertise-url" in args:
+                args[args.index("--advertise-url") + 1] = f"http://127.0.0.1:{port}"
+            commands.append((pod, args))
+    return commands, ports
+
+
+@pytest.mark.slow
+def test_the_pods_commands_serve_a_pd_request_with_a_kv_pull_over_the_advertised_url(tmp_path):
+    """The containers' args are real: started as processes with the ConfigMap's files, the P/D
+    pods serve a streamed request, and decode pulls the KV from prefill's advertised URL."""
+    cluster = next(c for c in CLUSTERS if c.name == "pd-llama70b")
+    commands, ports = _pod_commands(cluster, tmp_path)
+    worker_urls = [f"http://127.0.0.1:{p}" for p in ports.values()]
+    procs = []
+    try:
+        router_port_file = tmp_path / "router.port"
+        for pod, args in commands:
+            if args[args.index("emulator.cluster.process") + 1] == "router":
+                args += ["--port-file", str(router_port_file)]
+            assert args[:3] == ["python", "-m", "emulator.cluster.process"]
+            log = open(tmp_path / f"{pod}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen([sys.executable, *args[1:]], cwd=ROOT, stdout=log, stderr=log))
+        deadline = time.monotonic() + 60
+        while not router_port_file.exists() or not all(_ready(u) for u in worker_urls):
+            assert time.monotonic() < deadline, [p.read_text()[-500:] for p in tmp_path.glob("*.log")]
+            assert all(p.poll() is None for p in procs), [p.read_text()[-800:] for p in tmp_path.glob("*.log")]
+            time.sleep(0.2)
+        router = f"http://127.0.0.1:{router_port_file.read_text()}"
+        while not _ready(router):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        body = {
+            "model": cluster.spec.model.name,
+            "messages": [{"role": "user", "content": "hello " * 300}],
+            "max_tokens": 8,
+            "ignore_eos": True,
+        }
+        req = urllib.request.Request(
+            f"{router}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.load(resp)
+        assert answer["usage"]["completion_tokens"] == 8
+        decode_url = next(f"http://127.0.0.1:{p}" for pod, p in ports.items() if "decode" in pod)
+        assert metric_value(decode_url, "infemu_kv_transfer_bytes_total") > 0
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ready", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import sys
 
 import kopf
 import kubernetes
 import pytest
 import yaml
-from conftest import example
+from conftest import ROOT, example
 
 kmock_lib = pytest.importorskip("kmock")
 
@@ -68,8 +71,8 @@ def _names(kmock, resource: str) -> set[str]:
     return {name for (res, _, name), obj in kmock.objects.items() if res == wanted and not obj.deleted}
 
 
-@pytest.fixture
-async def operator(kmock, tmp_path, monkeypatch):
+def _serve_like_an_api_server(kmock, tmp_path) -> str:
+    """Declare the resources an operator needs; return a kubeconfig file pointing at kmock."""
     for res, kind, subresources in (
         (IC, "InferenceCluster", {"status"}),
         (LT, "LoadTest", {"status"}),
@@ -103,9 +106,15 @@ async def operator(kmock, tmp_path, monkeypatch):
             }
         )
     )
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    return str(kubeconfig)
+
+
+@pytest.fixture
+async def operator(kmock, tmp_path, monkeypatch):
+    kubeconfig = _serve_like_an_api_server(kmock, tmp_path)
+    monkeypatch.setenv("KUBECONFIG", kubeconfig)
     # kopf's stock login reads the client's default path, which the client fixed at import time
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     handlers.Runtime.kube = None
     settings = kopf.OperatorSettings()
@@ -311,3 +320,33 @@ async def test_a_loadtest_with_a_bad_spec_fails_with_the_field(operator):
     )
     assert obj["status"]["phase"] == "Failed" and "spec.workload" in obj["status"]["message"]
     assert _live(kmock, JOB, job_name("bad")) is None
+
+
+@pytest.mark.slow
+async def test_infemu_operator_command_runs_against_the_current_kubeconfig(kmock, tmp_path):
+    """``infemu operator --namespace lab`` as a user runs it: a process, the kubeconfig, SIGTERM."""
+    kubeconfig = _serve_like_an_api_server(kmock, tmp_path)
+    body = _with_identity(_example_body("quickstart.yaml"), "uid-cli")
+    await _create(kmock, IC, body)
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "INFEMU_IMAGE": "infemu:test"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "emulator.cli",
+        "operator",
+        "--namespace",
+        NS,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        deploy = await _until(lambda: _live(kmock, DEPLOY, "quickstart-router"), timeout=60, what="the router")
+        assert deploy["spec"]["template"]["spec"]["containers"][0]["image"] == "infemu:test"
+        await _until(lambda: _condition(_live(kmock, IC, "quickstart"), "Ready"), timeout=30, what="conditions")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, out.decode()[-3000:]

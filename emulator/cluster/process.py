@@ -73,7 +73,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.kind == "worker":
         from emulator.serve.app import WORKER
 
-        app[WORKER].url = f"http://{args.host}:{port}"
+        # peers pull KV from this URL: on Kubernetes the pod's IP (--advertise-url), not 0.0.0.0
+        app[WORKER].url = args.advertise_url or f"http://{args.host}:{port}"
     if args.port_file:
         tmp = args.port_file + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -88,7 +89,7 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.cleanup()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m emulator.cluster.process")
     ap.add_argument("kind", choices=["worker", "router"])
     ap.add_argument("--spec", required=True)
@@ -98,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--port-file")
+    ap.add_argument("--advertise-url", help="worker: the URL peers reach it at (default http://HOST:PORT)")
     ap.add_argument("--shaping", choices=["inproc", "tc"], default="inproc")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(args))

@@ -62,11 +62,15 @@ class Worker:
         spec = settings.cluster.spec
         self.topology: Topology
         self.topology, setups = build_instances(spec)
-        wanted = settings.instance.removeprefix(f"{settings.cluster.name}-")  # a pod name: <cluster>-<pool>-<n>
-        matches = [s for s in setups if s.instance.name == wanted]
+        # an instance name (<pool>-<n>), or on Kubernetes a pod name (<cluster>-<pool>-<n>)
+        pod_form = settings.instance.removeprefix(f"{settings.cluster.name}-")
+        matches = [s for s in setups if s.instance.name == settings.instance] or [
+            s for s in setups if s.instance.name == pod_form
+        ]
         if not matches:
             raise ValueError(f"instance {settings.instance!r} is not in cluster {settings.cluster.name!r}")
         self.setup: InstanceSetup = matches[0]
+        self.name = self.setup.instance.name  # what peers and the topology know this instance by
         self.model = get_model(spec.model.name)
         self.model_name = spec.model.name
         self.role = self.setup.instance.role
@@ -131,7 +135,7 @@ class Worker:
     async def _pull_kv(self, req: Request, source: dict) -> None:
         url = f"{source['remote_url']}/internal/kv/{source['remote_request_id']}"
         assert self.session is not None
-        async with self.session.get(url, params={"to": self.settings.instance}) as resp:
+        async with self.session.get(url, params={"to": self.name}) as resp:
             # the transfer proper: from the sender's response (it then adds the latency and
             # streams the bytes) to the last byte; request set-up is not part of the link
             t0 = asyncio.get_running_loop().time()
@@ -158,7 +162,7 @@ class Worker:
         if dst in self.cut or "*" in self.cut:
             self._release(rid)
             raise web.HTTPServiceUnavailable(
-                text=json.dumps({"error": f"link {self.settings.instance} -> {dst} is cut"}),
+                text=json.dumps({"error": f"link {self.name} -> {dst} is cut"}),
                 content_type="application/json",
             )
         link = self.peer_links.get(dst) or self.peer_links.get("*") or self.links[tier.name]
@@ -270,7 +274,7 @@ class Worker:
                 kv_params = {
                     "do_remote_prefill": True,
                     "remote_url": self.url,
-                    "remote_instance": self.settings.instance,
+                    "remote_instance": self.name,
                     "remote_request_id": rid,
                     "prompt_tokens": n_prompt,
                 }

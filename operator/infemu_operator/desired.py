@@ -25,6 +25,8 @@ PORT = 8000
 CONFIG_DIR = "/etc/infemu"
 # the pod name is the instance identity (<cluster>-<pool>-<ordinal>): both containers read it
 POD_NAME_ENV = ({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},)
+# the pod IP is where peers pull KV from (the worker listens on 0.0.0.0)
+POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
 @dataclass(frozen=True)
@@ -149,11 +151,13 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
             "$(POD_NAME)",
             "--shaping",
             settings.shaping,
+            "--advertise-url",
+            f"http://$(POD_IP):{PORT}",
         ],
         settings,
         mount,
     )
-    worker["env"] = list(POD_NAME_ENV)
+    worker["env"] = [*POD_NAME_ENV, POD_IP_ENV]
     pod_spec: dict = {
         "containers": [worker],
         "volumes": [volume, {"name": "tmp", "emptyDir": {}}],
@@ -289,7 +293,10 @@ def tc_tree_for(cluster: InferenceCluster, instance: str) -> list[list[str]]:
     from emulator.net.tc import TierClass, tree_commands
 
     topo, _ = build_instances(cluster.spec)
-    inst = topo.by_name(instance)
+    try:
+        inst = topo.by_name(instance)
+    except KeyError:  # a pod name: <cluster>-<pool>-<ordinal>
+        inst = topo.by_name(instance.removeprefix(f"{cluster.name}-"))
     plan = link_plan(cluster.spec, topo, inst)
     return tree_commands(
         "eth0", [TierClass(p.tier.kind, p.wire_rate, 10 * (i + 1)) for i, p in enumerate(plan.values())]

@@ -14,11 +14,6 @@ from emulator.spec import load_clusters
 from infemu_operator.desired import tc_tree_for
 
 
-def instance_of(pod: str, cluster: str) -> str:
-    """Pods are named <cluster>-<pool>-<ordinal>; instances <pool>-<ordinal>."""
-    return pod.removeprefix(f"{cluster}-")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m infemu_operator.tcinit")
     ap.add_argument("--spec", required=True)
@@ -28,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cluster = next(c for c in load_clusters(args.spec) if c.name == args.cluster)
-        commands = tc_tree_for(cluster, instance_of(args.instance, args.cluster))
+        commands = tc_tree_for(cluster, args.instance)
     except (SpecError, StopIteration, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
