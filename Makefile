@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint tables bench clean venv
+.PHONY: demo test lint tables bench clean venv crds chart-files image
 
 $(STAMP): pyproject.toml
 	# iproute2 (tc shaping backend) and prometheus (promtool, `infemu run --prometheus`):
@@ -39,6 +39,20 @@ tables: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sim_speed.py
 	$(BIN)/python benchmarks/costmodel_accuracy.py
+
+# Regenerate the chart's CRDs from the pydantic models and copy the dashboards into the chart
+# (tests fail when either drifts).
+crds: $(STAMP)
+	$(BIN)/infemu crds --out charts/infemu/crds
+
+chart-files:
+	cp dashboards/prometheus/infemu-rules.yaml dashboards/grafana/infemu-fleet.json charts/infemu/files/
+
+# The one image (docker, podman or buildah: CONTAINER=podman make image).
+CONTAINER ?= docker
+IMAGE     ?= infemu:dev
+image:
+	$(CONTAINER) build -f Containerfile -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -153,3 +153,27 @@ def _ready(url: str) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def test_a_spec_change_rolls_pods_out_but_scaling_restarts_only_the_router():
+    from infemu_operator.desired import CONFIG_HASH
+
+    base = next(c for c in CLUSTERS if c.name == "pd-llama70b")
+
+    def hashes(cluster):
+        return {
+            o["metadata"]["name"]: o["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH]
+            for o in desired_children(cluster, "lab")
+            if o["kind"] in ("StatefulSet", "Deployment")
+        }
+
+    doc = base.model_dump(by_alias=True, exclude_none=True)
+    scaled = json.loads(json.dumps(doc))
+    scaled["spec"]["pools"][0]["replicas"] = 1
+    changed = json.loads(json.dumps(doc))
+    changed["spec"]["slo"]["ttftMs"] = 123.0
+    before = hashes(base)
+    after_scale = hashes(type(base).model_validate(scaled))
+    after_change = hashes(type(base).model_validate(changed))
+    assert {n for n in before if before[n] != after_scale[n]} == {"pd-llama70b-router"}
+    assert all(before[n] != after_change[n] for n in before)

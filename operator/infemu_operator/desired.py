@@ -11,6 +11,7 @@ and adopt them with owner references.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from emulator.spec import InferenceCluster
 
 PORT = 8000
 CONFIG_DIR = "/etc/infemu"
+CONFIG_HASH = "infemu.io/config-hash"
 # the pod name is the instance identity (<cluster>-<pool>-<ordinal>): both containers read it
 POD_NAME_ENV = ({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},)
 # the pod IP is where peers pull KV from (the worker listens on 0.0.0.0)
@@ -110,6 +112,18 @@ def _serving_container(name: str, args: list[str], settings: OperatorSettings, m
         "securityContext": security_context(),
         "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
     }
+
+
+def config_hash(cluster: InferenceCluster, with_replicas: bool) -> str:
+    """A digest of the spec in the pod template, so a spec change rolls the pods out (they read
+    the spec from the ConfigMap, which Kubernetes does not watch for them). Workers leave the
+    replica counts out — scaling a pool must not restart every worker of every pool — while the
+    router includes them: its backend list changes, and it is stateless and quick to restart."""
+    doc = cluster.spec.model_dump(by_alias=True, exclude_none=True)
+    if not with_replicas:
+        for pool in doc["pools"]:
+            pool.pop("replicas", None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_map(cluster: InferenceCluster, namespace: str) -> dict:
@@ -206,6 +220,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(PORT),
                         "prometheus.io/path": "/metrics",
+                        CONFIG_HASH: config_hash(cluster, with_replicas=False),
                     },
                 },
                 "spec": pod_spec,
@@ -256,7 +271,11 @@ def router_objects(cluster: InferenceCluster, namespace: str, settings: Operator
             "template": {
                 "metadata": {
                     "labels": lbl,
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT)},
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(PORT),
+                        CONFIG_HASH: config_hash(cluster, with_replicas=True),
+                    },
                 },
                 "spec": {
                     "containers": [container],
