@@ -58,3 +58,31 @@ def metric_value(url: str, sample: str) -> float:
     values = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == sample]
     assert values, f"{url}/metrics has no {sample}"
     return sum(values)
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """The Pod Security Standard "restricted" checks (kubernetes.io/docs/concepts/security/
+    pod-security-standards) that a pod spec can fail."""
+    out = []
+    pod_sc = pod.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            out.append(key)
+    out += [f"volume {v['name']}: hostPath" for v in pod.get("volumes", []) if "hostPath" in v]
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        sc = c.get("securityContext", {})
+        name = c["name"]
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation must be false")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+            out.append(f"{name}: capabilities must drop ALL")
+        if set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: adds {sc['capabilities']['add']}")
+        if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")) or sc.get("runAsUser") == 0:
+            out.append(f"{name}: must run as non-root")
+        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile must be RuntimeDefault")
+    return out

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, restricted_violations
 
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -72,6 +72,7 @@ def test_rbac_is_namespaced_when_watching_namespaces_and_covers_what_the_operato
     assert set(PLURALS.values()) <= granted  # every resource the operator's client reads or writes
     assert not any("secrets" in rule["resources"] or "*" in rule["verbs"] for rule in roles[0]["rules"])
     deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert restricted_violations(deployment["spec"]["template"]["spec"]) == []  # Pod Security "restricted"
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["infemu", "operator"] and args.count("--namespace") == 2
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}

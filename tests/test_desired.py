@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, example_files, metric_value
+from conftest import ROOT, example_files, metric_value, restricted_violations
 
 from emulator.spec import load_clusters
 from infemu_operator.desired import CONFIG_DIR, OperatorSettings, desired_children, tc_tree_for
@@ -177,3 +177,23 @@ def test_a_spec_change_rolls_pods_out_but_scaling_restarts_only_the_router():
     after_change = hashes(type(base).model_validate(changed))
     assert {n for n in before if before[n] != after_scale[n]} == {"pd-llama70b-router"}
     assert all(before[n] != after_change[n] for n in before)
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS, ids=[c.name for c in CLUSTERS])
+def test_inproc_pods_pass_pod_security_restricted_and_tc_pods_need_only_net_admin(cluster):
+    from emulator.loadtest import parse_loadtest
+    from infemu_operator.loadtest import loadtest_job
+
+    for shaping in ("inproc", "tc"):
+        pods = [
+            o["spec"]["template"]["spec"]
+            for o in desired_children(cluster, "lab", OperatorSettings(shaping=shaping))
+            if o["kind"] in ("StatefulSet", "Deployment")
+        ]
+        problems = [p for pod in pods for p in restricted_violations(pod)]
+        if shaping == "inproc":
+            assert problems == []
+        else:  # only the init container breaks the profile, and only by NET_ADMIN as root
+            assert problems and all(p.startswith("tc-init:") for p in problems), problems
+    lt = parse_loadtest({"kind": "LoadTest", "metadata": {"name": "x"}, "spec": {"cluster": cluster.name}})
+    assert restricted_violations(loadtest_job(lt, cluster, "lab", OperatorSettings())["spec"]["template"]["spec"]) == []
