@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import subprocess
@@ -86,3 +87,32 @@ def restricted_violations(pod: dict) -> list[str]:
         if seccomp not in ("RuntimeDefault", "Localhost"):
             out.append(f"{name}: seccompProfile must be RuntimeDefault")
     return out
+
+
+def _as_json_schema(node):
+    """OpenAPI 3.0 -> JSON Schema for checking examples: nullable, boolean exclusive bounds."""
+    node = copy.deepcopy(node)
+    if isinstance(node, dict):
+        if node.pop("nullable", False) and "type" in node:
+            node["type"] = [node["type"], "null"]
+            if "enum" in node:
+                node["enum"] = [*node["enum"], None]
+        for bound, key in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+            if node.get(key) is True:
+                node[key] = node.pop(bound)
+        for k in [k for k in node if k.startswith("x-kubernetes")]:
+            node.pop(k)
+        return {k: _as_json_schema(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_as_json_schema(v) for v in node]
+    return node
+
+
+def crd_json_schemas() -> dict:
+    """Kind -> the CRD's openAPIV3Schema as JSON Schema (what the API server checks on apply)."""
+    from infemu_operator.crds import all_crds
+
+    return {
+        c["spec"]["names"]["kind"]: _as_json_schema(c["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+        for c in all_crds().values()
+    }

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT, restricted_violations
+from conftest import EXAMPLES, ROOT, crd_json_schemas, restricted_violations
 
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -127,3 +127,29 @@ def test_chart_files_are_copies_of_the_dashboards():
     ):
         with open(os.path.join(CHART, "files", name), "rb") as a, open(os.path.join(ROOT, source), "rb") as b:
             assert a.read() == b.read(), f"charts/infemu/files/{name} differs from {source}: run `make chart-files`"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml"))), ids=os.path.basename)
+def test_each_example_ships_with_the_release_as_a_valid_resource(path):
+    """`clusters` / `loadTests` values render each example as the resource `kubectl apply` takes."""
+    import jsonschema
+
+    with open(path, encoding="utf-8") as fh:
+        docs = [d for d in yaml.safe_load_all(fh) if d]
+    values = {
+        "clusters": [
+            {"name": d["metadata"]["name"], "spec": d["spec"]} for d in docs if d["kind"] == "InferenceCluster"
+        ],
+        "loadTests": [{"name": d["metadata"]["name"], "spec": d["spec"]} for d in docs if d["kind"] == "LoadTest"],
+    }
+    report = helm.lint(CHART, values, strict=True, namespace=NS, kube_version="v1.30.0")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+    rendered = [d for d in render(values) if d["apiVersion"] == "infemu.io/v1alpha1"]
+    assert [(d["kind"], d["metadata"]["name"], d["spec"]) for d in rendered] == [
+        (d["kind"], d["metadata"]["name"], d["spec"])
+        for d in sorted(docs, key=lambda d: d["kind"] != "InferenceCluster")
+    ]
+    schemas = crd_json_schemas()
+    for doc in rendered:
+        assert doc["metadata"]["namespace"] == NS
+        jsonschema.validate(doc, schemas[doc["kind"]])

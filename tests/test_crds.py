@@ -3,17 +3,16 @@ example is a valid custom resource under it. (API-server acceptance runs with a 
 
 from __future__ import annotations
 
-import copy
 import glob
 import os
 
 import jsonschema
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, crd_json_schemas
 
 from emulator.loadtest import parse_loadtest
-from infemu_operator.crds import all_crds, inference_cluster_crd
+from infemu_operator.crds import all_crds
 
 CRD_DIR = os.path.join(ROOT, "charts", "infemu", "crds")
 
@@ -49,31 +48,9 @@ def test_crd_manifest_validates_against_kubernetes_1_30_in_strict_mode(crd):
     kubernetes_validate.validate(all_crds()[crd], "1.30", strict=True)
 
 
-def _as_json_schema(node):
-    """OpenAPI 3.0 -> JSON Schema for checking examples: nullable, boolean exclusive bounds."""
-    node = copy.deepcopy(node)
-    if isinstance(node, dict):
-        if node.pop("nullable", False) and "type" in node:
-            node["type"] = [node["type"], "null"]
-            if "enum" in node:
-                node["enum"] = [*node["enum"], None]
-        for bound, key in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
-            if node.get(key) is True:
-                node[key] = node.pop(bound)
-        for k in [k for k in node if k.startswith("x-kubernetes")]:
-            node.pop(k)
-        return {k: _as_json_schema(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_as_json_schema(v) for v in node]
-    return node
-
-
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml"))))
 def test_every_example_is_a_valid_custom_resource(path):
-    schemas = {
-        c["spec"]["names"]["kind"]: _as_json_schema(c["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-        for c in all_crds().values()
-    }
+    schemas = crd_json_schemas()
     with open(path, encoding="utf-8") as fh:
         for doc in yaml.safe_load_all(fh):
             jsonschema.validate(doc, schemas[doc["kind"]])
@@ -82,7 +59,7 @@ def test_every_example_is_a_valid_custom_resource(path):
 
 
 def test_the_schema_rejects_what_the_api_server_would():
-    schema = _as_json_schema(inference_cluster_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    schema = crd_json_schemas()["InferenceCluster"]
     bad = {
         "apiVersion": "infemu.io/v1alpha1",
         "kind": "InferenceCluster",
