@@ -8,11 +8,11 @@ delete resources over HTTP, then read what the operator did from the emulator's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 
 import kopf
 import kubernetes
@@ -109,39 +109,58 @@ def _serve_like_an_api_server(kmock, tmp_path) -> str:
     return str(kubeconfig)
 
 
+class RunningOperator:
+    """kopf.operator with our handlers against the kubeconfig's server, in its own thread and
+    event loop (as in production: the emulated API server is another process's business; and
+    kopf cancels the tasks of its own loop that it did not start when it stops)."""
+
+    def __init__(self) -> None:
+        settings = kopf.OperatorSettings()
+        settings.watching.server_timeout = 10
+        settings.posting.enabled = False
+        settings.queueing.exit_timeout = 0.5  # stop quickly at teardown
+        settings.queueing.idle_timeout = 0.5
+        settings.scanning.disabled = True  # exact namespace names, as `infemu operator --namespace` runs
+        registry = handlers.register(
+            type(kopf.get_default_registry())(), (NS,), status_interval_s=0.3, loadtest_interval_s=0.3
+        )
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(
+            target=asyncio.run,
+            args=(
+                kopf.operator(
+                    registry=registry, settings=settings, standalone=True, namespaces=[NS], stop_flag=self.stop_flag
+                ),
+            ),
+            daemon=True,
+        )
+        self.thread.start()
+
+    async def stop(self) -> None:
+        self.stop_flag.set()
+        await asyncio.to_thread(self.thread.join, 15)
+        assert not self.thread.is_alive(), "the operator did not stop"
+
+
 @pytest.fixture
-async def operator(kmock, tmp_path, monkeypatch):
+async def running(kmock, tmp_path, monkeypatch):
     kubeconfig = _serve_like_an_api_server(kmock, tmp_path)
     monkeypatch.setenv("KUBECONFIG", kubeconfig)
     # kopf's stock login reads the client's default path, which the client fixed at import time
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     handlers.Runtime.kube = None
-    settings = kopf.OperatorSettings()
-    settings.watching.server_timeout = 10
-    settings.posting.enabled = False
-    settings.queueing.exit_timeout = 0.5  # stop quickly at teardown
-    settings.queueing.idle_timeout = 0.5
-    settings.scanning.disabled = True  # exact namespace names, as `infemu operator --namespace` runs
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        kopf.operator(
-            registry=handlers.register(
-                type(kopf.get_default_registry())(), status_interval_s=0.3, loadtest_interval_s=0.3
-            ),
-            settings=settings,
-            standalone=True,
-            namespaces=[NS],
-            stop_flag=stop,
-        )
-    )
+    op = RunningOperator()
     try:
-        yield kmock
+        yield op
     finally:
-        stop.set()
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(task, timeout=10)
+        await op.stop()
         handlers.Runtime.kube = None
+
+
+@pytest.fixture
+async def operator(kmock, running):
+    return kmock
 
 
 async def _create(kmock, resource: str, body: dict) -> None:
@@ -350,3 +369,15 @@ async def test_infemu_operator_command_runs_against_the_current_kubeconfig(kmock
         proc.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, out.decode()[-3000:]
+
+
+async def test_stopping_the_operator_releases_its_finalizers_so_delete_works_without_it(kmock, running):
+    await _create(kmock, IC, _with_identity(_example_body("quickstart.yaml", "orphan"), "uid-o"))
+    held = await _until(
+        lambda: (_live(kmock, IC, "orphan") or {}).get("metadata", {}).get("finalizers"), what="kopf's finalizer"
+    )
+    assert held == [handlers.FINALIZER]
+    await running.stop()  # like `helm uninstall`
+    assert not _live(kmock, IC, "orphan")["metadata"].get("finalizers")
+    resp = await kmock.delete(f"/apis/infemu.io/v1alpha1/namespaces/{NS}/inferenceclusters/orphan", timeout=5)
+    assert resp.status == 200 and _live(kmock, IC, "orphan") is None  # gone at once: nothing blocks it

@@ -41,11 +41,15 @@ LOADTEST_INTERVAL_S = 5.0
 PRUNABLE = (("apps/v1", "StatefulSet"), ("v1", "Service"))
 
 
+FINALIZER = f"{GROUP}/kopf-finalizer"
+
+
 class Runtime:
     """The process-wide API client and settings, set up once at operator startup."""
 
     kube: Kube | None = None
     settings: OperatorSettings = OperatorSettings()
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
 
 
 def _kube() -> Kube:
@@ -58,8 +62,26 @@ def _kube() -> Kube:
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     Runtime.settings = OperatorSettings.from_env()
     settings.posting.level = logging.WARNING  # Kubernetes events only for problems
-    settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
+    # kopf holds a finalizer on each resource while its timers run; it blocks nothing while the
+    # operator runs (there is no deletion handler) and is released at shutdown (below)
+    settings.persistence.finalizer = FINALIZER
     _kube()
+
+
+def release_finalizers(logger, **_: Any) -> None:
+    """At operator shutdown, after kopf has stopped watching: drop our finalizer from every
+    resource, so `kubectl delete` still works while no operator runs (after `helm uninstall`,
+    say). The next operator to start puts it back as it resumes the resources."""
+    kube = _kube()
+    for kind in (KIND, LOADTEST_KIND):
+        for namespace in Runtime.namespaces or (None,):
+            for obj in kube.list(API_VERSION, kind, namespace):
+                meta = obj["metadata"]
+                finalizers = meta.get("finalizers") or []
+                if FINALIZER in finalizers:
+                    kept = [f for f in finalizers if f != FINALIZER]
+                    kube.patch(API_VERSION, kind, meta["namespace"], meta["name"], {"metadata": {"finalizers": kept}})
+                    logger.info(f"released {kind} {meta['namespace']}/{meta['name']}")
 
 
 def _as_cluster(name: str, namespace: str, spec: Any) -> InferenceCluster:
@@ -76,10 +98,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _set_status(patch: kopf.Patch, status: Any, new: dict) -> None:
-    new = {**new, "conditions": merge_conditions(status.get("conditions"), new.get("conditions", []))}
+def _known_status(status: Any, memo: Any) -> dict:
+    """The freshest status we know: what this operator last wrote (kept in the object's memo),
+    else what the watch delivered — a body can lag behind our own patches."""
+    return memo.get("status") or _plain(status)
+
+
+def _set_status(patch: kopf.Patch, status: Any, memo: Any, new: dict) -> None:
+    known = _known_status(status, memo)
+    new = {**new, "conditions": merge_conditions(known.get("conditions"), new.get("conditions", []))}
     for key, value in new.items():
         patch.status[key] = value
+    memo["status"] = {**known, **new}
+
+
+def _essence(status: dict) -> tuple:
+    conditions = [(c.get("type"), c.get("status"), c.get("message")) for c in status.get("conditions", [])]
+    return conditions, status.get("pools")
 
 
 def _live_status(cluster: InferenceCluster, namespace: str, generation: int, status: Any) -> dict:
@@ -119,12 +154,12 @@ def _prune(cluster: InferenceCluster, namespace: str, keep: list[dict], owner_ui
                 logger.info(f"pruned {kind} {meta['name']}: its pool left the spec")
 
 
-def reconcile_cluster(body, spec, name, namespace, meta, status, patch, logger, **_: Any) -> None:
+def reconcile_cluster(body, spec, name, namespace, meta, status, patch, memo, logger, **_: Any) -> None:
     generation = meta.get("generation", 0)
     try:
         cluster = _as_cluster(name, namespace, spec)
     except SpecError as exc:
-        _set_status(patch, status, invalid_spec_status(generation, exc.problems))
+        _set_status(patch, status, memo, invalid_spec_status(generation, exc.problems))
         logger.error("invalid spec, nothing applied: " + "; ".join(exc.problems))
         return
     children = desired_children(cluster, namespace, Runtime.settings)
@@ -140,27 +175,24 @@ def reconcile_cluster(body, spec, name, namespace, meta, status, patch, logger, 
             condition("Ready", False, "ApplyFailed", message),
             condition("Degraded", True, "ApplyFailed", message),
         ]
-        _set_status(patch, status, {"conditions": degraded})
+        _set_status(patch, status, memo, {"conditions": degraded})
         raise kopf.TemporaryError(message, delay=30) from exc
-    applied = {**dict(status), "observedGeneration": generation, "appliedAt": now()}
+    applied = {**_known_status(status, memo), "observedGeneration": generation, "appliedAt": now()}
     live = _live_status(cluster, namespace, generation, applied)
-    _set_status(patch, status, {**live, "appliedAt": applied["appliedAt"]})
+    _set_status(patch, status, memo, {**live, "appliedAt": applied["appliedAt"]})
     logger.info(f"applied {len(children)} objects for generation {generation}")
 
 
-def refresh_cluster_status(spec, name, namespace, meta, status, patch, **_: Any) -> None:
+def refresh_cluster_status(spec, name, namespace, meta, status, patch, memo, **_: Any) -> None:
     try:
         cluster = _as_cluster(name, namespace, spec)
     except SpecError:
         return  # the InvalidSpec conditions stay as the reconcile wrote them
-    live = _live_status(cluster, namespace, meta.get("generation", 0), status)
+    known = _known_status(status, memo)
+    live = _live_status(cluster, namespace, meta.get("generation", 0), known)
     live.pop("observedGeneration")  # the reconcile's to set: a timer racing it must not roll it back
-    seen = [(c.get("type"), c.get("status"), c.get("message")) for c in status.get("conditions", [])]
-    if (
-        seen != [(c["type"], c["status"], c["message"]) for c in live["conditions"]]
-        or status.get("pools") != live["pools"]
-    ):
-        _set_status(patch, status, live)
+    if _essence(known) != _essence(live):  # patch only on a change: no write, no event, every tick
+        _set_status(patch, status, memo, live)
 
 
 # ---- LoadTest -------------------------------------------------------------------------
@@ -235,12 +267,15 @@ def _running(status, **_: Any) -> bool:
 
 def register(
     registry: kopf.OperatorRegistry,
+    namespaces: tuple[str, ...] = (),
     status_interval_s: float = STATUS_INTERVAL_S,
     loadtest_interval_s: float = LOADTEST_INTERVAL_S,
 ) -> kopf.OperatorRegistry:
     """Attach every handler to ``registry`` (the operator's default one, or a test's own with
-    shorter timer intervals)."""
+    shorter timer intervals); ``namespaces`` are the watched ones (empty: every namespace)."""
+    Runtime.namespaces = tuple(namespaces)
     kopf.on.startup(registry=registry)(configure)
+    kopf.on.cleanup(registry=registry)(release_finalizers)
     for on in (kopf.on.create, kopf.on.update, kopf.on.resume):
         on(GROUP, VERSION, PLURAL, registry=registry)(reconcile_cluster)
     kopf.timer(GROUP, VERSION, PLURAL, registry=registry, interval=status_interval_s, initial_delay=status_interval_s)(

@@ -39,9 +39,10 @@ def load_config() -> None:
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
 
 
-def path(api_version: str, kind: str, namespace: str, name: str | None = None, subresource: str = "") -> str:
+def path(api_version: str, kind: str, namespace: str | None, name: str | None = None, subresource: str = "") -> str:
+    """The REST path; ``namespace=None`` lists across every namespace."""
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    out = f"{base}/namespaces/{namespace}/{PLURALS[kind]}"
+    out = f"{base}/namespaces/{namespace}/{PLURALS[kind]}" if namespace else f"{base}/{PLURALS[kind]}"
     if name:
         out += f"/{name}"
     if subresource:
@@ -82,7 +83,9 @@ class Kube:
                 return None
             raise
 
-    def list(self, api_version: str, kind: str, namespace: str, labels: dict[str, str] | None = None) -> list[dict]:
+    def list(
+        self, api_version: str, kind: str, namespace: str | None, labels: dict[str, str] | None = None
+    ) -> list[dict]:
         """Objects matching every label; the selector is also applied here, so a server (or an
         emulator) that ignores ``labelSelector`` cannot widen the result."""
         labels = labels or {}

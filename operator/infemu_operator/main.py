@@ -20,7 +20,7 @@ def run_operator(namespaces: list[str] | None = None, liveness: str | None = Non
     # with exact namespaces (a namespaced Role), do not list namespaces or CRDs cluster-wide
     settings.scanning.disabled = bool(namespaces)
     kopf.run(
-        registry=register(kopf.get_default_registry()),
+        registry=register(kopf.get_default_registry(), tuple(namespaces or ())),
         settings=settings,
         standalone=True,
         clusterwide=not namespaces,
