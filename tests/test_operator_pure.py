@@ -122,6 +122,12 @@ def test_job_outcome_reads_the_summary_from_the_termination_message():
     assert (phase, got) == ("Succeeded", summary) and message == "9 of 10 requests completed"
     phase, got, message = job_outcome({"status": {"failed": 1}}, [_pod("error: locust exited with code 1", 1)])
     assert phase == "Failed" and got is None and "locust exited" in message
+    nothing = {"requests": 5, "completed": 0, "failed": 5}
+    assert job_outcome({"status": {"failed": 1}}, [_pod(json.dumps(nothing), 1)]) == (
+        "Failed",
+        nothing,
+        "0 of 5 requests completed",
+    )
     gone = {"status": {"failed": 1, "conditions": [{"type": "Failed", "message": "DeadlineExceeded"}]}}
     assert job_outcome(gone, []) == ("Failed", None, "DeadlineExceeded")
 

@@ -63,7 +63,8 @@ def loadtest_job(lt: LoadTest, cluster: InferenceCluster, namespace: str, settin
         "resources": resources(settings),
         "securityContext": security_context(),
         "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "File",
+        # the summary on success; on a crash, the log's tail (the error) becomes the message
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
     return {
@@ -107,9 +108,10 @@ def job_outcome(job: dict, pods: list[dict]) -> tuple[str, dict | None, str]:
             summary = json.loads(text)
         except ValueError:
             summary = None
-        if st.get("succeeded") and isinstance(summary, dict):
-            return "Succeeded", summary, f"{summary.get('completed')} of {summary.get('requests')} requests completed"
-        return "Failed", summary if isinstance(summary, dict) else None, text[-500:] or term.get("reason", "failed")
+        if isinstance(summary, dict):
+            done = f"{summary.get('completed')} of {summary.get('requests')} requests completed"
+            return ("Succeeded" if st.get("succeeded") else "Failed"), summary, done
+        return "Failed", None, text[-500:] or term.get("reason", "failed")
     reason = next((c.get("message") for c in st.get("conditions", []) if c.get("type") == "Failed"), None)
     return "Failed", None, reason or "the load-test pod is gone; no summary was recorded"
 
