@@ -2,9 +2,10 @@
 the simulator agree on TTFT and TPOT (means within 5%, p90 within 10%), and the workers keep their
 step timing error p99 within 2 ms (quickstart; P/D prefill workers within 3 ms, see below).
 
-Python's HTTP path adds ~5 ms per request on a 2-core host; the quickstart's TTFT is ~40 ms, so it
-runs with time dilation D=4 (modelled durations x4, reported times /4), which the design provides for
-small hosts (at D=1 the quickstart's TTFT mean reads ~12% high, its p90 and TPOT still agree).
+Python's HTTP path (client -> router -> worker, streamed) adds ~7-8 ms per request on a 2-core host;
+the quickstart's TTFT is ~43 ms, so it runs with time dilation D=8 (modelled durations x8, reported
+times /8), which the design provides for small hosts. Measured TTFT-mean error: D=4 4.5-5.6% (too
+close to the 5% bound to be a reliable test on a fresh CI machine), D=6 2.8%, D=8 2.0%.
 The P/D example (TTFT ~150 ms, four processes and the client on two cores) runs at D=4.
 """
 
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(
     "name, rate, requests, dilation, timing_p99_s",
     [
-        ("quickstart.yaml", 11.0, 150, 4.0, 0.002),  # about half of the ~22 req/s saturation
+        ("quickstart.yaml", 11.0, 100, 8.0, 0.002),  # about half of the ~22 req/s saturation
         # about half of the prefill pools' saturation. Measured p99 1.3-2.1 ms; a prefill worker sees only ~200
         # steps here, so its p99 is its second-worst wake-up: 3 ms keeps the check meaningful and not flaky
         ("pd-llama70b-h100.yaml", 7.0, 120, 4.0, 0.003),
