@@ -49,14 +49,20 @@ def run_infemu(*args: str, cwd: str = ROOT, timeout: float = 300) -> subprocess.
     )
 
 
-def metric_value(url: str, sample: str) -> float:
-    """The value of one sample in an instance's /metrics (summed over label sets); it must exist."""
+def metric_value(url: str, sample: str, **labels: str) -> float:
+    """The value of one sample in an instance's /metrics (summed over the label sets that carry
+    ``labels``, e.g. ``le="0.002"``); it must exist."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    values = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == sample]
+    values = [
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert values, f"{url}/metrics has no {sample}"
     return sum(values)
 

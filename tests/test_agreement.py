@@ -15,7 +15,7 @@ import asyncio
 
 import pytest
 import yaml
-from conftest import example
+from conftest import example, metric_value
 
 from emulator.catalog.models import get_model
 from emulator.client import run_plan
@@ -31,15 +31,8 @@ pytestmark = pytest.mark.slow
 
 def _steps(url: str, le: str) -> tuple[float, float]:
     """(steps that woke within ``le`` seconds of the model, all steps) from a worker's histogram."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    fam = next(f for f in text_string_to_metric_families(text) if f.name == "infemu_iteration_timing_error_seconds")
-    within = sum(s.value for s in fam.samples if s.name.endswith("_bucket") and s.labels["le"] == le)
-    total = sum(s.value for s in fam.samples if s.name.endswith("_count"))
-    return within, total
+    name = "infemu_iteration_timing_error_seconds"
+    return metric_value(url, f"{name}_bucket", le=le), metric_value(url, f"{name}_count")
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,31 @@ def config_map(cluster: InferenceCluster, namespace: str) -> dict:
     }
 
 
+def _spec_args(cluster: InferenceCluster) -> list[str]:
+    """Where every container of a cluster reads its spec: the ConfigMap's cluster.yaml."""
+    return ["--spec", f"{CONFIG_DIR}/cluster.yaml", "--cluster", cluster.name]
+
+
+def _pod_template(lbl: dict, containers: list[dict], volume: dict, config_digest: str) -> dict:
+    """A worker or router pod: scrape annotations, the config hash that rolls it, /tmp, config."""
+    return {
+        "metadata": {
+            "labels": lbl,
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(PORT),
+                "prometheus.io/path": "/metrics",
+                CONFIG_HASH: config_digest,
+            },
+        },
+        "spec": {
+            "containers": containers,
+            "volumes": [volume, {"name": "tmp", "emptyDir": {}}],
+            "enableServiceLinks": False,
+        },
+    }
+
+
 def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: OperatorSettings) -> list[dict]:
     name = f"{cluster.name}-{pool.name}"
     lbl = labels(cluster.name, pool.role, pool.name)
@@ -158,10 +183,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
         "worker",
         [
             "worker",
-            "--spec",
-            f"{CONFIG_DIR}/cluster.yaml",
-            "--cluster",
-            cluster.name,
+            *_spec_args(cluster),
             "--instance",
             "$(POD_NAME)",
             "--shaping",
@@ -173,28 +195,16 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
         mount,
     )
     worker["env"] = [*POD_NAME_ENV, POD_IP_ENV]
-    pod_spec: dict = {
-        "containers": [worker],
-        "volumes": [volume, {"name": "tmp", "emptyDir": {}}],
-        "enableServiceLinks": False,
-    }
+    # workers leave replica counts out of their hash: scaling one pool must not restart the others
+    template = _pod_template(lbl, [worker], volume, config_hash(cluster, with_replicas=False))
+    selector = {"app.kubernetes.io/instance": cluster.name, "infemu.io/pool": pool.name}
     if settings.shaping == "tc":
-        pod_spec["initContainers"] = [
+        template["spec"]["initContainers"] = [
             {
                 "name": "tc-init",
                 "image": settings.image,
                 "imagePullPolicy": settings.pull_policy,
-                "args": [
-                    "python",
-                    "-m",
-                    "infemu_operator.tcinit",
-                    "--spec",
-                    f"{CONFIG_DIR}/cluster.yaml",
-                    "--cluster",
-                    cluster.name,
-                    "--instance",
-                    "$(POD_NAME)",
-                ],
+                "args": ["python", "-m", "infemu_operator.tcinit", *_spec_args(cluster), "--instance", "$(POD_NAME)"],
                 "env": list(POD_NAME_ENV),
                 "securityContext": {
                     "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]},
@@ -213,19 +223,8 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
             "serviceName": name,
             "replicas": pool.replicas,
             "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": {"app.kubernetes.io/instance": cluster.name, "infemu.io/pool": pool.name}},
-            "template": {
-                "metadata": {
-                    "labels": lbl,
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(PORT),
-                        "prometheus.io/path": "/metrics",
-                        CONFIG_HASH: config_hash(cluster, with_replicas=False),
-                    },
-                },
-                "spec": pod_spec,
-            },
+            "selector": {"matchLabels": selector},
+            "template": template,
         },
     }
     service = {
@@ -235,7 +234,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": False,
-            "selector": {"app.kubernetes.io/instance": cluster.name, "infemu.io/pool": pool.name},
+            "selector": selector,
             "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
         },
     }
@@ -248,42 +247,20 @@ def router_objects(cluster: InferenceCluster, namespace: str, settings: Operator
     volume, mount = _config_volume(cluster)
     container = _serving_container(
         "router",
-        [
-            "router",
-            "--spec",
-            f"{CONFIG_DIR}/cluster.yaml",
-            "--cluster",
-            cluster.name,
-            "--backends",
-            f"{CONFIG_DIR}/backends.json",
-        ],
+        ["router", *_spec_args(cluster), "--backends", f"{CONFIG_DIR}/backends.json"],
         settings,
         mount,
     )
+    selector = {"app.kubernetes.io/instance": cluster.name, "app.kubernetes.io/component": "router"}
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": object_meta(name, namespace, lbl),
         "spec": {
             "replicas": 1,
-            "selector": {
-                "matchLabels": {"app.kubernetes.io/instance": cluster.name, "app.kubernetes.io/component": "router"}
-            },
-            "template": {
-                "metadata": {
-                    "labels": lbl,
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(PORT),
-                        CONFIG_HASH: config_hash(cluster, with_replicas=True),
-                    },
-                },
-                "spec": {
-                    "containers": [container],
-                    "volumes": [volume, {"name": "tmp", "emptyDir": {}}],
-                    "enableServiceLinks": False,
-                },
-            },
+            "selector": {"matchLabels": selector},
+            # the router's hash includes the replica counts: its backend list changes with them
+            "template": _pod_template(lbl, [container], volume, config_hash(cluster, with_replicas=True)),
         },
     }
     service = {
@@ -291,7 +268,7 @@ def router_objects(cluster: InferenceCluster, namespace: str, settings: Operator
         "kind": "Service",
         "metadata": object_meta(name, namespace, lbl),
         "spec": {
-            "selector": {"app.kubernetes.io/instance": cluster.name, "app.kubernetes.io/component": "router"},
+            "selector": selector,
             "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
         },
     }

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
 PROGRESS_DEADLINE_S = 600.0  # Deployment's default progressDeadlineSeconds (apps/v1 API reference)
 
 
