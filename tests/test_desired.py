@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, example_files, metric_value
+from conftest import ROOT, example_files, metric_value, restricted_violations
 
 from emulator.cluster.local import _get
 from emulator.spec import load_clusters
@@ -150,3 +150,47 @@ def test_the_pods_commands_serve_a_pd_request_with_a_kv_pull_over_the_advertised
 
 def _ready(url: str) -> bool:
     return _get(f"{url}/ready") == 200
+
+
+def test_a_spec_change_rolls_pods_out_but_scaling_restarts_only_the_router():
+    from infemu_operator.desired import CONFIG_HASH
+
+    base = next(c for c in CLUSTERS if c.name == "pd-llama70b")
+
+    def hashes(cluster):
+        return {
+            o["metadata"]["name"]: o["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH]
+            for o in desired_children(cluster, "lab")
+            if o["kind"] in ("StatefulSet", "Deployment")
+        }
+
+    doc = base.model_dump(by_alias=True, exclude_none=True)
+    scaled = json.loads(json.dumps(doc))
+    scaled["spec"]["pools"][0]["replicas"] = 1
+    changed = json.loads(json.dumps(doc))
+    changed["spec"]["slo"]["ttftMs"] = 123.0
+    before = hashes(base)
+    after_scale = hashes(type(base).model_validate(scaled))
+    after_change = hashes(type(base).model_validate(changed))
+    assert {n for n in before if before[n] != after_scale[n]} == {"pd-llama70b-router"}
+    assert all(before[n] != after_change[n] for n in before)
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS, ids=[c.name for c in CLUSTERS])
+def test_inproc_pods_pass_pod_security_restricted_and_tc_pods_need_only_net_admin(cluster):
+    from emulator.loadtest import parse_loadtest
+    from infemu_operator.loadtest import loadtest_job
+
+    for shaping in ("inproc", "tc"):
+        pods = [
+            o["spec"]["template"]["spec"]
+            for o in desired_children(cluster, "lab", OperatorSettings(shaping=shaping))
+            if o["kind"] in ("StatefulSet", "Deployment")
+        ]
+        problems = [p for pod in pods for p in restricted_violations(pod)]
+        if shaping == "inproc":
+            assert problems == []
+        else:  # only the init container breaks the profile, and only by NET_ADMIN as root
+            assert problems and all(p.startswith("tc-init:") for p in problems), problems
+    lt = parse_loadtest({"kind": "LoadTest", "metadata": {"name": "x"}, "spec": {"cluster": cluster.name}})
+    assert restricted_violations(loadtest_job(lt, cluster, "lab", OperatorSettings())["spec"]["template"]["spec"]) == []
