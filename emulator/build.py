@@ -1,17 +1,20 @@
 """From a validated spec to what each instance runs: its engine config and its cost model.
 
-The simulator uses this now; the emulated workers and the operator use the
-same mapping, so every driver sees identical engines.
+The simulator, the emulated workers and the operator use the same mapping, so every
+driver sees identical engines.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emulator.capacity import effective_max_model_len, pool_memory_plan
+from emulator.capacity import effective_max_model_len, pool_limits, pool_memory_plan, profile_of
 from emulator.catalog.gpus import get_gpu
-from emulator.catalog.models import ModelArch, get_model
-from emulator.costmodel.instance import InstanceConfig, InstanceCostModel, instance_cost_model
+from emulator.catalog.models import ModelArch
+from emulator.checkpoint import served_model
+from emulator.costmodel.engines import EngineProfile
+from emulator.costmodel.instance import InstanceConfig, instance_cost_model
+from emulator.costmodel.step import EngineStepModel
 from emulator.engine.config import EngineConfig, MemoryPlan
 from emulator.spec import ClusterSpec, PoolSpec
 from emulator.topology import Instance, Topology, place
@@ -23,51 +26,64 @@ class InstanceSetup:
     pool: PoolSpec
     engine: EngineConfig
     memory: MemoryPlan
-    cost: InstanceCostModel
+    cost: EngineStepModel
 
 
-def engine_config(spec: ClusterSpec, pool: PoolSpec, model: ModelArch) -> tuple[EngineConfig, MemoryPlan]:
-    plan = pool_memory_plan(spec, pool, model, get_gpu(spec.gpu))
+def engine_config(
+    spec: ClusterSpec, pool: PoolSpec, model: ModelArch, profile: EngineProfile | None = None
+) -> tuple[EngineConfig, MemoryPlan]:
+    """One scheduler per instance; an attention-DP group schedules its ranks' budgets together."""
+    gpu = get_gpu(spec.gpu)
+    profile = profile or profile_of(spec)
+    plan = pool_memory_plan(spec, pool, model, gpu)
+    limits = pool_limits(spec, pool, gpu)
     cfg = EngineConfig(
-        max_num_seqs=pool.max_num_seqs,
-        max_num_batched_tokens=pool.max_num_batched_tokens,
+        max_num_seqs=min(limits.max_num_seqs, plan.max_state_seqs or limits.max_num_seqs) * pool.dp,
+        max_num_batched_tokens=limits.max_num_batched_tokens * pool.dp,
         block_size=pool.block_size,
         num_gpu_blocks=plan.num_gpu_blocks,
         max_model_len=effective_max_model_len(pool, model),
-        enable_prefix_caching=pool.prefix_caching,
-        enable_chunked_prefill=pool.chunked_prefill,
+        enable_prefix_caching=limits.prefix_caching,
+        enable_chunked_prefill=limits.chunked_prefill,
         pipeline_parallel_size=pool.pp,
+        prefill_first=profile.scheduling == "prefill_first",
+        reserve_full_sequence=profile.reserve_full_sequence,
     )
     return cfg, plan
 
 
 def cost_model_for(
-    spec: ClusterSpec, pool: PoolSpec, topo: Topology, inst: Instance | None = None
-) -> InstanceCostModel:
-    model = get_model(spec.model.name)
-    intra = topo.intra_instance_tier(inst) if inst is not None else topo.scale_up
-    return instance_cost_model(
+    spec: ClusterSpec,
+    pool: PoolSpec,
+    topo: Topology,
+    inst: Instance | None = None,
+    profile: EngineProfile | None = None,
+) -> EngineStepModel:
+    model = served_model(spec.model)
+    kernels = instance_cost_model(
         InstanceConfig(
             model=model,
             gpu=topo.gpu,
-            dtype=spec.model.dtype,
-            kv_dtype=spec.model.kv_dtype,
             tp=pool.tp,
             pp=pool.pp,
             ep=pool.ep,
-            intra_tier=intra,
+            dp=pool.dp,
+            intra_tier=topo.scale_up,
+            scale_out_tier=topo.scale_out,
+            domain_size=topo.domain_size,
             step_overhead_s=pool.step_overhead_us * 1e-6,
         )
     )
+    return EngineStepModel(kernels, profile or profile_of(spec))
 
 
-def build_instances(spec: ClusterSpec) -> tuple[Topology, list[InstanceSetup]]:
-    model = get_model(spec.model.name)
+def build_instances(spec: ClusterSpec, profile: EngineProfile | None = None) -> tuple[Topology, list[InstanceSetup]]:
+    model = served_model(spec.model)
     topo = place(spec)
     pools = {p.name: p for p in spec.pools}
     setups = []
     for inst in topo.instances:
         pool = pools[inst.pool]
-        cfg, plan = engine_config(spec, pool, model)
-        setups.append(InstanceSetup(inst, pool, cfg, plan, cost_model_for(spec, pool, topo, inst)))
+        cfg, plan = engine_config(spec, pool, model, profile)
+        setups.append(InstanceSetup(inst, pool, cfg, plan, cost_model_for(spec, pool, topo, inst, profile)))
     return topo, setups

@@ -1,25 +1,65 @@
-"""Per-pool memory plan and context limit from a spec: the one mapping that validation, the
-simulator and the workers share."""
+"""Per-pool limits, memory plan and context limit from a spec: the one mapping that validation,
+the simulator and the workers share.
+
+Limits a pool leaves unset take the serving engine's defaults (``spec.engine``), which
+depend on the GPU's memory as the frameworks' own defaults do.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from emulator.catalog.gpus import GPU
 from emulator.catalog.models import ModelArch
+from emulator.costmodel.engines import EngineProfile, engine_profile
 from emulator.engine.config import MemoryPlan, memory_plan
 from emulator.spec import ClusterSpec, PoolSpec
 
 
+@dataclass(frozen=True)
+class PoolLimits:
+    """Per attention-DP rank (one engine), as the framework would run it."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    gpu_memory_utilization: float
+    chunked_prefill: bool
+    prefix_caching: bool
+
+
+def profile_of(spec: ClusterSpec) -> EngineProfile:
+    profile = engine_profile(spec.engine.name, spec.engine.version)
+    if spec.engine.scheduling != "auto":
+        profile = replace(profile, scheduling=spec.engine.scheduling)
+    return profile
+
+
+def pool_limits(spec: ClusterSpec, pool: PoolSpec, gpu: GPU) -> PoolLimits:
+    profile = profile_of(spec)
+    tokens, seqs = profile.batch_defaults(gpu.hbm_bytes)
+    return PoolLimits(
+        max_num_seqs=pool.max_num_seqs or seqs,
+        max_num_batched_tokens=pool.max_num_batched_tokens or tokens,
+        gpu_memory_utilization=pool.gpu_memory_utilization or profile.gpu_memory_utilization,
+        chunked_prefill=profile.chunked_prefill if pool.chunked_prefill is None else pool.chunked_prefill,
+        prefix_caching=profile.prefix_caching if pool.prefix_caching is None else pool.prefix_caching,
+    )
+
+
 def pool_memory_plan(spec: ClusterSpec, pool: PoolSpec, model: ModelArch, gpu: GPU) -> MemoryPlan:
+    limits = pool_limits(spec, pool, gpu)
     return memory_plan(
         model,
         gpu,
-        dtype=spec.model.dtype,
-        kv_dtype=spec.model.kv_dtype,
+        quant=model.quant,
         tp=pool.tp,
         pp=pool.pp,
+        dp=pool.dp,
         block_size=pool.block_size,
-        gpu_memory_utilization=pool.gpu_memory_utilization,
-        max_num_batched_tokens=pool.max_num_batched_tokens,
+        gpu_memory_utilization=limits.gpu_memory_utilization,
+        max_num_batched_tokens=limits.max_num_batched_tokens,
+        max_num_seqs=limits.max_num_seqs,
+        fraction_of_free=profile_of(spec).memory_fraction_of_free,
     )
 
 

@@ -60,6 +60,16 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trace", help="replay a trace file (Azure CSV, Mooncake/RAGPulse JSONL, BurstGPT CSV)")
     g.add_argument("--trace-format", choices=["azure", "mooncake", "burstgpt", "ragpulse"])
     g.add_argument("--seed", type=_nonneg_int)
+    g.add_argument(
+        "--warmup-requests",
+        type=_nonneg_int,
+        help="closed loop: send this many first, drain them, then measure (AIPerf --warmup-request-count)",
+    )
+    g.add_argument(
+        "--prompt-pool",
+        type=_positive_int,
+        help="draw prompts from this many distinct ones (benchmark datasets; repeats hit the prefix cache)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +271,8 @@ def _overrides(args: argparse.Namespace):
         trace=args.trace,
         trace_format=args.trace_format,
         seed=args.seed,
+        warmup_requests=args.warmup_requests,
+        prompt_pool=args.prompt_pool,
     )
 
 

@@ -17,6 +17,8 @@ import numpy as np
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
 from emulator.results import RequestRecord
+from emulator.rng import PartitionedRNG
+from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
 from emulator.workload.plan import PlannedRequest, RequestPlan
 
 
@@ -99,25 +101,63 @@ def _to_emulated_time(rec: RequestRecord, dilation: float) -> None:
 
 
 async def run_closed_loop(
-    url: str, model: str, plan: RequestPlan, vocab: int, dilation: float = 1.0, on_done=None
+    url: str,
+    model: str,
+    plan: RequestPlan,
+    vocab: int,
+    dilation: float = 1.0,
+    on_done=None,
+    behaviour: ClientBehaviour | None = None,
+    seed: int = 0,
 ) -> list[RequestRecord]:
-    """``plan.concurrency`` clients, each sending the next planned request when its last one ends."""
+    """``plan.concurrency`` clients as the simulator models them (``emulator.workload.clients``):
+    a warm-up phase drained before the measured one, and a random client-side overhead before each
+    next send. Warm-up requests are not returned."""
     bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
-    queue = list(plan.requests)
+    behaviour = behaviour or ClientBehaviour(warmup=plan.warmup)
+    clients = ClosedLoopClients(
+        plan.concurrency or 1,
+        len(plan.requests),
+        behaviour,
+        PartitionedRNG(seed).for_subsystem("workload.clients"),
+    )
     records: list[RequestRecord] = []
     stop_at = None if plan.duration_s is None else time.perf_counter() + plan.duration_s * dilation
     async with ClientSession(timeout=ClientTimeout(total=None), connector=TCPConnector(limit=0)) as session:
         t_origin = time.perf_counter()
+        tasks: set[asyncio.Task] = set()
+        done = asyncio.Event()
 
-        async def client() -> None:
-            while queue and (stop_at is None or time.perf_counter() < stop_at):
-                p = queue.pop(0)
-                rec = await send_one(session, url, p, bodies[p.index], t_origin)
+        def launch(sends: list[tuple[float, int]]) -> None:
+            for t, index in sends:
+                if stop_at is not None and t_origin + t * dilation >= stop_at:
+                    continue
+                task = asyncio.ensure_future(one(t, index))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if not tasks:
+                done.set()
+
+        async def one(t: float, index: int) -> None:
+            delay = t_origin + t * dilation - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            p = plan.requests[index]
+            rec = await send_one(session, url, p, bodies[index], t_origin)
+            if not plan.is_warmup(index):
                 records.append(rec)
                 if on_done is not None:
                     on_done(rec)
+            # the client model works in emulated seconds; its sends are played D times slower
+            ended = (time.perf_counter() - t_origin) / dilation
+            launch(clients.on_done(index, ended))
+            if not tasks - {asyncio.current_task()}:
+                done.set()
 
-        await asyncio.gather(*(client() for _ in range(plan.concurrency or 1)))
+        launch(clients.start(0.0))
+        await done.wait()
+        while tasks:
+            await asyncio.gather(*list(tasks))
     for rec in records:
         _to_emulated_time(rec, dilation)
     return sorted(records, key=lambda r: int(r.request_id.split("-")[1]))

@@ -27,6 +27,8 @@ class WorkloadOverrides:
     trace: str | None = None
     trace_format: str | None = None
     seed: int | None = None
+    warmup_requests: int | None = None
+    prompt_pool: int | None = None
 
     def any(self) -> bool:
         return any(v is not None for v in vars(self).values())
@@ -63,6 +65,13 @@ def apply_overrides(cluster: InferenceCluster, ov: WorkloadOverrides) -> Inferen
         wl["outputLength"] = {"type": "fixed", "value": ov.output_len}
     if ov.seed is not None:
         wl["seed"] = ov.seed
+    client = dict(wl.get("client", {}))
+    if ov.warmup_requests is not None:
+        client["warmupRequests"] = ov.warmup_requests
+    if ov.prompt_pool is not None:
+        client["promptPool"] = ov.prompt_pool
+    if client:
+        wl["client"] = client
     wl["arrival"] = arrival
     try:
         workload = WorkloadSpec.model_validate(wl)

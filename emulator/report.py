@@ -88,6 +88,27 @@ def print_cost_table(cluster, args) -> int:
     cm = setup.cost
     ops = cm.breakdown(shape)
     st = cm.step_time(shape)
+    profile = cm.profile
+    quant = cm.kernels.quant
+    graph = cm.graph_tokens(shape)
+    host = {
+        "engine": f"{profile.name} {profile.version}",
+        "async_overlap": profile.host.async_overlap,
+        "cuda_graph": None if graph is None else graph,
+        "step_fixed_us": profile.host.step_fixed_s * 1e6,
+        "per_seq_us": profile.host.per_seq_s * 1e6,
+        "api_latency_ms": profile.api.latency_s * 1e3,
+        "api_per_prompt_token_us": profile.api.per_prompt_token_s * 1e6,
+        "api_per_output_us": profile.api.per_output_s * 1e6,
+        "fitted_on_groups": len(profile.fitted_on),
+    }
+    precisions = {
+        "dense": quant.gemm,
+        "attention": quant.attention,
+        "experts": quant.moe,
+        "kv_cache": quant.kv_cache,
+        "source": quant.source,
+    }
     if args.json:
         print(
             json.dumps(
@@ -97,6 +118,8 @@ def print_cost_table(cluster, args) -> int:
                     "step_ms": st.total_s * 1e3,
                     "interval_ms": st.interval_s * 1e3,
                     "sources": cm.sources,
+                    "host": host,
+                    "quantization": precisions,
                 }
             )
         )
@@ -104,9 +127,10 @@ def print_cost_table(cluster, args) -> int:
     pool = setup.pool
     t = Table(
         title=(
-            f"{cluster.name}/{name}: {spec.model.name} {spec.model.dtype} on {pool.tp * pool.pp}x {spec.gpu}"
-            f" (tp={pool.tp} pp={pool.pp} ep={pool.ep}); prefill {args.prefill_tokens} tokens"
-            f" (+{args.prefill_context} cached), decode batch {args.decode_batch} at KV {args.context}"
+            f"{cluster.name}/{name}: {spec.model.name} on {pool.gpus_per_instance}x {spec.gpu}"
+            f" (tp={pool.tp} pp={pool.pp} dp={pool.dp} ep={pool.ep}), {profile.name} {profile.version};"
+            f" prefill {args.prefill_tokens} tokens (+{args.prefill_context} cached),"
+            f" decode batch {args.decode_batch} at KV {args.context}"
         ),
         title_justify="left",
     )
@@ -116,21 +140,39 @@ def print_cost_table(cluster, args) -> int:
     t.add_column("source")
     total = sum(ops.values())
     source_key = {
-        "shared_expert_gate_up": "shared_expert",
-        "shared_expert_down": "shared_expert",
-        "tp_all_reduce": "all_reduce",
-        "ep_dispatch_combine": "alltoall",
+        "shared_expert_gate_up": "shared_expert_gate_up",
+        "attention_prefill_sliding": "attention_prefill",
+        "attention_decode_sliding": "attention_decode",
     }
+    host_src = f"{profile.name} {profile.version} host-side model (emulator/costmodel/data/engine_constants.json)"
     for op, sec in ops.items():
-        src = cm.sources.get(
-            source_key.get(op, op),
-            "alpha-beta" if op == "pp_send_recv" else "fixed" if op == "step_overhead" else "roofline",
-        )
-        t.add_row(op, f"{sec * 1e3:.3f}", f"{100 * sec / total:.1f}%", src)
+        if op.startswith("host_"):
+            src = host_src
+        else:
+            src = cm.sources.get(
+                source_key.get(op, op),
+                "alpha-beta"
+                if op == "pp_send_recv"
+                else "spec stepOverheadUs"
+                if op == "step_overhead"
+                else "roofline",
+            )
+        t.add_row(op, f"{sec * 1e3:.3f}", f"{100 * sec / total:.1f}%" if total else "-", src)
     t.add_row("step (launch to output)", f"{st.total_s * 1e3:.3f}", "", "")
     if pool.pp > 1:
         t.add_row("launch interval (pipelined)", f"{st.interval_s * 1e3:.3f}", "", "")
     console.print(t)
+    console.print(
+        f"  precisions: dense {quant.gemm}, attention {quant.attention}, experts {quant.moe}, KV cache {quant.kv_cache}"
+        f" (from {quant.source})"
+    )
+    console.print(
+        f"  host side: {'CUDA graph at ' + str(graph) + ' tokens' if graph is not None else 'eager (no CUDA graph)'};"
+        f" {'overlapped with the GPU (async scheduling)' if profile.host.async_overlap else 'serial with the GPU'};"
+        f" {host['step_fixed_us']:.0f} us per step + {host['per_seq_us']:.1f} us per sequence;"
+        f" API server {host['api_latency_ms']:.1f} ms + {host['api_per_prompt_token_us']:.2f} us per prompt token,"
+        f" {host['api_per_output_us']:.1f} us per streamed token"
+    )
     mem = setup.memory
     console.print(
         f"  per GPU: weights {mem.weights / 1e9:.1f} GB, reserve {mem.reserve / 1e9:.1f} GB,"
@@ -161,16 +203,27 @@ def print_placement(cluster) -> None:
 def print_catalog() -> None:
     from emulator.catalog.gpus import GPUS
     from emulator.catalog.links import TIERS
-    from emulator.catalog.models import CATALOG, get_model
+    from emulator.catalog.models import catalog_names, get_model
 
     t = Table(title="GPUs", title_justify="left")
-    for col in ("name", "BF16 TFLOP/s", "FP8 TFLOP/s", "HBM GB", "HBM TB/s", "NVLink GB/s", "NIC Gb/s", "tables"):
+    for col in (
+        "name",
+        "BF16 TFLOP/s",
+        "FP8 TFLOP/s",
+        "FP4 TFLOP/s",
+        "HBM GB",
+        "HBM TB/s",
+        "NVLink GB/s",
+        "NIC Gb/s",
+        "tables",
+    ):
         t.add_column(col)
     for g in GPUS.values():
         t.add_row(
             g.name,
             f"{g.bf16_flops / 1e12:.0f}",
             "-" if g.fp8_flops is None else f"{g.fp8_flops / 1e12:.0f}",
+            "-" if g.fp4_flops is None else f"{g.fp4_flops / 1e12:.0f}",
             f"{g.hbm_bytes / 1e9:.0f}",
             f"{g.hbm_bw / 1e12:.2f}",
             f"{g.nvlink_bw / 1e9:.0f}",
@@ -184,20 +237,32 @@ def print_catalog() -> None:
     for lt in TIERS.values():
         t.add_row(lt.name, lt.kind, f"{lt.bandwidth / 1e9:g}", f"{lt.latency_s * 1e6:g}", str(lt.domain_size or "-"))
     console.print(t)
-    t = Table(title="Models", title_justify="left")
-    for col in ("name", "params B", "active B", "layers", "heads/kv", "KV B/token (bf16)", "kind"):
+    t = Table(title="Models (name them by id, last part, or a path to a config.json)", title_justify="left")
+    for col in ("Hugging Face id", "params B", "active B", "layers", "heads/kv", "KV B/token", "kind", "precisions"):
         t.add_column(col)
-    for name in CATALOG:
+    for name in catalog_names():
         m = get_model(name)
-        kind = ("MLA " if m.is_mla else "") + (f"MoE {m.num_experts}x top{m.top_k}" if m.is_moe else "dense")
+        kind = " ".join(
+            k
+            for k in (
+                "MLA" if m.is_mla else "",
+                "DSA" if m.is_dsa else "",
+                f"{m.sliding_layers} sliding" if m.sliding_layers else "",
+                f"{m.linear_layers} linear-attn" if m.linear_layers else "",
+                f"MoE {m.num_experts}x top{m.top_k}" if m.is_moe else "dense",
+            )
+            if k
+        )
+        q = m.quant
         t.add_row(
             name,
             f"{m.total_params() / 1e9:.1f}",
             f"{m.active_params() / 1e9:.1f}",
             str(m.layers),
             f"{m.heads}/{m.kv_heads}",
-            str(m.kv_bytes_per_token("bf16")),
+            str(m.kv_bytes_per_token(q.kv_cache)),
             kind,
+            f"{q.gemm}/{q.attention}/{q.moe}, KV {q.kv_cache}",
         )
     console.print(t)
 

@@ -22,6 +22,7 @@ from emulator.cluster.local import LocalCluster
 from emulator.locust_driver import LocustLoad, run_locust
 from emulator.results import RequestRecord, goodput, summarize
 from emulator.spec import InferenceCluster
+from emulator.workload.clients import ClientBehaviour
 from emulator.workload.plan import RequestPlan
 
 
@@ -156,7 +157,7 @@ def run(
         f"cluster {cluster.name} ready: router {state.router}; shaping {state.shaping} ({lc.shaping_reason})",
         file=sys.stderr,
     )
-    progress = Progress(cluster, len(plan.requests))
+    progress = Progress(cluster, len(plan.requests) - plan.warmup)
     if locust is not None:
         print(f"locust: {locust.users} {locust.workload} users for {locust.duration_s:g} s", file=sys.stderr)
     model = cluster.spec.model.name
@@ -168,7 +169,20 @@ def run(
         if locust is not None:
             records = run_locust(locust, state.router, model, out_dir or lc.run_dir, cluster.spec.workload.seed)
         elif plan.concurrency:
-            records = asyncio.run(run_closed_loop(state.router, model, plan, vocab, dilation, on_done=progress))
+            client = cluster.spec.workload.client
+            behaviour = ClientBehaviour(client.overhead_ms * 1e-3, client.overhead_cv, plan.warmup)
+            records = asyncio.run(
+                run_closed_loop(
+                    state.router,
+                    model,
+                    plan,
+                    vocab,
+                    dilation,
+                    on_done=progress,
+                    behaviour=behaviour,
+                    seed=cluster.spec.workload.seed,
+                )
+            )
         else:
             records, _ = asyncio.run(
                 run_plan(

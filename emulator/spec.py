@@ -33,21 +33,30 @@ class _Model(BaseModel):
 # ---- model, hardware, topology ---------------------------------------------
 
 
+Precision = Literal["auto", "bf16", "fp8", "fp8_block", "nvfp4", "mxfp4", "int4_wo"]
+
+
 class ModelSpec(_Model):
-    name: str = Field(description="Catalog name (llama-3.1-8b, ...) or a path to a Hugging Face config.json.")
-    dtype: Literal["bf16", "fp8"] = Field("bf16", description="Weight and GEMM precision.")
+    name: str = Field(
+        description="A Hugging Face id (Qwen/Qwen3-235B-A22B-FP8), its last part, a short name (llama-3.1-8b; "
+        "`infemu catalog` lists them) or a path to a config.json."
+    )
+    dtype: Precision = Field(
+        "auto",
+        description="Precision of the dense and attention weights; auto = the checkpoint's quantization config "
+        "(bf16 when it has none).",
+    )
+    moe_dtype: Precision = Field(
+        "auto", description="Precision of the routed experts; auto = the checkpoint's (or dtype when set)."
+    )
     kv_cache_dtype: Literal["auto", "bf16", "fp8"] = Field(
-        "auto", description="KV-cache precision; auto = bf16 (vLLM's default keeps the model dtype)."
+        "auto", description="KV-cache precision; auto = FP8 when the checkpoint declares an FP8 KV cache, else bf16."
     )
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
         return {"name": data} if isinstance(data, str) else data
-
-    @property
-    def kv_dtype(self) -> str:
-        return "bf16" if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
 
 class ScaleUpSpec(_Model):
@@ -86,16 +95,36 @@ class PoolSpec(_Model):
     replicas: int = Field(1, ge=0)
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
-    ep: int = Field(1, ge=1, description="Expert-parallel degree for MoE layers; must divide tp.")
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(8192, ge=1)
+    ep: int = Field(
+        1,
+        ge=1,
+        description="Expert-parallel degree for MoE layers: experts are split over ep x (tp x dp / ep) GPUs; "
+        "must divide tp x dp.",
+    )
+    dp: int = Field(
+        1,
+        ge=1,
+        description="Attention data parallelism of an MoE instance: dp ranks of tp GPUs each run attention on "
+        "their own requests and share the MoE layers (DeepSeek-style wide EP). Dense models: use replicas.",
+    )
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Running requests per engine (per attention-DP rank); default: the engine's."
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Token budget of one step (per attention-DP rank); default: the engine's."
+    )
     max_model_len: int | None = Field(None, ge=16)
-    chunked_prefill: bool = True
-    prefix_caching: bool = True
+    chunked_prefill: bool | None = Field(None, description="Split long prompts over steps; default: the engine's.")
+    prefix_caching: bool | None = Field(None, description="Reuse KV blocks of equal prefixes; default: the engine's.")
     block_size: int = Field(16, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Fraction of HBM the engine manages; default: the engine's (vLLM 0.9)."
+    )
     step_overhead_us: float = Field(
-        250.0, ge=0, description="Fixed CPU/launch cost per engine step (scheduler + CUDA-graph replay)."
+        0.0,
+        ge=0,
+        description="Extra fixed cost per engine step on top of the engine's host-side model (spec.engine); "
+        "for what-if studies.",
     )
     placement: list[list[int]] | None = Field(
         None,
@@ -105,7 +134,28 @@ class PoolSpec(_Model):
 
     @property
     def gpus_per_instance(self) -> int:
-        return self.tp * self.pp
+        return self.tp * self.pp * self.dp
+
+
+class EngineSpec(_Model):
+    """The serving framework the workers imitate: its scheduler policy and host-side costs."""
+
+    name: Literal["vllm", "sglang", "trtllm", "ideal"] = Field(
+        "vllm",
+        description="vllm (mixed prefill+decode steps), sglang (prefill-first steps), trtllm, or ideal "
+        "(kernels only: no host-side work, no API server; for theory checks).",
+    )
+    version: str | None = Field(
+        None,
+        max_length=40,
+        description="Framework version, e.g. '0.12.0'; picks the host-side profile measured for it "
+        "(default: the newest profile).",
+    )
+    scheduling: Literal["auto", "mixed", "prefill_first"] = Field(
+        "auto",
+        description="auto = the engine's default; mixed = prefill chunks share steps with decodes (vLLM, "
+        "TensorRT-LLM, SGLang --enable-mixed-chunk); prefill_first = a prefill step pauses decoding (SGLang).",
+    )
 
 
 class RouterSpec(_Model):
@@ -200,8 +250,35 @@ Arrival = Annotated[
 ]
 
 
+class ClientSpec(_Model):
+    """How the load generator behaves (real benchmark clients, not an idealised source)."""
+
+    overhead_ms: float = Field(
+        1.0,
+        ge=0,
+        description="Closed loop: mean client-side delay between a response's end and the client's next send "
+        "(an assumption of about one asyncio/HTTP round of a benchmark harness; not fitted).",
+    )
+    overhead_cv: float = Field(
+        1.0, ge=0, description="Coefficient of variation of that delay (Gamma law); > 0 lets clients drift apart."
+    )
+    warmup_requests: int = Field(
+        0,
+        ge=0,
+        description="Closed loop: requests sent first at the same concurrency and drained before the measured "
+        "phase starts (AIPerf --warmup-request-count); not reported, but they fill the prefix cache.",
+    )
+    prompt_pool: int | None = Field(
+        None,
+        ge=1,
+        description="Draw prompts from a dataset of this many distinct prompts, shuffled and reused when exhausted "
+        "(benchmark clients' default datasets); repeats can hit the prefix cache. None: every prompt distinct.",
+    )
+
+
 class WorkloadSpec(_Model):
     arrival: Arrival = PoissonArrival()
+    client: ClientSpec = ClientSpec()
     rate: float | None = Field(1.0, gt=0, description="Requests per second (open-loop arrivals).")
     input_length: LengthDist = Field(
         None, description="Prompt lengths; default: from the trace with a trace arrival, else fixed 512."
@@ -252,6 +329,7 @@ class EmulationSpec(_Model):
 
 class ClusterSpec(_Model):
     model: ModelSpec
+    engine: EngineSpec = EngineSpec()
     gpu: str = "h100-sxm"
     topology: TopologySpec = TopologySpec()
     pools: list[PoolSpec] = Field(min_length=1)

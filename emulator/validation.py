@@ -5,10 +5,10 @@ Each problem is one line ``<field path>: <value and what is wrong>; <fix>``.
 
 from __future__ import annotations
 
-from emulator.capacity import effective_max_model_len, pool_memory_plan
+from emulator.capacity import effective_max_model_len, pool_memory_plan, profile_of
 from emulator.catalog.gpus import GPUS, get_gpu
 from emulator.catalog.links import TIERS
-from emulator.catalog.models import get_model
+from emulator.checkpoint import served_model
 from emulator.spec import ConcurrencyArrival, InferenceCluster, MMPPArrival, TraceArrival, TraceLength
 from emulator.topology import PlacementError, place
 
@@ -17,17 +17,27 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
     spec = cluster.spec
     problems: list[str] = []
     try:
-        model = get_model(spec.model.name)
+        model = served_model(spec.model)
     except (KeyError, ValueError, OSError) as exc:
         return [f"spec.model.name: {spec.model.name!r}: {str(exc).strip(chr(34))}"]
     try:
         gpu = get_gpu(spec.gpu)
     except KeyError:
         return [f"spec.gpu: {spec.gpu!r}: unknown GPU; known: {', '.join(sorted(GPUS))}"]
-    if spec.model.dtype == "fp8" and gpu.fp8_flops is None:
-        problems.append(f"spec.model.dtype: 'fp8': {gpu.name} has no FP8 tensor cores; use bf16")
-    if spec.model.kv_dtype == "fp8" and gpu.fp8_flops is None:
-        problems.append(f"spec.model.kvCacheDtype: 'fp8': {gpu.name} has no FP8 support; use auto or bf16")
+    try:
+        profile_of(spec)
+    except KeyError as exc:
+        return [f"spec.engine.name: {spec.engine.name!r}: {str(exc).strip(chr(34))}"]
+    q = model.quant
+    for field, precision in (("dtype", q.gemm), ("dtype", q.attention), ("moeDtype", q.moe)):
+        if precision in ("fp8", "fp8_block") and gpu.fp8_flops is None:
+            problems.append(
+                f"spec.model.{field}: {precision!r}: {gpu.name} has no FP8 tensor cores; set bf16 (or a 4-bit"
+                " weight-only precision)"
+            )
+            break
+    if q.kv_cache == "fp8" and gpu.fp8_flops is None:
+        problems.append(f"spec.model.kvCacheDtype: 'fp8': {gpu.name} has no FP8 support; use bf16")
     for field, tier in (("scaleUp", spec.topology.scale_up.tier), ("scaleOut", spec.topology.scale_out.tier)):
         if tier is not None and tier.lower() not in TIERS:
             problems.append(f"spec.topology.{field}.tier: {tier!r}: unknown tier; known: {', '.join(TIERS)}")
@@ -46,17 +56,24 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
             )
         if pool.pp > model.layers:
             problems.append(f"{at}.pp: {pool.pp} exceeds the model's {model.layers} layers")
+        if pool.dp > 1 and not model.is_moe:
+            problems.append(
+                f"{at}.dp: {pool.dp}: attention data parallelism needs an MoE model; for {model.name} use"
+                f" replicas: {pool.replicas * pool.dp} and dp: 1"
+            )
         if pool.ep > 1:
             if not model.is_moe:
                 problems.append(f"{at}.ep: {pool.ep} needs an MoE model; {model.name} is dense, use ep: 1")
-            elif pool.tp % pool.ep:
-                problems.append(f"{at}.ep: {pool.ep} must divide tp ({pool.tp}): experts are sharded over the TP ranks")
+            elif (pool.tp * pool.dp) % pool.ep:
+                problems.append(
+                    f"{at}.ep: {pool.ep} must divide tp x dp ({pool.tp * pool.dp}): experts are split over those GPUs"
+                )
             elif model.num_experts % pool.ep:
                 problems.append(f"{at}.ep: {pool.ep} does not divide the model's {model.num_experts} experts")
         if pool.gpus_per_instance > domain and not spec.topology.allow_cross_domain_tp:
             problems.append(
-                f"{at}: tp*pp = {pool.gpus_per_instance} GPUs exceeds the {domain}-GPU scale-up domain; "
-                "lower tp/pp or set spec.topology.allowCrossDomainTp: true"
+                f"{at}: tp*pp*dp = {pool.gpus_per_instance} GPUs exceeds the {domain}-GPU scale-up domain; "
+                "lower tp/pp/dp or set spec.topology.allowCrossDomainTp: true"
             )
         if pool.role not in ("aggregated", "prefill", "decode"):
             continue
@@ -64,9 +81,10 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
         if plan.weights >= plan.usable:
             problems.append(
                 f"{at}: weights need {plan.weights / 1e9:.1f} GB per GPU"
-                f" (model {model.weight_bytes(spec.model.dtype) / 1e9:.1f} GB"
-                f" / tp*pp {pool.tp * pool.pp}) but {gpu.name} x gpuMemoryUtilization {pool.gpu_memory_utilization}"
-                f" gives {plan.usable / 1e9:.1f} GB; raise tp or pp, or use dtype fp8"
+                f" (model {model.weight_bytes() / 1e9:.1f} GB over tp {pool.tp} x pp {pool.pp}"
+                f"{f' x dp {pool.dp} for the experts' if pool.dp > 1 else ''}) but {gpu.name} x gpuMemoryUtilization"
+                f" {plan.usable / gpu.hbm_bytes:.2f} gives {plan.usable / 1e9:.1f} GB; raise tp or pp, or quantize"
+                " (dtype fp8)"
             )
             continue
         if plan.num_gpu_blocks < 1:
@@ -84,12 +102,6 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
             problems.append(
                 f"{at}.maxModelLen: {max_len} tokens do not fit in the KV cache "
                 f"({plan.num_gpu_blocks * pool.block_size} tokens); set maxModelLen lower or add GPUs"
-            )
-        if not pool.chunked_prefill and pool.max_num_batched_tokens < max_len:
-            problems.append(
-                f"{at}.maxNumBatchedTokens: {pool.max_num_batched_tokens} is smaller than maxModelLen {max_len}"
-                " with chunkedPrefill off (a long prompt could never run);"
-                " raise it, set maxModelLen, or enable chunkedPrefill"
             )
 
     roles = {p.role for p in spec.pools if p.replicas > 0}

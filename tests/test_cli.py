@@ -79,9 +79,12 @@ def test_cost_prints_per_operator_breakdown():
         "1024",
     )
     assert r.returncode == 0, r.stderr
-    for op in ("qkv_proj", "mlp_gate_up", "attention_prefill", "attention_decode", "lm_head", "step_overhead"):
+    for op in ("qkv_proj", "mlp_gate_up", "attention_prefill", "attention_decode", "lm_head", "host_step"):
         assert op in r.stdout
     assert "table" in r.stdout and "KV per token (whole model) 131072 B" in r.stdout
+    # the host-side component and the checkpoint's precisions, with where they come from
+    assert "host side:" in r.stdout and "engine_constants.json" in r.stdout
+    assert "precisions: dense bf16, attention bf16, experts bf16, KV cache bf16 (from unquantized)" in r.stdout
 
 
 @pytest.mark.parametrize(
@@ -115,7 +118,7 @@ def test_malformed_spec_exit_2_one_line_per_problem(tmp_path):
     assert r.returncode == 2
     first, second = r.stderr.strip().splitlines()
     assert first == f"error: {p}: spec.pools[0].tp: 3 does not divide the model's 32 attention heads"
-    assert "tp*pp = 3 GPUs exceeds the 1-GPU scale-up domain" in second
+    assert "tp*pp*dp = 3 GPUs exceeds the 1-GPU scale-up domain" in second
 
 
 def test_malformed_trace_is_a_clear_error(tmp_path):

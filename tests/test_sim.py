@@ -21,6 +21,7 @@ MD1_SPEC = {
     "metadata": {"name": "md1"},
     "spec": {
         "model": "llama-3.1-8b",
+        "engine": {"name": "ideal"},  # a pure M/D/1 server: no API server queue in front of it
         "gpu": "h100-sxm",
         "topology": {"nodes": 1, "gpusPerNode": 2},
         "pools": [

@@ -58,7 +58,7 @@ def test_pools_must_fit_on_the_gpus(tmp_path):
 
 def test_tp_stays_in_one_scale_up_domain(tmp_path):
     (line,) = problems(write_spec(tmp_path, "- {name: a, tp: 16}", nodes=2))
-    assert "tp*pp = 16 GPUs exceeds the 8-GPU scale-up domain" in line and "allowCrossDomainTp" in line
+    assert "tp*pp*dp = 16 GPUs exceeds the 8-GPU scale-up domain" in line and "allowCrossDomainTp" in line
 
 
 def test_schema_errors_name_path_value_and_allowed(tmp_path):
@@ -75,7 +75,7 @@ def test_unknown_model_and_gpu(tmp_path):
     (line,) = problems(write_spec(tmp_path, "- {name: a}", model="gpt-9"))
     assert line.startswith(f"{tmp_path}/spec.yaml: spec.model.name: 'gpt-9': unknown model")
     (line,) = problems(write_spec(tmp_path, "- {name: a}", model="llama-3.1-8b", gpu="tpu-v9"))
-    assert "spec.gpu: 'tpu-v9': unknown GPU; known: a100-sxm-80g, b200, h100-sxm, h200-sxm" in line
+    assert "spec.gpu: 'tpu-v9': unknown GPU; known: a100-sxm-80g, b200, b300, gb200, gb300, h100-sxm, h200-sxm" in line
 
 
 def test_fp8_needs_hopper_or_newer(tmp_path):

@@ -12,6 +12,21 @@ Sources (every number below cites one of these):
          dense FP8 per GPU, 180 GB HBM3e at 7.7 TB/s (as [AIC]), NVLink 5 1.8 TB/s bidirectional.
   [CX]   NVIDIA ConnectX-6 (HDR 200 Gb/s), ConnectX-7 (NDR 400 Gb/s), ConnectX-8
          (XDR 800 Gb/s) product briefs; one NIC per GPU in HGX systems ([AIC] node.inter_node_bw).
+  [B300] Verda, "NVIDIA GB300 NVL72: GPU Architecture & Performance" (per-GPU table, dense):
+         B300 FP4 14 PF, FP8 4.5 PF, BF16 2.25 PF, 270 GB usable HBM3e of 288 GB, 7.7 TB/s;
+         G. Lockwood, "B300" (glennklockwood.com): 288 GB HBM3e, 8 TB/s, NVLink 5 2x900 GB/s.
+  [GB200] NVIDIA GB200 NVL72 product page, rack totals / 72 GPUs (dense): FP4 720 PF -> 10 PF,
+         FP8 360 PF -> 5 PF, BF16 180 PF -> 2.5 PF, 13.4 TB HBM3e -> 186 GB at 8 TB/s; one
+         72-GPU NVLink 5 domain (130 TB/s).
+  [GB300] NVIDIA GB300 NVL72 product page and [B300]'s table: FP4 15 PF, FP8 5 PF, BF16 2.5 PF
+         per GPU (dense), 20.7 TB HBM3e -> 288 GB at 8 TB/s, ConnectX-8 800 Gb/s per GPU.
+  B200's FP4 dense peak: 9 PF ([B300]'s table; NVIDIA DGX B200 datasheet 72 PF for 8 GPUs).
+
+Blackwell Ultra and Grace-Blackwell GPUs have no kernel tables of their own: their tables
+are B200's (same SM architecture, same per-GPU BF16/FP8 tensor throughput to within 11%,
+same HBM3e bandwidth class), and ``table_speedup`` scales compute-bound table entries by
+the ratio of peak tensor throughput per precision. FP4 needs Blackwell: on Hopper an NVFP4 or
+MXFP4 checkpoint runs weight-only (W4A16, Marlin kernels) on BF16 tensor cores.
 """
 
 from __future__ import annotations
@@ -41,13 +56,39 @@ class GPU:
     # = 0.8 and mem_empirical_constant_latency = 3 us for every system.
     mem_efficiency: float = 0.8
     kernel_latency_s: float = 3e-6
+    fp4_flops: float | None = None
+    arch: str = "hopper"  # ampere | hopper | blackwell: which low-precision kernels exist
+    # Compute-bound speed-up of this GPU over its table's GPU, per compute precision (1 = same).
+    table_speedup: tuple[tuple[str, float], ...] = ()
+
+    def compute_dtype(self, precision: str) -> str:
+        """The tensor-core precision a weight precision runs at on this GPU.
+
+        FP8 weights run FP8 GEMMs (Hopper and later); FP4 weights run FP4 GEMMs on Blackwell
+        (MXFP4 experts as MXFP4 x MXFP8 in vLLM's FlashInfer TRT-LLM kernels, the table's
+        ``w4a8_mxfp4_mxfp8``) and weight-only W4A16 elsewhere; INT4 is always weight-only.
+        """
+        if precision in ("fp8", "fp8_block"):
+            return "fp8" if self.fp8_flops is not None else "bf16"
+        if precision == "nvfp4":
+            return "fp4" if self.fp4_flops is not None else "bf16"
+        if precision == "mxfp4":
+            return "fp8" if self.fp4_flops is not None else "bf16"
+        return "bf16"
 
     def flops(self, dtype: str) -> float:
-        if dtype == "fp8":
+        if dtype in ("fp8", "fp8_block"):
             if self.fp8_flops is None:
                 raise ValueError(f"{self.name} has no FP8 tensor cores")
             return self.fp8_flops
+        if dtype == "fp4":
+            if self.fp4_flops is None:
+                raise ValueError(f"{self.name} has no FP4 tensor cores")
+            return self.fp4_flops
         return self.bf16_flops
+
+    def speedup(self, compute_dtype: str) -> float:
+        return dict(self.table_speedup).get(compute_dtype, 1.0)
 
 
 GPUS: dict[str, GPU] = {
@@ -65,6 +106,7 @@ GPUS: dict[str, GPU] = {
             default_scale_up_tier="nvlink3",
             default_scale_out_tier="ib-hdr-200",
             table="a100-sxm-80g",
+            arch="ampere",
         ),
         GPU(
             name="h100-sxm",
@@ -104,6 +146,56 @@ GPUS: dict[str, GPU] = {
             default_scale_up_tier="nvlink5",
             default_scale_out_tier="ib-xdr-800",
             table="b200",
+            fp4_flops=9000e12,  # [B300] table, DGX B200 datasheet
+            arch="blackwell",
+        ),
+        GPU(
+            name="b300",
+            bf16_flops=2250e12,  # [B300]
+            fp8_flops=4500e12,  # [B300]
+            hbm_bytes=270e9,  # [B300] usable of 288 GB
+            hbm_bw=7.7e12,  # [B300]
+            nvlink_bw=900e9,  # [B300] NVLink 5
+            nic_gbps=800.0,  # [CX] ConnectX-8
+            pcie_bw=128e9,  # PCIe 6.0 x16 [B300]
+            default_scale_up_tier="nvlink5",
+            default_scale_out_tier="ib-xdr-800",
+            table="b200",
+            fp4_flops=14000e12,  # [B300]
+            arch="blackwell",
+            table_speedup=(("fp4", 14000 / 9000),),
+        ),
+        GPU(
+            name="gb200",
+            bf16_flops=2500e12,  # [GB200]
+            fp8_flops=5000e12,  # [GB200]
+            hbm_bytes=186e9,  # [GB200]
+            hbm_bw=8.0e12,  # [GB200]
+            nvlink_bw=900e9,  # [GB200] NVLink 5, 72-GPU domain
+            nic_gbps=400.0,  # [CX] ConnectX-7 per GPU in GB200 NVL72 compute trays
+            pcie_bw=128e9,
+            default_scale_up_tier="nvl72",
+            default_scale_out_tier="ib-ndr-400",
+            table="b200",
+            fp4_flops=10000e12,  # [GB200]
+            arch="blackwell",
+            table_speedup=(("bf16", 2500 / 2250), ("fp8", 5000 / 4500), ("fp4", 10000 / 9000)),
+        ),
+        GPU(
+            name="gb300",
+            bf16_flops=2500e12,  # [GB300]
+            fp8_flops=5000e12,  # [GB300]
+            hbm_bytes=288e9,  # [GB300]
+            hbm_bw=8.0e12,  # [GB300]
+            nvlink_bw=900e9,  # [GB300] NVLink 5, 72-GPU domain
+            nic_gbps=800.0,  # [GB300] ConnectX-8
+            pcie_bw=128e9,
+            default_scale_up_tier="nvl72",
+            default_scale_out_tier="ib-xdr-800",
+            table="b200",
+            fp4_flops=15000e12,  # [GB300]
+            arch="blackwell",
+            table_speedup=(("bf16", 2500 / 2250), ("fp8", 5000 / 4500), ("fp4", 15000 / 9000)),
         ),
     )
 }
@@ -115,6 +207,13 @@ ALIASES = {
     "h100": "h100-sxm",
     "h200": "h200-sxm",
     "b200-sxm": "b200",
+    "b300-sxm": "b300",
+    "b200_sxm": "b200",
+    "b300_sxm": "b300",
+    "h100_sxm": "h100-sxm",
+    "h200_sxm": "h200-sxm",
+    "gb200-nvl72": "gb200",
+    "gb300-nvl72": "gb300",
 }
 
 

@@ -45,6 +45,7 @@ class RunState:
     processes: list[ProcessInfo] = field(default_factory=list)
     shaping: str = "inproc"
     run_id: str = ""  # names the tc backend's namespaces, veths and bridge
+    path_overhead_s: float = 0.0  # the emulation's own HTTP round trip, measured at start
 
     def to_json(self) -> dict:
         return {
@@ -74,6 +75,50 @@ def _get(url: str, timeout: float = 1.0) -> int:
         return exc.code
     except (urllib.error.URLError, OSError):
         return 0
+
+
+PROBES = 25
+
+
+def _probe_once(router: str, model: str) -> float:
+    body = json.dumps({"model": model, "prompt": "x", "max_tokens": 1, "stream": True}).encode()
+    req = urllib.request.Request(
+        f"{router}/v1/completions",
+        data=body,
+        headers={"Content-Type": "application/json", "X-Infemu-Probe": "1"},
+    )
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=5) as resp:  # loopback only
+        for line in resp:
+            if line.startswith(b"data: "):
+                return time.perf_counter() - t0
+    raise OSError("the probe stream carried no data")
+
+
+def calibrate_path(router: str, model: str) -> float:
+    """The emulation's own HTTP round trip, client -> router -> worker -> router -> client, measured
+    with probe requests the workers answer at once (median of 25); the router passes it to the
+    workers, which take it out of the modelled API-server time (``emulator.serve.api_path``)."""
+    samples = []
+    for _ in range(PROBES):
+        try:
+            samples.append(_probe_once(router, model))
+        except (OSError, urllib.error.URLError):
+            continue
+    if not samples:
+        return 0.0
+    seconds = float(sorted(samples)[len(samples) // 2])
+    req = urllib.request.Request(
+        f"{router}/admin/path-overhead",
+        data=json.dumps({"seconds": seconds}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5):
+            pass
+    except (OSError, urllib.error.URLError):
+        return 0.0
+    return seconds
 
 
 def _tail(path: str, lines: int = 5) -> str:
@@ -206,6 +251,7 @@ class LocalCluster:
             router = self._spawn("router", "router", "router", ["--backends", backends_file])
             self._wait_ready([router])
             self.state.router = router.url
+            self.state.path_overhead_s = calibrate_path(router.url, cluster.spec.model.name)
             self.state.save()
         except BaseException:
             self.stop()

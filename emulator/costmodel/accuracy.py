@@ -119,14 +119,15 @@ def held_out_moe(profile_dir: str, seed: int = 0) -> ErrorStats | None:
     rows = moe_rows(path)
     train, test = _split(rows, seed)
     pred = np.full(len(test), np.nan)
-    keys = {tuple(r[[0, 2, 3, 4, 5, 6, 7]]) for r in test}
+    cols = [0, 2, 3, 4, 5, 6, 7, 8]  # everything but the token count and the latency
+    keys = {tuple(r[cols]) for r in test}
     for key in keys:
         k = np.array(key)
-        tr = train[np.all(train[:, [0, 2, 3, 4, 5, 6, 7]] == k, axis=1)]
-        sel = np.all(test[:, [0, 2, 3, 4, 5, 6, 7]] == k, axis=1)
+        tr = train[np.all(train[:, cols] == k, axis=1)]
+        sel = np.all(test[:, cols] == k, axis=1)
         if len(tr) >= 2:
-            pred[sel] = LogLine(tr[:, 1], tr[:, 8])(test[sel, 1])
-    return ErrorStats.of(pred, test[:, 8])
+            pred[sel] = LogLine(tr[:, 1], tr[:, 9])(test[sel, 1])
+    return ErrorStats.of(pred, test[:, 9])
 
 
 def roofline_gemm_error(profile_dir: str, gpu: GPU, dtype: str = "bfloat16") -> ErrorStats | None:

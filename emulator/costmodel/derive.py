@@ -23,8 +23,20 @@ import numpy as np
 from emulator.costmodel.grid import fill_holes, grid_from_rows
 
 KV_DTYPES = {"bfloat16": 0, "fp8": 1}
-GEMM_DTYPES = {"bfloat16": "bf16", "fp8": "fp8"}
-MOE_DTYPES = {"bfloat16": 0, "fp8": 1}
+GEMM_DTYPES = {"bfloat16": "bf16", "fp8": "fp8", "fp8_block": "fp8_block", "nvfp4": "nvfp4"}
+# MoE kernels by the table's moe_dtype: w4a16_mxfp4 = MXFP4 weights on BF16 activations (Marlin /
+# Triton on Hopper, TRT-LLM MXFP4xBF16 on Blackwell), w4a8_mxfp4_mxfp8 = MXFP4 x MXFP8 (Blackwell).
+MOE_DTYPES = {
+    "bfloat16": 0,
+    "fp8": 1,
+    "fp8_block": 2,
+    "nvfp4": 3,
+    "int4_wo": 4,
+    "w4a16_mxfp4": 5,
+    "w4a8_mxfp4_mxfp8": 6,
+}
+# Expert routing of the measured tokens: balanced, or power-law skew (hot experts).
+MOE_DISTRIBUTIONS = {"balanced": 0, "power_law_1.01": 1, "power_law_1.2": 2}
 
 
 def read_rows(path: str, columns: list[str], keep: Callable[[dict[str, str]], bool] | None = None) -> np.ndarray:
@@ -95,11 +107,11 @@ def attention_grid(
 
 
 def moe_rows(path: str) -> np.ndarray:
-    """(dtype, tokens, hidden, inter, topk, experts, moe_tp, moe_ep, latency) with balanced routing."""
+    """(dtype, tokens, hidden, inter, topk, experts, moe_tp, moe_ep, distribution, latency)."""
     out = []
     with gzip.open(path, "rt", newline="") as fh:
         for rec in csv.DictReader(fh):
-            if rec["distribution"] != "balanced" or rec["moe_dtype"] not in MOE_DTYPES:
+            if rec["distribution"] not in MOE_DISTRIBUTIONS or rec["moe_dtype"] not in MOE_DTYPES:
                 continue
             out.append(
                 [float(MOE_DTYPES[rec["moe_dtype"]])]
@@ -113,14 +125,14 @@ def moe_rows(path: str) -> np.ndarray:
                         "num_experts",
                         "moe_tp_size",
                         "moe_ep_size",
-                        "latency",
                     )
                 ]
+                + [float(MOE_DISTRIBUTIONS[rec["distribution"]]), float(rec["latency"])]
             )
-    arr = np.asarray(out, dtype=np.float64).reshape(-1, 9)
+    arr = np.asarray(out, dtype=np.float64).reshape(-1, 10)
     # Keep the fastest kernel per configuration.
-    key = {tuple(r[:8]): r[8] for r in arr[np.argsort(-arr[:, 8])]}
-    return np.asarray([[*k, v] for k, v in key.items()], dtype=np.float64).reshape(-1, 9)
+    key = {tuple(r[:9]): r[9] for r in arr[np.argsort(-arr[:, 9])]}
+    return np.asarray([[*k, v] for k, v in key.items()], dtype=np.float64).reshape(-1, 10)
 
 
 def comm_rows(path: str, op: str, element_bytes: int, keep: Callable[[dict[str, str]], bool]) -> np.ndarray:

@@ -1,15 +1,24 @@
-"""Iteration time of one serving instance (TP × PP, optional EP) for a batch shape.
+"""GPU kernel time of one engine step of one serving instance (TP x PP, EP, attention DP).
 
-Every operator comes from the GPU's profiled table when one covers it and from
-the roofline otherwise; each is precomputed at construction onto a fast 1-D
-log-log line over its size argument, so a step costs a handful of ``np.interp``
-calls (Vidur's "fit once, answer by lookup", STYLE principle 5).
+Every operator comes from the GPU's profiled table when one covers it and from the
+roofline otherwise; each is precomputed at construction onto a fast 1-D log-log line over
+its size argument, so a step costs a handful of ``np.interp`` calls (Vidur's "fit once,
+answer by lookup", STYLE principle 5). Host-side work (scheduling, launches, sampling) is
+not here: ``emulator.costmodel.step`` adds it per engine.
 
-Per layer: QKV / O projections, attention (prefill chunks by their equivalent
-causal length, decode by batch and mean KV length), MLP or MoE experts, norms
-and elementwise work, two TP all-reduces, EP dispatch + combine for MoE layers.
-Once per step: the LM head on the sampled positions, PP send/recv between
-stages, and a fixed per-step overhead.
+Per layer: attention projections (QKV/O, MLA, linear-attention) at the checkpoint's
+attention precision; attention by layer kind (``emulator.costmodel.attention``); dense MLP
+or routed + shared experts at their precisions; norms and elementwise work; collectives.
+Once per step: the LM head on the sampled positions (BF16), PP send/recv between stages,
+and an optional fixed extra.
+
+Attention data parallelism (``dp`` > 1, MoE models): dp ranks of ``tp`` GPUs each run
+attention, projections and dense layers on their own requests; the step waits for the
+busiest rank (prefill chunks go to the least-loaded rank, decodes are spread evenly). The
+routed experts see every rank's tokens (split ``moe_tp`` x ``ep`` over the tp x dp GPUs) and
+their dispatch / combine is priced as an all-gather plus a reduce-scatter over those GPUs
+(= one all-reduce of the gathered activations). With dp = 1 and EP inside TP the tokens are
+already replicated and the usual TP all-reduce combines the experts' outputs.
 """
 
 from __future__ import annotations
@@ -19,246 +28,238 @@ from dataclasses import dataclass
 import numpy as np
 
 from emulator.catalog.gpus import GPU
-from emulator.catalog.links import LinkTier
+from emulator.catalog.links import LinkTier, get_tier
 from emulator.catalog.models import DTYPE_BYTES, ModelArch
-from emulator.costmodel.grid import LogGrid, LogLine
+from emulator.catalog.quant import Quantization, override
+from emulator.costmodel.attention import AttentionModel
+from emulator.costmodel.collectives import Collectives
+from emulator.costmodel.grid import LogLine
 from emulator.costmodel.interface import BatchShape, StepTime
-from emulator.costmodel.roofline import gemm_roofline_s, p2p_s, ring_all_reduce_s, roofline_s
-from emulator.costmodel.tables import GpuTables, load_tables
+from emulator.costmodel.linear import LinearOps
+from emulator.costmodel.roofline import p2p_s
+from emulator.costmodel.tables import load_tables
 
-M_GRID = np.unique(np.concatenate([np.arange(1, 17), np.geomspace(16, 262144, 60).round()]))
-LEN_GRID = np.unique(np.geomspace(1, 262144, 80).round())
-ACT_BYTES = DTYPE_BYTES["bf16"]  # activations stay in bf16 in vLLM, also with fp8 weights
+ACT_BYTES = DTYPE_BYTES["bf16"]  # activations stay in bf16, also with quantized weights
 
 
 @dataclass(frozen=True)
 class InstanceConfig:
     model: ModelArch
     gpu: GPU
-    dtype: str = "bf16"
-    kv_dtype: str = "bf16"
+    dtype: str | None = None  # override every dense precision (what-if studies, tests)
+    kv_dtype: str | None = None  # override the KV-cache precision
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    intra_tier: LinkTier | None = None  # tier inside the instance (TP/PP/EP traffic)
-    step_overhead_s: float = 250e-6
+    dp: int = 1
+    intra_tier: LinkTier | None = None  # tier inside a scale-up domain (TP/EP/PP traffic)
+    scale_out_tier: LinkTier | None = None  # tier between domains, for groups wider than one
+    domain_size: int = 8
+    step_overhead_s: float = 0.0
     use_tables: bool = True
+    moe_distribution: str = "balanced"
+
+    @property
+    def quant(self) -> Quantization:
+        return override(self.model.quant, gemm=self.dtype, moe=None, kv_cache=self.kv_dtype)
+
+
+@dataclass(frozen=True)
+class _Op:
+    name: str
+    line: LogLine
+    per_step: float  # how many times per step (layers)
+    scope: str  # "rank" tokens, "logits" of a rank, "moe" tokens of all ranks
 
 
 class InstanceCostModel:
-    """The ``CostModel`` of one instance configuration."""
+    """The kernel part of the ``CostModel`` of one instance configuration."""
 
     def __init__(self, cfg: InstanceConfig) -> None:
         self.cfg = cfg
-        m, t = cfg.model, cfg.tp
-        self.tables: GpuTables | None = load_tables(cfg.gpu.table) if cfg.use_tables and cfg.gpu.table else None
+        m, gpu = cfg.model, cfg.gpu
+        q = cfg.quant
+        self.quant = q
+        self.tables = load_tables(gpu.table) if cfg.use_tables and gpu.table else None
         self.sources: dict[str, str] = {}
-        self.heads_local = m.heads // t
-        self.kv_local = 1 if m.is_mla else max(1, m.kv_heads // t)
-        self._moe_layers = m.moe_layers
-        self._dense_layers = m.layers - m.moe_layers
-        self._linear_ops = self._build_linear_ops()
-        self._moe = self._build_moe() if m.is_moe else None
-        self._allreduce = self._build_collective("all_reduce", t)
-        self._alltoall = self._build_collective("alltoall", cfg.ep) if cfg.ep > 1 else None
-        self._ctx_attn, self._gen_attn = self._build_attention()
-        self._gen_lines: dict[int, LogLine] = {}
+        self.linear = LinearOps(gpu, self.tables)
+        self.attention = AttentionModel(m, gpu, self.tables, cfg.tp, q.kv_cache)
+        self.sources.update(self.attention.sources)
+        up = cfg.intra_tier or get_tier(gpu.default_scale_up_tier)
+        out = cfg.scale_out_tier or get_tier(gpu.default_scale_out_tier)
+        self._p2p_tier = up
+        self.collectives = Collectives(self.tables if up.kind == "scale-up" else None, up, out, cfg.domain_size)
+        self._ops = self._build_ops()
+        self._tp_ar, src = self.collectives.all_reduce(cfg.tp)
+        if self._tp_ar is not None:
+            self.sources["tp_all_reduce"] = src
+        self._ep_ar = None
+        if cfg.dp > 1 and m.is_moe:
+            self._ep_ar, src = self.collectives.all_reduce(cfg.tp * cfg.dp)
+            if self._ep_ar is not None:
+                self.sources["ep_dispatch_combine"] = src
 
-    # ---- construction ------------------------------------------------------
-    def _gemm_line(self, name: str, n: int, k: int) -> LogLine:
-        grid = self.tables.gemm(self.cfg.dtype) if self.tables else None
-        if grid is not None:
-            self.sources[name] = "table"
-            return LogLine(M_GRID, grid(M_GRID, n, k))
-        self.sources[name] = "roofline"
-        return LogLine(M_GRID, gemm_roofline_s(self.cfg.gpu, self.cfg.dtype, M_GRID, n, k))
+    # ---- construction ------------------------------------------------------------
+    def _gemm(self, name: str, precision: str, n: int, k: int, per_step: float, scope: str = "rank") -> _Op:
+        line, src = self.linear.gemm(precision, n, k)
+        self.sources[name] = src
+        return _Op(name, line, per_step, scope)
 
-    def _build_linear_ops(self) -> list[tuple[str, LogLine, float, str]]:
-        """(name, line over tokens, multiplier, which m it takes: 'tokens' or 'logits')."""
-        m, t = self.cfg.model, self.cfg.tp
-        ops: list[tuple[str, LogLine, float, str]] = []
-        if m.is_mla:
+    def _build_ops(self) -> list[_Op]:
+        m, c, q = self.cfg.model, self.cfg, self.quant
+        t = c.tp
+        heads = self.attention.heads
+        kv = self.attention.kv_heads
+        ops: list[_Op] = []
+        soft = m.softmax_layers
+        if m.is_mla and soft:
             qk = m.qk_nope_dim + m.qk_rope_dim
             if m.q_lora_rank:
-                ops.append(("mla_q_a", self._gemm_line("mla_q_a", m.q_lora_rank, m.hidden), m.layers, "tokens"))
-                ops.append(
-                    ("mla_q_b", self._gemm_line("mla_q_b", self.heads_local * qk, m.q_lora_rank), m.layers, "tokens")
-                )
+                ops.append(self._gemm("mla_q_a", q.attention, m.q_lora_rank, m.hidden, soft))
+                ops.append(self._gemm("mla_q_b", q.attention, heads * qk, m.q_lora_rank, soft))
             else:
-                ops.append(("mla_q", self._gemm_line("mla_q", self.heads_local * qk, m.hidden), m.layers, "tokens"))
+                ops.append(self._gemm("mla_q", q.attention, heads * qk, m.hidden, soft))
+            ops.append(self._gemm("mla_kv_a", q.attention, m.kv_lora_rank + m.qk_rope_dim, m.hidden, soft))
             ops.append(
-                ("mla_kv_a", self._gemm_line("mla_kv_a", m.kv_lora_rank + m.qk_rope_dim, m.hidden), m.layers, "tokens")
+                self._gemm("mla_kv_b", q.attention, heads * (m.qk_nope_dim + m.v_head_dim), m.kv_lora_rank, soft)
             )
-            kv_b_n = self.heads_local * (m.qk_nope_dim + m.v_head_dim)
-            ops.append(("mla_kv_b", self._gemm_line("mla_kv_b", kv_b_n, m.kv_lora_rank), m.layers, "tokens"))
+            ops.append(self._gemm("attn_out", q.attention, m.hidden, heads * m.v_head_dim, soft))
+            if m.is_dsa:
+                q_src = m.q_lora_rank or m.hidden
+                ops.append(
+                    self._gemm("dsa_indexer_proj", "bf16", m.index_heads * m.index_dim + m.index_dim, q_src, soft)
+                )
+        elif soft:
+            q_width = heads * m.head_dim * (2 if m.attn_output_gate else 1)
+            ops.append(self._gemm("qkv_proj", q.attention, q_width + 2 * kv * m.head_dim, m.hidden, soft))
+            ops.append(self._gemm("attn_out", q.attention, m.hidden, heads * m.head_dim, soft))
+        if m.linear_layers:
+            kw = m.linear_k_heads * m.linear_k_dim // t
+            vw = m.linear_v_heads * m.linear_v_dim // t
             ops.append(
-                ("attn_out", self._gemm_line("attn_out", m.hidden, self.heads_local * m.v_head_dim), m.layers, "tokens")
-            )
-        else:
-            qkv_n = (self.heads_local + 2 * self.kv_local) * m.head_dim
-            ops.append(("qkv_proj", self._gemm_line("qkv_proj", qkv_n, m.hidden), m.layers, "tokens"))
-            ops.append(
-                ("attn_out", self._gemm_line("attn_out", m.hidden, self.heads_local * m.head_dim), m.layers, "tokens")
-            )
-        if self._dense_layers:
-            inter = m.intermediate // t
-            ops.append(
-                ("mlp_gate_up", self._gemm_line("mlp_gate_up", 2 * inter, m.hidden), self._dense_layers, "tokens")
-            )
-            ops.append(("mlp_down", self._gemm_line("mlp_down", m.hidden, inter), self._dense_layers, "tokens"))
-        if self._moe_layers and m.shared_experts:
-            inter = m.shared_intermediate * m.shared_experts // t
-            ops.append(
-                (
-                    "shared_expert_gate_up",
-                    self._gemm_line("shared_expert", 2 * inter, m.hidden),
-                    self._moe_layers,
-                    "tokens",
+                self._gemm(
+                    "linear_in_proj",
+                    q.attention,
+                    2 * kw + 2 * vw + 2 * m.linear_v_heads // t,
+                    m.hidden,
+                    m.linear_layers,
                 )
             )
-            ops.append(
-                ("shared_expert_down", self._gemm_line("shared_expert", m.hidden, inter), self._moe_layers, "tokens")
+            ops.append(self._gemm("linear_out_proj", q.attention, m.hidden, vw, m.linear_layers))
+        dense_layers = m.layers - m.moe_layers
+        if dense_layers:
+            inter = m.intermediate // t
+            ops.append(self._gemm("mlp_gate_up", q.gemm, 2 * inter, m.hidden, dense_layers))
+            ops.append(self._gemm("mlp_down", q.gemm, m.hidden, inter, dense_layers))
+        if m.moe_layers and m.shared_experts:
+            inter = m.shared_intermediate * m.shared_experts // t
+            ops.append(self._gemm("shared_expert_gate_up", q.gemm, 2 * inter, m.hidden, m.moe_layers))
+            ops.append(self._gemm("shared_expert_down", q.gemm, m.hidden, inter, m.moe_layers))
+        if m.moe_layers:
+            moe_gpus = c.tp * c.dp
+            line, src = self.linear.moe(
+                q.moe, m.hidden, m.moe_intermediate, m.top_k, m.num_experts, moe_gpus // c.ep, c.ep, c.moe_distribution
             )
-        ops.append(("lm_head", self._gemm_line("lm_head", m.vocab // t, m.hidden), 1, "logits"))
+            self.sources["moe_experts"] = src
+            ops.append(_Op("moe_experts", line, m.moe_layers, "moe"))
+            ops.append(self._gemm("moe_router", "bf16", m.num_experts, m.hidden, m.moe_layers))
+        ops.append(self._gemm("lm_head", "bf16", m.vocab // t, m.hidden, 1, "logits"))
         return ops
 
-    def _build_moe(self) -> LogLine:
+    # ---- attention-DP ranks --------------------------------------------------------------
+    def _ranks(self, shape: BatchShape) -> list[tuple[list[tuple[int, int]], int]]:
+        """(prefill chunks, decodes) per attention-DP rank: chunks to the least-loaded rank,
+        decodes spread evenly."""
+        dp = self.cfg.dp
+        if dp <= 1:
+            return [(list(shape.prefill_chunks), shape.num_decode)]
+        base, extra = divmod(shape.num_decode, dp)
+        ranks = [([], base + (1 if r < extra else 0)) for r in range(dp)]
+        load = [float(d) for _, d in ranks]
+        for chunk in sorted(shape.prefill_chunks, key=lambda ch: -ch[0]):
+            r = int(np.argmin(load))
+            ranks[r][0].append(chunk)
+            load[r] += chunk[0]
+        return ranks
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def _rank_ops(
+        self, chunks: list[tuple[int, int]], num_decode: int, mean_kv: np.ndarray, tokens: int, logits: int
+    ) -> dict[str, np.ndarray | float]:
         m, c = self.cfg.model, self.cfg
-        moe_tp, moe_ep = c.tp // c.ep, c.ep
-        line = (
-            self.tables.moe_line(c.dtype, m.hidden, m.moe_intermediate, m.top_k, m.num_experts, moe_tp, moe_ep)
-            if self.tables
-            else None
-        )
-        if line is not None:
-            self.sources["moe_experts"] = "table"
-            return line
-        self.sources["moe_experts"] = "roofline"
-        # Per GPU: each token visits top_k experts; experts are sharded over tp (moe_tp × moe_ep) GPUs.
-        wbytes = DTYPE_BYTES[c.dtype]
-        per_expert = 3 * m.hidden * m.moe_intermediate
-        flops = 2.0 * M_GRID * m.top_k * per_expert / c.tp
-        touched = np.minimum(m.num_experts, M_GRID * m.top_k)  # distinct experts whose weights are read
-        bytes_moved = touched * per_expert * wbytes / c.tp + M_GRID * m.hidden * ACT_BYTES * 2 * m.top_k
-        return LogLine(M_GRID, roofline_s(c.gpu, flops, bytes_moved, c.dtype))
-
-    def _build_collective(self, op: str, n: int) -> LogLine | None:
-        if n <= 1:
-            return None
-        tier = self.cfg.intra_tier
-        sizes = np.geomspace(256, 2**31, 64)
-        line = self.tables.collective_line(op, n) if self.tables and (tier is None or tier.kind == "scale-up") else None
-        if line is not None:
-            self.sources[op] = "table"
-            return line
-        self.sources[op] = "alpha-beta"
-        from emulator.catalog.links import get_tier
-
-        tier = tier or get_tier(self.cfg.gpu.default_scale_up_tier)
-        if op == "all_reduce":
-            return LogLine(sizes, ring_all_reduce_s(tier, sizes, n))
-        return LogLine(sizes, tier.latency_s * (n - 1) + sizes * (n - 1) / n / tier.bandwidth)
-
-    def _build_attention(self) -> tuple[LogLine, LogGrid | None]:
-        """Prefill: a line over equivalent causal length at batch 1. Decode: a (batch, kv length) grid."""
-        m, c = self.cfg.model, self.cfg
-        ctx = gen = None
-        if self.tables and not m.is_mla:
-            ctx = self.tables.attention_slice("attn_ctx", c.kv_dtype, m.head_dim, self.kv_local, self.heads_local)
-            gen = self.tables.attention_slice("attn_gen", c.kv_dtype, m.head_dim, self.kv_local, self.heads_local)
-        if ctx is not None:
-            self.sources["attention_prefill"] = "table"
-            ctx_line = LogLine(LEN_GRID, ctx(1, LEN_GRID))
-        else:
-            self.sources["attention_prefill"] = "roofline"
-            ctx_line = LogLine(LEN_GRID, self._attention_prefill_roofline(LEN_GRID))
-        self.sources["attention_decode"] = "table" if gen is not None else "roofline"
-        return ctx_line, gen
-
-    def _qk_v_dims(self) -> tuple[int, int, int]:
-        m = self.cfg.model
-        if m.is_mla:  # absorbed MLA attends in the latent space
-            return m.kv_lora_rank + m.qk_rope_dim, m.kv_lora_rank, m.kv_lora_rank + m.qk_rope_dim
-        return m.head_dim, m.head_dim, 2 * self.kv_local * m.head_dim
-
-    def _attention_prefill_roofline(self, isl_eq: np.ndarray) -> np.ndarray:
-        qk, v, kv_width = self._qk_v_dims()
-        flops = 2.0 * self.heads_local * (qk + v) * isl_eq**2 / 2
-        bytes_moved = isl_eq * (self.heads_local * qk + kv_width) * ACT_BYTES * 2
-        return roofline_s(self.cfg.gpu, flops, bytes_moved)
-
-    def _attention_decode_roofline(self, batch: int, mean_kv: np.ndarray) -> np.ndarray:
-        qk, v, kv_width = self._qk_v_dims()
-        kv_bytes = DTYPE_BYTES[self.cfg.kv_dtype]
-        flops = 2.0 * self.heads_local * (qk + v) * batch * mean_kv
-        bytes_moved = batch * mean_kv * kv_width * kv_bytes
-        return roofline_s(self.cfg.gpu, flops, bytes_moved)
-
-    def _gen_line(self, batch: int) -> LogLine:
-        line = self._gen_lines.get(batch)
-        if line is None:
-            if self._gen_attn is not None:
-                line = LogLine(LEN_GRID, self._gen_attn(batch, LEN_GRID))
-            else:
-                line = LogLine(LEN_GRID, self._attention_decode_roofline(batch, LEN_GRID))
-            self._gen_lines[batch] = line
-        return line
-
-    # ---- evaluation ----------------------------------------------------------
-    def _ops(self, shape: BatchShape, decode_mean_kv: np.ndarray) -> dict[str, np.ndarray | float]:
-        """Seconds per operator for the whole model; decode attention is an array over steps."""
-        m, c = self.cfg.model, self.cfg
-        tokens = shape.num_tokens
         out: dict[str, np.ndarray | float] = {}
-        if tokens == 0:
+        if tokens <= 0:
             return out
-        for name, line, mult, arg in self._linear_ops:
-            x = tokens if arg == "tokens" else max(shape.logits, 1)
-            out[name] = out.get(name, 0.0) + line.scalar(x) * mult
-        if shape.prefill_chunks:
-            q = np.array([p[0] for p in shape.prefill_chunks], dtype=np.float64)
-            ctx = np.array([p[1] for p in shape.prefill_chunks], dtype=np.float64)
-            isl_eq = np.sqrt(q * (q + 2.0 * ctx))
-            out["attention_prefill"] = float(self._ctx_attn(isl_eq).sum()) * m.layers
-        if shape.num_decode:
-            out["attention_decode"] = self._gen_line(shape.num_decode)(decode_mean_kv) * m.layers
+        for op in self._ops:
+            if op.scope == "moe":
+                continue
+            x = tokens if op.scope == "rank" else max(logits, 1)
+            out[op.name] = op.line.scalar(x) * op.per_step
+        out.update(self.attention.prefill_s(chunks))
+        for name, v in self.attention.decode_s(num_decode, mean_kv).items():
+            out[name] = out.get(name, 0.0) + v
         # norms, rotary, activation, residual adds: memory bound
         inter_local = (m.intermediate if not m.is_moe else m.moe_intermediate * m.top_k) / c.tp
         ew_bytes = tokens * (10 * m.hidden + 3 * inter_local) * ACT_BYTES
-        out["norm_elementwise"] = (ew_bytes / (c.gpu.hbm_bw * c.gpu.mem_efficiency) + c.gpu.kernel_latency_s) * m.layers
-        if self._moe is not None:
-            out["moe_experts"] = self._moe.scalar(tokens) * self._moe_layers
-            if self._alltoall is not None:
-                msg = tokens * m.top_k * m.hidden * ACT_BYTES
-                out["ep_dispatch_combine"] = 2.0 * self._alltoall.scalar(msg) * self._moe_layers
-        if self._allreduce is not None:
-            out["tp_all_reduce"] = 2.0 * self._allreduce.scalar(tokens * m.hidden * ACT_BYTES) * m.layers
+        gpu = c.gpu
+        out["norm_elementwise"] = (ew_bytes / (gpu.hbm_bw * gpu.mem_efficiency) + gpu.kernel_latency_s) * m.layers
+        if self._tp_ar is not None:
+            per_layer = 1 if (c.dp > 1 and m.is_moe) else 2  # with attention DP the MoE combine replaces one
+            reductions = m.layers * per_layer + ((m.layers - m.moe_layers) if per_layer == 1 else 0)
+            out["tp_all_reduce"] = self._tp_ar.scalar(tokens * m.hidden * ACT_BYTES) * reductions
         return out
 
-    def _pp_send_recv_s(self, shape: BatchShape) -> float:
-        c = self.cfg
-        if c.pp <= 1:
+    def _model_ops(self, shape: BatchShape, mean_kv: np.ndarray, gemm_tokens: int | None = None) -> dict:
+        """Seconds per operator for the whole model; decode-dependent terms are arrays over steps.
+
+        ``gemm_tokens`` (a CUDA-graph padded batch) replaces the token count of the GEMMs and
+        collectives; attention always sees the real sequences.
+        """
+        m = self.cfg.model
+        tokens = shape.num_tokens
+        if tokens == 0:
+            return {}
+        ranks = self._ranks(shape)
+        pad = (gemm_tokens or tokens) - tokens
+        per_rank: list[dict] = []
+        for i, (chunks, decodes) in enumerate(ranks):
+            rank_tokens = sum(q for q, _ in chunks) + decodes + (pad if i == 0 else 0)
+            rank_logits = len(chunks) + decodes if shape.num_logits < 0 else max(1, shape.num_logits // len(ranks))
+            per_rank.append(self._rank_ops(chunks, decodes, mean_kv, rank_tokens, rank_logits))
+        if len(per_rank) == 1:
+            out = per_rank[0]
+        else:  # the busiest rank sets the pace (its total, term by term)
+            totals = [sum(np.asarray(v, dtype=np.float64) for v in r.values()) if r else 0.0 for r in per_rank]
+            out = per_rank[int(np.argmax([np.max(t) if np.ndim(t) else t for t in totals]))]
+        all_tokens = tokens + pad
+        for op in self._ops:
+            if op.scope == "moe":
+                out[op.name] = op.line.scalar(all_tokens) * op.per_step
+        if self._ep_ar is not None:
+            out["ep_dispatch_combine"] = self._ep_ar.scalar(all_tokens * m.hidden * ACT_BYTES) * m.moe_layers
+        return out
+
+    def _pp_send_recv_s(self, tokens: int) -> float:
+        if self.cfg.pp <= 1:
             return 0.0
-        from emulator.catalog.links import get_tier
+        return float(p2p_s(self._p2p_tier, tokens * self.cfg.model.hidden * ACT_BYTES))
 
-        tier = c.intra_tier or get_tier(c.gpu.default_scale_up_tier)
-        return float(p2p_s(tier, shape.num_tokens * c.model.hidden * ACT_BYTES))
-
-    def breakdown(self, shape: BatchShape) -> dict[str, float]:
+    def breakdown(self, shape: BatchShape, gemm_tokens: int | None = None) -> dict[str, float]:
         mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
-        ops = {k: float(np.asarray(v).ravel()[0]) for k, v in self._ops(shape, mean_kv).items()}
+        ops = {k: float(np.asarray(v).ravel()[0]) for k, v in self._model_ops(shape, mean_kv, gemm_tokens).items()}
         if self.cfg.pp > 1 and shape.num_tokens:
-            ops["pp_send_recv"] = (self.cfg.pp - 1) * self._pp_send_recv_s(shape)
-        if shape.num_tokens:
+            ops["pp_send_recv"] = (self.cfg.pp - 1) * self._pp_send_recv_s(shape.num_tokens)
+        if shape.num_tokens and self.cfg.step_overhead_s:
             ops["step_overhead"] = self.cfg.step_overhead_s
         return ops
 
-    def _total(self, shape: BatchShape, mean_kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ops = self._ops(shape, mean_kv)
-        compute = np.zeros_like(mean_kv)
+    def totals(self, shape: BatchShape, mean_kv: np.ndarray, gemm_tokens: int | None = None):
+        """(total, interval) seconds, arrays over ``mean_kv``."""
+        ops = self._model_ops(shape, mean_kv, gemm_tokens)
+        compute = np.zeros_like(mean_kv, dtype=np.float64)
         for v in ops.values():
             compute = compute + v
-        p2p = (self.cfg.pp - 1) * self._pp_send_recv_s(shape)
+        p2p = (self.cfg.pp - 1) * self._pp_send_recv_s(shape.num_tokens)
         total = compute + p2p + self.cfg.step_overhead_s
         interval = compute / self.cfg.pp + self.cfg.step_overhead_s
         return total, interval
@@ -267,19 +268,18 @@ class InstanceCostModel:
         if shape.num_tokens == 0:
             return StepTime(0.0, 0.0)
         mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
-        total, interval = self._total(shape, mean_kv)
+        total, interval = self.totals(shape, mean_kv)
         return StepTime(float(total[0]), float(interval[0]))
 
     def decode_stretch_s(self, num_decode: int, kv_sum_start: int, steps: int) -> np.ndarray:
         kv_sums = kv_sum_start + np.arange(steps, dtype=np.int64) * num_decode
-        mean_kv = kv_sums / num_decode
         shape = BatchShape(num_decode=num_decode, decode_kv_sum=kv_sum_start)
-        total, _ = self._total(shape, mean_kv)
+        total, _ = self.totals(shape, kv_sums / num_decode)
         return total
 
-    # ---- helpers for reports and transfers --------------------------------------
+    # ---- helpers for reports and transfers -----------------------------------------------
     def kv_transfer_bytes(self, tokens: int) -> int:
-        return tokens * self.cfg.model.kv_bytes_per_token(self.cfg.kv_dtype)
+        return self.cfg.model.kv_transfer_bytes(tokens, self.quant.kv_cache)
 
 
 _CACHE: dict[InstanceConfig, InstanceCostModel] = {}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from importlib import resources
 
 import numpy as np
 
-from emulator.costmodel.derive import ATTN_FILL_ORDER, KV_DTYPES, MOE_DTYPES
+from emulator.costmodel.derive import ATTN_FILL_ORDER, KV_DTYPES, MOE_DISTRIBUTIONS, MOE_DTYPES
 from emulator.costmodel.grid import LogGrid, LogLine, fill_holes
 
 MS = 1e-3
@@ -82,17 +83,38 @@ class GpuTables:
 
     # ---- MoE ---------------------------------------------------------------
     def moe_line(
-        self, dtype: str, hidden: int, inter: int, topk: int, experts: int, moe_tp: int, moe_ep: int
+        self,
+        kernel: str,
+        hidden: int,
+        inter: int,
+        topk: int,
+        experts: int,
+        moe_tp: int,
+        moe_ep: int,
+        distribution: str = "balanced",
     ) -> LogLine | None:
+        """Fused-MoE latency by the tokens entering the MoE layer (all attention-DP ranks' tokens:
+        the dispatch gathers them), for one kernel precision (the table's ``moe_dtype``)."""
         rows = self._store.get("moe_rows")
-        if rows is None:
+        if rows is None or kernel not in MOE_DTYPES:
             return None
-        code = MOE_DTYPES["bfloat16" if dtype == "bf16" else "fp8"]
-        key = np.array([code, hidden, inter, topk, experts, moe_tp, moe_ep], dtype=np.float32)
-        sel = rows[np.all(rows[:, [0, 2, 3, 4, 5, 6, 7]] == key, axis=1)]
+        model = np.array(
+            [MOE_DTYPES[kernel], hidden, inter, topk, experts, MOE_DISTRIBUTIONS[distribution]], dtype=np.float32
+        )
+        same = rows[np.all(rows[:, [0, 2, 3, 4, 5, 8]] == model, axis=1)]
+        sel = same[(same[:, 6] == moe_tp) & (same[:, 7] == moe_ep)]
         if len(sel) < 2:
-            return None
-        return LogLine(sel[:, 1], sel[:, 8].astype(np.float64) * MS)
+            # The same experts split the same number of ways (moe_tp x moe_ep): with balanced routing each
+            # GPU reads and multiplies the same bytes whether experts are sliced (TP) or spread (EP); take the
+            # measured split closest in moe_tp.
+            splits = {(int(r[6]), int(r[7])) for r in same if r[6] * r[7] == moe_tp * moe_ep}
+            if not splits:
+                return None
+            tp, ep = min(splits, key=lambda s: abs(np.log(s[0]) - np.log(moe_tp)))
+            sel = same[(same[:, 6] == tp) & (same[:, 7] == ep)]
+            if len(sel) < 2:
+                return None
+        return LogLine(sel[:, 1], sel[:, 9].astype(np.float64) * MS)
 
     # ---- collectives -----------------------------------------------------------
     def collective_line(self, op: str, num_gpus: int) -> LogLine | None:
@@ -115,6 +137,20 @@ class GpuTables:
         grid = np.unique(np.concatenate([x for x, _ in lines]))
         best = np.min([LogLine(x, y)(grid) for x, y in lines], axis=0)
         return LogLine(grid, best)
+
+
+@cache
+def silicon_gemms(name: str) -> dict[tuple[str, int, int], LogLine]:
+    """GEMMs measured on this GPU for infemu (``data/silicon/<gpu>.json``, each with its provenance):
+    (dtype, n, k) -> latency line over m, preferred over the profiled table for those shapes."""
+    path = resources.files("emulator.costmodel").joinpath("data", "silicon", f"{name}.json")
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text("utf-8"))
+    return {
+        (data["dtype"], int(g["n"]), int(g["k"])): LogLine(np.asarray(g["m"], float), np.asarray(g["ms"], float) * MS)
+        for g in data["gemm"]
+    }
 
 
 @cache

@@ -2,7 +2,9 @@
 
 KV capacity follows vLLM's memory profiling: HBM × gpu_memory_utilization minus
 the weights of one GPU's shard minus a reserve for activations, NCCL buffers and
-CUDA graphs; the rest is split into blocks of ``block_size`` tokens.
+CUDA graphs, minus the bounded per-sequence state of sliding-window and
+linear-attention layers for ``max_num_seqs`` sequences; the rest is split into
+blocks of ``block_size`` tokens. An attention-DP group pools its ranks' blocks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 from emulator.catalog.gpus import GPU, GiB
 from emulator.catalog.models import DTYPE_BYTES, ModelArch
+from emulator.catalog.quant import Quantization, weight_bytes
 
 # aiconfigurator system.yaml misc.nccl_mem (bytes by TP size) and misc.other_mem
 # (3.5 GiB "for safer deployment"), the same for every system in ../shared/data.
@@ -28,6 +31,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     pipeline_parallel_size: int = 1
+    # SGLang-style scheduling: a step either prefills (new requests admitted, decodes paused)
+    # or decodes; vLLM and TensorRT-LLM mix prefill chunks into decode steps.
+    prefill_first: bool = False
+    # TensorRT-LLM's default capacity policy (GUARANTEED_NO_EVICT): a request is admitted only when
+    # the blocks for its whole sequence (prompt + max tokens) can be set aside, so nothing is ever
+    # preempted; vLLM and SGLang admit on the prompt and preempt when decodes run out of blocks.
+    reserve_full_sequence: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class MemoryPlan:
     kv: float
     kv_bytes_per_token_per_gpu: float
     num_gpu_blocks: int
+    max_state_seqs: int | None = None  # running sequences the per-sequence state pool holds (per rank)
 
 
 def kv_split(model: ModelArch, tp: int) -> int:
@@ -49,23 +60,49 @@ def kv_split(model: ModelArch, tp: int) -> int:
     return min(tp, model.kv_heads)
 
 
+def weights_per_gpu(model: ModelArch, quant: Quantization, tp: int, pp: int, dp: int = 1) -> float:
+    """One GPU's share: routed experts spread over every GPU of a stage (tp x dp), the rest over tp."""
+    experts = model.moe_layers * model.routed_expert_params() * weight_bytes(quant.moe)
+    rest = model.weight_bytes(quant) - experts
+    return (rest / tp + experts / (tp * dp)) / pp
+
+
 def memory_plan(
     model: ModelArch,
     gpu: GPU,
     *,
-    dtype: str,
-    kv_dtype: str,
+    quant: Quantization,
     tp: int,
     pp: int,
     block_size: int,
     gpu_memory_utilization: float,
     max_num_batched_tokens: int,
+    dp: int = 1,
+    max_num_seqs: int = 0,
+    fraction_of_free: bool = False,
 ) -> MemoryPlan:
+    """``fraction_of_free``: the fraction applies to what is left after weights and activations
+    (TensorRT-LLM's kv_cache_config.free_gpu_memory_fraction) instead of to all of HBM (vLLM's
+    gpu_memory_utilization, SGLang's mem_fraction_static)."""
+    weights = weights_per_gpu(model, quant, tp, pp, dp)
     usable = gpu.hbm_bytes * gpu_memory_utilization
-    weights = model.weight_bytes(dtype) / (tp * pp)
+    if fraction_of_free:
+        usable = weights + (gpu.hbm_bytes - weights) * gpu_memory_utilization
     act_per_token = (4 * model.hidden + 2 * max(model.intermediate, model.moe_intermediate) / tp) * DTYPE_BYTES["bf16"]
     reserve = OTHER_MEM_BYTES + NCCL_MEM_BYTES.get(tp, NCCL_MEM_BYTES[8]) + max_num_batched_tokens * act_per_token
+    # Bounded per-sequence state (sliding windows, linear-attention states) gets its own pool for the
+    # running sequences, at most half of what is left (both frameworks split hybrid models' memory
+    # between a state pool and the token KV cache); it caps the running sequences.
+    per_seq = model.kv_bytes_per_seq(quant.kv_cache) / pp / max(1, tp)
+    left = usable - weights - reserve
+    max_state_seqs = None
+    if per_seq > 0 and left > 0:
+        pool = min(per_seq * max_num_seqs, left / 2)
+        reserve += pool
+        max_state_seqs = max(1, int(pool // per_seq))
     kv = usable - weights - reserve
-    per_token = model.kv_bytes_per_token(kv_dtype) / pp / kv_split(model, tp)
-    blocks = int(kv // (per_token * block_size)) if kv > 0 else 0
-    return MemoryPlan(usable, weights, reserve, max(kv, 0.0), per_token, blocks)
+    per_token = model.kv_bytes_per_token(quant.kv_cache) / pp / kv_split(model, tp)
+    blocks = int(kv // (per_token * block_size)) * dp if kv > 0 and per_token > 0 else 0
+    if per_token == 0 and kv > 0:  # no per-token KV at all (every layer bounded): capacity is not the limit
+        blocks = 1_000_000
+    return MemoryPlan(usable, weights, reserve, max(kv, 0.0), per_token, blocks, max_state_seqs)

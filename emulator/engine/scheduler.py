@@ -32,6 +32,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.remote_waiting: deque[Request] = deque()  # consumers whose blocks are not yet allocated
         self.pulling: dict[str, Request] = {}  # consumers whose KV pull is in flight
+        # consumers whose pulled KV has arrived: they hold their blocks, so they are admitted ahead of
+        # `waiting` (a head request that cannot get blocks must never block the ones holding them)
+        self.kv_ready: deque[Request] = deque()
         self.held: dict[str, Request] = {}  # producers holding KV until the pull completes
         self.running: list[Request] = []
         self.in_flight: set[str] = set()  # scheduled in a batch that has not finished (pipeline parallel)
@@ -64,6 +67,11 @@ class Scheduler:
         if req.max_tokens < 1:
             return "max_tokens must be at least 1"
         total = req.num_prompt_tokens + req.max_tokens
+        if -(-total // cfg.block_size) > cfg.num_gpu_blocks:
+            return (
+                f"the request needs {total} tokens of KV cache but this instance holds only "
+                f"{cfg.num_gpu_blocks * cfg.block_size}"
+            )
         if total > cfg.max_model_len:
             return (
                 f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
@@ -80,7 +88,7 @@ class Scheduler:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
-        for q in (self.waiting, self.remote_waiting):
+        for q in (self.waiting, self.remote_waiting, self.kv_ready):
             if req in q:
                 q.remove(req)
         self.pulling.pop(request_id, None)
@@ -100,7 +108,7 @@ class Scheduler:
         req.kv_ready_s = now
         req.status = RequestStatus.WAITING
         self.kv.cache_full_blocks(req)
-        self.waiting.append(req)
+        self.kv_ready.append(req)
 
     def release_kv(self, request_id: str) -> None:
         """Producer: the consumer has the KV; free the blocks."""
@@ -111,13 +119,37 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self.remote_waiting)
+        return bool(self.running or self.waiting or self.remote_waiting or self.kv_ready)
 
     def schedule(self, now: float) -> SchedulerOutput:
+        """The next step. Mixed engines (vLLM, TensorRT-LLM) put decodes and prefill chunks in one
+        step; prefill-first engines (SGLang) run a prefill-only step whenever a prompt can make
+        progress and pause decoding for it, else a decode-only step."""
+        if not self.config.prefill_first:
+            return self._schedule(now, decode=True, prefill=True)
+        if self._prefill_possible():
+            out = self._schedule(now, decode=False, prefill=True)
+            if out.scheduled or out.kv_pulls:
+                return out
+        return self._schedule(now, decode=True, prefill=False)
+
+    def _prefill_possible(self) -> bool:
+        if any(
+            r.num_computed_tokens < r.num_prompt_tokens and r.request_id not in self.in_flight for r in self.running
+        ):
+            return True
+        head = self.waiting[0] if self.waiting else None
+        return (
+            head is not None
+            and head.num_computed_tokens < head.num_prompt_tokens
+            and len(self.running) < self.config.max_num_seqs
+        )
+
+    def _schedule(self, now: float, *, decode: bool, prefill: bool) -> SchedulerOutput:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
-        prefill: list[tuple[int, int]] = []
+        prefill_chunks: list[tuple[int, int]] = []
         num_decode = 0
         decode_kv = 0
         preempted: list[str] = []
@@ -125,7 +157,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.request_id in self.in_flight:
+            is_decode = req.num_computed_tokens >= req.num_prompt_tokens
+            if req.request_id in self.in_flight or (is_decode and not decode) or (not is_decode and not prefill):
                 i += 1
                 continue
             n = min(req.num_new_tokens, budget)
@@ -133,7 +166,7 @@ class Scheduler:
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, n):
-                victim = self._pick_victim()
+                victim = self._pick_victim() if decode else None
                 if victim is None or victim is req:
                     if victim is req:
                         self._preempt(req)
@@ -147,7 +180,7 @@ class Scheduler:
                     continue  # req itself was preempted; the list shifted
                 i += 1
                 continue
-            self._account(req, n, now, scheduled, prefill)
+            self._account(req, n, now, scheduled, prefill_chunks)
             if req.num_computed_tokens >= req.num_prompt_tokens:
                 num_decode += 1
                 decode_kv += req.num_computed_tokens + n
@@ -163,39 +196,94 @@ class Scheduler:
             self.pulling[req.request_id] = req
             kv_pulls.append(req.request_id)
 
-        if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-                req = self.waiting[0]
-                computed: list[int] = []
-                if req.num_computed_tokens == 0 and self.kv.num_blocks_of(req) == 0:
-                    computed, hit = self.kv.get_computed_blocks(req)
-                else:
-                    hit = 0
-                n = req.num_tokens - req.num_computed_tokens - hit
-                if not cfg.enable_chunked_prefill and n > budget:
-                    break
-                n = min(n, budget)
-                if not self.kv.allocate_slots(req, n, computed):
-                    break
-                self.waiting.popleft()
-                if hit:
-                    req.num_computed_tokens = hit
-                    if req.first_scheduled_s is None:
-                        req.num_cached_tokens = hit
-                req.status = RequestStatus.RUNNING
-                self.running.append(req)
-                self._account(req, n, now, scheduled, prefill)
-                if req.num_computed_tokens >= req.num_prompt_tokens:
-                    num_decode += 1
-                    decode_kv += req.num_computed_tokens + n
-                budget -= n
+        if decode:
+            ready_decode, ready_kv = self._admit_kv_ready(now, budget, scheduled, prefill_chunks)
+            num_decode += ready_decode
+            decode_kv += ready_kv
+            budget -= ready_decode
+        if not preempted:  # a decode-only step admits only requests whose prompt is computed (P/D consumers)
+            admitted_decode, admitted_kv = self._admit(
+                now, budget, scheduled, prefill_chunks, computed_only=not prefill
+            )
+            num_decode += admitted_decode
+            decode_kv += admitted_kv
 
-        shape = BatchShape(prefill_chunks=tuple(prefill), num_decode=num_decode, decode_kv_sum=decode_kv)
+        shape = BatchShape(prefill_chunks=tuple(prefill_chunks), num_decode=num_decode, decode_kv_sum=decode_kv)
         for s in scheduled:
             self.in_flight.add(s.request_id)
         if scheduled:
             self.num_iterations += 1
         return SchedulerOutput(tuple(scheduled), shape, tuple(kv_pulls), tuple(preempted))
+
+    def _admit_kv_ready(self, now: float, budget: int, scheduled: list, prefill_chunks: list) -> tuple[int, int]:
+        """Start decoding consumers whose KV has arrived (their blocks are already theirs)."""
+        num_decode = decode_kv = 0
+        while self.kv_ready and budget > num_decode and len(self.running) < self.config.max_num_seqs:
+            req = self.kv_ready[0]
+            if not self.kv.allocate_slots(req, req.num_new_tokens):
+                break
+            self.kv_ready.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            n = req.num_new_tokens
+            self._account(req, n, now, scheduled, prefill_chunks)
+            num_decode += 1
+            decode_kv += req.num_computed_tokens + n
+        return num_decode, decode_kv
+
+    def _admit(
+        self, now: float, budget: int, scheduled: list, prefill_chunks: list, computed_only: bool = False
+    ) -> tuple[int, int]:
+        """Admit waiting requests while the budget, max_num_seqs and free blocks allow.
+
+        Returns the decodes among them (requests whose prompt is already computed, e.g. a P/D
+        consumer whose KV arrived) and their KV sum."""
+        cfg = self.config
+        num_decode = decode_kv = 0
+        reserved = self._reserved_blocks() if cfg.reserve_full_sequence else 0
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = self.waiting[0]
+            if computed_only and req.num_computed_tokens < req.num_prompt_tokens:
+                break
+            if cfg.reserve_full_sequence:
+                whole = self._blocks_for(req.num_prompt_tokens + req.max_tokens)
+                if self.kv.num_free_blocks - reserved < whole:
+                    break
+                reserved += whole - self._blocks_for(req.num_tokens)
+            computed: list[int] = []
+            if req.num_computed_tokens == 0 and self.kv.num_blocks_of(req) == 0:
+                computed, hit = self.kv.get_computed_blocks(req)
+            else:
+                hit = 0
+            n = req.num_tokens - req.num_computed_tokens - hit
+            if not cfg.enable_chunked_prefill and n > budget:
+                break
+            n = min(n, budget)
+            if not self.kv.allocate_slots(req, n, computed):
+                break
+            self.waiting.popleft()
+            if hit:
+                req.num_computed_tokens = hit
+                if req.first_scheduled_s is None:
+                    req.num_cached_tokens = hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._account(req, n, now, scheduled, prefill_chunks)
+            if req.num_computed_tokens >= req.num_prompt_tokens:
+                num_decode += 1
+                decode_kv += req.num_computed_tokens + n
+            budget -= n
+        return num_decode, decode_kv
+
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.config.block_size)
+
+    def _reserved_blocks(self) -> int:
+        """Blocks the running requests will still need to reach their max tokens (set aside)."""
+        return sum(
+            max(0, self._blocks_for(r.num_prompt_tokens + r.max_tokens) - self.kv.num_blocks_of(r))
+            for r in self.running
+        )
 
     def _account(self, req: Request, n: int, now: float, scheduled: list, prefill: list) -> None:
         if req.first_scheduled_s is None:
@@ -270,7 +358,7 @@ class Scheduler:
         batch is in flight, and the KV blocks the steps need are free. The last of
         these steps may finish requests. Returns 0 when the next step is not such a step.
         """
-        if not self.running or self.in_flight or self.remote_waiting:
+        if not self.running or self.in_flight or self.remote_waiting or self.kv_ready:
             return 0
         if self.waiting and len(self.running) < self.config.max_num_seqs:
             return 0
@@ -330,7 +418,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self.running),
-            num_waiting=len(self.waiting) + len(self.remote_waiting) + len(self.pulling),
+            num_waiting=len(self.waiting) + len(self.remote_waiting) + len(self.pulling) + len(self.kv_ready),
             kv_usage=self.kv.usage,
             num_free_blocks=self.kv.num_free_blocks,
             num_gpu_blocks=self.config.num_gpu_blocks,
@@ -352,5 +440,5 @@ class Scheduler:
         for r in self.running:
             assert r.status == RequestStatus.RUNNING
             assert self.kv.num_blocks_of(r) * self.config.block_size >= r.num_computed_tokens
-        ids = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        ids = [r.request_id for r in (*self.running, *self.waiting, *self.kv_ready)]
         assert len(ids) == len(set(ids)), "a request is queued twice"

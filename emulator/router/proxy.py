@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from emulator.engine.hashing import hashes_from_tokens
 from emulator.router.backends import Backend, BackendPool
 from emulator.router.policies import KVAware, NoEndpointError, RoutingRequest, make_policy
-from emulator.serve.app import ARRIVAL_HEADER, models_body
+from emulator.serve.app import ARRIVAL_HEADER, PATH_OVERHEAD_HEADER, PROBE_HEADER, models_body
 from emulator.serve.protocol import APIError
 from emulator.serve.tokens import chat_prompt, tokenize
 
@@ -62,6 +62,10 @@ class Router:
             "infemu_router_requests", "Requests by backend and outcome.", ["backend", "outcome"], registry=self.registry
         )
         self.retries = Counter("infemu_router_retries", "Requests retried on another backend.", registry=self.registry)
+        # the emulation's own HTTP path (client -> router -> worker -> router -> client), measured by the
+        # launcher with probe requests; workers start requests that much earlier inside the modelled API
+        # server's time, so the real path is not paid on top of the modelled one
+        self.path_overhead_s = 0.0
         self.healthy = Gauge(
             "infemu_router_backend_healthy", "1 when the backend is admitted.", ["backend"], registry=self.registry
         )
@@ -200,7 +204,11 @@ class Router:
         backend.in_flight += 1
         try:
             try:
-                headers = {ARRIVAL_HEADER: repr(state.arrival)} if state.arrival else {}
+                headers = {PATH_OVERHEAD_HEADER: repr(self.path_overhead_s)}
+                if state.arrival:
+                    headers[ARRIVAL_HEADER] = repr(state.arrival)
+                if state.request.headers.get(PROBE_HEADER):
+                    headers[PROBE_HEADER] = "1"
                 if raw is not None:  # unchanged body: forward the client's bytes, no re-encoding
                     resp = await self.session.post(
                         f"{backend.url}{path}", data=raw, headers={"Content-Type": "application/json", **headers}
@@ -269,7 +277,9 @@ class Router:
             p.in_flight += 1
             try:
                 async with self.session.post(
-                    f"{p.url}{path}", json=prefill_body, headers={ARRIVAL_HEADER: repr(state.arrival)}
+                    f"{p.url}{path}",
+                    json=prefill_body,
+                    headers={ARRIVAL_HEADER: repr(state.arrival), PATH_OVERHEAD_HEADER: repr(self.path_overhead_s)},
                 ) as resp:
                     data = await resp.read()
                     if resp.status >= 500:
@@ -315,6 +325,15 @@ class Router:
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(models_body(self.settings.model_name, self.settings.max_model_len))
+
+    async def set_path_overhead(self, request: web.Request) -> web.Response:
+        """POST /admin/path-overhead {"seconds": s}: the launcher's measurement of the emulation's own
+        HTTP round trip, passed on to the workers with every request."""
+        try:
+            self.path_overhead_s = _seconds(await request.json())
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+            return _error(APIError(400, f"bad path overhead: {exc}", "seconds", "invalid_value"))
+        return web.json_response({"seconds": self.path_overhead_s})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -497,6 +516,13 @@ def _is_role_only(line: bytes) -> bool:
     return "role" in delta and not delta.get("content")
 
 
+def _seconds(body: object) -> float:
+    value = float(body["seconds"])  # type: ignore[index]
+    if not 0.0 <= value < 1.0:
+        raise ValueError("seconds must be in [0, 1)")
+    return value
+
+
 def _text_of(resp: dict) -> str:
     choice = resp["choices"][0]
     return choice["message"]["content"] if "message" in choice else choice.get("text", "")
@@ -534,4 +560,5 @@ def create_router_app(settings: RouterSettings) -> web.Application:
     app.router.add_get("/health", router.health)
     app.router.add_get("/ready", router.ready)
     app.router.add_get("/metrics", router.metrics)
+    app.router.add_post("/admin/path-overhead", router.set_path_overhead)
     return app

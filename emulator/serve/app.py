@@ -21,13 +21,14 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from emulator.build import InstanceSetup, build_instances
-from emulator.catalog.models import get_model
+from emulator.checkpoint import served_model
 from emulator.engine.hashing import hashes_from_tokens
 from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
 from emulator.net.inproc import PacedLink
 from emulator.net.plan import link_plan
 from emulator.net.tc import KernelLink
+from emulator.serve.api_path import ApiServerPath
 from emulator.serve.engine_loop import RealTimeEngine, StreamEvent
 from emulator.serve.metrics import EngineMetrics
 from emulator.serve.protocol import APIError, GenerationRequest, full_response, parse_request, stream_chunk, usage_chunk
@@ -38,6 +39,8 @@ from emulator.topology import Topology
 log = logging.getLogger("infemu.worker")
 
 ARRIVAL_HEADER = "X-Infemu-Arrival"  # the router's receipt time (monotonic seconds)
+PATH_OVERHEAD_HEADER = "X-Infemu-Path-Overhead"  # the emulation's measured HTTP round trip (s), from the router
+PROBE_HEADER = "X-Infemu-Probe"  # answer at once with one token: measures the emulation's own HTTP path
 KV_HOLD_TIMEOUT_S = 60.0  # a prefill's KV is released if no decode pulls it by then (vLLM's NIXL abort timeout)
 
 
@@ -71,16 +74,16 @@ class Worker:
             raise ValueError(f"instance {settings.instance!r} is not in cluster {settings.cluster.name!r}")
         self.setup: InstanceSetup = matches[0]
         self.name = self.setup.instance.name  # what peers and the topology know this instance by
-        self.model = get_model(spec.model.name)
+        self.model = served_model(spec.model)
         self.model_name = spec.model.name
         self.role = self.setup.instance.role
         eng = self.setup.engine
         cache_info = {
             "block_size": str(eng.block_size),
             "num_gpu_blocks": str(eng.num_gpu_blocks),
-            "cache_dtype": spec.model.kv_dtype,
+            "cache_dtype": self.model.quant.kv_cache,
             "enable_prefix_caching": str(eng.enable_prefix_caching),
-            "gpu_memory_utilization": str(self.setup.pool.gpu_memory_utilization),
+            "gpu_memory_utilization": f"{self.setup.memory.usable / self.topology.gpu.hbm_bytes:.3f}",
         }
         self.metrics = EngineMetrics(
             self.model_name,
@@ -100,6 +103,7 @@ class Worker:
             else:
                 self.links[name] = PacedLink(name, plan.wire_rate, plan.latency_s)
         self.dilation = spec.emulation.time_dilation  # link_plan already slowed the links D-fold
+        self.api_path = ApiServerPath(self.setup.cost.profile.api, self.dilation)
         self.held_timers: dict[str, asyncio.TimerHandle] = {}
         # live changes towards one peer instance ("*" = every peer): the fault-injection hook
         self.peer_links: dict[str, PacedLink] = {}
@@ -112,7 +116,13 @@ class Worker:
     async def start(self) -> None:
         self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=5), connector=TCPConnector(limit=0))
         self.engine = RealTimeEngine(
-            self.scheduler, self.setup.cost, self.metrics, self.setup.pool.pp, self._pull_kv, dilation=self.dilation
+            self.scheduler,
+            self.setup.cost,
+            self.metrics,
+            self.setup.pool.pp,
+            self._pull_kv,
+            dilation=self.dilation,
+            api_path=self.api_path,
         )
         self.ready = True
 
@@ -196,6 +206,14 @@ class Worker:
     # ---- the OpenAI endpoints ---------------------------------------------------------
     async def generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         received = asyncio.get_running_loop().time()
+        overhead = request.headers.get(PATH_OVERHEAD_HEADER)
+        if overhead is not None:
+            try:
+                self.api_path.observe_path_overhead(float(overhead))
+            except ValueError:
+                pass
+        if request.headers.get(PROBE_HEADER):
+            return await _probe(request, kind)
         stamp = request.headers.get(ARRIVAL_HEADER)
         if stamp is not None:
             try:  # the router's receipt time, on the same monotonic clock when on the same host
@@ -250,7 +268,9 @@ class Worker:
             req = Request(rid, n_prompt, n_out, now, hashes, kv_role="consumer", num_output_tokens=1)
         else:
             req = Request(rid, n_prompt, n_out, now, hashes)
-        handle = self.engine.add(req, kv_source=kv if consumer else None)
+        # the modelled API server takes the request in first (the simulator models it at the front door only)
+        start_at = None if consumer else self.api_path.admit(received, n_prompt)
+        handle = self.engine.add(req, kv_source=kv if consumer else None, start_at=start_at)
         position = 1 if consumer else 0
 
         if not g.stream or producer:
@@ -412,6 +432,18 @@ def models_body(model_name: str, max_model_len: int) -> dict:
             }
         ],
     }
+
+
+async def _probe(request: web.Request, kind: str) -> web.StreamResponse:
+    """One token at once, no engine and no modelled API server: the launcher times this to learn
+    what the emulation's own HTTP path costs."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    field = '"delta":{"content":"x"}' if kind == "chat" else '"text":"x"'
+    await resp.write(b'data: {"choices":[{"index":0,' + field.encode() + b',"finish_reason":"length"}]}\n\n')
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
 
 
 async def _sse(resp: web.StreamResponse, obj: dict) -> None:

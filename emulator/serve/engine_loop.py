@@ -20,6 +20,7 @@ from emulator.costmodel.interface import CostModel
 from emulator.engine.outputs import SchedulerOutput
 from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
+from emulator.serve.api_path import ApiServerPath
 from emulator.serve.metrics import EngineMetrics
 
 log = logging.getLogger("infemu.engine")
@@ -42,6 +43,11 @@ class Handle:
     kv_source: dict | None = None
 
 
+def _deliver(events: list[tuple[Handle, StreamEvent]]) -> None:
+    for handle, ev in events:
+        handle.queue.put_nowait(ev)
+
+
 class RealTimeEngine:
     def __init__(
         self,
@@ -51,6 +57,7 @@ class RealTimeEngine:
         pp: int = 1,
         kv_pull: KVPull | None = None,
         dilation: float = 1.0,
+        api_path: ApiServerPath | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.cost = cost
@@ -58,6 +65,7 @@ class RealTimeEngine:
         self.pp = pp
         self.kv_pull = kv_pull
         self.dilation = dilation  # wall seconds per emulated second
+        self.api_path = api_path  # when set, tokens reach their streams when the modelled API server has sent them
         self.handles: dict[str, Handle] = {}
         self.in_flight = 0
         self._next_launch = 0.0
@@ -67,6 +75,8 @@ class RealTimeEngine:
         self._durations: collections.deque[float] = collections.deque(maxlen=1000)
         self._warned_at = -1e9
         self._pulls: set[asyncio.Task] = set()
+        # requests the modelled API server still holds: (their admission timer, their handle)
+        self._pending: dict[str, tuple[asyncio.TimerHandle, Handle]] = {}
         self._busy_until = 0.0  # logical end of the last step: a backdated arrival cannot start before it
         self._lead_s = 0.0  # timers fire this early: the median wake-up lateness, learned (no busy-waiting)
         self._raw_late: collections.deque[float] = collections.deque(maxlen=200)
@@ -80,23 +90,41 @@ class RealTimeEngine:
         return self.loop.time()
 
     # ---- intake ------------------------------------------------------------------
-    def add(self, req: Request, kv_source: dict | None = None) -> Handle:
+    def add(self, req: Request, kv_source: dict | None = None, start_at: float | None = None) -> Handle:
         """Queue a request; its rejection (if any) arrives as the handle's first event.
 
         ``req.arrival_s`` may lie slightly in the past (when the router or the HTTP layer
         received it): an idle engine then starts the step at that moment, so HTTP parsing
-        does not delay the modelled GPU work."""
+        does not delay the modelled GPU work. ``start_at``: the engine sees the request only
+        then (the modelled API server is still taking it in)."""
         handle = Handle(req, kv_source=kv_source)
+        if start_at is not None and start_at > self.now():
+            self._pending[req.request_id] = (self.loop.call_at(start_at, self._admit, handle, start_at), handle)
+            return handle
+        return self._admit(handle, start_at)
+
+    def _admit(self, handle: Handle, start_at: float | None) -> Handle:
+        req = handle.request
+        self._pending.pop(req.request_id, None)
+        if self.closed:
+            handle.queue.put_nowait(StreamEvent("error", message="the server is shutting down"))
+            return handle
         rejected = self.scheduler.add_request(req)
         if rejected is not None:
             handle.queue.put_nowait(StreamEvent("error", message=req.error))
             return handle
         self.handles[req.request_id] = handle
         self._update_gauges()
-        self._try_launch(max(min(req.arrival_s, self.now()), self._busy_until))
+        begin = req.arrival_s if start_at is None else start_at
+        self._try_launch(max(min(begin, self.now()), self._busy_until))
         return handle
 
     def abort(self, request_id: str) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:  # still in the modelled API server: it never reaches the engine
+            pending[0].cancel()
+            self.metrics.success["abort"].inc()
+            return
         if self.handles.pop(request_id, None) is not None:
             self.scheduler.abort(request_id)
             self.metrics.success["abort"].inc()
@@ -138,24 +166,30 @@ class RealTimeEngine:
         self.in_flight -= 1
         self._record_timing(lateness, duration)
         results = self.scheduler.update_from_output(out, deadline)
+        events: list[tuple[Handle, StreamEvent]] = []
         for ro in results:
             handle = self.handles.get(ro.request_id)
             if handle is None:
                 continue
             if ro.new_tokens:
-                handle.queue.put_nowait(StreamEvent("tokens", ro.new_tokens))
+                events.append((handle, StreamEvent("tokens", ro.new_tokens)))
             if ro.finished:
-                self._finish(handle, ro.finish_reason or "length")
+                events.append((handle, self._finish(handle, ro.finish_reason or "length")))
+        release = self.api_path.release(deadline, len(results)) if self.api_path is not None else deadline
+        if release > self.now():
+            self.loop.call_at(release, _deliver, events)
+        else:
+            _deliver(events)
         self._update_gauges()
         # an overloaded host must not fall ever further behind: restart from now then
         self._try_launch(deadline if lateness < 0.05 else self.now())
 
-    def _finish(self, handle: Handle, reason: str) -> None:
+    def _finish(self, handle: Handle, reason: str) -> StreamEvent:
         req = handle.request
         del self.handles[req.request_id]
         if reason != "remote_decode":
             self._observe_request(req)
-        handle.queue.put_nowait(StreamEvent("finish", reason=reason))
+        return StreamEvent("finish", reason=reason)
 
     def _observe_request(self, req: Request) -> None:
         """Per-request histograms in emulated seconds (wall seconds / dilation)."""
@@ -259,6 +293,10 @@ class RealTimeEngine:
 
     async def close(self) -> None:
         self.closed = True
+        for timer, handle in self._pending.values():
+            timer.cancel()
+            handle.queue.put_nowait(StreamEvent("error", message="the server is shutting down"))
+        self._pending.clear()
         for task in list(self._pulls):
             task.cancel()
         for rid, handle in list(self.handles.items()):

@@ -19,16 +19,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emulator.build import build_instances
+from emulator.capacity import profile_of
+from emulator.costmodel.engines import EngineProfile
 from emulator.engine.hashing import hashes_from_segments
 from emulator.engine.outputs import RequestOutput
 from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
 from emulator.errors import SpecError
 from emulator.results import RequestRecord, summarize
+from emulator.rng import PartitionedRNG
 from emulator.router.policies import EndpointSnapshot, KVAware, RoutingRequest, make_policy
 from emulator.sim.events import EventQueue
 from emulator.sim.network import FlowNetwork
 from emulator.spec import ENGINE_ROLES, InferenceCluster
+from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
 from emulator.workload.plan import PlannedRequest, RequestPlan
 
 MAX_STRETCH_STEPS = 4096
@@ -48,13 +52,15 @@ class SimInstance:
         self.launch_pending = False
         self.live: dict[str, Request] = {}
         self.busy_s = 0.0
+        self.api_free_s = 0.0  # when this instance's API server is next free
+        self.api_queued = 0  # requests sent to it that its engine has not seen yet
 
     def snapshot(self) -> EndpointSnapshot:
         s = self.scheduler
         return EndpointSnapshot(
             self.name,
             num_running=len(s.running),
-            num_waiting=len(s.waiting) + len(s.remote_waiting) + len(s.pulling),
+            num_waiting=s.stats().num_waiting + self.api_queued,
             kv_usage=s.kv.usage,
             free_blocks=s.kv.num_free_blocks,
         )
@@ -79,7 +85,10 @@ class _Transfer:
 
 
 class Simulation:
-    def __init__(self, cluster: InferenceCluster, plan: RequestPlan, *, bulk: bool = True) -> None:
+    def __init__(
+        self, cluster: InferenceCluster, plan: RequestPlan, *, bulk: bool = True, profile: EngineProfile | None = None
+    ) -> None:
+        """``profile`` replaces the spec's engine profile (the calibration fit tries other constants)."""
         spec = cluster.spec
         for i, pool in enumerate(spec.pools):
             if pool.role not in ENGINE_ROLES:
@@ -89,7 +98,8 @@ class Simulation:
         self.cluster = cluster
         self.plan = plan
         self.bulk = bulk
-        self.topo, setups = build_instances(spec)
+        self.profile = profile or profile_of(spec)
+        self.topo, setups = build_instances(spec, self.profile)
         self.instances = [SimInstance(s) for s in setups]
         self.front = [i for i in self.instances if i.role in ("aggregated", "prefill")]
         self.decoders = [i for i in self.instances if i.role == "decode"]
@@ -101,8 +111,19 @@ class Simulation:
         self.transfers: dict[str, _Transfer] = {}
         self.records: dict[str, RequestRecord] = {}
         self._planned: dict[str, PlannedRequest] = {}
-        self._next_closed = 0
-        self._hash_cache: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.api = self.profile.api
+        client = spec.workload.client
+        self.clients = (
+            ClosedLoopClients(
+                plan.concurrency,
+                len(plan.requests),
+                ClientBehaviour(client.overhead_ms * 1e-3, client.overhead_cv, plan.warmup),
+                PartitionedRNG(spec.workload.seed).for_subsystem("workload.clients"),
+            )
+            if plan.concurrency
+            else None
+        )
+        self._hash_cache: dict[tuple, tuple[int, ...]] = {}
         for inst in self.instances:
             for tier in {self.topo.scale_up, self.topo.scale_out}:
                 cap = tier.bandwidth * inst.setup.instance.num_gpus
@@ -112,13 +133,13 @@ class Simulation:
     # ---- driver loop -----------------------------------------------------------
     def run(self) -> SimResult:
         plan = self.plan
-        if plan.concurrency:
-            for _ in range(min(plan.concurrency, len(plan.requests))):
-                self._push_next_closed(0.0)
+        if self.clients is not None:
+            self._send(self.clients.start(0.0))
         else:
             for p in plan.requests:
-                self.events.push(p.arrival_s, "arrival", p.index, observing=True)
+                self._send([(p.arrival_s, p.index)])
         handlers = {
+            "send": self._on_send,
             "arrival": self._on_arrival,
             "batch_done": self._on_batch_done,
             "launch": self._on_launch,
@@ -131,28 +152,22 @@ class Simulation:
             handlers[kind](now, payload)
         return self._result(now)
 
-    def _push_next_closed(self, t: float) -> None:
-        if self._next_closed < len(self.plan.requests):
-            if self.plan.duration_s is not None and t >= self.plan.duration_s:
-                return
-            self.events.push(t, "arrival", self._next_closed, observing=True)
-            self._next_closed += 1
+    # ---- clients and the API server --------------------------------------------------
+    def _send(self, sends: list[tuple[float, int]]) -> None:
+        for t, index in sends:
+            if self.plan.concurrency and self.plan.duration_s is not None and t >= self.plan.duration_s:
+                continue
+            self.events.push(t, "send", index, observing=True)  # it schedules an arrival
 
-    # ---- requests --------------------------------------------------------------
-    def _hashes(self, p: PlannedRequest, block_size: int) -> tuple[int, ...]:
-        if not p.segments:
-            return ()
-        key = (p.index, block_size)
-        if key not in self._hash_cache:
-            self._hash_cache[key] = hashes_from_segments(p.segments, block_size)
-        return self._hash_cache[key]
-
-    def _on_arrival(self, now: float, index: int) -> None:
+    def _on_send(self, now: float, index: int) -> None:
+        """The client sends: the router picks an instance, whose API server (one process, one
+        event loop: HTTP, chat template, tokenisation) handles requests one at a time and
+        hands each to the engine when done. That serial front door is also what spreads
+        requests that clients send together."""
         p = self.plan.requests[index]
         rid = f"req-{index}"
         self._planned[rid] = p
-        rec = RequestRecord(rid, now, p.input_len)
-        self.records[rid] = rec
+        rec = self.records[rid] = RequestRecord(rid, now, p.input_len)
         if not self.front:
             self._fail(rec, now, "no instance accepts requests")
             return
@@ -162,6 +177,39 @@ class Simulation:
         bs = self.front[0].block_size
         routing = RoutingRequest(rid, self._hashes(p, bs), None, p.input_len)
         inst = self.front[self.policy.choose(snaps, routing)]
+        inst.api_queued += 1
+        inst.api_free_s = max(now, inst.api_free_s) + self.api.request_s(p.input_len)
+        self.events.push(inst.api_free_s + self.api.latency_s, "arrival", (index, inst), observing=True)
+
+    def _stream(self, inst: SimInstance, ends: np.ndarray, outputs: int) -> np.ndarray:
+        """When clients see the tokens of steps ending at ``ends``: each step's streaming work waits
+        for the API server's loop (FIFO with the requests it takes in): o_k = max(e_k, o_k-1) + c."""
+        c = self.api.step_s(outputs)
+        k = np.arange(1, len(ends) + 1, dtype=np.float64)
+        out = c * k + np.maximum(inst.api_free_s, np.maximum.accumulate(ends - (k - 1) * c))
+        inst.api_free_s = float(out[-1])
+        return out
+
+    def _client_done(self, rec: RequestRecord) -> None:
+        """A request ended (completed or failed); closed-loop clients send their next one."""
+        if self.clients is not None and rec.finish_s is not None:
+            self._send(self.clients.on_done(int(rec.request_id.split("-")[1]), rec.finish_s))
+
+    # ---- requests --------------------------------------------------------------
+    def _hashes(self, p: PlannedRequest, block_size: int) -> tuple[int, ...]:
+        if not p.segments:
+            return ()
+        key = (p.segments, block_size)  # pooled prompts repeat: hash each distinct prompt once
+        if key not in self._hash_cache:
+            self._hash_cache[key] = hashes_from_segments(p.segments, block_size)
+        return self._hash_cache[key]
+
+    def _on_arrival(self, now: float, payload: tuple[int, SimInstance]) -> None:
+        index, inst = payload
+        inst.api_queued -= 1
+        p = self.plan.requests[index]
+        rid = f"req-{index}"
+        rec = self.records[rid]
         role = "producer" if inst.role == "prefill" and p.output_len > 1 else "none"
         req = Request(rid, p.input_len, p.output_len, now, self._hashes(p, inst.block_size), kv_role=role)
         rejected = inst.scheduler.add_request(req)
@@ -176,8 +224,7 @@ class Simulation:
         rec.ok = False
         rec.error = error
         rec.finish_s = now
-        if self.plan.concurrency:
-            self._push_next_closed(now)
+        self._client_done(rec)
 
     # ---- instances ---------------------------------------------------------------
     def _on_launch(self, now: float, inst: SimInstance) -> None:
@@ -228,18 +275,30 @@ class Simulation:
         results = sched.advance_steady(ends[:n])
         inst.in_flight += 1
         inst.busy_s += float(ends[n - 1] - now)
-        self.events.push(float(ends[n - 1]), "batch_done", (inst, None, results), observing=inst.role == "prefill")
+        self.events.push(
+            float(ends[n - 1]), "batch_done", (inst, None, (results, ends[:n])), observing=inst.role == "prefill"
+        )
         return True
 
     def _on_batch_done(self, now: float, payload: tuple) -> None:
-        inst, output, results = payload
+        inst, output, stretch = payload
         inst.in_flight -= 1
-        if results is None:
+        if stretch is None:
             results = inst.scheduler.update_from_output(output, now)
-        self._handle_results(inst, results, now)
+            seen = float(self._stream(inst, np.array([now]), len(results))[0])
+            for ro in results:  # first tokens reach their clients through the API server
+                req = inst.live.get(ro.request_id)
+                rec = self.records.get(ro.request_id)
+                if req is not None and rec is not None and rec.first_token_s is None and req.first_token_s == now:
+                    rec.first_token_s = seen
+        else:
+            results, ends = stretch
+            seen = float(self._stream(inst, ends, len(results))[-1])
+        self._handle_results(inst, results, now, seen)
         self._try_launch(inst, now)
 
-    def _handle_results(self, inst: SimInstance, results: list[RequestOutput], now: float) -> None:
+    def _handle_results(self, inst: SimInstance, results: list[RequestOutput], now: float, seen: float) -> None:
+        """``seen``: when the clients see this step's (or stretch's last step's) tokens."""
         for ro in results:
             if not ro.finished:
                 continue
@@ -253,23 +312,19 @@ class Simulation:
             rec.ok = ro.finish_reason == "length"
             rec.error = None if rec.ok else (req.error or ro.finish_reason)
             rec.output_tokens = req.num_output_tokens
-            if rec.first_token_s is None:
-                rec.first_token_s = req.first_token_s
-            rec.finish_s = req.finish_s
+            rec.finish_s = seen
             rec.instance = inst.name
             rec.cached_tokens = max(rec.cached_tokens, req.num_cached_tokens)
             rec.preemptions += req.num_preemptions
-            times = req.token_times()
+            times = req.token_times() + (seen - now)  # the client's view, shifted by the streaming path
             if rec.prefill_instance is not None and rec.first_token_s is not None:
                 times = np.concatenate([[rec.first_token_s], times])
             if len(times) > 1:
                 rec.itl_max_ms = float(np.max(np.diff(times))) * 1e3
-            if self.plan.concurrency:
-                self._push_next_closed(now)
+            self._client_done(rec)
 
     # ---- P/D ---------------------------------------------------------------------
     def _hand_off(self, prefill: SimInstance, req: Request, rec: RequestRecord, now: float) -> None:
-        rec.first_token_s = req.first_token_s
         rec.prefill_instance = prefill.name
         rec.cached_tokens = req.num_cached_tokens
         rec.preemptions += req.num_preemptions
@@ -336,7 +391,10 @@ class Simulation:
         for rec in self.records.values():
             if rec.finish_s is None and rec.error is None:
                 rec.error = "did not complete: the cluster could never schedule it"
-        ordered = sorted(self.records.values(), key=lambda r: int(r.request_id.split("-")[1]))
+        ordered = sorted(
+            (r for r in self.records.values() if not self.plan.is_warmup(int(r.request_id.split("-")[1]))),
+            key=lambda r: int(r.request_id.split("-")[1]),
+        )
         slo = self.cluster.spec.slo
         summary = summarize(ordered, slo.ttft_ms, slo.tpot_ms)
         instances = {}
@@ -345,6 +403,8 @@ class Simulation:
             instances[inst.name] = {
                 "role": inst.role,
                 "iterations": s.num_iterations,
+                "generation_tokens": s.generation_tokens,
+                "prompt_tokens": s.prompt_tokens,
                 "preemptions": s.num_preemptions,
                 "prefix_hit_rate": s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
                 "busy_fraction": inst.busy_s / end if end > 0 else 0.0,
@@ -353,5 +413,7 @@ class Simulation:
         return SimResult(self.cluster.name, ordered, summary, instances, self.events.processed, end)
 
 
-def simulate(cluster: InferenceCluster, plan: RequestPlan, *, bulk: bool = True) -> SimResult:
-    return Simulation(cluster, plan, bulk=bulk).run()
+def simulate(
+    cluster: InferenceCluster, plan: RequestPlan, *, bulk: bool = True, profile: EngineProfile | None = None
+) -> SimResult:
+    return Simulation(cluster, plan, bulk=bulk, profile=profile).run()

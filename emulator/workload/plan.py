@@ -46,6 +46,10 @@ class RequestPlan:
     requests: tuple[PlannedRequest, ...]
     concurrency: int | None = None  # closed-loop clients; None = open loop
     duration_s: float | None = None
+    warmup: int = 0  # closed loop: the first `warmup` requests are the unreported warm-up phase
+
+    def is_warmup(self, index: int) -> bool:
+        return index < self.warmup
 
 
 def inter_arrivals(rng: np.random.Generator, arrival, rate: float, n: int) -> np.ndarray:
@@ -93,6 +97,25 @@ def sample_lengths(rng: np.random.Generator, dist, n: int) -> np.ndarray:
     raise TypeError(f"cannot sample {type(dist).__name__} without a trace")
 
 
+PROMPT_POOL_ID = 7_000_000_000  # content ids of pooled prompts (far from trace hash ids)
+
+
+def prompt_segments(rng: PartitionedRNG, wl: WorkloadSpec, lengths: np.ndarray) -> list[tuple[tuple[int, int], ...]]:
+    """Content of each prompt when the client draws from a dataset of K distinct prompts.
+
+    Benchmark clients pick each request's prompt at random from their dataset (AIPerf 0.3's
+    ``DatasetManager._return_any_conversation``: ``random.choice`` over 100 synthetic entries by
+    default); a repeat of the same prompt shares every block and can be served from the prefix
+    cache. Without a pool every prompt is distinct (no segments: nothing to share).
+    """
+    k = wl.client.prompt_pool
+    n = len(lengths)
+    if k is None:
+        return [()] * n
+    picks = rng.for_subsystem("workload.prompts").integers(0, k, n)
+    return [((PROMPT_POOL_ID + int(picks[i]), int(lengths[i])),) for i in range(n)]
+
+
 def detect_trace_format(path: str) -> str:
     """Guess a trace's format from its header or first record."""
     if not os.path.exists(path):
@@ -117,11 +140,13 @@ def build_plan(wl: WorkloadSpec, base_dir: str | None = None) -> RequestPlan:
     if isinstance(arrival, TraceArrival):
         return _trace_plan(wl, arrival, rng, base_dir)
     if isinstance(arrival, ConcurrencyArrival):
-        n = wl.requests or max(1, int((wl.duration or 60) * (wl.rate or 1.0)))
+        warmup = wl.client.warmup_requests
+        n = (wl.requests or max(1, int((wl.duration or 60) * (wl.rate or 1.0)))) + warmup
         ins = sample_lengths(rng.for_subsystem("workload.input"), wl.input_length, n)
         outs = sample_lengths(rng.for_subsystem("workload.output"), wl.output_length, n)
-        reqs = tuple(PlannedRequest(i, None, int(ins[i]), int(outs[i])) for i in range(n))
-        return RequestPlan(reqs, concurrency=arrival.n, duration_s=wl.duration)
+        segs = prompt_segments(rng, wl, ins)
+        reqs = tuple(PlannedRequest(i, None, int(ins[i]), int(outs[i]), segs[i]) for i in range(n))
+        return RequestPlan(reqs, concurrency=arrival.n, duration_s=wl.duration, warmup=warmup)
     if isinstance(arrival, MMPPArrival):
         times = mmpp_times(rng.for_subsystem("workload.arrivals"), arrival, wl.requests, wl.duration)
         n = len(times)
@@ -153,7 +178,8 @@ def build_plan(wl: WorkloadSpec, base_dir: str | None = None) -> RequestPlan:
     n = len(times)
     ins = sample_lengths(rng.for_subsystem("workload.input"), wl.input_length, n)
     outs = sample_lengths(rng.for_subsystem("workload.output"), wl.output_length, n)
-    reqs = tuple(PlannedRequest(i, float(times[i]), int(ins[i]), int(outs[i])) for i in range(n))
+    segs = prompt_segments(rng, wl, ins)
+    reqs = tuple(PlannedRequest(i, float(times[i]), int(ins[i]), int(outs[i]), segs[i]) for i in range(n))
     return RequestPlan(reqs, duration_s=wl.duration)
 
 

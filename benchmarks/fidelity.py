@@ -1,0 +1,196 @@
+"""How close infemu's TTFT and TPOT come to real vLLM, SGLang and TensorRT-LLM deployments.
+
+For every row of the silicon calibration set that infemu can express (same checkpoint, GPU,
+engine and version, parallel layout, aggregated or P/D worker counts), the simulator runs the
+row's benchmark (closed loop at its concurrency, fixed ISL/OSL, warm-up then measured rounds)
+and the mean TTFT and TPOT are compared with the measured ones. Rows that cannot be expressed
+are counted with the reason.
+
+Cross-validation: the engines' host-side and API constants were fitted on this data set
+(tools/fit_engines.py), so each group (model x GPU x engine version) is scored with constants
+refitted on every other group (leave-one-group-out; emulator/calibration/fit.py). The in-sample
+figures (shipped constants) are printed beside them.
+
+    python benchmarks/fidelity.py                       # everything, cross-validated (tens of minutes)
+    python benchmarks/fidelity.py --engines vllm --modes agg --limit 200 --no-cv   # a quick look
+    python benchmarks/fidelity.py --json fidelity.json  # the per-family table and every row as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from emulator.calibration import fit as F
+from emulator.calibration.express import TEMPLATES, Skip, express
+from emulator.calibration.rows import DEFAULT_PATH, dedupe, load_rows
+from emulator.calibration.score import RowOutcome, headline, score
+from emulator.costmodel.engines import fitted_constants
+
+TARGETS = {"ttft": 10.0, "tpot": 5.0}  # the issue's cross-validated medians for the target families
+
+
+def select(rows, args):
+    engines = set(args.engines.split(",")) if args.engines else None
+    modes = set(args.modes.split(",")) if args.modes else None
+    systems = set(args.gpus.split(",")) if args.gpus else None
+    out = [
+        r
+        for r in rows
+        if (engines is None or r.backend in engines)
+        and (modes is None or r.mode in modes)
+        and (systems is None or r.system in systems)
+    ]
+    if args.limit and len(out) > args.limit:
+        rng = np.random.default_rng(args.seed)
+        keep = sorted(rng.choice(len(out), args.limit, replace=False))
+        out = [out[i] for i in keep]
+    return out
+
+
+def progress(label: str):
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 10 or done == total:
+            last[0] = now
+            print(f"  {label}: {done}/{total} rows, {now - t0:.0f} s", file=sys.stderr, flush=True)
+
+    return report
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DEFAULT_PATH, help="silicon_calibration.csv")
+    ap.add_argument("--engines", help="comma-separated: vllm,sglang,trtllm")
+    ap.add_argument("--modes", help="comma-separated: agg,disagg")
+    ap.add_argument("--gpus", help="comma-separated systems: h100_sxm,h200_sxm,b200_sxm,b300_sxm,gb200,gb300")
+    ap.add_argument("--limit", type=int, help="a seeded random subset of this many rows")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=4, help="measured rounds simulated per row (the benchmark ran 20)")
+    ap.add_argument("--template", choices=sorted(TEMPLATES), default=fitted_constants().get("template", "sflow"))
+    ap.add_argument("--no-cv", action="store_true", help="score the shipped constants only (in-sample)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", help="write the families, the headline and every row here")
+    args = ap.parse_args()
+    if not os.path.exists(args.data):
+        print(f"error: {args.data}: no such file; pass --data PATH to silicon_calibration.csv", file=sys.stderr)
+        return 2
+
+    rows = select(dedupe(load_rows(args.data)), args)
+    t0 = time.perf_counter()
+    outcomes: dict[str, RowOutcome] = {}
+    expressed = []
+    for r in rows:
+        ex = express(r, rounds=args.rounds, template=args.template)
+        if isinstance(ex, Skip):
+            outcomes[r.id] = RowOutcome(r, skip=ex.reason)
+        else:
+            outcomes[r.id] = RowOutcome(r)
+            expressed.append(ex)
+    print(f"{len(rows)} rows (deduplicated), {len(expressed)} expressed; template {args.template}", file=sys.stderr)
+
+    base = F.run_rows([(ex, None) for ex in expressed], args.jobs, progress("shipped constants"))
+    for ex, p in zip(expressed, base, strict=True):
+        outcomes[ex.row.id].fitted = p
+        outcomes[ex.row.id].cv = p
+    constants = fitted_constants().get("engines", {})
+    refits: dict[str, dict] = {}
+    if not args.no_cv:
+        for engine in sorted({ex.row.backend for ex in expressed}):
+            if engine not in constants:
+                continue
+            idx = [i for i, ex in enumerate(expressed) if ex.row.backend == engine]
+            rows_e = [expressed[i] for i in idx]
+            theta = F.vector(F.profile_for(rows_e[0]))
+            print(f"{engine}: leave-one-group-out over {len({ex.row.group for ex in rows_e})} groups", file=sys.stderr)
+            preds, refits[engine] = F.cross_validate(
+                rows_e, [base[i] for i in idx], theta, args.jobs, log=lambda m: print(m, file=sys.stderr)
+            )
+            for ex, p in zip(rows_e, preds, strict=True):
+                outcomes[ex.row.id].cv = p
+
+    results = list(outcomes.values())
+    families = score(results)
+    head = headline(results)
+    wall = time.perf_counter() - t0
+    label = "in-sample" if args.no_cv else "cross-validated"
+    print(f"\nfidelity against {os.path.basename(args.data)} ({label}; |predicted/measured - 1| of mean TTFT and TPOT)")
+    print(
+        f"{'family':30} {'rows':>5} {'skip':>5} {'fail':>5}   {'TTFT med':>8} {'p90':>6} {'(fit)':>6}"
+        f"   {'TPOT med':>8} {'p90':>6} {'(fit)':>6}"
+    )
+    for f in families:
+
+        def pct(d: dict, k: str) -> str:
+            return "-" if d.get(k) is None else f"{d[k]:.1f}"
+
+        print(
+            f"{f.family:30} {f.expressed:5d} {sum(f.skipped.values()):5d} {f.failed:5d}   "
+            f"{pct(f.ttft, 'median'):>8} {pct(f.ttft, 'p90'):>6} {pct(f.ttft_fitted, 'median'):>6}   "
+            f"{pct(f.tpot, 'median'):>8} {pct(f.tpot, 'p90'):>6} {pct(f.tpot_fitted, 'median'):>6}"
+        )
+    skips = Counter(o.skip for o in results if o.skip)
+    if skips:
+        print("\nskipped rows by reason:")
+        for reason, n in skips.most_common():
+            print(f"  {n:5d}  {reason}")
+
+    def show(v):
+        return "-" if v is None else f"{v:.1f}%"
+
+    print(
+        f"\ntarget (aggregated vLLM + SGLang on H100/H200/B200, {head['target_rows']} rows): median |error|"
+        f" TTFT {show(head['target_ttft_median_pct'])} (target <= {TARGETS['ttft']:.0f}%),"
+        f" TPOT {show(head['target_tpot_median_pct'])} (target <= {TARGETS['tpot']:.0f}%)"
+    )
+    print(
+        f"disaggregated ({head['disagg_rows']} rows): TTFT {show(head['disagg_ttft_median_pct'])},"
+        f" TPOT {show(head['disagg_tpot_median_pct'])}"
+    )
+    print(f"rows expressed: {head['expressed']} of {head['rows']} (target >= 3000); {wall:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(
+                {
+                    "label": label,
+                    "template": args.template,
+                    "rounds": args.rounds,
+                    "headline": head,
+                    "families": [f.to_json() for f in families],
+                    "refitted_constants": refits,
+                    "rows": [
+                        {
+                            "id": o.row.id,
+                            "family": o.row.family,
+                            "group": o.row.group,
+                            "skip": o.skip,
+                            "measured": {"ttft_ms": o.row.ttft_ms, "tpot_ms": o.row.tpot_ms},
+                            "predicted": None
+                            if o.cv is None
+                            else {"ttft_ms": o.cv.ttft_ms, "tpot_ms": o.cv.tpot_ms, "error": o.cv.error},
+                            "predicted_in_sample": None
+                            if o.fitted is None
+                            else {"ttft_ms": o.fitted.ttft_ms, "tpot_ms": o.fitted.tpot_ms},
+                        }
+                        for o in results
+                    ],
+                },
+                fh,
+                indent=1,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Fit the engines' host-side and API-server constants to the calibration set, and score them
+leave-one-group-out.
+
+The constants (``PARAMETERS``: six per engine) enter the simulator through the engine
+profile; predictions are the simulator's, never a formula. The fit is robust Gauss-Newton
+in log space: around the current constants, the simulator's response of every row to each
+constant is measured by finite differences (one simulation per constant and row), a
+linearised robust least-squares problem (soft-L1 on log(predicted / measured), TTFT and TPOT
+alike, constants kept non-negative) gives the next constants, and the rows are simulated
+again. Cross-validation refits the same linearised problem without one group (model x GPU x
+engine version) and simulates that group with its own refitted constants, so no row is
+scored with constants fitted on its own group.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from emulator.calibration.express import Expressed
+from emulator.calibration.predict import Prediction, predict
+from emulator.capacity import profile_of
+from emulator.costmodel.engines import EngineProfile
+
+# (section, field in the profile's dataclass, unit factor to seconds, name in engines.yaml, step for derivatives)
+PARAMETERS: tuple[tuple[str, str, float, str, float], ...] = (
+    ("api", "latency_s", 1e-3, "latency_ms", 5.0),
+    ("api", "per_prompt_token_s", 1e-6, "per_prompt_token_us", 5.0),
+    ("api", "per_output_s", 1e-6, "per_output_us", 50.0),
+    ("host", "step_fixed_s", 1e-6, "step_fixed_us", 300.0),
+    ("host", "per_seq_s", 1e-6, "per_seq_us", 5.0),
+    ("host", "eager_launch_s", 1e-6, "eager_launch_us_per_layer", 100.0),
+)
+UPPER = np.array([500.0, 500.0, 2000.0, 50_000.0, 500.0, 5000.0])  # physical bounds in the yaml units
+
+
+def vector(profile: EngineProfile) -> np.ndarray:
+    """The profile's fitted constants in engines.yaml units."""
+    return np.array([getattr(getattr(profile, sec), f) / unit for sec, f, unit, _, _ in PARAMETERS])
+
+
+def with_vector(profile: EngineProfile, theta: Sequence[float]) -> EngineProfile:
+    host, api = profile.host, profile.api
+    for (sec, f, unit, _, _), v in zip(PARAMETERS, theta, strict=True):
+        if sec == "host":
+            host = replace(host, **{f: float(v) * unit})
+        else:
+            api = replace(api, **{f: float(v) * unit})
+    return replace(profile, host=host, api=api)
+
+
+def profile_for(ex: Expressed) -> EngineProfile:
+    return profile_of(ex.cluster.spec)
+
+
+# ---- running many rows -------------------------------------------------------------------
+
+_Job = tuple[Expressed, "np.ndarray | None"]
+
+
+def _run(job: _Job) -> Prediction:
+    ex, theta = job
+    profile = profile_for(ex) if theta is None else with_vector(profile_for(ex), theta)
+    try:
+        return predict(ex, profile=profile)
+    except Exception as exc:  # a row the simulator cannot run is reported, never fatal to the sweep
+        return Prediction(ex.row.id, None, None, 0, 0, f"{type(exc).__name__}: {exc}", 0.0)
+
+
+def run_rows(
+    jobs: list[_Job], workers: int = 1, progress: Callable[[int, int], None] | None = None
+) -> list[Prediction]:
+    """Simulate every (row, constants) job; ``workers`` processes, results in job order."""
+    if workers <= 1 or len(jobs) < 4:
+        out = []
+        for i, j in enumerate(jobs):
+            out.append(_run(j))
+            if progress:
+                progress(i + 1, len(jobs))
+        return out
+    # slow rows (thousands of clients) first, so the pool does not end on one straggler
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].load.concurrency)
+    results: list[Prediction | None] = [None] * len(jobs)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(workers) as pool:
+        for n, (i, pred) in enumerate(pool.imap_unordered(_indexed, [(i, jobs[i]) for i in order], chunksize=2)):
+            results[i] = pred
+            if progress:
+                progress(n + 1, len(jobs))
+    return [r for r in results if r is not None]
+
+
+def _indexed(item: tuple[int, _Job]) -> tuple[int, Prediction]:
+    i, job = item
+    return i, _run(job)
+
+
+# ---- residuals and the linearised problem ------------------------------------------------------
+
+
+def log_residuals(rows: Sequence[Expressed], preds: Sequence[Prediction]) -> np.ndarray:
+    """(n, 2) array of log(predicted / measured) for TTFT and TPOT; NaN where a row failed."""
+    out = np.full((len(rows), 2), np.nan)
+    for i, (ex, p) in enumerate(zip(rows, preds, strict=True)):
+        if p.ttft_ms and p.tpot_ms and p.ttft_ms > 0 and p.tpot_ms > 0:
+            out[i] = (math.log(p.ttft_ms / ex.row.ttft_ms), math.log(p.tpot_ms / ex.row.tpot_ms))
+    return out
+
+
+@dataclass
+class Linearisation:
+    """Residuals at ``theta`` and their derivatives: r(theta') ~ r + J (theta' - theta)."""
+
+    theta: np.ndarray
+    residuals: np.ndarray  # (n, 2)
+    jacobian: np.ndarray  # (n, 2, p)
+
+
+def linearise(
+    rows: Sequence[Expressed], theta: np.ndarray, workers: int = 1, base: Sequence[Prediction] | None = None
+) -> Linearisation:
+    if base is None:
+        base = run_rows([(ex, theta) for ex in rows], workers)
+    r0 = log_residuals(rows, base)
+    jac = np.zeros((len(rows), 2, len(PARAMETERS)))
+    for j, (*_, step) in enumerate(PARAMETERS):
+        shifted = theta.copy()
+        shifted[j] += step
+        rj = log_residuals(rows, run_rows([(ex, shifted) for ex in rows], workers))
+        jac[:, :, j] = (rj - r0) / step
+    return Linearisation(theta, r0, np.nan_to_num(jac))
+
+
+def solve(lin: Linearisation, mask: np.ndarray, max_step: float = 2.0) -> np.ndarray:
+    """Constants minimising the robust linearised loss over the rows in ``mask`` (a step of at most
+    ``max_step`` times the current value plus the derivative step, a trust region)."""
+    ok = mask & ~np.isnan(lin.residuals).any(axis=1)
+    r0, jac, t0 = lin.residuals[ok], lin.jacobian[ok], lin.theta
+    if not ok.any():
+        return t0.copy()
+    steps = np.array([s for *_, s in PARAMETERS])
+    lo = np.maximum(0.0, t0 - max_step * (t0 + steps))
+    hi = np.minimum(UPPER, t0 + max_step * (t0 + steps))
+
+    def f(theta: np.ndarray) -> np.ndarray:
+        return (r0 + jac @ (theta - t0)).ravel()
+
+    margin = 1e-3 * (hi - lo)  # least_squares' trust region stalls on a start lying exactly on a bound
+    start = np.clip(t0, lo + margin, hi - margin)
+    # plain least squares first (far from the optimum the robust loss flattens every residual), then the
+    # robust loss from there: soft-L1 at 5% keeps a group that measured something else from dragging the fit
+    rough = least_squares(f, start, bounds=(lo, hi), loss="linear", x_scale=steps)
+    res = least_squares(f, rough.x, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, x_scale=steps)
+    return res.x
+
+
+def median_errors(residuals: np.ndarray) -> tuple[float, float]:
+    """Median |error| in percent for TTFT and TPOT (rows that ran)."""
+    ok = ~np.isnan(residuals).any(axis=1)
+    if not ok.any():
+        return float("nan"), float("nan")
+    e = np.abs(np.exp(residuals[ok]) - 1) * 100
+    return float(np.median(e[:, 0])), float(np.median(e[:, 1]))
+
+
+def fit(
+    rows: Sequence[Expressed],
+    theta0: np.ndarray,
+    iterations: int = 3,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Robust fit with the simulator in the loop (the chord method: the derivatives are measured once,
+    at ``theta0``; every iteration re-simulates the rows at the new constants and solves again).
+    Returns the constants and the rows' log residuals there."""
+    theta = theta0.astype(float).copy()
+    lin = linearise(rows, theta, workers)
+    ttft, tpot = median_errors(lin.residuals)
+    log(f"  start {np.round(theta, 3).tolist()}: median |error| TTFT {ttft:.1f}% TPOT {tpot:.1f}%")
+    current = lin
+    for it in range(iterations):
+        candidate = solve(current, np.ones(len(rows), dtype=bool))
+        residuals = log_residuals(rows, run_rows([(ex, candidate) for ex in rows], workers))
+        ttft, tpot = median_errors(residuals)
+        log(f"  iteration {it + 1} {np.round(candidate, 3).tolist()}: median |error| TTFT {ttft:.1f}% TPOT {tpot:.1f}%")
+        theta, current = candidate, Linearisation(candidate, residuals, lin.jacobian)
+    return theta, current.residuals
+
+
+# ---- leave-one-group-out ----------------------------------------------------------------------
+
+
+def cross_validate(
+    rows: Sequence[Expressed],
+    base: Sequence[Prediction],
+    theta: np.ndarray,
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> tuple[list[Prediction], dict[str, list[float]]]:
+    """Predictions of every row with constants refitted without its group, and those constants.
+
+    The refit minimises the linearised loss around ``theta`` (the shipped constants) over the
+    other groups' rows; the row is then simulated with the refitted constants.
+    """
+    lin = linearise(rows, theta, workers, base=base)
+    groups = np.array([ex.row.group for ex in rows])
+    thetas: dict[str, np.ndarray] = {}
+    for g in sorted(set(groups)):
+        thetas[g] = solve(lin, groups != g)
+    log(
+        f"  refitted {len(thetas)} groups; constants span "
+        + ", ".join(
+            f"{name} {min(t[j] for t in thetas.values()):.3g}-{max(t[j] for t in thetas.values()):.3g}"
+            for j, (*_, name, _) in enumerate(PARAMETERS)
+        )
+    )
+    preds = run_rows([(ex, thetas[ex.row.group]) for ex in rows], workers)
+    return preds, {g: t.tolist() for g, t in thetas.items()}

@@ -1,0 +1,110 @@
+"""Scores of predictions against the calibration set: per family, cross-validated and in-sample.
+
+|error| = |predicted / measured - 1| of the mean TTFT and the mean TPOT of a row. A family is
+engine x mode x GPU system. The issue's target families are the aggregated vLLM and SGLang rows
+on H100, H200 and B200.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from emulator.calibration.predict import Prediction
+from emulator.calibration.rows import CalibrationRow
+
+TARGET_ENGINES = ("vllm", "sglang")
+TARGET_SYSTEMS = ("h100_sxm", "h200_sxm", "b200_sxm")
+
+
+@dataclass
+class RowOutcome:
+    row: CalibrationRow
+    skip: str | None = None
+    fitted: Prediction | None = None  # the shipped constants (fitted on every group)
+    cv: Prediction | None = None  # constants refitted without this row's group
+
+    def errors(self, which: str) -> tuple[float, float] | None:
+        p = self.cv if which == "cv" else self.fitted
+        if p is None or p.ttft_ms is None or p.tpot_ms is None:
+            return None
+        return abs(p.ttft_ms / self.row.ttft_ms - 1) * 100, abs(p.tpot_ms / self.row.tpot_ms - 1) * 100
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"median": None, "p90": None}
+    a = np.asarray(values)
+    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90))}
+
+
+@dataclass
+class FamilyScore:
+    family: str
+    expressed: int = 0
+    failed: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    ttft: dict = field(default_factory=dict)
+    tpot: dict = field(default_factory=dict)
+    ttft_fitted: dict = field(default_factory=dict)
+    tpot_fitted: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "family": self.family,
+            "expressed": self.expressed,
+            "failed": self.failed,
+            "skipped": sum(self.skipped.values()),
+            "skip_reasons": dict(self.skipped.most_common()),
+            "ttft_abs_error_pct": {"cross_validated": self.ttft, "in_sample": self.ttft_fitted},
+            "tpot_abs_error_pct": {"cross_validated": self.tpot, "in_sample": self.tpot_fitted},
+        }
+
+
+def score(outcomes: list[RowOutcome], key=lambda r: r.family) -> list[FamilyScore]:
+    by: dict[str, FamilyScore] = {}
+    errs: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for o in outcomes:
+        k = key(o.row)
+        fs = by.setdefault(k, FamilyScore(k))
+        if o.skip is not None:
+            fs.skipped[o.skip] += 1
+            continue
+        fs.expressed += 1
+        cv, fit = o.errors("cv"), o.errors("fitted")
+        if cv is None:
+            fs.failed += 1
+            continue
+        errs[k]["ttft"].append(cv[0])
+        errs[k]["tpot"].append(cv[1])
+        if fit is not None:
+            errs[k]["ttft_fit"].append(fit[0])
+            errs[k]["tpot_fit"].append(fit[1])
+    for k, fs in by.items():
+        fs.ttft, fs.tpot = _stats(errs[k]["ttft"]), _stats(errs[k]["tpot"])
+        fs.ttft_fitted, fs.tpot_fitted = _stats(errs[k]["ttft_fit"]), _stats(errs[k]["tpot_fit"])
+    return sorted(by.values(), key=lambda f: f.family)
+
+
+def is_target(row: CalibrationRow) -> bool:
+    return row.mode == "agg" and row.backend in TARGET_ENGINES and row.system in TARGET_SYSTEMS
+
+
+def headline(outcomes: list[RowOutcome]) -> dict:
+    """The issue's numbers: cross-validated medians on the target families, rows expressed."""
+    target = [o for o in outcomes if is_target(o.row) and o.skip is None and o.errors("cv") is not None]
+    e = np.array([o.errors("cv") for o in target]) if target else np.zeros((0, 2))
+    disagg = [o for o in outcomes if o.row.mode == "disagg" and o.skip is None and o.errors("cv") is not None]
+    d = np.array([o.errors("cv") for o in disagg]) if disagg else np.zeros((0, 2))
+    return {
+        "rows": len(outcomes),
+        "expressed": sum(1 for o in outcomes if o.skip is None),
+        "target_rows": len(target),
+        "target_ttft_median_pct": float(np.median(e[:, 0])) if len(e) else None,
+        "target_tpot_median_pct": float(np.median(e[:, 1])) if len(e) else None,
+        "disagg_rows": len(disagg),
+        "disagg_ttft_median_pct": float(np.median(d[:, 0])) if len(d) else None,
+        "disagg_tpot_median_pct": float(np.median(d[:, 1])) if len(d) else None,
+    }

@@ -1,0 +1,103 @@
+"""One engine step as a real serving engine takes it: GPU kernels plus host-side work.
+
+``EngineStepModel`` is the ``CostModel`` that the simulator and the emulated workers use.
+It prices a batch in three explicit parts (``emulator.costmodel.engines`` holds the
+per-engine constants and their sources):
+
+1. CUDA graphs: a step whose tokens fit the largest captured size replays a graph; a
+   decode-only batch is padded up to the next capture size, so its GEMMs and collectives
+   run at the padded token count (attention only sees the real sequences). Larger steps
+   (long prefill chunks) run eagerly: their kernels are launched one by one from the host,
+   so the step takes at least the launch time of every layer's kernels.
+2. Kernels: ``emulator.costmodel.instance``.
+3. Host-side work of the step (schedule, prepare inputs, sample, process outputs): fixed +
+   per sequence + per new prompt token. An engine that schedules asynchronously overlaps it
+   with the GPU (the step takes the longer of the two); otherwise it adds to every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emulator.costmodel.engines import EngineProfile
+from emulator.costmodel.instance import InstanceCostModel
+from emulator.costmodel.interface import BatchShape, StepTime
+
+
+class EngineStepModel:
+    def __init__(self, kernels: InstanceCostModel, profile: EngineProfile) -> None:
+        self.kernels = kernels
+        self.profile = profile
+        self.sources = dict(kernels.sources)
+        self.sources["host"] = f"{profile.name} {profile.version} profile (emulator/costmodel/data/engines.yaml)"
+
+    @property
+    def cfg(self):
+        return self.kernels.cfg
+
+    # ---- the three parts ---------------------------------------------------------------
+    def graph_tokens(self, shape: BatchShape) -> int | None:
+        """Tokens the GEMMs run at when the step replays a CUDA graph, None when it runs eagerly.
+
+        With attention DP each rank captures its own batch sizes; the group's padded count is
+        the rank padding times the ranks.
+        """
+        dp = self.kernels.cfg.dp
+        per_rank = -(-shape.num_tokens // dp)
+        if shape.prefill_chunks:
+            return shape.num_tokens if per_rank <= (self.profile.cuda_graph_sizes or (0,))[-1] else None
+        size = self.profile.graph_size(per_rank)
+        return None if size is None else max(size * dp, shape.num_tokens)
+
+    def host_s(self, shape: BatchShape) -> float:
+        h = self.profile.host
+        prefill = sum(q for q, _ in shape.prefill_chunks)
+        per_rank_seqs = -(-shape.num_seqs // self.kernels.cfg.dp)
+        return h.step_fixed_s + h.per_seq_s * per_rank_seqs + h.per_prefill_token_s * prefill
+
+    def _eager_floor_s(self) -> float:
+        return self.profile.host.eager_launch_s * self.kernels.cfg.model.layers
+
+    def _combine(self, gpu_total, gpu_interval, host: float, graphed: bool):
+        if not graphed:
+            floor = self._eager_floor_s()
+            gpu_total = np.maximum(gpu_total, floor)
+            gpu_interval = np.maximum(gpu_interval, floor)
+        if self.profile.host.async_overlap:
+            return np.maximum(gpu_total, host), np.maximum(gpu_interval, host)
+        return gpu_total + host, gpu_interval + host
+
+    # ---- CostModel ------------------------------------------------------------------------
+    def step_time(self, shape: BatchShape) -> StepTime:
+        if shape.num_tokens == 0:
+            return StepTime(0.0, 0.0)
+        mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
+        padded = self.graph_tokens(shape)
+        total, interval = self.kernels.totals(shape, mean_kv, padded)
+        total, interval = self._combine(total, interval, self.host_s(shape), padded is not None)
+        return StepTime(float(total[0]), float(interval[0]))
+
+    def decode_stretch_s(self, num_decode: int, kv_sum_start: int, steps: int) -> np.ndarray:
+        shape = BatchShape(num_decode=num_decode, decode_kv_sum=kv_sum_start)
+        padded = self.graph_tokens(shape)
+        kv_sums = kv_sum_start + np.arange(steps, dtype=np.int64) * num_decode
+        total, interval = self.kernels.totals(shape, kv_sums / num_decode, padded)
+        total, _ = self._combine(total, interval, self.host_s(shape), padded is not None)
+        return total
+
+    def breakdown(self, shape: BatchShape) -> dict[str, float]:
+        """Seconds per kernel, plus the host-side terms as the step sees them."""
+        padded = self.graph_tokens(shape)
+        ops = self.kernels.breakdown(shape, padded)
+        if not shape.num_tokens:
+            return ops
+        gpu = sum(ops.values())
+        host = self.host_s(shape)
+        if padded is None and self._eager_floor_s() > gpu:
+            ops["host_eager_launch"] = self._eager_floor_s() - gpu
+            gpu = self._eager_floor_s()
+        ops["host_step"] = max(0.0, host - gpu) if self.profile.host.async_overlap else host
+        return ops
+
+    def kv_transfer_bytes(self, tokens: int) -> int:
+        return self.kernels.kv_transfer_bytes(tokens)

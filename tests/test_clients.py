@@ -1,0 +1,112 @@
+"""Closed-loop clients as benchmark clients behave (phases, overhead, drift) and prompt reuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emulator.sim.simulator import simulate
+from emulator.spec import parse_cluster
+from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
+from emulator.workload.plan import build_plan
+
+
+def cluster(workload: dict, **spec):
+    doc = {
+        "apiVersion": "infemu.io/v1alpha1",
+        "kind": "InferenceCluster",
+        "metadata": {"name": "c"},
+        "spec": {
+            "model": "llama-3.1-8b",
+            "gpu": "h100-sxm",
+            "topology": {"nodes": 1, "gpusPerNode": 1},
+            "pools": [{"name": "agg", "maxModelLen": 4096}],
+            "workload": workload,
+            **spec,
+        },
+    }
+    return parse_cluster(doc)
+
+
+def test_the_measured_phase_starts_only_when_every_warmup_request_is_back():
+    c = ClosedLoopClients(4, 12, ClientBehaviour(warmup=4), np.random.default_rng(0))
+    first = c.start(0.0)
+    assert [i for _, i in first] == [0, 1, 2, 3]
+    assert c.on_done(0, 1.0) == [] and c.on_done(1, 1.1) == [] and c.on_done(2, 1.2) == []
+    burst = c.on_done(3, 2.0)  # the last warm-up request: C measured requests at once
+    assert [i for _, i in burst] == [4, 5, 6, 7] and all(t == 2.0 for t, _ in burst)
+    assert c.is_warmup(3) and not c.is_warmup(4)
+
+
+def test_client_overhead_is_random_with_the_given_mean():
+    c = ClosedLoopClients(1, 20001, ClientBehaviour(overhead_s=0.005, overhead_cv=1.0), np.random.default_rng(1))
+    c.start(0.0)
+    gaps = [c.on_done(i, 0.0)[0][0] for i in range(20000)]
+    assert np.mean(gaps) == pytest.approx(0.005, rel=0.03)
+    assert np.std(gaps) / np.mean(gaps) == pytest.approx(1.0, rel=0.05)
+
+
+def test_clients_that_start_together_drift_apart():
+    """No lock-step: after the first round the clients' send times spread over the cycle."""
+    wl = {
+        "arrival": {"type": "concurrency", "n": 16},
+        "requests": 160,
+        "inputLength": {"type": "fixed", "value": 512},
+        "outputLength": {"type": "fixed", "value": 64},
+        "client": {"overheadMs": 5.0},
+    }
+    res = simulate(cluster(wl), build_plan(cluster(wl).spec.workload))
+    sends = np.array([r.arrival_s for r in res.records])
+    first, later = sends[:16], sends[-16:]
+    assert np.ptp(first) == 0.0  # the benchmark starts every client at once
+    assert np.ptp(later) > 0.02  # ... and ten rounds later they no longer send together
+    steady = [r.ttft_ms for r in res.records[32:]]
+    assert np.mean(steady) < np.mean([r.ttft_ms for r in res.records[:16]])
+
+
+def test_warmup_requests_are_not_reported():
+    wl = {
+        "arrival": {"type": "concurrency", "n": 4},
+        "requests": 20,
+        "inputLength": {"type": "fixed", "value": 256},
+        "outputLength": {"type": "fixed", "value": 16},
+        "client": {"warmupRequests": 8},
+    }
+    c = cluster(wl)
+    plan = build_plan(c.spec.workload)
+    assert len(plan.requests) == 28 and plan.warmup == 8
+    res = simulate(c, plan)
+    assert res.summary["requests"] == 20 and res.records[0].request_id == "req-8"
+
+
+@pytest.mark.parametrize("pool", [10, 100])
+def test_prompt_reuse_gives_the_expected_prefix_hit_rate(pool):
+    """K distinct prompts drawn at random for N requests: N - K(1 - (1 - 1/K)^N) repeats, each a full
+    hit but for its last block (the cache holds every prompt here)."""
+    n, isl, bs = 300, 1024, 16
+    wl = {
+        "arrival": {"type": "concurrency", "n": 4},
+        "requests": n,
+        "inputLength": {"type": "fixed", "value": isl},
+        "outputLength": {"type": "fixed", "value": 8},
+        "client": {"promptPool": pool},
+    }
+    c = cluster(wl)
+    plan = build_plan(c.spec.workload)
+    distinct = len({p.segments for p in plan.requests})
+    expected_distinct = pool * (1 - (1 - 1 / pool) ** n)
+    assert distinct == pytest.approx(expected_distinct, abs=4 * np.sqrt(expected_distinct))
+    res = simulate(c, plan)
+    hit_tokens = sum(r.cached_tokens for r in res.records)
+    per_hit = (isl - 1) // bs * bs  # at least one prompt token is always recomputed
+    assert hit_tokens == pytest.approx((n - distinct) * per_hit, rel=0.02)
+
+
+def test_cli_flags_set_the_client_model(tmp_path):
+    from emulator.overrides import WorkloadOverrides, apply_overrides
+
+    wl = {"arrival": {"type": "poisson"}, "rate": 1, "requests": 10}
+    c = apply_overrides(cluster(wl), WorkloadOverrides(concurrency=8, warmup_requests=16, prompt_pool=100))
+    client = c.spec.workload.client
+    assert (client.warmup_requests, client.prompt_pool) == (16, 100)
+    assert build_plan(c.spec.workload).warmup == 16

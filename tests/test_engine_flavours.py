@@ -1,0 +1,120 @@
+"""Scheduling as each engine flavour does it, and the P/D livelock regression."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from builders import create_request, create_scheduler, run_to_completion
+
+from emulator.engine.scheduler import Scheduler
+from emulator.sim.simulator import Simulation
+from emulator.spec import parse_cluster
+from emulator.workload.plan import build_plan
+
+
+def prefill_first(sched: Scheduler) -> Scheduler:
+    return Scheduler(replace(sched.config, prefill_first=True))
+
+
+def test_mixed_steps_put_prefill_chunks_beside_running_decodes():
+    s = create_scheduler(max_num_batched_tokens=4096)
+    for i in range(4):
+        s.add_request(create_request(f"d{i}", 100, 50))
+    out = s.schedule(0.0)
+    s.update_from_output(out, 0.01)  # all four now decode
+    s.add_request(create_request("new", 1000, 10))
+    out = s.schedule(0.02)
+    assert out.shape.num_decode == 4 and [q for q, _ in out.shape.prefill_chunks] == [1000]
+
+
+def test_prefill_first_steps_pause_decoding_while_a_prompt_can_progress():
+    s = prefill_first(create_scheduler(max_num_batched_tokens=4096))
+    for i in range(4):
+        s.add_request(create_request(f"d{i}", 100, 50))
+    s.update_from_output(s.schedule(0.0), 0.01)
+    s.add_request(create_request("new", 1000, 10))
+    out = s.schedule(0.02)
+    assert out.shape.num_decode == 0 and [q for q, _ in out.shape.prefill_chunks] == [1000]
+    s.update_from_output(out, 0.05)
+    out = s.schedule(0.06)  # nothing left to prefill: everyone decodes, the new request too
+    assert out.shape.num_decode == 5 and not out.shape.prefill_chunks
+    s.update_from_output(out, 0.07)
+    finished, _ = run_to_completion(s)
+    assert sorted(finished) == ["d0", "d1", "d2", "d3", "new"]
+
+
+def test_a_long_prompt_is_chunked_over_prefill_only_steps():
+    s = prefill_first(create_scheduler(max_num_batched_tokens=1000))
+    s.add_request(create_request("d", 10, 100))
+    s.update_from_output(s.schedule(0.0), 0.01)
+    s.add_request(create_request("long", 2500, 5))
+    chunks = []
+    for step in range(3):
+        out = s.schedule(0.02 + step)
+        chunks.append((out.shape.num_decode, [q for q, _ in out.shape.prefill_chunks]))
+        s.update_from_output(out, 0.03 + step)
+    assert chunks == [(0, [1000]), (0, [1000]), (0, [500])]
+
+
+def test_guaranteed_no_evict_admits_only_what_can_finish_and_never_preempts():
+    base = create_scheduler(num_blocks=40, block_size=16, max_num_batched_tokens=4096)  # 640 tokens of KV
+    s = Scheduler(replace(base.config, reserve_full_sequence=True))
+    for i in range(6):
+        s.add_request(create_request(f"r{i}", 100, 100))  # each needs 200 tokens = 13 blocks to finish
+    out = s.schedule(0.0)
+    assert len(out.scheduled) == 3  # 3 x 13 = 39 blocks set aside; a fourth would not fit
+    s.update_from_output(out, 0.01)
+    finished, _ = run_to_completion(s)
+    assert len(finished) == 6 and s.num_preemptions == 0
+    # without the reservation the same load preempts
+    v = create_scheduler(num_blocks=40, block_size=16, max_num_batched_tokens=4096)
+    for i in range(6):
+        v.add_request(create_request(f"r{i}", 100, 100))
+    run_to_completion(v)
+    assert v.num_preemptions > 0
+
+
+def test_a_request_larger_than_the_whole_cache_is_rejected_explicitly():
+    s = create_scheduler(num_blocks=10, block_size=16)
+    req = create_request("huge", 150, 20)
+    out = s.add_request(req)
+    assert out is not None and out.finished and out.finish_reason == "error"
+    assert req.error == "the request needs 170 tokens of KV cache but this instance holds only 160"
+
+
+PD_SMALL_DECODE = {
+    "apiVersion": "infemu.io/v1alpha1",
+    "kind": "InferenceCluster",
+    "metadata": {"name": "pd-small"},
+    "spec": {
+        "model": "llama-3.1-8b",
+        "gpu": "h100-sxm",
+        "topology": {"nodes": 1, "gpusPerNode": 8},
+        "pools": [
+            {"name": "prefill", "role": "prefill", "replicas": 2, "maxModelLen": 8192},
+            # a decode instance with room for only ~26k tokens of KV: it fills, preempts and must recover
+            {"name": "decode", "role": "decode", "maxModelLen": 8192, "gpuMemoryUtilization": 0.28},
+        ],
+        "router": {"policy": "pd"},
+        "workload": {
+            "arrival": {"type": "poisson"},
+            "rate": 20,
+            "requests": 400,
+            "inputLength": {"type": "uniform", "min": 1000, "max": 6000},
+            "outputLength": {"type": "uniform", "min": 100, "max": 800},
+        },
+    },
+}
+
+
+def test_pd_with_a_full_decode_cache_completes_every_request():
+    """Regression: consumers whose KV had arrived waited behind a preempted request that needed their
+    very blocks to recompute; nothing ever ran again and 383 of 400 requests never completed."""
+    c = parse_cluster(PD_SMALL_DECODE)
+    sim = Simulation(c, build_plan(c.spec.workload))
+    res = sim.run()
+    decode = next(i for i in sim.instances if i.role == "decode")
+    assert decode.scheduler.num_preemptions > 0  # the situation that used to livelock
+    assert res.summary["completed"] == 400 and res.summary["failed"] == 0
+    for inst in sim.instances:
+        assert not inst.scheduler.has_work() and not inst.scheduler.held

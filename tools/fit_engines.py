@@ -1,0 +1,98 @@
+"""Fit each serving engine's host-side and API-server constants to the calibration set (maintainers).
+
+Writes emulator/costmodel/data/engine_constants.json: per engine the five constants of
+emulator.calibration.fit.PARAMETERS, the groups (model x GPU x engine version) they were fitted
+on, the in-sample median errors, and the data set's SHA-256. benchmarks/fidelity.py scores the
+constants leave-one-group-out.
+
+    python tools/fit_engines.py --data ../shared/data/measurements/silicon_calibration.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from emulator.calibration import fit as F
+from emulator.calibration.express import TEMPLATES, Skip, express
+from emulator.calibration.rows import DEFAULT_PATH, dedupe, load_rows
+
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "emulator", "costmodel", "data")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DEFAULT_PATH)
+    ap.add_argument("--engines", default="vllm,sglang,trtllm")
+    ap.add_argument("--template", choices=sorted(TEMPLATES), default="sflow")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=400, help="rows per engine (seeded subset) to fit on")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", default=os.path.join(OUT, "engine_constants.json"))
+    args = ap.parse_args()
+
+    with open(args.data, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    rows = dedupe(load_rows(args.data))
+    previous = {}
+    if os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as fh:
+            previous = json.load(fh).get("engines", {})
+    engines = dict(previous)
+    for engine in args.engines.split(","):
+        expressed = [
+            ex
+            for ex in (express(r, rounds=args.rounds, template=args.template) for r in rows if r.backend == engine)
+            if not isinstance(ex, Skip)
+        ]
+        if len(expressed) > args.limit:
+            rng = np.random.default_rng(0)
+            expressed = [expressed[i] for i in sorted(rng.choice(len(expressed), args.limit, replace=False))]
+        print(f"{engine}: fitting on {len(expressed)} rows of {len({e.row.group for e in expressed})} groups")
+        theta0 = np.zeros(len(F.PARAMETERS))
+        theta, residuals = F.fit(expressed, theta0, iterations=args.iterations, workers=args.jobs)
+        ttft, tpot = F.median_errors(residuals)
+        host = {
+            name: round(float(v), 3)
+            for (sec, _, _, name, _), v in zip(F.PARAMETERS, theta, strict=True)
+            if sec == "host"
+        }
+        api = {
+            name: round(float(v), 3)
+            for (sec, _, _, name, _), v in zip(F.PARAMETERS, theta, strict=True)
+            if sec == "api"
+        }
+        engines[engine] = {
+            "host": host,
+            "api": api,
+            "fitted_on": sorted({e.row.group for e in expressed}),
+            "rows": len(expressed),
+            "in_sample_median_abs_error_pct": {"ttft": round(ttft, 2), "tpot": round(tpot, 2)},
+        }
+    out = {
+        "generated_by": "tools/fit_engines.py",
+        "date": datetime.date.today().isoformat(),
+        "data": os.path.basename(args.data),
+        "data_sha256": digest,
+        "template": args.template,
+        "rounds": args.rounds,
+        "engines": engines,
+    }
+    with open(args.out, "w", encoding="utf-8") as fh:
+        json.dump(out, fh, indent=1)
+        fh.write("\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
