@@ -110,3 +110,25 @@ def test_fidelity_on_a_fixed_subset_does_not_regress():
     assert len(e) >= 40
     ttft, tpot = np.median(e, axis=0)
     assert ttft <= SUBSET_BASELINE["ttft"] and tpot <= SUBSET_BASELINE["tpot"], (ttft, tpot)
+
+
+@needs_data
+def test_the_simulation_budget_skips_only_the_giant_rows_and_says_so():
+    from emulator.calibration.express import over_budget
+
+    rows = dedupe(load_rows(DATA))
+    expressed = [ex for ex in (express(r, rounds=3) for r in rows) if not isinstance(ex, Skip)]
+    over = [s for s in (over_budget(ex) for ex in expressed) if s is not None]
+    assert 0 < len(over) < 0.01 * len(expressed)
+    assert all(s.row.concurrency * s.row.osl > 1e6 and "--max-simulated-tokens 0" in s.reason for s in over)
+    assert all(over_budget(ex, None) is None for ex in expressed[:50])
+
+
+@needs_data
+def test_cross_validation_derivatives_take_a_bounded_even_sample_of_every_group():
+    rows = dedupe(load_rows(DATA))
+    expressed = [ex for ex in (express(r, rounds=3) for r in rows if r.backend == "vllm") if not isinstance(ex, Skip)]
+    picked = F._per_group_sample(expressed, 8)
+    groups = Counter(expressed[i].row.group for i in picked)
+    assert set(groups) == {ex.row.group for ex in expressed}  # no group left without derivatives
+    assert max(groups.values()) <= 8 and len(picked) == len(set(picked))

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from emulator.calibration import fit as F
-from emulator.calibration.express import TEMPLATES, Skip, express
+from emulator.calibration.express import TEMPLATES, Skip, express, over_budget
 from emulator.calibration.rows import DEFAULT_PATH, dedupe, load_rows
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "emulator", "costmodel", "data")
@@ -52,7 +52,7 @@ def main() -> int:
         expressed = [
             ex
             for ex in (express(r, rounds=args.rounds, template=args.template) for r in rows if r.backend == engine)
-            if not isinstance(ex, Skip)
+            if not isinstance(ex, Skip) and not over_budget(ex)
         ]
         if len(expressed) > args.limit:
             rng = np.random.default_rng(0)
@@ -78,6 +78,11 @@ def main() -> int:
             "rows": len(expressed),
             "in_sample_median_abs_error_pct": {"ttft": round(ttft, 2), "tpot": round(tpot, 2)},
         }
+        write(args, digest, engines)  # after every engine: a later one's failure keeps the earlier fits
+    return 0
+
+
+def write(args: argparse.Namespace, digest: str, engines: dict) -> None:
     out = {
         "generated_by": "tools/fit_engines.py",
         "date": datetime.date.today().isoformat(),
@@ -91,7 +96,6 @@ def main() -> int:
         json.dump(out, fh, indent=1)
         fh.write("\n")
     print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -57,6 +57,28 @@ class Expressed:
     load: LoadShape
     assumptions: tuple[str, ...] = ()
 
+    @property
+    def decode_tokens(self) -> int:
+        """Output tokens the simulation generates (warm-up included): what a row costs to simulate,
+        about a second per million on one core."""
+        return (self.load.warmup + self.load.rounds * self.load.concurrency) * self.row.osl
+
+
+# Rows costing more than this many simulated output tokens (a few dozen P/D rows with thousands of
+# clients and 8k outputs: minutes each, and half of the whole set's simulation time) are skipped by
+# default by the fit and the fidelity benchmark, and counted with the reason.
+SIMULATION_BUDGET_TOKENS = 30_000_000
+
+
+def over_budget(ex: Expressed, budget: float | None = SIMULATION_BUDGET_TOKENS) -> Skip | None:
+    if budget and ex.decode_tokens > budget:
+        return Skip(
+            ex.row,
+            f"over the simulation budget ({ex.decode_tokens / 1e6:.0f}M output tokens > {budget / 1e6:.0f}M;"
+            " --max-simulated-tokens 0 includes it)",
+        )
+    return None
+
 
 @dataclass(frozen=True)
 class Skip:

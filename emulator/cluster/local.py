@@ -106,6 +106,10 @@ def calibrate_path(router: str, model: str) -> float:
         except (OSError, urllib.error.URLError):
             continue
     if not samples:
+        print(
+            f"infemu: path calibration: no probe reached {router}; emulated latencies include the HTTP path",
+            file=sys.stderr,
+        )
         return 0.0
     seconds = float(sorted(samples)[len(samples) // 2])
     req = urllib.request.Request(
@@ -116,7 +120,12 @@ def calibrate_path(router: str, model: str) -> float:
     try:
         with urllib.request.urlopen(req, timeout=5):
             pass
-    except (OSError, urllib.error.URLError):
+    except (OSError, urllib.error.URLError) as exc:
+        print(
+            f"infemu: path calibration: the router refused the measurement ({exc}); emulated latencies "
+            "include the HTTP path",
+            file=sys.stderr,
+        )
         return 0.0
     return seconds
 
