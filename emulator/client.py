@@ -127,35 +127,42 @@ async def run_closed_loop(
         t_origin = time.perf_counter()
         tasks: set[asyncio.Task] = set()
         done = asyncio.Event()
+        # Requests launched and not yet finished. Counted here, not read off ``tasks``: a task that
+        # has returned stays in ``tasks`` until its done-callback runs, so two requests ending in
+        # the same loop iteration would each see the other and neither would end the run.
+        pending = [0]
 
         def launch(sends: list[tuple[float, int]]) -> None:
             for t, index in sends:
                 if stop_at is not None and t_origin + t * dilation >= stop_at:
                     continue
+                pending[0] += 1
                 task = asyncio.ensure_future(one(t, index))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-            if not tasks:
-                done.set()
 
         async def one(t: float, index: int) -> None:
-            delay = t_origin + t * dilation - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            p = plan.requests[index]
-            rec = await send_one(session, url, p, bodies[index], t_origin)
-            if not plan.is_warmup(index):
-                records.append(rec)
-                if on_done is not None:
-                    on_done(rec)
-            # the client model works in emulated seconds; its sends are played D times slower
-            ended = (time.perf_counter() - t_origin) / dilation
-            launch(clients.on_done(index, ended))
-            if not tasks - {asyncio.current_task()}:
-                done.set()
+            try:
+                delay = t_origin + t * dilation - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                p = plan.requests[index]
+                rec = await send_one(session, url, p, bodies[index], t_origin)
+                if not plan.is_warmup(index):
+                    records.append(rec)
+                    if on_done is not None:
+                        on_done(rec)
+                # the client model works in emulated seconds; its sends are played D times slower
+                ended = (time.perf_counter() - t_origin) / dilation
+                launch(clients.on_done(index, ended))
+            finally:
+                pending[0] -= 1
+                if pending[0] == 0:
+                    done.set()
 
         launch(clients.start(0.0))
-        await done.wait()
+        if pending[0]:
+            await done.wait()
         while tasks:
             await asyncio.gather(*list(tasks))
     for rec in records:

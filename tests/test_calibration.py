@@ -61,7 +61,11 @@ def test_a_row_becomes_the_deployment_the_benchmark_ran():
     assert spec.model.name == "moonshotai/Kimi-K2.5" and spec.gpu == "h200-sxm"
     assert spec.engine.name == "vllm" and spec.engine.version == row.version
     assert spec.workload.arrival.n == row.concurrency and spec.workload.input_length.value == row.isl
-    assert spec.workload.client.warmup_requests == 2 * row.concurrency and spec.workload.client.prompt_pool == 100
+    # sflow (the default): one warm-up round, every prompt fresh
+    assert spec.workload.client.warmup_requests == row.concurrency and spec.workload.client.prompt_pool is None
+    # bench_run: two warm-up rounds and a pool of 100 prompts the client reuses
+    bench = express(row, rounds=3, template="bench_run").cluster.spec.workload.client
+    assert bench.warmup_requests == 2 * row.concurrency and bench.prompt_pool == 100
     nv = next(r for r in rows.values() if "minimax" in r.id and r.precision == "fp4")
     assert express(nv, rounds=3).cluster.spec.model.name == "nvidia/MiniMax-M2.5-NVFP4"
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pytest
 from conftest import ROOT, example, metric_value, run_infemu
@@ -61,13 +62,15 @@ def test_openai_client_streams_through_the_pd_router_with_a_real_kv_pull(pd_clus
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
-    chunks, usage = 0, None
+    chunks, usage, ids = 0, None, set()
     for chunk in stream:
+        ids.add(chunk.id)
         if chunk.choices and chunk.choices[0].delta.content:
             chunks += 1
         if chunk.usage:
             usage = chunk.usage
     assert chunks == 12
+    assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")  # one id per completion, as vLLM and OpenAI
     assert usage.completion_tokens == 12 and usage.total_tokens == usage.prompt_tokens + 12
     decode = next(i["url"] for i in pd_cluster["instances"] if i["role"] == "decode")
     kv_per_token = 2 * 80 * 8 * 128 * 2  # 2 · layers · kv_heads · head_dim · bf16 bytes
@@ -79,6 +82,15 @@ def test_openai_client_streams_through_the_pd_router_with_a_real_kv_pull(pd_clus
     )
     assert done.usage.prompt_tokens == 1000 and done.usage.completion_tokens == 5
     assert metric_value(decode, "infemu_kv_transfer_bytes_total") - before == kv_per_token * 1000
+
+    # the raw stream: events separated by exactly one blank line, and the caller's X-Request-Id names it
+    body = {"model": "llama-3.1-70b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    raw = httpx.post(
+        f"{pd_cluster['router']}/v1/chat/completions", json=body, headers={"X-Request-Id": "exp-42"}, timeout=30
+    ).text
+    events = raw.split("\n\n")
+    assert events[-1] == "" and all(e.startswith("data: ") for e in events[:-1]), raw
+    assert {json.loads(e[6:])["id"] for e in events[:-2]} == {"chatcmpl-exp-42"}
 
 
 def test_down_leaves_no_process_behind(tmp_path):

@@ -8,6 +8,7 @@ delete resources over HTTP, then read what the operator did from the emulator's 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -71,6 +72,37 @@ def _names(kmock, resource: str) -> set[str]:
     return {name for (res, _, name), obj in kmock.objects.items() if res == wanted and not obj.deleted}
 
 
+@pytest.fixture(autouse=True)
+def _generated_names(monkeypatch):
+    """kmock keys objects by name and has no ``generateName``; kopf posts every Event with one.
+    Give such objects a name as the real API server does (prefix + suffix), or each Event after
+    the first is refused as a conflict."""
+    from kmock._internal import enums, k8s
+
+    original = k8s.KubernetesEmulator._handle
+    suffix = itertools.count()
+
+    async def _handle(self, request):
+        meta = request.data.get("metadata") if isinstance(request.data, dict) else None
+        creating = request.action == enums.action.CREATE and isinstance(meta, dict)
+        if creating and not meta.get("name") and meta.get("generateName"):
+            meta["name"] = f"{meta['generateName']}{next(suffix):05d}"
+        return await original(self, request)
+
+    monkeypatch.setattr(k8s.KubernetesEmulator, "_handle", _handle)
+
+
+def _events(kmock, name: str) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events posted about the object ``name``."""
+    wanted = kmock_lib.resource("v1/events")
+    raws = [dict(obj.raw) for (res, _, _), obj in list(kmock.objects.items()) if res == wanted]
+    return [
+        (e.get("type"), e.get("reason"), e.get("message", ""))
+        for e in raws
+        if (e.get("involvedObject") or {}).get("name") == name
+    ]
+
+
 def _serve_like_an_api_server(kmock, tmp_path) -> str:
     """Declare the resources an operator needs; return a kubeconfig file pointing at kmock."""
     for res, kind, subresources in (
@@ -117,7 +149,6 @@ class RunningOperator:
     def __init__(self) -> None:
         settings = kopf.OperatorSettings()
         settings.watching.server_timeout = 10
-        settings.posting.enabled = False
         settings.queueing.exit_timeout = 0.5  # stop quickly at teardown
         settings.queueing.idle_timeout = 0.5
         settings.scanning.disabled = True  # exact namespace names, as `infemu operator --namespace` runs
@@ -231,6 +262,33 @@ async def test_create_makes_owned_children_then_a_scale_change_patches_them(oper
     )
     assert _condition(ic, "Ready")["reason"] == "AllReplicasReady"
     assert _condition(ic, "Degraded")["status"] == "False"
+    # `kubectl describe` shows the milestones as Normal Events
+    await _until(lambda: ("Normal", "Ready") in {e[:2] for e in _events(kmock, name)}, what="a Ready Event")
+    assert ("Normal", "Applied") in {e[:2] for e in _events(kmock, name)}
+
+    # a crash-looping worker pod is a Warning Event, once, not on every status tick
+    crash = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{name}-decode-0", "namespace": NS, "labels": {"app.kubernetes.io/instance": name}},
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "restartCount": 3,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 2, "reason": "Error"}},
+                }
+            ],
+        },
+    }
+    resp = await kmock.post(f"/api/v1/namespaces/{NS}/pods", json=crash)
+    assert resp.status in (200, 201)
+    failing = lambda: [e for e in _events(kmock, name) if e[1] == "PodFailing"]  # noqa: E731
+    await _until(failing, what="a PodFailing Event")
+    await asyncio.sleep(1.0)  # several status ticks
+    assert len(failing()) == 1 and failing()[0][0] == "Warning" and "exit code 2" in failing()[0][2]
 
     # scale the prefill pool down: the StatefulSet is patched in place, not recreated
     pools = [dict(p) for p in body["spec"]["pools"]]
@@ -263,6 +321,10 @@ async def test_invalid_spec_gives_a_condition_naming_the_field_and_no_children(o
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
     assert "spec.pools[0].tp" in ready["message"]
     assert _condition(ic, "Degraded")["status"] == "True"
+    warning = await _until(
+        lambda: [e for e in _events(kmock, "broken") if e[:2] == ("Warning", "InvalidSpec")], what="the Event"
+    )
+    assert "spec.pools[0].tp" in warning[0][2]
     await asyncio.sleep(1.0)  # give a crash loop the chance to show itself
     assert not any(n.startswith("broken-") for res in (STS, SVC, DEPLOY, CM) for n in _names(kmock, res))
 
@@ -321,6 +383,9 @@ async def test_a_loadtest_becomes_a_job_and_its_summary_lands_in_status_and_a_co
         what="the LoadTest to succeed",
     )
     assert done["status"]["summary"] == summary
+    assert done["status"]["attainment"] == "95.0%"  # the ATTAINMENT column of `kubectl get lt`
+    await _until(lambda: ("Normal", "JobSucceeded") in {e[:2] for e in _events(kmock, "chat-8")}, what="the Event")
+    assert ("Normal", "Started") in {e[:2] for e in _events(kmock, "chat-8")}
     cm = _live(kmock, CM, "chat-8-summary")
     assert json.loads(cm["data"]["summary.json"]) == summary
 

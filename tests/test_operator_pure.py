@@ -11,7 +11,7 @@ from emulator.errors import SpecError
 from emulator.loadtest import LoadTestSpec, compact_summary, parse_loadtest
 from emulator.spec import load_clusters
 from infemu_operator.desired import OperatorSettings
-from infemu_operator.loadtest import job_outcome, loadtest_job, summary_config_map
+from infemu_operator.loadtest import attainment_text, job_outcome, loadtest_job, summary_config_map
 from infemu_operator.status import cluster_status, invalid_spec_status, merge_conditions, pool_status
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -145,3 +145,78 @@ def test_operator_settings_come_from_the_charts_env():
     assert (s.image, s.shaping, s.cpu) == ("infemu:dev", "tc", "1")
     with pytest.raises(ValueError, match="INFEMU_SHAPING"):
         OperatorSettings.from_env({"INFEMU_SHAPING": "netem"})
+
+
+def test_attainment_reads_as_a_percentage_and_missing_values_say_so():
+    assert attainment_text({"slo_attainment": 1}) == "100.0%"
+    assert attainment_text({"slo_attainment": 0.975}) == "97.5%"
+    assert attainment_text({}) == "n/a" and attainment_text({"slo_attainment": None}) == "n/a"
+
+
+def test_status_texts_count_in_the_singular_and_the_plural():
+    from infemu_operator.status import cluster_status
+
+    def ready(pools):
+        st = cluster_status(
+            generation=1,
+            observed_generation=1,
+            pools=[{"name": n, "role": "aggregated", "ready": r, "desired": r, "updated": r} for n, r in pools],
+            router={"status": {"availableReplicas": 1}},
+            endpoint="http://r",
+            since_apply_s=1.0,
+        )
+        return st["conditions"][0]["message"]
+
+    assert ready([("agg", 1)]).startswith("1 instance in 1 pool ready")
+    assert ready([("a", 2), ("b", 1)]).startswith("3 instances in 2 pools ready")
+
+
+def test_condition_events_announce_each_transition_once():
+    from infemu_operator.events import condition_events
+
+    def conds(ready, degraded, reason="AsExpected"):
+        return [
+            {"type": "Ready", "status": ready, "reason": "R", "message": "m"},
+            {"type": "Degraded", "status": degraded, "reason": reason, "message": "d"},
+        ]
+
+    up = condition_events(conds("False", "False"), conds("True", "False"))
+    assert [(e.type, e.reason) for e in up] == [("Normal", "Ready")]
+    assert condition_events(conds("True", "False"), conds("True", "False")) == []  # no change, no Event
+    down = condition_events(conds("True", "False"), conds("False", "True", "ProgressDeadlineExceeded"))
+    assert [(e.type, e.reason) for e in down] == [("Warning", "NotReady"), ("Warning", "ProgressDeadlineExceeded")]
+    assert condition_events(None, conds("False", "False")) == []  # still coming up: nothing to report
+
+
+def test_failing_pods_name_the_reason_and_starting_pods_are_not_failing():
+    from infemu_operator.events import failing_pods, pod_events
+
+    def pod(name, **status):
+        return {"metadata": {"name": name}, "status": status}
+
+    starting = pod(
+        "a", phase="Pending", containerStatuses=[{"name": "w", "state": {"waiting": {"reason": "ContainerCreating"}}}]
+    )
+    pulling = pod(
+        "b",
+        phase="Pending",
+        containerStatuses=[
+            {"name": "w", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}
+        ],
+    )
+    crashing = pod(
+        "c",
+        phase="Running",
+        containerStatuses=[
+            {
+                "name": "w",
+                "restartCount": 2,
+                "state": {"running": {}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+            }
+        ],
+    )
+    failing = failing_pods([starting, pulling, crashing])
+    assert set(failing) == {"b", "c"} and "ImagePullBackOff" in failing["b"] and "exit code 1" in failing["c"]
+    assert [e.message.split(":")[0] for e in pod_events({}, failing)] == ["b", "c"]
+    assert pod_events(failing, failing) == []  # already announced

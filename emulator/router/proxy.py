@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
@@ -21,7 +22,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from emulator.engine.hashing import hashes_from_tokens
 from emulator.router.backends import Backend, BackendPool
 from emulator.router.policies import KVAware, NoEndpointError, RoutingRequest, make_policy
-from emulator.serve.app import ARRIVAL_HEADER, PATH_OVERHEAD_HEADER, PROBE_HEADER, models_body
+from emulator.serve.app import (
+    ARRIVAL_HEADER,
+    PATH_OVERHEAD_HEADER,
+    PROBE_HEADER,
+    REQUEST_ID_HEADER,
+    caller_request_id,
+    models_body,
+)
 from emulator.serve.protocol import APIError
 from emulator.serve.tokens import chat_prompt, tokenize
 
@@ -146,7 +154,10 @@ class Router:
             self._account(state)
 
     def _account(self, state: _ClientStream) -> None:
-        """Count the request against the SLOs as the router saw it (first token and end of stream)."""
+        """Count the request against the SLOs as the router saw it (first token and end of stream).
+        The launcher's path probes are not user requests: they would inflate every attainment."""
+        if state.request.headers.get(PROBE_HEADER):
+            return
         end = asyncio.get_running_loop().time()
         ok = state.ok and state.tokens > 0 if state.stream else state.ok
         first = state.first_token_at if state.stream else end
@@ -204,7 +215,7 @@ class Router:
         backend.in_flight += 1
         try:
             try:
-                headers = {PATH_OVERHEAD_HEADER: repr(self.path_overhead_s)}
+                headers = {PATH_OVERHEAD_HEADER: repr(self.path_overhead_s), REQUEST_ID_HEADER: state.request_id}
                 if state.arrival:
                     headers[ARRIVAL_HEADER] = repr(state.arrival)
                 if state.request.headers.get(PROBE_HEADER):
@@ -229,6 +240,10 @@ class Router:
                         first = await resp.content.readline()
                         if not _is_role_only(first):
                             await state.write(first)
+                        else:  # drop the whole event, its blank terminator line too
+                            blank = await resp.content.readline()
+                            if blank.strip():
+                                await state.write(blank)
                     async for block in resp.content.iter_any():  # relay whole reads, not line by line
                         await state.write(block)
                 except (ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -279,7 +294,11 @@ class Router:
                 async with self.session.post(
                     f"{p.url}{path}",
                     json=prefill_body,
-                    headers={ARRIVAL_HEADER: repr(state.arrival), PATH_OVERHEAD_HEADER: repr(self.path_overhead_s)},
+                    headers={
+                        ARRIVAL_HEADER: repr(state.arrival),
+                        PATH_OVERHEAD_HEADER: repr(self.path_overhead_s),
+                        REQUEST_ID_HEADER: state.request_id,  # the decode stream carries the same id
+                    },
                 ) as resp:
                     data = await resp.read()
                     if resp.status >= 500:
@@ -310,6 +329,7 @@ class Router:
             await state.write_prefix(first, first_text)
             return await self._relay(d, path, decode_body, state, skip_role_chunk=True)
         inner = _ClientStream(state.request, False, capture=True)
+        inner.request_id = state.request_id
         inner.arrival = 0.0  # the decode step is not backdated: the KV pull starts now
         try:
             await self._relay(d, path, decode_body, inner)
@@ -357,6 +377,8 @@ class _ClientStream:
         self.request = request
         self.stream = stream
         self.capture = capture
+        # one id for the whole completion, given to every backend that works on it
+        self.request_id = caller_request_id(request) or uuid.uuid4().hex
         self.resp: web.StreamResponse | None = None
         self.started = False
         self.done = False

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ log = logging.getLogger("infemu.worker")
 ARRIVAL_HEADER = "X-Infemu-Arrival"  # the router's receipt time (monotonic seconds)
 PATH_OVERHEAD_HEADER = "X-Infemu-Path-Overhead"  # the emulation's measured HTTP round trip (s), from the router
 PROBE_HEADER = "X-Infemu-Probe"  # answer at once with one token: measures the emulation's own HTTP path
+REQUEST_ID_HEADER = "X-Request-Id"  # as vLLM: the caller names the completion (`cmpl-<id>`, `chatcmpl-<id>`)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 KV_HOLD_TIMEOUT_S = 60.0  # a prefill's KV is released if no decode pulls it by then (vLLM's NIXL abort timeout)
 
 
@@ -253,7 +256,12 @@ class Worker:
         n_out = requested if g.ignore_eos else min(requested, synthetic_eos(seed, g.min_tokens))
         finish_reason = "length" if n_out == requested else "stop"
         kv = g.kv_transfer_params or {}
-        rid = f"{'chatcmpl' if g.kind == 'chat' else 'cmpl'}-{g.request_id}"
+        prefix = "chatcmpl" if g.kind == "chat" else "cmpl"
+        rid = f"{prefix}-{g.request_id}"  # the engine's key: unique on this worker whatever callers send
+        # the id the client reads: the caller's when it names one, so a P/D router can give the prefill's
+        # first token and the decode's stream the same id
+        named = caller_request_id(request)
+        public = f"{prefix}-{named}" if named else rid
         hashes = (
             hashes_from_tokens(g.prompt_ids, self.setup.engine.block_size)
             if self.setup.engine.enable_prefix_caching
@@ -303,7 +311,7 @@ class Worker:
             else:
                 out_reason = finish_reason
                 self.metrics.success[finish_reason].inc()
-            body = full_response(g, rid, "".join(text_parts), out_reason, n_prompt, position, kv_params)
+            body = full_response(g, public, "".join(text_parts), out_reason, n_prompt, position, kv_params)
             return web.json_response(body)
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -311,19 +319,19 @@ class Worker:
         try:
             first = g.kind == "chat"
             if first:
-                await _sse(resp, stream_chunk(g, rid, "", None, first=True))
+                await _sse(resp, stream_chunk(g, public, "", None, first=True))
             while True:
                 ev = await handle.queue.get()
                 if ev.kind == "tokens":
                     for _ in range(ev.count):
                         text = output_token(seed, position, self.model.vocab)[1]
                         position += 1
-                        await _sse(resp, stream_chunk(g, rid, text, None))
+                        await _sse(resp, stream_chunk(g, public, text, None))
                 elif ev.kind == "finish":
                     self.metrics.success[finish_reason].inc()
-                    await _sse(resp, stream_chunk(g, rid, "" if g.kind != "chat" else None, finish_reason))
+                    await _sse(resp, stream_chunk(g, public, "" if g.kind != "chat" else None, finish_reason))
                     if g.include_usage:
-                        await _sse(resp, usage_chunk(g, rid, n_prompt, position))
+                        await _sse(resp, usage_chunk(g, public, n_prompt, position))
                     break
                 else:
                     await _sse(
@@ -448,6 +456,12 @@ async def _probe(request: web.Request, kind: str) -> web.StreamResponse:
 
 async def _sse(resp: web.StreamResponse, obj: dict) -> None:
     await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+
+def caller_request_id(request: web.Request) -> str | None:
+    """The caller's X-Request-Id when it is a plain token (anything else is ignored, never echoed)."""
+    value = request.headers.get(REQUEST_ID_HEADER)
+    return value if value is not None and _REQUEST_ID.fullmatch(value) else None
 
 
 def _error(exc: APIError) -> web.Response:

@@ -24,8 +24,9 @@ from emulator.loadtest import LOADTEST_KIND, parse_loadtest
 from emulator.spec import API_VERSION, KIND, InferenceCluster, parse_cluster
 from infemu_operator.crds import GROUP, LOADTEST_PLURAL, PLURAL, VERSION
 from infemu_operator.desired import OperatorSettings, desired_children
+from infemu_operator.events import Event, condition_events, failing_pods, pod_events
 from infemu_operator.kube import Kube, api_message, load_config
-from infemu_operator.loadtest import job_name, job_outcome, loadtest_job, summary_config_map
+from infemu_operator.loadtest import attainment_text, job_name, job_outcome, loadtest_job, summary_config_map
 from infemu_operator.status import (
     cluster_status,
     condition,
@@ -61,7 +62,9 @@ def _kube() -> Kube:
 
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     Runtime.settings = OperatorSettings.from_env()
-    settings.posting.level = logging.WARNING  # Kubernetes events only for problems
+    # Events are posted deliberately (infemu_operator.events), not from every logger line
+    settings.posting.loggers = False
+    settings.posting.level = logging.INFO
     # kopf holds a finalizer on each resource while its timers run; it blocks nothing while the
     # operator runs (there is no deletion handler) and is released at shutdown (below)
     settings.persistence.finalizer = FINALIZER
@@ -104,12 +107,20 @@ def _known_status(status: Any, memo: Any) -> dict:
     return memo.get("status") or _plain(status)
 
 
-def _set_status(patch: kopf.Patch, status: Any, memo: Any, new: dict) -> None:
+def _post(body: Any, events: list[Event]) -> None:
+    for ev in events:
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1000])
+
+
+def _set_status(patch: kopf.Patch, status: Any, memo: Any, new: dict, body: Any = None) -> None:
+    """Patch the status; with ``body``, announce the condition transitions as Events."""
     known = _known_status(status, memo)
     new = {**new, "conditions": merge_conditions(known.get("conditions"), new.get("conditions", []))}
     for key, value in new.items():
         patch.status[key] = value
     memo["status"] = {**known, **new}
+    if body is not None:
+        _post(body, condition_events(known.get("conditions"), new["conditions"]))
 
 
 def _essence(status: dict) -> tuple:
@@ -160,7 +171,9 @@ def reconcile_cluster(body, spec, name, namespace, meta, status, patch, memo, lo
         cluster = _as_cluster(name, namespace, spec)
     except SpecError as exc:
         _set_status(patch, status, memo, invalid_spec_status(generation, exc.problems))
-        logger.error("invalid spec, nothing applied: " + "; ".join(exc.problems))
+        message = "invalid spec, nothing applied: " + "; ".join(exc.problems)
+        logger.error(message)
+        _post(body, [Event("Warning", "InvalidSpec", message)])
         return
     children = desired_children(cluster, namespace, Runtime.settings)
     kube = _kube()
@@ -175,15 +188,17 @@ def reconcile_cluster(body, spec, name, namespace, meta, status, patch, memo, lo
             condition("Ready", False, "ApplyFailed", message),
             condition("Degraded", True, "ApplyFailed", message),
         ]
-        _set_status(patch, status, memo, {"conditions": degraded})
+        _set_status(patch, status, memo, {"conditions": degraded}, body)
         raise kopf.TemporaryError(message, delay=30) from exc
     applied = {**_known_status(status, memo), "observedGeneration": generation, "appliedAt": now()}
     live = _live_status(cluster, namespace, generation, applied)
-    _set_status(patch, status, memo, {**live, "appliedAt": applied["appliedAt"]})
-    logger.info(f"applied {len(children)} objects for generation {generation}")
+    _set_status(patch, status, memo, {**live, "appliedAt": applied["appliedAt"]}, body)
+    message = f"applied {len(children)} objects for generation {generation}"
+    logger.info(message)
+    _post(body, [Event("Normal", "Applied", message)])
 
 
-def refresh_cluster_status(spec, name, namespace, meta, status, patch, memo, **_: Any) -> None:
+def refresh_cluster_status(body, spec, name, namespace, meta, status, patch, memo, **_: Any) -> None:
     try:
         cluster = _as_cluster(name, namespace, spec)
     except SpecError:
@@ -192,7 +207,11 @@ def refresh_cluster_status(spec, name, namespace, meta, status, patch, memo, **_
     live = _live_status(cluster, namespace, meta.get("generation", 0), known)
     live.pop("observedGeneration")  # the reconcile's to set: a timer racing it must not roll it back
     if _essence(known) != _essence(live):  # patch only on a change: no write, no event, every tick
-        _set_status(patch, status, memo, live)
+        _set_status(patch, status, memo, live, body)
+    pods = _kube().list("v1", "Pod", namespace, {"app.kubernetes.io/instance": cluster.name})
+    failing = failing_pods(pods)
+    _post(body, pod_events(memo.get("failing") or {}, failing))
+    memo["failing"] = failing
 
 
 # ---- LoadTest -------------------------------------------------------------------------
@@ -205,7 +224,7 @@ def start_loadtest(body, spec, name, namespace, status, patch, logger, **_: Any)
     try:
         lt = parse_loadtest({**doc, "spec": _plain(spec)}, f"{LOADTEST_KIND} {namespace}/{name}")
     except SpecError as exc:
-        _finish(patch, status, "Failed", "InvalidSpec", "; ".join(exc.problems))
+        _finish(patch, status, "Failed", "InvalidSpec", "; ".join(exc.problems), body)
         return
     kube = _kube()
     target = kube.get(API_VERSION, KIND, namespace, lt.spec.cluster)
@@ -217,7 +236,7 @@ def start_loadtest(body, spec, name, namespace, status, patch, logger, **_: Any)
     try:
         cluster = _as_cluster(lt.spec.cluster, namespace, target.get("spec", {}))
     except SpecError as exc:
-        _finish(patch, status, "Failed", "TargetInvalid", "; ".join(exc.problems))
+        _finish(patch, status, "Failed", "TargetInvalid", "; ".join(exc.problems), body)
         return
     job = loadtest_job(lt, cluster, namespace, Runtime.settings)
     kopf.append_owner_reference(job, owner=body)
@@ -230,10 +249,14 @@ def start_loadtest(body, spec, name, namespace, status, patch, logger, **_: Any)
     patch.status["target"] = router_endpoint(cluster.name, namespace)
     patch.status["startTime"] = now()
     patch.status["message"] = f"{lt.spec.arrival.users} {lt.spec.workload} users for {lt.spec.duration_seconds:g} s"
-    logger.info(f"started Job {job['metadata']['name']} against {patch.status['target']}")
+    message = f"started Job {job['metadata']['name']} against {patch.status['target']}"
+    logger.info(message)
+    _post(body, [Event("Normal", "Started", message)])
 
 
-def _finish(patch: kopf.Patch, status: Any, phase: str, reason: str, message: str) -> None:
+def _finish(patch: kopf.Patch, status: Any, phase: str, reason: str, message: str, body: Any = None) -> None:
+    if body is not None:
+        _post(body, [Event("Normal" if phase == "Succeeded" else "Warning", reason, message)])
     patch.status["phase"] = phase
     patch.status["message"] = message
     patch.status["completionTime"] = now()
@@ -245,7 +268,7 @@ def follow_loadtest(body, name, namespace, status, patch, logger, **_: Any) -> N
     kube = _kube()
     job = kube.get("batch/v1", "Job", namespace, status.get("job") or job_name(name))
     if job is None:
-        _finish(patch, status, "Failed", "JobMissing", "the load-test Job was deleted before it finished")
+        _finish(patch, status, "Failed", "JobMissing", "the load-test Job was deleted before it finished", body)
         return
     pods = kube.list("v1", "Pod", namespace, {"job-name": job["metadata"]["name"]})
     phase, summary, message = job_outcome(job, pods)
@@ -257,7 +280,8 @@ def follow_loadtest(body, name, namespace, status, patch, logger, **_: Any) -> N
         kube.apply(cm)
         patch.status["summary"] = summary
         patch.status["summaryConfigMap"] = cm["metadata"]["name"]
-    _finish(patch, status, phase, "JobSucceeded" if phase == "Succeeded" else "JobFailed", message)
+        patch.status["attainment"] = attainment_text(summary)
+    _finish(patch, status, phase, "JobSucceeded" if phase == "Succeeded" else "JobFailed", message, body)
     logger.info(f"load test {phase.lower()}: {message}")
 
 

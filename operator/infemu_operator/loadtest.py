@@ -123,3 +123,11 @@ def summary_config_map(lt_name: str, namespace: str, summary: dict) -> dict:
         "metadata": object_meta(f"{lt_name}-summary", namespace, labels(lt_name, "loadgen")),
         "data": {"summary.json": json.dumps(summary, indent=2)},
     }
+
+
+def attainment_text(summary: dict) -> str:
+    """The summary's SLO attainment (a fraction) as `kubectl get` shows it: '97.5%', or 'n/a'."""
+    value = summary.get("slo_attainment")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "n/a"
+    return f"{100 * value:.1f}%"

@@ -59,6 +59,11 @@ def pool_status(pools: list[tuple[str, str, int]], statefulsets: dict[str, dict]
     return out
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 instance', '3 instances': status texts are read by people in `kubectl get`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def cluster_status(
     *,
     generation: int,
@@ -78,7 +83,10 @@ def cluster_status(
     in_time = since_apply_s < deadline_s
     progressing = observed_generation != generation or ((bool(stale) or not ready) and in_time)
     if ready:
-        summary = f"{sum(p['ready'] for p in pools)} instances in {len(pools)} pools ready; router {endpoint}"
+        summary = (
+            f"{counted(sum(p['ready'] for p in pools), 'instance')} in {counted(len(pools), 'pool')} ready; "
+            f"router {endpoint}"
+        )
     else:
         parts = [f"pool {p['name']}: {p['ready']}/{p['desired']} ready" for p in short]
         if not router_ready:
