@@ -48,11 +48,22 @@ crds: $(STAMP)
 chart-files:
 	cp dashboards/prometheus/infemu-rules.yaml dashboards/grafana/infemu-fleet.json charts/infemu/files/
 
-# The one image (docker, podman or buildah: CONTAINER=podman make image).
+# The one image, from the Containerfile: with docker or podman (CONTAINER=podman make image) when
+# one is installed; otherwise, with no container engine, by ../shared/k8s/make-image.sh (this
+# project's machines and CI), which follows the same Containerfile and loads the image into the
+# local Kubernetes node (docs/kubernetes.md, "Building the image").
 CONTAINER ?= docker
 IMAGE     ?= infemu:dev
+K8S_DIR   ?= ../shared/k8s
 image:
-	$(CONTAINER) build -f Containerfile -t $(IMAGE) .
+	@if command -v $(CONTAINER) >/dev/null 2>&1; then \
+	  $(CONTAINER) build -f Containerfile -t $(IMAGE) . ; \
+	elif [ -x $(K8S_DIR)/make-image.sh ]; then \
+	  $(K8S_DIR)/make-image.sh . $(IMAGE) ; \
+	else \
+	  echo "make image: no '$(CONTAINER)' and no $(K8S_DIR)/make-image.sh; install docker or podman" \
+	       "(CONTAINER=podman make image) or use the engine-free builder (docs/kubernetes.md)" >&2 ; exit 1 ; \
+	fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

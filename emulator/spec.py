@@ -162,6 +162,28 @@ class RouterSpec(_Model):
     policy: RouterPolicy = "least_loaded"
 
 
+class EndpointPickerRef(_Model):
+    """The inference gateway's endpoint picker (EPP) Service that routes to this pool."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63, description="its Service")
+    port: int = Field(9002, ge=1, le=65535, description="the Service's gRPC port (the upstream EPP's default)")
+    failure_mode: Literal["FailOpen", "FailClose"] = "FailClose"
+
+
+class InferencePoolSpec(_Model):
+    """A Gateway API Inference Extension InferencePool (inference.networking.k8s.io/v1) selecting
+    this cluster's serving pods, so an inference gateway can route to them by their vLLM metrics."""
+
+    enabled: bool = False
+    endpoint_picker: EndpointPickerRef | None = Field(
+        None, description="the EPP Service; left out, the pool names `<cluster>-epp` on port 9002"
+    )
+
+
+class GatewaySpec(_Model):
+    inference_pool: InferencePoolSpec = InferencePoolSpec()
+
+
 class SLOSpec(_Model):
     ttft_ms: float = Field(1000.0, gt=0)
     tpot_ms: float = Field(100.0, gt=0)
@@ -334,6 +356,7 @@ class ClusterSpec(_Model):
     topology: TopologySpec = TopologySpec()
     pools: list[PoolSpec] = Field(min_length=1)
     router: RouterSpec = RouterSpec()
+    gateway: GatewaySpec = GatewaySpec()
     slo: SLOSpec = SLOSpec()
     workload: WorkloadSpec = WorkloadSpec(requests=100)
     emulation: EmulationSpec = EmulationSpec()

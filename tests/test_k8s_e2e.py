@@ -188,6 +188,31 @@ def _stream_ids(url: str, model: str, max_tokens: int = 6) -> tuple[set[str], in
     return {c["id"] for c in chunks}, content, raw
 
 
+INFERENCE_POOL_CRD = os.path.join(
+    ROOT, "tests", "data", "gateway-api-inference-extension", "inference.networking.k8s.io_inferencepools.yaml"
+)
+
+
+def _install_inference_pool_crd(api) -> None:
+    """The upstream InferencePool CRD (tests/data/gateway-api-inference-extension/SOURCE.md)."""
+    with open(INFERENCE_POOL_CRD, encoding="utf-8") as fh:
+        crd = yaml.safe_load(fh)
+    ext = api.ApiextensionsV1Api()
+    try:
+        ext.create_custom_resource_definition(crd)
+    except api.ApiException as exc:
+        if exc.status != 409:
+            raise
+    _wait(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []
+        ),
+        60,
+        "the InferencePool CRD established",
+    )
+
+
 class OutOfClusterOperator:
     """``infemu operator --namespace NS`` as a user runs it beside a cluster."""
 
@@ -312,7 +337,9 @@ def test_quickstart_lifecycle_events_stream_loadtest_scale_invalid_edit_and_garb
     if not k8s[1]:
         pytest.skip("needs INFEMU_E2E_IMAGE: an image of this checkout the cluster can run")
     objs, apps = api.CustomObjectsApi(), api.AppsV1Api()
+    _install_inference_pool_crd(api)
     body = _load("quickstart.yaml")
+    body["spec"]["gateway"] = {"inferencePool": {"enabled": True}}  # for an inference gateway's endpoint picker
     name = body["metadata"]["name"]
     uid = objs.create_namespaced_custom_object(GROUP, VERSION, ns, "inferenceclusters", body)["metadata"]["uid"]
     ic = _ready(api, ns, name, op.log)
@@ -324,6 +351,14 @@ def test_quickstart_lifecycle_events_stream_loadtest_scale_invalid_edit_and_garb
     ):
         assert child.metadata.owner_references[0].uid == uid
     _wait(lambda: {("Normal", "Applied"), ("Normal", "Ready")} <= {e[:2] for e in _events(api, ns, name)}, 30, "Events")
+
+    # the InferencePool, accepted by the upstream CRD (its CEL rules too), selects the serving pod
+    pool = objs.get_namespaced_custom_object("inference.networking.k8s.io", "v1", ns, "inferencepools", name)
+    assert pool["metadata"]["ownerReferences"][0]["uid"] == uid
+    selector = ",".join(f"{k}={v}" for k, v in pool["spec"]["selector"]["matchLabels"].items())
+    selected = api.CoreV1Api().list_namespaced_pod(ns, label_selector=selector).items
+    assert [p.metadata.name for p in selected] == [f"{name}-agg-0"]
+    assert selected[0].metadata.labels["llm-d.ai/role"] == "both"
 
     # a streamed chat through the router Service: one id, every token
     ids, content, _ = _stream_ids(_service_url(api, ns, f"{name}-router"), body["spec"]["model"]["name"])

@@ -446,3 +446,19 @@ async def test_stopping_the_operator_releases_its_finalizers_so_delete_works_wit
     assert not _live(kmock, IC, "orphan")["metadata"].get("finalizers")
     resp = await kmock.delete(f"/apis/infemu.io/v1alpha1/namespaces/{NS}/inferenceclusters/orphan", timeout=5)
     assert resp.status == 200 and _live(kmock, IC, "orphan") is None  # gone at once: nothing blocks it
+
+
+async def test_an_inference_pool_on_a_cluster_without_its_crd_is_a_warning_not_a_failure(operator):
+    kmock = operator
+    # as an API server without the Gateway API Inference Extension CRDs: 404 for their API group
+    kmock[lambda req: "/apis/inference.networking.k8s.io/" in str(req.url)] << 404
+    body = _with_identity(_example_body("quickstart.yaml", "gw"), "uid-gw")
+    body["spec"]["gateway"] = {"inferencePool": {"enabled": True}}
+    await _create(kmock, IC, body)
+    await _until(lambda: _live(kmock, DEPLOY, "gw-router"), what="the router Deployment")
+    warning = await _until(
+        lambda: [e for e in _events(kmock, "gw") if e[:2] == ("Warning", "InferencePoolUnavailable")],
+        what="the Warning Event",
+    )
+    assert "Gateway API Inference Extension" in warning[0][2]
+    assert _live(kmock, STS, "gw-agg") is not None  # the cluster itself is served

@@ -8,6 +8,8 @@ KV transfers. The engine never imports prometheus_client (STYLE principle 9).
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 disable_created_metrics()  # vLLM does the same: no *_created series
@@ -141,6 +143,17 @@ class EngineMetrics:
             registry=r,
         )
         info.labels(**cache_info, engine=engine).set(1)
+        # The LoRA metric the Gateway API Inference Extension's endpoint picker reads for adapter
+        # affinity (its model-server protocol, proposal 003; vLLM's name and labels; the value is
+        # the time of the last update). infemu serves the base model only: no adapter is loaded
+        # or waiting, and none can be (max_lora 0), stated rather than left for the picker to guess.
+        self.lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            registry=r,
+        )
+        self.lora_info.labels("0", "", "").set(time.time())
         self.prefix_queries = counter(
             "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
         )

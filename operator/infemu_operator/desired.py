@@ -21,6 +21,8 @@ import yaml
 from emulator.build import build_instances
 from emulator.net.plan import link_plan
 from emulator.spec import InferenceCluster
+from infemu_operator.gateway import inference_pool
+from infemu_operator.gateway import pod_labels as gateway_pod_labels
 
 PORT = 8000
 CONFIG_DIR = "/etc/infemu"
@@ -196,7 +198,8 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
     )
     worker["env"] = [*POD_NAME_ENV, POD_IP_ENV]
     # workers leave replica counts out of their hash: scaling one pool must not restart the others
-    template = _pod_template(lbl, [worker], volume, config_hash(cluster, with_replicas=False))
+    pod_lbl = {**lbl, **gateway_pod_labels(cluster, pool.role)}
+    template = _pod_template(pod_lbl, [worker], volume, config_hash(cluster, with_replicas=False))
     selector = {"app.kubernetes.io/instance": cluster.name, "infemu.io/pool": pool.name}
     if settings.shaping == "tc":
         template["spec"]["initContainers"] = [
@@ -282,6 +285,9 @@ def desired_children(cluster: InferenceCluster, namespace: str, settings: Operat
     for pool in cluster.spec.pools:
         out += pool_objects(cluster, namespace, pool, settings)
     out += router_objects(cluster, namespace, settings)
+    pool = inference_pool(cluster, namespace, PORT, labels(cluster.name, "inference-pool"))
+    if pool is not None:
+        out.append(pool)
     return out
 
 

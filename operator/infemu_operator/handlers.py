@@ -25,6 +25,7 @@ from emulator.spec import API_VERSION, KIND, InferenceCluster, parse_cluster
 from infemu_operator.crds import GROUP, LOADTEST_PLURAL, PLURAL, VERSION
 from infemu_operator.desired import OperatorSettings, desired_children
 from infemu_operator.events import Event, condition_events, failing_pods, pod_events
+from infemu_operator.gateway import INFERENCE_POOL_API, INFERENCE_POOL_KIND
 from infemu_operator.kube import Kube, api_message, load_config
 from infemu_operator.loadtest import attainment_text, job_name, job_outcome, loadtest_job, summary_config_map
 from infemu_operator.status import (
@@ -39,7 +40,7 @@ from infemu_operator.status import (
 
 STATUS_INTERVAL_S = 10.0
 LOADTEST_INTERVAL_S = 5.0
-PRUNABLE = (("apps/v1", "StatefulSet"), ("v1", "Service"))
+PRUNABLE = (("apps/v1", "StatefulSet"), ("v1", "Service"), (INFERENCE_POOL_API, INFERENCE_POOL_KIND))
 
 
 FINALIZER = f"{GROUP}/kopf-finalizer"
@@ -157,12 +158,35 @@ def _prune(cluster: InferenceCluster, namespace: str, keep: list[dict], owner_ui
     kube = _kube()
     wanted = {(o["kind"], o["metadata"]["name"]) for o in keep}
     for api_version, kind in PRUNABLE:
-        for obj in kube.list(api_version, kind, namespace, {"app.kubernetes.io/instance": cluster.name}):
+        try:
+            found = kube.list(api_version, kind, namespace, {"app.kubernetes.io/instance": cluster.name})
+        except ApiException as exc:
+            if exc.status == 404:  # an optional API this cluster does not serve (InferencePool)
+                continue
+            raise
+        for obj in found:
             meta = obj["metadata"]
             owned = any(r.get("uid") == owner_uid for r in meta.get("ownerReferences", []))
             if owned and (kind, meta["name"]) not in wanted:
                 kube.delete(api_version, kind, namespace, meta["name"])
                 logger.info(f"pruned {kind} {meta['name']}: its pool left the spec")
+
+
+def _apply_optional(kube: Kube, obj: dict, body: Any, logger) -> None:
+    """Apply an object of an API the cluster may not serve (the InferencePool of the Gateway API
+    Inference Extension): without it the cluster still serves; the user gets a Warning saying
+    what to install."""
+    try:
+        kube.apply(obj)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        message = (
+            f"{obj['kind']} {obj['metadata']['name']} not created: this cluster does not serve "
+            f"{obj['apiVersion']} (install the Gateway API Inference Extension CRDs; docs/gateway.md)"
+        )
+        logger.warning(message)
+        _post(body, [Event("Warning", "InferencePoolUnavailable", message)])
 
 
 def reconcile_cluster(body, spec, name, namespace, meta, status, patch, memo, logger, **_: Any) -> None:
@@ -180,7 +204,10 @@ def reconcile_cluster(body, spec, name, namespace, meta, status, patch, memo, lo
     try:
         for obj in children:
             kopf.append_owner_reference(obj, owner=body)
-            kube.apply(obj)
+            if obj["kind"] == INFERENCE_POOL_KIND:
+                _apply_optional(kube, obj, body, logger)
+            else:
+                kube.apply(obj)
         _prune(cluster, namespace, children, meta["uid"], logger)
     except ApiException as exc:
         message = f"applying children failed: {api_message(exc)}"
