@@ -93,6 +93,39 @@ def test_openai_client_streams_through_the_pd_router_with_a_real_kv_pull(pd_clus
     assert {json.loads(e[6:])["id"] for e in events[:-2]} == {"chatcmpl-exp-42"}
 
 
+def test_hostile_input_through_the_router_is_a_4xx_and_ejects_no_backend(pd_cluster):
+    router = pd_cluster["router"]
+    hostile = [
+        (b'{"model":"llama-3.1-70b","prompt":"\\ud800","max_tokens":2}', {}),  # served: a strange token
+        (b'{"model":"llama-3.1-70b","prompt":' + b"[" * 1000 + b"]" * 1000 + b"}", {}),
+        (b'{"model":"llama-3.1-70b","prompt":"hi"}', {"Content-Encoding": "gzip"}),
+        (b'{"model":"llama-3.1-70b","prompt":"hi","max_tokens":' + b"9" * 5000 + b"}", {}),
+        (
+            b'{"model":"llama-3.1-70b","prompt":"hi","max_tokens":2}',
+            {"Content-Type": "application/json; charset=bogus"},
+        ),
+        (b'{"model":"llama-3.1-70b","messages":["hi"]}', {}),
+    ]
+    for i, (raw, headers) in enumerate(hostile):
+        path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+        r = httpx.post(
+            f"{router}{path}", content=raw, headers={"Content-Type": "application/json", **headers}, timeout=30
+        )
+        assert r.status_code < 500, (i, r.status_code, r.text)
+    # every backend is still in service, and a good request goes through
+    for inst in pd_cluster["instances"]:
+        assert metric_value(router, "infemu_router_backend_healthy", backend=inst["name"]) == 1.0, inst["name"]
+
+    # a client's kv_transfer_params never reach a worker: dropped by the router, refused by the worker
+    kv = {"do_remote_prefill": True, "remote_url": "http://127.0.0.1:9", "remote_request_id": "x", "prompt_tokens": 1}
+    body = {"model": "llama-3.1-70b", "prompt": "hi", "max_tokens": 3, "ignore_eos": True, "kv_transfer_params": kv}
+    r = httpx.post(f"{router}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    decode = next(i["url"] for i in pd_cluster["instances"] if i["role"] == "decode")
+    r = httpx.post(f"{decode}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 403, r.text
+
+
 def test_down_leaves_no_process_behind(tmp_path):
     before = set(emulator_pids())
     r = run_infemu("up", example("quickstart.yaml"), "--detach", "--json", cwd=str(tmp_path))

@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, example_files, metric_value, restricted_violations
+from conftest import ROOT, example, example_files, metric_value, restricted_violations
 
 from emulator.cluster.local import _get
 from emulator.spec import load_clusters
@@ -194,3 +194,19 @@ def test_inproc_pods_pass_pod_security_restricted_and_tc_pods_need_only_net_admi
             assert problems and all(p.startswith("tc-init:") for p in problems), problems
     lt = parse_loadtest({"kind": "LoadTest", "metadata": {"name": "x"}, "spec": {"cluster": cluster.name}})
     assert restricted_violations(loadtest_job(lt, cluster, "lab", OperatorSettings())["spec"]["template"]["spec"]) == []
+
+
+def test_router_and_workers_share_an_internal_token_keyed_by_the_clusters_uid():
+    """The token that lets only the router hand out KV-transfer parameters (serve/internal.py)."""
+    cluster = load_clusters(example("pd-llama70b-h100.yaml"))[0]
+
+    def tokens(uid):
+        out = set()
+        for o in desired_children(cluster, "lab", uid=uid):
+            if o["kind"] in ("StatefulSet", "Deployment"):
+                for c in o["spec"]["template"]["spec"]["containers"]:
+                    out |= {e["value"] for e in c.get("env", []) if e["name"] == "INFEMU_INTERNAL_TOKEN"}
+        return out
+
+    (a,) = tokens("uid-a")
+    assert tokens("uid-a") == {a} and tokens("uid-b") != {a} and len(a) == 32

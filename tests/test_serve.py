@@ -112,6 +112,52 @@ async def test_bad_requests_get_openai_errors_never_500(client, path, body, stat
     assert err["code"] == code and err["message"] and "type" in err and "param" in err
 
 
+HOSTILE = [
+    # (what, path, raw body, extra headers): each once made the worker answer 500 (issue 13)
+    ("nested 1,000 deep", "/v1/completions", b'{"model":"m","prompt":' + b"[" * 1000 + b"]" * 1000 + b"}", {}),
+    ("a body that is not gzip", "/v1/completions", b'{"model":"m","prompt":"hi"}', {"Content-Encoding": "gzip"}),
+    (
+        "a 5,000-digit max_tokens",
+        "/v1/completions",
+        b'{"model":"m","prompt":"hi","max_tokens":' + b"9" * 5000 + b"}",
+        {},
+    ),
+    ("not UTF-8", "/v1/completions", b'{"model":"m","prompt":"\xff\xfe"}', {}),
+    ("a JSON array for /admin/link", "/admin/link", b"[]", {}),
+]
+
+
+@pytest.mark.parametrize("what, path, raw, headers", HOSTILE, ids=[h[0] for h in HOSTILE])
+async def test_hostile_bodies_are_client_errors_not_server_errors(client, what, path, raw, headers):
+    resp = await client.post(path, data=raw, headers={"Content-Type": "application/json", **headers})
+    assert 400 <= resp.status < 500, (what, resp.status, await resp.text())
+    assert (await resp.json())["error"]["message"]
+
+
+async def test_odd_but_valid_input_is_served():
+    """A lone surrogate in the prompt and a bogus charset are not errors at all (JSON is UTF-8)."""
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as c:
+        body = b'{"model":"%s","prompt":"\\ud800 hi","max_tokens":2}' % MODEL.encode()
+        resp = await c.post("/v1/completions", data=body, headers={"Content-Type": "application/json; charset=bogus"})
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["usage"]["completion_tokens"] <= 2
+
+
+async def test_kv_transfer_params_need_the_cluster_token(monkeypatch):
+    """A client must not make a worker connect where it likes (issue 13, security)."""
+    monkeypatch.setenv("INFEMU_INTERNAL_TOKEN", "s3cret")
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as c:
+        kv = {"do_remote_prefill": True, "remote_url": "http://127.0.0.1:9", "remote_request_id": "x"}
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "kv_transfer_params": kv}
+        resp = await c.post("/v1/completions", json=body)
+        assert resp.status == 403 and (await resp.json())["error"]["param"] == "kv_transfer_params"
+        assert (await c.get("/internal/kv/anything")).status == 403
+        ok = await c.post("/v1/completions", json={k: v for k, v in body.items() if k != "kv_transfer_params"})
+        assert ok.status == 200
+
+
 async def test_metrics_families_types_and_buckets(client):
     await client.post(
         "/v1/completions", json={"model": MODEL, "prompt": "hello world " * 40, "max_tokens": 5, "ignore_eos": True}

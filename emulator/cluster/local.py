@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 
 from emulator.errors import SpecError
+from emulator.serve.internal import TOKEN_ENV, new_token
 
 RUNS_DIR = os.path.join(".infemu", "runs")
 START_TIMEOUT_S = 60.0
@@ -155,6 +156,7 @@ class LocalCluster:
         self.detach = detach
         self.state = RunState(cluster_name, self.spec_path, self.run_dir)
         self._procs: dict[str, subprocess.Popen] = {}
+        self.token = new_token()
         self.shaping_request = shaping
         self.cluster = cluster  # an already-overridden cluster; processes still read the spec file
         self.shaping_reason = ""
@@ -194,7 +196,12 @@ class LocalCluster:
         ]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, TOKEN_ENV: self.token},  # the cluster's internal hop (serve/internal.py)
             )
         self._procs[name] = proc
         info = ProcessInfo(name, role, proc.pid, log=log_path)

@@ -30,7 +30,8 @@ from emulator.serve.app import (
     caller_request_id,
     models_body,
 )
-from emulator.serve.protocol import APIError
+from emulator.serve.internal import cluster_token, internal_headers
+from emulator.serve.protocol import APIError, read_json_object
 from emulator.serve.tokens import chat_prompt, tokenize
 
 log = logging.getLogger("infemu.router")
@@ -61,6 +62,7 @@ class RouterSettings:
 class Router:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
+        self.token = cluster_token()  # proves to the workers that a request comes from inside the cluster
         self.pool = BackendPool([Backend(n, r, u) for n, r, u in settings.backends])
         self.policy = make_policy(settings.policy)
         self.decode_policy = KVAware()
@@ -130,13 +132,16 @@ class Router:
     # ---- endpoints ------------------------------------------------------------------
     async def generate(self, request: web.Request) -> web.StreamResponse:
         received = asyncio.get_running_loop().time()
-        raw = await request.read()
         try:
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise ValueError
-        except (ValueError, UnicodeDecodeError):
-            return _error(APIError(400, "the request body is not valid JSON", None, "invalid_json"))
+            body = await read_json_object(request)
+        except APIError as exc:
+            return _error(exc)
+        raw: bytes | None = await request.read()  # cached by aiohttp: the same bytes, read once
+        if "kv_transfer_params" in body:
+            # only the router hands out KV-transfer parameters (they make a worker connect to the
+            # named peer): a client's are dropped at the front door, and the body is re-encoded
+            body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+            raw = None
         if body.get("model") != self.settings.model_name:
             if not isinstance(body.get("model"), str):
                 return _error(APIError(400, "'model' is required", "model", "missing_required_parameter"))
@@ -215,7 +220,11 @@ class Router:
         backend.in_flight += 1
         try:
             try:
-                headers = {PATH_OVERHEAD_HEADER: repr(self.path_overhead_s), REQUEST_ID_HEADER: state.request_id}
+                headers = {
+                    PATH_OVERHEAD_HEADER: repr(self.path_overhead_s),
+                    REQUEST_ID_HEADER: state.request_id,
+                    **internal_headers(self.token),
+                }
                 if state.arrival:
                     headers[ARRIVAL_HEADER] = repr(state.arrival)
                 if state.request.headers.get(PROBE_HEADER):
@@ -298,6 +307,7 @@ class Router:
                         ARRIVAL_HEADER: repr(state.arrival),
                         PATH_OVERHEAD_HEADER: repr(self.path_overhead_s),
                         REQUEST_ID_HEADER: state.request_id,  # the decode stream carries the same id
+                        **internal_headers(self.token),
                     },
                 ) as resp:
                     data = await resp.read()
@@ -350,8 +360,10 @@ class Router:
         """POST /admin/path-overhead {"seconds": s}: the launcher's measurement of the emulation's own
         HTTP round trip, passed on to the workers with every request."""
         try:
-            self.path_overhead_s = _seconds(await request.json())
-        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+            self.path_overhead_s = _seconds(await read_json_object(request))
+        except APIError as exc:
+            return _error(exc)
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             return _error(APIError(400, f"bad path overhead: {exc}", "seconds", "invalid_value"))
         return web.json_response({"seconds": self.path_overhead_s})
 

@@ -31,8 +31,17 @@ from emulator.net.plan import link_plan
 from emulator.net.tc import KernelLink
 from emulator.serve.api_path import ApiServerPath
 from emulator.serve.engine_loop import RealTimeEngine, StreamEvent
+from emulator.serve.internal import cluster_token, internal_headers, is_internal
 from emulator.serve.metrics import EngineMetrics
-from emulator.serve.protocol import APIError, GenerationRequest, full_response, parse_request, stream_chunk, usage_chunk
+from emulator.serve.protocol import (
+    APIError,
+    GenerationRequest,
+    full_response,
+    parse_request,
+    read_json_object,
+    stream_chunk,
+    usage_chunk,
+)
 from emulator.serve.tokens import output_token, prompt_seed, synthetic_eos
 from emulator.spec import InferenceCluster
 from emulator.topology import Topology
@@ -65,6 +74,7 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        self.token = cluster_token()
         spec = settings.cluster.spec
         self.topology: Topology
         self.topology, setups = build_instances(spec)
@@ -148,7 +158,7 @@ class Worker:
     async def _pull_kv(self, req: Request, source: dict) -> None:
         url = f"{source['remote_url']}/internal/kv/{source['remote_request_id']}"
         assert self.session is not None
-        async with self.session.get(url, params={"to": self.name}) as resp:
+        async with self.session.get(url, params={"to": self.name}, headers=internal_headers(self.token)) as resp:
             # the transfer proper: from the sender's response (it then adds the latency and
             # streams the bytes) to the last byte; request set-up is not part of the link
             t0 = asyncio.get_running_loop().time()
@@ -164,6 +174,11 @@ class Worker:
         self.metrics.link(tier, "rx", logical)
 
     async def serve_kv(self, request: web.Request) -> web.StreamResponse:
+        if not is_internal(request.headers, self.token):
+            raise web.HTTPForbidden(
+                text=json.dumps({"error": "KV is served to this cluster's workers only"}),
+                content_type="application/json",
+            )
         rid = request.match_info["rid"]
         held = self.scheduler.held.get(rid)
         if held is None:
@@ -225,10 +240,7 @@ class Worker:
             except ValueError:
                 pass
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(APIError(400, "the request body is not valid JSON", None, "invalid_json"))
-        try:
+            body = await read_json_object(request)
             g = parse_request(kind, body, self.model.vocab)
             if g.model != self.model_name:
                 raise APIError(
@@ -256,6 +268,14 @@ class Worker:
         n_out = requested if g.ignore_eos else min(requested, synthetic_eos(seed, g.min_tokens))
         finish_reason = "length" if n_out == requested else "stop"
         kv = g.kv_transfer_params or {}
+        if kv and not is_internal(request.headers, self.token):
+            raise APIError(
+                403,
+                "kv_transfer_params are set by the cluster's router only",
+                "kv_transfer_params",
+                "forbidden",
+                "PermissionDeniedError",
+            )
         prefix = "chatcmpl" if g.kind == "chat" else "cmpl"
         rid = f"{prefix}-{g.request_id}"  # the engine's key: unique on this worker whatever callers send
         # the id the client reads: the caller's when it names one, so a P/D router can give the prefill's
@@ -365,7 +385,7 @@ class Worker:
         """POST /admin/link {"to": peer instance or "*", "bandwidth_factor": f, "latency_us": l, "cut": bool,
         "reset": bool}: degrade, delay or cut this instance's sending side towards a peer, live."""
         try:
-            body = await request.json()
+            body = await read_json_object(request)
             to = str(body.get("to", "*"))
             if body.get("reset"):
                 self.peer_links.pop(to, None)
@@ -377,7 +397,9 @@ class Worker:
             if not 0 < factor <= 1e6:
                 raise ValueError("bandwidth_factor must be > 0")
             latency = float(body["latency_us"]) * 1e-6 * self.dilation if "latency_us" in body else base.latency_s
-        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+        except APIError as exc:
+            return _error(exc)
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             return _error(APIError(400, f"bad link change: {exc}", None, "invalid_value"))
         if body.get("cut"):
             self.cut.add(to)

@@ -7,12 +7,39 @@ handler never answers 500 for bad input.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from emulator.serve.tokens import chat_prompt, tokenize
+
+
+async def read_json_object(request) -> dict:
+    """The request body as a JSON object, or ``APIError(400)``. JSON is UTF-8 whatever the
+    Content-Type's charset claims (RFC 8259), so the charset is not consulted; a body that does
+    not decompress (a false ``Content-Encoding``), is not UTF-8, nests too deep for the parser or
+    holds a number past Python's 4,300-digit limit is the client's fault, never a 5xx."""
+    from aiohttp.web_protocol import RequestPayloadError
+
+    try:
+        raw = await request.read()
+    except RequestPayloadError as exc:
+        raise APIError(
+            400, f"the request body could not be read: {exc.args[0] if exc.args else exc}", None, "invalid_body"
+        ) from None
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not UTF-8", None, "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply", None, "invalid_json") from None
+    except ValueError as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    return body
 
 
 class APIError(Exception):

@@ -24,7 +24,8 @@ MEAN_SYNTHETIC_OUTPUT = 256  # mean length when the client does not fix it (igno
 
 
 def _h(text: str | bytes) -> int:
-    data = text.encode() if isinstance(text, str) else text
+    # surrogatepass: a lone surrogate ("\ud800" in the JSON) is a (strange) token, not a crash
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 

@@ -20,6 +20,7 @@ import yaml
 
 from emulator.build import build_instances
 from emulator.net.plan import link_plan
+from emulator.serve.internal import TOKEN_ENV
 from emulator.spec import InferenceCluster
 from infemu_operator.gateway import inference_pool
 from infemu_operator.gateway import pod_labels as gateway_pod_labels
@@ -101,6 +102,18 @@ def _config_volume(cluster: InferenceCluster) -> tuple[dict, dict]:
     return volume, mount
 
 
+def internal_token(uid: str) -> str:
+    """The cluster's internal token (emulator/serve/internal.py), derived from the
+    InferenceCluster's uid: stable for the object's life (no pod restarts), different for every
+    object, and unknown to the network clients it keeps out (they never see the uid). Kept out
+    of a Secret so the operator needs no access to Secrets at all."""
+    return hashlib.sha256(f"infemu-internal:{uid}".encode()).hexdigest()[:32]
+
+
+def _token_env(uid: str | None) -> list[dict]:
+    return [{"name": TOKEN_ENV, "value": internal_token(uid)}] if uid else []
+
+
 def _serving_container(name: str, args: list[str], settings: OperatorSettings, mount: dict) -> dict:
     """A worker or router container: HTTP port, probes, resources, locked-down security context."""
     return {
@@ -177,7 +190,9 @@ def _pod_template(lbl: dict, containers: list[dict], volume: dict, config_digest
     }
 
 
-def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: OperatorSettings) -> list[dict]:
+def pool_objects(
+    cluster: InferenceCluster, namespace: str, pool, settings: OperatorSettings, uid: str | None = None
+) -> list[dict]:
     name = f"{cluster.name}-{pool.name}"
     lbl = labels(cluster.name, pool.role, pool.name)
     volume, mount = _config_volume(cluster)
@@ -196,7 +211,7 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
         settings,
         mount,
     )
-    worker["env"] = [*POD_NAME_ENV, POD_IP_ENV]
+    worker["env"] = [*POD_NAME_ENV, POD_IP_ENV, *_token_env(uid)]
     # workers leave replica counts out of their hash: scaling one pool must not restart the others
     pod_lbl = {**lbl, **gateway_pod_labels(cluster, pool.role)}
     template = _pod_template(pod_lbl, [worker], volume, config_hash(cluster, with_replicas=False))
@@ -244,7 +259,9 @@ def pool_objects(cluster: InferenceCluster, namespace: str, pool, settings: Oper
     return [statefulset, service]
 
 
-def router_objects(cluster: InferenceCluster, namespace: str, settings: OperatorSettings) -> list[dict]:
+def router_objects(
+    cluster: InferenceCluster, namespace: str, settings: OperatorSettings, uid: str | None = None
+) -> list[dict]:
     name = f"{cluster.name}-router"
     lbl = labels(cluster.name, "router")
     volume, mount = _config_volume(cluster)
@@ -254,6 +271,8 @@ def router_objects(cluster: InferenceCluster, namespace: str, settings: Operator
         settings,
         mount,
     )
+    if uid:
+        container["env"] = _token_env(uid)
     selector = {"app.kubernetes.io/instance": cluster.name, "app.kubernetes.io/component": "router"}
     deployment = {
         "apiVersion": "apps/v1",
@@ -278,13 +297,15 @@ def router_objects(cluster: InferenceCluster, namespace: str, settings: Operator
     return [deployment, service]
 
 
-def desired_children(cluster: InferenceCluster, namespace: str, settings: OperatorSettings | None = None) -> list[dict]:
+def desired_children(
+    cluster: InferenceCluster, namespace: str, settings: OperatorSettings | None = None, uid: str | None = None
+) -> list[dict]:
     """Every child object of one InferenceCluster, in apply order (config first, router last)."""
     settings = settings or OperatorSettings()
     out = [config_map(cluster, namespace)]
     for pool in cluster.spec.pools:
-        out += pool_objects(cluster, namespace, pool, settings)
-    out += router_objects(cluster, namespace, settings)
+        out += pool_objects(cluster, namespace, pool, settings, uid)
+    out += router_objects(cluster, namespace, settings, uid)
     pool = inference_pool(cluster, namespace, PORT, labels(cluster.name, "inference-pool"))
     if pool is not None:
         out.append(pool)

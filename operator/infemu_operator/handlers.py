@@ -199,7 +199,8 @@ def reconcile_cluster(body, spec, name, namespace, meta, status, patch, memo, lo
         logger.error(message)
         _post(body, [Event("Warning", "InvalidSpec", message)])
         return
-    children = desired_children(cluster, namespace, Runtime.settings)
+    # the uid keys the cluster's internal token (desired.internal_token)
+    children = desired_children(cluster, namespace, Runtime.settings, meta.get("uid"))
     kube = _kube()
     try:
         for obj in children:
