@@ -86,6 +86,12 @@ def main() -> int:
         help="skip (and count) rows whose simulation generates more output tokens than this; 0: no limit",
     )
     ap.add_argument("--no-cv", action="store_true", help="score the shipped constants only (in-sample)")
+    ap.add_argument(
+        "--cv-rows-per-group",
+        type=int,
+        default=8,
+        help="rows per group (an even sample) on which the refit's derivatives are simulated",
+    )
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="write the families, the headline and every row here")
     args = ap.parse_args()
@@ -123,7 +129,12 @@ def main() -> int:
             theta = F.vector(F.profile_for(rows_e[0]))
             print(f"{engine}: leave-one-group-out over {len({ex.row.group for ex in rows_e})} groups", file=sys.stderr)
             preds, refits[engine] = F.cross_validate(
-                rows_e, [base[i] for i in idx], theta, args.jobs, log=lambda m: print(m, file=sys.stderr)
+                rows_e,
+                [base[i] for i in idx],
+                theta,
+                args.jobs,
+                log=lambda m: print(m, file=sys.stderr),
+                rows_per_group=args.cv_rows_per_group,
             )
             for ex, p in zip(rows_e, preds, strict=True):
                 outcomes[ex.row.id].cv = p

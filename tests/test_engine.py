@@ -106,6 +106,17 @@ def test_producer_holds_kv_until_released_and_consumer_waits_for_it():
     assert finished == ["x"] and c.num_output_tokens == 10
 
 
+def test_a_decode_server_with_a_batch_sized_token_budget_takes_long_prompts_from_prefill():
+    """TensorRT-LLM decode servers run with max_num_tokens = their batch and no chunking; a P/D
+    consumer's prompt was prefilled elsewhere, so only the prefill side checks it against a budget."""
+    decode = create_scheduler(max_num_batched_tokens=32, chunked=False)
+    c = create_request("x", prompt=1024, output=4, kv_role="consumer")
+    c.num_output_tokens = 1
+    assert decode.add_request(c) is None
+    local = create_request("y", prompt=1024, output=4)
+    assert decode.add_request(local) is not None and "exceeds max_num_batched_tokens" in local.error
+
+
 def test_steady_stretch_equals_stepping():
     def build():
         s = create_scheduler(num_blocks=60)

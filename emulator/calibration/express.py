@@ -122,14 +122,22 @@ def checkpoint_for(row: CalibrationRow) -> tuple[str, dict, list[str]]:
     return name, fields, assumptions
 
 
-def deployment(backend: str, role: str, batch: int | None, isl: int) -> dict:
+def deployment(backend: str, role: str, batch: int | None, isl: int, concurrency: int | None = None) -> dict:
     """Engine limits as aiconfigurator's generator sets them for a benchmark deployment
     (src/aiconfigurator/generator/rule_plugin/{vllm,sglang,trtllm}.rule @095f58a): the batch limit
     is 512, or twice the planned batch above that (TensorRT-LLM: the planned batch); the token
     budget holds the batch plus one whole prompt (+1500 vLLM, +500 TensorRT-LLM rounded to its
-    32-token blocks); SGLang keeps its own chunked-prefill size but mixes chunks into decode steps."""
+    32-token blocks); SGLang keeps its own chunked-prefill size but mixes chunks into decode steps.
+
+    An aggregated TensorRT-LLM row whose batch field is below its concurrency (66 simulated rows,
+    mostly the older Qwen3-32B dumps) is taken to have run with the concurrency as its limit:
+    with the batch as the limit the closed-loop clients queue behind it and the simulated TTFT
+    came out a median 229% high on those rows (2026-11-26 benchmark), where the measured TTFTs
+    stay near one prefill."""
     b = batch or 0
     seqs = (b or 128) if backend == "trtllm" else (512 if b < 512 else 2 * b)
+    if backend == "trtllm" and role == "aggregated" and concurrency:
+        seqs = max(seqs, concurrency)
     if role == "prefill":
         seqs = max(1, b or 1)
     out: dict = {"maxNumSeqs": seqs}
@@ -186,7 +194,7 @@ def express(
         assert lay is not None
         if not dense and lay.moe_tp * lay.moe_ep != lay.tp * lay.dp:
             return Skip(row, f"moe_tp x moe_ep = {lay.moe_tp * lay.moe_ep} != tp x attention_dp {lay.tp * lay.dp}")
-        limits = deployment(row.backend, "aggregated", lay.batch, row.isl)
+        limits = deployment(row.backend, "aggregated", lay.batch, row.isl, row.concurrency)
         pools = [_pool("agg", "aggregated", lay, 1, max_len, dense, limits)]
         gpus = lay.tp * lay.pp * lay.dp
         widest = lay.tp * lay.pp * (1 if dense else lay.dp)

@@ -77,7 +77,10 @@ class Scheduler:
                 f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
                 f"{total} tokens ({req.num_prompt_tokens} in the messages, {req.max_tokens} in the completion)."
             )
-        if not cfg.enable_chunked_prefill and req.num_prompt_tokens > cfg.max_num_batched_tokens:
+        # a P/D consumer receives its prompt's KV from the prefill instance and never prefills it
+        # here, so the token budget (a TensorRT-LLM decode server's is its batch size) does not apply
+        prefills_here = req.kv_role != "consumer"
+        if prefills_here and not cfg.enable_chunked_prefill and req.num_prompt_tokens > cfg.max_num_batched_tokens:
             return (
                 f"the prompt ({req.num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
                 f"({cfg.max_num_batched_tokens}) and chunked prefill is off"
