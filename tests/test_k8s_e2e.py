@@ -484,13 +484,28 @@ def test_the_chart_runs_the_operator_in_cluster_and_pd_kv_bytes_cross_the_shaped
     # the chart applies its CRDs server-side; ones created by another client (the fixtures above)
     # would conflict, so hand them over: delete them (no other test uses them any more) and wait
     ext = api.ApiextensionsV1Api()
+    objs = api.CustomObjectsApi()
+    for plural in ("inferenceclusters", "loadtests"):  # what earlier tests left, without finalizers
+        for obj in objs.list_cluster_custom_object(GROUP, VERSION, plural)["items"]:
+            meta = obj["metadata"]
+            patch = {"metadata": {"finalizers": None}}
+            objs.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], plural, meta["name"], patch)
+            objs.delete_namespaced_custom_object(GROUP, VERSION, meta["namespace"], plural, meta["name"])
     crds = [c.metadata.name for c in ext.list_custom_resource_definition().items if c.spec.group == GROUP]
     for crd in crds:
         ext.delete_custom_resource_definition(crd)
     _wait(
         lambda: not [c for c in ext.list_custom_resource_definition().items if c.spec.group == GROUP],
-        120,
+        180,
         "the CRDs deleted before the chart installs them",
+        context=lambda: json.dumps(
+            [
+                (c.metadata.name, c.status.conditions and [x.to_dict() for x in c.status.conditions])
+                for c in ext.list_custom_resource_definition().items
+                if c.spec.group == GROUP
+            ],
+            default=str,
+        ),
     )
     cfg = helm.Config(kubeconfig_path=kubeconfig, namespace=namespace)
     cfg.install(

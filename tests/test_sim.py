@@ -111,7 +111,15 @@ def test_bulk_decode_gives_the_same_timelines_as_stepping(name, requests):
     plan = build_plan(cluster.spec.workload)
     fast = simulate(cluster, plan, bulk=True)
     slow = simulate(cluster, plan, bulk=False)
-    assert _timelines(fast) == _timelines(slow)
+    a, b = _timelines(fast), _timelines(slow)
+    # the same events at the same times; a bulk stretch sums its step times in another order, so
+    # the last bit of a float may differ (1e-15 s), never more
+    assert [(r[0], r[3]) for r in a] == [(r[0], r[3]) for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert [v is None for v in x] == [v is None for v in y]
+        assert [v for v in x[1:] if v is not None] == pytest.approx(
+            [v for v in y[1:] if v is not None], rel=1e-9, abs=1e-12
+        )
     assert fast.events < slow.events
 
 

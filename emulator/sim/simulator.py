@@ -267,8 +267,10 @@ class Simulation:
         dts = inst.cost.decode_stretch_s(batch, kv_sum, horizon)
         ends = np.add.accumulate(np.concatenate(([now], dts)))[1:]
         t_obs = self.events.next_observing()
-        # steps that start before the next observing event run unchanged
-        n = 1 + int(np.searchsorted(ends[:-1], t_obs, side="left"))
+        # steps that end before the next observing event run unchanged; the one it falls in is
+        # stepped on its own, because the API server's loop takes that event's work (a new
+        # request's intake) before it streams the tokens of a step that ends after it
+        n = int(np.searchsorted(ends, t_obs, side="left"))
         n = min(n, horizon)
         if n < 2:
             return False
