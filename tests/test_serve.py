@@ -154,6 +154,9 @@ async def test_kv_transfer_params_need_the_cluster_token(monkeypatch):
         resp = await c.post("/v1/completions", json=body)
         assert resp.status == 403 and (await resp.json())["error"]["param"] == "kv_transfer_params"
         assert (await c.get("/internal/kv/anything")).status == 403
+        assert (await c.post("/admin/link", json={"to": "*", "cut": True})).status == 403  # no live faults either
+        allowed = await c.post("/admin/link", json={"to": "*", "reset": True}, headers={"X-Infemu-Internal": "s3cret"})
+        assert allowed.status == 200
         ok = await c.post("/v1/completions", json={k: v for k, v in body.items() if k != "kv_transfer_params"})
         assert ok.status == 200
 

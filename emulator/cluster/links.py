@@ -10,6 +10,7 @@ import urllib.request
 
 from emulator.cluster.local import RUNS_DIR, RunState
 from emulator.errors import InputError
+from emulator.serve.internal import internal_headers
 
 
 def newest_run() -> str:
@@ -62,7 +63,7 @@ def set_links(
                 req = urllib.request.Request(
                     f"{s.url}/admin/link",
                     data=json.dumps({**body, "to": r.name}).encode(),
-                    headers={"Content-Type": "application/json"},
+                    headers={"Content-Type": "application/json", **internal_headers(state.token or None)},
                     method="POST",
                 )
                 try:

@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 
 from emulator.errors import SpecError
-from emulator.serve.internal import TOKEN_ENV, new_token
+from emulator.serve.internal import TOKEN_ENV, internal_headers, new_token
 
 RUNS_DIR = os.path.join(".infemu", "runs")
 START_TIMEOUT_S = 60.0
@@ -47,6 +47,7 @@ class RunState:
     shaping: str = "inproc"
     run_id: str = ""  # names the tc backend's namespaces, veths and bridge
     path_overhead_s: float = 0.0  # the emulation's own HTTP round trip, measured at start
+    token: str = ""  # the cluster's internal token (serve/internal.py): `infemu link set` needs it
 
     def to_json(self) -> dict:
         return {
@@ -56,7 +57,8 @@ class RunState:
 
     def save(self) -> None:
         path = os.path.join(self.run_dir, "state.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        # owner-only: the file holds the cluster's internal token
+        with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
             json.dump({**asdict(self)}, fh, indent=2)
         os.replace(path + ".tmp", path)
 
@@ -96,7 +98,7 @@ def _probe_once(router: str, model: str) -> float:
     raise OSError("the probe stream carried no data")
 
 
-def calibrate_path(router: str, model: str) -> float:
+def calibrate_path(router: str, model: str, token: str | None = None) -> float:
     """The emulation's own HTTP round trip, client -> router -> worker -> router -> client, measured
     with probe requests the workers answer at once (median of 25); the router passes it to the
     workers, which take it out of the modelled API-server time (``emulator.serve.api_path``)."""
@@ -116,7 +118,7 @@ def calibrate_path(router: str, model: str) -> float:
     req = urllib.request.Request(
         f"{router}/admin/path-overhead",
         data=json.dumps({"seconds": seconds}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **internal_headers(token)},
     )
     try:
         with urllib.request.urlopen(req, timeout=5):
@@ -157,6 +159,7 @@ class LocalCluster:
         self.state = RunState(cluster_name, self.spec_path, self.run_dir)
         self._procs: dict[str, subprocess.Popen] = {}
         self.token = new_token()
+        self.state.token = self.token
         self.shaping_request = shaping
         self.cluster = cluster  # an already-overridden cluster; processes still read the spec file
         self.shaping_reason = ""
@@ -267,7 +270,7 @@ class LocalCluster:
             router = self._spawn("router", "router", "router", ["--backends", backends_file])
             self._wait_ready([router])
             self.state.router = router.url
-            self.state.path_overhead_s = calibrate_path(router.url, cluster.spec.model.name)
+            self.state.path_overhead_s = calibrate_path(router.url, cluster.spec.model.name, self.token)
             self.state.save()
         except BaseException:
             self.stop()

@@ -30,7 +30,7 @@ from emulator.serve.app import (
     caller_request_id,
     models_body,
 )
-from emulator.serve.internal import cluster_token, internal_headers
+from emulator.serve.internal import cluster_token, internal_headers, is_internal
 from emulator.serve.protocol import APIError, read_json_object
 from emulator.serve.tokens import chat_prompt, tokenize
 
@@ -358,7 +358,9 @@ class Router:
 
     async def set_path_overhead(self, request: web.Request) -> web.Response:
         """POST /admin/path-overhead {"seconds": s}: the launcher's measurement of the emulation's own
-        HTTP round trip, passed on to the workers with every request."""
+        HTTP round trip, passed on to the workers with every request. Only from the launcher."""
+        if not is_internal(request.headers, self.token):
+            return _error(APIError(403, "the path overhead is set by the launcher only", None, "forbidden"))
         try:
             self.path_overhead_s = _seconds(await read_json_object(request))
         except APIError as exc:

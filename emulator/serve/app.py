@@ -383,7 +383,10 @@ class Worker:
 
     async def set_link(self, request: web.Request) -> web.Response:
         """POST /admin/link {"to": peer instance or "*", "bandwidth_factor": f, "latency_us": l, "cut": bool,
-        "reset": bool}: degrade, delay or cut this instance's sending side towards a peer, live."""
+        "reset": bool}: degrade, delay or cut this instance's sending side towards a peer, live.
+        Only from inside the cluster (``infemu link set`` carries the internal token)."""
+        if not is_internal(request.headers, self.token):
+            return _error(APIError(403, "link changes come from the cluster's tools only", None, "forbidden"))
         try:
             body = await read_json_object(request)
             to = str(body.get("to", "*"))
