@@ -302,13 +302,7 @@ def test_every_status_field_the_operator_writes_comes_back_from_the_api_server(a
         )["status"]
         assert {k: back.get(k) for k in sent} == sent
 
-    lt = _load("loadtest-chat.yaml", "LoadTest") if os.path.exists(example("loadtest-chat.yaml")) else None
-    lt = lt or {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LoadTest",
-        "metadata": {"name": "lt"},
-        "spec": {"cluster": name, "workload": "chat", "arrival": {"users": 2}, "durationSeconds": 10},
-    }
+    lt = _load("loadtest-chat.yaml", "LoadTest")
     objs.create_namespaced_custom_object(GROUP, VERSION, namespace, "loadtests", lt)
     summary = {"requests": 10, "completed": 10, "failed": 0, "slo_attainment": 0.9, "ttft_ms": {"p99": 12.5}}
     sent = {

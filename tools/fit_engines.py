@@ -61,19 +61,11 @@ def main() -> int:
         theta0 = np.zeros(len(F.PARAMETERS))
         theta, residuals = F.fit(expressed, theta0, iterations=args.iterations, workers=args.jobs)
         ttft, tpot = F.median_errors(residuals)
-        host = {
-            name: round(float(v), 3)
-            for (sec, _, _, name, _), v in zip(F.PARAMETERS, theta, strict=True)
-            if sec == "host"
-        }
-        api = {
-            name: round(float(v), 3)
-            for (sec, _, _, name, _), v in zip(F.PARAMETERS, theta, strict=True)
-            if sec == "api"
-        }
+        sections: dict[str, dict[str, float]] = {"host": {}, "api": {}}
+        for (section, _, _, name, _), v in zip(F.PARAMETERS, theta, strict=True):
+            sections[section][name] = round(float(v), 3)
         engines[engine] = {
-            "host": host,
-            "api": api,
+            **sections,
             "fitted_on": sorted({e.row.group for e in expressed}),
             "rows": len(expressed),
             "in_sample_median_abs_error_pct": {"ttft": round(ttft, 2), "tpot": round(tpot, 2)},

@@ -76,15 +76,14 @@ def predict(
     tpot = np.array([r.tpot_ms if r.tpot_ms is not None else np.nan for r in records])
     c, rounds = ex.load.concurrency, ex.load.rounds
     valid = ~np.isnan(tpot)
+    # requests with one output token have no TPOT: they stand at the mean of the others
     tpot_mean = (
-        _round_weighted(np.where(valid, tpot, np.nanmean(tpot) if valid.any() else 0.0), c, rounds, benchmark_rounds)
-        if valid.any()
-        else float("nan")
+        _round_weighted(np.where(valid, tpot, np.nanmean(tpot)), c, rounds, benchmark_rounds) if valid.any() else None
     )
     return Prediction(
         ex.row.id,
         _round_weighted(ttft, c, rounds, benchmark_rounds),
-        None if not valid.any() else tpot_mean,
+        tpot_mean,
         len(records),
         0,
         None,

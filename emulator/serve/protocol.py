@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp.web_protocol import RequestPayloadError
+
 from emulator.serve.tokens import chat_prompt, tokenize
 
 
@@ -21,8 +23,6 @@ async def read_json_object(request) -> dict:
     Content-Type's charset claims (RFC 8259), so the charset is not consulted; a body that does
     not decompress (a false ``Content-Encoding``), is not UTF-8, nests too deep for the parser or
     holds a number past Python's 4,300-digit limit is the client's fault, never a 5xx."""
-    from aiohttp.web_protocol import RequestPayloadError
-
     try:
         raw = await request.read()
     except RequestPayloadError as exc:

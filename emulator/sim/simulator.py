@@ -270,8 +270,7 @@ class Simulation:
         # steps that end before the next observing event run unchanged; the one it falls in is
         # stepped on its own, because the API server's loop takes that event's work (a new
         # request's intake) before it streams the tokens of a step that ends after it
-        n = int(np.searchsorted(ends, t_obs, side="left"))
-        n = min(n, horizon)
+        n = int(np.searchsorted(ends, t_obs, side="left"))  # ends holds horizon steps: n <= horizon
         if n < 2:
             return False
         results = sched.advance_steady(ends[:n])
