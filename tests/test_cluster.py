@@ -125,6 +125,11 @@ def test_hostile_input_through_the_router_is_a_4xx_and_ejects_no_backend(pd_clus
     r = httpx.post(f"{decode}/v1/completions", json=body, timeout=30)
     assert r.status_code == 403, r.text
 
+    # nor do the launcher's own headers: a client's "probe" is an ordinary request, run by the engine
+    probe = {"model": "llama-3.1-70b", "prompt": "hi", "max_tokens": 3, "ignore_eos": True}
+    r = httpx.post(f"{router}/v1/completions", json=probe, headers={"X-Infemu-Probe": "1"}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
 
 def test_down_leaves_no_process_behind(tmp_path):
     before = set(emulator_pids())

@@ -83,12 +83,12 @@ def _get(url: str, timeout: float = 1.0) -> int:
 PROBES = 25
 
 
-def _probe_once(router: str, model: str) -> float:
+def _probe_once(router: str, model: str, token: str | None) -> float:
     body = json.dumps({"model": model, "prompt": "x", "max_tokens": 1, "stream": True}).encode()
     req = urllib.request.Request(
         f"{router}/v1/completions",
         data=body,
-        headers={"Content-Type": "application/json", "X-Infemu-Probe": "1"},
+        headers={"Content-Type": "application/json", "X-Infemu-Probe": "1", **internal_headers(token)},
     )
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=5) as resp:  # loopback only
@@ -105,7 +105,7 @@ def calibrate_path(router: str, model: str, token: str | None = None) -> float:
     samples = []
     for _ in range(PROBES):
         try:
-            samples.append(_probe_once(router, model))
+            samples.append(_probe_once(router, model, token))
         except (OSError, urllib.error.URLError):
             continue
     if not samples:

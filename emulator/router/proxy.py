@@ -153,6 +153,8 @@ class Router:
         rr = self._routing_request(body, request)
         state = _ClientStream(request, bool(body.get("stream")))
         state.arrival = received
+        # the launcher's path probe (it carries the cluster token); from anyone else the header is ignored
+        state.probe = bool(request.headers.get(PROBE_HEADER)) and is_internal(request.headers, self.token)
         try:
             return await self._dispatch(request, body, rr, state, raw)
         finally:
@@ -161,7 +163,7 @@ class Router:
     def _account(self, state: _ClientStream) -> None:
         """Count the request against the SLOs as the router saw it (first token and end of stream).
         The launcher's path probes are not user requests: they would inflate every attainment."""
-        if state.request.headers.get(PROBE_HEADER):
+        if state.probe:
             return
         end = asyncio.get_running_loop().time()
         ok = state.ok and state.tokens > 0 if state.stream else state.ok
@@ -227,7 +229,7 @@ class Router:
                 }
                 if state.arrival:
                     headers[ARRIVAL_HEADER] = repr(state.arrival)
-                if state.request.headers.get(PROBE_HEADER):
+                if state.probe:
                     headers[PROBE_HEADER] = "1"
                 if raw is not None:  # unchanged body: forward the client's bytes, no re-encoding
                     resp = await self.session.post(
@@ -393,6 +395,7 @@ class _ClientStream:
         self.capture = capture
         # one id for the whole completion, given to every backend that works on it
         self.request_id = caller_request_id(request) or uuid.uuid4().hex
+        self.probe = False
         self.resp: web.StreamResponse | None = None
         self.started = False
         self.done = False

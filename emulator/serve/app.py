@@ -224,21 +224,25 @@ class Worker:
     # ---- the OpenAI endpoints ---------------------------------------------------------
     async def generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         received = asyncio.get_running_loop().time()
-        overhead = request.headers.get(PATH_OVERHEAD_HEADER)
-        if overhead is not None:
-            try:
-                self.api_path.observe_path_overhead(float(overhead))
-            except ValueError:
-                pass
-        if request.headers.get(PROBE_HEADER):
-            return await _probe(request, kind)
-        stamp = request.headers.get(ARRIVAL_HEADER)
-        if stamp is not None:
-            try:  # the router's receipt time, on the same monotonic clock when on the same host
-                t = float(stamp)
-                received = t if received - 1.0 < t <= received else received
-            except ValueError:
-                pass
+        # the router's and launcher's own headers count only from inside the cluster: a client's
+        # would skew the modelled API time, backdate its arrival or skip the engine altogether
+        internal = is_internal(request.headers, self.token)
+        if internal:
+            overhead = request.headers.get(PATH_OVERHEAD_HEADER)
+            if overhead is not None:
+                try:
+                    self.api_path.observe_path_overhead(float(overhead))
+                except ValueError:
+                    pass
+            if request.headers.get(PROBE_HEADER):
+                return await _probe(request, kind)
+            stamp = request.headers.get(ARRIVAL_HEADER)
+            if stamp is not None:
+                try:  # the router's receipt time, on the same monotonic clock when on the same host
+                    t = float(stamp)
+                    received = t if received - 1.0 < t <= received else received
+                except ValueError:
+                    pass
         try:
             body = await read_json_object(request)
             g = parse_request(kind, body, self.model.vocab)
@@ -246,11 +250,13 @@ class Worker:
                 raise APIError(
                     404, f"The model `{g.model}` does not exist.", "model", "model_not_found", "NotFoundError"
                 )
-            return await self._run(request, g, received)
+            return await self._run(request, g, received, internal)
         except APIError as exc:
             return _error(exc)
 
-    async def _run(self, request: web.Request, g: GenerationRequest, received: float) -> web.StreamResponse:
+    async def _run(
+        self, request: web.Request, g: GenerationRequest, received: float, internal: bool
+    ) -> web.StreamResponse:
         assert self.engine is not None
         max_len = self.setup.engine.max_model_len
         n_prompt = len(g.prompt_ids)
@@ -268,7 +274,7 @@ class Worker:
         n_out = requested if g.ignore_eos else min(requested, synthetic_eos(seed, g.min_tokens))
         finish_reason = "length" if n_out == requested else "stop"
         kv = g.kv_transfer_params or {}
-        if kv and not is_internal(request.headers, self.token):
+        if kv and not internal:
             raise APIError(
                 403,
                 "kv_transfer_params are set by the cluster's router only",
