@@ -282,9 +282,8 @@ def start_loadtest(body, spec, name, namespace, status, patch, logger, **_: Any)
     _post(body, [Event("Normal", "Started", message)])
 
 
-def _finish(patch: kopf.Patch, status: Any, phase: str, reason: str, message: str, body: Any = None) -> None:
-    if body is not None:
-        _post(body, [Event("Normal" if phase == "Succeeded" else "Warning", reason, message)])
+def _finish(patch: kopf.Patch, status: Any, phase: str, reason: str, message: str, body: Any) -> None:
+    _post(body, [Event("Normal" if phase == "Succeeded" else "Warning", reason, message)])
     patch.status["phase"] = phase
     patch.status["message"] = message
     patch.status["completionTime"] = now()
