@@ -222,7 +222,9 @@ async def test_create_makes_owned_children_then_a_scale_change_patches_them(oper
     body = _with_identity(_example_body("pd-llama70b-h100.yaml"), "uid-pd")
     await _create(kmock, IC, body)
     name = body["metadata"]["name"]
-    await _until(lambda: _live(kmock, DEPLOY, f"{name}-router"), what="the router Deployment")
+    # the router Service is the last child applied: once it is there, every child is (waiting for the
+    # Deployment, which comes just before it, raced the Service's apply and failed a CI run)
+    await _until(lambda: _live(kmock, SVC, f"{name}-router"), what="the router Service")
     children = {
         (STS, f"{name}-prefill"),
         (STS, f"{name}-decode"),
