@@ -27,7 +27,24 @@ TraceFormat = Literal["azure", "mooncake", "burstgpt", "ragpulse"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` or `.nan` anywhere in a spec is an error naming the field, never a
+    # NaN report or an infinite simulation.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
+    )
+
+
+# Bounds on every size a spec can ask for: far beyond any real fleet or workload, small enough that
+# planning, placement and the simulator stay within memory and finish (a bad value is a one-line error).
+MAX_NODES = 4096
+MAX_GPUS = 131_072  # nodes x gpusPerNode
+MAX_GPUS_PER_NODE = 1024  # an NVL576 rack treated as one node still fits
+MAX_REPLICAS = 1024
+MAX_PARALLEL = 1024  # tp, pp, ep, dp
+MAX_TOKENS = 10_000_000  # a prompt or output length, max_model_len, a step's token budget
+MAX_SECONDS = 10_000_000.0  # about 116 days of arrivals
+MAX_RATE = 1_000_000.0  # requests per second
+MAX_REQUESTS = 10_000_000
 
 
 # ---- model, hardware, topology ---------------------------------------------
@@ -60,30 +77,47 @@ class ModelSpec(_Model):
 
 
 class ScaleUpSpec(_Model):
-    size: int = Field(8, ge=1, description="GPUs in one NVLink/NVSwitch domain (8 for HGX, 72 for NVL72).")
+    size: int = Field(
+        8,
+        ge=1,
+        le=MAX_NODES * MAX_GPUS_PER_NODE,
+        description="GPUs in one NVLink/NVSwitch domain (8 for HGX, 72 for NVL72).",
+    )
     tier: str | None = Field(None, description="Link tier name; default follows the GPU (nvlink4 for H100).")
-    latency_us: float | None = Field(None, ge=0)
+    latency_us: float | None = Field(None, ge=0, le=10_000_000)
     byte_scale: float | None = Field(
-        None, ge=1, description="Emulation: send 1/S of the logical bytes at 1/S of the rate (default: automatic)."
+        None,
+        ge=1,
+        le=1e9,
+        description="Emulation: send 1/S of the logical bytes at 1/S of the rate (default: automatic).",
     )
 
 
 class ScaleOutSpec(_Model):
     tier: str | None = Field(None, description="Link tier name; default follows the GPU (ib-ndr-400 for H100).")
-    latency_us: float | None = Field(None, ge=0)
+    latency_us: float | None = Field(None, ge=0, le=10_000_000)
     byte_scale: float | None = Field(
-        None, ge=1, description="Emulation: send 1/S of the logical bytes at 1/S of the rate (default: automatic)."
+        None,
+        ge=1,
+        le=1e9,
+        description="Emulation: send 1/S of the logical bytes at 1/S of the rate (default: automatic).",
     )
 
 
 class TopologySpec(_Model):
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=1)
+    nodes: int = Field(1, ge=1, le=MAX_NODES)
+    gpus_per_node: int = Field(8, ge=1, le=MAX_GPUS_PER_NODE)
     scale_up: ScaleUpSpec = ScaleUpSpec()
     scale_out: ScaleOutSpec = ScaleOutSpec()
     allow_cross_domain_tp: bool = Field(
         False, description="Let a TP group straddle scale-up domains (its all-reduce then crosses scale-out)."
     )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> TopologySpec:
+        if self.nodes * self.gpus_per_node > MAX_GPUS:
+            raise ValueError(f"nodes x gpusPerNode = {self.nodes * self.gpus_per_node} GPUs; the limit is {MAX_GPUS}")
+        return self
 
 
 # ---- pools -------------------------------------------------------------------
@@ -92,42 +126,52 @@ class TopologySpec(_Model):
 class PoolSpec(_Model):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     role: Role = "aggregated"
-    replicas: int = Field(1, ge=0)
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=0, le=MAX_REPLICAS)
+    tp: int = Field(1, ge=1, le=MAX_PARALLEL)
+    pp: int = Field(1, ge=1, le=MAX_PARALLEL)
     ep: int = Field(
         1,
         ge=1,
+        le=MAX_PARALLEL,
         description="Expert-parallel degree for MoE layers: experts are split over ep x (tp x dp / ep) GPUs; "
         "must divide tp x dp.",
     )
     dp: int = Field(
         1,
         ge=1,
+        le=MAX_PARALLEL,
         description="Attention data parallelism of an MoE instance: dp ranks of tp GPUs each run attention on "
         "their own requests and share the MoE layers (DeepSeek-style wide EP). Dense models: use replicas.",
     )
     max_num_seqs: int | None = Field(
-        None, ge=1, description="Running requests per engine (per attention-DP rank); default: the engine's."
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Running requests per engine (per attention-DP rank); default: the engine's.",
     )
     max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="Token budget of one step (per attention-DP rank); default: the engine's."
+        None,
+        ge=1,
+        le=MAX_TOKENS,
+        description="Token budget of one step (per attention-DP rank); default: the engine's.",
     )
-    max_model_len: int | None = Field(None, ge=16)
+    max_model_len: int | None = Field(None, ge=16, le=MAX_TOKENS)
     chunked_prefill: bool | None = Field(None, description="Split long prompts over steps; default: the engine's.")
     prefix_caching: bool | None = Field(None, description="Reuse KV blocks of equal prefixes; default: the engine's.")
-    block_size: int = Field(16, ge=1)
+    block_size: int = Field(16, ge=1, le=4096)
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description="Fraction of HBM the engine manages; default: the engine's (vLLM 0.9)."
     )
     step_overhead_us: float = Field(
         0.0,
         ge=0,
+        le=10_000_000,
         description="Extra fixed cost per engine step on top of the engine's host-side model (spec.engine); "
         "for what-if studies.",
     )
     placement: list[list[int]] | None = Field(
         None,
+        max_length=MAX_REPLICAS,
         description="Explicit GPU ids per replica (global id = node * gpusPerNode + local id); "
         "default: packed in spec order, never straddling a scale-up domain.",
     )
@@ -185,8 +229,8 @@ class GatewaySpec(_Model):
 
 
 class SLOSpec(_Model):
-    ttft_ms: float = Field(1000.0, gt=0)
-    tpot_ms: float = Field(100.0, gt=0)
+    ttft_ms: float = Field(1000.0, gt=0, le=86_400_000)
+    tpot_ms: float = Field(100.0, gt=0, le=86_400_000)
     attainment_target: float = Field(0.9, gt=0, le=1)
 
 
@@ -195,13 +239,13 @@ class SLOSpec(_Model):
 
 class FixedLength(_Model):
     type: Literal["fixed"] = "fixed"
-    value: int = Field(ge=1)
+    value: int = Field(ge=1, le=MAX_TOKENS)
 
 
 class UniformLength(_Model):
     type: Literal["uniform"] = "uniform"
-    min: int = Field(ge=1)
-    max: int = Field(ge=1)
+    min: int = Field(ge=1, le=MAX_TOKENS)
+    max: int = Field(ge=1, le=MAX_TOKENS)
 
     @model_validator(mode="after")
     def _ordered(self) -> UniformLength:
@@ -212,10 +256,10 @@ class UniformLength(_Model):
 
 class LognormalLength(_Model):
     type: Literal["lognormal"] = "lognormal"
-    mean: float = Field(gt=0, description="Mean length in tokens.")
-    sigma: float = Field(0.5, ge=0, description="Standard deviation of log(length).")
-    min: int = Field(1, ge=1)
-    max: int = Field(32768, ge=1)
+    mean: float = Field(gt=0, le=MAX_TOKENS, description="Mean length in tokens.")
+    sigma: float = Field(0.5, ge=0, le=10, description="Standard deviation of log(length).")
+    min: int = Field(1, ge=1, le=MAX_TOKENS)
+    max: int = Field(32768, ge=1, le=MAX_TOKENS)
 
 
 class TraceLength(_Model):
@@ -231,7 +275,12 @@ class PoissonArrival(_Model):
 
 class GammaArrival(_Model):
     type: Literal["gamma"] = "gamma"
-    cv: float = Field(gt=0, description="Coefficient of variation of inter-arrival times (1 = Poisson).")
+    cv: float = Field(
+        ge=0.01,
+        le=100,
+        description="Coefficient of variation of inter-arrival times (1 = Poisson); 0.01 (nearly constant) to "
+        "100 (extreme bursts).",
+    )
 
 
 class ConstantArrival(_Model):
@@ -242,10 +291,10 @@ class MMPPArrival(_Model):
     """On/off bursts: a two-state Markov-modulated Poisson process (exponential state durations)."""
 
     type: Literal["mmpp"] = "mmpp"
-    burst_rate: float = Field(gt=0, description="Requests per second during a burst.")
-    idle_rate: float = Field(0.0, ge=0, description="Requests per second between bursts.")
-    burst_seconds: float = Field(gt=0, description="Mean duration of a burst.")
-    idle_seconds: float = Field(gt=0, description="Mean duration between bursts.")
+    burst_rate: float = Field(gt=0, le=MAX_RATE, description="Requests per second during a burst.")
+    idle_rate: float = Field(0.0, ge=0, le=MAX_RATE, description="Requests per second between bursts.")
+    burst_seconds: float = Field(gt=0, le=MAX_SECONDS, description="Mean duration of a burst.")
+    idle_seconds: float = Field(gt=0, le=MAX_SECONDS, description="Mean duration between bursts.")
 
     @property
     def mean_rate(self) -> float:
@@ -256,14 +305,14 @@ class MMPPArrival(_Model):
 
 class ConcurrencyArrival(_Model):
     type: Literal["concurrency"] = "concurrency"
-    n: int = Field(ge=1, description="Closed-loop clients, each sending its next request on completion.")
+    n: int = Field(ge=1, le=100_000, description="Closed-loop clients, each sending its next request on completion.")
 
 
 class TraceArrival(_Model):
     type: Literal["trace"] = "trace"
-    path: str
+    path: str = Field(max_length=4096)
     format: TraceFormat
-    time_scale: float = Field(1.0, gt=0, description="Multiply trace timestamps by this (0.5 = twice as fast).")
+    time_scale: float = Field(1.0, gt=0, le=1e6, description="Multiply trace timestamps by this (0.5 = twice as fast).")
 
 
 Arrival = Annotated[
@@ -278,21 +327,27 @@ class ClientSpec(_Model):
     overhead_ms: float = Field(
         1.0,
         ge=0,
+        le=3_600_000,
         description="Closed loop: mean client-side delay between a response's end and the client's next send "
         "(an assumption of about one asyncio/HTTP round of a benchmark harness; not fitted).",
     )
     overhead_cv: float = Field(
-        1.0, ge=0, description="Coefficient of variation of that delay (Gamma law); > 0 lets clients drift apart."
+        1.0,
+        ge=0,
+        le=100,
+        description="Coefficient of variation of that delay (Gamma law); > 0 lets clients drift apart.",
     )
     warmup_requests: int = Field(
         0,
         ge=0,
+        le=MAX_REQUESTS,
         description="Closed loop: requests sent first at the same concurrency and drained before the measured "
         "phase starts (AIPerf --warmup-request-count); not reported, but they fill the prefix cache.",
     )
     prompt_pool: int | None = Field(
         None,
         ge=1,
+        le=MAX_REQUESTS,
         description="Draw prompts from a dataset of this many distinct prompts, shuffled and reused when exhausted "
         "(benchmark clients' default datasets); repeats can hit the prefix cache. None: every prompt distinct.",
     )
@@ -301,16 +356,16 @@ class ClientSpec(_Model):
 class WorkloadSpec(_Model):
     arrival: Arrival = PoissonArrival()
     client: ClientSpec = ClientSpec()
-    rate: float | None = Field(1.0, gt=0, description="Requests per second (open-loop arrivals).")
+    rate: float | None = Field(1.0, gt=0, le=MAX_RATE, description="Requests per second (open-loop arrivals).")
     input_length: LengthDist = Field(
         None, description="Prompt lengths; default: from the trace with a trace arrival, else fixed 512."
     )
     output_length: LengthDist = Field(
         None, description="Output lengths; default: from the trace with a trace arrival, else fixed 128."
     )
-    requests: int | None = Field(None, ge=1)
-    duration: float | None = Field(None, gt=0, description="Seconds of arrivals.")
-    seed: int = 0
+    requests: int | None = Field(None, ge=1, le=MAX_REQUESTS)
+    duration: float | None = Field(None, gt=0, le=MAX_SECONDS, description="Seconds of arrivals.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seeds every random draw; same spec and seed, same plan.")
 
     @model_validator(mode="before")
     @classmethod
@@ -354,7 +409,7 @@ class ClusterSpec(_Model):
     engine: EngineSpec = EngineSpec()
     gpu: str = "h100-sxm"
     topology: TopologySpec = TopologySpec()
-    pools: list[PoolSpec] = Field(min_length=1)
+    pools: list[PoolSpec] = Field(min_length=1, max_length=64)
     router: RouterSpec = RouterSpec()
     gateway: GatewaySpec = GatewaySpec()
     slo: SLOSpec = SLOSpec()
@@ -417,7 +472,7 @@ def _message(err: dict, value: Any) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if kind in ("model_type", "model_attributes_type"):
         return f"expected a mapping, got {value!r}"
-    return f"{value!r}: {msg}" if value is not None else msg
+    return f"{value!r}: {msg}" if value is not None and not isinstance(value, (dict, list)) else msg
 
 
 def format_validation_error(exc: ValidationError, data: Any, prefix: str = "") -> list[str]:
@@ -448,18 +503,57 @@ def parse_cluster(data: Any, source: str = "") -> InferenceCluster:
     return cluster
 
 
-def load_clusters(path: str) -> list[InferenceCluster]:
-    """Load every InferenceCluster document of a YAML file (multi-document files compare designs)."""
+MAX_SPEC_BYTES = 4 * 1024 * 1024  # a spec is a page of YAML; a trace belongs in its own file
+MAX_SPEC_DEPTH = 64  # the schema nests about 6 levels
+
+
+def _depth(node: Any, limit: int) -> int:
+    """Nesting depth of parsed YAML, iteratively (a 5,000-deep document must not hit the recursion limit)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _read_spec_text(path: str) -> str:
     if not os.path.exists(path):
         raise SpecError([f"{path}: no such file"])
+    if not os.path.isfile(path):
+        raise SpecError([f"{path}: not a regular file; give the path of a YAML spec"])
+    size = os.path.getsize(path)
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(
+            [f"{path}: {size} bytes; a spec may be at most {MAX_SPEC_BYTES} bytes (put traces in their own file)"]
+        )
     try:
-        with open(path, encoding="utf-8") as fh:
-            docs = [d for d in yaml.safe_load_all(fh) if d is not None]
+        with open(path, "rb") as fh:
+            return fh.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path}: not UTF-8 text (byte {exc.start}); a spec is a YAML file"]) from None
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read ({exc.strerror})"]) from None
+
+
+def load_clusters(path: str) -> list[InferenceCluster]:
+    """Load every InferenceCluster document of a YAML file (multi-document files compare designs)."""
+    text = _read_spec_text(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError([f"{path}:{where}: invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise SpecError([f"{path}: YAML nested too deeply; a spec nests at most {MAX_SPEC_DEPTH} levels"]) from None
+    for i, doc in enumerate(docs):
+        if _depth(doc, MAX_SPEC_DEPTH) > MAX_SPEC_DEPTH:
+            raise SpecError([f"{path} (document {i + 1}): nested more than {MAX_SPEC_DEPTH} levels; not a spec"])
     if not docs:
         raise SpecError([f"{path}: the file holds no document"])
     clusters, problems = [], []

@@ -101,7 +101,7 @@ def test_gamma_cv_error_drops_the_union_tag(tmp_path):
         )
     )
     (line,) = problems(str(p))
-    assert "spec.workload.arrival.cv: -2: Input should be greater than 0" in line
+    assert "spec.workload.arrival.cv: -2: Input should be greater than or equal to 0.01" in line
 
 
 def test_multi_document_spec_compares_designs():

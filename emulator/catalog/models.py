@@ -299,6 +299,10 @@ def arch_from_config(name: str, cfg: dict, hf_quant: dict | None = None, hf_id: 
     missing = [k for k in required if k not in cfg]
     if missing:
         raise ValueError(f"config.json lacks {', '.join(missing)}")
+    for key in required:
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 10_000_000:
+            raise ValueError(f"config.json: {key} is {value!r}; it must be a positive integer")
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)

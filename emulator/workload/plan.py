@@ -118,8 +118,8 @@ def prompt_segments(rng: PartitionedRNG, wl: WorkloadSpec, lengths: np.ndarray) 
 
 def detect_trace_format(path: str) -> str:
     """Guess a trace's format from its header or first record."""
-    if not os.path.exists(path):
-        raise InputError(f"{path}: trace file not found")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: trace file not found" if not os.path.exists(path) else f"{path}: not a file")
     with open(path, encoding="utf-8", errors="replace") as fh:
         head = fh.readline()
     if "ContextTokens" in head:

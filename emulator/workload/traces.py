@@ -31,6 +31,8 @@ class TraceRecord:
 def _require(path: str) -> None:
     if not os.path.exists(path):
         raise InputError(f"{path}: trace file not found")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: not a regular file; spec.workload.arrival.path must name a trace file")
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: trace file is empty")
 
@@ -176,4 +178,10 @@ READERS = {
 def read_trace(path: str, fmt: str) -> list[TraceRecord]:
     if fmt not in READERS:
         raise InputError(f"trace format {fmt!r} is unknown; use one of {', '.join(READERS)}")
-    return READERS[fmt](path)
+    _require(path)
+    try:
+        return READERS[fmt](path)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); is it a trace in {fmt} format?") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
