@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from emulator.errors import SpecError
+from emulator.errors import InputError, SpecError
 from loadgen.workloads import WORKLOADS
 
 
@@ -198,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cut", action="store_true", help="fail every transfer on these links")
     p.add_argument("--reset", action="store_true", help="back to the tier's own numbers")
     p.add_argument("--run-dir", help="the cluster's run directory (default: the newest under .infemu/runs)")
+
+    p = sub.add_parser("fault", help="inject, clear and list faults on a running local cluster")
+    fsub = p.add_subparsers(dest="fault_command", required=True, metavar="ACTION")
+    p = fsub.add_parser("inject", help="start a fault now (the fields of a spec.faults entry)")
+    p.add_argument("kind", choices=["kill", "hang", "slow", "link", "partition"])
+    p.add_argument("--name", help="name it, to clear it later (default: <kind>-<n>)")
+    p.add_argument("--pool", help="target: every replica of this pool (see --fraction)")
+    p.add_argument("--instance", help="target: one instance")
+    p.add_argument("--fraction", type=_positive_float, help="share of the pool's replicas hit")
+    p.add_argument("--peer", help="link: the receiving pool or instance (default: every peer)")
+    p.add_argument("--tier", help="link: only peers over this tier")
+    p.add_argument("--factor", type=float, help="slow: k times slower")
+    p.add_argument("--bandwidth-factor", type=_positive_float, help="link: multiply the rate")
+    p.add_argument("--latency-us", type=float, help="link: added latency")
+    p.add_argument("--loss-retransmit-ms", type=float, help="link: loss as a retransmit delay per transfer")
+    p.add_argument("--cut", action="store_true", help="link: no byte passes")
+    p.add_argument("--between", nargs=2, metavar=("A", "B"), help="partition: two comma-separated groups")
+    p.add_argument("--duration-seconds", type=float, help="informational: `fault clear` ends it")
+    p.add_argument("--run-dir", help="the cluster's run directory (default: the newest under .infemu/runs)")
+    p = fsub.add_parser("clear", help="end one active fault (or --all)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--run-dir")
+    p = fsub.add_parser("list", help="active faults, and what each process reports")
+    p.add_argument("--run-dir")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("doctor", help="which link-shaping backends work here and how fast they shape accurately")
     p.add_argument("--json", action="store_true")
@@ -487,15 +513,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             print_endpoints(state)
         if args.detach:
+            from emulator.cluster.supervisor import spawn_detached
+
+            spawn_detached(state)  # restarts dead processes after this command returns
             return 0
+        from emulator.cluster.supervisor import Supervisor
+
+        supervisor = Supervisor(state, lc.children)  # one death no longer stops the cluster: it is restarted
         while True:
-            dead = lc.dead_processes()
-            if dead:
-                name, code = dead[0]
-                print(f"error: instance {name} exited with code {code}; stopping the cluster", file=sys.stderr)
-                lc.stop()
-                return 1
-            time.sleep(0.2)
+            for line in supervisor.poll_once():
+                print(line, file=sys.stderr, flush=True)
+            time.sleep(0.1)
     except KeyboardInterrupt:
         pass
     lc.stop()
@@ -504,9 +532,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_link(args: argparse.Namespace) -> int:
-    from emulator.cluster.links import set_links
+    from emulator.cluster.links import FAILED, set_links
 
-    for line in set_links(
+    lines = set_links(
         args.run_dir,
         args.src,
         args.dst,
@@ -514,9 +542,71 @@ def cmd_link(args: argparse.Namespace) -> int:
         latency_us=args.latency_us,
         cut=args.cut,
         reset=args.reset,
-    ):
+    )
+    for line in lines:
+        print(line, file=sys.stderr if line.startswith(FAILED) else sys.stdout)
+    return 1 if any(line.startswith(FAILED) for line in lines) else 0
+
+
+def _declared_fault(args: argparse.Namespace) -> dict:
+    """The command line as a spec.faults entry (validated by the same model)."""
+    target = {
+        k: v
+        for k, v in (
+            ("pool", args.pool),
+            ("instance", args.instance),
+            ("fraction", args.fraction),
+            ("peer", args.peer),
+            ("tier", args.tier),
+        )
+        if v is not None
+    }
+    out: dict = {"kind": args.kind}
+    if args.name:
+        out["name"] = args.name
+    if target:
+        out["target"] = target
+    if args.factor is not None:
+        out["factor"] = args.factor
+    if args.kind == "link":
+        link = {
+            k: v
+            for k, v in (
+                ("bandwidthFactor", args.bandwidth_factor),
+                ("latencyUs", args.latency_us),
+                ("lossRetransmitMs", args.loss_retransmit_ms),
+            )
+            if v is not None
+        }
+        out["link"] = {**link, "cut": args.cut}
+    if args.between:
+        out["between"] = [[n for n in g.split(",") if n] for g in args.between]
+    if args.duration_seconds is not None and args.kind != "kill":
+        out["durationSeconds"] = args.duration_seconds
+    return out
+
+
+def cmd_fault(args: argparse.Namespace) -> int:
+    from emulator.faults import live
+
+    if args.fault_command == "list":
+        view = live.listing(args.run_dir)
+        if args.json:
+            print(json.dumps(view, indent=1))
+            return 0
+        print("active: " + (", ".join(f"{n} ({d['kind']})" for n, d in view["active"].items()) or "none"))
+        for name, state in view["live"].items():
+            print(f"  {name}: {json.dumps(state)}")
+        return 0
+    if args.fault_command == "clear":
+        if args.name is None and not args.all:
+            raise InputError("fault clear: name a fault or pass --all")
+        lines = live.clear(args.run_dir, None if args.all else args.name)
+    else:
+        lines = live.inject(args.run_dir, _declared_fault(args))
+    for line in lines:
         print(line)
-    return 0
+    return 1 if any(": failed: " in line for line in lines) else 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -571,6 +661,7 @@ COMMANDS = {
     "up": cmd_up,
     "down": cmd_down,
     "link": cmd_link,
+    "fault": cmd_fault,
     "doctor": cmd_doctor,
 }
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
-from emulator.results import RequestRecord
+from emulator.results import LOST, RequestRecord
 from emulator.rng import PartitionedRNG
 from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
 from emulator.workload.plan import PlannedRequest, RequestPlan
@@ -48,50 +48,80 @@ def request_body(model: str, p: PlannedRequest, vocab: int) -> bytes:
     ).encode()
 
 
-async def send_one(session: ClientSession, url: str, p: PlannedRequest, body: bytes, t_origin: float) -> RequestRecord:
+def _error_code(data: bytes | str, default: str) -> str:
+    """The OpenAI error's ``code`` (the router's reason), else ``default``."""
+    try:
+        err = json.loads(data)["error"]
+        return str(err.get("code") or err.get("type") or default)
+    except (ValueError, KeyError, TypeError):
+        return default
+
+
+async def send_one(
+    session: ClientSession,
+    url: str,
+    p: PlannedRequest,
+    body: bytes,
+    t_origin: float,
+    deadline_s: float | None = None,
+) -> RequestRecord:
+    """One request, measured from its stream. ``deadline_s`` (wall): a request with no answer by then
+    is abandoned and recorded as ``lost`` — the router's own deadline should always answer first."""
     rec = RequestRecord(f"req-{p.index}", 0.0, p.input_len)
     start = time.perf_counter()
     rec.arrival_s = start - t_origin
     times: list[float] = []
     try:
-        async with session.post(
-            f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-        ) as resp:
-            if resp.status != 200:
-                rec.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                rec.finish_s = time.perf_counter() - t_origin
-                return rec
-            tail = b""
-            async for block in resp.content.iter_any():  # whole reads: every token in one read arrived together
-                now = time.perf_counter() - t_origin
-                data = tail + block
-                events = data.split(b"\n\n")
-                tail = events.pop()
-                for ev in events:
-                    if not ev.startswith(b"data: "):
-                        continue
-                    if b'"text":"' in ev and b'"text":"",' not in ev:  # a token chunk: no JSON parse needed
-                        times.append(now)
-                    elif ev != b"data: [DONE]":
-                        obj = json.loads(ev[6:])
-                        if "error" in obj:
-                            rec.error = obj["error"].get("message", "error event")
-                        elif obj.get("usage"):
-                            rec.output_tokens = obj["usage"]["completion_tokens"]
+        await asyncio.wait_for(_exchange(session, url, body, t_origin, rec, times), deadline_s)
+    except asyncio.TimeoutError:
+        rec.error = f"lost: no answer within the client's deadline ({deadline_s:.0f} s)"
+        rec.error_code = LOST
     except Exception as exc:  # the request ends with an explicit error, whatever broke
         rec.error = f"{type(exc).__name__}: {exc}"
+        rec.error_code = "connection"
     rec.finish_s = times[-1] if times else time.perf_counter() - t_origin
     if times:
         rec.first_token_s = times[0]
         if len(times) > 1:
             rec.itl_max_ms = float(np.max(np.diff(times))) * 1e3
     rec.ok = rec.error is None and bool(times)
+    if not rec.ok and rec.error_code is None:
+        rec.error_code = "empty_stream" if rec.error is None else "other"
     if rec.ok and rec.output_tokens == 0:
         rec.output_tokens = len(times)
     return rec
 
 
-def _to_emulated_time(rec: RequestRecord, dilation: float) -> None:
+async def _exchange(
+    session: ClientSession, url: str, body: bytes, t_origin: float, rec: RequestRecord, times: list[float]
+) -> None:
+    async with session.post(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}) as resp:
+        if resp.status != 200:
+            text = await resp.text()
+            rec.error = f"HTTP {resp.status}: {text[:300]}"
+            rec.error_code = _error_code(text, f"http_{resp.status}")
+            return
+        tail = b""
+        async for block in resp.content.iter_any():  # whole reads: every token in one read arrived together
+            now = time.perf_counter() - t_origin
+            data = tail + block
+            events = data.split(b"\n\n")
+            tail = events.pop()
+            for ev in events:
+                if not ev.startswith(b"data: "):
+                    continue
+                if b'"text":"' in ev and b'"text":"",' not in ev:  # a token chunk: no JSON parse needed
+                    times.append(now)
+                elif ev != b"data: [DONE]":
+                    obj = json.loads(ev[6:])
+                    if "error" in obj:
+                        rec.error = obj["error"].get("message", "error event")
+                        rec.error_code = _error_code(ev[6:], "stream_error")
+                    elif obj.get("usage"):
+                        rec.output_tokens = obj["usage"]["completion_tokens"]
+
+
+def to_emulated_time(rec: RequestRecord, dilation: float) -> None:
     """Wall-clock seconds on a dilated cluster -> the emulated cluster's seconds (divide by D)."""
     for attr in ("arrival_s", "first_token_s", "finish_s"):
         if getattr(rec, attr) is not None:
@@ -109,6 +139,8 @@ async def run_closed_loop(
     on_done=None,
     behaviour: ClientBehaviour | None = None,
     seed: int = 0,
+    deadline_s: float | None = None,
+    on_send=None,
 ) -> list[RequestRecord]:
     """``plan.concurrency`` clients as the simulator models them (``emulator.workload.clients``):
     a warm-up phase drained before the measured one, and a random client-side overhead before each
@@ -147,7 +179,9 @@ async def run_closed_loop(
                 if delay > 0:
                     await asyncio.sleep(delay)
                 p = plan.requests[index]
-                rec = await send_one(session, url, p, bodies[index], t_origin)
+                if on_send is not None:
+                    on_send()
+                rec = await send_one(session, url, p, bodies[index], t_origin, deadline_s)
                 if not plan.is_warmup(index):
                     records.append(rec)
                     if on_done is not None:
@@ -166,7 +200,7 @@ async def run_closed_loop(
         while tasks:
             await asyncio.gather(*list(tasks))
     for rec in records:
-        _to_emulated_time(rec, dilation)
+        to_emulated_time(rec, dilation)
     return sorted(records, key=lambda r: int(r.request_id.split("-")[1]))
 
 
@@ -179,6 +213,8 @@ async def run_plan(
     dilation: float = 1.0,
     on_done=None,
     max_in_flight: int | None = None,
+    deadline_s: float | None = None,
+    on_send=None,
 ) -> tuple[list[RequestRecord], np.ndarray]:
     """Send every planned request at its arrival time; returns records and start lags (s).
 
@@ -204,6 +240,7 @@ async def run_plan(
                     (p.arrival_s or 0.0) * dilation,
                     p.input_len,
                     error=f"dropped: {max_in_flight} requests already in flight (--max-in-flight)",
+                    error_code="dropped",
                     finish_s=lag + (p.arrival_s or 0.0) * dilation,
                 )
                 if on_done is not None:
@@ -213,8 +250,10 @@ async def run_plan(
             if len(lags) % 20 == 0:
                 lead[0] = min(max(float(np.median(np.asarray(lags[-200:]) + lead[0])), 0.0), 0.002)
             in_flight[0] += 1
+            if on_send is not None:
+                on_send()
             try:
-                rec = await send_one(session, url, p, bodies[p.index], t_origin)
+                rec = await send_one(session, url, p, bodies[p.index], t_origin, deadline_s)
             finally:
                 in_flight[0] -= 1
             if on_done is not None:
@@ -224,7 +263,7 @@ async def run_plan(
         records = await asyncio.gather(*(at(p) for p in plan.requests))
     # arrival is the planned time, so coordinated omission shows up as TTFT, not hidden
     for rec, p in zip(records, plan.requests, strict=True):
-        _to_emulated_time(rec, dilation)
+        to_emulated_time(rec, dilation)
         if p.arrival_s is not None:
             rec.arrival_s = p.arrival_s
     return list(records), np.asarray(lags) / dilation

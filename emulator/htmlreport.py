@@ -1,8 +1,9 @@
 """``report.html``: one self-contained page (plots embedded as PNG) for a run's report folder.
 
 TTFT and TPOT CDFs against the SLOs, attainment and throughput over time, queue depth and
-KV usage per instance (sampled from the workers during the run), and the latency
-breakdown (queue + prefill until the first token, then decode) by percentile.
+KV usage per instance (sampled from the workers during the run), failures per second by
+reason, and the latency breakdown (queue + prefill until the first token, then decode) by
+percentile. Injected faults are drawn on every time plot and tabled before / during / after.
 Imports matplotlib, so only the report path pays for it.
 """
 
@@ -11,10 +12,48 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 
 import numpy as np
 
 from emulator.results import RequestRecord
+
+
+def _shade_faults(ax, faults: list[dict]) -> None:
+    """Each fault's window as a labelled band (a kill: until its process served again)."""
+    for i, f in enumerate(faults):
+        ax.axvspan(f["start_s"], max(f["end_s"], f["start_s"] + 0.05), color=f"C{(i % 8) + 2}", alpha=0.15)
+        ax.text(f["start_s"], 1.0, f" {f['name']}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+
+
+def _fault_table(faults: list[dict]) -> str:
+    if not faults:
+        return ""
+    head = (
+        "<tr><th>fault</th><th>kind</th><th>window (s)</th><th>phase</th><th>sent</th><th>completed</th>"
+        "<th>failed (by reason)</th><th>lost</th><th>TTFT p99 ms</th><th>TPOT p99 ms</th><th>attainment</th>"
+        "<th>recovery (s)</th></tr>"
+    )
+    rows = []
+    for f in faults:
+        for phase in ("before", "during", "after"):
+            w = f[phase]
+            cells = [
+                html.escape(f["name"]) if phase == "before" else "",
+                html.escape(f["kind"]) if phase == "before" else "",
+                f"{f['start_s']:.2f}–{f['end_s']:.2f}" if phase == "before" else "",
+                phase,
+                str(w["sent"]),
+                str(w["completed"]),
+                f"{w['failed']} {html.escape(json.dumps(w['failed_by_reason'])) if w['failed'] else ''}",
+                str(w["lost"]),
+                "-" if w["ttft_ms_p99"] is None else f"{w['ttft_ms_p99']:.1f}",
+                "-" if w["tpot_ms_p99"] is None else f"{w['tpot_ms_p99']:.1f}",
+                "-" if w["slo_attainment"] is None else f"{100 * w['slo_attainment']:.1f}%",
+                ("-" if f["recovery_s"] is None else f"{f['recovery_s']:.2f}") if phase == "after" else "",
+            ]
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<h2>Faults</h2><table border='1' cellspacing='0'>{head}{''.join(rows)}</table>"
 
 
 def _png(fig) -> str:
@@ -40,6 +79,7 @@ def write_html(
 
     figs = []
     ok = [r for r in records if r.ok]
+    faults = summary.get("faults") or []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, limit, label in ((axes[0], "ttft_ms", slo.ttft_ms, "TTFT"), (axes[1], "tpot_ms", slo.tpot_ms, "TPOT")):
         vals = np.sort([getattr(r, key) for r in ok if getattr(r, key) is not None])
@@ -69,6 +109,7 @@ def write_html(
         ax2.plot(bins[1:], thr, color="C1", label="output tok/s")
         ax.set(xlabel="time (s)", ylabel="attainment (%)", ylim=(0, 105), title="Attainment and throughput over time")
         ax2.set_ylabel("output tokens/s")
+        _shade_faults(ax, faults)
         fig.tight_layout()
         figs.append(("Attainment and throughput", _png(fig)))
         plt.close(fig)
@@ -82,8 +123,25 @@ def write_html(
         a1.set(xlabel="time (s)", ylabel="running + waiting", title="Queue depth per instance")
         a2.set(xlabel="time (s)", ylabel="KV usage (%)", title="KV-cache usage per instance", ylim=(0, 100))
         a1.legend(fontsize=7)
+        _shade_faults(a1, faults)
+        _shade_faults(a2, faults)
         fig.tight_layout()
         figs.append(("Queues and KV cache", _png(fig)))
+        plt.close(fig)
+
+    failed = [r for r in records if not r.ok and r.finish_s is not None]
+    if failed:
+        end = max(r.finish_s for r in failed)
+        bins = np.arange(0, end + 1.0, 1.0)
+        fig, ax = plt.subplots(figsize=(10, 3.0))
+        for reason in sorted({r.error_code or "other" for r in failed}):
+            times = [r.finish_s for r in failed if (r.error_code or "other") == reason]
+            ax.hist(times, bins=bins, histtype="step", label=reason)
+        ax.set(xlabel="time (s)", ylabel="failed requests / s", title="Failures by reason")
+        ax.legend(fontsize=8)
+        _shade_faults(ax, faults)
+        fig.tight_layout()
+        figs.append(("Failures", _png(fig)))
         plt.close(fig)
 
     if ok:
@@ -99,14 +157,16 @@ def write_html(
         figs.append(("Latency breakdown", _png(fig)))
         plt.close(fig)
 
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items() if k != "faults"
+    )
     imgs = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b64}'/>" for t, b64 in figs)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;max-width:1050px;margin:auto}td{padding:2px 10px}</style></head>"
         f"<body><h1>{html.escape(title)}</h1><p>goodput: {goodput['requests_per_s']:.2f} req/s, "
         f"{goodput['output_tokens_per_s']:.0f} output tok/s meeting TTFT &le; {slo.ttft_ms:g} ms and TPOT "
-        f"&le; {slo.tpot_ms:g} ms</p><table>{rows}</table>{imgs}</body></html>"
+        f"&le; {slo.tpot_ms:g} ms</p><table>{rows}</table>{_fault_table(faults)}{imgs}</body></html>"
     )
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(page)

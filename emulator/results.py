@@ -3,7 +3,7 @@
 ``summary`` keys are a public interface (``infemu sim --json``, ``infemu run``'s
 ``summary.json``, the LoadTest status): requests, completed, failed, duration_s,
 ttft_ms, tpot_ms, e2e_ms (each {mean, p50, p90, p99}), output_tokens_per_s,
-slo_attainment. SLO attainment follows DistServe: a request counts only when it
+slo_attainment, failed_by_reason, lost, faults. SLO attainment follows DistServe: a request counts only when it
 completed and met every SLO; failed requests count against it.
 """
 
@@ -25,6 +25,9 @@ SUMMARY_KEYS = (
     "e2e_ms",
     "output_tokens_per_s",
     "slo_attainment",
+    "failed_by_reason",  # {error code: count}
+    "lost",  # requests with no answer at all within the client's deadline (must be 0)
+    "faults",  # per fault window: before / during / after and recovery (emulator.faults.accounting)
 )
 
 
@@ -45,6 +48,10 @@ class RequestRecord:
     first_scheduled_s: float | None = None
     kv_transfer_s: float | None = None
     itl_max_ms: float | None = None
+    # why it failed, as a short code: the OpenAI error's code (overloaded, backend_failed,
+    # deadline_exceeded, no_backend, ...), http_<status>, connection, or lost (no answer at all
+    # within the client's deadline: must never happen)
+    error_code: str | None = None
 
     @property
     def ttft_ms(self) -> float | None:
@@ -105,7 +112,22 @@ def summarize(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms:
         "e2e_ms": _stats([r.e2e_ms for r in done if r.e2e_ms is not None]),
         "output_tokens_per_s": out_tokens / duration if duration > 0 else 0.0,
         "slo_attainment": met / len(records) if records else 0.0,
+        "failed_by_reason": failure_reasons(records),
+        "lost": sum(1 for r in records if r.error_code == LOST),
     }
+
+
+LOST = "lost"
+
+
+def failure_reasons(records: Iterable[RequestRecord]) -> dict[str, int]:
+    """Failed requests by ``error_code`` (``other`` when a driver gave none)."""
+    out: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            key = r.error_code or "other"
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def goodput(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms: float, duration_s: float) -> dict:

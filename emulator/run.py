@@ -17,8 +17,9 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from emulator.catalog.models import get_model
-from emulator.client import run_closed_loop, run_plan
+from emulator.client import run_closed_loop, run_plan, to_emulated_time
 from emulator.cluster.local import LocalCluster
+from emulator.faults.accounting import fault_accounting
 from emulator.locust_driver import LocustLoad, run_locust
 from emulator.results import RequestRecord, goodput, summarize
 from emulator.spec import InferenceCluster
@@ -47,10 +48,16 @@ class Progress:
         self.stream = stream
         self.done = 0
         self.met = 0
+        self.sent = 0
+        self.records: list[RequestRecord] = []  # what an interrupted run still reports
         self.t0 = time.perf_counter()
         self._last = 0.0
 
+    def on_send(self) -> None:
+        self.sent += 1
+
     def __call__(self, rec: RequestRecord) -> None:
+        self.records.append(rec)
         self.done += 1
         self.met += rec.meets(self.slo.ttft_ms, self.slo.tpot_ms)
         now = time.perf_counter()
@@ -139,9 +146,15 @@ def run(
     locust: LocustLoad | None = None,
     max_in_flight: int | None = None,
 ) -> RunResult:
-    """Drive ``plan`` with the asyncio client, or, with ``locust``, a Locust user class."""
+    """Drive ``plan`` with the asyncio client, or, with ``locust``, a Locust user class; play the spec's
+    faults meanwhile; restart processes that die. Ctrl-C still writes the report of what finished."""
+    from emulator.faults.local import FaultRunner, LocalInjector
+    from emulator.faults.schedule import resolve_faults
+    from emulator.topology import place
+
     lc = LocalCluster(spec_path, cluster.name, shaping=shaping, cluster=cluster)
     state = lc.start()
+    lc.supervise()
     prom = None
     if prometheus:
         from emulator.observability.prometheus import LocalPrometheus
@@ -163,8 +176,18 @@ def run(
     model = cluster.spec.model.name
     vocab = get_model(model).vocab
     dilation = cluster.spec.emulation.time_dilation
+    # the client gives up only well after the router's own deadline: a request it abandons is "lost"
+    deadline_s = cluster.spec.router.timeouts.request_ms * 1e-3 * dilation * 1.5 + 10.0
+    faults = resolve_faults(cluster.spec, place(cluster.spec))
+    runner = FaultRunner(LocalInjector(state), faults, dilation, lambda: progress.sent, lc.run_dir)
+    if faults:
+        print(f"faults: {', '.join(f.name for f in faults)} scheduled", file=sys.stderr)
     t0 = time.perf_counter()
-    sampler = Sampler([p for p in state.processes if p.role != "router"])
+    runner.start(t0)
+    sampler = Sampler([p for p in state.processes if p.role not in ("router", "supervisor")])
+    interrupted = False
+    instances: dict = {}
+    prom_view = None
     try:
         if locust is not None:
             records = run_locust(locust, state.router, model, out_dir or lc.run_dir, cluster.spec.workload.seed)
@@ -181,17 +204,39 @@ def run(
                     on_done=progress,
                     behaviour=behaviour,
                     seed=cluster.spec.workload.seed,
+                    deadline_s=deadline_s,
+                    on_send=progress.on_send,
                 )
             )
         else:
             records, _ = asyncio.run(
                 run_plan(
-                    state.router, model, plan, vocab, dilation=dilation, on_done=progress, max_in_flight=max_in_flight
+                    state.router,
+                    model,
+                    plan,
+                    vocab,
+                    dilation=dilation,
+                    on_done=progress,
+                    max_in_flight=max_in_flight,
+                    deadline_s=deadline_s,
+                    on_send=progress.on_send,
                 )
             )
-        instances = {p.name: {"role": p.role, **_scrape(p.url)} for p in state.processes if p.role != "router"}
+        instances = {
+            p.name: {"role": p.role, "restarts": p.restarts, **_scrape(p.url)}
+            for p in state.processes
+            if p.role not in ("router", "supervisor")
+        }
         prom_view = _prometheus_view(prom) if prom is not None else None
+    except KeyboardInterrupt:
+        # what finished is still a result: the report says the run was cut short
+        interrupted = True
+        records = sorted(progress.records, key=lambda r: int(r.request_id.split("-")[1]))
+        for rec in records:
+            _emulated_once(rec, dilation)
+        print(f"interrupted: reporting the {len(records)} requests that finished", file=sys.stderr)
     finally:
+        timeline = runner.stop()
         samples = sampler.stop()
         if prom is not None:
             prom.stop()
@@ -199,6 +244,11 @@ def run(
     wall = time.perf_counter() - t0
     slo = cluster.spec.slo
     summary = summarize(records, slo.ttft_ms, slo.tpot_ms)
+    end_s = max((r.finish_s for r in records if r.finish_s is not None), default=wall / dilation)
+    summary["faults"] = fault_accounting(records, timeline, slo.ttft_ms, slo.tpot_ms, end_s)
+    summary["restarts"] = {p.name: p.restarts for p in state.processes if p.restarts}
+    if interrupted:
+        summary["interrupted"] = True
     result = RunResult(
         cluster.name,
         records,
@@ -226,4 +276,12 @@ def run(
             slo,
             samples,
         )
+    if interrupted:
+        raise KeyboardInterrupt
     return result
+
+
+def _emulated_once(rec: RequestRecord, dilation: float) -> None:
+    """Records handed to the progress callback are still in wall seconds since the client's origin."""
+    if dilation != 1.0:
+        to_emulated_time(rec, dilation)

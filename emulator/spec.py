@@ -202,8 +202,103 @@ class EngineSpec(_Model):
     )
 
 
+class HealthCheckSpec(_Model):
+    """Active health checking: the router polls every backend's load endpoint (Envoy's health checker)."""
+
+    interval_ms: float = Field(100.0, ge=10, le=60_000, description="Time between two checks of a backend.")
+    timeout_ms: float = Field(500.0, ge=10, le=60_000, description="A check that takes longer has failed.")
+    unhealthy_threshold: int = Field(2, ge=1, le=100, description="Failed checks in a row that eject a backend.")
+    healthy_threshold: int = Field(1, ge=1, le=100, description="Good checks in a row that re-admit it.")
+
+
+class CircuitBreakerSpec(_Model):
+    """Passive health checking (Envoy's outlier detection): requests that fail eject their backend."""
+
+    consecutive_failures: int = Field(
+        3, ge=1, le=1000, description="Backend failures in a row (connect errors, 5xx, timeouts) that open it."
+    )
+    ejection_ms: float = Field(
+        1000.0, ge=0, le=3_600_000, description="How long an opened backend is skipped; doubles with each ejection."
+    )
+    max_ejection_ms: float = Field(30_000.0, ge=0, le=3_600_000, description="Cap on the doubled ejection time.")
+
+
+class RetrySpec(_Model):
+    """Retries, only where safe: before the first byte reached the client."""
+
+    max_attempts: int = Field(3, ge=1, le=10, description="Backends one request may try.")
+    budget_percent: float = Field(
+        20.0,
+        ge=0,
+        le=100,
+        description="Retries allowed as a share of the requests of the last 10 s (Linkerd's and Envoy's retry "
+        "budget): a failing fleet is not hit by a retry storm.",
+    )
+    min_per_second: float = Field(
+        3.0, ge=0, le=1e6, description="Retries always allowed per second, whatever the budget."
+    )
+
+
+class TimeoutSpec(_Model):
+    """Every wait on the request path is bounded (emulated time; the emulation scales them by its dilation)."""
+
+    connect_ms: float = Field(2000.0, gt=0, le=3_600_000, description="Connecting to a backend.")
+    first_byte_ms: float = Field(
+        30_000.0,
+        gt=0,
+        le=86_400_000,
+        description="From sending a request to a backend to its response headers; past it, the request is retried.",
+    )
+    idle_ms: float = Field(
+        10_000.0,
+        gt=0,
+        le=86_400_000,
+        description="Longest silence inside a backend's stream before it counts as stalled.",
+    )
+    request_ms: float = Field(
+        600_000.0,
+        gt=0,
+        le=86_400_000,
+        description="Deadline of a whole request at the router (and at `infemu run`'s client).",
+    )
+    kv_transfer_ms: float = Field(
+        10_000.0, gt=0, le=86_400_000, description="A decode instance's KV pull; past it, the P/D fallback applies."
+    )
+    client_write_ms: float = Field(
+        10_000.0,
+        gt=0,
+        le=86_400_000,
+        description="A client that does not take its stream's bytes for this long is cut off (slow readers do not "
+        "hold the router's memory).",
+    )
+
+
+class AdmissionSpec(_Model):
+    """Backpressure: past these limits the router answers at once instead of queueing without bound."""
+
+    max_waiting_per_backend: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="When every candidate backend has this many requests waiting, new requests are rejected.",
+    )
+    max_in_flight: int = Field(4096, ge=1, le=1_000_000, description="Requests the router holds at once, in total.")
+    reject_status: Literal[429, 503] = Field(429, description="HTTP status of a rejection (OpenAI error JSON).")
+    retry_after_s: int = Field(1, ge=0, le=3600, description="The Retry-After header of a rejection.")
+
+
 class RouterSpec(_Model):
     policy: RouterPolicy = "least_loaded"
+    health_check: HealthCheckSpec = HealthCheckSpec()
+    circuit_breaker: CircuitBreakerSpec = CircuitBreakerSpec()
+    retry: RetrySpec = RetrySpec()
+    timeouts: TimeoutSpec = TimeoutSpec()
+    admission: AdmissionSpec = AdmissionSpec()
+    pd_fallback: Literal["recompute", "fail"] = Field(
+        "recompute",
+        description="When a decode instance cannot pull a request's KV (the prefill died, the link is cut): "
+        "recompute the prompt on the decode instance, or end the request with an explicit error.",
+    )
 
 
 class EndpointPickerRef(_Model):
@@ -389,6 +484,93 @@ class WorkloadSpec(_Model):
         return self
 
 
+# ---- faults ----------------------------------------------------------------------
+
+FaultKind = Literal["kill", "hang", "slow", "link", "partition"]
+
+
+class FaultTarget(_Model):
+    """Which instances a fault hits: a pool (or the first ``fraction`` of its replicas) or one instance."""
+
+    pool: str | None = Field(None, max_length=40, description="A pool name: every replica (see fraction).")
+    instance: str | None = Field(None, max_length=64, description="One instance, e.g. decode-1.")
+    fraction: float = Field(1.0, gt=0, le=1, description="Share of the pool's replicas hit (the first ones).")
+    peer: str | None = Field(
+        None,
+        max_length=64,
+        description="link: the receiving side, a pool or an instance (default: every peer).",
+    )
+    tier: str | None = Field(
+        None, max_length=40, description="link: only peers reached over this tier (e.g. ib-ndr-400)."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> FaultTarget:
+        if (self.pool is None) == (self.instance is None):
+            raise ValueError("set exactly one of pool or instance")
+        return self
+
+
+class LinkFault(_Model):
+    bandwidth_factor: float = Field(1.0, gt=0, le=1, description="Multiply the link's rate by this (0.1 = 10x slower).")
+    latency_us: float | None = Field(None, ge=0, le=10_000_000, description="Latency added to every transfer.")
+    loss_retransmit_ms: float = Field(
+        0.0,
+        ge=0,
+        le=600_000,
+        description="Loss modelled as what TCP makes of it: this much extra delay per transfer (one retransmit "
+        "timeout); added to the latency.",
+    )
+    cut: bool = Field(False, description="No byte passes: transfers fail (and fall back, see router.pdFallback).")
+    flap_period_seconds: float | None = Field(
+        None, gt=0, le=86_400, description="Cut and restore the link every half period while the fault lasts."
+    )
+
+
+class FaultSpec(_Model):
+    """One fault at a chosen moment: the simulator, the local cluster and the operator apply the same one."""
+
+    name: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    kind: FaultKind
+    at_seconds: float | None = Field(None, ge=0, le=MAX_SECONDS, description="Start, seconds after the first request.")
+    after_requests: int | None = Field(None, ge=0, le=MAX_REQUESTS, description="Start once this many were sent.")
+    duration_seconds: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_SECONDS,
+        description="How long it lasts (hang, slow, link, partition; until the run ends when left out). A kill "
+        "has none: the process dies and its supervisor restarts it with a backoff.",
+    )
+    target: FaultTarget | None = Field(None, description="kill, hang, slow, link: the instances hit.")
+    factor: float | None = Field(None, ge=1, le=1000, description="slow: the emulated GPU runs this many times slower.")
+    link: LinkFault | None = Field(None, description="link: what happens to the target's outgoing transfers.")
+    between: list[list[str]] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="partition: two groups of pools or instances that cannot reach each other.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FaultSpec:
+        if (self.at_seconds is None) == (self.after_requests is None):
+            raise ValueError("set exactly one of atSeconds or afterRequests")
+        if self.kind == "partition":
+            if not self.between or not all(self.between):
+                raise ValueError("a partition needs between: [[pools or instances], [pools or instances]]")
+        elif self.target is None:
+            raise ValueError(f"a {self.kind} fault needs a target (pool or instance)")
+        if self.kind == "slow" and self.factor is None:
+            raise ValueError("a slow fault needs factor (e.g. 3 = three times slower)")
+        if self.kind == "link" and self.link is None:
+            raise ValueError(
+                "a link fault needs link: {bandwidthFactor, latencyUs, lossRetransmitMs, cut, flapPeriodSeconds}"
+            )
+        if self.kind == "kill" and self.duration_seconds is not None:
+            raise ValueError("a kill has no durationSeconds: its supervisor restarts the process")
+        return self
+
+
 # ---- the resource --------------------------------------------------------------
 
 
@@ -415,6 +597,9 @@ class ClusterSpec(_Model):
     slo: SLOSpec = SLOSpec()
     workload: WorkloadSpec = WorkloadSpec(requests=100)
     emulation: EmulationSpec = EmulationSpec()
+    faults: list[FaultSpec] = Field(
+        default_factory=list, max_length=256, description="Faults injected during a run (chaos experiments)."
+    )
 
 
 class Metadata(BaseModel):

@@ -114,9 +114,13 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
 
     if not problems:
         try:
-            place(spec)
+            topo = place(spec)
         except PlacementError as exc:
             problems.append(str(exc))
+        else:
+            from emulator.faults.schedule import fault_problems
+
+            problems.extend(fault_problems(spec, topo))
         total = spec.topology.nodes * spec.topology.gpus_per_node
         if spec.topology.scale_up.size > total:
             pass  # a domain larger than the cluster is simply the whole cluster

@@ -7,21 +7,28 @@ processes write once bound. ``infemu down`` reads it to stop a detached cluster.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from emulator.errors import SpecError
 from emulator.serve.internal import TOKEN_ENV, internal_headers, new_token
 
 RUNS_DIR = os.path.join(".infemu", "runs")
 START_TIMEOUT_S = 60.0
+
+
+if TYPE_CHECKING:
+    from emulator.cluster.supervisor import Supervisor
 
 
 class ClusterStartError(SpecError):
@@ -35,6 +42,12 @@ class ProcessInfo:
     pid: int
     url: str = ""
     log: str = ""
+    cmd: list[str] = field(default_factory=list)  # how to start it again (the supervisor restarts it)
+    restarts: int = 0
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1]) if self.url else 0
 
 
 @dataclass
@@ -141,6 +154,51 @@ def _tail(path: str, lines: int = 5) -> str:
         return ""
 
 
+def launch(cmd: list[str], log_path: str, token: str) -> subprocess.Popen:
+    """One emulated process in its own session (its group is stopped as one), logging to its file."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, TOKEN_ENV: token},  # the cluster's internal hop (serve/internal.py)
+        )
+
+
+def register_run(run_dir: str) -> None:
+    """A run outside .infemu/runs (``--run-dir``) leaves a pointer there, so `infemu down` finds it."""
+    if os.path.dirname(os.path.abspath(run_dir)) == os.path.abspath(RUNS_DIR):
+        return
+    os.makedirs(RUNS_DIR, exist_ok=True)
+    key = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
+    with open(os.path.join(RUNS_DIR, f"{os.path.basename(run_dir)}-{key}.link"), "w", encoding="utf-8") as fh:
+        fh.write(run_dir)
+
+
+def known_runs() -> list[str]:
+    """Every run directory under .infemu/runs, and those its pointers name."""
+    if not os.path.isdir(RUNS_DIR):
+        return []
+    out = []
+    for entry in sorted(os.listdir(RUNS_DIR)):
+        path = os.path.join(RUNS_DIR, entry)
+        if entry.endswith(".link"):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    target = fh.read().strip()
+            except OSError:
+                continue
+            if os.path.isdir(target):
+                out.append(target)
+            else:
+                os.unlink(path)  # the run directory is gone: so is its pointer
+        elif os.path.isdir(path):
+            out.append(path)
+    return out
+
+
 class LocalCluster:
     def __init__(
         self,
@@ -164,6 +222,7 @@ class LocalCluster:
         self.cluster = cluster  # an already-overridden cluster; processes still read the spec file
         self.shaping_reason = ""
         self._hosts: dict = {}
+        self.supervisor: Supervisor | None = None
 
     def _choose_shaping(self) -> str:
         from emulator.net import tc
@@ -197,17 +256,9 @@ class LocalCluster:
             port_file,
             *extra,
         ]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**os.environ, TOKEN_ENV: self.token},  # the cluster's internal hop (serve/internal.py)
-            )
+        proc = launch(cmd, log_path, self.token)
         self._procs[name] = proc
-        info = ProcessInfo(name, role, proc.pid, log=log_path)
+        info = ProcessInfo(name, role, proc.pid, log=log_path, cmd=cmd)
         self.state.processes.append(info)
         self.state.save()
         return info
@@ -250,6 +301,7 @@ class LocalCluster:
         topo, setups = build_instances(cluster.spec)
         for sub in ("logs", "ports"):
             os.makedirs(os.path.join(self.run_dir, sub), exist_ok=True)
+        register_run(self.run_dir)
         self.state.shaping = self._choose_shaping()
         try:
             if self.state.shaping == "tc":
@@ -292,16 +344,40 @@ class LocalCluster:
             net.shape(s.instance.name, classes)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        stop_processes([p.pid for p in self.state.processes], timeout_s)
-        for proc in self._procs.values():
-            try:
-                proc.wait(timeout=0.1)
-            except subprocess.TimeoutExpired:
-                pass
-        if self.state.run_id:
-            from emulator.net.tc import cleanup
+        """Stop every process and remove the network. Ctrl-C and SIGTERM wait until it is done (a second
+        Ctrl-C during start-up once left namespaces, a bridge and veths behind); they are delivered after."""
+        masked = threading.current_thread() is threading.main_thread()
+        if masked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if self.supervisor is not None:
+                self.supervisor.stop()
+            stop_processes([p.pid for p in self.state.processes], timeout_s)
+            for proc in self._procs.values():
+                try:
+                    proc.wait(timeout=0.1)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.state.run_id:
+                from emulator.net.tc import cleanup
 
-            cleanup(self.state.run_id)
+                cleanup(self.state.run_id)
+        finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def supervise(self) -> Supervisor:
+        """Restart processes that die, in a thread, until ``stop``."""
+        from emulator.cluster.supervisor import Supervisor
+
+        self.supervisor = Supervisor(self.state, self._procs)
+        self.supervisor.start()
+        return self.supervisor
+
+    @property
+    def children(self) -> dict[str, subprocess.Popen]:
+        """The processes this launcher started, by instance name (a supervisor reaps them)."""
+        return self._procs
 
     def dead_processes(self) -> list[tuple[str, int]]:
         return [(n, p.returncode) for n, p in self._procs.items() if p.poll() is not None]
@@ -325,7 +401,8 @@ def _is_ours(pid: int) -> bool:
     """Guard against PID reuse: only stop processes that run infemu's entry point."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"emulator.cluster.process" in fh.read()
+            cmdline = fh.read()
+        return b"emulator.cluster.process" in cmdline or b"emulator.cluster.supervisor" in cmdline
     except OSError:
         return False
 
@@ -350,21 +427,20 @@ def stop_processes(pids: list[int], timeout_s: float = 10.0) -> None:
 
 def down(run_dir: str | None = None) -> list[str]:
     """Stop detached clusters: one run directory, or every run under .infemu/runs. Returns what was stopped."""
-    dirs = (
-        [run_dir]
-        if run_dir
-        else sorted(os.path.join(RUNS_DIR, d) for d in (os.listdir(RUNS_DIR) if os.path.isdir(RUNS_DIR) else []))
-    )
+    dirs = [run_dir] if run_dir else known_runs()
     stopped = []
     for d in dirs:
         try:
             state = RunState.load(d)
         except (OSError, ValueError, TypeError):
             continue
-        pids = [p.pid for p in state.processes if _alive(p.pid) and _is_ours(p.pid)]
-        if pids:
+        # the supervisor first: it would restart what is being stopped
+        supervisors = [p.pid for p in state.processes if p.role == "supervisor" and _alive(p.pid) and _is_ours(p.pid)]
+        stop_processes(supervisors)
+        pids = [p.pid for p in state.processes if p.role != "supervisor" and _alive(p.pid) and _is_ours(p.pid)]
+        if pids or supervisors:
             stop_processes(pids)
-            stopped.append(f"{state.cluster} ({d}): {len(pids)} processes stopped")
+            stopped.append(f"{state.cluster} ({d}): {len(pids) + len(supervisors)} processes stopped")
         if state.run_id:
             from emulator.net.tc import cleanup
 

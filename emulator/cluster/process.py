@@ -54,6 +54,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
         # the router times requests in wall seconds: a dilated cluster's SLOs are D times longer
         slo_ttft_s=cluster.spec.slo.ttft_ms / 1e3 * cluster.spec.emulation.time_dilation,
         slo_tpot_s=cluster.spec.slo.tpot_ms / 1e3 * cluster.spec.emulation.time_dilation,
+        resilience=cluster.spec.router,
+        dilation=cluster.spec.emulation.time_dilation,
     )
     return create_router_app(settings)
 

@@ -113,6 +113,17 @@ class Scheduler:
         self.kv.cache_full_blocks(req)
         self.kv_ready.append(req)
 
+    def recompute_remote(self, request_id: str) -> None:
+        """Consumer whose KV pull failed (its prefill died, the link is cut): drop the blocks reserved
+        for the pull and prefill the prompt here instead. The first token was already sent; the
+        request keeps it and continues as an ordinary request (vLLM's recompute on KV-load failure)."""
+        req = self.pulling.pop(request_id)
+        self.kv.free(req)
+        req.kv_role = "none"
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
     def release_kv(self, request_id: str) -> None:
         """Producer: the consumer has the KV; free the blocks."""
         req = self.held.pop(request_id, None)

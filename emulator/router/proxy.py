@@ -1,8 +1,12 @@
 """The OpenAI front door: routes each request to a backend and streams the answer back.
 
 Guarantees: a request is retried on another backend only before its first byte
-reached the client; once tokens were streamed, a backend failure ends the stream
-with an explicit ``data: {"error": ...}`` event and ``[DONE]`` — no client hangs.
+reached the client, within a retry budget; once tokens were streamed, a backend
+failure, a stalled stream or the request's deadline ends the stream with an
+explicit ``data: {"error": ...}`` event and ``[DONE]`` — no client hangs, and every
+wait is bounded (``router.timeouts``). Past the admission limits the router answers
+429/503 with ``Retry-After`` at once. A client's bad request is its own 4xx and never
+counts against a backend.
 With P/D pools the router orchestrates: the prefill instance (chosen by load)
 returns the first token and ``kv_transfer_params``; the decode instance (chosen
 by load and free KV) pulls the KV from that prefill instance and streams the rest.
@@ -13,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from emulator.engine.hashing import hashes_from_tokens
 from emulator.router.backends import Backend, BackendPool
 from emulator.router.policies import KVAware, NoEndpointError, RoutingRequest, make_policy
+from emulator.router.resilience import Resilience, RetryBudget, overloaded
 from emulator.serve.app import (
     ARRIVAL_HEADER,
     PATH_OVERHEAD_HEADER,
@@ -33,18 +39,30 @@ from emulator.serve.app import (
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
 from emulator.serve.protocol import APIError, read_json_object
 from emulator.serve.tokens import chat_prompt, tokenize
+from emulator.spec import RouterSpec
 
 log = logging.getLogger("infemu.router")
-MAX_ATTEMPTS = 3
 SESSION_HEADER = "X-Session-Id"
 
 
 class BackendFailed(Exception):
     """The backend could not be reached or answered 5xx before any byte went to the client."""
 
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused  # nothing listens (a killed process): eject at once
+
 
 class ClientGone(Exception):
     """The client closed its connection: stop relaying (the backend then aborts); not a backend fault."""
+
+
+class Rejected(Exception):
+    """Admission control: answered at once with 429/503 and Retry-After instead of queueing."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -57,13 +75,20 @@ class RouterSettings:
     block_size: int = 16
     slo_ttft_s: float = 1.0
     slo_tpot_s: float = 0.1
+    resilience: RouterSpec = field(
+        default_factory=RouterSpec
+    )  # health checks, circuit breaking, retries, timeouts, admission
+    dilation: float = 1.0  # the spec's durations are emulated: wall = D x emulated
 
 
 class Router:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
         self.token = cluster_token()  # proves to the workers that a request comes from inside the cluster
-        self.pool = BackendPool([Backend(n, r, u) for n, r, u in settings.backends])
+        self.res = Resilience.from_spec(settings.resilience, settings.dilation)
+        self.pool = BackendPool([Backend(n, r, u) for n, r, u in settings.backends], self.res.health)
+        self.budget = RetryBudget(self.res.retry_percent, self.res.retry_min_per_s)
+        self.in_flight = 0
         self.policy = make_policy(settings.policy)
         self.decode_policy = KVAware()
         self.pd = bool(self.pool.by_role("decode"))
@@ -86,12 +111,41 @@ class Router:
             ["model_name", "met"],
             registry=self.registry,
         )
+        self.rejections = Counter(
+            "infemu_router_rejections",
+            "Requests answered at once by admission control (429/503 with Retry-After), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.ejections = Counter(
+            "infemu_router_ejections",
+            "Backends ejected, by reason: health_check, refused, circuit_breaker.",
+            ["backend", "reason"],
+            registry=self.registry,
+        )
+        self.timeouts = Counter(
+            "infemu_router_timeouts",
+            "Waits that ran out, by stage: first_byte, idle (a stalled stream), deadline, client_write.",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.budget_exhausted = Counter(
+            "infemu_router_retry_budget_exhausted", "Retries refused by the retry budget.", registry=self.registry
+        )
+        self.fault_active = Gauge(
+            "infemu_fault_active",
+            "1 while an injected fault is active (the chaos run's annotation, posted by the fault injector).",
+            ["fault", "kind"],
+            registry=self.registry,
+        )
+        self.pool.on_eject = lambda b, reason: self.ejections.labels(b.name, reason).inc()
         self.session: ClientSession | None = None
 
     async def start(self) -> None:
         # no pool limit: aiohttp's default of 100 connections would silently cap the requests in flight
         self.session = ClientSession(
-            timeout=ClientTimeout(total=None, sock_connect=3, sock_read=None), connector=TCPConnector(limit=0)
+            timeout=ClientTimeout(total=None, sock_connect=self.res.connect_s, sock_read=None),
+            connector=TCPConnector(limit=0),
         )
         await self.pool.start()
 
@@ -155,10 +209,52 @@ class Router:
         state.arrival = received
         # the launcher's path probe (it carries the cluster token); from anyone else the header is ignored
         state.probe = bool(request.headers.get(PROBE_HEADER)) and is_internal(request.headers, self.token)
+        state.write_timeout_s = self.res.client_write_s
+        if self.in_flight >= self.res.max_in_flight:
+            return self._reject(Rejected("router_full", f"the router holds {self.in_flight} requests, its limit"))
+        self.in_flight += 1
+        self.budget.record_request(received)
         try:
-            return await self._dispatch(request, body, rr, state, raw)
+            return await asyncio.wait_for(self._dispatch(request, body, rr, state, raw), self.res.request_s)
+        except asyncio.TimeoutError:
+            self.timeouts.labels("deadline").inc()
+            return await state.fail(
+                APIError(
+                    504,
+                    f"the request's deadline ({self.res.request_s:.1f} s) passed",
+                    None,
+                    "deadline_exceeded",
+                    "Timeout",
+                )
+            )
         finally:
+            self.in_flight -= 1
             self._account(state)
+
+    def _reject(self, exc: Rejected) -> web.Response:
+        self.rejections.labels(exc.reason).inc()
+        status = self.res.reject_status
+        err = APIError(
+            status,
+            f"{exc}; retry after {self.res.retry_after_s} s",
+            None,
+            "overloaded",
+            "rate_limit_exceeded" if status == 429 else "ServiceUnavailable",
+        )
+        return web.json_response(err.body(), status=status, headers={"Retry-After": str(self.res.retry_after_s)})
+
+    def _admit(self, candidates: list[Backend]) -> None:
+        if overloaded(candidates, self.res.max_waiting):
+            raise Rejected(
+                "overloaded", f"every backend has {self.res.max_waiting} or more requests waiting (router.admission)"
+            )
+
+    def _may_retry(self) -> bool:
+        if self.budget.try_retry(asyncio.get_running_loop().time()):
+            self.retries.inc()
+            return True
+        self.budget_exhausted.inc()
+        return False
 
     def _account(self, state: _ClientStream) -> None:
         """Count the request against the SLOs as the router saw it (first token and end of stream).
@@ -183,27 +279,35 @@ class Router:
         except ClientGone:
             self.requests.labels("-", "client_gone").inc()
             return state.resp or web.Response(status=499)
+        except Rejected as exc:
+            if state.started:
+                return await state.fail(APIError(503, str(exc), None, "overloaded", "ServiceUnavailable"))
+            return self._reject(exc)
         except NoEndpointError:
             return await state.fail(
                 APIError(503, "no healthy backend can serve this request", None, "no_backend", "ServiceUnavailable")
             )
+        except BackendFailed as exc:
+            return await state.fail(APIError(502, str(exc), None, "backend_failed", "ServiceUnavailable"))
 
     async def _single(
         self, path: str, body: dict, rr: RoutingRequest, state: _ClientStream, raw: bytes | None = None
     ) -> web.StreamResponse:
         tried: set[str] = set()
         front = [b for b in self.pool.by_role("aggregated", "prefill") if b.healthy]
-        for attempt in range(MAX_ATTEMPTS):
+        self._admit(front)
+        for attempt in range(self.res.max_attempts):
+            if attempt:
+                front = [b for b in self.pool.by_role("aggregated", "prefill") if b.healthy]
             backend = self._choose(front, rr, tried)
             tried.add(backend.name)
             try:
                 return await self._relay(backend, path, body, state, raw=raw)
             except BackendFailed as exc:
                 log.warning("backend %s failed before the first byte: %s", backend.name, exc)
-                self.pool.mark_failed(backend)
                 self.requests.labels(backend.name, "retried").inc()
-                if attempt + 1 < MAX_ATTEMPTS:
-                    self.retries.inc()
+                if attempt + 1 >= self.res.max_attempts or not self._may_retry():
+                    break
         return await state.fail(
             APIError(503, "every backend tried failed", None, "backend_failed", "ServiceUnavailable")
         )
@@ -217,143 +321,211 @@ class Router:
         skip_role_chunk: bool = False,
         raw: bytes | None = None,
     ) -> web.StreamResponse:
-        """Forward body to backend and relay its answer; BackendFailed only while nothing was sent."""
+        """Forward body to backend and relay its answer; BackendFailed only while nothing was sent.
+        Every failure of the backend (not of the request) is reported to the circuit breaker."""
         assert self.session is not None
         backend.in_flight += 1
         try:
-            try:
-                headers = {
-                    PATH_OVERHEAD_HEADER: repr(self.path_overhead_s),
-                    REQUEST_ID_HEADER: state.request_id,
-                    **internal_headers(self.token),
-                }
-                if state.arrival:
-                    headers[ARRIVAL_HEADER] = repr(state.arrival)
-                if state.probe:
-                    headers[PROBE_HEADER] = "1"
-                if raw is not None:  # unchanged body: forward the client's bytes, no re-encoding
-                    resp = await self.session.post(
-                        f"{backend.url}{path}", data=raw, headers={"Content-Type": "application/json", **headers}
-                    )
-                else:
-                    resp = await self.session.post(f"{backend.url}{path}", json=body, headers=headers)
-            except (ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise BackendFailed(str(exc)) from None
-            async with resp:
-                if resp.status >= 500:
-                    raise BackendFailed(f"status {resp.status}: {_message_of(await resp.read())}")
-                if resp.status >= 400 or "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                    data = await resp.read()
-                    self.requests.labels(backend.name, "ok" if resp.status < 400 else "client_error").inc()
-                    return await state.whole(data, resp.status)
-                try:
-                    if skip_role_chunk:  # P/D: the router already sent the role chunk and the first token
-                        first = await resp.content.readline()
-                        if not _is_role_only(first):
-                            await state.write(first)
-                        else:  # drop the whole event, its blank terminator line too
-                            blank = await resp.content.readline()
-                            if blank.strip():
-                                await state.write(blank)
-                    async for block in resp.content.iter_any():  # relay whole reads, not line by line
-                        await state.write(block)
-                except (ClientError, asyncio.TimeoutError, OSError) as exc:
-                    if not state.started:
-                        raise BackendFailed(str(exc)) from None
-                    self.requests.labels(backend.name, "broken_stream").inc()
-                    self.pool.mark_failed(backend)
-                    return await state.fail(
-                        APIError(
-                            502,
-                            f"backend {backend.name} failed mid-stream: {exc}",
-                            None,
-                            "backend_failed",
-                            "ServiceUnavailable",
-                        )
-                    )
-                if not state.done:
-                    if not state.started:
-                        raise BackendFailed("empty stream")
-                    self.requests.labels(backend.name, "broken_stream").inc()
-                    return await state.fail(
-                        APIError(
-                            502,
-                            f"backend {backend.name} ended the stream early",
-                            None,
-                            "backend_failed",
-                            "ServiceUnavailable",
-                        )
-                    )
-                self.requests.labels(backend.name, "ok").inc()
-                return await state.finish()
+            return await self._relay_once(backend, path, body, state, skip_role_chunk, raw)
+        except BackendFailed as exc:
+            self.pool.mark_failed(backend, refused=exc.refused)
+            raise
         finally:
             backend.in_flight -= 1
 
-    async def _pd(self, path: str, body: dict, rr: RoutingRequest, state: _ClientStream) -> web.StreamResponse:
-        """Prefill by load, then decode by load and free KV; the decode pulls the KV from that prefill."""
+    async def _open(self, backend: Backend, path: str, body: dict, state: _ClientStream, raw: bytes | None):
+        """POST to the backend and wait for its response headers, within the first-byte timeout."""
         assert self.session is not None
-        tried: set[str] = set()
+        if backend.unreachable:
+            raise BackendFailed(f"{backend.name} is partitioned from the router", refused=True)
+        headers = {
+            PATH_OVERHEAD_HEADER: repr(self.path_overhead_s),
+            REQUEST_ID_HEADER: state.request_id,
+            **internal_headers(self.token),
+        }
+        if state.arrival:
+            headers[ARRIVAL_HEADER] = repr(state.arrival)
+        if state.probe:
+            headers[PROBE_HEADER] = "1"
+        if raw is not None:  # unchanged body: forward the client's bytes, no re-encoding
+            call = self.session.post(
+                f"{backend.url}{path}", data=raw, headers={"Content-Type": "application/json", **headers}
+            )
+        else:
+            call = self.session.post(f"{backend.url}{path}", json=body, headers=headers)
+        # a non-streamed answer comes whole at the end: only the request's deadline bounds it
+        wait = self.res.first_byte_s if state.stream else None
+        try:
+            return await asyncio.wait_for(call, wait)
+        except asyncio.TimeoutError:
+            self.timeouts.labels("first_byte").inc()
+            raise BackendFailed(f"{backend.name} sent no response within {wait:.1f} s") from None
+        except (ClientConnectorError, ConnectionRefusedError) as exc:
+            raise BackendFailed(str(exc), refused=True) from None
+        except (ClientError, OSError) as exc:
+            raise BackendFailed(str(exc)) from None
+
+    async def _relay_once(
+        self, backend: Backend, path: str, body: dict, state: _ClientStream, skip_role_chunk: bool, raw: bytes | None
+    ) -> web.StreamResponse:
+        resp = await self._open(backend, path, body, state, raw)
+        async with resp:
+            if resp.status >= 500:
+                raise BackendFailed(f"status {resp.status}: {_message_of(await resp.read())}")
+            if resp.status >= 400 or "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                data = await resp.read()
+                # a 4xx is the client's own error: the backend is healthy
+                self.pool.mark_ok(backend)
+                self.requests.labels(backend.name, "ok" if resp.status < 400 else "client_error").inc()
+                return await state.whole(data, resp.status)
+            try:
+                if skip_role_chunk:  # P/D: the router already sent the role chunk and the first token
+                    first = await asyncio.wait_for(resp.content.readline(), self.res.idle_s)
+                    if not _is_role_only(first):
+                        await state.write(first)
+                    else:  # drop the whole event, its blank terminator line too
+                        blank = await asyncio.wait_for(resp.content.readline(), self.res.idle_s)
+                        if blank.strip():
+                            await state.write(blank)
+                while True:  # relay whole reads, not line by line; a silence past idle_s is a stall
+                    block = await asyncio.wait_for(resp.content.readany(), self.res.idle_s)
+                    if not block:
+                        break
+                    await state.write(block)
+            except (ClientError, asyncio.TimeoutError, OSError) as exc:
+                stalled = isinstance(exc, asyncio.TimeoutError)
+                if stalled:
+                    self.timeouts.labels("idle").inc()
+                why = f"no byte for {self.res.idle_s:.1f} s" if stalled else str(exc)
+                if not state.started:
+                    raise BackendFailed(why) from None
+                self.requests.labels(backend.name, "broken_stream").inc()
+                self.pool.mark_failed(backend)
+                return await state.fail(
+                    APIError(
+                        502,
+                        f"backend {backend.name} failed mid-stream: {why}",
+                        None,
+                        "backend_failed",
+                        "ServiceUnavailable",
+                    )
+                )
+            if not state.done:
+                if not state.started:
+                    raise BackendFailed("empty stream")
+                self.requests.labels(backend.name, "broken_stream").inc()
+                self.pool.mark_failed(backend)
+                return await state.fail(
+                    APIError(
+                        502,
+                        f"backend {backend.name} ended the stream early",
+                        None,
+                        "backend_failed",
+                        "ServiceUnavailable",
+                    )
+                )
+            self.pool.mark_ok(backend)
+            self.requests.labels(backend.name, "ok").inc()
+            return await state.finish()
+
+    async def _pd(self, path: str, body: dict, rr: RoutingRequest, state: _ClientStream) -> web.StreamResponse:
+        """Prefill by load, then decode by load and free KV; the decode pulls the KV from that prefill.
+        A decode that fails before sending a byte is replaced by another (its pull then finds the KV,
+        or recomputes the prompt when the prefill is gone: router.pdFallback); after that, an
+        explicit error event ends the stream."""
         prefill_body = {**body, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
         prefill_body.pop("stream_options", None)
-        first = None
-        prefills = [b for b in self.pool.by_role("prefill") if b.healthy]
-        for _ in range(MAX_ATTEMPTS):
-            p = self._choose(prefills, rr, tried)
-            tried.add(p.name)
-            p.in_flight += 1
-            try:
-                async with self.session.post(
-                    f"{p.url}{path}",
-                    json=prefill_body,
-                    headers={
-                        ARRIVAL_HEADER: repr(state.arrival),
-                        PATH_OVERHEAD_HEADER: repr(self.path_overhead_s),
-                        REQUEST_ID_HEADER: state.request_id,  # the decode stream carries the same id
-                        **internal_headers(self.token),
-                    },
-                ) as resp:
-                    data = await resp.read()
-                    if resp.status >= 500:
-                        raise BackendFailed(f"status {resp.status}")
-                    if resp.status >= 400:
-                        return await state.whole(data, resp.status)
-                    first = json.loads(data)
-                    break
-            except (BackendFailed, ClientError, asyncio.TimeoutError, OSError) as exc:
-                log.warning("prefill %s failed: %s", p.name, exc)
-                self.pool.mark_failed(p)
-                self.retries.inc()
-            finally:
-                p.in_flight -= 1
-        if first is None:
-            return await state.fail(
-                APIError(503, "every prefill backend tried failed", None, "backend_failed", "ServiceUnavailable")
-            )
-        self.requests.labels(p.name, "ok").inc()
+        first = await self._prefill(path, prefill_body, rr, state)
+        if isinstance(first, web.StreamResponse):  # the client was answered (its error, or every prefill failed)
+            return first
         kv = first.get("kv_transfer_params")
         if not kv:  # a one-token answer: the prefill instance finished it
             return await state.from_complete(first, body)
         first_text = _text_of(first)
         decode_body = {**body, "kv_transfer_params": kv}
-        decodes = [b for b in self.pool.by_role("decode") if b.healthy]
-        d = self._choose(decodes, RoutingRequest("", rr.block_hashes, rr.session), set(), decode=True)
         if state.stream:
             await state.write_prefix(first, first_text)
-            return await self._relay(d, path, decode_body, state, skip_role_chunk=True)
-        inner = _ClientStream(state.request, False, capture=True)
-        inner.request_id = state.request_id
+        inner = state
+        if not state.stream:
+            inner = _ClientStream(state.request, False, capture=True)
+            inner.request_id = state.request_id
         inner.arrival = 0.0  # the decode step is not backdated: the KV pull starts now
-        try:
-            await self._relay(d, path, decode_body, inner)
-        except BackendFailed as exc:
-            return await state.fail(
-                APIError(502, f"decode {d.name} failed: {exc}", None, "backend_failed", "ServiceUnavailable")
-            )
+        tried: set[str] = set()
+        routing = RoutingRequest("", rr.block_hashes, rr.session)
+        for attempt in range(self.res.max_attempts):
+            decodes = [b for b in self.pool.by_role("decode") if b.healthy]
+            d = self._choose(decodes, routing, tried, decode=True)
+            tried.add(d.name)
+            try:
+                relayed = await self._relay(d, path, decode_body, inner, skip_role_chunk=state.stream)
+                break
+            except BackendFailed as exc:
+                log.warning("decode %s failed before its first byte: %s", d.name, exc)
+                self.requests.labels(d.name, "retried").inc()
+                if attempt + 1 >= self.res.max_attempts or not self._may_retry():
+                    return await state.fail(
+                        APIError(502, f"decode {d.name} failed: {exc}", None, "backend_failed", "ServiceUnavailable")
+                    )
+        if state.stream:
+            return relayed
         if inner.captured_status >= 400:
             return await state.whole(inner.captured, inner.captured_status)
         rest = json.loads(inner.captured)
         _prepend_text(rest, first_text)
         return await state.whole(json.dumps(rest).encode(), 200)
+
+    async def _prefill(
+        self, path: str, prefill_body: dict, rr: RoutingRequest, state: _ClientStream
+    ) -> dict | web.StreamResponse:
+        """The prefill leg: its answer, or the response that already answered the client."""
+        assert self.session is not None
+        tried: set[str] = set()
+        prefills = [b for b in self.pool.by_role("prefill") if b.healthy]
+        self._admit(prefills)
+        for attempt in range(self.res.max_attempts):
+            if attempt:
+                prefills = [b for b in self.pool.by_role("prefill") if b.healthy]
+            p = self._choose(prefills, rr, tried)
+            tried.add(p.name)
+            p.in_flight += 1
+            try:
+                if p.unreachable:
+                    raise BackendFailed(f"{p.name} is partitioned from the router", refused=True)
+                try:
+                    resp = await self.session.post(
+                        f"{p.url}{path}",
+                        json=prefill_body,
+                        headers={
+                            ARRIVAL_HEADER: repr(state.arrival),
+                            PATH_OVERHEAD_HEADER: repr(self.path_overhead_s),
+                            REQUEST_ID_HEADER: state.request_id,  # the decode stream carries the same id
+                            **internal_headers(self.token),
+                        },
+                    )
+                except (ClientConnectorError, ConnectionRefusedError) as exc:
+                    raise BackendFailed(str(exc), refused=True) from None
+                async with resp:
+                    data = await resp.read()
+                    if resp.status >= 500:
+                        raise BackendFailed(f"status {resp.status}: {_message_of(data)}")
+                    if resp.status >= 400:  # the client's own error
+                        self.pool.mark_ok(p)
+                        return await state.whole(data, resp.status)
+                    first = json.loads(data)
+                self.pool.mark_ok(p)
+                self.requests.labels(p.name, "ok").inc()
+                return first
+            except (BackendFailed, ClientError, OSError, ValueError) as exc:
+                log.warning("prefill %s failed: %s", p.name, exc)
+                self.pool.mark_failed(p, refused=isinstance(exc, BackendFailed) and exc.refused)
+                self.requests.labels(p.name, "retried").inc()
+                if attempt + 1 >= self.res.max_attempts or not self._may_retry():
+                    break
+            finally:
+                p.in_flight -= 1
+        return await state.fail(
+            APIError(503, "every prefill backend tried failed", None, "backend_failed", "ServiceUnavailable")
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(models_body(self.settings.model_name, self.settings.max_model_len))
@@ -370,6 +542,41 @@ class Router:
         except (ValueError, TypeError, KeyError, OverflowError) as exc:
             return _error(APIError(400, f"bad path overhead: {exc}", "seconds", "invalid_value"))
         return web.json_response({"seconds": self.path_overhead_s})
+
+    async def set_fault(self, request: web.Request) -> web.Response:
+        """POST /admin/fault from the fault injector: {"unreachable": [backends]} cuts the router off
+        from those backends (a partition; [] heals it); {"annotate": name, "kind": k, "active": bool}
+        sets the ``infemu_fault_active`` annotation. GET: the backends' health as the router sees it."""
+        if not is_internal(request.headers, self.token):
+            return _error(APIError(403, "faults come from the cluster's tools only", None, "forbidden"))
+        if request.method == "POST":
+            try:
+                body = await read_json_object(request)
+                if "unreachable" in body:
+                    names = body["unreachable"]
+                    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                        raise ValueError("unreachable must be a list of backend names")
+                    for b in self.pool.backends:
+                        b.unreachable = b.name in names
+                if "annotate" in body:
+                    name, kind = str(body["annotate"])[:64], str(body.get("kind", ""))[:32]
+                    self.fault_active.labels(name, kind).set(1 if body.get("active") else 0)
+            except APIError as exc:
+                return _error(exc)
+            except (ValueError, TypeError, KeyError) as exc:
+                return _error(APIError(400, f"bad fault: {exc}", None, "invalid_value"))
+        return web.json_response(
+            {
+                b.name: {
+                    "healthy": b.healthy,
+                    "checked": b.checked,
+                    "ejected_for_s": max(0.0, b.ejected_until - time.monotonic()),
+                    "unreachable": b.unreachable,
+                    "in_flight": b.in_flight,
+                }
+                for b in self.pool.backends
+            }
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -396,6 +603,7 @@ class _ClientStream:
         # one id for the whole completion, given to every backend that works on it
         self.request_id = caller_request_id(request) or uuid.uuid4().hex
         self.probe = False
+        self.write_timeout_s: float | None = None  # a client that takes no bytes this long is cut off
         self.resp: web.StreamResponse | None = None
         self.started = False
         self.done = False
@@ -418,9 +626,12 @@ class _ClientStream:
             self.done = True
         try:
             resp = await self._prepare()
-            await resp.write(line)
+            await asyncio.wait_for(resp.write(line), self.write_timeout_s)
         except (ConnectionResetError, ConnectionError) as exc:
             raise ClientGone(str(exc)) from None
+        except asyncio.TimeoutError:
+            # a client that does not read: its buffers must not grow, nor its backend work go on
+            raise ClientGone(f"the client took no bytes for {self.write_timeout_s} s") from None
         self.started = True
         n = (
             line.count(b'"text":"')
@@ -600,4 +811,6 @@ def create_router_app(settings: RouterSettings) -> web.Application:
     app.router.add_get("/ready", router.ready)
     app.router.add_get("/metrics", router.metrics)
     app.router.add_post("/admin/path-overhead", router.set_path_overhead)
+    app.router.add_post("/admin/fault", router.set_fault)
+    app.router.add_get("/admin/fault", router.set_fault)
     return app

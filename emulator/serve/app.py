@@ -124,6 +124,9 @@ class Worker:
         self.session: ClientSession | None = None
         self.ready = False
         self.url = settings.url  # updated once the server knows its bound port
+        # an injected hang: set = serving; cleared = every request (and the engine) waits, connections open
+        self.running = asyncio.Event()
+        self.running.set()
 
     # ---- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -137,10 +140,14 @@ class Worker:
             dilation=self.dilation,
             api_path=self.api_path,
         )
+        router = self.settings.cluster.spec.router
+        self.engine.kv_timeout_s = router.timeouts.kv_transfer_ms * 1e-3 * self.dilation
+        self.engine.recompute_on_kv_failure = router.pd_fallback == "recompute"
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        self.running.set()  # a hung worker still shuts down
         if self.engine is not None:
             await self.engine.close()
         if self.session is not None:
@@ -406,6 +413,10 @@ class Worker:
             if not 0 < factor <= 1e6:
                 raise ValueError("bandwidth_factor must be > 0")
             latency = float(body["latency_us"]) * 1e-6 * self.dilation if "latency_us" in body else base.latency_s
+            extra = float(body.get("extra_latency_us", 0.0))
+            if not 0 <= extra <= 1e10 or not 0 <= latency <= 1e4:
+                raise ValueError("latency must be >= 0 and finite")
+            latency += extra * 1e-6 * self.dilation
         except APIError as exc:
             return _error(exc)
         except (ValueError, TypeError, KeyError, OverflowError) as exc:
@@ -428,6 +439,41 @@ class Worker:
                 "latency_s": None if to in self.cut else self.peer_links[to].latency_s,
             }
         )
+
+    async def set_fault(self, request: web.Request) -> web.Response:
+        """POST /admin/fault {"hang": bool} or {"slow": factor} or {"clear": true}: an injected GPU hang
+        (nothing is stepped or answered; connections stay open) or slowdown (every step k times longer).
+        GET answers the current state. Only from inside the cluster (the fault injector's token)."""
+        if not is_internal(request.headers, self.token):
+            return _error(APIError(403, "faults come from the cluster's tools only", None, "forbidden"))
+        assert self.engine is not None
+        if request.method == "POST":
+            try:
+                body = await read_json_object(request)
+                hang = body.get("hang")
+                slow = float(body.get("slow", self.engine.slowdown))
+                if hang is not None and not isinstance(hang, bool):
+                    raise ValueError("hang must be true or false")
+                if not 1.0 <= slow <= 1000.0:
+                    raise ValueError("slow must be a factor in [1, 1000]")
+            except APIError as exc:
+                return _error(exc)
+            except (ValueError, TypeError, OverflowError) as exc:
+                return _error(APIError(400, f"bad fault: {exc}", None, "invalid_value"))
+            if body.get("clear"):
+                hang, slow = False, 1.0
+            self.engine.slowdown = slow
+            self.metrics.set_fault("slow", slow > 1.0)
+            if hang is True and self.running.is_set():
+                log.warning("fault: hung (no step, no answer) until cleared")
+                self.running.clear()
+                self.engine.paused = True
+            elif hang is False and not self.running.is_set():
+                log.warning("fault: hang cleared")
+                self.running.set()
+                self.engine.resume()
+            self.metrics.set_fault("hang", not self.running.is_set())
+        return web.json_response({"hang": not self.running.is_set(), "slow": self.engine.slowdown})
 
     async def load(self, request: web.Request) -> web.Response:
         """What a router needs, without rendering every histogram (the router polls this at 10 Hz)."""
@@ -503,6 +549,16 @@ WORKER = web.AppKey("worker", Worker)
 
 
 @web.middleware
+async def _hang(request: web.Request, handler):
+    """An injected hang: every request but the fault endpoint waits, its connection open, as a stuck
+    process's would (health checks time out; the router ejects it)."""
+    worker = request.app[WORKER]
+    if not worker.running.is_set() and request.path != "/admin/fault":
+        await worker.running.wait()
+    return await handler(request)
+
+
+@web.middleware
 async def _json_errors(request: web.Request, handler):
     """Unknown routes and methods answer in OpenAI's error format too."""
     try:
@@ -514,7 +570,7 @@ async def _json_errors(request: web.Request, handler):
 
 
 def create_app(settings: WorkerSettings) -> web.Application:
-    app = web.Application(middlewares=[_json_errors], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[_hang, _json_errors], client_max_size=64 * 1024 * 1024)
     worker = Worker(settings)
     app[WORKER] = worker
 
@@ -541,4 +597,6 @@ def create_app(settings: WorkerSettings) -> web.Application:
     app.router.add_get("/internal/info", worker.info)
     app.router.add_get("/load", worker.load)
     app.router.add_post("/admin/link", worker.set_link)
+    app.router.add_post("/admin/fault", worker.set_fault)
+    app.router.add_get("/admin/fault", worker.set_fault)
     return app

@@ -81,6 +81,11 @@ class RealTimeEngine:
         self._lead_s = 0.0  # timers fire this early: the median wake-up lateness, learned (no busy-waiting)
         self._raw_late: collections.deque[float] = collections.deque(maxlen=200)
         self.closed = False
+        # fault injection (serve/faults.py): a slowed GPU multiplies every step; a hung one launches none
+        self.slowdown = 1.0
+        self.paused = False
+        self.kv_timeout_s: float | None = None  # a pull slower than this fails (wall seconds)
+        self.recompute_on_kv_failure = True  # router.pdFallback: prefill locally instead of failing
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -131,8 +136,13 @@ class RealTimeEngine:
             self._update_gauges()
 
     # ---- stepping ------------------------------------------------------------------
+    def resume(self) -> None:
+        """A hang ended: steps start again from now."""
+        self.paused = False
+        self._try_launch(self.now())
+
     def _try_launch(self, start: float) -> None:
-        if self.closed or self.in_flight >= self.pp:
+        if self.closed or self.paused or self.in_flight >= self.pp:
             return
         if start < self._next_launch:
             if self._launch_timer is None:
@@ -144,7 +154,8 @@ class RealTimeEngine:
         if out.is_empty:
             return
         st = self.cost.step_time(out.shape)
-        total_s, interval_s = st.total_s * self.dilation, st.interval_s * self.dilation
+        scale = self.dilation * self.slowdown
+        total_s, interval_s = st.total_s * scale, st.interval_s * scale
         deadline = start + total_s
         self.in_flight += 1
         self.metrics.modelled.observe(total_s)  # wall seconds: what the timing error is compared with
@@ -231,12 +242,22 @@ class RealTimeEngine:
     async def _pull(self, handle: Handle) -> None:
         rid = handle.request.request_id
         try:
-            await self.kv_pull(handle.request, handle.kv_source)
-        except Exception as exc:  # the transfer failed: the request ends with an explicit error
-            log.warning("KV pull for %s failed: %s", rid, exc)
-            if self.handles.pop(rid, None) is not None:
-                self.scheduler.abort(rid)
-                handle.queue.put_nowait(StreamEvent("error", message=f"KV transfer failed: {exc}"))
+            await asyncio.wait_for(self.kv_pull(handle.request, handle.kv_source), self.kv_timeout_s)
+        except Exception as exc:  # the transfer failed or timed out: recompute here, or an explicit error
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or type(exc).__name__
+            if rid not in self.handles:
+                return
+            if self.recompute_on_kv_failure and rid in self.scheduler.pulling:
+                log.warning("KV pull for %s failed (%s): recomputing the prompt here", rid, reason)
+                self.metrics.count_kv_failure("recompute")
+                self.scheduler.recompute_remote(rid)
+                self._try_launch(self.now())
+                return
+            log.warning("KV pull for %s failed: %s", rid, reason)
+            self.metrics.count_kv_failure("failed")
+            self.handles.pop(rid, None)
+            self.scheduler.abort(rid)
+            handle.queue.put_nowait(StreamEvent("error", message=f"KV transfer failed: {reason}"))
             return
         if rid not in self.handles:
             return  # aborted meanwhile

@@ -247,6 +247,27 @@ class EngineMetrics:
             registry=r,
         )
         self.link_lv = lv
+        self.kv_fallbacks_family = Counter(
+            "infemu_kv_transfer_failures",
+            "KV pulls that failed or timed out, by what followed: recompute (router.pdFallback) or failed.",
+            [*labels, "outcome"],
+            registry=r,
+        )
+        # ---- infemu: injected faults on this instance (1 while active), the chaos report's annotation
+        self.fault_active = Gauge(
+            "infemu_fault_active",
+            "1 while an injected fault of this kind is active here.",
+            [*labels, "kind"],
+            registry=r,
+        )
+        for kind in ("hang", "slow"):
+            self.fault_active.labels(*lv, kind).set(0)
+
+    def count_kv_failure(self, outcome: str) -> None:
+        self.kv_fallbacks_family.labels(*self.link_lv, outcome).inc()
+
+    def set_fault(self, kind: str, active: bool) -> None:
+        self.fault_active.labels(*self.link_lv, kind).set(1 if active else 0)
 
     def link(self, tier: str, direction: str, nbytes: float) -> None:
         self.link_bytes.labels(*self.link_lv, tier, direction).inc(nbytes)

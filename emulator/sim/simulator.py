@@ -26,9 +26,12 @@ from emulator.engine.outputs import RequestOutput
 from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
 from emulator.errors import SpecError
+from emulator.faults.accounting import fault_accounting
+from emulator.faults.schedule import ROUTER, Fault, phases, resolve_faults
 from emulator.results import RequestRecord, summarize
 from emulator.rng import PartitionedRNG
 from emulator.router.policies import EndpointSnapshot, KVAware, RoutingRequest, make_policy
+from emulator.router.resilience import RetryBudget
 from emulator.sim.events import EventQueue
 from emulator.sim.network import FlowNetwork
 from emulator.spec import ENGINE_ROLES, InferenceCluster
@@ -36,6 +39,10 @@ from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
 from emulator.workload.plan import PlannedRequest, RequestPlan
 
 MAX_STRETCH_STEPS = 4096
+# A killed worker is serving again after its supervisor's first back-off (1 s, cluster/supervisor.py)
+# plus the process start-up measured on the local cluster (0.85 s: kill at 3.02 s, ready at 4.87 s
+# in examples/chaos.yaml's first fault on the CI-sized host). Kubernetes restarts take longer.
+RESTART_S = 1.0 + 0.85
 
 
 class SimInstance:
@@ -54,6 +61,17 @@ class SimInstance:
         self.busy_s = 0.0
         self.api_free_s = 0.0  # when this instance's API server is next free
         self.api_queued = 0  # requests sent to it that its engine has not seen yet
+        # faults (emulator/faults): a kill bumps the epoch (events of the old process are dropped)
+        self.epoch = 0
+        self.down = False
+        self.hung = False
+        self.slowdown = 1.0
+        self.ejected = False  # the router's health check has ejected it
+        self.unreachable = False  # partitioned from the router
+
+    @property
+    def routable(self) -> bool:
+        return not (self.down or self.ejected or self.unreachable)
 
     def snapshot(self) -> EndpointSnapshot:
         s = self.scheduler
@@ -82,6 +100,7 @@ class _Transfer:
     decode: SimInstance
     nbytes: float
     start_s: float = 0.0
+    prefill_epoch: int = 0
 
 
 class Simulation:
@@ -124,6 +143,26 @@ class Simulation:
             else None
         )
         self._hash_cache: dict[tuple, tuple[int, ...]] = {}
+        # the router's resilience, in emulated seconds (as the live router applies it)
+        r = spec.router
+        self.max_attempts = r.retry.max_attempts
+        self.budget = RetryBudget(r.retry.budget_percent, r.retry.min_per_second)
+        self.max_waiting = r.admission.max_waiting_per_backend
+        self.detect_hang_s = (
+            r.health_check.interval_ms * r.health_check.unhealthy_threshold + r.health_check.timeout_ms
+        ) * 1e-3
+        self.readmit_s = r.health_check.interval_ms * 1e-3 * r.health_check.healthy_threshold
+        self.idle_s = r.timeouts.idle_ms * 1e-3
+        self.first_byte_s = r.timeouts.first_byte_ms * 1e-3
+        self.request_s = r.timeouts.request_ms * 1e-3
+        self.recompute = r.pd_fallback == "recompute"
+        self.by_name = {i.name: i for i in self.instances}
+        self.faults = resolve_faults(spec, self.topo)
+        self.timeline: list[dict] = []
+        self.cut_pairs: dict[tuple[str, str], int] = {}  # (sender, receiver) -> active cuts
+        self.link_changes: dict[tuple[str, str], list[tuple[float, float]]] = {}  # pair -> [(rate x, +lat)]
+        self.sent = 0
+        self._attempts: dict[str, set[str]] = {}  # request -> instances tried
         for inst in self.instances:
             for tier in {self.topo.scale_up, self.topo.scale_out}:
                 cap = tier.bandwidth * inst.setup.instance.num_gpus
@@ -145,7 +184,17 @@ class Simulation:
             "launch": self._on_launch,
             "flow_start": self._on_flow_start,
             "flow_done": self._on_flow_done,
+            "fault_start": self._on_fault_start,
+            "fault_end": self._on_fault_end,
+            "fault_switch": self._on_fault_switch,
+            "restart": self._on_restart,
+            "eject": self._on_eject,
+            "readmit": self._on_readmit,
+            "stall_check": self._on_stall_check,
         }
+        for f in self.faults:
+            if f.at_s is not None:
+                self.events.push(f.at_s, "fault_start", f, observing=True)
         now = 0.0
         while len(self.events):
             now, kind, payload = self.events.pop()
@@ -167,19 +216,39 @@ class Simulation:
         p = self.plan.requests[index]
         rid = f"req-{index}"
         self._planned[rid] = p
-        rec = self.records[rid] = RequestRecord(rid, now, p.input_len)
-        if not self.front:
-            self._fail(rec, now, "no instance accepts requests")
+        self.records[rid] = RequestRecord(rid, now, p.input_len)
+        self.sent += 1
+        self.budget.record_request(now)
+        for f in self.faults:
+            if f.after_requests is not None and self.sent == f.after_requests:
+                self.events.push(now, "fault_start", f, observing=True)
+        self._route(index, now)
+
+    def _route(self, index: int, now: float) -> None:
+        """The router's choice among routable instances, with its admission control."""
+        p = self.plan.requests[index]
+        rid = f"req-{index}"
+        rec = self.records[rid]
+        tried = self._attempts.setdefault(rid, set())
+        front = [i for i in self.front if i.routable and i.name not in tried]
+        if not front:
+            self._fail(
+                rec, now, "no healthy backend can serve this request", "no_backend" if not tried else "backend_failed"
+            )
             return
-        snaps = [i.snapshot() for i in self.front]
+        if all(i.snapshot().num_waiting >= self.max_waiting for i in front):
+            self._fail(rec, now, "every backend's queue is at router.admission.maxWaitingPerBackend", "overloaded")
+            return
+        snaps = [i.snapshot() for i in front]
         # Block hashes are computed once per block size (cached): prefix-affinity routes on the
         # leading blocks, and the chosen engine caches by the same hashes.
-        bs = self.front[0].block_size
+        bs = front[0].block_size
         routing = RoutingRequest(rid, self._hashes(p, bs), None, p.input_len)
-        inst = self.front[self.policy.choose(snaps, routing)]
+        inst = front[self.policy.choose(snaps, routing)]
+        tried.add(inst.name)
         inst.api_queued += 1
         inst.api_free_s = max(now, inst.api_free_s) + self.api.request_s(p.input_len)
-        self.events.push(inst.api_free_s + self.api.latency_s, "arrival", (index, inst), observing=True)
+        self.events.push(inst.api_free_s + self.api.latency_s, "arrival", (index, inst, inst.epoch), observing=True)
 
     def _stream(self, inst: SimInstance, ends: np.ndarray, outputs: int) -> np.ndarray:
         """When clients see the tokens of steps ending at ``ends``: each step's streaming work waits
@@ -204,8 +273,11 @@ class Simulation:
             self._hash_cache[key] = hashes_from_segments(p.segments, block_size)
         return self._hash_cache[key]
 
-    def _on_arrival(self, now: float, payload: tuple[int, SimInstance]) -> None:
-        index, inst = payload
+    def _on_arrival(self, now: float, payload: tuple[int, SimInstance, int]) -> None:
+        index, inst, epoch = payload
+        if epoch != inst.epoch:  # sent to a process that died meanwhile: the router retries it
+            self._retry_or_fail(f"req-{index}", now, f"{inst.name} died")
+            return
         inst.api_queued -= 1
         p = self.plan.requests[index]
         rid = f"req-{index}"
@@ -220,11 +292,22 @@ class Simulation:
         rec.instance = inst.name
         self._try_launch(inst, now)
 
-    def _fail(self, rec: RequestRecord, now: float, error: str) -> None:
+    def _fail(self, rec: RequestRecord, now: float, error: str, code: str = "request_failed") -> None:
+        if rec.finish_s is not None and rec.error is not None:
+            return  # already ended
         rec.ok = False
         rec.error = error
+        rec.error_code = code
         rec.finish_s = now
         self._client_done(rec)
+
+    def _retry_or_fail(self, rid: str, now: float, why: str) -> None:
+        """Before the first byte reached the client, the router may retry elsewhere (within its budget)."""
+        rec = self.records[rid]
+        if len(self._attempts.get(rid, ())) < self.max_attempts and self.budget.try_retry(now):
+            self._route(int(rid.split("-")[1]), now)
+        else:
+            self._fail(rec, now, f"every backend tried failed ({why})", "backend_failed")
 
     # ---- instances ---------------------------------------------------------------
     def _on_launch(self, now: float, inst: SimInstance) -> None:
@@ -232,7 +315,7 @@ class Simulation:
         self._try_launch(inst, now)
 
     def _try_launch(self, inst: SimInstance, now: float) -> None:
-        if inst.in_flight >= inst.pp:
+        if inst.in_flight >= inst.pp or inst.down or inst.hung:
             return
         if now < inst.next_launch_s:
             if not inst.launch_pending:
@@ -248,11 +331,12 @@ class Simulation:
         if out.is_empty:
             return
         st = inst.cost.step_time(out.shape)
+        total_s, interval_s = st.total_s * inst.slowdown, st.interval_s * inst.slowdown
         inst.in_flight += 1
-        inst.busy_s += st.interval_s
-        self.events.push(now + st.total_s, "batch_done", (inst, out, None), observing=inst.role == "prefill")
+        inst.busy_s += interval_s
+        self.events.push(now + total_s, "batch_done", (inst, out, None, inst.epoch), observing=inst.role == "prefill")
         if inst.pp > 1:
-            inst.next_launch_s = now + st.interval_s
+            inst.next_launch_s = now + interval_s
             if inst.in_flight < inst.pp and not inst.launch_pending:
                 inst.launch_pending = True
                 self.events.push(inst.next_launch_s, "launch", inst)
@@ -264,7 +348,7 @@ class Simulation:
             return False
         batch = len(sched.running)
         kv_sum = sum(r.num_computed_tokens + 1 for r in sched.running)
-        dts = inst.cost.decode_stretch_s(batch, kv_sum, horizon)
+        dts = inst.cost.decode_stretch_s(batch, kv_sum, horizon) * inst.slowdown
         ends = np.add.accumulate(np.concatenate(([now], dts)))[1:]
         t_obs = self.events.next_observing()
         # steps that end before the next observing event run unchanged; the one it falls in is
@@ -277,12 +361,17 @@ class Simulation:
         inst.in_flight += 1
         inst.busy_s += float(ends[n - 1] - now)
         self.events.push(
-            float(ends[n - 1]), "batch_done", (inst, None, (results, ends[:n])), observing=inst.role == "prefill"
+            float(ends[n - 1]),
+            "batch_done",
+            (inst, None, (results, ends[:n]), inst.epoch),
+            observing=inst.role == "prefill",
         )
         return True
 
     def _on_batch_done(self, now: float, payload: tuple) -> None:
-        inst, output, stretch = payload
+        inst, output, stretch, epoch = payload
+        if epoch != inst.epoch:
+            return  # the step of a process that was killed
         inst.in_flight -= 1
         if stretch is None:
             results = inst.scheduler.update_from_output(output, now)
@@ -334,8 +423,13 @@ class Simulation:
             self._fail(rec, now, "no decode instance")
             return
         p = self._planned[req.request_id]
-        snaps = [d.snapshot() for d in self.decoders]
-        dec = self.decoders[self.decode_policy.choose(snaps, RoutingRequest(req.request_id))]
+        decoders = [d for d in self.decoders if d.routable]
+        if not decoders:
+            prefill.scheduler.release_kv(req.request_id)
+            self._fail(rec, now, "no healthy decode instance", "backend_failed")
+            return
+        snaps = [d.snapshot() for d in decoders]
+        dec = decoders[self.decode_policy.choose(snaps, RoutingRequest(req.request_id))]
         consumer = Request(
             req.request_id,
             req.num_prompt_tokens,
@@ -352,18 +446,45 @@ class Simulation:
             return
         dec.live[req.request_id] = consumer
         nbytes = prefill.cost.kv_transfer_bytes(req.num_prompt_tokens)
-        self.transfers[req.request_id] = _Transfer(prefill, dec, nbytes)
+        self.transfers[req.request_id] = _Transfer(prefill, dec, nbytes, prefill_epoch=prefill.epoch)
         self._try_launch(dec, now)
 
     def _start_pull(self, dec: SimInstance, rid: str, now: float) -> None:
         tr = self.transfers[rid]
         tr.start_s = now
+        if tr.prefill_epoch != tr.prefill.epoch or self.cut_pairs.get((tr.prefill.name, dec.name)):
+            self._transfer_failed(rid, now)  # the prefill died, or the link is cut: answered at once
+            return
         tier = self.topo.tier_between(tr.prefill.setup.instance, dec.setup.instance)
-        self.events.push(now + tier.latency_s, "flow_start", (rid, tier.name))
+        extra = sum(lat for _, lat in self.link_changes.get((tr.prefill.name, dec.name), []))
+        self.events.push(now + tier.latency_s + extra, "flow_start", (rid, tier.name))
+
+    def _transfer_failed(self, rid: str, now: float) -> None:
+        """router.pdFallback: recompute the prompt on the decode instance, or fail the request."""
+        tr = self.transfers.pop(rid, None)
+        if tr is None:
+            return
+        if rid in self.net.flows:
+            self.net.remove(rid, now)
+            self._reschedule_flows(now)
+        dec = tr.decode
+        if tr.prefill_epoch == tr.prefill.epoch:
+            tr.prefill.scheduler.release_kv(rid)
+        if rid not in dec.scheduler.pulling:
+            return
+        if self.recompute:
+            dec.scheduler.recompute_remote(rid)
+            self._try_launch(dec, now)
+            return
+        dec.scheduler.abort(rid)
+        dec.live.pop(rid, None)
+        self._fail(self.records[rid], now, "KV transfer failed", "request_failed")
 
     def _on_flow_start(self, now: float, payload: tuple[str, str]) -> None:
         rid, tier = payload
-        tr = self.transfers[rid]
+        tr = self.transfers.get(rid)
+        if tr is None:
+            return  # failed meanwhile
         resources = (f"{tr.prefill.name}:tx:{tier}", f"{tr.decode.name}:rx:{tier}")
         self.net.add(rid, tr.nbytes, resources, now)
         self._reschedule_flows(now)
@@ -381,11 +502,184 @@ class Simulation:
         self.net.remove(rid, now)
         self._reschedule_flows(now)
         tr = self.transfers.pop(rid)
+        if rid not in tr.decode.scheduler.pulling:
+            return  # its decode died meanwhile
         self.records[rid].kv_transfer_s = now - tr.start_s
         tr.decode.scheduler.finish_remote_kv(rid, now)
         tr.prefill.scheduler.release_kv(rid)
         self._try_launch(tr.decode, now)
         self._try_launch(tr.prefill, now)
+
+    # ---- faults (the same schedule the local cluster and the operator play) ---------------
+    def _on_fault_start(self, now: float, f: Fault) -> None:
+        entry = {"name": f.name, "kind": f.kind, "targets": list(f.instances) or [list(g) for g in f.groups]}
+        self.timeline.append({**entry, "start_s": now, "end_s": None})
+        if f.kind == "kill":
+            for name in f.instances:
+                self._kill(self.by_name[name], now)
+            self.events.push(now + RESTART_S, "restart", (f, [self.by_name[n] for n in f.instances]), observing=True)
+            return
+        for name in f.instances:
+            inst = self.by_name[name]
+            if f.kind == "slow":
+                inst.slowdown = f.factor
+            elif f.kind == "hang":
+                inst.hung = True
+                self.events.push(now + self.detect_hang_s, "eject", (inst, inst.epoch), observing=True)
+                self.events.push(now + self.idle_s, "stall_check", (inst, inst.epoch, "idle"), observing=True)
+                self.events.push(
+                    now + self.first_byte_s, "stall_check", (inst, inst.epoch, "first_byte"), observing=True
+                )
+        if f.kind in ("link", "partition"):
+            switches = phases(f, now, now + (f.duration_s or 1e12))
+            self._set_links(f, switches[0][1], True, now)
+            for t, cut in switches[1:]:
+                self.events.push(t, "fault_switch", (f, cut), observing=True)
+        if f.duration_s is not None:
+            self.events.push(now + f.duration_s, "fault_end", f, observing=True)
+
+    def _on_fault_switch(self, now: float, payload: tuple[Fault, bool]) -> None:
+        f, cut = payload
+        if any(e["name"] == f.name and e["end_s"] is None for e in self.timeline):
+            self._set_links(f, not cut, False, now)  # undo the previous phase, then apply this one
+            self._set_links(f, cut, True, now)
+
+    def _on_fault_end(self, now: float, f: Fault) -> None:
+        for e in self.timeline:
+            if e["name"] == f.name and e["end_s"] is None:
+                e["end_s"] = now
+        for name in f.instances:
+            inst = self.by_name[name]
+            if f.kind == "slow":
+                inst.slowdown = 1.0
+            elif f.kind == "hang":
+                inst.hung = False
+                self.events.push(now + self.readmit_s, "readmit", (inst, inst.epoch), observing=True)
+                self._try_launch(inst, now)
+        if f.kind in ("link", "partition"):
+            cut_now = f.kind == "partition" or f.cut
+            if f.flap_period_s is not None:
+                elapsed = now - next(e["start_s"] for e in self.timeline if e["name"] == f.name)
+                cut_now = int(elapsed / (f.flap_period_s / 2)) % 2 == 0  # phases start with a cut
+            self._set_links(f, cut_now, False, now)
+
+    def _set_links(self, f: Fault, cut: bool, on: bool, now: float) -> None:
+        """Apply (or undo) a link or partition fault on its pairs: a cut fails transfers at once (they fall
+        back); a degraded link slows the sender's side and adds latency to transfers it starts."""
+        step = 1 if on else -1
+        for sender, peer in f.pairs():
+            if ROUTER in (sender, peer):
+                continue
+            pair = (sender, peer)
+            if f.kind == "partition" or cut:
+                self.cut_pairs[pair] = self.cut_pairs.get(pair, 0) + step
+                if on:
+                    for rid, tr in list(self.transfers.items()):
+                        if (tr.prefill.name, tr.decode.name) == pair and rid in self.net.flows:
+                            self._transfer_failed(rid, now)
+            else:
+                changes = self.link_changes.setdefault(pair, [])
+                change = (f.bandwidth_factor, f.added_latency_s)
+                if on:
+                    changes.append(change)
+                elif change in changes:
+                    changes.remove(change)
+                self._apply_rate(self.by_name[sender], now)
+        if f.kind == "partition":
+            a, b = f.groups
+            cut_off = b if ROUTER in a else a if ROUTER in b else ()
+            for name in cut_off:
+                if name != ROUTER:
+                    self.by_name[name].unreachable = on
+
+    def _apply_rate(self, inst: SimInstance, now: float) -> None:
+        """The sender's tx capacity: the tier's, times the lowest factor of its active link faults."""
+        factors = [fac for (s, _), ch in self.link_changes.items() if s == inst.name for fac, _ in ch]
+        factor = min(factors, default=1.0)
+        for tier in {self.topo.scale_up, self.topo.scale_out}:
+            cap = tier.bandwidth * inst.setup.instance.num_gpus * factor
+            self.net.set_capacity(f"{inst.name}:tx:{tier.name}", cap)
+        self._reschedule_flows(now)
+
+    def _kill(self, inst: SimInstance, now: float) -> None:
+        """The process dies: requests that streamed nothing are retried elsewhere, streamed ones fail;
+        KV it held is gone (decodes waiting for it fall back); it restarts cold."""
+        inst.down = True
+        inst.epoch += 1
+        inst.in_flight = 0
+        inst.launch_pending = False
+        inst.api_queued = 0
+        lost = list(inst.live)
+        inst.live = {}
+        inst.scheduler = Scheduler(inst.setup.engine)
+        for rid, tr in list(self.transfers.items()):
+            if tr.prefill is inst:
+                self._transfer_failed(rid, now)
+            elif tr.decode is inst:
+                self.transfers.pop(rid, None)
+                if rid in self.net.flows:
+                    self.net.remove(rid, now)
+                    self._reschedule_flows(now)
+        for rid in lost:
+            rec = self.records[rid]
+            if rec.first_token_s is None:
+                self._retry_or_fail(rid, now, f"{inst.name} died")
+            else:
+                self._fail(rec, now, f"backend {inst.name} failed mid-stream", "backend_failed")
+
+    def _on_restart(self, now: float, payload: tuple[Fault, list[SimInstance]]) -> None:
+        f, insts = payload
+        for inst in insts:
+            inst.down = False
+            inst.api_free_s = now
+        for e in self.timeline:
+            if e["name"] == f.name and e["end_s"] is None:
+                e["end_s"] = now
+
+    def _on_eject(self, now: float, payload: tuple[SimInstance, int]) -> None:
+        inst, epoch = payload
+        if inst.hung and epoch == inst.epoch:
+            inst.ejected = True
+
+    def _on_readmit(self, now: float, payload: tuple[SimInstance, int]) -> None:
+        inst, _ = payload
+        if not inst.hung:
+            inst.ejected = False
+
+    def _on_stall_check(self, now: float, payload: tuple[SimInstance, int, str]) -> None:
+        """A hung instance, as the router's timeouts see it: a stream it was sending stalls past
+        ``idle`` and fails explicitly; a request it never answered passes ``first_byte`` and is retried
+        elsewhere (a P/D decode leg: another decode instance recomputes the prompt)."""
+        inst, epoch, stage = payload
+        if not inst.hung or epoch != inst.epoch:
+            return
+        for rid in list(inst.live):
+            req, rec = inst.live[rid], self.records[rid]
+            streamed_here = req.num_output_tokens > (1 if req.kv_role == "consumer" or rec.prefill_instance else 0)
+            if streamed_here != (stage == "idle"):
+                continue
+            inst.scheduler.abort(rid)
+            inst.live.pop(rid)
+            self.transfers.pop(rid, None)
+            if stage == "idle":
+                self._fail(rec, now, f"backend {inst.name} stalled mid-stream", "backend_failed")
+            elif rec.prefill_instance is None:
+                self._retry_or_fail(rid, now, f"{inst.name} did not answer")
+            else:
+                self._redecode(inst, req, rec, now)
+
+    def _redecode(self, failed: SimInstance, req: Request, rec: RequestRecord, now: float) -> None:
+        others = [d for d in self.decoders if d.routable and d is not failed]
+        if not others or not self.budget.try_retry(now):
+            self._fail(rec, now, f"decode {failed.name} did not answer", "backend_failed")
+            return
+        dec = others[self.decode_policy.choose([d.snapshot() for d in others], RoutingRequest(req.request_id))]
+        again = Request(req.request_id, req.num_prompt_tokens, req.max_tokens, req.arrival_s, num_output_tokens=1)
+        if dec.scheduler.add_request(again) is not None:
+            self._fail(rec, now, again.error or "rejected by decode", "backend_failed")
+            return
+        dec.live[req.request_id] = again
+        self._try_launch(dec, now)
 
     # ---- results -------------------------------------------------------------------
     def _result(self, end: float) -> SimResult:
@@ -396,8 +690,12 @@ class Simulation:
             (r for r in self.records.values() if not self.plan.is_warmup(int(r.request_id.split("-")[1]))),
             key=lambda r: int(r.request_id.split("-")[1]),
         )
+        for rec in ordered:  # the router's deadline ends what would have run longer
+            if rec.ok and rec.finish_s is not None and rec.finish_s - rec.arrival_s > self.request_s:
+                rec.ok, rec.error, rec.error_code = False, "the request's deadline passed", "deadline_exceeded"
         slo = self.cluster.spec.slo
         summary = summarize(ordered, slo.ttft_ms, slo.tpot_ms)
+        summary["faults"] = fault_accounting(ordered, self.timeline, slo.ttft_ms, slo.tpot_ms, end)
         instances = {}
         for inst in self.instances:
             s = inst.scheduler.stats()

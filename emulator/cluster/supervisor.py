@@ -1,0 +1,137 @@
+"""Restarts the processes of a local cluster that die, as a kubelet restarts a pod's container.
+
+A dead worker or router is started again with the same command on the same port (its
+URL, and so the router's backend list and the clients' endpoint, stay valid), after a
+back-off that doubles with each restart in a row — 1 s, 2 s, 4 s ... capped at 30 s
+(Kubernetes' CrashLoopBackOff, at emulation scale: its 10 s base would dominate a
+minute-long chaos run) — and resets once the process has stayed up for 60 s. The router
+re-admits a restarted worker through its health check.
+
+In-process (``infemu up``, ``infemu run``) it is a thread; for ``infemu up --detach`` it is
+its own process, ``python -m emulator.cluster.supervisor RUN_DIR``, stopped first by
+``infemu down``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from emulator.cluster.local import ProcessInfo, RunState, _alive, launch
+
+log = logging.getLogger("infemu.supervisor")
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 30.0
+STABLE_S = 60.0
+POLL_S = 0.1
+
+
+@dataclass
+class _Watch:
+    info: ProcessInfo
+    started: float
+    streak: int = 0  # restarts in a row without STABLE_S of uptime
+    due: float | None = None  # when the pending restart happens
+
+
+def restart_command(info: ProcessInfo) -> list[str]:
+    """The process's command, pinned to the port it had (peers and the router keep its URL)."""
+    cmd = list(info.cmd)
+    if info.port and "--port" not in cmd:
+        cmd += ["--port", str(info.port)]
+    return cmd
+
+
+class Supervisor:
+    def __init__(self, state: RunState, procs: dict[str, subprocess.Popen] | None = None) -> None:
+        self.state = state
+        self.procs = procs if procs is not None else {}  # children of this process: reaped here
+        now = time.monotonic()
+        self.watches = {p.name: _Watch(p, now) for p in state.processes if p.cmd and p.role != "supervisor"}
+        self.events: list[tuple[float, str, str]] = []  # (monotonic time, instance, "died"|"restarted")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _dead(self, w: _Watch) -> bool:
+        proc = self.procs.get(w.info.name)
+        if proc is not None and proc.pid == w.info.pid:
+            return proc.poll() is not None
+        return not _alive(w.info.pid)
+
+    def poll_once(self) -> list[str]:
+        """One look at every process; returns what happened (for the foreground `infemu up`)."""
+        out = []
+        now = time.monotonic()
+        with self._lock:
+            for w in self.watches.values():
+                if w.due is None:
+                    if not self._dead(w):
+                        if now - w.started >= STABLE_S:
+                            w.streak = 0
+                        continue
+                    delay = min(BACKOFF_BASE_S * 2**w.streak, BACKOFF_CAP_S)
+                    w.due = now + delay
+                    self.events.append((now, w.info.name, "died"))
+                    out.append(f"{w.info.name} (pid {w.info.pid}) died; restarting in {delay:.0f} s")
+                    log.warning(out[-1])
+                elif now >= w.due:
+                    proc = launch(restart_command(w.info), w.info.log, self.state.token)
+                    self.procs[w.info.name] = proc
+                    w.info.pid = proc.pid
+                    w.info.restarts += 1
+                    w.streak += 1
+                    w.started = now
+                    w.due = None
+                    self.state.save()
+                    self.events.append((now, w.info.name, "restarted"))
+                    out.append(f"{w.info.name} restarted (pid {proc.pid}, restart {w.info.restarts})")
+                    log.warning(out[-1])
+        return out
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="infemu-supervisor", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self.poll_once()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+
+def spawn_detached(state: RunState) -> ProcessInfo:
+    """The supervisor of an `infemu up --detach` cluster, as its own process recorded in the state."""
+    log_path = os.path.join(state.run_dir, "logs", "supervisor.log")
+    cmd = [sys.executable, "-m", "emulator.cluster.supervisor", state.run_dir]
+    proc = launch(cmd, log_path, state.token)
+    info = ProcessInfo("supervisor", "supervisor", proc.pid, log=log_path)
+    state.processes.insert(0, info)
+    state.save()
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = RunState.load(args[0])
+    sup = Supervisor(state)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(POLL_S):
+        sup.poll_once()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Carrying out faults on a running local cluster, and playing a schedule of them during a run.
+
+Each fault kind maps onto something real: ``kill`` sends SIGKILL to the instance's process
+group (its supervisor restarts it); ``hang`` and ``slow`` go to the worker's ``/admin/fault``
+(no step and no answer with connections left open; every step k times longer); ``link``
+changes the sender's side through ``/admin/link`` (rate factor, added latency, cut);
+``partition`` cuts both directions between two groups, and when a group names the router,
+the router stops reaching the other group (``/admin/fault`` on the router). Every change is
+also posted to the router as an ``infemu_fault_active`` annotation for Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from emulator.cluster.admin import AdminError, post_admin
+from emulator.cluster.local import RunState
+from emulator.faults.schedule import ROUTER, Fault, phases
+
+FAULTS_FILE = "faults.json"  # in the run directory: what `infemu fault list` shows
+
+
+class LocalInjector:
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+
+    def _proc(self, name: str):
+        return next(p for p in self.state.processes if p.name == name)
+
+    def _post(self, url: str, path: str, body: dict, lines: list[str], what: str) -> None:
+        try:
+            post_admin(url, path, body, self.state.token)
+            lines.append(f"{what}: ok")
+        except AdminError as exc:  # one unreachable member must not stop the others
+            lines.append(f"{what}: failed: {exc}")
+
+    def apply(self, fault: Fault, on: bool, cut: bool | None = None) -> list[str]:
+        """Start (``on``) or clear one fault; ``cut`` overrides a link fault's cut (flapping).
+        Returns one line per member changed, failures included."""
+        lines: list[str] = []
+        if fault.kind == "kill" and on:
+            for name in fault.instances:
+                pid = self._proc(name).pid
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                    lines.append(f"{name}: killed (pid {pid})")
+                except (ProcessLookupError, PermissionError) as exc:
+                    lines.append(f"{name}: failed: {exc}")
+        elif fault.kind in ("hang", "slow"):
+            body = {"hang": on} if fault.kind == "hang" else {"slow": fault.factor if on else 1.0}
+            for name in fault.instances:
+                self._post(self._proc(name).url, "/admin/fault", body, lines, f"{name}: {fault.kind} {on}")
+        elif fault.kind in ("link", "partition"):
+            cut_now = fault.cut if cut is None else cut
+            for sender, peer in fault.pairs():
+                if ROUTER in (sender, peer):
+                    continue
+                if not on:
+                    body: dict = {"to": peer, "reset": True}
+                elif fault.kind == "partition" or cut_now:
+                    body = {"to": peer, "cut": True}
+                else:
+                    body = {
+                        "to": peer,
+                        "bandwidth_factor": fault.bandwidth_factor,
+                        "extra_latency_us": fault.added_latency_s * 1e6,
+                    }
+                self._post(self._proc(sender).url, "/admin/link", body, lines, f"{sender} -> {peer}")
+            if fault.kind == "partition":
+                a, b = fault.groups
+                cut_off = [n for n in (b if ROUTER in a else a if ROUTER in b else ()) if n != ROUTER]
+                if cut_off:
+                    body = {"unreachable": cut_off if on else []}
+                    self._post(self.state.router, "/admin/fault", body, lines, f"router -x- {', '.join(cut_off)}")
+        if self.state.router:
+            annotation = {"annotate": fault.name, "kind": fault.kind, "active": on and fault.kind != "kill"}
+            try:
+                post_admin(self.state.router, "/admin/fault", annotation, self.state.token)
+            except AdminError:
+                pass  # the router itself may be the one killed
+        return lines
+
+
+@dataclass
+class _Active:
+    fault: Fault
+    started: float  # wall clock (perf_counter)
+    ends: float | None
+    switches: list[tuple[float, bool]] = field(default_factory=list)  # flapping: (wall time, cut)
+    cleared: bool = False
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ready", timeout=0.5) as r:  # the cluster's own URL
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class FaultRunner:
+    """Plays ``faults`` during a run, in a thread: each starts at its time (emulated seconds after
+    ``t0``, times the dilation) or once ``sent()`` requests were sent, and is cleared when its duration
+    is over. The timeline it records (emulated seconds since ``t0``) feeds the accounting."""
+
+    def __init__(self, injector: LocalInjector, faults: list[Fault], dilation: float, sent, run_dir: str) -> None:
+        self.injector = injector
+        self.pending = list(faults)
+        self.dilation = dilation
+        self.sent = sent
+        self.run_dir = run_dir
+        self.active: list[_Active] = []
+        self.timeline: list[dict] = []
+        self.log: list[str] = []
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="infemu-faults", daemon=True)
+
+    def start(self, t0: float) -> None:
+        self.t0 = t0
+        self._thread.start()
+
+    def _emulated(self, wall: float) -> float:
+        return (wall - self.t0) / self.dilation
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            self.tick(time.perf_counter())
+
+    def tick(self, now: float) -> None:
+        for f in list(self.pending):
+            due = (f.at_s is not None and now >= self.t0 + f.at_s * self.dilation) or (
+                f.after_requests is not None and self.sent() >= f.after_requests
+            )
+            if due:
+                self.pending.remove(f)
+                self._begin(f, now)
+        for a in self.active:
+            if a.cleared:
+                continue
+            while a.switches and now >= a.switches[0][0]:
+                _, cut = a.switches.pop(0)
+                self.log += self.injector.apply(a.fault, True, cut=cut)
+            if a.fault.kind == "kill":
+                if all(self._restarted(n) for n in a.fault.instances):
+                    self._end(a, now)
+            elif a.ends is not None and now >= a.ends:
+                self.log += self.injector.apply(a.fault, False)
+                self._end(a, now)
+        self._save()
+
+    def _restarted(self, name: str) -> bool:
+        proc = self.injector._proc(name)
+        return proc.restarts > 0 and _ready(proc.url)
+
+    def _begin(self, f: Fault, now: float) -> None:
+        ends = None if f.duration_s is None else now + f.duration_s * self.dilation
+        a = _Active(f, now, ends)
+        switches = [(now + t * self.dilation, cut) for t, cut in phases(f, 0.0, f.duration_s or 1e9)]
+        a.switches = switches[1:]  # a flapping link: cut, restored, cut ... every half period
+        self.active.append(a)
+        self.log += self.injector.apply(f, True, cut=switches[0][1])
+        self.timeline.append(
+            {
+                "name": f.name,
+                "kind": f.kind,
+                "targets": list(f.instances) or [list(g) for g in f.groups],
+                "start_s": self._emulated(now),
+                "end_s": None,
+            }
+        )
+
+    def _end(self, a: _Active, now: float) -> None:
+        a.cleared = True
+        for entry in self.timeline:
+            if entry["name"] == a.fault.name and entry["end_s"] is None:
+                entry["end_s"] = self._emulated(now)
+
+    def stop(self) -> list[dict]:
+        """Clear what is still active (the cluster may outlive the run) and return the timeline."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        now = time.perf_counter()
+        for a in self.active:
+            if not a.cleared:
+                if a.fault.kind != "kill":
+                    self.log += self.injector.apply(a.fault, False)
+                self._end(a, now)
+        self._save()
+        return self.timeline
+
+    def _save(self) -> None:
+        path = os.path.join(self.run_dir, FAULTS_FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            json.dump({"timeline": self.timeline, "log": self.log[-200:]}, fh, indent=1)
+        os.replace(path + ".tmp", path)

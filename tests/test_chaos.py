@@ -1,0 +1,289 @@
+"""Chaos experiments (issue 13): declared faults in the simulator and on real processes, the
+router's resilience (ejection, retries, backpressure, deadlines), and an accounting that loses
+nothing. The simulator and the local cluster play the same schedule and must agree."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import httpx
+import pytest
+import yaml
+from conftest import ROOT, example, run_infemu
+
+from emulator.errors import SpecError
+from emulator.faults.schedule import resolve_faults
+from emulator.router.backends import Backend
+from emulator.router.resilience import RetryBudget, overloaded
+from emulator.sim.simulator import RESTART_S, simulate
+from emulator.spec import parse_cluster
+from emulator.topology import place
+from emulator.workload.plan import build_plan
+
+CHAOS = yaml.safe_load(open(example("chaos.yaml"), encoding="utf-8"))  # noqa: SIM115
+
+
+def _cluster(mutate=None):
+    doc = copy.deepcopy(CHAOS)
+    if mutate is not None:
+        mutate(doc["spec"])
+    return parse_cluster(doc)
+
+
+def _sim(cluster) -> dict:
+    return simulate(cluster, build_plan(cluster.spec.workload)).summary
+
+
+# ---- the declared schedule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fault,expected",
+    [
+        ({"kind": "kill", "atSeconds": 1, "durationSeconds": 2, "target": {"pool": "decode"}}, "a kill has no"),
+        ({"kind": "slow", "atSeconds": 1, "target": {"pool": "decode"}}, "needs factor"),
+        ({"kind": "hang", "target": {"pool": "decode"}}, "exactly one of atSeconds or afterRequests"),
+        ({"kind": "hang", "atSeconds": 1, "target": {"instance": "decode-9"}}, "target.instance: 'decode-9'"),
+        ({"kind": "partition", "atSeconds": 1, "between": [["prefill"], ["nope"]]}, "between[1][0]: 'nope'"),
+        ({"kind": "link", "atSeconds": 1, "target": {"pool": "prefill"}}, "needs link"),
+    ],
+)
+def test_bad_faults_name_the_field(fault, expected):
+    with pytest.raises(SpecError) as exc:
+        _cluster(lambda s: s.__setitem__("faults", [fault]))
+    assert any(expected in line and "spec.faults[0]" in line for line in exc.value.problems), exc.value.problems
+
+
+def test_faults_resolve_to_instances_pairs_and_groups():
+    cluster = _cluster(
+        lambda s: s.__setitem__(
+            "faults",
+            [
+                {"kind": "slow", "atSeconds": 0, "factor": 2, "target": {"pool": "decode", "fraction": 0.5}},
+                {
+                    "kind": "link",
+                    "atSeconds": 0,
+                    "target": {"pool": "prefill", "peer": "decode-1"},
+                    "link": {"cut": True},
+                },
+                {"kind": "partition", "afterRequests": 5, "between": [["prefill-0", "router"], ["decode"]]},
+            ],
+        )
+    )
+    slow, link, part = resolve_faults(cluster.spec, place(cluster.spec))
+    assert slow.instances == ("decode-0",) and slow.factor == 2
+    assert link.pairs() == [("prefill-0", "decode-1"), ("prefill-1", "decode-1")]
+    assert part.groups == (("prefill-0", "router"), ("decode-0", "decode-1")) and part.after_requests == 5
+    assert ("decode-1", "prefill-0") in part.pairs() and ("prefill-0", "decode-0") in part.pairs()
+
+
+def test_retry_budget_and_admission():
+    budget = RetryBudget(percent=20, min_per_second=0.1, window_s=10)
+    for i in range(100):
+        budget.record_request(i * 0.01)
+    allowed = sum(budget.try_retry(1.0) for _ in range(50))
+    assert allowed == 21  # 1 (floor: 0.1/s x 10 s) + 20% of 100
+    backends = [Backend("a", "aggregated", "u", waiting=5), Backend("b", "aggregated", "u", waiting=3)]
+    assert not overloaded(backends, 4) and overloaded(backends, 3) and not overloaded([], 1)
+
+
+# ---- the simulator plays it --------------------------------------------------------------
+
+
+def test_sim_chaos_example_loses_nothing_and_prices_each_fault():
+    s = _sim(_cluster())
+    assert s["lost"] == 0
+    assert s["completed"] + s["failed"] == s["requests"]
+    assert set(s["failed_by_reason"]) <= {"backend_failed"} and s["failed"] <= 0.03 * s["requests"]
+    faults = {f["name"]: f for f in s["faults"]}
+    assert list(faults) == ["kill-prefill", "slow-decode", "cut-kv", "hang-decode", "flap-kv"]
+    kill = faults["kill-prefill"]
+    assert kill["end_s"] - kill["start_s"] == pytest.approx(RESTART_S)
+    slow = faults["slow-decode"]
+    assert slow["during"]["tpot_ms_p99"] > 2.5 * slow["before"]["tpot_ms_p50"]  # decode-0 runs 3x slower
+    for f in s["faults"]:
+        for window in ("before", "during", "after"):
+            assert f[window]["lost"] == 0
+
+
+def test_sim_burst_past_the_queue_limit_is_rejected_not_queued():
+    def burst(spec):
+        spec["faults"] = []
+        spec["router"]["admission"]["maxWaitingPerBackend"] = 8
+        spec["workload"].update(rate=400, duration=1.0)
+
+    s = _sim(_cluster(burst))
+    assert s["failed_by_reason"].get("overloaded", 0) > 0 and s["lost"] == 0
+    assert s["completed"] > 0
+
+
+@pytest.mark.parametrize("fallback,code", [("recompute", None), ("fail", "request_failed")])
+def test_sim_cut_kv_link_falls_back_as_configured(fallback, code):
+    def cut(spec):
+        spec["router"]["pdFallback"] = fallback
+        spec["faults"] = [
+            {"kind": "link", "atSeconds": 2, "durationSeconds": 4, "target": {"pool": "prefill"}, "link": {"cut": True}}
+        ]
+
+    s = _sim(_cluster(cut))
+    during = s["faults"][0]["during"]
+    assert during["sent"] > 10 and s["lost"] == 0
+    if code is None:
+        assert during["completed"] == during["sent"]  # the decode recomputed every prompt
+    else:
+        assert during["failed_by_reason"].get(code, 0) > 0.8 * during["sent"]
+
+
+def test_sim_hang_is_ejected_and_traffic_moves():
+    def hang(spec):
+        spec["faults"] = [{"kind": "hang", "atSeconds": 2, "durationSeconds": 8, "target": {"instance": "prefill-0"}}]
+
+    s = _sim(_cluster(hang))
+    during = s["faults"][0]["during"]
+    assert s["lost"] == 0 and during["completed"] >= 0.9 * during["sent"]
+
+
+# ---- the local cluster plays it for real ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_chaos_example_on_real_processes_agrees_with_the_simulator(tmp_path):
+    out = tmp_path / "out"
+    r = run_infemu("run", example("chaos.yaml"), "--out", str(out), cwd=str(tmp_path), timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads((out / "summary.json").read_text())
+    sim = _sim(_cluster())
+    assert run["lost"] == 0 and run["restarts"] == {"prefill-0": 1}
+    assert set(run["failed_by_reason"]) <= {"backend_failed"} and run["failed"] <= 0.05 * run["requests"]
+    assert run["requests"] == sim["requests"]
+    assert abs(run["completed"] - sim["completed"]) <= 4
+    assert [f["name"] for f in run["faults"]] == [f["name"] for f in sim["faults"]]
+    for real, model in zip(run["faults"], sim["faults"], strict=True):
+        assert abs(real["start_s"] - model["start_s"]) < 0.3, real["name"]
+    kill = run["faults"][0]
+    assert 1.0 < kill["end_s"] - kill["start_s"] < 6.0  # SIGKILL, back-off, restart, ready
+    slow = run["faults"][1]
+    assert slow["during"]["tpot_ms_p99"] > 2.5 * slow["before"]["tpot_ms_p50"]
+    html = (out / "report.html").read_text()
+    assert "kill-prefill" in html
+
+
+TWO = """
+apiVersion: infemu.io/v1alpha1
+kind: InferenceCluster
+metadata: {name: two}
+spec:
+  model: llama-3.1-8b
+  gpu: h100-sxm
+  topology: {nodes: 1, gpusPerNode: 2}
+  pools: [{name: agg, replicas: 2, maxNumSeqs: 4}]
+  router:
+    policy: round_robin
+    admission: {maxWaitingPerBackend: 2, retryAfterS: 2}
+    healthCheck: {intervalMs: 100, timeoutMs: 300, unhealthyThreshold: 2}
+"""
+
+
+def _router_view(router: str, headers: dict) -> dict:
+    req = urllib.request.Request(f"{router}/admin/fault", headers=headers)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.slow
+def test_live_faults_backpressure_and_supervision(tmp_path):
+    from emulator.serve.internal import internal_headers
+
+    spec = tmp_path / "two.yaml"
+    spec.write_text(TWO)
+    run_dir = tmp_path / "somewhere-else"
+    r = run_infemu("up", str(spec), "--detach", "--json", "--run-dir", str(run_dir), cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    state = json.loads(r.stdout)
+    token = json.loads((run_dir / "state.json").read_text())["token"]
+    router = state["router"]
+    header = internal_headers(token)
+    try:
+        # a hang: the router's health check ejects it within interval x threshold + timeout (+ margin)
+        r = run_infemu("fault", "inject", "hang", "--instance", "agg-0", "--name", "h", "--run-dir", str(run_dir))
+        assert r.returncode == 0, r.stderr
+        t0 = time.monotonic()
+        while _router_view(router, header)["agg-0"]["healthy"]:
+            assert time.monotonic() - t0 < 3.0, "a hung backend was not ejected"
+            time.sleep(0.05)
+        with httpx.Client(timeout=30) as client:
+            for _ in range(4):  # every request is served by the survivor meanwhile
+                ok = client.post(
+                    f"{router}/v1/completions", json={"model": "llama-3.1-8b", "prompt": "x", "max_tokens": 2}
+                )
+                assert ok.status_code == 200
+        listing = json.loads(run_infemu("fault", "list", "--json", "--run-dir", str(run_dir)).stdout)
+        assert listing["live"]["agg-0"]["hang"] is True and "h" in listing["active"]
+        assert run_infemu("fault", "clear", "h", "--run-dir", str(run_dir)).returncode == 0
+        t0 = time.monotonic()
+        while not _router_view(router, header)["agg-0"]["healthy"]:
+            assert time.monotonic() - t0 < 3.0, "a recovered backend was not re-admitted"
+            time.sleep(0.05)
+
+        # a burst far past the queue limit: 429 with Retry-After and OpenAI's error JSON, never a hang
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                body = {"model": "llama-3.1-8b", "prompt": "y", "max_tokens": 64, "ignore_eos": True}
+                return await asyncio.gather(*(client.post(f"{router}/v1/completions", json=body) for _ in range(60)))
+
+        answers = asyncio.run(burst())
+        rejected = [a for a in answers if a.status_code == 429]
+        assert rejected and all(a.status_code in (200, 429) for a in answers)
+        assert rejected[0].headers["Retry-After"] == "2" and rejected[0].json()["error"]["code"] == "overloaded"
+
+        # a kill: the detached supervisor restarts the worker on its port, the router re-admits it
+        r = run_infemu("fault", "inject", "kill", "--instance", "agg-1", "--run-dir", str(run_dir))
+        assert r.returncode == 0 and "killed" in r.stdout
+        t0 = time.monotonic()
+        while True:
+            saved = json.loads((run_dir / "state.json").read_text())
+            agg1 = next(p for p in saved["processes"] if p["name"] == "agg-1")
+            if agg1["restarts"] == 1 and _router_view(router, header)["agg-1"]["healthy"]:
+                break
+            assert time.monotonic() - t0 < 15, "the killed worker did not come back"
+            time.sleep(0.1)
+        # link set goes on past a member that does not answer (here: one made to hang)
+        run_infemu("fault", "inject", "hang", "--instance", "agg-0", "--name", "h2", "--run-dir", str(run_dir))
+        r = run_infemu("link", "set", "--from", "agg", "--to", "agg", "--cut", "--run-dir", str(run_dir), timeout=60)
+        assert "agg-1 -> agg-0" in r.stdout and "failed: " in r.stderr and r.returncode == 1
+        run_infemu("fault", "clear", "--all", "--run-dir", str(run_dir))
+    finally:
+        # `infemu down` with no argument finds a run started with --run-dir
+        down = run_infemu("down", cwd=str(tmp_path))
+    assert "two (" in down.stdout and "processes stopped" in down.stdout
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_still_writes_its_report(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator.cli", "run", example("quickstart.yaml"), "--out", str(out)],
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # interrupt once requests are finishing
+        if "/240 done" in line:
+            break
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-1000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and 0 < summary["requests"] < 240
