@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpot-ms", type=_positive_float, default=100.0)
     p.add_argument("--out", default="loadtest", help="folder for summary.json, requests.jsonl, Locust CSVs")
     p.add_argument("--summary-file", help="also write the compact summary here (a pod's /dev/termination-log)")
+    p.add_argument(
+        "--faults-json",
+        help="the fault timeline the operator plays ([{name, kind, targets, start_s, end_s}], seconds from this"
+        " container's start): the summary then accounts each fault window",
+    )
 
     p = sub.add_parser("rules", help="Prometheus recording and alert rules for a spec's SLOs (YAML)")
     p.add_argument("spec")
@@ -462,6 +467,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SpecError([f"--users/--ttft-ms/--tpot-ms: {exc}"]) from None
     try:
+        faults = json.loads(args.faults_json) if args.faults_json else None
+        if faults is not None and not isinstance(faults, list):
+            raise ValueError("expected a JSON list")
+    except ValueError as exc:
+        raise SpecError([f"--faults-json: {exc}"]) from None
+    try:
         summary = run_loadtest(
             args.target,
             args.model,
@@ -473,6 +484,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             slo,
             args.out,
             args.summary_file,
+            faults,
         )
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)

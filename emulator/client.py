@@ -16,6 +16,7 @@ import time
 import numpy as np
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
+from emulator.errors import openai_error_code
 from emulator.results import LOST, RequestRecord
 from emulator.rng import PartitionedRNG
 from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
@@ -46,15 +47,6 @@ def request_body(model: str, p: PlannedRequest, vocab: int) -> bytes:
             "stream_options": {"include_usage": True},
         }
     ).encode()
-
-
-def _error_code(data: bytes | str, default: str) -> str:
-    """The OpenAI error's ``code`` (the router's reason), else ``default``."""
-    try:
-        err = json.loads(data)["error"]
-        return str(err.get("code") or err.get("type") or default)
-    except (ValueError, KeyError, TypeError):
-        return default
 
 
 async def send_one(
@@ -99,7 +91,7 @@ async def _exchange(
         if resp.status != 200:
             text = await resp.text()
             rec.error = f"HTTP {resp.status}: {text[:300]}"
-            rec.error_code = _error_code(text, f"http_{resp.status}")
+            rec.error_code = openai_error_code(text, f"http_{resp.status}")
             return
         tail = b""
         async for block in resp.content.iter_any():  # whole reads: every token in one read arrived together
@@ -116,7 +108,7 @@ async def _exchange(
                     obj = json.loads(ev[6:])
                     if "error" in obj:
                         rec.error = obj["error"].get("message", "error event")
-                        rec.error_code = _error_code(ev[6:], "stream_error")
+                        rec.error_code = openai_error_code(ev[6:], "stream_error")
                     elif obj.get("usage"):
                         rec.output_tokens = obj["usage"]["completion_tokens"]
 

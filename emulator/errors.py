@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 class SpecError(Exception):
     """A spec (or CLI input) that cannot be used. ``problems`` are ready-to-print lines."""
@@ -16,3 +18,13 @@ class InputError(SpecError):
 
     def __init__(self, problem: str) -> None:
         super().__init__([problem])
+
+
+def openai_error_code(body: bytes | str, default: str) -> str:
+    """The ``code`` of an OpenAI error body (the router's reason: overloaded, backend_failed,
+    deadline_exceeded, ...), else its ``type``, else ``default`` (a body that is not one)."""
+    try:
+        err = json.loads(body)["error"]
+        return str(err.get("code") or err.get("type") or default)
+    except (ValueError, KeyError, TypeError):
+        return default

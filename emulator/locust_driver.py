@@ -59,8 +59,11 @@ def locust_command(load: LocustLoad, router: str, folder: str) -> list[str]:
     return cmd
 
 
-def run_locust(load: LocustLoad, router: str, model: str, folder: str, seed: int) -> list[RequestRecord]:
-    """Every request Locust made, times in seconds from the first request, sorted by arrival."""
+def run_locust(
+    load: LocustLoad, router: str, model: str, folder: str, seed: int, with_origin: bool = False
+) -> list[RequestRecord] | tuple[list[RequestRecord], float]:
+    """Every request Locust made, times in seconds from the first request, sorted by arrival; with
+    ``with_origin``, also that first request's time on the monotonic clock (time.perf_counter)."""
     os.makedirs(folder, exist_ok=True)
     sink = os.path.join(folder, "locust-requests.jsonl")
     for old in glob.glob(sink + ".*"):
@@ -96,6 +99,7 @@ def run_locust(load: LocustLoad, router: str, model: str, folder: str, seed: int
                         r["ok"],
                         r["error"],
                         itl_max_ms=r["itl_max_ms"],
+                        error_code=r.get("error_code"),
                     )
                 )
     if not records:
@@ -105,4 +109,5 @@ def run_locust(load: LocustLoad, router: str, model: str, folder: str, seed: int
         r.arrival_s -= t0
         r.first_token_s = None if r.first_token_s is None else r.first_token_s - t0
         r.finish_s = None if r.finish_s is None else r.finish_s - t0
-    return sorted(records, key=lambda r: r.arrival_s)
+    records.sort(key=lambda r: r.arrival_s)
+    return (records, t0) if with_origin else records

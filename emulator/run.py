@@ -246,7 +246,6 @@ def run(
     summary = summarize(records, slo.ttft_ms, slo.tpot_ms)
     end_s = max((r.finish_s for r in records if r.finish_s is not None), default=wall / dilation)
     summary["faults"] = fault_accounting(records, timeline, slo.ttft_ms, slo.tpot_ms, end_s)
-    summary["restarts"] = {p.name: p.restarts for p in state.processes if p.restarts}
     if interrupted:
         summary["interrupted"] = True
     result = RunResult(

@@ -18,11 +18,15 @@ import time
 import gevent
 from locust import HttpUser, constant, task
 
+from emulator.errors import openai_error_code
 from loadgen import workloads
 
 _ids = itertools.count()
 _lock = threading.Lock()
 _sink = None
+# the longest silence a user waits for between two reads; beyond the router's own deadline (600 s by
+# default, router.timeouts.requestMs) a request with no answer is recorded as lost
+DEADLINE_S = float(os.environ.get("INFEMU_DEADLINE_S", "900"))
 
 
 def _write(record: dict) -> None:
@@ -53,13 +57,20 @@ class StreamingUser(HttpUser):
         start = time.perf_counter()
         times: list[float] = []
         parts: list[str] = []
-        error, usage = None, None
+        error, usage, code = None, None, None
         try:
             with self.client.post(
-                "/v1/chat/completions", json=body, stream=True, catch_response=True, name=name
+                "/v1/chat/completions",
+                json=body,
+                stream=True,
+                catch_response=True,
+                name=name,
+                # connect, then between two reads: past the router's own deadline the request is lost
+                timeout=(10, DEADLINE_S),
             ) as resp:
                 if resp.status_code != 200:
                     error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                    code = openai_error_code(resp.text, f"http_{resp.status_code}")
                 else:
                     for line in resp.iter_lines():
                         if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -67,6 +78,7 @@ class StreamingUser(HttpUser):
                         obj = json.loads(line[6:])
                         if "error" in obj:
                             error = obj["error"].get("message", "error event")
+                            code = obj["error"].get("code") or "stream_error"
                             break
                         if obj.get("usage"):
                             usage = obj["usage"]
@@ -81,10 +93,13 @@ class StreamingUser(HttpUser):
                     resp.success()
         except Exception as exc:  # any failure ends this request with an explicit error
             error = f"{type(exc).__name__}: {exc}"
-        self._record(name, start, times, usage, error)
+            code = "lost" if "Timeout" in type(exc).__name__ else "connection"
+        self._record(name, start, times, usage, error, code)
         return "".join(parts)
 
-    def _record(self, name: str, start: float, times: list[float], usage: dict | None, error: str | None) -> None:
+    def _record(
+        self, name: str, start: float, times: list[float], usage: dict | None, error: str | None, code: str | None
+    ) -> None:
         fire = self.environment.events.request.fire
         end = times[-1] if times else time.perf_counter()
         n = len(times)
@@ -113,6 +128,7 @@ class StreamingUser(HttpUser):
                 "finish_s": end,
                 "ok": error is None and n > 0,
                 "error": error,
+                "error_code": code if error else (None if n else "empty_stream"),
                 "prompt_tokens": (usage or {}).get("prompt_tokens", 0),
                 "output_tokens": (usage or {}).get("completion_tokens", n),
                 "ttft_ms": ttft,

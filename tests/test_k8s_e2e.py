@@ -427,6 +427,82 @@ def test_quickstart_lifecycle_events_stream_loadtest_scale_invalid_edit_and_garb
     _wait(gone, 120, "garbage collection of the children", every=2)
 
 
+# ---- chaos on Kubernetes: a LoadTest whose faults the operator carries out ------------------
+
+CHAOS_PD = """
+apiVersion: infemu.io/v1alpha1
+kind: InferenceCluster
+metadata: {name: chaos-pd}
+spec:
+  model: {name: llama-3.1-8b, dtype: bf16}
+  gpu: h100-sxm
+  topology: {nodes: 1, gpusPerNode: 3}
+  pools:
+    - {name: prefill, role: prefill, replicas: 2}
+    - {name: decode, role: decode, replicas: 1}
+  router:
+    policy: pd
+    timeouts: {kvTransferMs: 2000, idleMs: 5000}
+"""
+
+
+def test_a_loadtest_with_a_kill_and_a_link_fault_loses_nothing(api, operated, k8s):
+    ns, op = operated
+    if not k8s[1]:
+        pytest.skip("needs INFEMU_E2E_IMAGE: an image of this checkout the cluster can run")
+    objs = api.CustomObjectsApi()
+    body = yaml.safe_load(CHAOS_PD)
+    objs.create_namespaced_custom_object(GROUP, VERSION, ns, "inferenceclusters", body)
+    _ready(api, ns, "chaos-pd", op.log)
+    lt = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LoadTest",
+        "metadata": {"name": "chaos-e2e"},
+        "spec": {
+            "cluster": "chaos-pd",
+            "workload": "chat",
+            "arrival": {"users": 3},
+            "durationSeconds": 40,
+            "faults": [
+                {"name": "kill-prefill", "kind": "kill", "atSeconds": 12, "target": {"instance": "prefill-0"}},
+                {
+                    "name": "slow-kv",
+                    "kind": "link",
+                    "atSeconds": 20,
+                    "durationSeconds": 8,
+                    "target": {"pool": "prefill", "peer": "decode"},
+                    "link": {"bandwidthFactor": 0.05, "latencyUs": 2000},
+                },
+            ],
+        },
+    }
+    objs.create_namespaced_custom_object(GROUP, VERSION, ns, "loadtests", lt)
+    done = _wait(
+        lambda: (
+            (o := objs.get_namespaced_custom_object(GROUP, VERSION, ns, "loadtests", "chaos-e2e"))
+            and (o.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            and o
+        ),
+        POD_WAIT_S,
+        "the chaos LoadTest to finish",
+        every=3,
+        context=lambda: f"{_pods(api, ns)}\n{op.log()}",
+    )
+    status = done["status"]
+    assert status["phase"] == "Succeeded", status
+    faults = {f["name"]: f for f in status["faults"]}
+    assert list(faults) == ["kill-prefill", "slow-kv"], status["faults"]
+    assert all(f["state"] == "Cleared" and f["endedAt"] >= f["startedAt"] for f in faults.values()), faults
+    assert faults["slow-kv"]["targets"] == ["prefill-0", "prefill-1"]
+    summary = status["summary"]
+    assert summary["lost"] == 0 and summary["completed"] > 0
+    assert set(summary["failed_by_reason"]) <= {"backend_failed"}, summary["failed_by_reason"]
+    assert [f["name"] for f in summary["faults"]] == ["kill-prefill", "slow-kv"]
+    reasons = {e[1] for e in _events(api, ns, "chaos-e2e")}
+    assert {"FaultInjected", "FaultCleared"} <= reasons
+    objs.delete_namespaced_custom_object(GROUP, VERSION, ns, "inferenceclusters", "chaos-pd")
+
+
 # ---- the operator in cluster, by the Helm chart: P/D under tc shaping -----------------------
 
 

@@ -150,6 +150,23 @@ LOADTEST_STATUS_SCHEMA = {
             "description": "the same keys as `infemu sim --json`",
             "x-kubernetes-preserve-unknown-fields": True,
         },
+        "faults": {
+            "type": "array",
+            "description": "each spec.faults entry as the operator carried it out",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "targets": {"type": "array", "items": {"type": "string"}},
+                    "state": {"type": "string", "enum": ["Active", "Restarting", "Cleared", "Failed"]},
+                    "startedAt": {"type": "string", "format": "date-time"},
+                    "endedAt": {"type": "string", "format": "date-time"},
+                    "cut": {"type": "boolean"},
+                    "message": {"type": "string"},
+                },
+            },
+        },
     },
     "x-kubernetes-preserve-unknown-fields": True,
 }

@@ -23,11 +23,20 @@ from emulator.errors import SpecError
 from emulator.loadtest import LOADTEST_KIND, parse_loadtest
 from emulator.spec import API_VERSION, KIND, InferenceCluster, parse_cluster
 from infemu_operator.crds import GROUP, LOADTEST_PLURAL, PLURAL, VERSION
-from infemu_operator.desired import OperatorSettings, desired_children
+from infemu_operator.desired import OperatorSettings, desired_children, internal_token
 from infemu_operator.events import Event, condition_events, failing_pods, pod_events
+from infemu_operator.faults import PodFaults, plan_step
 from infemu_operator.gateway import INFERENCE_POOL_API, INFERENCE_POOL_KIND
 from infemu_operator.kube import Kube, api_message, load_config
-from infemu_operator.loadtest import attainment_text, job_name, job_outcome, loadtest_job, summary_config_map
+from infemu_operator.loadtest import (
+    attainment_text,
+    fault_problems_of,
+    fault_schedule,
+    job_name,
+    job_outcome,
+    loadtest_job,
+    summary_config_map,
+)
 from infemu_operator.status import (
     cluster_status,
     condition,
@@ -40,6 +49,7 @@ from infemu_operator.status import (
 
 STATUS_INTERVAL_S = 10.0
 LOADTEST_INTERVAL_S = 5.0
+FAULT_INTERVAL_S = 1.0  # a LoadTest's faults start and end within a second of their time
 PRUNABLE = (("apps/v1", "StatefulSet"), ("v1", "Service"), (INFERENCE_POOL_API, INFERENCE_POOL_KIND))
 
 
@@ -266,6 +276,10 @@ def start_loadtest(body, spec, name, namespace, status, patch, logger, **_: Any)
     except SpecError as exc:
         _finish(patch, status, "Failed", "TargetInvalid", "; ".join(exc.problems), body)
         return
+    problems = fault_problems_of(lt, cluster)
+    if problems:
+        _finish(patch, status, "Failed", "InvalidSpec", "; ".join(problems), body)
+        return
     job = loadtest_job(lt, cluster, namespace, Runtime.settings)
     kopf.append_owner_reference(job, owner=body)
     try:
@@ -316,6 +330,68 @@ def _running(status, **_: Any) -> bool:
     return status.get("phase") == "Running"
 
 
+def _with_faults(spec, status, **_: Any) -> bool:
+    return status.get("phase") == "Running" and bool(spec.get("faults"))
+
+
+def _load_started(kube: Kube, namespace: str, job: str) -> dt.datetime | None:
+    """When the load pod's container started: the clock the LoadTest's faults are timed by."""
+    for pod in kube.list("v1", "Pod", namespace, {"job-name": job}):
+        for cs in pod.get("status", {}).get("containerStatuses", []):
+            started = (cs.get("state", {}).get("running") or {}).get("startedAt")
+            if cs.get("name") == "locust" and started:
+                return dt.datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return None
+
+
+def play_faults(body, spec, name, namespace, status, patch, logger, **_: Any) -> None:
+    """Each second while the test runs: start, flip or clear what is due; record it in
+    ``status.faults`` and as Events (FaultInjected, FaultCleared)."""
+    kube = _kube()
+    started = _load_started(kube, namespace, status.get("job") or job_name(name))
+    if started is None:
+        return  # the load pod is not running yet: the faults' clock has not started
+    doc = {"apiVersion": API_VERSION, "kind": LOADTEST_KIND, "metadata": {"name": name, "namespace": namespace}}
+    lt = parse_loadtest({**doc, "spec": _plain(spec)})
+    target = kube.get(API_VERSION, KIND, namespace, lt.spec.cluster)
+    if target is None:
+        return
+    cluster = _as_cluster(lt.spec.cluster, namespace, target.get("spec", {}))
+    pods = PodFaults(kube, namespace, cluster.name, internal_token(target["metadata"]["uid"]))
+    faults = fault_schedule(lt, cluster)
+    recorded = {r["name"]: dict(r) for r in (status.get("faults") or [])}
+    elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    events = []
+    for step in plan_step(faults, elapsed, recorded):
+        f = step.fault
+        lines = pods.apply(f, step.action != "clear", step.cut)
+        failed = [line for line in lines if ": failed: " in line]
+        summary = "; ".join(failed or lines)[:1000]
+        if step.action == "start":
+            state = "Restarting" if f.kind == "kill" else "Active"
+            targets = list(f.instances) or [n for g in f.groups for n in g]
+            recorded[f.name] = {"name": f.name, "kind": f.kind, "targets": targets, "state": state, "startedAt": now()}
+            events.append(Event("Warning" if failed else "Normal", "FaultInjected", f"{f.name} ({f.kind}): {summary}"))
+        elif step.action == "flip":
+            recorded[f.name]["cut"] = step.cut
+        else:
+            recorded[f.name].update(state="Cleared", endedAt=now())
+            events.append(Event("Normal", "FaultCleared", f"{f.name} ({f.kind}): {summary}"))
+        if step.cut is not None:
+            recorded[f.name]["cut"] = step.cut
+        recorded[f.name]["message"] = summary
+    for f in faults:  # a kill is over when its pods are back and Ready (their StatefulSet restarts them)
+        rec = recorded.get(f.name)
+        if rec and rec.get("state") == "Restarting" and pods.restarted(f, rec["startedAt"]):
+            rec.update(state="Cleared", endedAt=now())
+            events.append(Event("Normal", "FaultCleared", f"{f.name}: {', '.join(f.instances)} back and Ready"))
+    order = [f.name for f in faults]
+    patch.status["faults"] = sorted(recorded.values(), key=lambda r: order.index(r["name"]))
+    for e in events:
+        logger.info(f"{e.reason}: {e.message}")
+    _post(body, events)
+
+
 def register(
     registry: kopf.OperatorRegistry,
     namespaces: tuple[str, ...] = (),
@@ -336,5 +412,8 @@ def register(
         on(GROUP, VERSION, LOADTEST_PLURAL, registry=registry)(start_loadtest)
     kopf.timer(GROUP, VERSION, LOADTEST_PLURAL, registry=registry, interval=loadtest_interval_s, when=_running)(
         follow_loadtest
+    )
+    kopf.timer(GROUP, VERSION, LOADTEST_PLURAL, registry=registry, interval=FAULT_INTERVAL_S, when=_with_faults)(
+        play_faults
     )
     return registry

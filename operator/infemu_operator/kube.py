@@ -102,9 +102,12 @@ class Kube:
         url = path(api_version, kind, namespace, name, subresource)
         return self._call("PATCH", url, body=patch, content_type=MERGE_PATCH)
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, grace_period_s: int | None = None) -> None:
+        body: dict = {"propagationPolicy": "Background"}
+        if grace_period_s is not None:  # 0: killed at once, as a crash would (a chaos kill)
+            body["gracePeriodSeconds"] = grace_period_s
         try:
-            self._call("DELETE", path(api_version, kind, namespace, name), body={"propagationPolicy": "Background"})
+            self._call("DELETE", path(api_version, kind, namespace, name), body=body)
         except ApiException as exc:
             if exc.status != 404:
                 raise

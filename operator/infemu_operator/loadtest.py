@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 
+from emulator.faults.schedule import Fault, fault_problems, resolve_faults
 from emulator.loadtest import TERMINATION_LOG, LoadTest
 from emulator.spec import InferenceCluster
+from emulator.topology import place
 from infemu_operator.desired import OperatorSettings, labels, object_meta, resources, security_context
 from infemu_operator.status import router_endpoint
 
@@ -21,6 +23,38 @@ GRACE_S = 300  # on top of the test's duration: image pull, Locust start and sto
 
 def job_name(loadtest: str) -> str:
     return f"{loadtest}-locust"
+
+
+def fault_schedule(lt: LoadTest, cluster: InferenceCluster) -> list[Fault]:
+    """The LoadTest's faults resolved against its target cluster (call ``fault_problems`` first)."""
+    with_faults = cluster.spec.model_copy(update={"faults": list(lt.spec.faults)})
+    return resolve_faults(with_faults, place(with_faults))
+
+
+def fault_problems_of(lt: LoadTest, cluster: InferenceCluster) -> list[str]:
+    """The LoadTest's faults checked as spec.faults are, plus what only ``infemu run`` can time."""
+    with_faults = cluster.spec.model_copy(update={"faults": list(lt.spec.faults)})
+    problems = fault_problems(with_faults, place(with_faults))
+    for k, f in enumerate(lt.spec.faults):
+        if f.after_requests is not None:
+            problems.append(
+                f"spec.faults[{k}].afterRequests: the operator times faults from the load pod's start; use atSeconds"
+            )
+    return problems
+
+
+def _timeline(faults: list[Fault]) -> list[dict]:
+    """What the load pod accounts windows by: each fault as planned, from its container's start."""
+    return [
+        {
+            "name": f.name,
+            "kind": f.kind,
+            "targets": list(f.instances) or [n for g in f.groups for n in g],
+            "start_s": f.at_s or 0.0,
+            "end_s": (f.at_s or 0.0) + (f.duration_s or 0.0) if f.duration_s is not None or f.kind == "kill" else None,
+        }
+        for f in faults
+    ]
 
 
 def loadtest_job(lt: LoadTest, cluster: InferenceCluster, namespace: str, settings: OperatorSettings) -> dict:
@@ -55,6 +89,8 @@ def loadtest_job(lt: LoadTest, cluster: InferenceCluster, namespace: str, settin
         "--summary-file",
         TERMINATION_LOG,
     ]
+    if spec.faults:
+        args += ["--faults-json", json.dumps(_timeline(fault_schedule(lt, cluster)), separators=(",", ":"))]
     container = {
         "name": "locust",
         "image": settings.image,

@@ -1,0 +1,150 @@
+"""A LoadTest's ``spec.faults`` carried out on the target cluster's pods.
+
+Timing is from the load pod's container start (``startedAt``), which ``infemu loadtest`` in that
+pod also knows (its PID 1's start), so the per-window accounting it writes lines up with what
+the operator did. ``plan_step`` is pure: given the resolved faults, the seconds elapsed and the
+status so far, it says what to start, flip (a flapping link) or clear. ``PodFaults`` does it:
+a kill deletes the pod with no grace period (its StatefulSet is the supervisor: the pod comes
+back and the router re-admits it); hang and slow go to the worker's ``/admin/fault``; link and
+partition changes to the senders' ``/admin/link``, and the router's ``/admin/fault`` when a
+partition group names the router — all over the pod network, with the cluster's internal token.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from emulator.faults.schedule import ROUTER, Fault
+from emulator.serve.internal import internal_headers
+from infemu_operator.desired import PORT
+from infemu_operator.kube import Kube
+
+
+@dataclass(frozen=True)
+class Step:
+    fault: Fault
+    action: str  # start | flip | clear | restarted
+    cut: bool | None = None  # link faults: cut (True) or degraded (False) after this step
+
+
+def _cut_at(fault: Fault, elapsed: float) -> bool:
+    if fault.flap_period_s is None:
+        return fault.cut
+    return int((elapsed - (fault.at_s or 0.0)) / (fault.flap_period_s / 2)) % 2 == 0
+
+
+def plan_step(faults: list[Fault], elapsed_s: float, recorded: dict[str, dict]) -> list[Step]:
+    """What is due now; ``recorded`` is status.faults by name (absent: not started)."""
+    out = []
+    for f in faults:
+        rec = recorded.get(f.name)
+        start = f.at_s or 0.0
+        if rec is None:
+            if elapsed_s >= start:
+                out.append(Step(f, "start", _cut_at(f, elapsed_s) if f.kind == "link" else None))
+            continue
+        if rec.get("state") != "Active":
+            continue
+        if f.duration_s is not None and elapsed_s >= start + f.duration_s:
+            out.append(Step(f, "clear"))
+        elif f.kind == "link" and f.flap_period_s is not None and rec.get("cut") != _cut_at(f, elapsed_s):
+            out.append(Step(f, "flip", _cut_at(f, elapsed_s)))
+    return out
+
+
+class PodFaults:
+    def __init__(self, kube: Kube, namespace: str, cluster: str, token: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.cluster = cluster
+        self.headers = internal_headers(token)
+
+    def pod(self, instance: str) -> dict | None:
+        return self.kube.get("v1", "Pod", self.namespace, f"{self.cluster}-{instance}")
+
+    def _url(self, pod: dict | None) -> str | None:
+        ip = (pod or {}).get("status", {}).get("podIP")
+        return f"http://{ip}:{PORT}" if ip else None
+
+    def _post(self, url: str | None, path: str, body: dict, what: str) -> str:
+        if url is None:
+            return f"{what}: failed: no pod IP"
+        req = urllib.request.Request(
+            f"{url}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **self.headers},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5):  # the cluster's own pod network
+                return f"{what}: ok"
+        except (urllib.error.URLError, OSError) as exc:
+            return f"{what}: failed: {exc}"
+
+    def routers(self) -> list[dict]:
+        return self.kube.list(
+            "v1",
+            "Pod",
+            self.namespace,
+            {"app.kubernetes.io/instance": self.cluster, "app.kubernetes.io/component": "router"},
+        )
+
+    def apply(self, fault: Fault, on: bool, cut: bool | None = None) -> list[str]:
+        """Start (``on``) or clear one fault; one line per member, failures included."""
+        lines: list[str] = []
+        if fault.kind == "kill" and on:
+            for name in fault.instances:
+                self.kube.delete("v1", "Pod", self.namespace, f"{self.cluster}-{name}", grace_period_s=0)
+                lines.append(f"{name}: pod deleted")
+        elif fault.kind in ("hang", "slow"):
+            body = {"hang": on} if fault.kind == "hang" else {"slow": fault.factor if on else 1.0}
+            for name in fault.instances:
+                lines.append(self._post(self._url(self.pod(name)), "/admin/fault", body, f"{name}: {fault.kind} {on}"))
+        elif fault.kind in ("link", "partition"):
+            cut_now = fault.cut if cut is None else cut
+            urls = {n: self._url(self.pod(n)) for n in {s for s, _ in fault.pairs()} if n != ROUTER}
+            for sender, peer in fault.pairs():
+                if ROUTER in (sender, peer):
+                    continue
+                if not on:
+                    body: dict = {"to": peer, "reset": True}
+                elif fault.kind == "partition" or cut_now:
+                    body = {"to": peer, "cut": True}
+                else:
+                    body = {
+                        "to": peer,
+                        "cut": False,
+                        "bandwidth_factor": fault.bandwidth_factor,
+                        "extra_latency_us": fault.added_latency_s * 1e6,
+                    }
+                lines.append(self._post(urls[sender], "/admin/link", body, f"{sender} -> {peer}"))
+            a, b = fault.groups
+            cut_off = [n for n in (b if ROUTER in a else a if ROUTER in b else ()) if n != ROUTER]
+            if cut_off:
+                for router in self.routers():
+                    lines.append(
+                        self._post(
+                            self._url(router),
+                            "/admin/fault",
+                            {"unreachable": cut_off if on else []},
+                            f"{router['metadata']['name']} -x- {', '.join(cut_off)}",
+                        )
+                    )
+        for router in self.routers():  # the Prometheus annotation (infemu_fault_active)
+            annotation = {"annotate": fault.name, "kind": fault.kind, "active": on and fault.kind != "kill"}
+            self._post(self._url(router), "/admin/fault", annotation, "annotation")
+        return lines
+
+    def restarted(self, fault: Fault, since: str) -> bool:
+        """A kill is over once every killed pod is back (created after it) and Ready."""
+        for name in fault.instances:
+            pod = self.pod(name)
+            if pod is None or pod["metadata"].get("creationTimestamp", "") < since:
+                return False
+            conditions = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
+            if conditions.get("Ready") != "True":
+                return False
+        return True
