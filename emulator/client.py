@@ -94,6 +94,7 @@ async def _exchange(
             rec.error_code = openai_error_code(text, f"http_{resp.status}")
             return
         tail = b""
+        done = False
         async for block in resp.content.iter_any():  # whole reads: every token in one read arrived together
             now = time.perf_counter() - t_origin
             data = tail + block
@@ -104,13 +105,18 @@ async def _exchange(
                     continue
                 if b'"text":"' in ev and b'"text":"",' not in ev:  # a token chunk: no JSON parse needed
                     times.append(now)
-                elif ev != b"data: [DONE]":
+                elif ev == b"data: [DONE]":
+                    done = True
+                else:
                     obj = json.loads(ev[6:])
                     if "error" in obj:
                         rec.error = obj["error"].get("message", "error event")
                         rec.error_code = openai_error_code(ev[6:], "stream_error")
                     elif obj.get("usage"):
                         rec.output_tokens = obj["usage"]["completion_tokens"]
+        if not done and rec.error is None:  # a stream must end with [DONE]: anything else is an error
+            rec.error = "the stream ended without [DONE]"
+            rec.error_code = "truncated"
 
 
 def to_emulated_time(rec: RequestRecord, dilation: float) -> None:

@@ -44,7 +44,7 @@ class LoadTestSpec(_Model):
     arrival: LoadTestArrival = LoadTestArrival()
     duration_seconds: float = Field(60.0, gt=0, le=86_400)
     workers: int = Field(1, ge=1, le=64, description="Locust worker processes beside the master")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**53 - 1)
     slo: SLOSpec | None = Field(None, description="defaults to the target cluster's spec.slo")
     faults: list[FaultSpec] = Field(
         default_factory=list,

@@ -38,6 +38,11 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
         f" SLO attainment {100 * s['slo_attainment']:.1f}% (TTFT<={slo.ttft_ms:g} ms, TPOT<={slo.tpot_ms:g} ms),"
         f" {verdict} the {100 * target:.0f}% target"
     )
+    if s.get("failed"):
+        reasons = ", ".join(f"{k} {v}" for k, v in s.get("failed_by_reason", {}).items())
+        console.print(f"  failed by reason: {reasons}; lost (no answer at all): {s.get('lost', 0)}")
+    if s.get("faults"):
+        _print_faults(s["faults"])
     if wall_s is not None:
         console.print(f"  simulated {result.simulated_s:.1f} s in {wall_s:.2f} s wall ({result.events} events)")
     elif getattr(result, "instances", None):
@@ -51,6 +56,30 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
                 f" step timing error p99 {1e3 * st.get('timing_error_p99_s', 0):.2f} ms"
                 f" = {ratio:.1f}% of the median step{flag}"
             )
+
+
+def _print_faults(faults: list[dict]) -> None:
+    """Per fault: its window, then the arrivals before / during / after it."""
+    t = Table(title="faults (arrivals before / during / after each window)")
+    for col in ("fault", "window s", "sent", "failed", "lost", "TTFT p99 ms", "attainment", "recovery s"):
+        t.add_column(col, justify="right" if col not in ("fault",) else "left")
+    for f in faults:
+        w = [f["before"], f["during"], f["after"]]
+
+        def three(key: str, fmt, w=w) -> str:
+            return " / ".join("-" if x[key] is None else fmt(x[key]) for x in w)
+
+        t.add_row(
+            f"{f['name']} ({f['kind']})",
+            f"{f['start_s']:.1f}-{f['end_s']:.1f}",
+            three("sent", str),
+            three("failed", str),
+            three("lost", str),
+            three("ttft_ms_p99", lambda v: f"{v:.0f}"),
+            three("slo_attainment", lambda v: f"{100 * v:.0f}%"),
+            "-" if f["recovery_s"] is None else f"{f['recovery_s']:.2f}",
+        )
+    console.print(t)
 
 
 def write_json(path: str, obj) -> None:

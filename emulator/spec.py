@@ -460,7 +460,8 @@ class WorkloadSpec(_Model):
     )
     requests: int | None = Field(None, ge=1, le=MAX_REQUESTS)
     duration: float | None = Field(None, gt=0, le=MAX_SECONDS, description="Seconds of arrivals.")
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seeds every random draw; same spec and seed, same plan.")
+    # bounded by 2^53 - 1: the largest integer a JSON (and the CRD schema's float64) holds exactly
+    seed: int = Field(0, ge=0, le=2**53 - 1, description="Seeds every random draw; same spec and seed, same plan.")
 
     @model_validator(mode="before")
     @classmethod

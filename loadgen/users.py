@@ -72,7 +72,10 @@ class StreamingUser(HttpUser):
                     error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                     code = openai_error_code(resp.text, f"http_{resp.status_code}")
                 else:
+                    done = False
                     for line in resp.iter_lines():
+                        if line == b"data: [DONE]":
+                            done = True
                         if not line.startswith(b"data: ") or line == b"data: [DONE]":
                             continue
                         obj = json.loads(line[6:])
@@ -87,6 +90,8 @@ class StreamingUser(HttpUser):
                             if content:
                                 times.append(time.perf_counter())
                                 parts.append(content)
+                    if not done and error is None:  # a stream must end with [DONE]
+                        error, code = "the stream ended without [DONE]", "truncated"
                 if error:
                     resp.failure(error)
                 else:

@@ -234,6 +234,21 @@ def test_live_faults_backpressure_and_supervision(tmp_path):
             assert time.monotonic() - t0 < 3.0, "a recovered backend was not re-admitted"
             time.sleep(0.05)
 
+        # a partition between the router and agg-0: routed around, healed on clear
+        r = run_infemu(
+            "fault", "inject", "partition", "--between", "router", "agg-0", "--name", "p", "--run-dir", str(run_dir)
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert _router_view(router, header)["agg-0"]["unreachable"] is True
+        with httpx.Client(timeout=30) as client:
+            for _ in range(3):
+                ok = client.post(
+                    f"{router}/v1/completions", json={"model": "llama-3.1-8b", "prompt": "z", "max_tokens": 2}
+                )
+                assert ok.status_code == 200
+        assert run_infemu("fault", "clear", "p", "--run-dir", str(run_dir)).returncode == 0
+        assert _router_view(router, header)["agg-0"]["unreachable"] is False
+
         # a burst far past the queue limit: 429 with Retry-After and OpenAI's error JSON, never a hang
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=60) as client:
@@ -288,3 +303,81 @@ def test_an_interrupted_run_still_writes_its_report(tmp_path):
     assert proc.returncode == 130, err[-1000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and 0 < summary["requests"] < 240
+
+
+@pytest.mark.slow
+def test_half_sent_headers_are_timed_out_and_the_router_keeps_serving(tmp_path):
+    """800 half-sent requests once held 800 sockets forever: each is closed after the header deadline."""
+    import socket
+
+    from emulator.cluster import process
+
+    spec = tmp_path / "two.yaml"
+    spec.write_text(TWO)
+    r = run_infemu("up", str(spec), "--detach", "--json", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    router = json.loads(r.stdout)["router"]
+    host, port = router.removeprefix("http://").split(":")
+    socks = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: appl")  # never finished
+            socks.append(s)
+        with httpx.Client(timeout=30) as client:  # the router still answers others meanwhile
+            ok = client.post(f"{router}/v1/completions", json={"model": "llama-3.1-8b", "prompt": "x", "max_tokens": 2})
+            assert ok.status_code == 200
+        time.sleep(process.HEADER_TIMEOUT_S + 2)
+        closed = 0
+        for s in socks:
+            s.settimeout(2)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(socks)
+    finally:
+        for s in socks:
+            s.close()
+        run_infemu("down", cwd=str(tmp_path))
+
+
+def test_sim_partition_cuts_pairs_and_the_router():
+    def split(spec):
+        spec["faults"] = [
+            {
+                "kind": "partition",
+                "atSeconds": 2,
+                "durationSeconds": 6,
+                "between": [["prefill-0", "router"], ["decode-0"]],
+            }
+        ]
+
+    cluster = _cluster(split)
+    s = _sim(cluster)
+    during = s["faults"][0]["during"]
+    assert s["lost"] == 0 and during["completed"] == during["sent"]  # routed around, or recomputed
+
+
+@pytest.mark.slow
+def test_a_decode_killed_after_the_hand_off_never_leaves_a_stream_unterminated(tmp_path):
+    """P/D: streams on a decode that dies end with an error event (or complete elsewhere), never silently;
+    the simulator's count of such failures agrees."""
+
+    def kill_decode(spec):
+        spec["faults"] = [{"name": "kill-decode", "kind": "kill", "atSeconds": 4, "target": {"instance": "decode-0"}}]
+        spec["workload"]["duration"] = 8
+
+    doc = copy.deepcopy(CHAOS)
+    kill_decode(doc["spec"])
+    spec = tmp_path / "kill-decode.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    r = run_infemu("run", str(spec), "--out", str(out), cwd=str(tmp_path), timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads((out / "summary.json").read_text())
+    sim = _sim(_cluster(kill_decode))
+    assert run["lost"] == 0 and sim["lost"] == 0
+    assert set(run["failed_by_reason"]) <= {"backend_failed"}, run["failed_by_reason"]  # no "truncated"
+    assert run["failed"] >= 1 and sim["failed"] >= 1  # streams in flight on decode-0 fail explicitly
+    assert abs(run["failed"] - sim["failed"]) <= max(3, sim["failed"])

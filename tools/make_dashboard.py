@@ -157,6 +157,21 @@ def dashboard() -> dict:
                 },
             ]
         },
+        # the chaos run's faults (the injector's infemu_fault_active annotation) as regions on every panel
+        "annotations": {
+            "list": [
+                {
+                    "name": "Injected faults",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "enable": True,
+                    "iconColor": "red",
+                    "expr": "max by (fault, kind) (infemu_fault_active) > 0",
+                    "step": "1s",
+                    "titleFormat": "{{fault}} ({{kind}})",
+                    "tagKeys": "kind",
+                }
+            ]
+        },
         "panels": panels,
     }
 

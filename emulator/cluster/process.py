@@ -30,6 +30,70 @@ def _cluster(spec: str, name: str):
     raise SpecError([f"{spec}: no cluster named {name!r}"])
 
 
+# A connection must finish its first request's headers within this (Go's ReadHeaderTimeout, the usual
+# Slowloris defence; aiohttp has none): 800 half-sent requests would otherwise hold 800 sockets forever.
+HEADER_TIMEOUT_S = 10.0
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class HeaderDeadline:
+    """Wraps aiohttp's protocol factory: each new connection is closed unless the blank line that
+    ends its first request's headers arrives within ``timeout_s`` (or 64 KiB were sent)."""
+
+    def __init__(self, factory, timeout_s: float) -> None:
+        self.factory = factory
+        self.timeout_s = timeout_s
+
+    def __call__(self) -> asyncio.Protocol:
+        return _GuardedProtocol(self.factory(), self.timeout_s)
+
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Forwards every protocol call to aiohttp's handler (whose slots forbid patching it)."""
+
+    def __init__(self, inner, timeout_s: float) -> None:
+        self.inner = inner
+        self.timeout_s = timeout_s
+        self.timer: asyncio.TimerHandle | None = None
+        self.tail = b""
+        self.received = 0
+        self.done = False
+
+    def connection_made(self, transport) -> None:
+        self.inner.connection_made(transport)
+        self.timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, transport)
+
+    def _expire(self, transport) -> None:
+        if not self.done:
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.done:
+            seen = self.tail + bytes(data)  # the end of the headers may straddle two reads
+            self.received += len(data)
+            if b"\r\n\r\n" in seen or self.received > MAX_HEADER_BYTES:
+                self.done = True  # past 64 KiB, aiohttp's own header limits answer (431/400)
+                if self.timer is not None:
+                    self.timer.cancel()
+            else:
+                self.tail = seen[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 def build_app(args: argparse.Namespace) -> web.Application:
     cluster = _cluster(args.spec, args.cluster)
     if args.kind == "worker":
@@ -69,9 +133,12 @@ async def serve(args: argparse.Namespace) -> None:
     gc.set_threshold(50_000, 20, 20)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
-    await site.start()
-    port = runner.addresses[0][1]
+    loop = asyncio.get_running_loop()
+    assert runner.server is not None
+    server = await loop.create_server(
+        HeaderDeadline(runner.server, HEADER_TIMEOUT_S), args.host, args.port, reuse_address=True
+    )
+    port = server.sockets[0].getsockname()[1]
     if args.kind == "worker":
         from emulator.serve.app import WORKER
 
@@ -84,10 +151,10 @@ async def serve(args: argparse.Namespace) -> None:
         os.replace(tmp, args.port_file)
     logging.getLogger("infemu").info("%s %s listening on %s:%d", args.kind, args.instance or "router", args.host, port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    server.close()
     await runner.cleanup()
 
 
