@@ -528,19 +528,16 @@ class LinkFault(_Model):
     )
 
 
-class FaultSpec(_Model):
-    """One fault at a chosen moment: the simulator, the local cluster and the operator apply the same one."""
+class FaultAction(_Model):
+    """What a fault does, to whom and for how long — everything but when it starts."""
 
-    name: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     kind: FaultKind
-    at_seconds: float | None = Field(None, ge=0, le=MAX_SECONDS, description="Start, seconds after the first request.")
-    after_requests: int | None = Field(None, ge=0, le=MAX_REQUESTS, description="Start once this many were sent.")
     duration_seconds: float | None = Field(
         None,
         gt=0,
         le=MAX_SECONDS,
-        description="How long it lasts (hang, slow, link, partition; until the run ends when left out). A kill "
-        "has none: the process dies and its supervisor restarts it with a backoff.",
+        description="How long it lasts (hang, slow, link, partition; until the run ends, or the Fault resource "
+        "is deleted, when left out). A kill has none: the process dies and its supervisor restarts it.",
     )
     target: FaultTarget | None = Field(None, description="kill, hang, slow, link: the instances hit.")
     factor: float | None = Field(None, ge=1, le=1000, description="slow: the emulated GPU runs this many times slower.")
@@ -549,13 +546,11 @@ class FaultSpec(_Model):
         None,
         min_length=2,
         max_length=2,
-        description="partition: two groups of pools or instances that cannot reach each other.",
+        description="partition: two groups of pools or instances (or 'router') that cannot reach each other.",
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> FaultSpec:
-        if (self.at_seconds is None) == (self.after_requests is None):
-            raise ValueError("set exactly one of atSeconds or afterRequests")
+    def _consistent(self) -> FaultAction:
         if self.kind == "partition":
             if not self.between or not all(self.between):
                 raise ValueError("a partition needs between: [[pools or instances], [pools or instances]]")
@@ -569,6 +564,20 @@ class FaultSpec(_Model):
             )
         if self.kind == "kill" and self.duration_seconds is not None:
             raise ValueError("a kill has no durationSeconds: its supervisor restarts the process")
+        return self
+
+
+class FaultSpec(FaultAction):
+    """One fault at a chosen moment: the simulator, the local cluster and the operator apply the same one."""
+
+    name: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    at_seconds: float | None = Field(None, ge=0, le=MAX_SECONDS, description="Start, seconds after the first request.")
+    after_requests: int | None = Field(None, ge=0, le=MAX_REQUESTS, description="Start once this many were sent.")
+
+    @model_validator(mode="after")
+    def _timed(self) -> FaultSpec:
+        if (self.at_seconds is None) == (self.after_requests is None):
+            raise ValueError("set exactly one of atSeconds or afterRequests")
         return self
 
 

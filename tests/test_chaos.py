@@ -381,3 +381,49 @@ def test_a_decode_killed_after_the_hand_off_never_leaves_a_stream_unterminated(t
     assert set(run["failed_by_reason"]) <= {"backend_failed"}, run["failed_by_reason"]  # no "truncated"
     assert run["failed"] >= 1 and sim["failed"] >= 1  # streams in flight on decode-0 fail explicitly
     assert abs(run["failed"] - sim["failed"]) <= max(3, sim["failed"])
+
+
+# ---- the operator's side (pure) ------------------------------------------------------------
+
+
+def test_operator_plans_starts_flaps_and_clears_on_time():
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "operator"))
+    from infemu_operator.faults import plan_step
+
+    cluster = _cluster()
+    faults = {f.name: f for f in resolve_faults(cluster.spec, place(cluster.spec))}
+    flap, kill = faults["flap-kv"], faults["kill-prefill"]
+    assert plan_step([kill], 2.9, {}) == []
+    (start,) = plan_step([kill], 3.0, {})
+    assert start.action == "start"
+    assert plan_step([kill], 9.0, {"kill-prefill": {"state": "Restarting"}}) == []  # the pod's return ends it
+    (first,) = plan_step([flap], 19.1, {})
+    assert first.action == "start" and first.cut is True
+    (flip,) = plan_step([flap], 19.6, {"flap-kv": {"state": "Active", "cut": True}})
+    assert flip.action == "flip" and flip.cut is False
+    (clear,) = plan_step([flap], 22.0, {"flap-kv": {"state": "Active", "cut": False}})
+    assert clear.action == "clear"
+    assert plan_step([flap], 23.0, {"flap-kv": {"state": "Cleared"}}) == []
+
+
+def test_a_fault_resource_resolves_against_its_cluster_and_names_bad_targets():
+    from emulator.faults.resource import parse_fault_resource, resolve_resource
+
+    body = {
+        "apiVersion": "infemu.io/v1alpha1",
+        "kind": "Fault",
+        "metadata": {"name": "slow-decodes"},
+        "spec": {"cluster": "chaos", "kind": "slow", "factor": 4, "durationSeconds": 30, "target": {"pool": "decode"}},
+    }
+    fault = resolve_resource(parse_fault_resource(body), _cluster())
+    assert fault.name == "slow-decodes" and fault.instances == ("decode-0", "decode-1") and fault.factor == 4
+    body["spec"]["target"] = {"instance": "decode-7"}
+    with pytest.raises(SpecError) as exc:
+        resolve_resource(parse_fault_resource(body), _cluster())
+    assert exc.value.problems[0].startswith("spec.target.instance: 'decode-7'")
+    body["spec"].pop("factor")
+    with pytest.raises(SpecError) as exc:
+        parse_fault_resource(body)
+    assert "needs factor" in exc.value.problems[0]

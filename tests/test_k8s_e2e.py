@@ -500,6 +500,30 @@ def test_a_loadtest_with_a_kill_and_a_link_fault_loses_nothing(api, operated, k8
     assert [f["name"] for f in summary["faults"]] == ["kill-prefill", "slow-kv"]
     reasons = {e[1] for e in _events(api, ns, "chaos-e2e")}
     assert {"FaultInjected", "FaultCleared"} <= reasons
+
+    # a Fault resource: a live hang, at once, cleared when its duration is over (Events on both objects)
+    fault = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Fault",
+        "metadata": {"name": "hang-decode"},
+        "spec": {"cluster": "chaos-pd", "kind": "hang", "durationSeconds": 4, "target": {"instance": "decode-0"}},
+    }
+    objs.create_namespaced_custom_object(GROUP, VERSION, ns, "faults", fault)
+
+    def fault_status() -> dict:
+        return objs.get_namespaced_custom_object(GROUP, VERSION, ns, "faults", "hang-decode").get("status") or {}
+
+    active = _wait(
+        lambda: fault_status().get("state") == "Active" and fault_status(), 60, "the Fault active", context=op.log
+    )
+    assert active["targets"] == ["decode-0"] and ": failed: " not in active["message"], active
+    cleared = _wait(lambda: fault_status().get("state") == "Cleared" and fault_status(), 60, "the Fault cleared")
+    assert cleared["endedAt"] >= cleared["startedAt"]
+    assert {"FaultInjected", "FaultCleared"} <= {e[1] for e in _events(api, ns, "chaos-pd")}
+    # a stream through the router works again after the hang
+    ids, content, _ = _stream_ids(_service_url(api, ns, "chaos-pd-router"), "llama-3.1-8b")
+    assert len(ids) == 1 and content == 6
+    objs.delete_namespaced_custom_object(GROUP, VERSION, ns, "faults", "hang-decode")
     objs.delete_namespaced_custom_object(GROUP, VERSION, ns, "inferenceclusters", "chaos-pd")
 
 

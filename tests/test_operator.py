@@ -29,6 +29,7 @@ from infemu_operator.loadtest import job_name  # noqa: E402
 NS = "lab"
 IC = "infemu.io/v1alpha1/inferenceclusters"
 LT = "infemu.io/v1alpha1/loadtests"
+FAULT = "infemu.io/v1alpha1/faults"
 STS = "apps/v1/statefulsets"
 DEPLOY = "apps/v1/deployments"
 SVC = "v1/services"
@@ -108,6 +109,7 @@ def _serve_like_an_api_server(kmock, tmp_path) -> str:
     for res, kind, subresources in (
         (IC, "InferenceCluster", {"status"}),
         (LT, "LoadTest", {"status"}),
+        (FAULT, "Fault", {"status"}),
         (STS, "StatefulSet", {"status", "scale"}),
         (DEPLOY, "Deployment", {"status", "scale"}),
         (SVC, "Service", {"status"}),

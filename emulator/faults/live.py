@@ -18,9 +18,8 @@ from emulator.cluster.links import newest_run
 from emulator.cluster.local import RunState
 from emulator.errors import InputError, SpecError
 from emulator.faults.local import FAULTS_FILE, LocalInjector
-from emulator.faults.schedule import Fault, fault_problems, resolve_faults
+from emulator.faults.schedule import Fault, resolve_one
 from emulator.spec import FaultSpec, format_validation_error, load_clusters
-from emulator.topology import place
 
 
 def _state(run_dir: str | None) -> RunState:
@@ -55,12 +54,7 @@ def _resolve(state: RunState, declared: dict) -> Fault:
         spec = FaultSpec.model_validate({"atSeconds": 0, **declared})
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, declared, "fault ")) from None
-    with_fault = cluster.spec.model_copy(update={"faults": [spec]})
-    topo = place(with_fault)
-    problems = fault_problems(with_fault, topo)
-    if problems:
-        raise SpecError([p.replace("spec.faults[0]", "fault") for p in problems])
-    return resolve_faults(with_fault, topo)[0]
+    return resolve_one(cluster.spec, spec)
 
 
 def inject(run_dir: str | None, declared: dict) -> list[str]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from emulator.errors import SpecError
 from emulator.spec import ClusterSpec, FaultSpec
-from emulator.topology import Topology
+from emulator.topology import Topology, place
 
 ROUTER = "router"  # a partition group may name the router: it then cannot reach the other group
 
@@ -143,3 +144,14 @@ def phases(fault: Fault, start_s: float, end_s: float) -> list[tuple[float, bool
     half = fault.flap_period_s / 2
     n = min(int((end_s - start_s) / half) + 1, 10_000)
     return [(start_s + i * half, i % 2 == 0) for i in range(n) if start_s + i * half < end_s]
+
+
+def resolve_one(spec: ClusterSpec, fault: FaultSpec, where: str = "fault") -> Fault:
+    """One fault given now (``infemu fault inject``, a Fault resource) against a cluster's topology;
+    SpecError with ``where`` in place of ``spec.faults[0]`` when it names what the cluster lacks."""
+    with_fault = spec.model_copy(update={"faults": [fault]})
+    topo = place(with_fault)
+    problems = fault_problems(with_fault, topo)
+    if problems:
+        raise SpecError([p.replace("spec.faults[0]", where) for p in problems])
+    return resolve_faults(with_fault, topo)[0]

@@ -15,12 +15,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from emulator.faults.resource import FAULT_KIND, FaultResourceSpec
 from emulator.loadtest import LOADTEST_KIND, LoadTestSpec
 from emulator.spec import API_VERSION, KIND, ClusterSpec
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "inferenceclusters"
 LOADTEST_PLURAL = "loadtests"
+FAULT_PLURAL = "faults"
 
 
 def _resolve(node: Any, defs: dict) -> Any:
@@ -133,6 +135,23 @@ STATUS_SCHEMA = {
     "x-kubernetes-preserve-unknown-fields": True,  # kopf keeps its handler progress here
 }
 
+FAULT_ITEM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "kind": {"type": "string"},
+        "targets": {"type": "array", "items": {"type": "string"}},
+        "state": {"type": "string", "enum": ["Active", "Restarting", "Cleared", "Failed"]},
+        "startedAt": {"type": "string", "format": "date-time"},
+        "endedAt": {"type": "string", "format": "date-time"},
+        "cut": {"type": "boolean"},
+        "message": {"type": "string"},
+    },
+}
+
+FAULT_STATUS_SCHEMA = {**FAULT_ITEM_SCHEMA, "x-kubernetes-preserve-unknown-fields": True}
+
+
 LOADTEST_STATUS_SCHEMA = {
     "type": "object",
     "properties": {
@@ -153,19 +172,7 @@ LOADTEST_STATUS_SCHEMA = {
         "faults": {
             "type": "array",
             "description": "each spec.faults entry as the operator carried it out",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string"},
-                    "kind": {"type": "string"},
-                    "targets": {"type": "array", "items": {"type": "string"}},
-                    "state": {"type": "string", "enum": ["Active", "Restarting", "Cleared", "Failed"]},
-                    "startedAt": {"type": "string", "format": "date-time"},
-                    "endedAt": {"type": "string", "format": "date-time"},
-                    "cut": {"type": "boolean"},
-                    "message": {"type": "string"},
-                },
-            },
+            "items": FAULT_ITEM_SCHEMA,
         },
     },
     "x-kubernetes-preserve-unknown-fields": True,
@@ -255,6 +262,24 @@ def loadtest_crd() -> dict:
     )
 
 
+def fault_crd() -> dict:
+    return _crd(
+        FAULT_KIND,
+        FAULT_PLURAL,
+        ["flt"],
+        spec_schema(FaultResourceSpec),
+        FAULT_STATUS_SCHEMA,
+        [
+            {"name": "Cluster", "type": "string", "jsonPath": ".spec.cluster"},
+            {"name": "Kind", "type": "string", "jsonPath": ".spec.kind"},
+            {"name": "State", "type": "string", "jsonPath": ".status.state"},
+            {"name": "Started", "type": "date", "jsonPath": ".status.startedAt", "priority": 1},
+        ],
+        "A fault on a running InferenceCluster's pods, carried out at once and cleared when its duration is "
+        "over or it is deleted (infemu chaos).",
+    )
+
+
 def all_crds() -> dict[str, dict]:
     """File name -> CRD, as the chart's crds/ folder holds them."""
-    return {f"{c['metadata']['name']}.yaml": c for c in (inference_cluster_crd(), loadtest_crd())}
+    return {f"{c['metadata']['name']}.yaml": c for c in (inference_cluster_crd(), loadtest_crd(), fault_crd())}

@@ -20,9 +20,10 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from emulator.errors import SpecError
+from emulator.faults.resource import FAULT_KIND, parse_fault_resource, resolve_resource
 from emulator.loadtest import LOADTEST_KIND, parse_loadtest
 from emulator.spec import API_VERSION, KIND, InferenceCluster, parse_cluster
-from infemu_operator.crds import GROUP, LOADTEST_PLURAL, PLURAL, VERSION
+from infemu_operator.crds import FAULT_PLURAL, GROUP, LOADTEST_PLURAL, PLURAL, VERSION
 from infemu_operator.desired import OperatorSettings, desired_children, internal_token
 from infemu_operator.events import Event, condition_events, failing_pods, pod_events
 from infemu_operator.faults import PodFaults, plan_step
@@ -87,7 +88,7 @@ def release_finalizers(logger, **_: Any) -> None:
     resource, so `kubectl delete` still works while no operator runs (after `helm uninstall`,
     say). The next operator to start puts it back as it resumes the resources."""
     kube = _kube()
-    for kind in (KIND, LOADTEST_KIND):
+    for kind in (KIND, LOADTEST_KIND, FAULT_KIND):
         for namespace in Runtime.namespaces or (None,):
             for obj in kube.list(API_VERSION, kind, namespace):
                 meta = obj["metadata"]
@@ -392,6 +393,99 @@ def play_faults(body, spec, name, namespace, status, patch, logger, **_: Any) ->
     _post(body, events)
 
 
+# ---- Fault ------------------------------------------------------------------------------
+
+
+def _fault_context(spec, name: str, namespace: str):
+    """(the resolved fault, its executor, the target's body); SpecError for a bad spec or target."""
+    doc = {"apiVersion": API_VERSION, "kind": FAULT_KIND, "metadata": {"name": name, "namespace": namespace}}
+    fr = parse_fault_resource({**doc, "spec": _plain(spec)}, f"{FAULT_KIND} {namespace}/{name}")
+    kube = _kube()
+    target = kube.get(API_VERSION, KIND, namespace, fr.spec.cluster)
+    if target is None or not target.get("metadata", {}).get("uid"):
+        raise SpecError([f"spec.cluster: InferenceCluster {namespace}/{fr.spec.cluster} does not exist"])
+    cluster = _as_cluster(fr.spec.cluster, namespace, target.get("spec", {}))
+    fault = resolve_resource(fr, cluster)
+    return fault, PodFaults(kube, namespace, cluster.name, internal_token(target["metadata"]["uid"])), target
+
+
+def start_fault(body, spec, name, namespace, status, patch, logger, **_: Any) -> None:
+    """A Fault is carried out once, at creation (resume: only if it never started)."""
+    if status.get("state"):
+        return
+    try:
+        fault, pods, target = _fault_context(spec, name, namespace)
+    except SpecError as exc:
+        message = "; ".join(exc.problems)
+        patch.status.update(state="Failed", message=message[:1000], startedAt=now())
+        _post(body, [Event("Warning", "InvalidSpec", message)])
+        return
+    lines = pods.apply(fault, True)
+    failed = [line for line in lines if ": failed: " in line]
+    message = "; ".join(failed or lines)[:1000]
+    patch.status.update(
+        name=name,
+        kind=fault.kind,
+        targets=list(fault.instances) or [n for g in fault.groups for n in g],
+        state="Restarting" if fault.kind == "kill" else "Active",
+        startedAt=now(),
+        message=message,
+    )
+    event = Event("Warning" if failed else "Normal", "FaultInjected", f"{name} ({fault.kind}): {message}")
+    _post(body, [event])
+    _post(target, [event])  # `kubectl describe` of the cluster shows its faults too
+    logger.info(event.message)
+
+
+def _end_fault(body, target, patch, name: str, message: str, logger) -> None:
+    patch.status.update(state="Cleared", endedAt=now(), message=message[:1000])
+    event = Event("Normal", "FaultCleared", f"{name}: {message}")
+    _post(body, [event])
+    if target is not None:
+        _post(target, [event])
+    logger.info(event.message)
+
+
+def follow_fault(body, spec, name, namespace, status, patch, logger, **_: Any) -> None:
+    """Clear a Fault when its duration is over; a kill is over when its pods are back and Ready."""
+    try:
+        fault, pods, target = _fault_context(spec, name, namespace)
+    except SpecError as exc:  # its cluster went away meanwhile
+        patch.status.update(state="Failed", endedAt=now(), message="; ".join(exc.problems)[:1000])
+        return
+    started = dt.datetime.strptime(status["startedAt"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    if fault.kind == "kill":
+        if pods.restarted(fault, status["startedAt"]):
+            _end_fault(body, target, patch, name, f"{', '.join(fault.instances)} back and Ready", logger)
+        return
+    elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    if fault.duration_s is not None and elapsed >= fault.duration_s:
+        lines = pods.apply(fault, False)
+        _end_fault(body, target, patch, name, "; ".join(lines) or "cleared", logger)
+    elif fault.flap_period_s is not None:
+        cut = int(elapsed / (fault.flap_period_s / 2)) % 2 == 0
+        if status.get("cut") != cut:
+            pods.apply(fault, True, cut)
+            patch.status["cut"] = cut
+
+
+def stop_fault(body, spec, name, namespace, status, logger, **_: Any) -> None:
+    """Deleting an active Fault clears it (the finalizer holds the deletion until it has)."""
+    if status.get("state") != "Active":
+        return
+    try:
+        fault, pods, target = _fault_context(spec, name, namespace)
+    except SpecError:
+        return  # its cluster is gone: nothing left to clear
+    lines = pods.apply(fault, False)
+    _post(target, [Event("Normal", "FaultCleared", f"{name} deleted: {'; '.join(lines) or 'cleared'}")])
+    logger.info(f"fault {name} cleared on deletion")
+
+
+def _fault_active(status, **_: Any) -> bool:
+    return status.get("state") in ("Active", "Restarting")
+
+
 def register(
     registry: kopf.OperatorRegistry,
     namespaces: tuple[str, ...] = (),
@@ -416,4 +510,10 @@ def register(
     kopf.timer(GROUP, VERSION, LOADTEST_PLURAL, registry=registry, interval=FAULT_INTERVAL_S, when=_with_faults)(
         play_faults
     )
+    for on in (kopf.on.create, kopf.on.resume):
+        on(GROUP, VERSION, FAULT_PLURAL, registry=registry)(start_fault)
+    kopf.timer(GROUP, VERSION, FAULT_PLURAL, registry=registry, interval=FAULT_INTERVAL_S, when=_fault_active)(
+        follow_fault
+    )
+    kopf.on.delete(GROUP, VERSION, FAULT_PLURAL, registry=registry)(stop_fault)
     return registry

@@ -26,6 +26,7 @@ PLURALS = {
     "Job": "jobs",
     "InferenceCluster": "inferenceclusters",
     "LoadTest": "loadtests",
+    "Fault": "faults",
     "InferencePool": "inferencepools",
 }
 MERGE_PATCH = "application/merge-patch+json"

@@ -47,10 +47,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* The operator's permissions: the same rules for a ClusterRole or for each namespaced Role. */}}
 {{- define "infemu.rbacRules" -}}
 - apiGroups: ["infemu.io"]
-  resources: ["inferenceclusters", "loadtests"]
+  resources: ["inferenceclusters", "loadtests", "faults"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["infemu.io"]
-  resources: ["inferenceclusters/status", "loadtests/status"]
+  resources: ["inferenceclusters/status", "loadtests/status", "faults/status"]
   verbs: ["get", "patch"]
 - apiGroups: ["apps"]
   resources: ["statefulsets", "deployments"]
@@ -61,9 +61,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# delete: a chaos kill (a Fault or a LoadTest's spec.faults) deletes the pod; its StatefulSet restarts it
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "delete"]
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
