@@ -264,7 +264,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from emulator.report import print_summary_table, write_report
     from emulator.sim.simulator import simulate
     from emulator.spec import load_clusters
-    from emulator.workload.plan import build_plan
+    from emulator.workload.plan import plan_for
 
     ov = _overrides(args)
     clusters = _select(load_clusters(args.spec), args.cluster)
@@ -272,7 +272,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     results = []
     for cluster in clusters:
         cluster = apply_overrides(cluster, ov)
-        plan = build_plan(cluster.spec.workload, base_dir)
+        plan = plan_for(cluster, base_dir)
         t0 = time.perf_counter()
         result = simulate(cluster, plan, bulk=not args.no_bulk)
         wall = time.perf_counter() - t0
@@ -311,7 +311,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from emulator.overrides import apply_overrides
     from emulator.report import print_summary_table
     from emulator.run import run
-    from emulator.workload.plan import build_plan
+    from emulator.workload.plan import plan_for
 
     locust = None
     if args.workload is not None:
@@ -324,7 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if locust is not None:  # --concurrency and --duration shape the Locust run, not the plan
         overrides = dataclasses.replace(overrides, concurrency=None, duration=None)
     cluster = apply_overrides(_one_cluster(args), overrides)
-    plan = build_plan(cluster.spec.workload, os.path.dirname(os.path.abspath(args.spec)))
+    plan = plan_for(cluster, os.path.dirname(os.path.abspath(args.spec)))
     result = run(
         cluster,
         args.spec,

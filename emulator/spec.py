@@ -487,7 +487,7 @@ class WorkloadSpec(_Model):
 
 # ---- faults ----------------------------------------------------------------------
 
-FaultKind = Literal["kill", "hang", "slow", "link", "partition"]
+FaultKind = Literal["kill", "hang", "slow", "link", "partition", "burst"]
 
 
 class FaultTarget(_Model):
@@ -540,7 +540,12 @@ class FaultAction(_Model):
         "is deleted, when left out). A kill has none: the process dies and its supervisor restarts it.",
     )
     target: FaultTarget | None = Field(None, description="kill, hang, slow, link: the instances hit.")
-    factor: float | None = Field(None, ge=1, le=1000, description="slow: the emulated GPU runs this many times slower.")
+    factor: float | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="slow: the emulated GPU runs this many times slower; burst: arrivals at this many times the rate.",
+    )
     link: LinkFault | None = Field(None, description="link: what happens to the target's outgoing transfers.")
     between: list[list[str]] | None = Field(
         None,
@@ -554,6 +559,9 @@ class FaultAction(_Model):
         if self.kind == "partition":
             if not self.between or not all(self.between):
                 raise ValueError("a partition needs between: [[pools or instances], [pools or instances]]")
+        elif self.kind == "burst":
+            if self.factor is None or self.duration_seconds is None:
+                raise ValueError("a burst needs factor (x the rate) and durationSeconds")
         elif self.target is None:
             raise ValueError(f"a {self.kind} fault needs a target (pool or instance)")
         if self.kind == "slow" and self.factor is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from emulator.overrides import WorkloadOverrides, apply_overrides
 from emulator.spec import InferenceCluster
-from emulator.workload.plan import build_plan
+from emulator.workload.plan import plan_for
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def sweep(
     base_dir = os.path.dirname(os.path.abspath(spec_path))
     for rate in rates:
         c = apply_overrides(cluster, WorkloadOverrides(rate=rate, requests=requests))
-        plan = build_plan(c.spec.workload, base_dir)
+        plan = plan_for(c, base_dir)
         if simulate_only:
             from emulator.sim.simulator import simulate
 

@@ -26,7 +26,7 @@ from emulator.router.resilience import RetryBudget, overloaded
 from emulator.sim.simulator import RESTART_S, simulate
 from emulator.spec import parse_cluster
 from emulator.topology import place
-from emulator.workload.plan import build_plan
+from emulator.workload.plan import plan_for
 
 CHAOS = yaml.safe_load(open(example("chaos.yaml"), encoding="utf-8"))  # noqa: SIM115
 
@@ -39,7 +39,7 @@ def _cluster(mutate=None):
 
 
 def _sim(cluster) -> dict:
-    return simulate(cluster, build_plan(cluster.spec.workload)).summary
+    return simulate(cluster, plan_for(cluster)).summary
 
 
 # ---- the declared schedule ---------------------------------------------------------------
@@ -427,3 +427,28 @@ def test_a_fault_resource_resolves_against_its_cluster_and_names_bad_targets():
     with pytest.raises(SpecError) as exc:
         parse_fault_resource(body)
     assert "needs factor" in exc.value.problems[0]
+
+
+def _burst(spec):
+    spec["faults"] = [{"name": "burst", "kind": "burst", "atSeconds": 6, "durationSeconds": 3, "factor": 50}]
+    spec["router"]["admission"]["maxWaitingPerBackend"] = 8
+    spec["workload"]["duration"] = 16
+
+
+def test_sim_burst_fault_reports_rejections_and_recovery():
+    s = _sim(_cluster(_burst))
+    (burst,) = s["faults"]
+    during, before = burst["during"], burst["before"]
+    assert 800 < during["sent"] < 1000  # ~50 x 6 req/s over 3 s
+    assert during["failed_by_reason"].get("overloaded", 0) > 0 and s["lost"] == 0
+    assert before["failed"] == 0 and burst["recovery_s"] is not None
+
+
+def test_a_burst_needs_an_open_loop_rate():
+    def closed(spec):
+        _burst(spec)
+        spec["workload"] = {"arrival": {"type": "concurrency", "n": 4}, "requests": 50}
+
+    with pytest.raises(SpecError) as exc:
+        _cluster(closed)
+    assert "spec.faults[0].kind: a burst multiplies an open-loop rate" in exc.value.problems[0]

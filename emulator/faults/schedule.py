@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from emulator.errors import SpecError
-from emulator.spec import ClusterSpec, FaultSpec
+from emulator.spec import ClusterSpec, ConstantArrival, FaultSpec, GammaArrival, PoissonArrival
 from emulator.topology import Topology, place
 
 ROUTER = "router"  # a partition group may name the router: it then cannot reach the other group
@@ -87,6 +87,12 @@ def fault_problems(spec: ClusterSpec, topo: Topology) -> list[str]:
             for j, name in enumerate(group):
                 if name != ROUTER and not _members(topo, name):
                     problems.append(f"{at}.between[{g}][{j}]: {name!r} names no pool or instance (or 'router')")
+        open_loop = isinstance(spec.workload.arrival, PoissonArrival | GammaArrival | ConstantArrival)
+        if f.kind == "burst" and not open_loop:
+            problems.append(
+                f"{at}.kind: a burst multiplies an open-loop rate; use a poisson, gamma or constant arrival (an mmpp "
+                "arrival has bursts of its own)"
+            )
         names = [x.name for x in spec.faults[:k] if x.name]
         if f.name and f.name in names:
             problems.append(f"{at}.name: {f.name!r} is used twice; fault names must be unique")
@@ -112,6 +118,9 @@ def resolve_faults(spec: ClusterSpec, topo: Topology) -> list[Fault]:
                 for g in f.between or []
             )
             out.append(Fault(**common, groups=(a, b)))
+            continue
+        if f.kind == "burst":
+            out.append(Fault(**common, factor=f.factor or 1.0))
             continue
         instances = tuple(_targets(topo, f))
         if f.kind != "link":

@@ -208,3 +208,44 @@ def _trace_plan(wl: WorkloadSpec, arrival: TraceArrival, rng: PartitionedRNG, ba
         segments = r.segments if int(ins[i]) == r.input_len else ()
         reqs.append(PlannedRequest(i, r.timestamp_s * arrival.time_scale, int(ins[i]), int(outs[i]), segments))
     return RequestPlan(tuple(reqs), duration_s=wl.duration)
+
+
+def add_bursts(plan: RequestPlan, wl: WorkloadSpec, faults) -> RequestPlan:
+    """The plan with each ``burst`` fault's extra arrivals: Poisson at (factor - 1) x the rate over its
+    window, lengths from the workload's own laws (their own RNG streams), so the total rate there is
+    factor x the rate. Requests are re-indexed by arrival; a plan without bursts is returned as is."""
+    bursts = [f for f in faults if f.kind == "burst"]
+    if not bursts or plan.concurrency or wl.rate is None:
+        return plan
+    rng = PartitionedRNG(wl.seed)
+    extra: list[tuple[float, int, int]] = []
+    for k, f in enumerate(bursts):
+        start = f.at_seconds if f.at_seconds is not None else _arrival_of(plan, f.after_requests)
+        rate = (f.factor - 1.0) * wl.rate
+        n = int(rng.for_subsystem(f"faults.burst.{k}.count").poisson(rate * f.duration_seconds))
+        if n == 0:
+            continue
+        times = np.sort(start + rng.for_subsystem(f"faults.burst.{k}.times").uniform(0, f.duration_seconds, n))
+        ins = sample_lengths(rng.for_subsystem(f"faults.burst.{k}.input"), wl.input_length, n)
+        outs = sample_lengths(rng.for_subsystem(f"faults.burst.{k}.output"), wl.output_length, n)
+        extra += [(float(times[i]), int(ins[i]), int(outs[i])) for i in range(n)]
+    if len(plan.requests) + len(extra) > MAX_PLANNED:
+        raise InputError(f"spec.faults: the bursts plan more than {MAX_PLANNED} requests")
+    merged = sorted(
+        [(p.arrival_s or 0.0, p.input_len, p.output_len, p.segments) for p in plan.requests]
+        + [(t, i, o, ()) for t, i, o in extra],
+        key=lambda r: r[0],
+    )
+    reqs = tuple(PlannedRequest(i, t, n_in, n_out, seg) for i, (t, n_in, n_out, seg) in enumerate(merged))
+    return RequestPlan(reqs, duration_s=plan.duration_s, warmup=plan.warmup)
+
+
+def _arrival_of(plan: RequestPlan, index: int | None) -> float:
+    if not plan.requests or index is None:
+        return 0.0
+    return plan.requests[min(index, len(plan.requests) - 1)].arrival_s or 0.0
+
+
+def plan_for(cluster, base_dir: str | None = None) -> RequestPlan:
+    """The cluster's workload plan with its burst faults' arrivals (what sim and run both play)."""
+    return add_bursts(build_plan(cluster.spec.workload, base_dir), cluster.spec.workload, cluster.spec.faults)

@@ -36,6 +36,8 @@ def fault_problems_of(lt: LoadTest, cluster: InferenceCluster) -> list[str]:
     with_faults = cluster.spec.model_copy(update={"faults": list(lt.spec.faults)})
     problems = fault_problems(with_faults, place(with_faults))
     for k, f in enumerate(lt.spec.faults):
+        if f.kind == "burst":
+            problems.append(f"spec.faults[{k}].kind: a LoadTest's bursts are its load shape; use arrival.type: burst")
         if f.after_requests is not None:
             problems.append(
                 f"spec.faults[{k}].afterRequests: the operator times faults from the load pod's start; use atSeconds"
