@@ -452,3 +452,77 @@ def test_a_burst_needs_an_open_loop_rate():
     with pytest.raises(SpecError) as exc:
         _cluster(closed)
     assert "spec.faults[0].kind: a burst multiplies an open-loop rate" in exc.value.problems[0]
+
+
+def _net_names() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    names = {line.split(": ")[1].split("@")[0] for line in out.splitlines() if ": " in line}
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    names |= {line.split()[0] for line in netns.splitlines() if line.strip()}
+    return {n for n in names if n.startswith(("infemu-", "ibr", "iv"))}
+
+
+@pytest.mark.slow
+def test_two_interrupts_during_start_up_leave_no_network_behind(tmp_path):
+    from emulator.net import tc
+
+    ok, why = tc.available()
+    if not ok:
+        pytest.skip(f"the tc backend is unavailable here: {why}")
+    before = _net_names()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emulator.cli", "up", example("chaos.yaml"), "--shaping", "tc"],
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    deadline = time.monotonic() + 60
+    while not (_net_names() - before):  # the namespaces exist: start-up is under way
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert _net_names() - before == set()
+
+
+@pytest.mark.slow
+def test_a_killed_router_is_restarted_on_its_port(tmp_path):
+    spec = tmp_path / "two.yaml"
+    spec.write_text(TWO)
+    proc = subprocess.Popen(  # foreground `infemu up`: its supervisor restarts what dies
+        [sys.executable, "-m", "emulator.cli", "up", str(spec), "--json"],
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    try:
+        router = json.loads(proc.stdout.readline())["router"]
+        run_dir = tmp_path / ".infemu" / "runs" / os.listdir(tmp_path / ".infemu" / "runs")[0]
+        pids = {p["name"]: p["pid"] for p in json.loads((run_dir / "state.json").read_text())["processes"]}
+        for name in ("router", "agg-0"):
+            os.killpg(pids[name], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                ok = httpx.post(
+                    f"{router}/v1/completions",
+                    json={"model": "llama-3.1-8b", "prompt": "x", "max_tokens": 2},
+                    timeout=5,
+                )
+                if ok.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the router did not come back"
+            time.sleep(0.2)
+        assert proc.poll() is None  # one death no longer stops the cluster
+        saved = {p["name"]: p for p in json.loads((run_dir / "state.json").read_text())["processes"]}
+        assert saved["router"]["restarts"] == 1 and saved["router"]["url"] == router
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
