@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from emulator.cluster.admin import AdminError, post_admin
 from emulator.cluster.local import RunState
-from emulator.faults.schedule import ROUTER, Fault, phases
+from emulator.faults.schedule import ROUTER, Fault, admin_calls, phases
 
 FAULTS_FILE = "faults.json"  # in the run directory: what `infemu fault list` shows
 
@@ -33,16 +33,10 @@ class LocalInjector:
     def _proc(self, name: str):
         return next(p for p in self.state.processes if p.name == name)
 
-    def _post(self, url: str, path: str, body: dict, lines: list[str], what: str) -> None:
-        try:
-            post_admin(url, path, body, self.state.token)
-            lines.append(f"{what}: ok")
-        except AdminError as exc:  # one unreachable member must not stop the others
-            lines.append(f"{what}: failed: {exc}")
-
     def apply(self, fault: Fault, on: bool, cut: bool | None = None) -> list[str]:
         """Start (``on``) or clear one fault; ``cut`` overrides a link fault's cut (flapping).
-        Returns one line per member changed, failures included."""
+        Returns one line per member changed, failures included: one unreachable member must not
+        stop the others."""
         lines: list[str] = []
         if fault.kind == "kill" and on:
             for name in fault.instances:
@@ -52,38 +46,15 @@ class LocalInjector:
                     lines.append(f"{name}: killed (pid {pid})")
                 except (ProcessLookupError, PermissionError) as exc:
                     lines.append(f"{name}: failed: {exc}")
-        elif fault.kind in ("hang", "slow"):
-            body = {"hang": on} if fault.kind == "hang" else {"slow": fault.factor if on else 1.0}
-            for name in fault.instances:
-                self._post(self._proc(name).url, "/admin/fault", body, lines, f"{name}: {fault.kind} {on}")
-        elif fault.kind in ("link", "partition"):
-            cut_now = fault.cut if cut is None else cut
-            for sender, peer in fault.pairs():
-                if ROUTER in (sender, peer):
-                    continue
-                if not on:
-                    body: dict = {"to": peer, "reset": True}
-                elif fault.kind == "partition" or cut_now:
-                    body = {"to": peer, "cut": True}
-                else:
-                    body = {
-                        "to": peer,
-                        "bandwidth_factor": fault.bandwidth_factor,
-                        "extra_latency_us": fault.added_latency_s * 1e6,
-                    }
-                self._post(self._proc(sender).url, "/admin/link", body, lines, f"{sender} -> {peer}")
-            if fault.kind == "partition":
-                a, b = fault.groups
-                cut_off = [n for n in (b if ROUTER in a else a if ROUTER in b else ()) if n != ROUTER]
-                if cut_off:
-                    body = {"unreachable": cut_off if on else []}
-                    self._post(self.state.router, "/admin/fault", body, lines, f"router -x- {', '.join(cut_off)}")
-        if self.state.router:
-            annotation = {"annotate": fault.name, "kind": fault.kind, "active": on and fault.kind != "kill"}
+        for call in admin_calls(fault, on, cut):
+            url = self.state.router if call.target == ROUTER else self._proc(call.target).url
             try:
-                post_admin(self.state.router, "/admin/fault", annotation, self.state.token)
-            except AdminError:
-                pass  # the router itself may be the one killed
+                post_admin(url, call.path, call.body, self.state.token)
+                result = f"{call.label}: ok"
+            except AdminError as exc:  # (the router itself may be the one killed)
+                result = f"{call.label}: failed: {exc}"
+            if call.reported:
+                lines.append(result)
         return lines
 
 

@@ -164,3 +164,49 @@ def resolve_one(spec: ClusterSpec, fault: FaultSpec, where: str = "fault") -> Fa
     if problems:
         raise SpecError([p.replace("spec.faults[0]", where) for p in problems])
     return resolve_faults(with_fault, topo)[0]
+
+
+@dataclass(frozen=True)
+class AdminCall:
+    """One change a fault makes through an admin endpoint: on an instance, or on the router(s)."""
+
+    target: str  # an instance name, or ROUTER
+    path: str  # /admin/fault or /admin/link
+    body: dict
+    label: str  # for the report line; "annotation" calls are not reported
+    reported: bool = True
+
+
+def admin_calls(fault: Fault, on: bool, cut: bool | None = None) -> list[AdminCall]:
+    """What starting (``on``) or clearing a fault sends, wherever it runs (the local injector and the
+    operator map targets to URLs); a kill's process or pod death is the driver's own. ``cut`` overrides
+    a link fault's cut (a flapping link's phase). Last, the ``infemu_fault_active`` annotation."""
+    calls: list[AdminCall] = []
+    if fault.kind in ("hang", "slow"):
+        body = {"hang": on} if fault.kind == "hang" else {"slow": fault.factor if on else 1.0}
+        calls += [AdminCall(n, "/admin/fault", body, f"{n}: {fault.kind} {on}") for n in fault.instances]
+    elif fault.kind in ("link", "partition"):
+        cut_now = fault.cut if cut is None else cut
+        for sender, peer in fault.pairs():
+            if ROUTER in (sender, peer):
+                continue
+            if not on:
+                link: dict = {"to": peer, "reset": True}
+            elif fault.kind == "partition" or cut_now:
+                link = {"to": peer, "cut": True}
+            else:
+                link = {
+                    "to": peer,
+                    "cut": False,
+                    "bandwidth_factor": fault.bandwidth_factor,
+                    "extra_latency_us": fault.added_latency_s * 1e6,
+                }
+            calls.append(AdminCall(sender, "/admin/link", link, f"{sender} -> {peer}"))
+        a, b = fault.groups
+        cut_off = [n for n in (b if ROUTER in a else a if ROUTER in b else ()) if n != ROUTER]
+        if cut_off:
+            body = {"unreachable": cut_off if on else []}
+            calls.append(AdminCall(ROUTER, "/admin/fault", body, f"router -x- {', '.join(cut_off)}"))
+    annotation = {"annotate": fault.name, "kind": fault.kind, "active": on and fault.kind != "kill"}
+    calls.append(AdminCall(ROUTER, "/admin/fault", annotation, "annotation", reported=False))
+    return calls

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from emulator.faults.schedule import ROUTER, Fault
+from emulator.faults.schedule import ROUTER, Fault, admin_calls
 from emulator.serve.internal import internal_headers
 from infemu_operator.desired import PORT
 from infemu_operator.kube import Kube
@@ -99,43 +99,15 @@ class PodFaults:
             for name in fault.instances:
                 self.kube.delete("v1", "Pod", self.namespace, f"{self.cluster}-{name}", grace_period_s=0)
                 lines.append(f"{name}: pod deleted")
-        elif fault.kind in ("hang", "slow"):
-            body = {"hang": on} if fault.kind == "hang" else {"slow": fault.factor if on else 1.0}
-            for name in fault.instances:
-                lines.append(self._post(self._url(self.pod(name)), "/admin/fault", body, f"{name}: {fault.kind} {on}"))
-        elif fault.kind in ("link", "partition"):
-            cut_now = fault.cut if cut is None else cut
-            urls = {n: self._url(self.pod(n)) for n in {s for s, _ in fault.pairs()} if n != ROUTER}
-            for sender, peer in fault.pairs():
-                if ROUTER in (sender, peer):
-                    continue
-                if not on:
-                    body: dict = {"to": peer, "reset": True}
-                elif fault.kind == "partition" or cut_now:
-                    body = {"to": peer, "cut": True}
-                else:
-                    body = {
-                        "to": peer,
-                        "cut": False,
-                        "bandwidth_factor": fault.bandwidth_factor,
-                        "extra_latency_us": fault.added_latency_s * 1e6,
-                    }
-                lines.append(self._post(urls[sender], "/admin/link", body, f"{sender} -> {peer}"))
-            a, b = fault.groups
-            cut_off = [n for n in (b if ROUTER in a else a if ROUTER in b else ()) if n != ROUTER]
-            if cut_off:
-                for router in self.routers():
-                    lines.append(
-                        self._post(
-                            self._url(router),
-                            "/admin/fault",
-                            {"unreachable": cut_off if on else []},
-                            f"{router['metadata']['name']} -x- {', '.join(cut_off)}",
-                        )
-                    )
-        for router in self.routers():  # the Prometheus annotation (infemu_fault_active)
-            annotation = {"annotate": fault.name, "kind": fault.kind, "active": on and fault.kind != "kill"}
-            self._post(self._url(router), "/admin/fault", annotation, "annotation")
+        urls: dict[str, list[str | None]] = {}
+        for call in admin_calls(fault, on, cut):
+            if call.target not in urls:
+                pods = self.routers() if call.target == ROUTER else [self.pod(call.target)]
+                urls[call.target] = [self._url(p) for p in pods]
+            for url in urls[call.target]:
+                result = self._post(url, call.path, call.body, call.label)
+                if call.reported:
+                    lines.append(result)
         return lines
 
     def restarted(self, fault: Fault, since: str) -> bool:
