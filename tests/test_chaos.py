@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, example, run_infemu
@@ -526,3 +527,28 @@ def test_a_killed_router_is_restarted_on_its_port(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_sim_slow_instance_triples_its_steps_and_the_router_sends_it_less():
+    doc = yaml.safe_load(TWO)
+    doc["spec"].update(
+        router={"policy": "least_loaded"},
+        slo={"ttftMs": 500, "tpotMs": 50},
+        workload={
+            "rate": 12,
+            "duration": 20,
+            "inputLength": {"type": "fixed", "value": 512},
+            "outputLength": {"type": "fixed", "value": 128},
+            "seed": 3,
+        },
+        faults=[{"kind": "slow", "atSeconds": 5, "durationSeconds": 10, "factor": 3, "target": {"instance": "agg-1"}}],
+    )
+    doc["spec"]["pools"][0]["maxNumSeqs"] = 64
+    cluster = parse_cluster(doc)
+    result = simulate(cluster, plan_for(cluster))
+    during = [r for r in result.records if 6 <= r.arrival_s < 15 and r.ok]
+    slowed = [r for r in during if r.instance == "agg-1"]
+    fast = [r for r in during if r.instance == "agg-0"]
+    assert len(slowed) < 0.45 * len(during)  # least-loaded sees its queue grow and sends it less
+    tpot = lambda rs: float(np.median([r.tpot_ms for r in rs]))  # noqa: E731
+    assert tpot(slowed) > 2.5 * tpot(fast)

@@ -75,9 +75,8 @@ class RouterSettings:
     block_size: int = 16
     slo_ttft_s: float = 1.0
     slo_tpot_s: float = 0.1
-    resilience: RouterSpec = field(
-        default_factory=RouterSpec
-    )  # health checks, circuit breaking, retries, timeouts, admission
+    # health checks, circuit breaking, retries, timeouts, admission (the spec's router section)
+    resilience: RouterSpec = field(default_factory=RouterSpec)
     dilation: float = 1.0  # the spec's durations are emulated: wall = D x emulated
 
 
@@ -278,6 +277,8 @@ class Router:
             return await self._single(request.path, body, rr, state, raw)
         except ClientGone:
             self.requests.labels("-", "client_gone").inc()
+            if state.write_timed_out:
+                self.timeouts.labels("client_write").inc()
             return state.resp or web.Response(status=499)
         except Rejected as exc:
             if state.started:
@@ -604,6 +605,7 @@ class _ClientStream:
         self.request_id = caller_request_id(request) or uuid.uuid4().hex
         self.probe = False
         self.write_timeout_s: float | None = None  # a client that takes no bytes this long is cut off
+        self.write_timed_out = False
         self.resp: web.StreamResponse | None = None
         self.started = False
         self.done = False
@@ -631,6 +633,7 @@ class _ClientStream:
             raise ClientGone(str(exc)) from None
         except asyncio.TimeoutError:
             # a client that does not read: its buffers must not grow, nor its backend work go on
+            self.write_timed_out = True
             raise ClientGone(f"the client took no bytes for {self.write_timeout_s} s") from None
         self.started = True
         n = (
