@@ -428,6 +428,10 @@ def test_a_fault_resource_resolves_against_its_cluster_and_names_bad_targets():
     with pytest.raises(SpecError) as exc:
         parse_fault_resource(body)
     assert "needs factor" in exc.value.problems[0]
+    body["spec"].update(kind="burst", factor=10, target=None)
+    with pytest.raises(SpecError) as exc:
+        parse_fault_resource(body)
+    assert "a burst is load, not a fault on pods" in exc.value.problems[0]
 
 
 def _burst(spec):

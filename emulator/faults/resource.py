@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from emulator.errors import SpecError
 from emulator.faults.schedule import Fault, resolve_one
@@ -32,6 +32,12 @@ class FaultResourceSpec(FaultAction):
         max_length=63,
         description="the InferenceCluster (same namespace) whose pods it hits",
     )
+
+    @model_validator(mode="after")
+    def _on_pods(self) -> FaultResourceSpec:
+        if self.kind == "burst":
+            raise ValueError("a burst is load, not a fault on pods: use a LoadTest with arrival.type: burst")
+        return self
 
 
 class FaultResource(_Model):
