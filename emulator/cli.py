@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 from emulator.errors import InputError, SpecError
+from emulator.version import package_version
 from loadgen.workloads import WORKLOADS
 
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infemu",
         description="Emulation testbed for distributed LLM inference: one spec, simulated or emulated.",
     )
+    ap.add_argument("--version", action="version", version=f"infemu {package_version()}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("sim", help="discrete-event simulation of a spec in virtual time")
@@ -91,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     _add_workload_flags(p)
     p.add_argument("--cluster", help="document name in a multi-document spec")
-    p.add_argument("--out", help="report folder: requests.jsonl, summary.json, instances.json")
+    p.add_argument(
+        "--out",
+        help="report folder: report.html (plots), requests.jsonl (one record per request), summary.json "
+        "(the `sim --json` keys, fault windows), goodput.json, instances.json (per-worker stats)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--shaping", choices=["auto", "tc", "inproc"], default="auto")
     p.add_argument(
@@ -196,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("link", help="change links of a running cluster live (degrade, delay, cut, reset)")
     lsub = p.add_subparsers(dest="link_command", required=True, metavar="ACTION")
     p = lsub.add_parser("set", help="change the links between two instances or pools, both directions")
-    p.add_argument("--from", dest="src", required=True, help="instance or pool name")
-    p.add_argument("--to", dest="dst", required=True, help="instance or pool name")
+    p.add_argument("--from", dest="src", help="instance or pool name (required unless --reset alone)")
+    p.add_argument("--to", dest="dst", help="instance or pool name (required unless --reset alone)")
     p.add_argument("--bandwidth-factor", type=_positive_float, help="multiply the tier's bandwidth (0.1 = 10x slower)")
     p.add_argument("--latency-us", type=float, help="one-way latency in microseconds")
     p.add_argument("--cut", action="store_true", help="fail every transfer on these links")
@@ -234,9 +240,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="probe fewer rates")
 
+    p = sub.add_parser("status", help="running local clusters, wherever they were started: routers and instances")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per cluster (newest first)")
+
     p = sub.add_parser("down", help="stop detached clusters (all of them, or one run directory)")
-    p.add_argument("run_dir", nargs="?")
+    p.add_argument("run_dir", nargs="?", help="one run directory (default: every running cluster)")
+    _finish_parser(ap)
     return ap
+
+
+# Help for the arguments many commands share, where their own add_argument gave none.
+COMMON_HELP = {
+    "spec": "the spec: a YAML file with one or more InferenceCluster documents",
+    "json": "print JSON instead of tables",
+    "seed": "override spec.workload.seed",
+    "trace_format": "the trace's format (default: told from its first line)",
+    "shaping": "how links are shaped: tc (kernel HTB/TBF, needs root), inproc (paced in-process), auto (tc when it "
+    "works)",
+    "run_dir": "the cluster's run directory (default: the newest running cluster, started from any folder)",
+    "verbose": "log every kopf event",
+    "workload": "the Locust user class (loadgen/users.py)",
+    "arrival": "closed: fixed users; stages: ramp up and down; burst: alternate base and peak",
+    "ttft_ms": "TTFT SLO for the summary's attainment (ms)",
+    "tpot_ms": "TPOT SLO for the summary's attainment (ms)",
+    "kind": "the fault kind",
+    "name": "the fault's name (as inject printed it)",
+    "all": "every active fault",
+}
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows an option's default where it has one worth showing (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _finish_parser(parser: argparse.ArgumentParser) -> None:
+    """Every option documented, every default shown, in every subcommand."""
+    parser.formatter_class = _DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _finish_parser(child)
+        elif action.help is None:
+            action.help = COMMON_HELP.get(action.dest)
 
 
 def _select(clusters, name: str | None):
@@ -286,7 +338,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     else:
         for cluster, result, wall in results:
             print_summary_table(cluster, result, wall)
-    return 0
+    return max(_all_failed(c.name, r.records) for c, r, _ in results)
 
 
 def _overrides(args: argparse.Namespace):
@@ -353,7 +405,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(
                 f"  report: {args.out}/report.html (plots), requests.jsonl, summary.json, goodput.json, instances.json"
             )
-    return 0
+    return _all_failed(cluster.name, result.records)
+
+
+def _all_failed(name: str, records) -> int:
+    """1, saying why on stderr, when requests were sent and none completed (a run that measured nothing)."""
+    if not records or any(r.ok for r in records):
+        return 0
+    reasons: dict[str, int] = {}
+    for r in records:
+        reasons[r.error or "unknown"] = reasons.get(r.error or "unknown", 0) + 1
+    worst = max(reasons, key=lambda k: reasons[k])
+    print(f"error: {name}: all {len(records)} requests failed; most ({reasons[worst]}): {worst}", file=sys.stderr)
+    return 1
 
 
 def _rates(text: str) -> list[float]:
@@ -650,6 +714,44 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from emulator.cluster.local import _alive, running_runs
+
+    clusters = [
+        {
+            "cluster": st.cluster,
+            "run_dir": st.run_dir,
+            "router": st.router,
+            "shaping": st.shaping,
+            "instances": [
+                {
+                    "name": p.name,
+                    "role": p.role,
+                    "url": p.url,
+                    "pid": p.pid,
+                    "alive": _alive(p.pid),
+                    "restarts": p.restarts,
+                }
+                for p in st.processes
+                if p.role not in ("router", "supervisor")
+            ],
+        }
+        for st in running_runs()
+    ]
+    if args.json:
+        print(json.dumps(clusters))
+        return 0
+    if not clusters:
+        print("no running cluster (start one with `infemu up SPEC --detach`)")
+    for c in clusters:
+        print(f"{c['cluster']}: router {c['router']}  ({c['run_dir']}, shaping {c['shaping']})")
+        for i in c["instances"]:
+            state = "up" if i["alive"] else "down"
+            extra = f", restarted {i['restarts']}x" if i["restarts"] else ""
+            print(f"  {i['name']:<12} {i['role']:<10} {i['url']}  {state}{extra}")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from emulator.cluster.local import down
 
@@ -672,6 +774,7 @@ COMMANDS = {
     "topology": cmd_topology,
     "up": cmd_up,
     "down": cmd_down,
+    "status": cmd_status,
     "link": cmd_link,
     "fault": cmd_fault,
     "doctor": cmd_doctor,

@@ -473,6 +473,9 @@ class WorkloadSpec(_Model):
         defaults = {"inputLength": 512, "outputLength": 128}
         out = dict(data)
         for key, snake in (("inputLength", "input_length"), ("outputLength", "output_length")):
+            for name in (key, snake):  # shorthand: `inputLength: 512` is a fixed length
+                if isinstance(out.get(name), int) and not isinstance(out.get(name), bool):
+                    out[name] = {"type": "fixed", "value": out[name]}
             if out.get(key) is None and out.get(snake) is None:
                 out.pop(snake, None)
                 out[key] = {"type": "trace"} if is_trace else {"type": "fixed", "value": defaults[key]}

@@ -10,10 +10,25 @@ import sys
 
 import pytest
 import yaml
+from hypothesis import settings
+
+# Property tests are derandomized (the same examples every run: CI must pass every time, not most
+# times); HYPOTHESIS_PROFILE=explore searches afresh on a developer's machine.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_run_registry(tmp_path_factory):
+    """The suite's clusters register in a registry of their own (XDG_STATE_HOME, inherited by every
+    `infemu` it starts): `infemu down` in a test never stops a cluster the user is running."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
 
 
 def example(name: str) -> str:

@@ -277,9 +277,17 @@ def test_live_faults_backpressure_and_supervision(tmp_path):
         r = run_infemu("link", "set", "--from", "agg", "--to", "agg", "--cut", "--run-dir", str(run_dir), timeout=60)
         assert "agg-1 -> agg-0" in r.stdout and "failed: " in r.stderr and r.returncode == 1
         run_infemu("fault", "clear", "--all", "--run-dir", str(run_dir))
+        # from any other folder: `status` lists it, `link set --reset` resets every link
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        listed = json.loads(run_infemu("status", "--json", cwd=str(elsewhere)).stdout)
+        ours = next(c for c in listed if c["run_dir"] == str(run_dir))
+        assert ours["router"] == router and {i["name"] for i in ours["instances"]} == {"agg-0", "agg-1"}
+        r = run_infemu("link", "set", "--reset", "--run-dir", str(run_dir), cwd=str(elsewhere))
+        assert r.returncode == 0 and r.stdout.count("every link reset") == 2, r.stdout + r.stderr
     finally:
-        # `infemu down` with no argument finds a run started with --run-dir
-        down = run_infemu("down", cwd=str(tmp_path))
+        # `infemu down` with no argument, from another folder, finds a run started with --run-dir
+        down = run_infemu("down", cwd=str(tmp_path / "elsewhere") if (tmp_path / "elsewhere").exists() else "/")
     assert "two (" in down.stdout and "processes stopped" in down.stdout
 
 

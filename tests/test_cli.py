@@ -154,3 +154,37 @@ def test_sweep_finds_goodput_and_writes_a_plot(tmp_path):
 def test_sweep_rejects_bad_rates(rates):
     r = infemu("sweep", "examples/quickstart.yaml", "--rates", rates, "--sim")
     assert r.returncode == 2 and "--rates" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_command_and_option_has_help_and_version_prints():
+    import argparse
+
+    from emulator.cli import build_parser
+
+    undocumented = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, [*path, name])
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                undocumented.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+
+    walk(build_parser(), ["infemu"])
+    assert undocumented == []
+    r = infemu("--version")
+    assert r.returncode == 0 and r.stdout.startswith("infemu ")
+    assert "(default: auto)" in infemu("run", "--help").stdout
+
+
+def test_sim_where_every_request_fails_exits_1_and_says_why(tmp_path):
+    spec = tmp_path / "toolong.yaml"
+    spec.write_text(
+        "apiVersion: infemu.io/v1alpha1\nkind: InferenceCluster\nmetadata: {name: toolong}\nspec:\n"
+        "  model: llama-3.1-8b\n  pools: [{name: a, maxModelLen: 2048}]\n"
+        "  workload: {requests: 5, inputLength: 4000, outputLength: 10}\n"
+    )
+    r = infemu("sim", str(spec))
+    assert r.returncode == 1
+    assert "all 5 requests failed" in r.stderr and "maximum context length is 2048" in r.stderr

@@ -204,3 +204,24 @@ def test_statuses_are_terminal():
     s.add_request(r)
     run_to_completion(s)
     assert r.status == RequestStatus.FINISHED_LENGTH and r.is_finished
+
+
+def test_a_preempted_request_that_can_never_run_again_ends_with_an_error():
+    """Chunked prefill off: a preempted request recomputes prompt + generated tokens in one step; past
+    the whole token budget it could never be scheduled again, and once waited forever."""
+    s = create_scheduler(num_blocks=12, max_num_batched_tokens=70, chunked=False, caching=False)
+    a, b = create_request("a", 64, 80), create_request("b", 64, 80)
+    assert s.add_request(a) is None and s.add_request(b) is None
+    now, finished = 0.0, {}
+    for _ in range(500):
+        if not s.has_work():
+            break
+        out = s.schedule(now)
+        now += 0.01
+        for ro in s.update_from_output(out, now):
+            if ro.finished:
+                finished[ro.request_id] = ro.finish_reason
+        s.check_invariants()
+    assert finished == {"a": "length", "b": "error"}
+    assert "more than max_num_batched_tokens (70) with chunked prefill off" in b.error
+    assert s.kv.num_free_blocks == 12

@@ -93,6 +93,35 @@ async def test_models_health_ready(client):
         ("/v1/completions", {"model": "gpt-x", "prompt": "hi"}, 404, "model_not_found"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "invalid_value"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 400, "invalid_value"),
+        # what the emulator does not produce is refused, never silently ignored
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 3}, 400, "unsupported"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2},
+            400,
+            "unsupported",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "required",
+            },
+            400,
+            "unsupported",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+            },
+            400,
+            "unsupported",
+        ),
         (
             "/v1/completions",
             {"model": MODEL, "prompt": [1] * 131000, "max_tokens": 500},
@@ -218,3 +247,23 @@ async def test_metrics_families_types_and_buckets(client):
 
 def test_1_2_5_buckets():
     assert build_1_2_5_buckets(100) == [1, 2, 5, 10, 20, 50, 100]
+
+
+async def test_probe_endpoints_clients_call():
+    """One model by id, /version, /ping, and unknown routes as OpenAI error JSON — on the worker and the router."""
+    from emulator.router.proxy import RouterSettings, create_router_app
+    from emulator.version import package_version
+
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    router = create_router_app(RouterSettings(MODEL, 8192, "least_loaded", ()))
+    for app in (create_app(WorkerSettings(cluster, "agg-0")), router):
+        async with TestClient(TestServer(app)) as c:
+            one = await (await c.get(f"/v1/models/{MODEL}")).json()
+            assert one["id"] == MODEL and one["object"] == "model"
+            missing = await c.get("/v1/models/gpt-9")
+            assert missing.status == 404 and (await missing.json())["error"]["code"] == "model_not_found"
+            assert (await (await c.get("/version")).json()) == {"version": package_version()}
+            assert (await c.get("/ping")).status == 200 and (await c.post("/ping")).status == 200
+            for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/completions", 405)):
+                resp = await c.request(method, path)
+                assert resp.status == status and "error" in await resp.json()

@@ -126,3 +126,10 @@ def test_bad_trace_file_is_one_line_from_the_cli(tmp_path, kind):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     assert str(trace) in proc.stderr and ("not a regular file" in proc.stderr or "not UTF-8" in proc.stderr)
+
+
+def test_a_bare_number_is_a_fixed_length(tmp_path):
+    (cluster,) = load_clusters(
+        _spec(tmp_path, _set("workload", {"requests": 5, "inputLength": 512, "outputLength": 64}))
+    )
+    assert cluster.spec.workload.input_length.value == 512 and cluster.spec.workload.output_length.value == 64

@@ -167,36 +167,61 @@ def launch(cmd: list[str], log_path: str, token: str) -> subprocess.Popen:
         )
 
 
+def _registry() -> str:
+    """Where every run leaves a pointer, whatever folder it was started from (XDG state home)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "infemu", "runs")
+
+
 def register_run(run_dir: str) -> None:
-    """A run outside .infemu/runs (``--run-dir``) leaves a pointer there, so `infemu down` finds it."""
-    if os.path.dirname(os.path.abspath(run_dir)) == os.path.abspath(RUNS_DIR):
-        return
-    os.makedirs(RUNS_DIR, exist_ok=True)
+    """Leave a pointer to the run in the user's registry, so `infemu status`, `down`, `link set` and
+    `fault` find it from any folder (and runs given ``--run-dir``)."""
     key = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
-    with open(os.path.join(RUNS_DIR, f"{os.path.basename(run_dir)}-{key}.link"), "w", encoding="utf-8") as fh:
-        fh.write(run_dir)
+    try:
+        os.makedirs(_registry(), exist_ok=True)
+        with open(os.path.join(_registry(), f"{os.path.basename(run_dir)}-{key}.link"), "w", encoding="utf-8") as fh:
+            fh.write(run_dir)
+    except OSError:
+        pass  # no writable home (a read-only container): the run is still found from its own folder
 
 
 def known_runs() -> list[str]:
-    """Every run directory under .infemu/runs, and those its pointers name."""
-    if not os.path.isdir(RUNS_DIR):
-        return []
-    out = []
-    for entry in sorted(os.listdir(RUNS_DIR)):
-        path = os.path.join(RUNS_DIR, entry)
-        if entry.endswith(".link"):
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    target = fh.read().strip()
-            except OSError:
-                continue
-            if os.path.isdir(target):
-                out.append(target)
-            else:
-                os.unlink(path)  # the run directory is gone: so is its pointer
-        elif os.path.isdir(path):
-            out.append(path)
-    return out
+    """Every run directory under ./.infemu/runs and every one the registry points at."""
+    out: list[str] = []
+    for folder in (RUNS_DIR, _registry()):
+        if not os.path.isdir(folder):
+            continue
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if entry.endswith(".link"):
+                try:
+                    with open(path, encoding="utf-8") as fh:
+                        target = fh.read().strip()
+                except OSError:
+                    continue
+                if os.path.isfile(os.path.join(target, "state.json")):
+                    out.append(target)
+                else:
+                    try:
+                        os.unlink(path)  # the run directory is gone: so is its pointer
+                    except OSError:
+                        pass
+            elif os.path.isdir(path):
+                out.append(os.path.abspath(path))
+    return list(dict.fromkeys(out))
+
+
+def running_runs() -> list[RunState]:
+    """The runs with a live router or worker, newest first."""
+    states = []
+    for d in known_runs():
+        try:
+            state = RunState.load(d)
+        except (OSError, ValueError, TypeError):
+            continue
+        if any(_alive(p.pid) and _is_ours(p.pid) for p in state.processes):
+            states.append((os.path.getmtime(os.path.join(d, "state.json")), state))
+    return [s for _, s in sorted(states, key=lambda x: -x[0])]
 
 
 class LocalCluster:

@@ -36,6 +36,8 @@ class Scheduler:
         # `waiting` (a head request that cannot get blocks must never block the ones holding them)
         self.kv_ready: deque[Request] = deque()
         self.held: dict[str, Request] = {}  # producers holding KV until the pull completes
+        # requests the scheduler ended with an error between steps: reported by the next update
+        self.errored: list[RequestOutput] = []
         self.running: list[Request] = []
         self.in_flight: set[str] = set()  # scheduled in a batch that has not finished (pipeline parallel)
         self.num_preemptions = 0
@@ -270,6 +272,17 @@ class Scheduler:
             else:
                 hit = 0
             n = req.num_tokens - req.num_computed_tokens - hit
+            if not cfg.enable_chunked_prefill and n > cfg.max_num_batched_tokens:
+                # preempted, it must recompute its prompt and what it generated in one step: past the
+                # whole budget it could never run again, so it ends with an error instead of waiting forever
+                self.waiting.popleft()
+                req.error = (
+                    f"preempted with {req.num_tokens} tokens to recompute, more than max_num_batched_tokens "
+                    f"({cfg.max_num_batched_tokens}) with chunked prefill off"
+                )
+                self._finish(req, RequestStatus.FINISHED_ERROR, now)
+                self.errored.append(RequestOutput(req.request_id, 0, True, "error"))
+                continue
             if not cfg.enable_chunked_prefill and n > budget:
                 break
             n = min(n, budget)
@@ -322,7 +335,7 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update_from_output(self, output: SchedulerOutput, now: float) -> list[RequestOutput]:
-        results: list[RequestOutput] = []
+        results, self.errored = self.errored, []
         finished_any = False
         for s in output.scheduled:
             self.in_flight.discard(s.request_id)
@@ -372,7 +385,7 @@ class Scheduler:
         batch is in flight, and the KV blocks the steps need are free. The last of
         these steps may finish requests. Returns 0 when the next step is not such a step.
         """
-        if not self.running or self.in_flight or self.remote_waiting or self.kv_ready:
+        if not self.running or self.in_flight or self.remote_waiting or self.kv_ready or self.errored:
             return 0
         if self.waiting and len(self.running) < self.config.max_num_seqs:
             return 0

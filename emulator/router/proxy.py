@@ -33,7 +33,9 @@ from emulator.serve.app import (
     PATH_OVERHEAD_HEADER,
     PROBE_HEADER,
     REQUEST_ID_HEADER,
+    add_probe_routes,
     caller_request_id,
+    json_errors,
     models_body,
 )
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
@@ -797,7 +799,7 @@ ROUTER = web.AppKey("router", Router)
 
 
 def create_router_app(settings: RouterSettings) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024 * 1024)
     router = Router(settings)
     app[ROUTER] = router
 
@@ -810,6 +812,7 @@ def create_router_app(settings: RouterSettings) -> web.Application:
     app.router.add_post("/v1/completions", router.generate)
     app.router.add_post("/v1/chat/completions", router.generate)
     app.router.add_get("/v1/models", router.models)
+    add_probe_routes(app, settings.model_name, settings.max_model_len)
     app.router.add_get("/health", router.health)
     app.router.add_get("/ready", router.ready)
     app.router.add_get("/metrics", router.metrics)

@@ -45,6 +45,7 @@ from emulator.serve.protocol import (
 from emulator.serve.tokens import output_token, prompt_seed, synthetic_eos
 from emulator.spec import InferenceCluster
 from emulator.topology import Topology
+from emulator.version import package_version
 
 log = logging.getLogger("infemu.worker")
 
@@ -403,6 +404,10 @@ class Worker:
         try:
             body = await read_json_object(request)
             to = str(body.get("to", "*"))
+            if body.get("reset") and body.get("all"):  # every change towards every peer
+                self.peer_links.clear()
+                self.cut.clear()
+                return web.json_response({"to": "*", "reset": True, "all": True})
             if body.get("reset"):
                 self.peer_links.pop(to, None)
                 self.cut.discard(to)
@@ -430,13 +435,19 @@ class Worker:
                 link = self.peer_links[to] = PacedLink(f"{tier.name}->{to}", base.rate * factor, latency)
             else:
                 link.set(rate_bytes_per_s=base.rate * factor, latency_s=latency)
+        cut = to in self.cut
+        wire = None if cut else self.peer_links[to].rate
         return web.json_response(
             {
                 "to": to,
                 "tier": tier.name,
-                "cut": to in self.cut,
-                "rate_bytes_per_s": None if to in self.cut else self.peer_links[to].rate,
-                "latency_s": None if to in self.cut else self.peer_links[to].latency_s,
+                "cut": cut,
+                "rate_bytes_per_s": wire,  # on the wire (byte-scaled, dilated)
+                "latency_s": None if cut else self.peer_links[to].latency_s,
+                # what the user asked for, in the emulated cluster's terms
+                "logical_rate_bytes_per_s": None if cut else wire * self.scales[tier.name] * self.dilation,
+                "byte_scale": self.scales[tier.name],
+                "logical_latency_us": None if cut else self.peer_links[to].latency_s / self.dilation * 1e6,
             }
         )
 
@@ -558,8 +569,32 @@ async def _hang(request: web.Request, handler):
     return await handler(request)
 
 
+def add_probe_routes(app: web.Application, model_name: str, max_model_len: int) -> None:
+    """What OpenAI and vLLM clients probe besides generation: one model by id, the server's version,
+    and SageMaker's /ping (vLLM serves it too)."""
+
+    async def one_model(request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model != model_name:
+            return _error(
+                APIError(404, f"The model `{model[:200]}` does not exist.", "model", "model_not_found", "NotFoundError")
+            )
+        return web.json_response(models_body(model_name, max_model_len)["data"][0])
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": package_version()})
+
+    async def ping(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app.router.add_get("/v1/models/{model:.+}", one_model)
+    app.router.add_get("/version", version)
+    app.router.add_get("/ping", ping)
+    app.router.add_post("/ping", ping)
+
+
 @web.middleware
-async def _json_errors(request: web.Request, handler):
+async def json_errors(request: web.Request, handler):
     """Unknown routes and methods answer in OpenAI's error format too."""
     try:
         return await handler(request)
@@ -570,7 +605,7 @@ async def _json_errors(request: web.Request, handler):
 
 
 def create_app(settings: WorkerSettings) -> web.Application:
-    app = web.Application(middlewares=[_hang, _json_errors], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[_hang, json_errors], client_max_size=64 * 1024 * 1024)
     worker = Worker(settings)
     app[WORKER] = worker
 
@@ -590,6 +625,7 @@ def create_app(settings: WorkerSettings) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", worker.models)
+    add_probe_routes(app, worker.model_name, worker.setup.engine.max_model_len)
     app.router.add_get("/health", worker.health)
     app.router.add_get("/ready", worker.ready_probe)
     app.router.add_get("/metrics", worker.metrics_endpoint)

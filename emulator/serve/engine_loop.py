@@ -184,7 +184,10 @@ class RealTimeEngine:
                 continue
             if ro.new_tokens:
                 events.append((handle, StreamEvent("tokens", ro.new_tokens)))
-            if ro.finished:
+            if ro.finished and ro.finish_reason == "error":  # the scheduler ended it (it could never run)
+                self.handles.pop(ro.request_id, None)
+                events.append((handle, StreamEvent("error", message=handle.request.error or "request failed")))
+            elif ro.finished:
                 events.append((handle, self._finish(handle, ro.finish_reason or "length")))
         release = self.api_path.release(deadline, len(results)) if self.api_path is not None else deadline
         if release > self.now():

@@ -98,6 +98,33 @@ def _bool(body: dict, key: str) -> bool:
     return v
 
 
+def _refuse_what_is_not_emulated(body: dict) -> None:
+    """Parameters whose effect the emulator does not produce are refused, never silently ignored: a
+    client asking for log-probabilities, a forced tool call or JSON output must not get plain text."""
+    logprobs = body.get("logprobs")
+    if (logprobs is not None and logprobs is not False and logprobs != 0) or body.get("top_logprobs"):
+        param = "logprobs" if logprobs not in (None, False, 0) else "top_logprobs"
+        raise APIError(
+            400, "log-probabilities are not emulated; leave logprobs and top_logprobs out", param, "unsupported"
+        )
+    choice = body.get("tool_choice")
+    if body.get("tools") and choice not in (None, "auto", "none"):
+        raise APIError(
+            400,
+            "forced tool calls are not emulated (the synthetic answer is text); use tool_choice 'auto' or 'none'",
+            "tool_choice",
+            "unsupported",
+        )
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise APIError(
+            400,
+            f"response_format {fmt.get('type')!r} is not emulated (the synthetic answer is text)",
+            "response_format",
+            "unsupported",
+        )
+
+
 def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
@@ -107,6 +134,7 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
     n = _int(body, "n", 1)
     if n not in (None, 1):
         raise APIError(400, "only n=1 is supported", "n", "invalid_value")
+    _refuse_what_is_not_emulated(body)
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:

@@ -401,6 +401,7 @@ class Simulation:
                 continue
             rec.ok = ro.finish_reason == "length"
             rec.error = None if rec.ok else (req.error or ro.finish_reason)
+            rec.error_code = None if rec.ok else "request_failed"
             rec.output_tokens = req.num_output_tokens
             rec.finish_s = seen
             rec.instance = inst.name
