@@ -220,6 +220,12 @@ async def test_metrics_families_types_and_buckets(client):
         "vllm:request_prompt_tokens": "histogram",
         "vllm:request_generation_tokens": "histogram",
         "vllm:iteration_tokens_total": "histogram",
+        # vLLM v1's request-parameter and per-request families (vllm/v1/metrics/loggers.py, commit 005a810b)
+        "vllm:request_max_num_generation_tokens": "histogram",
+        "vllm:request_params_n": "histogram",
+        "vllm:request_params_max_tokens": "histogram",
+        "vllm:time_per_prefill_token_request_seconds": "histogram",
+        "vllm:request_time_per_output_token_seconds": "histogram",
         "infemu_iteration_timing_error_seconds": "histogram",
         "infemu_kv_transfer_bytes": "counter",
         "infemu_kv_transfer_seconds": "histogram",
@@ -229,6 +235,10 @@ async def test_metrics_families_types_and_buckets(client):
         assert name in fams, name
         assert fams[name].type == kind, (name, fams[name].type)
     assert "vllm:prompt_tokens_total" in text and "_created" not in text
+    params = {s.name: s.value for s in fams["vllm:request_params_max_tokens"].samples}
+    assert params["vllm:request_params_max_tokens_count"] == 1 and params["vllm:request_params_max_tokens_sum"] == 5
+    per_request = {s.name: s.value for s in fams["vllm:request_time_per_output_token_seconds"].samples}
+    assert per_request["vllm:request_time_per_output_token_seconds_count"] == 1
 
     def buckets(name):
         return [float(s.labels["le"]) for s in fams[name].samples if s.name.endswith("_bucket")][:-1]

@@ -222,6 +222,13 @@ class RealTimeEngine:
                 m.prefill.observe((first - req.first_scheduled_s) / d)
         if first is not None and finish is not None:
             m.decode.observe((finish - first) / d)
+            if req.num_output_tokens > 1:
+                m.request_tpot.observe((finish - first) / d / (req.num_output_tokens - 1))
+        if req.first_scheduled_s is not None and first is not None and req.num_prompt_tokens > 0:
+            m.prefill_per_token.observe((first - req.first_scheduled_s) / d / req.num_prompt_tokens)
+        m.req_max_generation_tokens.observe(req.max_tokens)
+        m.req_params_n.observe(1)  # n > 1 is refused at the API
+        m.req_params_max_tokens.observe(req.max_tokens)
         times = req.token_times()
         for gap in np.diff(times) / d:
             m.itl.observe(gap)

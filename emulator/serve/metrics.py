@@ -177,6 +177,16 @@ class EngineMetrics:
         self.req_generation_tokens = hist(
             "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets
         )
+        # request parameters, as vLLM v1 reports them (vllm/v1/metrics/loggers.py, commit 005a810b)
+        self.req_max_generation_tokens = hist(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            token_buckets,
+        )
+        self.req_params_n = hist("vllm:request_params_n", "Histogram of the n request parameter.", [1, 2, 5, 10, 20])
+        self.req_params_max_tokens = hist(
+            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", token_buckets
+        )
         self.iteration_tokens = hist(
             "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_TOKEN_BUCKETS
         )
@@ -191,6 +201,18 @@ class EngineMetrics:
         self.tpot = hist(
             "vllm:time_per_output_token_seconds",
             "Histogram of time per output token in seconds. DEPRECATED: Use vllm:inter_token_latency_seconds.",
+            tpot_buckets,
+        )
+        self.prefill_per_token = hist(
+            "vllm:time_per_prefill_token_request_seconds",
+            "Time spent per token during prefill phase in seconds",
+            [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
+        )
+        # per request: its decode time over its output tokens (vLLM 0.11's per-request TPOT, beside the
+        # per-token inter-token latency above)
+        self.request_tpot = hist(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
             tpot_buckets,
         )
         self.e2e = hist(
