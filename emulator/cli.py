@@ -399,7 +399,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         gp = result.goodput
         print(
             f"  goodput: {gp['requests_per_s']:.2f} req/s, {gp['output_tokens_per_s']:.0f} output tok/s"
-            " meeting every SLO"
+            f" meeting every SLO, over the same {gp['window_s']:.1f} s"
         )
         if args.out:
             print(

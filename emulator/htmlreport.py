@@ -26,6 +26,31 @@ def _shade_faults(ax, faults: list[dict]) -> None:
         ax.text(f["start_s"], 1.0, f" {f['name']}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
 
 
+UNITS = {"ttft_ms": "ms", "tpot_ms": "ms", "e2e_ms": "ms", "duration_s": "s", "output_tokens_per_s": "tok/s"}
+
+
+def _num(v: float) -> str:
+    """Sensible precision and no scientific notation: 2,250 · 44.1 · 8.47."""
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def _readable(key: str, value) -> str:
+    """A summary value as a person reads it: units, three significant digits, percentages."""
+    unit = UNITS.get(key, "")
+    if key == "slo_attainment" and isinstance(value, int | float):
+        return f"{100 * value:.1f}%"
+    if isinstance(value, dict) and {"mean", "p50", "p90", "p99"} <= set(value):
+        parts = [f"{k} {'-' if value[k] is None else _num(value[k])}" for k in ("mean", "p50", "p90", "p99")]
+        return " · ".join(parts) + f" {unit}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
+    if isinstance(value, float):
+        return f"{_num(value)} {unit}".strip()
+    return f"{value} {unit}".strip()
+
+
 def _fault_table(faults: list[dict]) -> str:
     if not faults:
         return ""
@@ -158,7 +183,9 @@ def write_html(
         plt.close(fig)
 
     rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items() if k != "faults"
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(_readable(k, v))}</td></tr>"
+        for k, v in summary.items()
+        if k != "faults"
     )
     imgs = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b64}'/>" for t, b64 in figs)
     page = (
@@ -166,7 +193,8 @@ def write_html(
         "<style>body{font-family:sans-serif;max-width:1050px;margin:auto}td{padding:2px 10px}</style></head>"
         f"<body><h1>{html.escape(title)}</h1><p>goodput: {goodput['requests_per_s']:.2f} req/s, "
         f"{goodput['output_tokens_per_s']:.0f} output tok/s meeting TTFT &le; {slo.ttft_ms:g} ms and TPOT "
-        f"&le; {slo.tpot_ms:g} ms</p><table>{rows}</table>{_fault_table(faults)}{imgs}</body></html>"
+        f"&le; {slo.tpot_ms:g} ms, over {goodput.get('window_s', 0):.1f} s ({goodput.get('window', '')})</p>"
+        f"<table>{rows}</table>{_fault_table(faults)}{imgs}</body></html>"
     )
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(page)

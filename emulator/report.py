@@ -34,7 +34,8 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
     target = slo.attainment_target
     verdict = "meets" if s["slo_attainment"] >= target else "misses"
     console.print(
-        f"  output {s['output_tokens_per_s']:.1f} tok/s over {s['duration_s']:.1f} s;"
+        f"  output {s['output_tokens_per_s']:.1f} tok/s over {s['duration_s']:.1f} s (first arrival to last"
+        " completion);"
         f" SLO attainment {100 * s['slo_attainment']:.1f}% (TTFT<={slo.ttft_ms:g} ms, TPOT<={slo.tpot_ms:g} ms),"
         f" {verdict} the {100 * target:.0f}% target"
     )

@@ -564,3 +564,20 @@ def test_sim_slow_instance_triples_its_steps_and_the_router_sends_it_less():
     assert len(slowed) < 0.45 * len(during)  # least-loaded sees its queue grow and sends it less
     tpot = lambda rs: float(np.median([r.tpot_ms for r in rs]))  # noqa: E731
     assert tpot(slowed) > 2.5 * tpot(fast)
+
+
+def test_report_html_reads_well_and_draws_the_faults(tmp_path):
+    from emulator.htmlreport import write_html
+    from emulator.results import goodput
+
+    cluster = _cluster()
+    result = simulate(cluster, plan_for(cluster))
+    slo = cluster.spec.slo
+    path = tmp_path / "report.html"
+    gp = goodput(result.records, slo.ttft_ms, slo.tpot_ms, result.summary["duration_s"])
+    write_html(str(path), "chaos", result.records, result.summary, gp, slo, {})
+    page = path.read_text()
+    assert "{'" not in page and "e+0" not in page  # no Python dicts, no scientific notation
+    assert "ms</td>" in page and "%</td>" in page and "first arrival to last completion" in page
+    assert "<h2>Faults</h2>" in page and all(f in page for f in ("kill-prefill", "slow-decode", "flap-kv"))
+    assert page.count("data:image/png;base64,") >= 3  # CDFs, attainment over time, failures by reason
