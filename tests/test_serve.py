@@ -277,3 +277,13 @@ async def test_probe_endpoints_clients_call():
             for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/completions", 405)):
                 resp = await c.request(method, path)
                 assert resp.status == status and "error" in await resp.json()
+            counted = await (await c.post("/tokenize", json={"model": MODEL, "prompt": "tell me about links"})).json()
+            assert counted["count"] == len(counted["tokens"]) > 0 and counted["max_model_len"] >= 8192
+            text = await (await c.post("/detokenize", json={"model": MODEL, "tokens": counted["tokens"]})).json()
+            assert len(text["prompt"].split()) == counted["count"]
+            bad = await c.post("/detokenize", json={"tokens": [-1]})
+            assert bad.status == 400 and (await bad.json())["error"]["param"] == "tokens"
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as c:  # counted alike
+        body = {"model": MODEL, "prompt": "tell me about links", "max_tokens": 2}
+        usage = (await (await c.post("/v1/completions", json=body)).json())["usage"]
+        assert usage["prompt_tokens"] == counted["count"]

@@ -812,7 +812,7 @@ def create_router_app(settings: RouterSettings) -> web.Application:
     app.router.add_post("/v1/completions", router.generate)
     app.router.add_post("/v1/chat/completions", router.generate)
     app.router.add_get("/v1/models", router.models)
-    add_probe_routes(app, settings.model_name, settings.max_model_len)
+    add_probe_routes(app, settings.model_name, settings.max_model_len, settings.vocab_size)
     app.router.add_get("/health", router.health)
     app.router.add_get("/ready", router.ready)
     app.router.add_get("/metrics", router.metrics)

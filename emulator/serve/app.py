@@ -42,7 +42,7 @@ from emulator.serve.protocol import (
     stream_chunk,
     usage_chunk,
 )
-from emulator.serve.tokens import output_token, prompt_seed, synthetic_eos
+from emulator.serve.tokens import chat_prompt, detokenize, output_token, prompt_seed, synthetic_eos, tokenize
 from emulator.spec import InferenceCluster
 from emulator.topology import Topology
 from emulator.version import package_version
@@ -569,9 +569,13 @@ async def _hang(request: web.Request, handler):
     return await handler(request)
 
 
-def add_probe_routes(app: web.Application, model_name: str, max_model_len: int) -> None:
+MAX_DETOKENIZE = 1_000_000  # token ids one /detokenize may carry (bounded memory)
+
+
+def add_probe_routes(app: web.Application, model_name: str, max_model_len: int, vocab_size: int) -> None:
     """What OpenAI and vLLM clients probe besides generation: one model by id, the server's version,
-    and SageMaker's /ping (vLLM serves it too)."""
+    SageMaker's /ping (vLLM serves it too), and vLLM's /tokenize and /detokenize with the synthetic
+    tokenizer every request is counted with."""
 
     async def one_model(request: web.Request) -> web.Response:
         model = request.match_info["model"]
@@ -587,6 +591,37 @@ def add_probe_routes(app: web.Application, model_name: str, max_model_len: int) 
     async def ping(request: web.Request) -> web.Response:
         return web.json_response({})
 
+    async def tokenize_route(request: web.Request) -> web.Response:
+        try:
+            body = await read_json_object(request)
+            if isinstance(body.get("messages"), list):
+                ids = tokenize(chat_prompt(body["messages"]), vocab_size)
+            elif isinstance(body.get("prompt"), str):
+                ids = tokenize(body["prompt"], vocab_size)
+            else:
+                raise APIError(400, "give 'prompt' (a string) or 'messages'", "prompt", "missing_required_parameter")
+        except APIError as exc:
+            return _error(exc)
+        return web.json_response({"count": len(ids), "max_model_len": max_model_len, "tokens": ids})
+
+    async def detokenize_route(request: web.Request) -> web.Response:
+        try:
+            body = await read_json_object(request)
+            ids = body.get("tokens")
+            valid = isinstance(ids, list) and len(ids) <= MAX_DETOKENIZE
+            if not valid or not all(type(t) is int and 0 <= t < vocab_size for t in ids):
+                raise APIError(
+                    400,
+                    f"'tokens' must be a list of at most {MAX_DETOKENIZE} token ids in [0, {vocab_size})",
+                    "tokens",
+                    "invalid_value",
+                )
+        except APIError as exc:
+            return _error(exc)
+        return web.json_response({"prompt": detokenize(ids)})
+
+    app.router.add_post("/tokenize", tokenize_route)
+    app.router.add_post("/detokenize", detokenize_route)
     app.router.add_get("/v1/models/{model:.+}", one_model)
     app.router.add_get("/version", version)
     app.router.add_get("/ping", ping)
@@ -625,7 +660,7 @@ def create_app(settings: WorkerSettings) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", worker.models)
-    add_probe_routes(app, worker.model_name, worker.setup.engine.max_model_len)
+    add_probe_routes(app, worker.model_name, worker.setup.engine.max_model_len, worker.model.vocab)
     app.router.add_get("/health", worker.health)
     app.router.add_get("/ready", worker.ready_probe)
     app.router.add_get("/metrics", worker.metrics_endpoint)

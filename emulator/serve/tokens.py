@@ -51,6 +51,12 @@ def chat_prompt(messages: Sequence[dict]) -> str:
     return "\n".join(parts)
 
 
+def detokenize(ids: Sequence[int]) -> str:
+    """Text for token ids: one synthetic word per id (deterministic; the ids of ``tokenize`` are
+    hashes, so the original text cannot come back — the length and the determinism do)."""
+    return " ".join(WORDS[int(i) % len(WORDS)] for i in ids)
+
+
 def output_token(seed: int, position: int, vocab_size: int) -> tuple[int, str]:
     """The position-th output token of a request: (id, text)."""
     h = _h(f"{seed}:{position}")
