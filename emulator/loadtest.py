@@ -14,10 +14,9 @@ import os
 import time
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from emulator.errors import SpecError
-from emulator.spec import API_VERSION, FaultSpec, Metadata, SLOSpec, _Model, format_validation_error
+from emulator.spec import API_VERSION, FaultSpec, Metadata, SLOSpec, _Model, validate_document
 
 LOADTEST_KIND = "LoadTest"
 # the Locust user classes of loadgen.users (a test keeps the two lists equal)
@@ -63,11 +62,7 @@ class LoadTest(_Model):
 
 
 def parse_loadtest(data: Any, source: str = "") -> LoadTest:
-    prefix = f"{source}: " if source else ""
-    try:
-        return LoadTest.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, data, prefix)) from None
+    return validate_document(LoadTest, data, source)
 
 
 def compact_summary(summary: dict) -> str:

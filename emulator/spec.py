@@ -9,7 +9,7 @@ naming the field path (``spec.pools[1].tp``), the value and what is allowed.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -692,15 +692,23 @@ def format_validation_error(exc: ValidationError, data: Any, prefix: str = "") -
     return lines
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def validate_document(model: type[_M], data: Any, source: str = "") -> _M:
+    """Schema validation of one resource (cluster, LoadTest, Fault): SpecError with field-path lines."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, data, f"{source}: " if source else "")) from None
+
+
 def parse_cluster(data: Any, source: str = "") -> InferenceCluster:
     """Validate one document; raise SpecError with field-path lines."""
     prefix = f"{source}: " if source else ""
     if not isinstance(data, dict):
         raise SpecError([f"{prefix}<document>: expected an InferenceCluster mapping, got {type(data).__name__}"])
-    try:
-        cluster = InferenceCluster.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, data, prefix)) from None
+    cluster = validate_document(InferenceCluster, data, source)
     from emulator.validation import cross_field_problems  # catalogs and topology live there
 
     problems = cross_field_problems(cluster)

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from conftest import ROOT, example, example_files, metric_value, restricted_violations
 
-from emulator.cluster.local import _get
+from emulator.cluster.local import http_status
 from emulator.spec import load_clusters
 from infemu_operator.desired import CONFIG_DIR, OperatorSettings, desired_children, tc_tree_for
 
@@ -149,7 +149,7 @@ def test_the_pods_commands_serve_a_pd_request_with_a_kv_pull_over_the_advertised
 
 
 def _ready(url: str) -> bool:
-    return _get(f"{url}/ready") == 200
+    return http_status(f"{url}/ready") == 200
 
 
 def test_a_spec_change_rolls_pods_out_but_scaling_restarts_only_the_router():

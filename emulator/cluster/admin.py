@@ -21,6 +21,15 @@ def post_admin(url: str, path: str, body: dict, token: str | None, timeout_s: fl
         headers={"Content-Type": "application/json", **internal_headers(token or None)},
         method="POST",
     )
+    return _call(req, url, path, timeout_s)
+
+
+def get_admin(url: str, path: str, token: str | None, timeout_s: float = 2.0) -> dict:
+    """GET an admin endpoint's view (a worker's or the router's fault state)."""
+    return _call(urllib.request.Request(f"{url}{path}", headers=internal_headers(token or None)), url, path, timeout_s)
+
+
+def _call(req: urllib.request.Request, url: str, path: str, timeout_s: float) -> dict:
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # the cluster's own loopback/bridge URLs
             return json.loads(resp.read())

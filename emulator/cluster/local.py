@@ -83,7 +83,7 @@ class RunState:
         return cls(**raw)
 
 
-def _get(url: str, timeout: float = 1.0) -> int:
+def http_status(url: str, timeout: float = 1.0) -> int:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback only
             return resp.status
@@ -307,7 +307,7 @@ class LocalCluster:
                     host = self._hosts[name].address if name in self._hosts else "127.0.0.1"
                     with open(port_file, encoding="utf-8") as fh:
                         info.url = f"http://{host}:{fh.read().strip()}"
-                if info.url and _get(f"{info.url}/ready") == 200:
+                if info.url and http_status(f"{info.url}/ready") == 200:
                     del pending[name]
             if time.monotonic() > deadline:
                 raise ClusterStartError(

@@ -13,7 +13,7 @@ import time
 
 from pydantic import ValidationError
 
-from emulator.cluster.admin import AdminError
+from emulator.cluster.admin import AdminError, get_admin
 from emulator.cluster.links import newest_run
 from emulator.cluster.local import RunState
 from emulator.errors import InputError, SpecError
@@ -100,21 +100,7 @@ def listing(run_dir: str | None) -> dict:
         if p.role == "supervisor":
             continue
         try:
-            live[p.name] = _get(p.url, state.token)
+            live[p.name] = get_admin(p.url, "/admin/fault", state.token)
         except AdminError as exc:
             live[p.name] = {"error": str(exc)}
     return {"active": data["active"], "timeline": data["timeline"], "live": live}
-
-
-def _get(url: str, token: str) -> dict:
-    import urllib.error
-    import urllib.request
-
-    from emulator.serve.internal import internal_headers
-
-    req = urllib.request.Request(f"{url}/admin/fault", headers=internal_headers(token or None))
-    try:
-        with urllib.request.urlopen(req, timeout=2) as resp:  # the cluster's own URL
-            return json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise AdminError(f"{url}: {exc}") from None

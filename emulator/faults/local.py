@@ -16,11 +16,10 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 from emulator.cluster.admin import AdminError, post_admin
-from emulator.cluster.local import RunState
+from emulator.cluster.local import RunState, http_status
 from emulator.faults.schedule import ROUTER, Fault, admin_calls, phases
 
 FAULTS_FILE = "faults.json"  # in the run directory: what `infemu fault list` shows
@@ -65,14 +64,6 @@ class _Active:
     ends: float | None
     switches: list[tuple[float, bool]] = field(default_factory=list)  # flapping: (wall time, cut)
     cleared: bool = False
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=0.5) as r:  # the cluster's own URL
-            return r.status == 200
-    except OSError:
-        return False
 
 
 class FaultRunner:
@@ -128,7 +119,7 @@ class FaultRunner:
 
     def _restarted(self, name: str) -> bool:
         proc = self.injector._proc(name)
-        return proc.restarts > 0 and _ready(proc.url)
+        return proc.restarts > 0 and http_status(f"{proc.url}/ready", timeout=0.5) == 200
 
     def _begin(self, f: Fault, now: float) -> None:
         ends = None if f.duration_s is None else now + f.duration_s * self.dilation

@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from emulator.errors import SpecError
 from emulator.faults.schedule import Fault, resolve_one
 from emulator.spec import (
     API_VERSION,
@@ -20,7 +19,7 @@ from emulator.spec import (
     InferenceCluster,
     Metadata,
     _Model,
-    format_validation_error,
+    validate_document,
 )
 
 FAULT_KIND = "Fault"
@@ -49,11 +48,7 @@ class FaultResource(_Model):
 
 
 def parse_fault_resource(data: Any, source: str = "") -> FaultResource:
-    prefix = f"{source}: " if source else ""
-    try:
-        return FaultResource.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, data, prefix)) from None
+    return validate_document(FaultResource, data, source)
 
 
 def resolve_resource(fr: FaultResource, cluster: InferenceCluster) -> Fault:

@@ -146,6 +146,14 @@ def resolve_faults(spec: ClusterSpec, topo: Topology) -> list[Fault]:
     return out
 
 
+def cut_at(fault: Fault, since_start_s: float) -> bool:
+    """Whether a link fault cuts the link ``since_start_s`` after it began: its ``cut``, or for a
+    flapping link the phase (cut first, then restored, every half period)."""
+    if fault.flap_period_s is None:
+        return fault.cut
+    return int(since_start_s / (fault.flap_period_s / 2)) % 2 == 0
+
+
 def phases(fault: Fault, start_s: float, end_s: float) -> list[tuple[float, bool]]:
     """A flapping link's (time, cut) switches over [start, end); other faults: on at start."""
     if fault.flap_period_s is None:

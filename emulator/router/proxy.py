@@ -336,11 +336,9 @@ class Router:
         finally:
             backend.in_flight -= 1
 
-    async def _open(self, backend: Backend, path: str, body: dict, state: _ClientStream, raw: bytes | None):
-        """POST to the backend and wait for its response headers, within the first-byte timeout."""
-        assert self.session is not None
-        if backend.unreachable:
-            raise BackendFailed(f"{backend.name} is partitioned from the router", refused=True)
+    def _headers(self, state: _ClientStream, probe: bool) -> dict[str, str]:
+        """The router's own headers on a backend request (trusted by workers through the cluster token):
+        the path overhead, the one request id, the receipt time, and the probe mark."""
         headers = {
             PATH_OVERHEAD_HEADER: repr(self.path_overhead_s),
             REQUEST_ID_HEADER: state.request_id,
@@ -348,8 +346,26 @@ class Router:
         }
         if state.arrival:
             headers[ARRIVAL_HEADER] = repr(state.arrival)
-        if state.probe:
+        if probe:
             headers[PROBE_HEADER] = "1"
+        return headers
+
+    async def _open(
+        self,
+        backend: Backend,
+        path: str,
+        body: dict,
+        state: _ClientStream,
+        raw: bytes | None,
+        streamed: bool | None = None,
+        probe: bool | None = None,
+    ):
+        """POST to the backend and wait for its response headers, within the first-byte timeout when the
+        answer is ``streamed`` (the client's choice unless told)."""
+        assert self.session is not None
+        if backend.unreachable:
+            raise BackendFailed(f"{backend.name} is partitioned from the router", refused=True)
+        headers = self._headers(state, probe=state.probe if probe is None else probe)
         if raw is not None:  # unchanged body: forward the client's bytes, no re-encoding
             call = self.session.post(
                 f"{backend.url}{path}", data=raw, headers={"Content-Type": "application/json", **headers}
@@ -357,7 +373,7 @@ class Router:
         else:
             call = self.session.post(f"{backend.url}{path}", json=body, headers=headers)
         # a non-streamed answer comes whole at the end: only the request's deadline bounds it
-        wait = self.res.first_byte_s if state.stream else None
+        wait = self.res.first_byte_s if (state.stream if streamed is None else streamed) else None
         try:
             return await asyncio.wait_for(call, wait)
         except asyncio.TimeoutError:
@@ -492,21 +508,8 @@ class Router:
             tried.add(p.name)
             p.in_flight += 1
             try:
-                if p.unreachable:
-                    raise BackendFailed(f"{p.name} is partitioned from the router", refused=True)
-                try:
-                    resp = await self.session.post(
-                        f"{p.url}{path}",
-                        json=prefill_body,
-                        headers={
-                            ARRIVAL_HEADER: repr(state.arrival),
-                            PATH_OVERHEAD_HEADER: repr(self.path_overhead_s),
-                            REQUEST_ID_HEADER: state.request_id,  # the decode stream carries the same id
-                            **internal_headers(self.token),
-                        },
-                    )
-                except (ClientConnectorError, ConnectionRefusedError) as exc:
-                    raise BackendFailed(str(exc), refused=True) from None
+                # a whole answer (the first token and the KV's whereabouts); the decode stream carries its id
+                resp = await self._open(p, path, prefill_body, state, None, streamed=False, probe=False)
                 async with resp:
                     data = await resp.read()
                     if resp.status >= 500:

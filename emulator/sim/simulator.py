@@ -27,7 +27,7 @@ from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
 from emulator.errors import SpecError
 from emulator.faults.accounting import fault_accounting
-from emulator.faults.schedule import ROUTER, Fault, phases, resolve_faults
+from emulator.faults.schedule import ROUTER, Fault, cut_at, phases, resolve_faults
 from emulator.results import RequestRecord, summarize
 from emulator.rng import PartitionedRNG
 from emulator.router.policies import EndpointSnapshot, KVAware, RoutingRequest, make_policy
@@ -558,11 +558,8 @@ class Simulation:
                 self.events.push(now + self.readmit_s, "readmit", (inst, inst.epoch), observing=True)
                 self._try_launch(inst, now)
         if f.kind in ("link", "partition"):
-            cut_now = f.kind == "partition" or f.cut
-            if f.flap_period_s is not None:
-                elapsed = now - next(e["start_s"] for e in self.timeline if e["name"] == f.name)
-                cut_now = int(elapsed / (f.flap_period_s / 2)) % 2 == 0  # phases start with a cut
-            self._set_links(f, cut_now, False, now)
+            elapsed = now - next(e["start_s"] for e in self.timeline if e["name"] == f.name)
+            self._set_links(f, f.kind == "partition" or cut_at(f, elapsed), False, now)
 
     def _set_links(self, f: Fault, cut: bool, on: bool, now: float) -> None:
         """Apply (or undo) a link or partition fault on its pairs: a cut fails transfers at once (they fall

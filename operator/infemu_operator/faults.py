@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from emulator.faults.schedule import ROUTER, Fault, admin_calls
+from emulator.faults.schedule import ROUTER, Fault, admin_calls, cut_at
 from emulator.serve.internal import internal_headers
 from infemu_operator.desired import PORT
 from infemu_operator.kube import Kube
@@ -30,12 +30,6 @@ class Step:
     cut: bool | None = None  # link faults: cut (True) or degraded (False) after this step
 
 
-def _cut_at(fault: Fault, elapsed: float) -> bool:
-    if fault.flap_period_s is None:
-        return fault.cut
-    return int((elapsed - (fault.at_s or 0.0)) / (fault.flap_period_s / 2)) % 2 == 0
-
-
 def plan_step(faults: list[Fault], elapsed_s: float, recorded: dict[str, dict]) -> list[Step]:
     """What is due now; ``recorded`` is status.faults by name (absent: not started)."""
     out = []
@@ -44,14 +38,14 @@ def plan_step(faults: list[Fault], elapsed_s: float, recorded: dict[str, dict]) 
         start = f.at_s or 0.0
         if rec is None:
             if elapsed_s >= start:
-                out.append(Step(f, "start", _cut_at(f, elapsed_s) if f.kind == "link" else None))
+                out.append(Step(f, "start", cut_at(f, elapsed_s - start) if f.kind == "link" else None))
             continue
         if rec.get("state") != "Active":
             continue
         if f.duration_s is not None and elapsed_s >= start + f.duration_s:
             out.append(Step(f, "clear"))
-        elif f.kind == "link" and f.flap_period_s is not None and rec.get("cut") != _cut_at(f, elapsed_s):
-            out.append(Step(f, "flip", _cut_at(f, elapsed_s)))
+        elif f.kind == "link" and f.flap_period_s is not None and rec.get("cut") != cut_at(f, elapsed_s - start):
+            out.append(Step(f, "flip", cut_at(f, elapsed_s - start)))
     return out
 
 

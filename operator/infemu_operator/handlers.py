@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from emulator.errors import SpecError
 from emulator.faults.resource import FAULT_KIND, parse_fault_resource, resolve_resource
+from emulator.faults.schedule import cut_at
 from emulator.loadtest import LOADTEST_KIND, parse_loadtest
 from emulator.spec import API_VERSION, KIND, InferenceCluster, parse_cluster
 from infemu_operator.crds import FAULT_PLURAL, GROUP, LOADTEST_PLURAL, PLURAL, VERSION
@@ -463,7 +464,7 @@ def follow_fault(body, spec, name, namespace, status, patch, logger, **_: Any) -
         lines = pods.apply(fault, False)
         _end_fault(body, target, patch, name, "; ".join(lines) or "cleared", logger)
     elif fault.flap_period_s is not None:
-        cut = int(elapsed / (fault.flap_period_s / 2)) % 2 == 0
+        cut = cut_at(fault, elapsed)
         if status.get("cut") != cut:
             pods.apply(fault, True, cut)
             patch.status["cut"] = cut
