@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emulator.capacity import effective_max_model_len, pool_limits, pool_memory_plan, profile_of
+from emulator.capacity import effective_max_model_len, ffn_group_size, pool_limits, pool_memory_plan, profile_of
 from emulator.catalog.gpus import get_gpu
 from emulator.catalog.models import ModelArch
 from emulator.checkpoint import served_model
+from emulator.costmodel.afd import AfdConfig, AfdKernels
 from emulator.costmodel.engines import EngineProfile
 from emulator.costmodel.instance import InstanceConfig, instance_cost_model
 from emulator.costmodel.step import EngineStepModel
 from emulator.engine.config import EngineConfig, MemoryPlan
+from emulator.roles import get_role
 from emulator.spec import ClusterSpec, PoolSpec
 from emulator.topology import Instance, Topology, place
 
@@ -60,6 +62,8 @@ def cost_model_for(
     profile: EngineProfile | None = None,
 ) -> EngineStepModel:
     model = served_model(spec.model)
+    if pool.afd is not None:  # an attention pool, or a decode pool whose MoE layers run on an ffn pool
+        return EngineStepModel(afd_kernels(spec, pool, topo, model, inst), profile or profile_of(spec))
     kernels = instance_cost_model(
         InstanceConfig(
             model=model,
@@ -72,9 +76,53 @@ def cost_model_for(
             scale_out_tier=topo.scale_out,
             domain_size=topo.domain_size,
             step_overhead_s=pool.step_overhead_us * 1e-6,
+            moe_distribution=pool.expert_routing,
         )
     )
     return EngineStepModel(kernels, profile or profile_of(spec))
+
+
+def afd_partners(spec: ClusterSpec, topo: Topology, inst: Instance) -> list[Instance]:
+    """The FFN instances of an attention instance's AFD group: its share of the ffn pool, in order."""
+    pool = next(p for p in spec.pools if p.name == inst.pool)
+    ffn_pool = next(p for p in spec.pools if p.name == pool.afd.ffn_pool)
+    y = ffn_group_size(spec, ffn_pool)
+    members = [i for i in topo.instances if i.pool == ffn_pool.name]
+    return members[inst.index * y : (inst.index + 1) * y]
+
+
+def afd_kernels(
+    spec: ClusterSpec, pool: PoolSpec, topo: Topology, model: ModelArch, inst: Instance | None
+) -> AfdKernels:
+    """An attention pool's group: its ranks, its FFN instances and the slowest tier between them."""
+    ffn_pool = next(p for p in spec.pools if p.name == pool.afd.ffn_pool)
+    inst = inst or next(i for i in topo.instances if i.pool == pool.name)
+    partners = afd_partners(spec, topo, inst)
+    tiers = [topo.tier_between(inst, f) for f in partners] or [topo.scale_out]
+    tier = min(tiers, key=lambda t: t.bandwidth)
+    attention = instance_cost_model(
+        InstanceConfig(
+            model=model,
+            gpu=topo.gpu,
+            tp=pool.tp,
+            dp=pool.dp,
+            intra_tier=topo.scale_up,
+            scale_out_tier=topo.scale_out,
+            domain_size=topo.domain_size,
+            step_overhead_s=pool.step_overhead_us * 1e-6,
+            moe_distribution=ffn_pool.expert_routing,
+            part="attention",
+        )
+    )
+    cfg = AfdConfig(
+        attention=attention.cfg,
+        ffn_instances=ffn_group_size(spec, ffn_pool),
+        ffn_gpus_per_instance=ffn_pool.tp * ffn_pool.dp,
+        ffn_ep=ffn_pool.ep,
+        tier=tier,
+        micro_batches=pool.afd.micro_batches,
+    )
+    return AfdKernels(cfg, attention)
 
 
 def build_instances(spec: ClusterSpec, profile: EngineProfile | None = None) -> tuple[Topology, list[InstanceSetup]]:
@@ -84,6 +132,8 @@ def build_instances(spec: ClusterSpec, profile: EngineProfile | None = None) -> 
     setups = []
     for inst in topo.instances:
         pool = pools[inst.pool]
+        if not get_role(pool.role).engine:
+            continue  # a member of another pool's engine (AFD's FFN side): placed, not scheduled
         cfg, plan = engine_config(spec, pool, model, profile)
         setups.append(InstanceSetup(inst, pool, cfg, plan, cost_model_for(spec, pool, topo, inst, profile)))
     return topo, setups

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from emulator.catalog.gpus import GPU
 from emulator.catalog.models import ModelArch
 from emulator.costmodel.engines import EngineProfile, engine_profile
-from emulator.engine.config import MemoryPlan, memory_plan
+from emulator.engine.config import MemoryPlan, expert_side_bytes, memory_plan
 from emulator.spec import ClusterSpec, PoolSpec
 
 
@@ -60,7 +60,27 @@ def pool_memory_plan(spec: ClusterSpec, pool: PoolSpec, model: ModelArch, gpu: G
         max_num_batched_tokens=limits.max_num_batched_tokens,
         max_num_seqs=limits.max_num_seqs,
         fraction_of_free=profile_of(spec).memory_fraction_of_free,
+        experts_elsewhere=pool.afd is not None,
     )
+
+
+def ffn_group_size(spec: ClusterSpec, ffn: PoolSpec) -> int:
+    """FFN instances per AFD group (y of xA-yF): the ffn pool's replicas over its attention pool's."""
+    owners = [p for p in spec.pools if p.afd is not None and p.afd.ffn_pool == ffn.name]
+    return max(1, ffn.replicas // max(1, owners[0].replicas)) if owners else max(1, ffn.replicas)
+
+
+def ffn_memory_problems(spec: ClusterSpec, pool: PoolSpec, at: str, model: ModelArch, gpu: GPU) -> list[str]:
+    """An FFN GPU must hold its share of the group's routed experts and its instance's shared experts."""
+    y = ffn_group_size(spec, pool)
+    routed, shared = expert_side_bytes(model, model.quant, y * pool.tp * pool.dp, pool.tp * pool.dp)
+    usable = gpu.hbm_bytes * pool_limits(spec, pool, gpu).gpu_memory_utilization
+    if routed + shared >= usable:
+        return [
+            f"{at}: experts need {(routed + shared) / 1e9:.1f} GB per GPU over {y} FFN instance(s) of"
+            f" {pool.tp * pool.dp} GPUs but {gpu.name} gives {usable / 1e9:.1f} GB; add ffn replicas or tp"
+        ]
+    return []
 
 
 def effective_max_model_len(pool: PoolSpec, model: ModelArch) -> int:

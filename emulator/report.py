@@ -108,6 +108,9 @@ def print_cost_table(cluster, args) -> int:
         raise SpecError([f"--pool: {name!r} is not a pool of {cluster.name}; pools: {', '.join(pools)}"])
     if args.prefill_tokens == 0 and args.decode_batch == 0:
         raise SpecError(["--prefill-tokens / --decode-batch: give at least one token to price"])
+    if pools[name].role == "ffn":
+        owner = next((p.name for p in spec.pools if p.afd is not None and p.afd.ffn_pool == name), None)
+        raise SpecError([f"--pool: {name!r} holds experts only; price it with its attention pool: --pool {owner}"])
     _, setups = build_instances(spec)
     setup = next(s for s in setups if s.pool.name == name)
     shape = BatchShape(
@@ -139,11 +142,13 @@ def print_cost_table(cluster, args) -> int:
         "kv_cache": quant.kv_cache,
         "source": quant.source,
     }
+    afd = cm.kernels.terms(shape, graph) if hasattr(cm.kernels, "terms") else None
     if args.json:
         print(
             json.dumps(
                 {
                     "pool": name,
+                    **({"afd": afd} if afd is not None else {}),
                     "ops_ms": {k: v * 1e3 for k, v in ops.items()},
                     "step_ms": st.total_s * 1e3,
                     "interval_ms": st.interval_s * 1e3,
@@ -203,6 +208,15 @@ def print_cost_table(cluster, args) -> int:
         f" API server {host['api_latency_ms']:.1f} ms + {host['api_per_prompt_token_us']:.2f} us per prompt token,"
         f" {host['api_per_output_us']:.1f} us per streamed token"
     )
+    if afd is not None:
+        c = cm.kernels.afd
+        console.print(
+            f"  AFD: {pool.dp} attention rank(s) x {c.ffn_instances} FFN instance(s) of {c.ffn_gpus_per_instance} GPUs"
+            f" over {c.tier.name}, {int(afd['micro_batches'])} micro-batch(es): attention busy"
+            f" {afd['attention_busy_s'] * 1e3:.3f} ms ({100 * afd['attention_idle']:.0f}% idle), FFN busy"
+            f" {afd['ffn_busy_s'] * 1e3:.3f} ms ({100 * afd['ffn_idle']:.0f}% idle), exchange"
+            f" {afd['exchange_each_way_s'] * 1e3:.3f} ms and {afd['exchange_bytes_each_way'] / 1e6:.1f} MB each way"
+        )
     mem = setup.memory
     console.print(
         f"  per GPU: weights {mem.weights / 1e9:.1f} GB, reserve {mem.reserve / 1e9:.1f} GB,"
@@ -217,15 +231,15 @@ def print_placement(cluster) -> None:
 
     topo, setups = build_instances(cluster.spec)
     t = Table(
-        title=f"{cluster.name}: {len(setups)} instances on {topo.nodes}x{topo.gpus_per_node} {topo.gpu.name}"
+        title=f"{cluster.name}: {len(topo.instances)} instances on {topo.nodes}x{topo.gpus_per_node} {topo.gpu.name}"
         f" (scale-up {topo.scale_up.name} x{topo.domain_size}, scale-out {topo.scale_out.name})",
         title_justify="left",
     )
     for col in ("instance", "role", "gpus", "node", "domain", "KV blocks"):
         t.add_column(col)
-    for s in setups:
-        i = s.instance
-        t.add_row(i.name, i.role, ",".join(map(str, i.gpus)), str(i.node), str(i.domain), str(s.engine.num_gpu_blocks))
+    blocks = {s.instance.name: str(s.engine.num_gpu_blocks) for s in setups}
+    for i in topo.instances:  # engines with their KV blocks; AFD's FFN instances hold experts only
+        t.add_row(i.name, i.role, ",".join(map(str, i.gpus)), str(i.node), str(i.domain), blocks.get(i.name, "-"))
     console.print(t)
     console.print("  spec is valid")
 

@@ -21,7 +21,6 @@ API_VERSION = "infemu.io/v1alpha1"
 KIND = "InferenceCluster"
 
 Role = Literal["aggregated", "prefill", "decode", "attention", "ffn", "rag", "kvstore"]
-ENGINE_ROLES = ("aggregated", "prefill", "decode")
 RouterPolicy = Literal["round_robin", "least_loaded", "prefix_affinity", "session", "pd"]
 TraceFormat = Literal["azure", "mooncake", "burstgpt", "ragpulse"]
 
@@ -123,6 +122,20 @@ class TopologySpec(_Model):
 # ---- pools -------------------------------------------------------------------
 
 
+class AfdSpec(_Model):
+    """Attention-FFN disaggregation of an attention pool: which ffn pool holds its experts, and how many
+    micro-batches ping-pong between the two sides so that the exchange overlaps compute."""
+
+    ffn_pool: str = Field(max_length=40, description="Name of the pool (role: ffn) that holds this pool's experts.")
+    micro_batches: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Micro-batches each step is split into; while one is in the FFN side (or on the wire) "
+        "the attention side computes the next. 1 = no overlap.",
+    )
+
+
 class PoolSpec(_Model):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     role: Role = "aggregated"
@@ -142,6 +155,13 @@ class PoolSpec(_Model):
         le=MAX_PARALLEL,
         description="Attention data parallelism of an MoE instance: dp ranks of tp GPUs each run attention on "
         "their own requests and share the MoE layers (DeepSeek-style wide EP). Dense models: use replicas.",
+    )
+    expert_routing: Literal["power_law_1.01", "power_law_1.2", "balanced"] = Field(
+        "power_law_1.01",
+        description="How tokens spread over an MoE model's experts: power_law_A (the i-th most popular expert "
+        "gets a share proportional to i^-A; 1.01 is aiconfigurator's default) or balanced (every expert "
+        "equally: a small batch wakes the most experts). Sets how many experts a decode step reads and how "
+        "much the busiest expert-parallel rank waits for.",
     )
     max_num_seqs: int | None = Field(
         None,
@@ -168,6 +188,12 @@ class PoolSpec(_Model):
         le=10_000_000,
         description="Extra fixed cost per engine step on top of the engine's host-side model (spec.engine); "
         "for what-if studies.",
+    )
+    afd: AfdSpec | None = Field(
+        None,
+        description="Attention-FFN disaggregation (role attention; or role decode for P/D with an AFD decode side): "
+        "the ffn pool this pool's MoE layers run on. Each replica is one logical engine of dp attention ranks (tp "
+        "GPUs each) sharing ffn.replicas / replicas FFN instances.",
     )
     placement: list[list[int]] | None = Field(
         None,

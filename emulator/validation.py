@@ -5,10 +5,11 @@ Each problem is one line ``<field path>: <value and what is wrong>; <fix>``.
 
 from __future__ import annotations
 
-from emulator.capacity import effective_max_model_len, pool_memory_plan, profile_of
+from emulator.capacity import effective_max_model_len, ffn_memory_problems, pool_memory_plan, profile_of
 from emulator.catalog.gpus import GPUS, get_gpu
 from emulator.catalog.links import TIERS
 from emulator.checkpoint import served_model
+from emulator.roles import get_role, role_problems
 from emulator.spec import ConcurrencyArrival, InferenceCluster, MMPPArrival, TraceArrival, TraceLength
 from emulator.topology import PlacementError, place
 
@@ -48,7 +49,9 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
         at = f"spec.pools[{i}]"
         if names.count(pool.name) > 1:
             problems.append(f"{at}.name: {pool.name!r} is used by more than one pool; names must be unique")
-        if model.heads % pool.tp:
+        if not get_role(pool.role).engine:
+            pass  # no attention here: an FFN instance's tp splits experts, not heads
+        elif model.heads % pool.tp:
             problems.append(f"{at}.tp: {pool.tp} does not divide the model's {model.heads} attention heads")
         elif not model.is_mla and model.kv_heads % pool.tp and pool.tp % model.kv_heads:
             problems.append(
@@ -75,7 +78,9 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
                 f"{at}: tp*pp*dp = {pool.gpus_per_instance} GPUs exceeds the {domain}-GPU scale-up domain; "
                 "lower tp/pp/dp or set spec.topology.allowCrossDomainTp: true"
             )
-        if pool.role not in ("aggregated", "prefill", "decode"):
+        if pool.role == "ffn":
+            problems.extend(ffn_memory_problems(spec, pool, at, model, gpu))
+        if not get_role(pool.role).engine:
             continue
         plan = pool_memory_plan(spec, pool, model, gpu)
         if plan.weights >= plan.usable:
@@ -104,13 +109,7 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
                 f"({plan.num_gpu_blocks * pool.block_size} tokens); set maxModelLen lower or add GPUs"
             )
 
-    roles = {p.role for p in spec.pools if p.replicas > 0}
-    if "prefill" in roles and "decode" not in roles:
-        problems.append("spec.pools: a prefill pool needs a decode pool to hand its KV cache to; add role: decode")
-    if "decode" in roles and "prefill" not in roles:
-        problems.append("spec.pools: a decode pool needs a prefill pool; add role: prefill or use role: aggregated")
-    if not roles & {"aggregated", "prefill"}:
-        problems.append("spec.pools: no pool serves requests; add a pool with role aggregated (or prefill + decode)")
+    problems.extend(role_problems(spec))
 
     if not problems:
         try:

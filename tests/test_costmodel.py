@@ -100,3 +100,40 @@ def test_held_out_gemm_rows_predicted_within_5_percent(shared_data):
 def test_held_out_attention_rows_predicted_within_5_percent(shared_data, table):
     err = held_out_attention(os.path.join(shared_data, H100), table)
     assert err.rows > 3000 and err.median <= 0.05, err
+
+
+def test_skewed_routing_wakes_fewer_experts_and_loads_the_busiest_rank_more():
+    from emulator.costmodel.linear import busiest_rank_load, routing_probabilities
+
+    for routing in ("balanced", "power_law_1.01", "power_law_1.2"):
+        p = routing_probabilities(128, routing)
+        assert p.sum() == pytest.approx(1.0) and np.all(np.diff(p) <= 1e-15)
+    tokens = np.array([1.0, 8.0, 32.0, 4096.0])
+    touched_b, pairs_b = busiest_rank_load(tokens, 4, 128, 1, "balanced")
+    touched_p, pairs_p = busiest_rank_load(tokens, 4, 128, 1, "power_law_1.01")
+    # balanced: a batch of b tokens x top-4 wakes min(128, 4b) experts (aiconfigurator's balanced profiles)
+    assert np.allclose(touched_b, [4, 32, 128, 128])
+    # independent skewed draws collide: fewer distinct experts for the small batches, all of them for large
+    assert np.all(touched_p[:3] < touched_b[:3]) and touched_p[3] == pytest.approx(128, rel=1e-3)
+    assert np.allclose(pairs_p, pairs_b)  # one rank holds every expert: the same work either way
+    # over 8 expert-parallel ranks the rank holding the most popular expert computes more than 1/8
+    _, busiest = busiest_rank_load(4096.0, 4, 128, 8, "power_law_1.01")
+    _, even = busiest_rank_load(4096.0, 4, 128, 8, "balanced")
+    assert busiest > 1.5 * even
+    with pytest.raises(ValueError, match="unknown expert routing"):
+        routing_probabilities(8, "zipf")
+
+
+def test_moe_kernel_time_follows_the_routing_in_tables_and_roofline():
+    """gpt-oss-120b on one H200: a 32-token decode batch under aiconfigurator's default power-law routing
+    reads ~45% fewer expert weights than under balanced routing (its profiled tables), and the
+    roofline without tables moves the same way."""
+    model = get_model("openai/gpt-oss-120b")
+    for use_tables in (True, False):
+        costs = {}
+        for routing in ("balanced", "power_law_1.01"):
+            cm = cost("openai/gpt-oss-120b", "h200-sxm", moe_distribution=routing, use_tables=use_tables)
+            costs[routing] = cm.breakdown(BatchShape(num_decode=32, decode_kv_sum=32 * 2048))["moe_experts"]
+            assert routing in cm.sources["moe_experts"]
+        assert costs["power_law_1.01"] < 0.8 * costs["balanced"], (use_tables, costs)
+    assert model.num_experts == 128 and model.top_k == 4

@@ -98,3 +98,14 @@ def test_all_reduce_across_nodes_is_hierarchical_not_linear_in_gpus():
     nvl = Collectives(None, get_tier("nvl72"), get_tier("ib-xdr-800"), 72)
     line, src = nvl.all_reduce(64)
     assert src == "alpha-beta" and line.scalar(msg) < 100e-6
+
+
+def test_a_collective_never_costs_more_than_a_larger_message():
+    """B200's profiled custom all-reduce on 8 GPUs switches algorithm at 256 KiB (26 us there, 17 us at
+    1 MiB); an engine pads or picks the larger message's algorithm, so the line is monotone."""
+    col = Collectives(load_tables("b200"), get_tier("nvlink5"), get_tier("ib-ndr-400"), 8)
+    line = col.all_reduce(8)[0]
+    sizes = np.geomspace(1024, 64 * 2**20, 200)
+    times = line(sizes)
+    assert np.all(np.diff(times) >= -1e-15)
+    assert line.scalar(16 * 8192 * 2) <= line.scalar(2**20)  # a 16-token step of a 70B model

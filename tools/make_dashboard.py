@@ -93,6 +93,28 @@ PANELS = [
         ],
     ),
     (
+        "MoE / AFD: each side's busy share of the step (1 - micro-batch bubble)",
+        "percentunit",
+        [
+            (
+                f"sum by (pod, side) (rate(infemu_afd_busy_seconds_total{{{SEL}}}[$__rate_interval]))"
+                f" / on (pod) group_left sum by (pod) (rate(infemu_afd_step_seconds_total{{{SEL}}}[$__rate_interval]))",
+                "{{side}} {{pod}}",
+            )
+        ],
+    ),
+    (
+        "MoE / AFD: activation exchange (logical bytes/s per tier, and its share of the step)",
+        "Bps",
+        [
+            (
+                f'sum by (tier, direction) (rate(infemu_link_bytes_total{{direction=~"afd_.*", {SEL}}}'
+                "[$__rate_interval]))",
+                "{{tier}} {{direction}}",
+            ),
+        ],
+    ),
+    (
         "Emulation timing error (p99, and as a share of the step)",
         "s",
         [

@@ -102,12 +102,13 @@ def build_app(args: argparse.Namespace) -> web.Application:
         return create_app(WorkerSettings(cluster, args.instance, host=args.host, port=args.port, shaping=args.shaping))
     from emulator.build import build_instances
     from emulator.catalog.models import get_model
+    from emulator.roles import is_front
     from emulator.router.proxy import RouterSettings, create_router_app
 
     with open(args.backends, encoding="utf-8") as fh:
         backends = tuple((b["name"], b["role"], b["url"]) for b in json.load(fh))
     _, setups = build_instances(cluster.spec)
-    front = [s for s in setups if s.instance.role in ("aggregated", "prefill")]
+    front = [s for s in setups if is_front(s.instance.role)]
     settings = RouterSettings(
         model_name=cluster.spec.model.name,
         max_model_len=front[0].engine.max_model_len if front else 0,

@@ -35,7 +35,7 @@ from emulator.costmodel.attention import AttentionModel
 from emulator.costmodel.collectives import Collectives
 from emulator.costmodel.grid import LogLine
 from emulator.costmodel.interface import BatchShape, StepTime
-from emulator.costmodel.linear import LinearOps
+from emulator.costmodel.linear import DEFAULT_ROUTING, LinearOps
 from emulator.costmodel.roofline import p2p_s
 from emulator.costmodel.tables import load_tables
 
@@ -57,7 +57,8 @@ class InstanceConfig:
     domain_size: int = 8
     step_overhead_s: float = 0.0
     use_tables: bool = True
-    moe_distribution: str = "balanced"
+    moe_distribution: str = DEFAULT_ROUTING  # expert routing (linear.ROUTINGS)
+    part: str = "all"  # "attention": an AFD attention rank, whose routed and shared experts run elsewhere
 
     @property
     def quant(self) -> Quantization:
@@ -94,7 +95,7 @@ class InstanceCostModel:
         if self._tp_ar is not None:
             self.sources["tp_all_reduce"] = src
         self._ep_ar = None
-        if cfg.dp > 1 and m.is_moe:
+        if cfg.dp > 1 and m.is_moe and cfg.part != "attention":
             self._ep_ar, src = self.collectives.all_reduce(cfg.tp * cfg.dp)
             if self._ep_ar is not None:
                 self.sources["ep_dispatch_combine"] = src
@@ -151,6 +152,11 @@ class InstanceCostModel:
             inter = m.intermediate // t
             ops.append(self._gemm("mlp_gate_up", q.gemm, 2 * inter, m.hidden, dense_layers))
             ops.append(self._gemm("mlp_down", q.gemm, m.hidden, inter, dense_layers))
+        if c.part == "attention":  # AFD: experts on the FFN side (emulator.costmodel.afd); routing stays here
+            if m.moe_layers:
+                ops.append(self._gemm("moe_router", "bf16", m.num_experts, m.hidden, m.moe_layers))
+            ops.append(self._gemm("lm_head", "bf16", m.vocab // t, m.hidden, 1, "logits"))
+            return ops
         if m.moe_layers and m.shared_experts:
             inter = m.shared_intermediate * m.shared_experts // t
             ops.append(self._gemm("shared_expert_gate_up", q.gemm, 2 * inter, m.hidden, m.moe_layers))
@@ -200,11 +206,14 @@ class InstanceCostModel:
             out[name] = out.get(name, 0.0) + v
         # norms, rotary, activation, residual adds: memory bound
         inter_local = (m.intermediate if not m.is_moe else m.moe_intermediate * m.top_k) / c.tp
+        if c.part == "attention" and m.is_moe:  # the experts' activations are computed on the FFN side
+            inter_local = 0.0
         ew_bytes = tokens * (10 * m.hidden + 3 * inter_local) * ACT_BYTES
         gpu = c.gpu
         out["norm_elementwise"] = (ew_bytes / (gpu.hbm_bw * gpu.mem_efficiency) + gpu.kernel_latency_s) * m.layers
         if self._tp_ar is not None:
-            per_layer = 1 if (c.dp > 1 and m.is_moe) else 2  # with attention DP the MoE combine replaces one
+            # with attention DP (or AFD) the experts' combine replaces the MoE layers' second all-reduce
+            per_layer = 1 if ((c.dp > 1 or c.part == "attention") and m.is_moe) else 2
             reductions = m.layers * per_layer + ((m.layers - m.moe_layers) if per_layer == 1 else 0)
             out["tp_all_reduce"] = self._tp_ar.scalar(tokens * m.hidden * ACT_BYTES) * reductions
         return out

@@ -22,6 +22,13 @@ from emulator.costmodel.grid import LogLine
 from emulator.costmodel.roofline import COMPUTE_EFFICIENCY, roofline_s
 from emulator.costmodel.tables import GpuTables, silicon_gemms
 
+# Expert routings the MoE tables are profiled under (aiconfigurator's collectors: balanced, and power
+# laws with exponent 1.01 and 1.2). The default is aiconfigurator's own estimating default
+# (sdk/config.py ModelConfig.workload_distribution = "power_law", read as power_law_1.01 @095f58a):
+# real routers wake fewer distinct experts than a perfectly balanced batch and load one rank more.
+ROUTINGS = ("power_law_1.01", "power_law_1.2", "balanced")
+DEFAULT_ROUTING = "power_law_1.01"
+
 M_GRID = np.unique(np.concatenate([np.arange(1, 17), np.geomspace(16, 262144, 60).round()]))
 ACT_BYTES = DTYPE_BYTES["bf16"]
 
@@ -97,23 +104,58 @@ class LinearOps:
         experts: int,
         moe_tp: int,
         moe_ep: int,
-        distribution: str = "balanced",
+        distribution: str = DEFAULT_ROUTING,
     ) -> tuple[LogLine, str]:
-        """Fused MoE (routed experts) latency by the tokens entering the layer."""
+        """Fused MoE (routed experts) latency by the tokens entering the layer, under ``distribution``
+        routing (``ROUTINGS``): how many distinct experts a small batch wakes, and how much more
+        the busiest GPU gets than the mean, is what makes decode steps of MoE models cost what they do."""
         gpu, tables = self.gpu, self.tables
         kernels = (_MOE_TABLES_BLACKWELL if gpu.arch == "blackwell" else _MOE_TABLES_HOPPER).get(precision, ())
         if tables is not None:
-            for kernel in kernels:
-                line = tables.moe_line(kernel, hidden, inter, topk, experts, moe_tp, moe_ep, distribution)
-                if line is not None:
-                    s = gpu.speedup(gpu.compute_dtype(precision))
-                    if s != 1.0:
-                        line = LogLine(np.exp(line.lx), np.exp(line.ly) / s)
-                    return line, f"table {kernel}"
-        # Per GPU: each token visits top_k experts; experts are split moe_tp x moe_ep ways.
+            # The requested routing first; a shape profiled under another routing only borrows that one.
+            for routing in (distribution, *(r for r in ROUTINGS if r != distribution)):
+                for kernel in kernels:
+                    line = tables.moe_line(kernel, hidden, inter, topk, experts, moe_tp, moe_ep, routing)
+                    if line is not None:
+                        s = gpu.speedup(gpu.compute_dtype(precision))
+                        if s != 1.0:
+                            line = LogLine(np.exp(line.lx), np.exp(line.ly) / s)
+                        return line, f"table {kernel}, {routing} routing"
+        # Per GPU: the busiest expert-parallel rank sets the pace; experts are split moe_tp x moe_ep ways.
         per_expert = 3 * hidden * inter
-        gpus = moe_tp * moe_ep
-        flops = 2.0 * M_GRID * topk * per_expert / gpus
-        touched = np.minimum(experts / moe_ep, M_GRID * topk / moe_ep)  # distinct local experts read
-        bytes_moved = touched * per_expert / moe_tp * weight_bytes(precision) + M_GRID * hidden * ACT_BYTES * 2 * topk
-        return LogLine(M_GRID, roofline_s(gpu, flops, bytes_moved, gpu.compute_dtype(precision))), "roofline"
+        touched, routed = busiest_rank_load(M_GRID, topk, experts, moe_ep, distribution)
+        flops = 2.0 * routed * per_expert / moe_tp
+        bytes_moved = touched * per_expert / moe_tp * weight_bytes(precision) + routed * hidden * ACT_BYTES * 2
+        line = LogLine(M_GRID, roofline_s(gpu, flops, bytes_moved, gpu.compute_dtype(precision)))
+        return line, f"roofline, {distribution} routing"
+
+
+def routing_probabilities(experts: int, distribution: str) -> np.ndarray:
+    """Each expert's share of the routed tokens, most popular first. ``balanced``: equal shares;
+    ``power_law_A``: share of the i-th most popular expert proportional to i^-A (the skew
+    aiconfigurator profiles its MoE tables under, collector/*/collect_moe.py @095f58a)."""
+    if distribution not in ROUTINGS:
+        raise ValueError(f"unknown expert routing {distribution!r}; expected one of {', '.join(ROUTINGS)}")
+    if distribution == "balanced":
+        return np.full(experts, 1.0 / experts)
+    alpha = float(distribution.removeprefix("power_law_"))
+    w = np.arange(1, experts + 1, dtype=np.float64) ** -alpha
+    return w / w.sum()
+
+
+def busiest_rank_load(tokens, topk: int, experts: int, moe_ep: int, distribution: str) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct experts whose weights the busiest expert-parallel rank reads, token-expert pairs it
+    computes) for ``tokens`` tokens entering the layer. Experts are placed on ranks without regard to
+    popularity (no EPLB), so the busiest rank holds the most popular expert and an average share of
+    the rest. Balanced routing spreads the pairs evenly (a batch of b tokens wakes min(E, b x k)
+    experts: aiconfigurator's balanced profiles); skewed routing draws each pair independently."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    local = experts / moe_ep
+    pairs = tokens * topk
+    if distribution == "balanced":
+        return np.minimum(local, pairs / moe_ep), pairs / moe_ep
+    p = routing_probabilities(experts, distribution)
+    rest = p[1:].mean() if experts > 1 else 0.0
+    shares = np.concatenate([[p[0]], np.full(max(round(local) - 1, 0), rest)])
+    touched = np.sum(1.0 - np.power.outer(1.0 - shares, pairs).T, axis=-1) if shares.size else np.zeros_like(pairs)
+    return np.minimum(touched, local), pairs * shares.sum()

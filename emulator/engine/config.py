@@ -60,11 +60,24 @@ def kv_split(model: ModelArch, tp: int) -> int:
     return min(tp, model.kv_heads)
 
 
-def weights_per_gpu(model: ModelArch, quant: Quantization, tp: int, pp: int, dp: int = 1) -> float:
-    """One GPU's share: routed experts spread over every GPU of a stage (tp x dp), the rest over tp."""
+def weights_per_gpu(
+    model: ModelArch, quant: Quantization, tp: int, pp: int, dp: int = 1, experts_elsewhere: bool = False
+) -> float:
+    """One GPU's share: routed experts spread over every GPU of a stage (tp x dp), the rest over tp.
+    ``experts_elsewhere``: an AFD attention rank, whose routed and shared experts live on FFN GPUs."""
     experts = model.moe_layers * model.routed_expert_params() * weight_bytes(quant.moe)
     rest = model.weight_bytes(quant) - experts
+    if experts_elsewhere:
+        return (rest - expert_side_bytes(model, quant, 1, 1)[1]) / tp / pp
     return (rest / tp + experts / (tp * dp)) / pp
+
+
+def expert_side_bytes(model: ModelArch, quant: Quantization, ffn_gpus: int, ffn_tp: int) -> tuple[float, float]:
+    """(routed, shared) expert bytes one FFN GPU holds: routed experts over every FFN GPU of a group,
+    shared experts replicated per FFN instance and split over its GPUs (ffn_tp)."""
+    routed = model.moe_layers * model.routed_expert_params() * weight_bytes(quant.moe) / ffn_gpus
+    shared = model.moe_layers * model.shared_expert_params() * weight_bytes(quant.gemm) / ffn_tp
+    return routed, shared
 
 
 def memory_plan(
@@ -80,11 +93,12 @@ def memory_plan(
     dp: int = 1,
     max_num_seqs: int = 0,
     fraction_of_free: bool = False,
+    experts_elsewhere: bool = False,
 ) -> MemoryPlan:
     """``fraction_of_free``: the fraction applies to what is left after weights and activations
     (TensorRT-LLM's kv_cache_config.free_gpu_memory_fraction) instead of to all of HBM (vLLM's
     gpu_memory_utilization, SGLang's mem_fraction_static)."""
-    weights = weights_per_gpu(model, quant, tp, pp, dp)
+    weights = weights_per_gpu(model, quant, tp, pp, dp, experts_elsewhere)
     usable = gpu.hbm_bytes * gpu_memory_utilization
     if fraction_of_free:
         usable = weights + (gpu.hbm_bytes - weights) * gpu_memory_utilization

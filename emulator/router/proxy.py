@@ -25,6 +25,7 @@ from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTime
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from emulator.engine.hashing import hashes_from_tokens
+from emulator.roles import front_roles, names
 from emulator.router.backends import Backend, BackendPool
 from emulator.router.policies import KVAware, NoEndpointError, RoutingRequest, make_policy
 from emulator.router.resilience import Resilience, RetryBudget, overloaded
@@ -44,6 +45,9 @@ from emulator.serve.tokens import chat_prompt, tokenize
 from emulator.spec import RouterSpec
 
 log = logging.getLogger("infemu.router")
+FRONT = front_roles()  # a request's first leg (aggregated, prefill, attention)
+PRODUCERS = names(lambda r: r.kv_producer)  # P/D prefill
+CONSUMERS = names(lambda r: r.kv_consumer)  # P/D decode
 SESSION_HEADER = "X-Session-Id"
 
 
@@ -92,7 +96,7 @@ class Router:
         self.in_flight = 0
         self.policy = make_policy(settings.policy)
         self.decode_policy = KVAware()
-        self.pd = bool(self.pool.by_role("decode"))
+        self.pd = bool(self.pool.by_role(*CONSUMERS))
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "infemu_router_requests", "Requests by backend and outcome.", ["backend", "outcome"], registry=self.registry
@@ -297,11 +301,11 @@ class Router:
         self, path: str, body: dict, rr: RoutingRequest, state: _ClientStream, raw: bytes | None = None
     ) -> web.StreamResponse:
         tried: set[str] = set()
-        front = [b for b in self.pool.by_role("aggregated", "prefill") if b.healthy]
+        front = [b for b in self.pool.by_role(*FRONT) if b.healthy]
         self._admit(front)
         for attempt in range(self.res.max_attempts):
             if attempt:
-                front = [b for b in self.pool.by_role("aggregated", "prefill") if b.healthy]
+                front = [b for b in self.pool.by_role(*FRONT) if b.healthy]
             backend = self._choose(front, rr, tried)
             tried.add(backend.name)
             try:
@@ -472,7 +476,7 @@ class Router:
         tried: set[str] = set()
         routing = RoutingRequest("", rr.block_hashes, rr.session)
         for attempt in range(self.res.max_attempts):
-            decodes = [b for b in self.pool.by_role("decode") if b.healthy]
+            decodes = [b for b in self.pool.by_role(*CONSUMERS) if b.healthy]
             d = self._choose(decodes, routing, tried, decode=True)
             tried.add(d.name)
             try:
@@ -499,11 +503,11 @@ class Router:
         """The prefill leg: its answer, or the response that already answered the client."""
         assert self.session is not None
         tried: set[str] = set()
-        prefills = [b for b in self.pool.by_role("prefill") if b.healthy]
+        prefills = [b for b in self.pool.by_role(*PRODUCERS) if b.healthy]
         self._admit(prefills)
         for attempt in range(self.res.max_attempts):
             if attempt:
-                prefills = [b for b in self.pool.by_role("prefill") if b.healthy]
+                prefills = [b for b in self.pool.by_role(*PRODUCERS) if b.healthy]
             p = self._choose(prefills, rr, tried)
             tried.add(p.name)
             p.in_flight += 1
@@ -588,9 +592,9 @@ class Router:
         return web.Response(status=200)
 
     async def ready(self, request: web.Request) -> web.Response:
-        ok = any(b.healthy for b in self.pool.by_role("aggregated", "prefill"))
+        ok = any(b.healthy for b in self.pool.by_role(*FRONT))
         if self.pd:
-            ok = ok and any(b.healthy for b in self.pool.by_role("decode"))
+            ok = ok and any(b.healthy for b in self.pool.by_role(*CONSUMERS))
         return web.Response(status=200 if ok else 503, text="ready" if ok else "no healthy backend")
 
     async def metrics(self, request: web.Request) -> web.Response:

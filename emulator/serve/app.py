@@ -29,6 +29,7 @@ from emulator.engine.scheduler import Scheduler
 from emulator.net.inproc import PacedLink
 from emulator.net.plan import link_plan
 from emulator.net.tc import KernelLink
+from emulator.roles import holds_kv_for_peer
 from emulator.serve.api_path import ApiServerPath
 from emulator.serve.engine_loop import RealTimeEngine, StreamEvent
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
@@ -302,7 +303,7 @@ class Worker:
             else ()
         )
         now = received
-        producer = (self.role == "prefill" or kv.get("do_remote_decode")) and n_out > 1
+        producer = (holds_kv_for_peer(self.role) or kv.get("do_remote_decode")) and n_out > 1
         consumer = bool(kv.get("do_remote_prefill")) and "remote_url" in kv
         if producer:
             req = Request(rid, n_prompt, n_out, now, hashes, kv_role="producer")

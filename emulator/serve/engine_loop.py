@@ -66,6 +66,9 @@ class RealTimeEngine:
         self.kv_pull = kv_pull
         self.dilation = dilation  # wall seconds per emulated second
         self.api_path = api_path  # when set, tokens reach their streams when the modelled API server has sent them
+        kernels = getattr(cost, "kernels", None)
+        self._afd_terms = getattr(kernels, "terms", None)
+        self._afd_tier = kernels.afd.tier.name if self._afd_terms is not None else ""
         self.handles: dict[str, Handle] = {}
         self.in_flight = 0
         self._next_launch = 0.0
@@ -159,6 +162,8 @@ class RealTimeEngine:
         deadline = start + total_s
         self.in_flight += 1
         self.metrics.modelled.observe(total_s)  # wall seconds: what the timing error is compared with
+        if self._afd_terms is not None:  # an AFD engine: where its step went, per side and on the wire
+            self.metrics.afd_step(self._afd_terms(out.shape, self.cost.graph_tokens(out.shape)), self._afd_tier)
         self.metrics.iteration_tokens.observe(out.shape.num_tokens)
         self._busy_until = max(self._busy_until, deadline if self.pp == 1 else start + interval_s)
         self.loop.call_at(deadline - self._lead_s, self._complete, out, deadline, total_s)

@@ -275,6 +275,18 @@ class EngineMetrics:
             [*labels, "outcome"],
             registry=r,
         )
+        # ---- infemu: attention-FFN disaggregation (an AFD engine's modelled step, per side)
+        self.afd_busy = Counter(
+            "infemu_afd_busy_seconds",
+            "Modelled busy time of each side of an AFD engine (attention ranks, FFN GPUs); "
+            "1 - rate(busy) / rate(infemu_afd_step_seconds) is the side's micro-batch bubble.",
+            [*labels, "side"],
+            registry=r,
+        )
+        self.afd_step_seconds = counter("infemu_afd_step_seconds", "Modelled GPU time of an AFD engine's steps.")
+        self.afd_exchange_seconds = counter(
+            "infemu_afd_exchange_seconds", "Modelled time of the activation exchange, each way, summed over steps."
+        )
         # ---- infemu: injected faults on this instance (1 while active), the chaos report's annotation
         self.fault_active = Gauge(
             "infemu_fault_active",
@@ -284,6 +296,14 @@ class EngineMetrics:
         )
         for kind in ("hang", "slow"):
             self.fault_active.labels(*lv, kind).set(0)
+
+    def afd_step(self, terms: dict[str, float], tier: str) -> None:
+        self.afd_busy.labels(*self.link_lv, "attention").inc(terms["attention_busy_s"])
+        self.afd_busy.labels(*self.link_lv, "ffn").inc(terms["ffn_busy_s"])
+        self.afd_step_seconds.inc(terms["step_s"])
+        self.afd_exchange_seconds.inc(terms["exchange_each_way_s"])
+        self.link(tier, "afd_send", terms["exchange_bytes_each_way"])
+        self.link(tier, "afd_return", terms["exchange_bytes_each_way"])
 
     def count_kv_failure(self, outcome: str) -> None:
         self.kv_fallbacks_family.labels(*self.link_lv, outcome).inc()

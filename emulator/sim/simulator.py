@@ -30,11 +30,12 @@ from emulator.faults.accounting import fault_accounting
 from emulator.faults.schedule import ROUTER, Fault, cut_at, phases, resolve_faults
 from emulator.results import RequestRecord, summarize
 from emulator.rng import PartitionedRNG
+from emulator.roles import get_role, holds_kv_for_peer, is_front, pulls_kv
 from emulator.router.policies import EndpointSnapshot, KVAware, RoutingRequest, make_policy
 from emulator.router.resilience import RetryBudget
 from emulator.sim.events import EventQueue
 from emulator.sim.network import FlowNetwork
-from emulator.spec import ENGINE_ROLES, InferenceCluster
+from emulator.spec import InferenceCluster
 from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
 from emulator.workload.plan import PlannedRequest, RequestPlan
 
@@ -110,18 +111,16 @@ class Simulation:
         """``profile`` replaces the spec's engine profile (the calibration fit tries other constants)."""
         spec = cluster.spec
         for i, pool in enumerate(spec.pools):
-            if pool.role not in ENGINE_ROLES:
-                raise SpecError(
-                    [f"spec.pools[{i}].role: {pool.role!r} is not simulated yet; supported: {', '.join(ENGINE_ROLES)}"]
-                )
+            if get_role(pool.role).unavailable:
+                raise SpecError([f"spec.pools[{i}].role: {pool.role!r} {get_role(pool.role).unavailable}"])
         self.cluster = cluster
         self.plan = plan
         self.bulk = bulk
         self.profile = profile or profile_of(spec)
         self.topo, setups = build_instances(spec, self.profile)
         self.instances = [SimInstance(s) for s in setups]
-        self.front = [i for i in self.instances if i.role in ("aggregated", "prefill")]
-        self.decoders = [i for i in self.instances if i.role == "decode"]
+        self.front = [i for i in self.instances if is_front(i.role)]
+        self.decoders = [i for i in self.instances if pulls_kv(i.role)]
         self.policy = make_policy(spec.router.policy)
         self.decode_policy = KVAware()
         self.events = EventQueue()
@@ -282,7 +281,7 @@ class Simulation:
         p = self.plan.requests[index]
         rid = f"req-{index}"
         rec = self.records[rid]
-        role = "producer" if inst.role == "prefill" and p.output_len > 1 else "none"
+        role = "producer" if holds_kv_for_peer(inst.role) and p.output_len > 1 else "none"
         req = Request(rid, p.input_len, p.output_len, now, self._hashes(p, inst.block_size), kv_role=role)
         rejected = inst.scheduler.add_request(req)
         if rejected is not None:
@@ -334,7 +333,9 @@ class Simulation:
         total_s, interval_s = st.total_s * inst.slowdown, st.interval_s * inst.slowdown
         inst.in_flight += 1
         inst.busy_s += interval_s
-        self.events.push(now + total_s, "batch_done", (inst, out, None, inst.epoch), observing=inst.role == "prefill")
+        self.events.push(
+            now + total_s, "batch_done", (inst, out, None, inst.epoch), observing=holds_kv_for_peer(inst.role)
+        )
         if inst.pp > 1:
             inst.next_launch_s = now + interval_s
             if inst.in_flight < inst.pp and not inst.launch_pending:
@@ -364,7 +365,7 @@ class Simulation:
             float(ends[n - 1]),
             "batch_done",
             (inst, None, (results, ends[:n]), inst.epoch),
-            observing=inst.role == "prefill",
+            observing=holds_kv_for_peer(inst.role),
         )
         return True
 

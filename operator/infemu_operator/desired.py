@@ -20,6 +20,7 @@ import yaml
 
 from emulator.build import build_instances
 from emulator.net.plan import link_plan
+from emulator.roles import get_role
 from emulator.serve.internal import TOKEN_ENV
 from emulator.spec import InferenceCluster
 from infemu_operator.gateway import inference_pool
@@ -152,6 +153,7 @@ def config_map(cluster: InferenceCluster, namespace: str) -> dict:
             "url": f"http://{cluster.name}-{i.name}.{cluster.name}-{i.pool}.{namespace}.svc.cluster.local:{PORT}",
         }
         for i in topo.instances
+        if get_role(i.role).engine  # AFD's FFN instances are priced inside their attention engine's step
     ]
     return {
         "apiVersion": "v1",
@@ -304,7 +306,8 @@ def desired_children(
     settings = settings or OperatorSettings()
     out = [config_map(cluster, namespace)]
     for pool in cluster.spec.pools:
-        out += pool_objects(cluster, namespace, pool, settings, uid)
+        if get_role(pool.role).engine:  # an ffn pool runs inside its attention pool's modelled step (no pods yet)
+            out += pool_objects(cluster, namespace, pool, settings, uid)
     out += router_objects(cluster, namespace, settings, uid)
     pool = inference_pool(cluster, namespace, PORT, labels(cluster.name, "inference-pool"))
     if pool is not None:

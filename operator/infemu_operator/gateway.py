@@ -16,13 +16,14 @@ inference.networking.k8s.io_inferencepools.yaml; a copy is in tests/data/ for va
 
 from __future__ import annotations
 
+from emulator.roles import roles
 from emulator.spec import InferenceCluster
 
 INFERENCE_POOL_API = "inference.networking.k8s.io/v1"
 INFERENCE_POOL_KIND = "InferencePool"
 ROLE_LABEL = "llm-d.ai/role"
 POOL_LABEL = "infemu.io/inference-pool"  # on serving worker pods: the pool's selector
-SERVING_ROLES = {"aggregated": "both", "prefill": "prefill", "decode": "decode"}
+SERVING_ROLES = {name: info.gateway_label for name, info in roles().items() if info.gateway_label}
 DEFAULT_EPP_PORT = 9002  # the upstream EPP's gRPC ext-proc port
 
 

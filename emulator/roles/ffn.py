@@ -1,0 +1,44 @@
+"""``ffn``: the expert side of attention-FFN disaggregation. Its instances hold the routed (and
+shared) experts of an MoE model and compute each micro-batch an ``attention`` pool sends them;
+they have no scheduler and no API of their own: the attention pool that names them in
+``afd.ffnPool`` is the engine."""
+
+from __future__ import annotations
+
+from emulator.roles import RoleInfo
+from emulator.roles.attention import AFD_ROLES
+
+
+def _problems(spec) -> list[str]:
+    problems = []
+    used = {}
+    for p in spec.pools:
+        if p.afd is not None:
+            used.setdefault(p.afd.ffn_pool, []).append(p.name)
+    for i, pool in enumerate(spec.pools):
+        at = f"spec.pools[{i}]"
+        if pool.afd is not None and pool.role not in AFD_ROLES:
+            problems.append(
+                f"{at}.afd: only attention and decode pools take afd (this pool's role is {pool.role});"
+                " use role attention for an aggregated AFD engine"
+            )
+        if pool.role != "ffn":
+            continue
+        owners = used.get(pool.name, [])
+        if not owners:
+            problems.append(
+                f"{at}: ffn pool {pool.name!r} serves no attention pool; name it in an attention pool's afd.ffnPool"
+            )
+        elif len(owners) > 1:
+            problems.append(f"{at}: ffn pool {pool.name!r} is named by several attention pools ({', '.join(owners)})")
+    return problems
+
+
+ROLE = RoleInfo(
+    name="ffn",
+    summary="the routed and shared experts of an AFD group (no API of its own)",
+    engine=False,
+    front=False,
+    member=True,
+    problems=_problems,
+)
