@@ -48,6 +48,12 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
         console.print(f"  simulated {result.simulated_s:.1f} s in {wall_s:.2f} s wall ({result.events} events)")
     elif getattr(result, "instances", None):
         for name, st in result.instances.items():
+            if "afd_exchanges" in st:  # AFD's FFN side: no engine of its own, the activations it took in
+                console.print(
+                    f"  {name} ({st.get('role')}): {int(st['afd_exchanges'])} activation exchanges,"
+                    f" {st.get('afd_rx_bytes', 0) / 1e9:.2f} GB in (logical)"
+                )
+                continue
             q = st.get("prefix_cache_queries", 0)
             hit = f"prefix hits {100 * st.get('prefix_cache_hits', 0) / q:.0f}%" if q else "no prefix queries"
             ratio = 100 * st.get("timing_error_ratio", 0)

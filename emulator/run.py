@@ -22,6 +22,7 @@ from emulator.cluster.local import LocalCluster
 from emulator.faults.accounting import fault_accounting
 from emulator.locust_driver import LocustLoad, run_locust
 from emulator.results import RequestRecord, goodput, summarize
+from emulator.roles import get_role, roles
 from emulator.spec import InferenceCluster
 from emulator.workload.clients import ClientBehaviour
 from emulator.workload.plan import RequestPlan
@@ -87,9 +88,14 @@ def _scrape(url: str) -> dict:
             ("overloaded", "infemu_emulation_overloaded"),
             ("timing_error_ratio", "infemu_iteration_timing_error_ratio"),
             ("kv_transfer_bytes", "infemu_kv_transfer_bytes_total"),
+            ("afd_exchanges", "infemu_afd_exchanges_total"),  # an FFN instance
+            ("afd_exchange_failures", "infemu_afd_exchange_failures_total"),  # an AFD engine
         ):
             if line.startswith(name + "{"):
                 out[key] = float(line.rsplit(" ", 1)[1])
+        for key, direction in (("afd_rx_bytes", "afd_rx"), ("afd_tx_bytes", "afd_send")):
+            if line.startswith("infemu_link_bytes_total{") and f'direction="{direction}"' in line:
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -184,7 +190,8 @@ def run(
         print(f"faults: {', '.join(f.name for f in faults)} scheduled", file=sys.stderr)
     t0 = time.perf_counter()
     runner.start(t0)
-    sampler = Sampler([p for p in state.processes if p.role not in ("router", "supervisor")])
+    engines = [p for p in state.processes if p.role in roles() and get_role(p.role).engine]
+    sampler = Sampler(engines)  # queues and KV usage: engines only (AFD's FFN instances have neither)
     interrupted = False
     instances: dict = {}
     prom_view = None

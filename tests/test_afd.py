@@ -269,3 +269,34 @@ async def test_an_afd_worker_serves_and_reports_each_sides_busy_time_and_exchang
     # state (2048 x 2 bytes) to both FFN GPUs
     layers = build_instances(cluster.spec)[1][0].cost.kernels.cfg.model.moe_layers
     assert sent == pytest.approx(layers * (usage["prompt_tokens"] + 3 * 2) * 2048 * 2 * 2)
+
+
+@pytest.mark.slow
+def test_attention_and_ffn_processes_exchange_the_modelled_activation_bytes(tmp_path):
+    """`infemu run` of the laptop AFD example: the FFN instance runs as its own process, and every byte
+    the attention engine's steps send it (logical, byte-scaled on the wire) arrives there."""
+    import json
+
+    from conftest import example, run_infemu
+
+    r = run_infemu(
+        "run",
+        example("moe-qwen3-30b-afd.yaml"),
+        "--requests",
+        "12",
+        "--rate",
+        "6",
+        "--out",
+        "rep",
+        "--json",
+        "--shaping",
+        "inproc",
+        cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["completed"] == 12
+    instances = json.loads((tmp_path / "rep" / "instances.json").read_text())
+    attn, experts = instances["attn-0"], instances["experts-0"]
+    assert experts["role"] == "ffn" and experts["afd_exchanges"] > 12
+    assert attn.get("afd_exchange_failures", 0) == 0
+    assert experts["afd_rx_bytes"] == pytest.approx(attn["afd_tx_bytes"], rel=1e-9) and attn["afd_tx_bytes"] > 1e8

@@ -14,7 +14,6 @@ import pytest
 from conftest import ROOT, example, example_files, metric_value, restricted_violations
 
 from emulator.cluster.local import http_status
-from emulator.roles import get_role
 from emulator.spec import load_clusters
 from infemu_operator.desired import CONFIG_DIR, OperatorSettings, desired_children, tc_tree_for
 
@@ -28,8 +27,7 @@ def test_children_validate_strictly_against_kubernetes_1_30(cluster, shaping):
     children = desired_children(cluster, "lab", OperatorSettings(shaping=shaping))
     kinds = [c["kind"] for c in children]
     assert kinds[0] == "ConfigMap" and kinds[-2:] == ["Deployment", "Service"]
-    engines = [p for p in cluster.spec.pools if get_role(p.role).engine]  # AFD's ffn pools run inside their engine
-    assert kinds.count("StatefulSet") == len(engines)
+    assert kinds.count("StatefulSet") == len(cluster.spec.pools)
     for obj in children:
         kubernetes_validate.validate(obj, "1.30", strict=True)
         lbl = obj["metadata"]["labels"]
@@ -212,3 +210,18 @@ def test_router_and_workers_share_an_internal_token_keyed_by_the_clusters_uid():
 
     (a,) = tokens("uid-a")
     assert tokens("uid-a") == {a} and tokens("uid-b") != {a} and len(a) == 32
+
+
+def test_an_afd_engine_gets_its_ffn_pods_as_peers_and_the_router_does_not():
+    (cluster,) = load_clusters(example("moe-qwen3-30b-afd.yaml"))
+    children = desired_children(cluster, "lab")
+    config = json.loads(children[0]["data"]["peers.json"])
+    assert [p["name"] for p in config] == ["experts-0"]
+    assert config[0]["url"] == "http://qwen3-30b-afd-experts-0.qwen3-30b-afd-experts.lab.svc.cluster.local:8000"
+    assert [b["name"] for b in json.loads(children[0]["data"]["backends.json"])] == ["attn-0"]
+    sets = {c["metadata"]["name"]: c for c in children if c["kind"] == "StatefulSet"}
+    args = {n: s["spec"]["template"]["spec"]["containers"][0]["args"] for n, s in sets.items()}
+    assert f"{CONFIG_DIR}/peers.json" in args["qwen3-30b-afd-attn"]
+    assert "--peers" not in args["qwen3-30b-afd-experts"]
+    # FFN pods carry no gateway role label: an inference gateway never picks them
+    assert "llm-d.ai/role" not in sets["qwen3-30b-afd-experts"]["spec"]["template"]["metadata"]["labels"]

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from emulator.errors import SpecError
+from emulator.roles import get_role
 from emulator.serve.internal import TOKEN_ENV, internal_headers, new_token
 
 RUNS_DIR = os.path.join(".infemu", "runs")
@@ -331,14 +332,17 @@ class LocalCluster:
         try:
             if self.state.shaping == "tc":
                 self._build_network(cluster, topo, setups)
-            workers = []
-            for s in setups:
-                name = s.instance.name
-                extra = ["--instance", name, "--shaping", self.state.shaping]
-                host = self._hosts.get(name)
-                if host is not None:
-                    extra += ["--host", host.address]
-                workers.append(self._spawn("worker", name, s.instance.role, extra, host.netns if host else None))
+            # members of another pool's engine first (AFD's FFN instances): the engines are given their URLs
+            members = [i for i in topo.instances if not get_role(i.role).engine]
+            peers = [self._spawn_worker(i.name, i.role) for i in members]
+            self._wait_ready(peers)
+            peers_file = os.path.join(self.run_dir, "peers.json")
+            with open(peers_file, "w", encoding="utf-8") as fh:
+                json.dump([{"name": w.name, "role": w.role, "url": w.url} for w in peers], fh)
+            workers = [
+                self._spawn_worker(s.instance.name, s.instance.role, ["--peers", peers_file] if peers else [])
+                for s in setups
+            ]
             self._wait_ready(workers)
             backends = [{"name": w.name, "role": w.role, "url": w.url} for w in workers]
             backends_file = os.path.join(self.run_dir, "backends.json")
@@ -354,6 +358,13 @@ class LocalCluster:
             raise
         return self.state
 
+    def _spawn_worker(self, name: str, role: str, more: list[str] | None = None):
+        extra = ["--instance", name, "--shaping", self.state.shaping, *(more or [])]
+        host = self._hosts.get(name)
+        if host is not None:
+            extra += ["--host", host.address]
+        return self._spawn("worker", name, role, extra, host.netns if host else None)
+
     def _build_network(self, cluster, topo, setups) -> None:
         """tc backend: a namespace per instance on a private bridge, each with its static tree."""
         from emulator.net.plan import link_plan
@@ -362,11 +373,11 @@ class LocalCluster:
         self.state.run_id = os.urandom(3).hex()
         self.state.save()  # recorded before anything exists, so `infemu down` can always clean up
         net = TcNetwork(self.state.run_id)
-        self._hosts = net.create([s.instance.name for s in setups])
-        for s in setups:
-            plan = link_plan(cluster.spec, topo, s.instance)
+        self._hosts = net.create([i.name for i in topo.instances])  # engines and AFD's FFN instances
+        for inst in topo.instances:
+            plan = link_plan(cluster.spec, topo, inst)
             classes = [TierClass(p.tier.kind, p.wire_rate, 10 * (i + 1)) for i, p in enumerate(plan.values())]
-            net.shape(s.instance.name, classes)
+            net.shape(inst.name, classes)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop every process and remove the network. Ctrl-C and SIGTERM wait until it is done (a second

@@ -99,7 +99,13 @@ def build_app(args: argparse.Namespace) -> web.Application:
     if args.kind == "worker":
         from emulator.serve.app import WorkerSettings, create_app
 
-        return create_app(WorkerSettings(cluster, args.instance, host=args.host, port=args.port, shaping=args.shaping))
+        peers: tuple[tuple[str, str], ...] = ()
+        if args.peers:
+            with open(args.peers, encoding="utf-8") as fh:
+                peers = tuple((p["name"], p["url"]) for p in json.load(fh))
+        return create_app(
+            WorkerSettings(cluster, args.instance, host=args.host, port=args.port, shaping=args.shaping, peers=peers)
+        )
     from emulator.build import build_instances
     from emulator.catalog.models import get_model
     from emulator.roles import is_front
@@ -144,7 +150,8 @@ async def serve(args: argparse.Namespace) -> None:
         from emulator.serve.app import WORKER
 
         # peers pull KV from this URL: on Kubernetes the pod's IP (--advertise-url), not 0.0.0.0
-        app[WORKER].url = args.advertise_url or f"http://{args.host}:{port}"
+        if WORKER in app:  # an engine (an FFN instance serves the expert side only)
+            app[WORKER].url = args.advertise_url or f"http://{args.host}:{port}"
     if args.port_file:
         tmp = args.port_file + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -166,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--instance", default="")
     ap.add_argument("--backends", help="router: JSON list of {name, role, url}")
+    ap.add_argument("--peers", help="worker: JSON list of {name, url} of other workers (an AFD engine's FFN instances)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--port-file")

@@ -192,8 +192,8 @@ class AfdKernels:
             dense_mlp = sum((ops.get(k, 0.0) for k in DENSE_MLP_OPS), 0.0)
             per_layer = (total - tail - dense_mlp) / m.layers
             dense = per_layer * (m.layers - m.moe_layers) + dense_mlp
-            rank_tokens = -(-padded // self.cfg.dp)
-            link = self._link_s(padded, rank_tokens)
+            busiest = max(sum(q for q, _ in chunks) + d for chunks, d in self.att._ranks(part))
+            link = self._link_s(padded, int(np.ceil(busiest * scale)))
             rows.append(MicroBatch(padded, ops, dense, per_layer, tail, link, self._ffn_s(padded)))
         return rows
 

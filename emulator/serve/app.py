@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from emulator.build import InstanceSetup, build_instances
+from emulator.build import InstanceSetup, afd_partners, build_instances
 from emulator.checkpoint import served_model
 from emulator.engine.hashing import hashes_from_tokens
 from emulator.engine.request import Request
@@ -29,7 +29,8 @@ from emulator.engine.scheduler import Scheduler
 from emulator.net.inproc import PacedLink
 from emulator.net.plan import link_plan
 from emulator.net.tc import KernelLink
-from emulator.roles import holds_kv_for_peer
+from emulator.roles import get_role, holds_kv_for_peer
+from emulator.serve.afd_exchange import AfdExchanger, create_ffn_app
 from emulator.serve.api_path import ApiServerPath
 from emulator.serve.engine_loop import RealTimeEngine, StreamEvent
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
@@ -45,7 +46,7 @@ from emulator.serve.protocol import (
 )
 from emulator.serve.tokens import chat_prompt, detokenize, output_token, prompt_seed, synthetic_eos, tokenize
 from emulator.spec import InferenceCluster
-from emulator.topology import Topology
+from emulator.topology import Topology, place
 from emulator.version import package_version
 
 log = logging.getLogger("infemu.worker")
@@ -65,6 +66,7 @@ class WorkerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     shaping: str = "inproc"  # inproc: pace in this process; tc: the namespace's qdiscs shape, we mark TOS
+    peers: tuple[tuple[str, str], ...] = ()  # (instance, URL) of other workers: an AFD engine's FFN instances
 
     @property
     def url(self) -> str:
@@ -124,6 +126,16 @@ class Worker:
         self.peer_links: dict[str, PacedLink] = {}
         self.cut: set[str] = set()
         self.session: ClientSession | None = None
+        self.exchanger: AfdExchanger | None = None
+        if self.setup.pool.afd is not None and settings.peers:  # AFD: its experts' instances get the activations
+            urls = dict(settings.peers)
+            partners = afd_partners(spec, self.topology, self.setup.instance)
+            missing = [p.name for p in partners if p.name not in urls]
+            if missing:
+                raise ValueError(f"instance {self.name}: no URL for its FFN instance(s) {', '.join(missing)} (--peers)")
+            self.exchanger = AfdExchanger(
+                [(p, urls[p.name]) for p in partners], self.topology, self.setup.instance, self.links, self.scales
+            )
         self.ready = False
         self.url = settings.url  # updated once the server knows its bound port
         # an injected hang: set = serving; cleared = every request (and the engine) waits, connections open
@@ -141,7 +153,10 @@ class Worker:
             self._pull_kv,
             dilation=self.dilation,
             api_path=self.api_path,
+            exchanger=self.exchanger,
         )
+        if self.exchanger is not None:
+            await self.exchanger.start()
         router = self.settings.cluster.spec.router
         self.engine.kv_timeout_s = router.timeouts.kv_transfer_ms * 1e-3 * self.dilation
         self.engine.recompute_on_kv_failure = router.pd_fallback == "recompute"
@@ -152,6 +167,8 @@ class Worker:
         self.running.set()  # a hung worker still shuts down
         if self.engine is not None:
             await self.engine.close()
+        if self.exchanger is not None:
+            await self.exchanger.close()
         if self.session is not None:
             await self.session.close()
 
@@ -641,6 +658,11 @@ async def json_errors(request: web.Request, handler):
 
 
 def create_app(settings: WorkerSettings) -> web.Application:
+    topo = place(settings.cluster.spec)
+    pod_form = settings.instance.removeprefix(f"{settings.cluster.name}-")
+    member = next((i for i in topo.instances if i.name in (settings.instance, pod_form)), None)
+    if member is not None and not get_role(member.role).engine:  # AFD's FFN side: the expert service
+        return create_ffn_app(settings.cluster, member, topo, settings.shaping)
     app = web.Application(middlewares=[_hang, json_errors], client_max_size=64 * 1024 * 1024)
     worker = Worker(settings)
     app[WORKER] = worker

@@ -58,6 +58,7 @@ class RealTimeEngine:
         kv_pull: KVPull | None = None,
         dilation: float = 1.0,
         api_path: ApiServerPath | None = None,
+        exchanger=None,
     ) -> None:
         self.scheduler = scheduler
         self.cost = cost
@@ -66,6 +67,7 @@ class RealTimeEngine:
         self.kv_pull = kv_pull
         self.dilation = dilation  # wall seconds per emulated second
         self.api_path = api_path  # when set, tokens reach their streams when the modelled API server has sent them
+        self.exchanger = exchanger  # AFD: the step's activations really go to the FFN instances and back
         kernels = getattr(cost, "kernels", None)
         self._afd_terms = getattr(kernels, "terms", None)
         self._afd_tier = kernels.afd.tier.name if self._afd_terms is not None else ""
@@ -162,11 +164,15 @@ class RealTimeEngine:
         deadline = start + total_s
         self.in_flight += 1
         self.metrics.modelled.observe(total_s)  # wall seconds: what the timing error is compared with
+        exchange = None
         if self._afd_terms is not None:  # an AFD engine: where its step went, per side and on the wire
-            self.metrics.afd_step(self._afd_terms(out.shape, self.cost.graph_tokens(out.shape)), self._afd_tier)
+            terms = self._afd_terms(out.shape, self.cost.graph_tokens(out.shape))
+            self.metrics.afd_step(terms, self._afd_tier)
+            if self.exchanger is not None:
+                exchange = asyncio.ensure_future(self.exchanger.run(terms["exchange_bytes_each_way"], self.metrics))
         self.metrics.iteration_tokens.observe(out.shape.num_tokens)
         self._busy_until = max(self._busy_until, deadline if self.pp == 1 else start + interval_s)
-        self.loop.call_at(deadline - self._lead_s, self._complete, out, deadline, total_s)
+        self.loop.call_at(deadline - self._lead_s, self._complete, out, deadline, total_s, exchange)
         if self.pp > 1:
             self._next_launch = start + interval_s
             if self.in_flight < self.pp and self._launch_timer is None:
@@ -176,11 +182,21 @@ class RealTimeEngine:
         self._launch_timer = None
         self._try_launch(self._next_launch)
 
-    def _complete(self, out: SchedulerOutput, deadline: float, duration: float) -> None:
+    def _complete(
+        self, out: SchedulerOutput, deadline: float, duration: float, exchange: asyncio.Future | None = None
+    ) -> None:
+        if exchange is not None and not exchange.done():
+            # the activations are not back yet (a slow or degraded link): the step ends when they are
+            exchange.add_done_callback(lambda _: self._end_step(out, max(deadline, self.now()), duration, False))
+            return
+        self._end_step(out, deadline, duration, True)
+
+    def _end_step(self, out: SchedulerOutput, deadline: float, duration: float, on_time: bool) -> None:
         lateness = self.now() - deadline
-        self._learn_lead(lateness)
+        if on_time:  # a step held back by its exchange says nothing about this host's timer accuracy
+            self._learn_lead(lateness)
+            self._record_timing(lateness, duration)
         self.in_flight -= 1
-        self._record_timing(lateness, duration)
         results = self.scheduler.update_from_output(out, deadline)
         events: list[tuple[Handle, StreamEvent]] = []
         for ro in results:

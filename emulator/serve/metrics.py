@@ -284,6 +284,10 @@ class EngineMetrics:
             registry=r,
         )
         self.afd_step_seconds = counter("infemu_afd_step_seconds", "Modelled GPU time of an AFD engine's steps.")
+        self.afd_exchange_failures = counter(
+            "infemu_afd_exchange_failures",
+            "AFD steps whose activations could not reach an FFN instance (the step then ends at its modelled time).",
+        )
         self.afd_exchange_seconds = counter(
             "infemu_afd_exchange_seconds", "Modelled time of the activation exchange, each way, summed over steps."
         )

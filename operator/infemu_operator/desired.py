@@ -146,15 +146,12 @@ def config_hash(cluster: InferenceCluster, with_replicas: bool) -> str:
 def config_map(cluster: InferenceCluster, namespace: str) -> dict:
     topo, _ = build_instances(cluster.spec)
     doc = cluster.model_dump(by_alias=True, exclude_none=True, exclude={"status"})
-    backends = [
-        {
-            "name": i.name,
-            "role": i.role,
-            "url": f"http://{cluster.name}-{i.name}.{cluster.name}-{i.pool}.{namespace}.svc.cluster.local:{PORT}",
-        }
-        for i in topo.instances
-        if get_role(i.role).engine  # AFD's FFN instances are priced inside their attention engine's step
-    ]
+    def entry(i) -> dict:
+        url = f"http://{cluster.name}-{i.name}.{cluster.name}-{i.pool}.{namespace}.svc.cluster.local:{PORT}"
+        return {"name": i.name, "role": i.role, "url": url}
+
+    backends = [entry(i) for i in topo.instances if get_role(i.role).engine]  # what the router sends to
+    peers = [entry(i) for i in topo.instances if not get_role(i.role).engine]  # AFD's FFN instances
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -163,6 +160,7 @@ def config_map(cluster: InferenceCluster, namespace: str) -> dict:
             "cluster.yaml": yaml.safe_dump(doc, sort_keys=False),
             "topology.json": json.dumps({"cluster": cluster.name, **topo.to_json()}),
             "backends.json": json.dumps(backends),
+            "peers.json": json.dumps(peers),
         },
     }
 
@@ -209,6 +207,8 @@ def pool_objects(
             settings.shaping,
             "--advertise-url",
             f"http://$(POD_IP):{PORT}",
+            # an AFD engine sends its MoE layers' activations to its FFN instances' pods
+            *(["--peers", f"{CONFIG_DIR}/peers.json"] if pool.afd is not None else []),
         ],
         settings,
         mount,
@@ -306,8 +306,7 @@ def desired_children(
     settings = settings or OperatorSettings()
     out = [config_map(cluster, namespace)]
     for pool in cluster.spec.pools:
-        if get_role(pool.role).engine:  # an ffn pool runs inside its attention pool's modelled step (no pods yet)
-            out += pool_objects(cluster, namespace, pool, settings, uid)
+        out += pool_objects(cluster, namespace, pool, settings, uid)
     out += router_objects(cluster, namespace, settings, uid)
     pool = inference_pool(cluster, namespace, PORT, labels(cluster.name, "inference-pool"))
     if pool is not None:
