@@ -137,3 +137,20 @@ def test_moe_kernel_time_follows_the_routing_in_tables_and_roofline():
             assert routing in cm.sources["moe_experts"]
         assert costs["power_law_1.01"] < 0.8 * costs["balanced"], (use_tables, costs)
     assert model.num_experts == 128 and model.top_k == 4
+
+
+def test_wide_ep_dispatch_and_combine_move_the_bytes_the_model_implies():
+    """DeepSeek-V3 (hidden 7168, top-8 of 256 experts, FP8 checkpoint) over 8 attention-DP ranks: each
+    token's hidden state goes to the other GPUs holding its experts, FP8 out and BF16 back."""
+    cm = cost("deepseek-ai/DeepSeek-V3", "h200-sxm", dp=8)
+    m = cm.cfg.model
+    assert (m.hidden, m.top_k, m.num_experts, cm.quant.moe) == (7168, 8, 256, "fp8_block")
+    remote = 8 * (1 - (7 / 8) ** 8) * 7 / 8  # expected distinct other GPUs of 8 holding a token's 8 experts
+    assert cm.ep_bytes_per_token("dispatch") == pytest.approx(remote * 7168 * 1)
+    assert cm.ep_bytes_per_token("combine") == pytest.approx(remote * 7168 * 2)
+    shape = BatchShape(num_decode=256, decode_kv_sum=256 * 2048)
+    line, _ = cm.collectives.all_to_all(8)
+    per_gpu = 256 / 8
+    want = m.moe_layers * (line.scalar(per_gpu * remote * 7168) + line.scalar(per_gpu * remote * 7168 * 2))
+    assert cm.breakdown(shape)["ep_dispatch_combine"] == pytest.approx(want, rel=1e-9)
+    assert "all-to-all" in cm.sources["ep_dispatch_combine"]

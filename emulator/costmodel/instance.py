@@ -16,8 +16,8 @@ Attention data parallelism (``dp`` > 1, MoE models): dp ranks of ``tp`` GPUs eac
 attention, projections and dense layers on their own requests; the step waits for the
 busiest rank (prefill chunks go to the least-loaded rank, decodes are spread evenly). The
 routed experts see every rank's tokens (split ``moe_tp`` x ``ep`` over the tp x dp GPUs) and
-their dispatch / combine is priced as an all-gather plus a reduce-scatter over those GPUs
-(= one all-reduce of the gathered activations). With dp = 1 and EP inside TP the tokens are
+their dispatch and combine are two all-to-alls over those GPUs with the bytes per token the model
+implies (``ep_bytes_per_token``: hidden size, top-k, dispatch precision). With dp = 1 and EP inside TP the tokens are
 already replicated and the usual TP all-reduce combines the experts' outputs.
 """
 
@@ -94,11 +94,14 @@ class InstanceCostModel:
         self._tp_ar, src = self.collectives.all_reduce(cfg.tp)
         if self._tp_ar is not None:
             self.sources["tp_all_reduce"] = src
-        self._ep_ar = None
+        self._ep_a2a = None
         if cfg.dp > 1 and m.is_moe and cfg.part != "attention":
-            self._ep_ar, src = self.collectives.all_reduce(cfg.tp * cfg.dp)
-            if self._ep_ar is not None:
-                self.sources["ep_dispatch_combine"] = src
+            self._ep_a2a, src = self.collectives.all_to_all(cfg.tp * cfg.dp)
+            if self._ep_a2a is not None:
+                self.sources["ep_dispatch_combine"] = (
+                    f"{src} all-to-all x2: {self.ep_bytes_per_token('dispatch'):.0f} B/token out (dispatch), "
+                    f"{self.ep_bytes_per_token('combine'):.0f} B/token back (combine)"
+                )
 
     # ---- construction ------------------------------------------------------------
     def _gemm(self, name: str, precision: str, n: int, k: int, per_step: float, scope: str = "rank") -> _Op:
@@ -244,8 +247,12 @@ class InstanceCostModel:
         for op in self._ops:
             if op.scope == "moe":
                 out[op.name] = op.line.scalar(all_tokens) * op.per_step
-        if self._ep_ar is not None:
-            out["ep_dispatch_combine"] = self._ep_ar.scalar(all_tokens * m.hidden * ACT_BYTES) * m.moe_layers
+        if self._ep_a2a is not None:
+            per_gpu = all_tokens / (self.cfg.tp * self.cfg.dp)  # each GPU dispatches its share of the tokens
+            out["ep_dispatch_combine"] = m.moe_layers * (
+                self._ep_a2a.scalar(per_gpu * self.ep_bytes_per_token("dispatch"))
+                + self._ep_a2a.scalar(per_gpu * self.ep_bytes_per_token("combine"))
+            )
         return out
 
     def _pp_send_recv_s(self, tokens: int) -> float:
@@ -285,6 +292,17 @@ class InstanceCostModel:
         shape = BatchShape(num_decode=num_decode, decode_kv_sum=kv_sum_start)
         total, _ = self.totals(shape, kv_sums / num_decode)
         return total
+
+    def ep_bytes_per_token(self, phase: str) -> float:
+        """Bytes one token puts on the wire in a wide-EP all-to-all: its hidden state goes to every other
+        GPU holding one of its top-k experts (expected distinct GPUs of n when the k experts land
+        independently: n (1 - (1 - 1/n)^k), less the sender's own) — in FP8 for the dispatch of a
+        quantized (FP8 or 4-bit) checkpoint (DeepEP's low-latency dispatch), BF16 otherwise and for
+        the combine."""
+        m, n = self.cfg.model, self.cfg.tp * self.cfg.dp
+        remote = n * (1 - (1 - 1 / n) ** m.top_k) * (n - 1) / n
+        fp8 = phase == "dispatch" and self.quant.moe in ("fp8", "fp8_block", "nvfp4", "mxfp4")
+        return remote * m.hidden * (1 if fp8 else ACT_BYTES)
 
     # ---- helpers for reports and transfers -----------------------------------------------
     def kv_transfer_bytes(self, tokens: int) -> int:
