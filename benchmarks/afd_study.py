@@ -108,7 +108,34 @@ def dominant_terms(cluster, result, workload: str) -> str:
     ops = setup.cost.breakdown(shape)
     step = sum(ops.values())
     top = sorted(ops.items(), key=lambda kv: -kv[1])[:2]
-    return f"decode batch ~{batch}: " + ", ".join(f"{k} {100 * v / step:.0f}%" for k, v in top)
+    terms = ", ".join(f"{k} {100 * v / step:.0f}%" for k, v in top)
+    out = f"decode batch ~{batch}: {step * 1e3:.0f} ms steps ({terms}"
+    if get_role(setup.pool.role).front:  # aggregated: new prompts' chunks share the decoders' steps
+        chunk = min(int(im), setup.engine.max_num_batched_tokens // setup.pool.dp)
+        mixed = setup.cost.step_time(
+            BatchShape(((chunk, 0),), num_decode=batch, decode_kv_sum=shape.decode_kv_sum)
+        ).total_s
+        out += f"); a {chunk}-token prompt chunk stretches such a step to {mixed * 1e3:.0f} ms (prefill interference"
+    return out + ")"
+
+
+def prefill_terms(cluster, workload: str) -> str:
+    """What a mean-length prompt's prefill costs on the first instance that takes requests (where TTFT
+    is spent when the queue is short), and its two largest terms."""
+    _, setups = build_instances(cluster.spec)
+    front = next(s for s in setups if get_role(s.pool.role).front)
+    (im, _, _), _ = WORKLOADS[workload]
+    tokens = min(int(im), front.engine.max_num_batched_tokens // front.pool.dp)  # one rank takes the chunk
+    ops = front.cost.breakdown(BatchShape(prefill_chunks=((tokens, 0),)))
+    step = sum(ops.values())
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:2]
+    return f"a {int(im)}-token prefill on {front.instance.name}: {step * 1e3:.0f} ms per {tokens}-token step (" + (
+        ", ".join(f"{k} {100 * v / step:.0f}%" for k, v in top) + ")"
+    )
+
+
+def explain(cluster, result, workload: str, failing: str) -> str:
+    return prefill_terms(cluster, workload) if failing == "TTFT" else dominant_terms(cluster, result, workload)
 
 
 def frontier(doc: dict, workload: str, requests: int, seed: int, lo: float, hi: float, steps: int) -> dict:
@@ -122,7 +149,7 @@ def frontier(doc: dict, workload: str, requests: int, seed: int, lo: float, hi: 
             "attainment": att,
             "why": f"{failing} attainment {100 * min(att['ttft'], att['tpot']):.0f}% at {lo:g} req/s "
             f"(mean TTFT {result.summary['ttft_ms']['mean']:.0f} ms, TPOT {result.summary['tpot_ms']['mean']:.1f} ms); "
-            + dominant_terms(cluster, result, workload),
+            + explain(cluster, result, workload, failing),
             "gpus": gpus(cluster),
         }
     best = (lo, cluster, result, att)
@@ -146,7 +173,7 @@ def frontier(doc: dict, workload: str, requests: int, seed: int, lo: float, hi: 
         "ttft_ms": result.summary["ttft_ms"]["mean"],
         "tpot_ms": result.summary["tpot_ms"]["mean"],
         "breaks_first": breaks,
-        "why": dominant_terms(cluster, result, workload),
+        "why": explain(cluster, result, workload, breaks),
         "gpus": gpus(cluster),
     }
 
