@@ -300,3 +300,13 @@ def test_attention_and_ffn_processes_exchange_the_modelled_activation_bytes(tmp_
     assert experts["role"] == "ffn" and experts["afd_exchanges"] > 12
     assert attn.get("afd_exchange_failures", 0) == 0
     assert experts["afd_rx_bytes"] == pytest.approx(attn["afd_tx_bytes"], rel=1e-9) and attn["afd_tx_bytes"] > 1e8
+
+
+def test_faults_on_the_expert_side_are_refused_not_ignored():
+    doc = afd_spec()
+    doc["spec"]["faults"] = [{"name": "k", "kind": "kill", "atSeconds": 1, "target": {"instance": "experts-0"}}]
+    with pytest.raises(SpecError) as err:
+        parse_cluster(doc)
+    assert "spec.faults[0]: experts-0 hold an AFD engine's experts" in str(err.value)
+    doc["spec"]["faults"] = [{"name": "k", "kind": "kill", "atSeconds": 1, "target": {"instance": "attn-0"}}]
+    assert parse_cluster(doc).spec.faults[0].target.instance == "attn-0"

@@ -6,7 +6,8 @@ Python's HTTP path (client -> router -> worker, streamed) adds ~7-8 ms per reque
 the quickstart's TTFT is ~43 ms, so it runs with time dilation D=8 (modelled durations x8, reported
 times /8), which the design provides for small hosts. Measured TTFT-mean error: D=4 4.5-5.6% (too
 close to the 5% bound to be a reliable test on a fresh CI machine), D=6 2.8%, D=8 2.0%.
-The P/D example (TTFT ~150 ms, four processes and the client on two cores) runs at D=4.
+The P/D example (TTFT ~150 ms, four processes and the client on two cores) runs at D=4; the AFD
+example (TTFT ~30 ms, its engine's steps waiting on real exchanges with the FFN process) at D=6.
 """
 
 from __future__ import annotations
@@ -36,19 +37,23 @@ def _steps(url: str, le: str) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize(
-    "name, rate, requests, dilation",
+    "name, rate, requests, dilation, lengths",
     [
-        ("quickstart.yaml", 11.0, 100, 8.0),  # about half of the ~22 req/s saturation
-        ("pd-llama70b-h100.yaml", 7.0, 120, 4.0),  # about half of the prefill pools' saturation
+        ("quickstart.yaml", 11.0, 100, 8.0, {}),  # about half of the ~22 req/s saturation
+        ("pd-llama70b-h100.yaml", 7.0, 120, 4.0, {}),  # about half of the prefill pools' saturation
+        # attention-FFN disaggregation: the attention engine's process exchanges its activations with the FFN
+        # instance's process every step; short answers keep the run (x6 in wall time) short
+        ("moe-qwen3-30b-afd.yaml", 10.0, 40, 6.0, {"input_len": 512, "output_len": 48}),
     ],
 )
-def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilation):
+def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilation, lengths):
     with open(example(name), encoding="utf-8") as fh:
         docs = list(yaml.safe_load_all(fh))
     docs[0]["spec"]["emulation"] = {"timeDilation": dilation}
     spec_path = tmp_path / name
     spec_path.write_text(yaml.safe_dump_all(docs))
-    cluster = apply_overrides(load_clusters(str(spec_path))[0], WorkloadOverrides(rate=rate, requests=requests))
+    overrides = WorkloadOverrides(rate=rate, requests=requests, **lengths)
+    cluster = apply_overrides(load_clusters(str(spec_path))[0], overrides)
     plan = build_plan(cluster.spec.workload)
     sim = simulate(cluster, plan).summary
 
@@ -60,7 +65,7 @@ def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilati
                 state.router, cluster.spec.model.name, plan, get_model(cluster.spec.model.name).vocab, dilation=dilation
             )
         )
-        steps = [_steps(p.url, "0.002") for p in state.processes if p.role != "router"]
+        steps = [_steps(p.url, "0.002") for p in state.processes if p.role not in ("router", "ffn")]
     finally:
         lc.stop()
     emu = summarize(records, cluster.spec.slo.ttft_ms, cluster.spec.slo.tpot_ms)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from emulator.errors import SpecError
+from emulator.roles import get_role
 from emulator.spec import ClusterSpec, ConstantArrival, FaultSpec, GammaArrival, PoissonArrival
 from emulator.topology import Topology, place
 
@@ -92,6 +93,15 @@ def fault_problems(spec: ClusterSpec, topo: Topology) -> list[str]:
             problems.append(
                 f"{at}.kind: a burst multiplies an open-loop rate; use a poisson, gamma or constant arrival (an mmpp "
                 "arrival has bursts of its own)"
+            )
+        members = {i.name for i in topo.instances if not get_role(i.role).engine}  # AFD's FFN instances
+        named = [n for n in (f.target.instance, f.target.pool, f.target.peer) if n] if f.target is not None else []
+        named += [n for group in (f.between or []) for n in group if n != ROUTER]
+        touched = sorted({m for n in named for m in _members(topo, n)} & members)
+        if touched:
+            problems.append(
+                f"{at}: {', '.join(touched)} hold an AFD engine's experts; faults on the expert side (and its links)"
+                " are not modelled yet: target the attention engine that uses them instead"
             )
         names = [x.name for x in spec.faults[:k] if x.name]
         if f.name and f.name in names:
