@@ -545,6 +545,36 @@ def _exec(api, ns: str, pod: str, command: list[str]) -> str:
     )
 
 
+def test_an_afd_engine_and_its_ffn_pod_reconcile_and_exchange_activations(api, operated, k8s):
+    """The laptop AFD example on the real cluster: the operator runs the attention engine and the FFN
+    instance as pods of their own, the engine finds the FFN pod through peers.json, and a chat through
+    the router makes the engine's steps send their activations to the FFN pod and get them back."""
+    ns, op = operated
+    if not k8s[1]:
+        pytest.skip("needs INFEMU_E2E_IMAGE: an image of this checkout the cluster can run")
+    objs, apps = api.CustomObjectsApi(), api.AppsV1Api()
+    body = _load("moe-qwen3-30b-afd.yaml")
+    name = body["metadata"]["name"]
+    objs.create_namespaced_custom_object(GROUP, VERSION, ns, "inferenceclusters", body)
+    try:
+        ic = _ready(api, ns, name, op.log)
+        assert ic["status"]["conditions"][0]["message"].startswith("2 instances in 2 pools ready")
+        for pool in ("attn", "experts"):
+            assert apps.read_namespaced_stateful_set(f"{name}-{pool}", ns).status.ready_replicas == 1
+        _, content, _ = _stream_ids(_service_url(api, ns, f"{name}-router"), body["spec"]["model"]["name"])
+        assert content == 6
+        scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/metrics').read().decode())"
+        text = _exec(api, ns, f"{name}-experts-0", ["python", "-c", scrape])
+        exchanges = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("infemu_afd_exchanges_total{")
+        ]
+        assert exchanges and exchanges[0] >= 6, text[-2000:]  # the prompt's prefill and every decode step
+    finally:
+        objs.delete_namespaced_custom_object(GROUP, VERSION, ns, "inferenceclusters", name)
+
+
 def _shaped_bytes(api, ns: str, pod: str) -> int:
     """Bytes sent through the pod's shaped HTB classes (1:10, 1:20, ...; 1:1 is the unshaped default)."""
     text = _exec(api, ns, pod, ["tc", "-s", "class", "show", "dev", "eth0"])

@@ -238,7 +238,12 @@ def express(
             "gpu": GPUS[row.system],
             "topology": _topology(row.system, gpus, widest),
             "pools": pools,
-            "router": {"policy": "least_loaded" if row.mode == "agg" else "pd"},
+            # the benchmark's clients talk to the engine's own API server: no router admission limits or deadlines
+            "router": {
+                "policy": "least_loaded" if row.mode == "agg" else "pd",
+                "admission": {"maxWaitingPerBackend": 1_000_000, "maxInFlight": 1_000_000},
+                "timeouts": {"firstByteMs": 86_400_000, "idleMs": 86_400_000, "requestMs": 86_400_000},
+            },
             "workload": {
                 "arrival": {"type": "concurrency", "n": row.concurrency},
                 "requests": rounds * row.concurrency,
