@@ -64,22 +64,26 @@ def cost_model_for(
     model = served_model(spec.model)
     if pool.afd is not None:  # an attention pool, or a decode pool whose MoE layers run on an ffn pool
         return EngineStepModel(afd_kernels(spec, pool, topo, model, inst), profile or profile_of(spec))
-    kernels = instance_cost_model(
-        InstanceConfig(
-            model=model,
-            gpu=topo.gpu,
-            tp=pool.tp,
-            pp=pool.pp,
-            ep=pool.ep,
-            dp=pool.dp,
-            intra_tier=topo.scale_up,
-            scale_out_tier=topo.scale_out,
-            domain_size=topo.domain_size,
-            step_overhead_s=pool.step_overhead_us * 1e-6,
-            moe_distribution=pool.expert_routing,
-        )
-    )
+    kernels = instance_cost_model(_instance_config(pool, topo, model))
     return EngineStepModel(kernels, profile or profile_of(spec))
+
+
+def _instance_config(pool: PoolSpec, topo: Topology, model: ModelArch, **over) -> InstanceConfig:
+    """One pool's kernels as placed: its parallelism, the tiers around it, its expert routing."""
+    fields = dict(
+        model=model,
+        gpu=topo.gpu,
+        tp=pool.tp,
+        pp=pool.pp,
+        ep=pool.ep,
+        dp=pool.dp,
+        intra_tier=topo.scale_up,
+        scale_out_tier=topo.scale_out,
+        domain_size=topo.domain_size,
+        step_overhead_s=pool.step_overhead_us * 1e-6,
+        moe_distribution=pool.expert_routing,
+    )
+    return InstanceConfig(**{**fields, **over})
 
 
 def afd_partners(spec: ClusterSpec, topo: Topology, inst: Instance) -> list[Instance]:
@@ -101,18 +105,7 @@ def afd_kernels(
     tiers = [topo.tier_between(inst, f) for f in partners] or [topo.scale_out]
     tier = min(tiers, key=lambda t: t.bandwidth)
     attention = instance_cost_model(
-        InstanceConfig(
-            model=model,
-            gpu=topo.gpu,
-            tp=pool.tp,
-            dp=pool.dp,
-            intra_tier=topo.scale_up,
-            scale_out_tier=topo.scale_out,
-            domain_size=topo.domain_size,
-            step_overhead_s=pool.step_overhead_us * 1e-6,
-            moe_distribution=ffn_pool.expert_routing,
-            part="attention",
-        )
+        _instance_config(pool, topo, model, ep=1, moe_distribution=ffn_pool.expert_routing, part="attention")
     )
     cfg = AfdConfig(
         attention=attention.cfg,

@@ -27,10 +27,9 @@ from emulator.engine.hashing import hashes_from_tokens
 from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
 from emulator.net.inproc import PacedLink
-from emulator.net.plan import link_plan
 from emulator.net.tc import KernelLink
 from emulator.roles import get_role, holds_kv_for_peer
-from emulator.serve.afd_exchange import AfdExchanger, create_ffn_app
+from emulator.serve.afd_exchange import AfdExchanger, create_ffn_app, make_links
 from emulator.serve.api_path import ApiServerPath
 from emulator.serve.engine_loop import RealTimeEngine, StreamEvent
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
@@ -111,14 +110,8 @@ class Worker:
         )
         self.scheduler = Scheduler(eng)
         self.engine: RealTimeEngine | None = None
-        self.links: dict[str, PacedLink | KernelLink] = {}
-        self.scales: dict[str, float] = {}
-        for name, plan in link_plan(spec, self.topology, self.setup.instance).items():
-            self.scales[name] = plan.scale
-            if settings.shaping == "tc":
-                self.links[name] = KernelLink(name, plan.tier.kind, plan.wire_rate, plan.latency_s)
-            else:
-                self.links[name] = PacedLink(name, plan.wire_rate, plan.latency_s)
+        self.links: dict[str, PacedLink | KernelLink]
+        self.links, self.scales = make_links(spec, self.topology, self.setup.instance, settings.shaping)
         self.dilation = spec.emulation.time_dilation  # link_plan already slowed the links D-fold
         self.api_path = ApiServerPath(self.setup.cost.profile.api, self.dilation)
         self.held_timers: dict[str, asyncio.TimerHandle] = {}
