@@ -146,6 +146,7 @@ def config_hash(cluster: InferenceCluster, with_replicas: bool) -> str:
 def config_map(cluster: InferenceCluster, namespace: str) -> dict:
     topo, _ = build_instances(cluster.spec)
     doc = cluster.model_dump(by_alias=True, exclude_none=True, exclude={"status"})
+
     def entry(i) -> dict:
         url = f"http://{cluster.name}-{i.name}.{cluster.name}-{i.pool}.{namespace}.svc.cluster.local:{PORT}"
         return {"name": i.name, "role": i.role, "url": url}
