@@ -732,8 +732,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "alive": _alive(p.pid),
                     "restarts": p.restarts,
                 }
-                for p in st.processes
-                if p.role not in ("router", "supervisor")
+                for p in st.workers()
             ],
         }
         for st in running_runs()

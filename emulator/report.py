@@ -322,9 +322,8 @@ def print_endpoints(state) -> None:
     for col in ("role", "instance", "URL"):
         t.add_column(col)
     t.add_row("router", "router", state.router)
-    for p in state.processes:
-        if p.role != "router":
-            t.add_row(p.role, p.name, p.url)
+    for p in state.workers():
+        t.add_row(p.role, p.name, p.url)
     console.print(t)
 
 

@@ -22,7 +22,6 @@ from emulator.cluster.local import LocalCluster
 from emulator.faults.accounting import fault_accounting
 from emulator.locust_driver import LocustLoad, run_locust
 from emulator.results import RequestRecord, goodput, summarize
-from emulator.roles import get_role, roles
 from emulator.spec import InferenceCluster
 from emulator.workload.clients import ClientBehaviour
 from emulator.workload.plan import RequestPlan
@@ -190,8 +189,7 @@ def run(
         print(f"faults: {', '.join(f.name for f in faults)} scheduled", file=sys.stderr)
     t0 = time.perf_counter()
     runner.start(t0)
-    engines = [p for p in state.processes if p.role in roles() and get_role(p.role).engine]
-    sampler = Sampler(engines)  # queues and KV usage: engines only (AFD's FFN instances have neither)
+    sampler = Sampler(state.engines())  # queues and KV usage: engines only (AFD's FFN instances have neither)
     interrupted = False
     instances: dict = {}
     prom_view = None
@@ -229,11 +227,7 @@ def run(
                     on_send=progress.on_send,
                 )
             )
-        instances = {
-            p.name: {"role": p.role, "restarts": p.restarts, **_scrape(p.url)}
-            for p in state.processes
-            if p.role not in ("router", "supervisor")
-        }
+        instances = {p.name: {"role": p.role, "restarts": p.restarts, **_scrape(p.url)} for p in state.workers()}
         prom_view = _prometheus_view(prom) if prom is not None else None
     except KeyboardInterrupt:
         # what finished is still a result: the report says the run was cut short

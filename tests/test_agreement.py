@@ -65,7 +65,7 @@ def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilati
                 state.router, cluster.spec.model.name, plan, get_model(cluster.spec.model.name).vocab, dilation=dilation
             )
         )
-        steps = [_steps(p.url, "0.002") for p in state.processes if p.role not in ("router", "ffn")]
+        steps = [_steps(p.url, "0.002") for p in state.engines()]
     finally:
         lc.stop()
     emu = summarize(records, cluster.spec.slo.ttft_ms, cluster.spec.slo.tpot_ms)

@@ -21,7 +21,7 @@ def newest_run() -> str:
 
 
 def _members(state: RunState, name: str) -> list:
-    workers = [p for p in state.processes if p.role != "router"]
+    workers = state.workers()
     chosen = [p for p in workers if p.name == name or p.name.rsplit("-", 1)[0] == name]
     if not chosen:
         raise InputError(
@@ -62,7 +62,7 @@ def set_links(
         raise InputError("link set: give --bandwidth-factor, --latency-us, --cut or --reset")
     if src is None and dst is None and reset:  # every link of every worker back to its tier
         out = []
-        for w in (p for p in state.processes if p.role not in ("router", "supervisor")):
+        for w in state.engines():  # (AFD's FFN instances have no link admin)
             try:
                 post_admin(w.url, "/admin/link", {"reset": True, "all": True}, state.token)
                 out.append(f"{w.name}: every link reset to its tier")

@@ -63,10 +63,18 @@ class RunState:
     path_overhead_s: float = 0.0  # the emulation's own HTTP round trip, measured at start
     token: str = ""  # the cluster's internal token (serve/internal.py): `infemu link set` needs it
 
+    def workers(self) -> list[ProcessInfo]:
+        """The instances' processes: not the router, not a detached supervisor."""
+        return [p for p in self.processes if p.role not in ("router", "supervisor")]
+
+    def engines(self) -> list[ProcessInfo]:
+        """The workers that run an engine (queues, KV, the admin endpoints); AFD's FFN instances do not."""
+        return [p for p in self.workers() if get_role(p.role).engine]
+
     def to_json(self) -> dict:
         return {
             "router": self.router,
-            "instances": [{"name": p.name, "role": p.role, "url": p.url} for p in self.processes if p.role != "router"],
+            "instances": [{"name": p.name, "role": p.role, "url": p.url} for p in self.workers()],
         }
 
     def save(self) -> None:

@@ -96,9 +96,8 @@ def listing(run_dir: str | None) -> dict:
     state = _state(run_dir)
     data = _record(state)
     live: dict = {}
-    for p in state.processes:
-        if p.role == "supervisor":
-            continue
+    engines = state.engines()  # (AFD's FFN instances have no fault admin)
+    for p in (q for q in state.processes if q.role == "router" or q in engines):
         try:
             live[p.name] = get_admin(p.url, "/admin/fault", state.token)
         except AdminError as exc:

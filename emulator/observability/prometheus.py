@@ -43,7 +43,7 @@ class LocalPrometheus:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "rules.yaml"), "w", encoding="utf-8") as fh:
             yaml.safe_dump(rules_for(cluster.spec.slo), fh, sort_keys=False)
-        workers = [p for p in state.processes if p.role != "router"]
+        workers = state.workers()
         config = {
             "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S:g}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S:g}s"},
             "rule_files": ["rules.yaml"],
