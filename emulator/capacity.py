@@ -13,6 +13,7 @@ from emulator.catalog.gpus import GPU
 from emulator.catalog.models import ModelArch
 from emulator.costmodel.engines import EngineProfile, engine_profile
 from emulator.engine.config import MemoryPlan, expert_side_bytes, memory_plan
+from emulator.roles.attention import afd_owners, ffn_per_group
 from emulator.spec import ClusterSpec, PoolSpec
 
 
@@ -66,8 +67,8 @@ def pool_memory_plan(spec: ClusterSpec, pool: PoolSpec, model: ModelArch, gpu: G
 
 def ffn_group_size(spec: ClusterSpec, ffn: PoolSpec) -> int:
     """FFN instances per AFD group (y of xA-yF): the ffn pool's replicas over its attention pool's."""
-    owners = [p for p in spec.pools if p.afd is not None and p.afd.ffn_pool == ffn.name]
-    return max(1, ffn.replicas // max(1, owners[0].replicas)) if owners else max(1, ffn.replicas)
+    owners = afd_owners(spec, ffn.name)
+    return max(1, ffn_per_group(owners[0], ffn)) if owners else max(1, ffn.replicas)
 
 
 def ffn_memory_problems(spec: ClusterSpec, pool: PoolSpec, at: str, model: ModelArch, gpu: GPU) -> list[str]:

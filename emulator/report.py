@@ -106,6 +106,8 @@ def print_cost_table(cluster, args) -> int:
     from emulator.build import build_instances
     from emulator.costmodel.interface import BatchShape
     from emulator.errors import SpecError
+    from emulator.roles import get_role
+    from emulator.roles.attention import afd_owners
 
     spec = cluster.spec
     pools = {p.name: p for p in spec.pools}
@@ -114,8 +116,8 @@ def print_cost_table(cluster, args) -> int:
         raise SpecError([f"--pool: {name!r} is not a pool of {cluster.name}; pools: {', '.join(pools)}"])
     if args.prefill_tokens == 0 and args.decode_batch == 0:
         raise SpecError(["--prefill-tokens / --decode-batch: give at least one token to price"])
-    if pools[name].role == "ffn":
-        owner = next((p.name for p in spec.pools if p.afd is not None and p.afd.ffn_pool == name), None)
+    if not get_role(pools[name].role).engine:
+        owner = ", ".join(p.name for p in afd_owners(spec, name))
         raise SpecError([f"--pool: {name!r} holds experts only; price it with its attention pool: --pool {owner}"])
     _, setups = build_instances(spec)
     setup = next(s for s in setups if s.pool.name == name)

@@ -5,7 +5,7 @@ Each problem is one line ``<field path>: <value and what is wrong>; <fix>``.
 
 from __future__ import annotations
 
-from emulator.capacity import effective_max_model_len, ffn_memory_problems, pool_memory_plan, profile_of
+from emulator.capacity import effective_max_model_len, pool_memory_plan, profile_of
 from emulator.catalog.gpus import GPUS, get_gpu
 from emulator.catalog.links import TIERS
 from emulator.checkpoint import served_model
@@ -49,11 +49,10 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
         at = f"spec.pools[{i}]"
         if names.count(pool.name) > 1:
             problems.append(f"{at}.name: {pool.name!r} is used by more than one pool; names must be unique")
-        if not get_role(pool.role).engine:
-            pass  # no attention here: an FFN instance's tp splits experts, not heads
-        elif model.heads % pool.tp:
+        engine = get_role(pool.role).engine  # an FFN instance's tp splits experts, not heads
+        if engine and model.heads % pool.tp:
             problems.append(f"{at}.tp: {pool.tp} does not divide the model's {model.heads} attention heads")
-        elif not model.is_mla and model.kv_heads % pool.tp and pool.tp % model.kv_heads:
+        elif engine and not model.is_mla and model.kv_heads % pool.tp and pool.tp % model.kv_heads:
             problems.append(
                 f"{at}.tp: {pool.tp} neither divides nor is a multiple of the model's {model.kv_heads} KV heads"
             )
@@ -78,9 +77,7 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
                 f"{at}: tp*pp*dp = {pool.gpus_per_instance} GPUs exceeds the {domain}-GPU scale-up domain; "
                 "lower tp/pp/dp or set spec.topology.allowCrossDomainTp: true"
             )
-        if pool.role == "ffn":
-            problems.extend(ffn_memory_problems(spec, pool, at, model, gpu))
-        if not get_role(pool.role).engine:
+        if not engine:  # (an FFN pool's memory: its role's checks)
             continue
         plan = pool_memory_plan(spec, pool, model, gpu)
         if plan.weights >= plan.usable:

@@ -175,6 +175,7 @@ def test_afd_decode_stretch_reproduces_single_steps():
         ({"model": {"name": "llama-3.1-8b"}}, "is dense"),
         ({"ffn": {"replicas": 3}, "attention": {"replicas": 2}}, "must share the 3 instances"),
         ({"ffn": {"replicas": 2, "tp": 2, "ep": 2}, "attention": {"ep": 2}}, "spec.pools[0].ep: 2: the experts live"),
+        ({"model": {"name": "deepseek-ai/DeepSeek-V3"}}, "spec.pools[1]: experts need 3"),  # 656 GB over 2 GPUs
     ],
 )
 def test_afd_specs_are_checked_with_field_paths(over, message):

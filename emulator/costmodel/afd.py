@@ -198,12 +198,10 @@ class AfdKernels:
         return rows
 
     # ---- what EngineStepModel asks -------------------------------------------------------------
-    def totals(self, shape: BatchShape, mean_kv: np.ndarray, gemm_tokens: int | None = None):
-        if shape.num_tokens == 0:
-            return np.zeros_like(mean_kv, dtype=np.float64), np.zeros_like(mean_kv, dtype=np.float64)
-        rows = self._sides(shape, mean_kv, gemm_tokens)
+    def _pingpong(self, rows: list[MicroBatch]):
+        """The kernels' time of the step these micro-batches make up (arrays over steps allowed)."""
         links = [r.link for r in rows]
-        total = pingpong_s(
+        return pingpong_s(
             [r.attn for r in rows],
             links,
             [r.ffn for r in rows],
@@ -212,6 +210,11 @@ class AfdKernels:
             dense=[r.dense for r in rows],
             tail=[r.tail for r in rows],
         )
+
+    def totals(self, shape: BatchShape, mean_kv: np.ndarray, gemm_tokens: int | None = None):
+        if shape.num_tokens == 0:
+            return np.zeros_like(mean_kv, dtype=np.float64), np.zeros_like(mean_kv, dtype=np.float64)
+        total = self._pingpong(self._sides(shape, mean_kv, gemm_tokens))
         total = np.broadcast_to(np.asarray(total, dtype=np.float64), np.shape(mean_kv)).copy()
         total = total + self.cfg.step_overhead_s
         return total, total
@@ -222,10 +225,11 @@ class AfdKernels:
         mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
         rows = self._sides(shape, mean_kv, gemm_tokens)
         layers = self.cfg.model.moe_layers
-        step = float(self.totals(shape, mean_kv, gemm_tokens)[0][0]) - self.cfg.step_overhead_s
 
         def scalar(v) -> float:
             return float(np.asarray(v).ravel()[0])
+
+        step = scalar(self._pingpong(rows)) if rows else 0.0
 
         attention = sum(scalar(r.dense) + layers * scalar(r.attn) + scalar(r.tail) for r in rows)
         ffn = sum(layers * r.ffn for r in rows)
@@ -248,10 +252,11 @@ class AfdKernels:
             return {}
         mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
         out: dict[str, float] = {}
-        for row in self._sides(shape, mean_kv, gemm_tokens):
+        rows = self._sides(shape, mean_kv, gemm_tokens)
+        for row in rows:
             for k, v in row.ops.items():
                 out[k] = out.get(k, 0.0) + float(np.asarray(v).ravel()[0])
-        step = float(self.totals(shape, mean_kv, gemm_tokens)[0][0]) - self.cfg.step_overhead_s
+        step = float(np.asarray(self._pingpong(rows)).ravel()[0])
         out["afd_wait_ffn_and_exchange"] = max(0.0, step - sum(out.values()))
         if self.cfg.step_overhead_s:
             out["step_overhead"] = self.cfg.step_overhead_s

@@ -70,6 +70,7 @@ def fault_problems(spec: ClusterSpec, topo: Topology) -> list[str]:
     """Names in ``spec.faults`` that match nothing, each as one line naming the field."""
     problems: list[str] = []
     tiers = {topo.scale_up.name, topo.scale_out.name}
+    members = {i.name for i in topo.instances if not get_role(i.role).engine}  # AFD's FFN instances
     for k, f in enumerate(spec.faults):
         at = f"spec.faults[{k}]"
         if f.target is not None:
@@ -94,7 +95,6 @@ def fault_problems(spec: ClusterSpec, topo: Topology) -> list[str]:
                 f"{at}.kind: a burst multiplies an open-loop rate; use a poisson, gamma or constant arrival (an mmpp "
                 "arrival has bursts of its own)"
             )
-        members = {i.name for i in topo.instances if not get_role(i.role).engine}  # AFD's FFN instances
         named = [n for n in (f.target.instance, f.target.pool, f.target.peer) if n] if f.target is not None else []
         named += [n for group in (f.between or []) for n in group if n != ROUTER]
         touched = sorted({m for n in named for m in _members(topo, n)} & members)

@@ -31,6 +31,15 @@ class RoleInfo:
     problems: Callable[[ClusterSpec], list[str]] | None = None  # cross-pool requirements
 
 
+def needs_pool(role: str, problem: str) -> Callable[[ClusterSpec], list[str]]:
+    """A role's requirement that the spec has a pool of ``role`` with replicas (P/D's two halves)."""
+
+    def check(spec: ClusterSpec) -> list[str]:
+        return [] if any(p.role == role and p.replicas > 0 for p in spec.pools) else [problem]
+
+    return check
+
+
 def _registry() -> dict[str, RoleInfo]:
     from emulator.roles import aggregated, attention, decode, ffn, kvstore, prefill, rag
 

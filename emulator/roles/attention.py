@@ -23,6 +23,11 @@ def afd_pairs(spec) -> list[tuple[int, object, object | None]]:
     return out
 
 
+def afd_owners(spec, ffn_name: str) -> list:
+    """The pools (attention, or decode with afd) whose experts live on the ffn pool ``ffn_name``."""
+    return [p for p in spec.pools if p.afd is not None and p.afd.ffn_pool == ffn_name]
+
+
 def ffn_per_group(attention, ffn) -> int:
     """y of the xA-yF ratio: FFN instances per attention replica."""
     return ffn.replicas // max(attention.replicas, 1)

@@ -6,15 +6,15 @@ they have no scheduler and no API of their own: the attention pool that names th
 from __future__ import annotations
 
 from emulator.roles import RoleInfo
-from emulator.roles.attention import AFD_ROLES
+from emulator.roles.attention import AFD_ROLES, afd_owners
 
 
 def _problems(spec) -> list[str]:
+    from emulator.capacity import ffn_memory_problems
+    from emulator.catalog.gpus import get_gpu
+    from emulator.checkpoint import served_model
+
     problems = []
-    used = {}
-    for p in spec.pools:
-        if p.afd is not None:
-            used.setdefault(p.afd.ffn_pool, []).append(p.name)
     for i, pool in enumerate(spec.pools):
         at = f"spec.pools[{i}]"
         if pool.afd is not None and pool.role not in AFD_ROLES:
@@ -24,13 +24,14 @@ def _problems(spec) -> list[str]:
             )
         if pool.role != "ffn":
             continue
-        owners = used.get(pool.name, [])
+        owners = [p.name for p in afd_owners(spec, pool.name)]
         if not owners:
             problems.append(
                 f"{at}: ffn pool {pool.name!r} serves no attention pool; name it in an attention pool's afd.ffnPool"
             )
         elif len(owners) > 1:
             problems.append(f"{at}: ffn pool {pool.name!r} is named by several attention pools ({', '.join(owners)})")
+        problems.extend(ffn_memory_problems(spec, pool, at, served_model(spec.model), get_gpu(spec.gpu)))
     return problems
 
 

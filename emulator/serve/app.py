@@ -45,7 +45,7 @@ from emulator.serve.protocol import (
 )
 from emulator.serve.tokens import chat_prompt, detokenize, output_token, prompt_seed, synthetic_eos, tokenize
 from emulator.spec import InferenceCluster
-from emulator.topology import Topology, place
+from emulator.topology import Instance, Topology, place
 from emulator.version import package_version
 
 log = logging.getLogger("infemu.worker")
@@ -72,6 +72,15 @@ class WorkerSettings:
         return f"http://{self.host}:{self.port}"
 
 
+def named_instance(settings: WorkerSettings, instances: list[Instance]) -> Instance | None:
+    """The instance ``settings.instance`` names: an instance name (<pool>-<n>), or on Kubernetes a pod
+    name (<cluster>-<pool>-<n>)."""
+    pod_form = settings.instance.removeprefix(f"{settings.cluster.name}-")
+    return next((i for i in instances if i.name == settings.instance), None) or next(
+        (i for i in instances if i.name == pod_form), None
+    )
+
+
 class Worker:
     """Everything one instance owns; routes are thin methods over it."""
 
@@ -81,14 +90,10 @@ class Worker:
         spec = settings.cluster.spec
         self.topology: Topology
         self.topology, setups = build_instances(spec)
-        # an instance name (<pool>-<n>), or on Kubernetes a pod name (<cluster>-<pool>-<n>)
-        pod_form = settings.instance.removeprefix(f"{settings.cluster.name}-")
-        matches = [s for s in setups if s.instance.name == settings.instance] or [
-            s for s in setups if s.instance.name == pod_form
-        ]
-        if not matches:
+        inst = named_instance(settings, [s.instance for s in setups])
+        if inst is None:
             raise ValueError(f"instance {settings.instance!r} is not in cluster {settings.cluster.name!r}")
-        self.setup: InstanceSetup = matches[0]
+        self.setup: InstanceSetup = next(s for s in setups if s.instance is inst)
         self.name = self.setup.instance.name  # what peers and the topology know this instance by
         self.model = served_model(spec.model)
         self.model_name = spec.model.name
@@ -652,8 +657,7 @@ async def json_errors(request: web.Request, handler):
 
 def create_app(settings: WorkerSettings) -> web.Application:
     topo = place(settings.cluster.spec)
-    pod_form = settings.instance.removeprefix(f"{settings.cluster.name}-")
-    member = next((i for i in topo.instances if i.name in (settings.instance, pod_form)), None)
+    member = named_instance(settings, list(topo.instances))
     if member is not None and not get_role(member.role).engine:  # AFD's FFN side: the expert service
         return create_ffn_app(settings.cluster, member, topo, settings.shaping)
     app = web.Application(middlewares=[_hang, json_errors], client_max_size=64 * 1024 * 1024)
