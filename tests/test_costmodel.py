@@ -122,6 +122,13 @@ def test_skewed_routing_wakes_fewer_experts_and_loads_the_busiest_rank_more():
     assert busiest > 1.5 * even
     with pytest.raises(ValueError, match="unknown expert routing"):
         routing_probabilities(8, "zipf")
+    # the spec offers exactly the routings the cost model knows
+    from typing import get_args
+
+    from emulator.costmodel.linear import ROUTINGS
+    from emulator.spec import PoolSpec
+
+    assert set(get_args(PoolSpec.model_fields["expert_routing"].annotation)) == set(ROUTINGS)
 
 
 def test_moe_kernel_time_follows_the_routing_in_tables_and_roofline():
