@@ -7,7 +7,8 @@ the quickstart's TTFT is ~43 ms, so it runs with time dilation D=8 (modelled dur
 times /8), which the design provides for small hosts. Measured TTFT-mean error: D=4 4.5-5.6% (too
 close to the 5% bound to be a reliable test on a fresh CI machine), D=6 2.8%, D=8 2.0%.
 The P/D example (TTFT ~150 ms, four processes and the client on two cores) runs at D=4; the AFD
-example (TTFT ~30 ms, its engine's steps waiting on real exchanges with the FFN process) at D=6.
+example (TTFT ~30 ms, its engine's steps waiting on real exchanges with the FFN process) at D=6, where
+two runs on this 2-core host measured TTFT mean +1.5%, p90 +1.3%, TPOT within 0.1%.
 """
 
 from __future__ import annotations
