@@ -19,7 +19,9 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector
 from emulator.errors import openai_error_code
 from emulator.results import LOST, RequestRecord
 from emulator.rng import PartitionedRNG
+from emulator.spec import PipelineSpec
 from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
+from emulator.workload.content import segment_token_ids
 from emulator.workload.plan import PlannedRequest, RequestPlan
 
 
@@ -28,15 +30,23 @@ def prompt_ids(p: PlannedRequest, vocab: int) -> list[int]:
     rng = np.random.default_rng(p.index + 1)
     if not p.segments:
         return rng.integers(0, vocab, p.input_len).tolist()
-    ids: list[int] = []
-    for seg_id, n in p.segments:
-        seg_rng = np.random.default_rng(abs(seg_id) + (1 << 40 if seg_id < 0 else 0))
-        ids.extend(seg_rng.integers(0, vocab, n).tolist())
-    return ids[: p.input_len]
+    return segment_token_ids(p.segments, vocab, p.input_len)
 
 
-def request_body(model: str, p: PlannedRequest, vocab: int) -> bytes:
-    """Encoded ahead of the run, so sending costs nothing at the planned time."""
+def request_body(model: str, p: PlannedRequest, vocab: int, pipeline: PipelineSpec | None = None) -> bytes:
+    """Encoded ahead of the run, so sending costs nothing at the planned time. A pipeline request goes
+    to the router's ``/v1/pipelines`` (``path_of``), which builds each stage's prompt itself."""
+    if pipeline is not None:
+        body = {
+            "model": model,
+            "pipeline": pipeline.model_dump(by_alias=True),
+            "question_tokens": p.input_len,
+            "max_tokens": p.output_len,
+            "index": p.index,
+        }
+        if p.segments:
+            body["segments"] = [list(s) for s in p.segments]
+        return json.dumps(body).encode()
     return json.dumps(
         {
             "model": model,
@@ -49,6 +59,10 @@ def request_body(model: str, p: PlannedRequest, vocab: int) -> bytes:
     ).encode()
 
 
+def path_of(pipeline: PipelineSpec | None) -> str:
+    return "/v1/pipelines" if pipeline is not None else "/v1/completions"
+
+
 async def send_one(
     session: ClientSession,
     url: str,
@@ -56,6 +70,7 @@ async def send_one(
     body: bytes,
     t_origin: float,
     deadline_s: float | None = None,
+    path: str = "/v1/completions",
 ) -> RequestRecord:
     """One request, measured from its stream. ``deadline_s`` (wall): a request with no answer by then
     is abandoned and recorded as ``lost`` — the router's own deadline should always answer first."""
@@ -64,7 +79,7 @@ async def send_one(
     rec.arrival_s = start - t_origin
     times: list[float] = []
     try:
-        await asyncio.wait_for(_exchange(session, url, body, t_origin, rec, times), deadline_s)
+        await asyncio.wait_for(_exchange(session, url + path, body, t_origin, rec, times), deadline_s)
     except asyncio.TimeoutError:
         rec.error = f"lost: no answer within the client's deadline ({deadline_s:.0f} s)"
         rec.error_code = LOST
@@ -87,7 +102,7 @@ async def send_one(
 async def _exchange(
     session: ClientSession, url: str, body: bytes, t_origin: float, rec: RequestRecord, times: list[float]
 ) -> None:
-    async with session.post(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}) as resp:
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
         if resp.status != 200:
             text = await resp.text()
             rec.error = f"HTTP {resp.status}: {text[:300]}"
@@ -114,6 +129,9 @@ async def _exchange(
                         rec.error_code = openai_error_code(ev[6:], "stream_error")
                     elif obj.get("usage"):
                         rec.output_tokens = obj["usage"]["completion_tokens"]
+                    elif "infemu_pipeline" in obj:  # the router's account of a pipeline's stages
+                        pipe = obj["infemu_pipeline"]
+                        rec.pipeline, rec.stages, rec.breakdown_ms = pipe["type"], pipe["stages"], pipe["breakdown_ms"]
         if not done and rec.error is None:  # a stream must end with [DONE]: anything else is an error
             rec.error = "the stream ended without [DONE]"
             rec.error_code = "truncated"
@@ -139,11 +157,12 @@ async def run_closed_loop(
     seed: int = 0,
     deadline_s: float | None = None,
     on_send=None,
+    pipeline: PipelineSpec | None = None,
 ) -> list[RequestRecord]:
     """``plan.concurrency`` clients as the simulator models them (``emulator.workload.clients``):
     a warm-up phase drained before the measured one, and a random client-side overhead before each
     next send. Warm-up requests are not returned."""
-    bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
+    bodies = {p.index: request_body(model, p, vocab, pipeline) for p in plan.requests}
     behaviour = behaviour or ClientBehaviour(warmup=plan.warmup)
     clients = ClosedLoopClients(
         plan.concurrency or 1,
@@ -179,7 +198,7 @@ async def run_closed_loop(
                 p = plan.requests[index]
                 if on_send is not None:
                     on_send()
-                rec = await send_one(session, url, p, bodies[index], t_origin, deadline_s)
+                rec = await send_one(session, url, p, bodies[index], t_origin, deadline_s, path_of(pipeline))
                 if not plan.is_warmup(index):
                     records.append(rec)
                     if on_done is not None:
@@ -213,13 +232,14 @@ async def run_plan(
     max_in_flight: int | None = None,
     deadline_s: float | None = None,
     on_send=None,
+    pipeline: PipelineSpec | None = None,
 ) -> tuple[list[RequestRecord], np.ndarray]:
     """Send every planned request at its arrival time; returns records and start lags (s).
 
     With time dilation D the plan is played D times slower and every time in the
     records is divided by D, so they read in the emulated cluster's time."""
     connector = TCPConnector(limit=max_connections)
-    bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
+    bodies = {p.index: request_body(model, p, vocab, pipeline) for p in plan.requests}
     async with ClientSession(timeout=ClientTimeout(total=None), connector=connector) as session:
         t_origin = time.perf_counter() + 0.05
         lags: list[float] = []
@@ -251,7 +271,7 @@ async def run_plan(
             if on_send is not None:
                 on_send()
             try:
-                rec = await send_one(session, url, p, bodies[p.index], t_origin, deadline_s)
+                rec = await send_one(session, url, p, bodies[p.index], t_origin, deadline_s, path_of(pipeline))
             finally:
                 in_flight[0] -= 1
             if on_done is not None:

@@ -122,7 +122,7 @@ def write_html(
         end = max(r.finish_s for r in ok)
         bins = np.arange(0, end + 1.0, 1.0)
         fin = np.array([r.finish_s for r in ok])
-        met = np.array([r.meets(slo.ttft_ms, slo.tpot_ms) for r in ok])
+        met = np.array([r.meets(slo.ttft_ms, slo.tpot_ms, slo.e2e_ms) for r in ok])
         toks = np.array([r.output_tokens for r in ok])
         idx = np.digitize(fin, bins)
         att = [met[idx == i].mean() if (idx == i).any() else np.nan for i in range(1, len(bins))]

@@ -118,7 +118,7 @@ def run_loadtest(
     load = LocustLoad(workload, arrival.users, duration_s, shape, processes=workers)
     origin = time.perf_counter() - container_age_s()  # the container's start on the monotonic clock
     records, first_request = run_locust(load, target.rstrip("/"), model, out_dir, seed, with_origin=True)
-    summary = summarize(records, slo.ttft_ms, slo.tpot_ms)
+    summary = summarize(records, slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)
     if faults:
         from emulator.faults.accounting import fault_accounting
 
@@ -132,7 +132,10 @@ def run_loadtest(
         summary["faults"] = fault_accounting(records, timeline, slo.ttft_ms, slo.tpot_ms, end)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "summary.json"), summary)
-    write_json(os.path.join(out_dir, "goodput.json"), goodput(records, slo.ttft_ms, slo.tpot_ms, summary["duration_s"]))
+    write_json(
+        os.path.join(out_dir, "goodput.json"),
+        goodput(records, slo.ttft_ms, slo.tpot_ms, summary["duration_s"], slo.e2e_ms),
+    )
     with open(os.path.join(out_dir, "requests.jsonl"), "w", encoding="utf-8") as fh:
         for r in records:
             fh.write(json.dumps(r.to_json()) + "\n")

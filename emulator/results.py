@@ -52,6 +52,15 @@ class RequestRecord:
     # deadline_exceeded, no_backend, ...), http_<status>, connection, or lost (no answer at all
     # within the client's deadline: must never happen)
     error_code: str | None = None
+    # a remote KV store (role kvstore): prompt tokens whose KV was fetched instead of computed, and how long
+    kv_fetched_tokens: int = 0
+    kv_fetch_s: float | None = None
+    # a multi-stage pipeline (workload.pipeline): its type, each stage's timing and the end-to-end latency
+    # split by where it went (retrieval, kv_fetch, queue, prefill, reasoning, decode, network, think, api);
+    # TTFT and TPOT are the final answer's, measured from the pipeline's start
+    pipeline: str | None = None
+    stages: list | None = None
+    breakdown_ms: dict | None = None
 
     @property
     def ttft_ms(self) -> float | None:
@@ -71,8 +80,10 @@ class RequestRecord:
     def queue_ms(self) -> float | None:
         return None if self.first_scheduled_s is None else (self.first_scheduled_s - self.arrival_s) * 1e3
 
-    def meets(self, ttft_ms: float, tpot_ms: float) -> bool:
+    def meets(self, ttft_ms: float, tpot_ms: float, e2e_ms: float | None = None) -> bool:
         if not self.ok or self.ttft_ms is None or self.ttft_ms > ttft_ms:
+            return False
+        if e2e_ms is not None and (self.e2e_ms is None or self.e2e_ms > e2e_ms):
             return False
         tpot = self.tpot_ms
         return tpot is None or tpot <= tpot_ms
@@ -92,7 +103,9 @@ def _stats(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": float(arr.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
 
 
-def summarize(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms: float) -> dict:
+def summarize(
+    records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms: float, e2e_slo_ms: float | None = None
+) -> dict:
     done = [r for r in records if r.ok]
     if records:
         start = min(r.arrival_s for r in records)
@@ -101,8 +114,8 @@ def summarize(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms:
     else:
         duration = 0.0
     out_tokens = sum(r.output_tokens for r in done)
-    met = sum(1 for r in records if r.meets(ttft_slo_ms, tpot_slo_ms))
-    return {
+    met = sum(1 for r in records if r.meets(ttft_slo_ms, tpot_slo_ms, e2e_slo_ms))
+    out = {
         "requests": len(records),
         "completed": len(done),
         "failed": len(records) - len(done),
@@ -116,6 +129,18 @@ def summarize(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms:
         "lost": sum(1 for r in records if r.error_code == LOST),
         "faults": [],  # a driver that played faults fills it (emulator.faults.accounting)
     }
+    fetched = [r for r in done if r.kv_fetched_tokens]
+    if fetched:
+        out["kv_fetched_tokens"] = sum(r.kv_fetched_tokens for r in done)
+        out["kv_fetch_ms"] = _stats([r.kv_fetch_s * 1e3 for r in fetched if r.kv_fetch_s is not None])
+    piped = [r for r in done if r.breakdown_ms]
+    if piped:
+        keys = sorted({k for r in piped for k in r.breakdown_ms})
+        out["pipeline"] = {
+            "type": piped[0].pipeline,
+            "stages_ms": {k: _stats([r.breakdown_ms.get(k, 0.0) for r in piped]) for k in keys},
+        }
+    return out
 
 
 LOST = "lost"
@@ -131,11 +156,17 @@ def failure_reasons(records: Iterable[RequestRecord]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def goodput(records: Sequence[RequestRecord], ttft_slo_ms: float, tpot_slo_ms: float, duration_s: float) -> dict:
+def goodput(
+    records: Sequence[RequestRecord],
+    ttft_slo_ms: float,
+    tpot_slo_ms: float,
+    duration_s: float,
+    e2e_slo_ms: float | None = None,
+) -> dict:
     """Requests/s and output tokens/s that met every SLO over the run's duration (the summary's
     ``duration_s``): DistServe's goodput at this one rate; ``infemu sweep`` finds the highest rate
     that keeps attainment on target."""
-    met = [r for r in records if r.meets(ttft_slo_ms, tpot_slo_ms)]
+    met = [r for r in records if r.meets(ttft_slo_ms, tpot_slo_ms, e2e_slo_ms)]
     return {
         "requests_per_s": len(met) / duration_s if duration_s else 0.0,
         "output_tokens_per_s": sum(r.output_tokens for r in met) / duration_s if duration_s else 0.0,

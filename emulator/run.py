@@ -59,7 +59,7 @@ class Progress:
     def __call__(self, rec: RequestRecord) -> None:
         self.records.append(rec)
         self.done += 1
-        self.met += rec.meets(self.slo.ttft_ms, self.slo.tpot_ms)
+        self.met += rec.meets(self.slo.ttft_ms, self.slo.tpot_ms, self.slo.e2e_ms)
         now = time.perf_counter()
         if now - self._last >= 1.0 or self.done == self.total:
             self._last = now
@@ -89,8 +89,18 @@ def _scrape(url: str) -> dict:
             ("kv_transfer_bytes", "infemu_kv_transfer_bytes_total"),
             ("afd_exchanges", "infemu_afd_exchanges_total"),  # an FFN instance
             ("afd_exchange_failures", "infemu_afd_exchange_failures_total"),  # an AFD engine
+            ("kvstore_fetched_tokens", "infemu_kvstore_fetched_tokens_total"),  # an engine with a KV store
+            ("kvstore_written_blocks", "infemu_kvstore_written_blocks_total"),
+            ("kvstore_failures", "infemu_kvstore_failures_total"),
+            ("lookup_blocks", "infemu_kvstore_lookup_blocks_total"),  # the KV store
+            ("hit_blocks", "infemu_kvstore_hit_blocks_total"),
+            ("fetched_blocks", "infemu_kvstore_fetched_blocks_total"),
+            ("evicted_blocks", "infemu_kvstore_evicted_blocks_total"),
+            ("blocks", "infemu_kvstore_blocks"),
+            ("retrieval_queries", "infemu_retrieval_queries_total"),  # a retriever
+            ("retrieval_batches", "infemu_retrieval_batch_size_count"),
         ):
-            if line.startswith(name + "{"):
+            if line.startswith((name + "{", name + " ")):
                 out[key] = float(line.rsplit(" ", 1)[1])
         for key, direction in (("afd_rx_bytes", "afd_rx"), ("afd_tx_bytes", "afd_send")):
             if line.startswith("infemu_link_bytes_total{") and f'direction="{direction}"' in line:
@@ -211,6 +221,7 @@ def run(
                     seed=cluster.spec.workload.seed,
                     deadline_s=deadline_s,
                     on_send=progress.on_send,
+                    pipeline=cluster.spec.workload.pipeline,
                 )
             )
         else:
@@ -225,6 +236,7 @@ def run(
                     max_in_flight=max_in_flight,
                     deadline_s=deadline_s,
                     on_send=progress.on_send,
+                    pipeline=cluster.spec.workload.pipeline,
                 )
             )
         instances = {p.name: {"role": p.role, "restarts": p.restarts, **_scrape(p.url)} for p in state.workers()}
@@ -244,7 +256,7 @@ def run(
         lc.stop()
     wall = time.perf_counter() - t0
     slo = cluster.spec.slo
-    summary = summarize(records, slo.ttft_ms, slo.tpot_ms)
+    summary = summarize(records, slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)
     end_s = max((r.finish_s for r in records if r.finish_s is not None), default=wall / dilation)
     summary["faults"] = fault_accounting(records, timeline, slo.ttft_ms, slo.tpot_ms, end_s)
     if interrupted:
@@ -256,7 +268,7 @@ def run(
         instances,
         simulated_s=wall,
         prometheus=prom_view,
-        goodput=goodput(records, slo.ttft_ms, slo.tpot_ms, summary["duration_s"]),
+        goodput=goodput(records, slo.ttft_ms, slo.tpot_ms, summary["duration_s"], slo.e2e_ms),
     )
     if out_dir:
         from emulator.htmlreport import write_html

@@ -136,6 +136,131 @@ class AfdSpec(_Model):
     )
 
 
+class FixedLength(_Model):
+    type: Literal["fixed"] = "fixed"
+    value: int = Field(ge=1, le=MAX_TOKENS)
+
+
+class UniformLength(_Model):
+    type: Literal["uniform"] = "uniform"
+    min: int = Field(ge=1, le=MAX_TOKENS)
+    max: int = Field(ge=1, le=MAX_TOKENS)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformLength:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class LognormalLength(_Model):
+    type: Literal["lognormal"] = "lognormal"
+    mean: float = Field(gt=0, le=MAX_TOKENS, description="Mean length in tokens.")
+    sigma: float = Field(0.5, ge=0, le=10, description="Standard deviation of log(length).")
+    min: int = Field(1, ge=1, le=MAX_TOKENS)
+    max: int = Field(32768, ge=1, le=MAX_TOKENS)
+
+
+class TraceLength(_Model):
+    type: Literal["trace"] = "trace"
+
+
+LengthDist = Annotated[FixedLength | UniformLength | LognormalLength | TraceLength, Field(discriminator="type")]
+
+
+class CorpusSpec(_Model):
+    """The retriever's synthetic corpus: documents with seeded token lengths and a popularity skew."""
+
+    documents: int = Field(1_000_000, ge=1, le=100_000_000_000, description="Documents (vectors) in the index.")
+    dimension: int = Field(1024, ge=8, le=16384, description="Embedding dimension (bge-large-en-v1.5: 1024).")
+    doc_tokens: LengthDist = Field(
+        None, description="Token length of each document (seeded per id); default lognormal, mean 256."
+    )
+    popularity: float = Field(
+        0.8,
+        ge=0,
+        le=4,
+        description="Zipf exponent of how often each document is retrieved (0 = uniform); repeated documents "
+        "are what a prefix or KV-store cache can reuse. An assumption to set per corpus.",
+    )
+    seed: int = Field(0, ge=0, le=2**53 - 1, description="Seeds document lengths and search results.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_doc_tokens(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("docTokens") is None and data.get("doc_tokens") is None:
+            return {**data, "docTokens": {"type": "lognormal", "mean": 256, "sigma": 0.6, "min": 16, "max": 4096}}
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("docTokens"), int)
+            and not isinstance(data["docTokens"], bool)
+        ):
+            return {**data, "docTokens": {"type": "fixed", "value": data["docTokens"]}}
+        return data
+
+
+class IndexSpec(_Model):
+    """The ANN index: its kind and the knobs that set recall (and cost)."""
+
+    type: Literal["hnsw", "ivfpq", "flat"] = "hnsw"
+    ef_search: int = Field(128, ge=1, le=65536, description="HNSW: candidate list size while searching.")
+    m: int = Field(32, ge=2, le=512, description="HNSW: links per node (layer 0 keeps 2M).")
+    nlist: int = Field(16384, ge=1, le=1 << 24, description="IVF: coarse clusters.")
+    nprobe: int = Field(32, ge=1, le=1 << 24, description="IVF: clusters scanned per query.")
+    pq_bytes: int = Field(64, ge=1, le=4096, description="IVF-PQ: bytes per compressed vector (sub-quantizers).")
+
+    @model_validator(mode="after")
+    def _probe_within_lists(self) -> IndexSpec:
+        if self.nprobe > self.nlist:
+            raise ValueError(f"nprobe ({self.nprobe}) must be <= nlist ({self.nlist})")
+        return self
+
+
+class EncoderSpec(_Model):
+    """A transformer encoder the retriever runs (query embedding or cross-encoder rerank)."""
+
+    params: float = Field(
+        gt=0, le=1e12, description="Parameters (bge-large-en-v1.5: 335e6; bge-reranker-large: 560e6)."
+    )
+    max_tokens: int = Field(512, ge=1, le=MAX_TOKENS, description="Input tokens kept per sequence (truncation).")
+
+
+class RagSpec(_Model):
+    """A ``rag`` pool's retriever: embed the query, search the index, optionally rerank, in batches."""
+
+    corpus: CorpusSpec = CorpusSpec()
+    index: IndexSpec = IndexSpec()
+    device: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="Where embedding, search and rerank run: cpu (the node's cores; no GPU taken) or gpu (one GPU "
+        "of spec.gpu per replica).",
+    )
+    cpu_cores: int = Field(32, ge=1, le=1024, description="Cores a CPU retriever uses (queries run one per core).")
+    embedding: EncoderSpec = EncoderSpec(params=335e6)
+    rerank: EncoderSpec | None = Field(None, description="A cross-encoder over the candidates; none by default.")
+    rerank_candidates: int = Field(32, ge=1, le=1024, description="Candidates the index returns for reranking.")
+    max_batch: int = Field(32, ge=1, le=4096, description="Queries one retrieval batch takes at most.")
+    max_waiting: int = Field(1024, ge=1, le=1_000_000, description="Queued queries beyond which a query gets 503.")
+
+
+class KVStoreSpec(_Model):
+    """A ``kvstore`` pool: a remote KV-cache tier (Mooncake Store, LMCache) shared by the engines."""
+
+    capacity_gb: float = Field(64.0, gt=0, le=1e7, description="Bytes of KV each store instance holds (GB).")
+    write_policy: Literal["write-through", "on-evict"] = Field(
+        "write-through",
+        description="When engines write blocks: after every prefill (write-through) or when their own cache "
+        "evicts them (on-evict).",
+    )
+    tier: str | None = Field(
+        None,
+        max_length=40,
+        description="Link tier between the store and the engines: a host-memory tier (pcie4, pcie5: a CPU-memory "
+        "store on the engines' node, as LMCache's local backend); default: the topology's scale-out tier (a store "
+        "node reached over RDMA, as Mooncake Store).",
+    )
+
+
 class PoolSpec(_Model):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     role: Role = "aggregated"
@@ -195,6 +320,8 @@ class PoolSpec(_Model):
         "the ffn pool this pool's MoE layers run on. Each replica is one logical engine of dp attention ranks (tp "
         "GPUs each) sharing ffn.replicas / replicas FFN instances.",
     )
+    rag: RagSpec | None = Field(None, description="role rag: the retriever (corpus, index, device, encoders).")
+    kvstore: KVStoreSpec | None = Field(None, description="role kvstore: capacity, write policy and tier.")
     placement: list[list[int]] | None = Field(
         None,
         max_length=MAX_REPLICAS,
@@ -202,8 +329,21 @@ class PoolSpec(_Model):
         "default: packed in spec order, never straddling a scale-up domain.",
     )
 
+    @model_validator(mode="after")
+    def _role_sections(self) -> PoolSpec:
+        for key, role, default in (("rag", "rag", RagSpec), ("kvstore", "kvstore", KVStoreSpec)):
+            if getattr(self, key) is not None and self.role != role:
+                raise ValueError(f"{key}: only a pool with role {role} takes it (this pool's role is {self.role})")
+            if self.role == role and getattr(self, key) is None:
+                object.__setattr__(self, key, default())
+        return self
+
     @property
     def gpus_per_instance(self) -> int:
+        if self.role == "kvstore" or (self.role == "rag" and (self.rag is None or self.rag.device == "cpu")):
+            return 0  # host memory and cores of a node, no GPU
+        if self.role == "rag":
+            return 1
         return self.tp * self.pp * self.dp
 
 
@@ -352,42 +492,18 @@ class GatewaySpec(_Model):
 class SLOSpec(_Model):
     ttft_ms: float = Field(1000.0, gt=0, le=86_400_000)
     tpot_ms: float = Field(100.0, gt=0, le=86_400_000)
+    e2e_ms: float | None = Field(
+        None,
+        alias="e2eMs",  # not to_camel's "e2EMs"
+        gt=0,
+        le=86_400_000,
+        description="End-to-end latency bound of a request (a pipeline's, from its first stage to its last "
+        "token); none by default.",
+    )
     attainment_target: float = Field(0.9, gt=0, le=1)
 
 
 # ---- workload ----------------------------------------------------------------
-
-
-class FixedLength(_Model):
-    type: Literal["fixed"] = "fixed"
-    value: int = Field(ge=1, le=MAX_TOKENS)
-
-
-class UniformLength(_Model):
-    type: Literal["uniform"] = "uniform"
-    min: int = Field(ge=1, le=MAX_TOKENS)
-    max: int = Field(ge=1, le=MAX_TOKENS)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> UniformLength:
-        if self.max < self.min:
-            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
-        return self
-
-
-class LognormalLength(_Model):
-    type: Literal["lognormal"] = "lognormal"
-    mean: float = Field(gt=0, le=MAX_TOKENS, description="Mean length in tokens.")
-    sigma: float = Field(0.5, ge=0, le=10, description="Standard deviation of log(length).")
-    min: int = Field(1, ge=1, le=MAX_TOKENS)
-    max: int = Field(32768, ge=1, le=MAX_TOKENS)
-
-
-class TraceLength(_Model):
-    type: Literal["trace"] = "trace"
-
-
-LengthDist = Annotated[FixedLength | UniformLength | LognormalLength | TraceLength, Field(discriminator="type")]
 
 
 class PoissonArrival(_Model):
@@ -474,6 +590,29 @@ class ClientSpec(_Model):
     )
 
 
+class PipelineSpec(_Model):
+    """Every request of the workload as a multi-stage pipeline (the router runs the stages).
+
+    rag: retrieve topK documents, then generate from system + documents + question. multihop: hops x
+    (retrieve with the question and the last answer, generate). reasoning: a hidden decode of
+    reasoningTokens before the visible answer (optionally after a retrieval: retrieve: true). agentic:
+    turns of generate, then a tool call of thinkTimeMs returning toolTokens, with the context growing.
+    The question is inputLength tokens, each visible answer outputLength tokens.
+    """
+
+    type: Literal["rag", "multihop", "reasoning", "agentic"]
+    top_k: int = Field(4, ge=1, le=64, description="Documents retrieved per retrieval stage.")
+    hops: int = Field(2, ge=1, le=16, description="multihop: retrieve-then-generate rounds.")
+    retrieve: bool = Field(False, description="reasoning: retrieve documents before reasoning.")
+    reasoning_tokens: int = Field(512, ge=1, le=MAX_TOKENS, description="reasoning: hidden tokens before the answer.")
+    turns: int = Field(3, ge=1, le=64, description="agentic: generate turns (tool calls between them).")
+    think_time_ms: float = Field(500.0, ge=0, le=3_600_000, description="agentic: each tool call's duration.")
+    tool_tokens: int = Field(128, ge=0, le=MAX_TOKENS, description="agentic: tokens a tool result adds.")
+    system_tokens: int = Field(
+        256, ge=0, le=MAX_TOKENS, description="A system prompt every request shares (the reusable prefix)."
+    )
+
+
 class WorkloadSpec(_Model):
     arrival: Arrival = PoissonArrival()
     client: ClientSpec = ClientSpec()
@@ -488,6 +627,9 @@ class WorkloadSpec(_Model):
     duration: float | None = Field(None, gt=0, le=MAX_SECONDS, description="Seconds of arrivals.")
     # bounded by 2^53 - 1: the largest integer a JSON (and the CRD schema's float64) holds exactly
     seed: int = Field(0, ge=0, le=2**53 - 1, description="Seeds every random draw; same spec and seed, same plan.")
+    pipeline: PipelineSpec | None = Field(
+        None, description="Send every request as a multi-stage pipeline (rag, multihop, reasoning, agentic)."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -45,6 +45,8 @@ class Topology:
     scale_out: LinkTier
     instances: tuple[Instance, ...]
     spans_domains: frozenset[str]  # instances whose GPUs straddle scale-up domains
+    # GPU-less instances (a kvstore, a CPU retriever) reached over a tier of their own (kvstore.tier)
+    host_tiers: tuple[tuple[str, LinkTier], ...] = ()
 
     def domain_of(self, gpu_id: int) -> int:
         return gpu_id // self.domain_size
@@ -52,6 +54,9 @@ class Topology:
     def tier_between(self, a: Instance, b: Instance) -> LinkTier:
         if a.name == b.name:
             return self.scale_up
+        if not a.gpus or not b.gpus:  # host memory and cores: through the node's NICs (or its own tier)
+            own = dict(self.host_tiers)
+            return own.get(a.name) or own.get(b.name) or self.scale_out
         if a.name in self.spans_domains or b.name in self.spans_domains:
             return self.scale_out
         return self.scale_up if a.domain == b.domain else self.scale_out
@@ -125,10 +130,17 @@ def place(spec: ClusterSpec) -> Topology:
     free = list(range(total))
     instances: list[Instance] = []
     spans: set[str] = set()
+    host_tiers: list[tuple[str, LinkTier]] = []
     for pi, pool in enumerate(spec.pools):
         need = pool.gpus_per_instance
         for r in range(pool.replicas):
             name = instance_name(pool, r)
+            if need == 0:  # a kvstore or a CPU retriever: a node's memory and cores, spread over the nodes
+                node = r % topo.nodes
+                instances.append(Instance(name, pool.name, pool.role, r, (), node, node * topo.gpus_per_node // domain))
+                if pool.kvstore is not None and pool.kvstore.tier:
+                    host_tiers.append((name, get_tier(pool.kvstore.tier)))
+                continue
             if pool.placement is not None:
                 chosen = _explicit(pool, pi, r, need, free, total)
                 if len({g // domain for g in chosen}) > 1:
@@ -180,7 +192,9 @@ def place(spec: ClusterSpec) -> Topology:
                     domain=chosen[0] // domain,
                 )
             )
-    return Topology(gpu, topo.nodes, topo.gpus_per_node, domain, up, out, tuple(instances), frozenset(spans))
+    return Topology(
+        gpu, topo.nodes, topo.gpus_per_node, domain, up, out, tuple(instances), frozenset(spans), tuple(host_tiers)
+    )
 
 
 def _explicit(pool: PoolSpec, pi: int, r: int, need: int, free: list[int], total: int) -> list[int]:

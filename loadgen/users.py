@@ -41,20 +41,50 @@ def _write(record: dict) -> None:
         _sink.flush()
 
 
+class RetrievalFailed(Exception):
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class StreamingUser(HttpUser):
     """Base: ``call(body, name)`` streams one chat completion and records it; returns the answer."""
 
     abstract = True
     wait_time = constant(0)  # closed loop: the next call starts when the last ends (plus think time)
+    retrieval: str | None = None  # where the last call's passages came from (rag: the cluster's retriever)
+
+    def retrieve(self, query: str, k: int) -> list[dict] | None:
+        """The cluster's retriever through the router; None when the cluster has none (503 no_backend).
+        Locust records it as its own request type (POST /v1/retrieve)."""
+        with self.client.post(
+            "/v1/retrieve",
+            json={"query": query, "top_k": k, "include_text": True},
+            catch_response=True,
+            name="retrieve",
+            timeout=(10, DEADLINE_S),
+        ) as resp:
+            if resp.status_code == 503 and openai_error_code(resp.text, "") == "no_backend":
+                resp.success()  # not a failure: this cluster has no retriever
+                return None
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                raise RetrievalFailed(
+                    f"retrieval failed: HTTP {resp.status_code}: {resp.text[:200]}",
+                    openai_error_code(resp.text, f"http_{resp.status_code}"),
+                )
+            resp.success()
+            return resp.json()["data"]
 
     def on_start(self) -> None:
         self.model = os.environ.get("INFEMU_MODEL", "")
         seed = int(os.environ.get("INFEMU_SEED", "0"))
         self.rng = random.Random(seed * 1_000_003 + next(_ids))
 
-    def call(self, body: dict, name: str) -> str:
+    def call(self, body: dict, name: str, start: float | None = None) -> str:
+        """``start``: when the request began for its user (before a retrieval, say): TTFT counts from it."""
         body = {**body, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
-        start = time.perf_counter()
+        start = time.perf_counter() if start is None else start
         times: list[float] = []
         parts: list[str] = []
         error, usage, code = None, None, None
@@ -140,6 +170,7 @@ class StreamingUser(HttpUser):
                 "tpot_ms": tpot,
                 "e2e_ms": (end - start) * 1e3,
                 "itl_max_ms": max(gaps) if gaps else None,
+                **({"retrieval": self.retrieval} if self.retrieval else {}),
             }
         )
 
@@ -179,24 +210,56 @@ class AgenticUser(StreamingUser):
 
 
 class MultiHopUser(StreamingUser):
-    """A chain: each call's prompt contains the previous answer."""
+    """A chain of hops: retrieve with the question and the last answer (from the cluster's retriever,
+    when it has one), then answer with those passages; each hop's prompt carries the previous answer."""
+
+    hops = int(os.environ.get("INFEMU_MULTIHOP_HOPS", "3"))
+    top_k = int(os.environ.get("INFEMU_RAG_TOP_K", "4"))
 
     @task
     def chain(self) -> None:
-        s = workloads.multihop(self.rng)
+        s = workloads.multihop(self.rng, self.hops)
         turn = s.first()
+        answer = ""
         while turn is not None:
-            turn = s.next_turn(self.call(turn.body, "multihop"))
+            start = time.perf_counter()
+            try:
+                docs = self.retrieve(f"{s.question} {answer}"[-4000:], self.top_k)
+            except RetrievalFailed as exc:
+                self.retrieval = "rag"
+                self._record("multihop", start, [], None, str(exc), exc.code)
+                return
+            self.retrieval = "local" if docs is None else "rag"
+            body = turn.body if docs is None else workloads.with_passages(turn.body, [d["text"] for d in docs])
+            answer = self.call(body, "multihop", start)
+            turn = s.next_turn(answer)
 
 
 class RAGUser(StreamingUser):
-    """Prompts assembled from a synthetic corpus whose popular passages repeat (shared KV blocks)."""
+    """Retrieve passages from the cluster's retriever (``POST /v1/retrieve``, a ``rag`` pool), then ask
+    with them in the prompt; popular passages recur, so their KV blocks are shared. A cluster without
+    a retriever answers 503 ``no_backend``: the passages then come from a synthetic corpus in this
+    process, and every record says so (``retrieval: local``)."""
 
     corpus = workloads.Corpus()
+    top_k = int(os.environ.get("INFEMU_RAG_TOP_K", "4"))
 
     @task
     def ask(self) -> None:
-        self.call(workloads.rag(self.rng, self.corpus), "rag")
+        start = time.perf_counter()
+        question = workloads.text(self.rng, 15)
+        try:
+            docs = self.retrieve(question, self.top_k)
+        except RetrievalFailed as exc:  # the request ends here, as a failed one
+            self.retrieval = "rag"
+            self._record("rag", start, [], None, str(exc), exc.code)
+            return
+        if docs is None:
+            self.retrieval = "local"
+            self.call(workloads.rag(self.rng, self.corpus, self.top_k, question), "rag", start)
+        else:
+            self.retrieval = "rag"
+            self.call(workloads.rag_prompt(self.rng, [d["text"] for d in docs], question), "rag", start)
 
 
 CLASSES = {

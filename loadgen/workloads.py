@@ -40,6 +40,7 @@ class Session:
     rng: random.Random
     messages: list[dict] = field(default_factory=list)
     max_tokens: int = 64
+    question: str = ""  # what the chain set out to answer (a multi-hop retrieval's query)
 
     def first(self) -> Turn:
         return Turn(self._body())
@@ -98,7 +99,10 @@ def agentic(rng: random.Random, turns: int = 5) -> Session:
 
 
 def multihop(rng: random.Random, hops: int = 3) -> Session:
-    return Session("multihop", hops, rng, [{"role": "user", "content": f"Question: {text(rng, 30)}"}], max_tokens=64)
+    question = text(rng, 30)
+    s = Session("multihop", hops, rng, [{"role": "user", "content": f"Question: {question}"}], max_tokens=64)
+    s.question = question
+    return s
 
 
 class Corpus:
@@ -123,16 +127,29 @@ class Corpus:
         ]
 
 
-def rag(rng: random.Random, corpus: Corpus, passages: int = 4) -> dict:
-    context = "\n".join(sorted(corpus.draw(rng, passages)))  # retrieval order: by document id
+def rag(rng: random.Random, corpus: Corpus, passages: int = 4, question: str | None = None) -> dict:
+    """A RAG prompt from this process's synthetic corpus (a cluster without a retriever)."""
+    return rag_prompt(rng, sorted(corpus.draw(rng, passages)), question)  # retrieval order: by document id
+
+
+def rag_prompt(rng: random.Random, passages: list[str], question: str | None = None) -> dict:
+    """System prompt, then the passages in retrieval order, then the question: the same passages after
+    the same system prompt share their KV blocks."""
+    context = "\n".join(passages)
     return {
         "messages": [
             {"role": "system", "content": "Answer from the passages."},
-            {"role": "user", "content": f"{context}\nQuestion: {text(rng, 15)}"},
+            {"role": "user", "content": f"{context}\nQuestion: {question or text(rng, 15)}"},
         ],
         "max_tokens": rng.randint(64, 200),
         "ignore_eos": True,
     }
+
+
+def with_passages(body: dict, passages: list[str]) -> dict:
+    """A call's body with retrieved passages placed before its messages (a hop of a multi-hop chain)."""
+    context = {"role": "system", "content": "Passages:\n" + "\n".join(passages)}
+    return {**body, "messages": [context, *body["messages"]]}
 
 
 WORKLOADS = ("chat", "coding", "summarization", "agentic", "multihop", "rag")

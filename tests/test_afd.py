@@ -234,11 +234,17 @@ def test_every_spec_role_has_one_registry_entry():
         get_role("router")
 
 
-def test_roles_not_available_yet_are_refused_by_name():
+def test_roles_not_available_yet_are_refused_by_name(monkeypatch):
+    import dataclasses
+
+    from emulator.roles import roles
+
+    registry = roles()
+    monkeypatch.setitem(registry, "rag", dataclasses.replace(registry["rag"], unavailable="is not available here"))
     doc = afd_spec()
     doc["spec"]["pools"].append({"name": "retriever", "role": "rag", "replicas": 1})
     problems = role_problems(validate_document(InferenceCluster, doc, "").spec)
-    assert any(p.startswith("spec.pools[2].role: 'rag' is not available") for p in problems), problems
+    assert any(p.startswith("spec.pools[2].role: 'rag' is not available here") for p in problems), problems
 
 
 async def test_an_afd_worker_serves_and_reports_each_sides_busy_time_and_exchange_bytes():
@@ -308,6 +314,6 @@ def test_faults_on_the_expert_side_are_refused_not_ignored():
     doc["spec"]["faults"] = [{"name": "k", "kind": "kill", "atSeconds": 1, "target": {"instance": "experts-0"}}]
     with pytest.raises(SpecError) as err:
         parse_cluster(doc)
-    assert "spec.faults[0]: experts-0 hold an AFD engine's experts" in str(err.value)
+    assert "spec.faults[0]: experts-0 run no engine (role ffn)" in str(err.value)
     doc["spec"]["faults"] = [{"name": "k", "kind": "kill", "atSeconds": 1, "target": {"instance": "attn-0"}}]
     assert parse_cluster(doc).spec.faults[0].target.instance == "attn-0"

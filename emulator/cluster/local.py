@@ -276,6 +276,8 @@ class LocalCluster:
     def _spawn(self, kind: str, name: str, role: str, extra: list[str], netns: str | None = None) -> ProcessInfo:
         log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
         port_file = os.path.join(self.run_dir, "ports", name)
+        if os.path.exists(port_file):  # a reused run folder: an earlier run's port must not be read as this one's
+            os.remove(port_file)
         cmd = [
             *(["ip", "netns", "exec", netns] if netns else []),
             sys.executable,
@@ -340,7 +342,7 @@ class LocalCluster:
         try:
             if self.state.shaping == "tc":
                 self._build_network(cluster, topo, setups)
-            # members of another pool's engine first (AFD's FFN instances): the engines are given their URLs
+            # services first (AFD's FFN instances, retrievers, the KV store): engines and router get their URLs
             members = [i for i in topo.instances if not get_role(i.role).engine]
             peers = [self._spawn_worker(i.name, i.role) for i in members]
             self._wait_ready(peers)
@@ -356,7 +358,9 @@ class LocalCluster:
             backends_file = os.path.join(self.run_dir, "backends.json")
             with open(backends_file, "w", encoding="utf-8") as fh:
                 json.dump(backends, fh)
-            router = self._spawn("router", "router", "router", ["--backends", backends_file])
+            router = self._spawn(
+                "router", "router", "router", ["--backends", backends_file, *(["--peers", peers_file] if peers else [])]
+            )
             self._wait_ready([router])
             self.state.router = router.url
             self.state.path_overhead_s = calibrate_path(router.url, cluster.spec.model.name, self.token)

@@ -113,6 +113,11 @@ def build_app(args: argparse.Namespace) -> web.Application:
 
     with open(args.backends, encoding="utf-8") as fh:
         backends = tuple((b["name"], b["role"], b["url"]) for b in json.load(fh))
+    peers: list[dict] = []
+    if args.peers:  # the retrievers (rag instances) among the services
+        with open(args.peers, encoding="utf-8") as fh:
+            peers = json.load(fh)
+    dilation = cluster.spec.emulation.time_dilation
     _, setups = build_instances(cluster.spec)
     front = [s for s in setups if is_front(s.instance.role)]
     settings = RouterSettings(
@@ -127,6 +132,8 @@ def build_app(args: argparse.Namespace) -> web.Application:
         slo_tpot_s=cluster.spec.slo.tpot_ms / 1e3 * cluster.spec.emulation.time_dilation,
         resilience=cluster.spec.router,
         dilation=cluster.spec.emulation.time_dilation,
+        retrievers=tuple((p["name"], p["url"]) for p in peers if p.get("role") == "rag"),
+        slo_e2e_s=None if cluster.spec.slo.e2e_ms is None else cluster.spec.slo.e2e_ms / 1e3 * dilation,
     )
     return create_router_app(settings)
 
@@ -173,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--instance", default="")
     ap.add_argument("--backends", help="router: JSON list of {name, role, url}")
-    ap.add_argument("--peers", help="worker: JSON list of {name, url} of other workers (an AFD engine's FFN instances)")
+    ap.add_argument(
+        "--peers",
+        help="JSON list of {name, role, url} of the service instances (ffn, rag, kvstore): a worker's FFN partners and"
+        " KV store, the router's retrievers",
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--port-file")

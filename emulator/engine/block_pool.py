@@ -22,6 +22,9 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
         self.evictions = 0
+        # hashes of cached blocks evicted since the driver last drained them (a KV store's on-evict
+        # writes); None: not recorded
+        self.evicted: list[int] | None = None
 
     @property
     def num_free(self) -> int:
@@ -43,6 +46,8 @@ class BlockPool:
             if h is not None:
                 if self.cached.get(h) == b:
                     del self.cached[h]
+                    if self.evicted is not None:
+                        self.evicted.append(h)
                 self.block_hash[b] = None
                 self.evictions += 1
             self.ref_cnt[b] = 1
@@ -66,6 +71,19 @@ class BlockPool:
             return  # an identical block is already cached; this copy stays unnamed
         self.block_hash[block] = h
         self.cached[h] = block
+
+    def install(self, hashes: list[int]) -> int:
+        """Blocks computed elsewhere (fetched from a KV store) become cached, unreferenced blocks, as if a
+        finished request had left them: the next prefix lookup finds them. Takes free blocks from the LRU
+        end; stops when none are left. The prefix's first block is freed last (evicted last)."""
+        if not self.enable_caching:
+            return 0
+        todo = [h for h in hashes if h not in self.cached][: len(self.free_queue)]
+        blocks = self.allocate(len(todo))
+        for b, h in zip(blocks, todo, strict=False):
+            self.cache_block(b, h)
+        self.free(blocks[::-1])
+        return len(todo)
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference per block; blocks reaching zero join the free queue's MRU end.

@@ -40,6 +40,16 @@ class KVCacheManager:
         self.prefix_hits += len(blocks) * self.block_size
         return blocks, len(blocks) * self.block_size
 
+    def cached_prefix_blocks(self, block_hashes: tuple[int, ...], num_prompt_tokens: int) -> int:
+        """How many leading prompt blocks are cached here now (a look, not a hit: no stats, no refs)."""
+        if not self.enable_caching:
+            return 0
+        limit = min(len(block_hashes), (num_prompt_tokens - 1) // self.block_size)
+        n = 0
+        while n < limit and self.pool.lookup(block_hashes[n]) is not None:
+            n += 1
+        return n
+
     def blocks_needed(self, req: Request, num_new_tokens: int, new_computed: list[int] = ()) -> int:
         """Free blocks this allocation would consume (revived cached blocks count too)."""
         have = len(self.req_blocks.get(req.request_id, ())) + len(new_computed)

@@ -70,7 +70,7 @@ def fault_problems(spec: ClusterSpec, topo: Topology) -> list[str]:
     """Names in ``spec.faults`` that match nothing, each as one line naming the field."""
     problems: list[str] = []
     tiers = {topo.scale_up.name, topo.scale_out.name}
-    members = {i.name for i in topo.instances if not get_role(i.role).engine}  # AFD's FFN instances
+    members = {i.name for i in topo.instances if not get_role(i.role).engine}  # ffn, rag, kvstore
     for k, f in enumerate(spec.faults):
         at = f"spec.faults[{k}]"
         if f.target is not None:
@@ -99,9 +99,10 @@ def fault_problems(spec: ClusterSpec, topo: Topology) -> list[str]:
         named += [n for group in (f.between or []) for n in group if n != ROUTER]
         touched = sorted({m for n in named for m in _members(topo, n)} & members)
         if touched:
+            kinds = ", ".join(sorted({topo.by_name(m).role for m in touched}))
             problems.append(
-                f"{at}: {', '.join(touched)} hold an AFD engine's experts; faults on the expert side (and its links)"
-                " are not modelled yet: target the attention engine that uses them instead"
+                f"{at}: {', '.join(touched)} run no engine (role {kinds}); faults on them and their links are not"
+                " modelled yet: target the engines (for ffn: the attention engine that uses them) instead"
             )
         names = [x.name for x in spec.faults[:k] if x.name]
         if f.name and f.name in names:

@@ -34,8 +34,10 @@ def link_plan(
     }
     dilation = spec.emulation.time_dilation
     out = {}
-    for tier in (topo.scale_up, topo.scale_out):
-        logical = tier.bandwidth * inst.num_gpus
+    tiers = {t.name: t for t in (topo.scale_up, topo.scale_out, *(t for _, t in topo.host_tiers))}
+    for tier in tiers.values():
+        # a GPU-less instance (a kvstore, a CPU retriever) sends through its node's NICs: one per GPU slot
+        logical = tier.bandwidth * (inst.num_gpus or topo.gpus_per_node)
         scale = overrides.get(tier.name) or byte_scale(logical / dilation, target_rate)
         out[tier.name] = TierLink(tier, logical, scale, logical / scale / dilation, tier.latency_s * dilation)
     return out

@@ -29,6 +29,9 @@ class RoleInfo:
     gateway_label: str | None = None  # llm-d's role label on its pods (llm-d.ai/role)
     unavailable: str | None = None  # why a spec cannot use it yet (None: available)
     problems: Callable[[ClusterSpec], list[str]] | None = None  # cross-pool requirements
+    # a role without an engine runs its own service: "module:function" building its aiohttp app from
+    # (cluster, instance, topology, shaping); imported only by the process that serves it
+    service: str | None = None
 
 
 def needs_pool(role: str, problem: str) -> Callable[[ClusterSpec], list[str]]:
@@ -82,6 +85,17 @@ def holds_kv_for_peer(role: str) -> bool:
 
 def pulls_kv(role: str) -> bool:
     return get_role(role).kv_consumer
+
+
+def service_factory(role: str) -> Callable:
+    """The app factory of a role that runs a service of its own instead of an engine."""
+    import importlib
+
+    target = get_role(role).service
+    if target is None:
+        raise ValueError(f"role {role!r} runs an engine, not a service of its own")
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def role_problems(spec: ClusterSpec) -> list[str]:

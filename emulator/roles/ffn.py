@@ -42,4 +42,5 @@ ROLE = RoleInfo(
     front=False,
     member=True,
     problems=_problems,
+    service="emulator.serve.afd_exchange:create_ffn_app",
 )

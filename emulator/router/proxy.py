@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from emulator.engine.hashing import hashes_from_tokens
 from emulator.roles import front_roles, names
 from emulator.router.backends import Backend, BackendPool
+from emulator.router.pipeline import PipelineRunner
 from emulator.router.policies import KVAware, NoEndpointError, RoutingRequest, make_policy
 from emulator.router.resilience import Resilience, RetryBudget, overloaded
 from emulator.serve.app import (
@@ -84,6 +85,8 @@ class RouterSettings:
     # health checks, circuit breaking, retries, timeouts, admission (the spec's router section)
     resilience: RouterSpec = field(default_factory=RouterSpec)
     dilation: float = 1.0  # the spec's durations are emulated: wall = D x emulated
+    retrievers: tuple[tuple[str, str], ...] = ()  # (name, url) of the rag instances
+    slo_e2e_s: float | None = None  # slo.e2eMs in wall seconds (a pipeline's end-to-end bound)
 
 
 class Router:
@@ -145,6 +148,7 @@ class Router:
         )
         self.pool.on_eject = lambda b, reason: self.ejections.labels(b.name, reason).inc()
         self.session: ClientSession | None = None
+        self.pipelines = PipelineRunner(self, list(settings.retrievers), self.registry)
 
     async def start(self) -> None:
         # no pool limit: aiohttp's default of 100 connections would silently cap the requests in flight
@@ -278,7 +282,9 @@ class Router:
 
     async def _dispatch(self, request, body, rr, state, raw) -> web.StreamResponse:
         try:
-            if self.pd:
+            # a P/D client sees its first token when the prefill leg returns: the launcher's path probe measures
+            # that round trip (one prefill instance answering at once), not the prefill's modelled work
+            if self.pd and not state.probe:
                 return await self._pd(request.path, body, rr, state)
             return await self._single(request.path, body, rr, state, raw)
         except ClientGone:
@@ -819,6 +825,8 @@ def create_router_app(settings: RouterSettings) -> web.Application:
     app.router.add_post("/v1/completions", router.generate)
     app.router.add_post("/v1/chat/completions", router.generate)
     app.router.add_get("/v1/models", router.models)
+    app.router.add_post("/v1/retrieve", router.pipelines.retrieve)
+    app.router.add_post("/v1/pipelines", router.pipelines.run)
     add_probe_routes(app, settings.model_name, settings.max_model_len, settings.vocab_size)
     app.router.add_get("/health", router.health)
     app.router.add_get("/ready", router.ready)

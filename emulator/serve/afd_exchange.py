@@ -29,6 +29,7 @@ from emulator.net.inproc import PacedLink
 from emulator.net.plan import link_plan
 from emulator.net.tc import KernelLink
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
+from emulator.serve.paced import paced_post
 from emulator.topology import Instance, Topology
 
 log = logging.getLogger("infemu.afd")
@@ -159,26 +160,12 @@ class AfdExchanger:
             "X-Infemu-Logical-Bytes": str(logical),
             "Content-Type": "application/octet-stream",
         }
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-        async def body():
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-
-        async def pace() -> None:
-            await link.send(wire, queue.put)
-            await queue.put(None)
-
         assert self.session is not None
-        sender = asyncio.ensure_future(pace())
-        try:
-            async with self.session.post(f"{url}{EXCHANGE_PATH}", data=body(), headers=headers) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"{url} answered {resp.status}: {(await resp.text())[:200]}")
-                async for _ in resp.content.iter_chunked(1 << 16):
-                    pass
-        finally:
-            sender.cancel()
+        async with paced_post(self.session, f"{url}{EXCHANGE_PATH}", link, wire, headers) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"{url} answered {resp.status}: {(await resp.text())[:200]}")
+            async for _ in resp.content.iter_chunked(1 << 16):
+                pass
 
     async def run(self, logical_each_way: float, metrics=None) -> None:
         """One step's exchange: each partner gets its share; failures are counted and logged, and the

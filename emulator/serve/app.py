@@ -28,11 +28,12 @@ from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
 from emulator.net.inproc import PacedLink
 from emulator.net.tc import KernelLink
-from emulator.roles import get_role, holds_kv_for_peer
-from emulator.serve.afd_exchange import AfdExchanger, create_ffn_app, make_links
+from emulator.roles import get_role, holds_kv_for_peer, is_front, service_factory
+from emulator.serve.afd_exchange import AfdExchanger, make_links
 from emulator.serve.api_path import ApiServerPath
 from emulator.serve.engine_loop import RealTimeEngine, StreamEvent
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
+from emulator.serve.kvstore_client import KVStoreClient
 from emulator.serve.metrics import EngineMetrics
 from emulator.serve.protocol import (
     APIError,
@@ -134,6 +135,17 @@ class Worker:
             self.exchanger = AfdExchanger(
                 [(p, urls[p.name]) for p in partners], self.topology, self.setup.instance, self.links, self.scales
             )
+        self.kvstore: KVStoreClient | None = None
+        stores = [(self.topology.by_name(n), u) for n, u in settings.peers if _role_of(self.topology, n) == "kvstore"]
+        if stores and is_front(self.role) and eng.enable_prefix_caching:
+            policy = next(p.kvstore.write_policy for p in spec.pools if p.role == "kvstore")
+            self.kvstore = KVStoreClient(
+                stores, self.topology, self.setup.instance, self.links, self.scales, self.token, self.setup.cost,
+                eng.block_size, policy, self.metrics, self.dilation,
+            )  # fmt: skip
+            if policy == "on-evict":
+                self.scheduler.kv.pool.evicted = []
+        self._drainer: asyncio.Task | None = None
         self.ready = False
         self.url = settings.url  # updated once the server knows its bound port
         # an injected hang: set = serving; cleared = every request (and the engine) waits, connections open
@@ -155,6 +167,10 @@ class Worker:
         )
         if self.exchanger is not None:
             await self.exchanger.start()
+        if self.kvstore is not None:
+            await self.kvstore.start()
+            if self.kvstore.write_policy == "on-evict":
+                self._drainer = asyncio.ensure_future(self._drain_evictions())
         router = self.settings.cluster.spec.router
         self.engine.kv_timeout_s = router.timeouts.kv_transfer_ms * 1e-3 * self.dilation
         self.engine.recompute_on_kv_failure = router.pd_fallback == "recompute"
@@ -167,8 +183,42 @@ class Worker:
             await self.engine.close()
         if self.exchanger is not None:
             await self.exchanger.close()
+        if self._drainer is not None:
+            self._drainer.cancel()
+        if self.kvstore is not None:
+            await self.kvstore.close()
         if self.session is not None:
             await self.session.close()
+
+    # ---- the KV store ---------------------------------------------------------------
+    async def _from_store(self, req: Request, start_at: float) -> float:
+        """Look the prompt up while the modelled API server takes it in; fetch its next blocks when that
+        beats computing them. Returns when the engine may see the request."""
+        assert self.kvstore is not None and self.engine is not None
+        loop = asyncio.get_running_loop()
+        try:
+            local, found, block_bytes = await self.kvstore.lookup(self.scheduler, req)
+            if not found:
+                return start_at
+            await asyncio.sleep(max(start_at - loop.time(), 0.0))
+            fetched = await asyncio.wait_for(
+                self.kvstore.fetch(self.scheduler, req, local, found, block_bytes), self.engine.kv_timeout_s
+            )
+            return loop.time() if fetched else start_at
+        except (OSError, RuntimeError, ValueError, KeyError, asyncio.TimeoutError) as exc:
+            self.metrics.store_failures.inc()
+            log.warning("%s: KV store unavailable, computing the prompt (%s)", self.name, exc)
+            return max(start_at, loop.time())
+
+    async def _drain_evictions(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            assert self.kvstore is not None
+            self.kvstore.drain_evictions(self.scheduler.kv.pool)
+
+    def _prefilled(self, req: Request) -> None:
+        if self.kvstore is not None and req.block_hashes:
+            self.kvstore.prefill_done(req)
 
     # ---- KV transfer -------------------------------------------------------------
     def _tier_to(self, other_instance: str):
@@ -328,13 +378,19 @@ class Worker:
             req = Request(rid, n_prompt, n_out, now, hashes)
         # the modelled API server takes the request in first (the simulator models it at the front door only)
         start_at = None if consumer else self.api_path.admit(received, n_prompt)
+        if self.kvstore is not None and hashes and start_at is not None:
+            start_at = await self._from_store(req, start_at)
         handle = self.engine.add(req, kv_source=kv if consumer else None, start_at=start_at)
         position = 1 if consumer else 0
+        prefilled = consumer
 
         if not g.stream or producer:
             text_parts, reason, error = [], None, None
             while True:
                 ev: StreamEvent = await handle.queue.get()
+                if not prefilled and ev.kind != "error":
+                    prefilled = True
+                    self._prefilled(req)
                 if ev.kind == "tokens":
                     for _ in range(ev.count):
                         text_parts.append(output_token(seed, position, self.model.vocab)[1])
@@ -372,6 +428,9 @@ class Worker:
                 await _sse(resp, stream_chunk(g, public, "", None, first=True))
             while True:
                 ev = await handle.queue.get()
+                if not prefilled and ev.kind != "error":
+                    prefilled = True
+                    self._prefilled(req)
                 if ev.kind == "tokens":
                     for _ in range(ev.count):
                         text = output_token(seed, position, self.model.vocab)[1]
@@ -655,11 +714,15 @@ async def json_errors(request: web.Request, handler):
         raise
 
 
+def _role_of(topo: Topology, name: str) -> str | None:
+    return next((i.role for i in topo.instances if i.name == name), None)
+
+
 def create_app(settings: WorkerSettings) -> web.Application:
     topo = place(settings.cluster.spec)
     member = named_instance(settings, list(topo.instances))
-    if member is not None and not get_role(member.role).engine:  # AFD's FFN side: the expert service
-        return create_ffn_app(settings.cluster, member, topo, settings.shaping)
+    if member is not None and not get_role(member.role).engine:  # a service of its own (ffn, rag, kvstore)
+        return service_factory(member.role)(settings.cluster, member, topo, settings.shaping)
     app = web.Application(middlewares=[_hang, json_errors], client_max_size=64 * 1024 * 1024)
     worker = Worker(settings)
     app[WORKER] = worker

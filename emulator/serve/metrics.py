@@ -275,6 +275,19 @@ class EngineMetrics:
             [*labels, "outcome"],
             registry=r,
         )
+        # ---- infemu: the remote KV store (role kvstore): prefixes fetched instead of computed, blocks written
+        self.store_fetched_tokens = counter(
+            "infemu_kvstore_fetched_tokens", "Prompt tokens whose KV this engine fetched from the KV store."
+        )
+        self.store_fetch_seconds = hist(
+            "infemu_kvstore_fetch_seconds", "Duration of each KV-store fetch (emulated seconds).", TRANSFER_BUCKETS
+        )
+        self.store_written_blocks = counter(
+            "infemu_kvstore_written_blocks", "KV blocks this engine wrote to the store."
+        )
+        self.store_failures = counter(
+            "infemu_kvstore_failures", "KV-store lookups, fetches or writes that failed (the prompt is recomputed)."
+        )
         # ---- infemu: attention-FFN disaggregation (an AFD engine's modelled step, per side)
         self.afd_busy = Counter(
             "infemu_afd_busy_seconds",

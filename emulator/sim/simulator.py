@@ -35,6 +35,7 @@ from emulator.router.policies import EndpointSnapshot, KVAware, RoutingRequest, 
 from emulator.router.resilience import RetryBudget
 from emulator.sim.events import EventQueue
 from emulator.sim.network import FlowNetwork
+from emulator.sim.stages import StagesMixin
 from emulator.spec import InferenceCluster
 from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
 from emulator.workload.plan import PlannedRequest, RequestPlan
@@ -104,7 +105,7 @@ class _Transfer:
     prefill_epoch: int = 0
 
 
-class Simulation:
+class Simulation(StagesMixin):
     def __init__(
         self, cluster: InferenceCluster, plan: RequestPlan, *, bulk: bool = True, profile: EngineProfile | None = None
     ) -> None:
@@ -167,6 +168,10 @@ class Simulation:
                 cap = tier.bandwidth * inst.setup.instance.num_gpus
                 self.net.set_capacity(f"{inst.name}:tx:{tier.name}", cap)
                 self.net.set_capacity(f"{inst.name}:rx:{tier.name}", cap)
+        self._init_stages(spec, self.topo, setups)
+        if self.stores and self.stores[0].spec.write_policy == "on-evict":
+            for inst in self.front:
+                inst.scheduler.kv.pool.evicted = []
 
     # ---- driver loop -----------------------------------------------------------
     def run(self) -> SimResult:
@@ -190,6 +195,9 @@ class Simulation:
             "eject": self._on_eject,
             "readmit": self._on_readmit,
             "stall_check": self._on_stall_check,
+            "retrieval_done": self._on_retrieval_done,
+            "think_done": self._on_think_done,
+            "store_flow": self._on_store_flow,
         }
         for f in self.faults:
             if f.at_s is not None:
@@ -221,12 +229,15 @@ class Simulation:
         for f in self.faults:
             if f.after_requests is not None and self.sent == f.after_requests:
                 self.events.push(now, "fault_start", f, observing=True)
+        if self.pipeline is not None:
+            self._start_pipeline(rid, p, now)
+            return
         self._route(index, now)
 
     def _route(self, index: int, now: float) -> None:
         """The router's choice among routable instances, with its admission control."""
-        p = self.plan.requests[index]
         rid = f"req-{index}"
+        p = self._planned[rid]
         rec = self.records[rid]
         tried = self._attempts.setdefault(rid, set())
         front = [i for i in self.front if i.routable and i.name not in tried]
@@ -278,16 +289,22 @@ class Simulation:
             self._retry_or_fail(f"req-{index}", now, f"{inst.name} died")
             return
         inst.api_queued -= 1
-        p = self.plan.requests[index]
         rid = f"req-{index}"
+        p = self._planned[rid]
         rec = self.records[rid]
         role = "producer" if holds_kv_for_peer(inst.role) and p.output_len > 1 else "none"
         req = Request(rid, p.input_len, p.output_len, now, self._hashes(p, inst.block_size), kv_role=role)
+        self._mark(rid, "arrival", now)
+        if self._maybe_fetch(inst, req, rec, now):
+            return  # admitted when the store's blocks land
+        self._admit(inst, req, rec, now)
+
+    def _admit(self, inst: SimInstance, req: Request, rec: RequestRecord, now: float) -> None:
         rejected = inst.scheduler.add_request(req)
         if rejected is not None:
             self._fail(rec, now, req.error or "rejected")
             return
-        inst.live[rid] = req
+        inst.live[req.request_id] = req
         rec.instance = inst.name
         self._try_launch(inst, now)
 
@@ -298,6 +315,9 @@ class Simulation:
         rec.error = error
         rec.error_code = code
         rec.finish_s = now
+        pipe = self._pipes.pop(rec.request_id, None)
+        if pipe is not None:
+            rec.stages = pipe.stages
         self._client_done(rec)
 
     def _retry_or_fail(self, rid: str, now: float, why: str) -> None:
@@ -325,6 +345,8 @@ class Simulation:
         if self.bulk and inst.pp == 1 and self._try_stretch(inst, now):
             return
         out = sched.schedule(now)
+        if self.stores and sched.kv.pool.evicted:
+            self._drain_evictions(inst, now)
         for rid in out.kv_pulls:
             self._start_pull(inst, rid, now)
         if out.is_empty:
@@ -382,6 +404,8 @@ class Simulation:
                 rec = self.records.get(ro.request_id)
                 if req is not None and rec is not None and rec.first_token_s is None and req.first_token_s == now:
                     rec.first_token_s = seen
+                    if self.stores and is_front(inst.role):
+                        self._prefill_written(inst, req, now)
         else:
             results, ends = stretch
             seen = float(self._stream(inst, ends, len(results))[-1])
@@ -413,6 +437,9 @@ class Simulation:
                 times = np.concatenate([[rec.first_token_s], times])
             if len(times) > 1:
                 rec.itl_max_ms = float(np.max(np.diff(times))) * 1e3
+            if rec.ok and self._generate_done(ro.request_id, req, rec, times, seen):
+                continue  # the pipeline's next stage runs
+            self._pipes.pop(ro.request_id, None)
             self._client_done(rec)
 
     # ---- P/D ---------------------------------------------------------------------
@@ -503,6 +530,10 @@ class Simulation:
             return
         self.net.remove(rid, now)
         self._reschedule_flows(now)
+        landed = self._flow_done.pop(rid, None)
+        if landed is not None:  # a KV-store fetch or write
+            landed(now)
+            return
         tr = self.transfers.pop(rid)
         if rid not in tr.decode.scheduler.pulling:
             return  # its decode died meanwhile
@@ -693,7 +724,7 @@ class Simulation:
             if rec.ok and rec.finish_s is not None and rec.finish_s - rec.arrival_s > self.request_s:
                 rec.ok, rec.error, rec.error_code = False, "the request's deadline passed", "deadline_exceeded"
         slo = self.cluster.spec.slo
-        summary = summarize(ordered, slo.ttft_ms, slo.tpot_ms)
+        summary = summarize(ordered, slo.ttft_ms, slo.tpot_ms, slo.e2e_ms)
         summary["faults"] = fault_accounting(ordered, self.timeline, slo.ttft_ms, slo.tpot_ms, end)
         instances = {}
         for inst in self.instances:
@@ -708,6 +739,9 @@ class Simulation:
                 "busy_fraction": inst.busy_s / end if end > 0 else 0.0,
                 "num_gpu_blocks": s.num_gpu_blocks,
             }
+        instances.update(self.stage_stats(end))
+        if self.stores:
+            summary["kvstore"] = _store_summary([instances[st.name] for st in self.stores])
         return SimResult(self.cluster.name, ordered, summary, instances, self.events.processed, end)
 
 
@@ -715,3 +749,14 @@ def simulate(
     cluster: InferenceCluster, plan: RequestPlan, *, bulk: bool = True, profile: EngineProfile | None = None
 ) -> SimResult:
     return Simulation(cluster, plan, bulk=bulk, profile=profile).run()
+
+
+def _store_summary(stores: list[dict]) -> dict:
+    """The KV tier as a whole: hit rate over the blocks engines asked for, bytes both ways."""
+    asked = sum(s["lookup_blocks"] for s in stores)
+    return {
+        "hit_rate": sum(s["hit_blocks"] for s in stores) / asked if asked else 0.0,
+        "bytes_fetched": sum(s["bytes_fetched"] for s in stores),
+        "bytes_written": sum(s["bytes_written"] for s in stores),
+        "evicted_blocks": sum(s["evicted_blocks"] for s in stores),
+    }

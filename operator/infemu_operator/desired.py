@@ -152,7 +152,7 @@ def config_map(cluster: InferenceCluster, namespace: str) -> dict:
         return {"name": i.name, "role": i.role, "url": url}
 
     backends = [entry(i) for i in topo.instances if get_role(i.role).engine]  # what the router sends to
-    peers = [entry(i) for i in topo.instances if not get_role(i.role).engine]  # AFD's FFN instances
+    peers = [entry(i) for i in topo.instances if not get_role(i.role).engine]  # services: ffn, rag, kvstore
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -191,6 +191,14 @@ def _pod_template(lbl: dict, containers: list[dict], volume: dict, config_digest
     }
 
 
+def _uses_services(cluster: InferenceCluster, pool) -> bool:
+    """An AFD engine (its FFN pods) or a front engine of a cluster with a KV store."""
+    if pool.afd is not None:
+        return True
+    has_store = any(p.role == "kvstore" and p.replicas > 0 for p in cluster.spec.pools)
+    return has_store and get_role(pool.role).front
+
+
 def pool_objects(
     cluster: InferenceCluster, namespace: str, pool, settings: OperatorSettings, uid: str | None = None
 ) -> list[dict]:
@@ -208,8 +216,9 @@ def pool_objects(
             settings.shaping,
             "--advertise-url",
             f"http://$(POD_IP):{PORT}",
-            # an AFD engine sends its MoE layers' activations to its FFN instances' pods
-            *(["--peers", f"{CONFIG_DIR}/peers.json"] if pool.afd is not None else []),
+            # an AFD engine sends its MoE layers' activations to its FFN instances' pods; engines that take a
+            # request's first leg use the KV store
+            *(["--peers", f"{CONFIG_DIR}/peers.json"] if _uses_services(cluster, pool) else []),
         ],
         settings,
         mount,
@@ -268,9 +277,16 @@ def router_objects(
     name = f"{cluster.name}-router"
     lbl = labels(cluster.name, "router")
     volume, mount = _config_volume(cluster)
+    has_rag = any(p.role == "rag" and p.replicas > 0 for p in cluster.spec.pools)
     container = _serving_container(
         "router",
-        ["router", *_spec_args(cluster), "--backends", f"{CONFIG_DIR}/backends.json"],
+        [
+            "router",
+            *_spec_args(cluster),
+            "--backends",
+            f"{CONFIG_DIR}/backends.json",
+            *(["--peers", f"{CONFIG_DIR}/peers.json"] if has_rag else []),  # its retrievers
+        ],
         settings,
         mount,
     )

@@ -1,0 +1,1 @@
+"""The remote KV-cache tier (the ``kvstore`` role): the store itself and the fetch-or-recompute choice."""
