@@ -18,6 +18,9 @@ import numpy as np
 
 from emulator.results import RequestRecord
 
+# a pipeline's stages in the order a request meets them (sim/stages.py and router/pipeline.py name them)
+STAGE_ORDER = ("retrieval", "think", "api", "kv_fetch", "queue", "prefill", "reasoning", "network", "decode")
+
 
 def _shade_faults(ax, faults: list[dict]) -> None:
     """Each fault's window as a labelled band (a kill: until its process served again)."""
@@ -180,6 +183,22 @@ def write_html(
         ax.legend(fontsize=8)
         fig.tight_layout()
         figs.append(("Latency breakdown", _png(fig)))
+        plt.close(fig)
+
+    piped = [r for r in ok if r.breakdown_ms]
+    if piped:  # pipelines: where each request's end-to-end time went, stage by stage (means add up)
+        stages = [k for k in STAGE_ORDER if any(r.breakdown_ms.get(k) for r in piped)]
+        means = [float(np.mean([r.breakdown_ms.get(k, 0.0) for r in piped])) for k in stages]
+        fig, ax = plt.subplots(figsize=(10, 1.8 + 0.1 * len(stages)))
+        left = 0.0
+        for k, v in zip(stages, means, strict=True):
+            ax.barh([piped[0].pipeline or "pipeline"], [v], left=left, label=f"{k} {v:.1f} ms")
+            left += v
+        ax.set(xlabel="mean ms per request (stages in order; the bar is the mean end-to-end latency)")
+        ax.set_title(f"{piped[0].pipeline} pipelines: where the end-to-end time goes")
+        ax.legend(fontsize=8, ncol=min(len(stages), 4), loc="upper center", bbox_to_anchor=(0.5, -0.45))
+        fig.tight_layout()
+        figs.append(("Pipeline stages", _png(fig)))
         plt.close(fig)
 
     rows = "".join(

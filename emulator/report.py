@@ -36,9 +36,22 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
     console.print(
         f"  output {s['output_tokens_per_s']:.1f} tok/s over {s['duration_s']:.1f} s (first arrival to last"
         " completion);"
-        f" SLO attainment {100 * s['slo_attainment']:.1f}% (TTFT<={slo.ttft_ms:g} ms, TPOT<={slo.tpot_ms:g} ms),"
+        f" SLO attainment {100 * s['slo_attainment']:.1f}% (TTFT<={slo.ttft_ms:g} ms, TPOT<={slo.tpot_ms:g} ms"
+        f"{'' if slo.e2e_ms is None else f', E2E<={slo.e2e_ms:g} ms'}),"
         f" {verdict} the {100 * target:.0f}% target"
     )
+    if s.get("pipeline"):
+        parts = s["pipeline"]["stages_ms"]
+        where = ", ".join(f"{k} {v['mean']:.1f}" for k, v in parts.items() if v["mean"] and v["mean"] >= 0.05)
+        console.print(f"  {s['pipeline']['type']} pipelines, where the end-to-end time goes (mean ms): {where}")
+    if s.get("kvstore"):
+        kv = s["kvstore"]
+        console.print(
+            f"  KV store: {100 * kv['hit_rate']:.1f}% of the blocks asked for were held;"
+            f" {kv['bytes_fetched'] / 1e9:.2f} GB fetched, {kv['bytes_written'] / 1e9:.2f} GB written,"
+            f" {kv['evicted_blocks']} blocks evicted; {s.get('kv_fetched_tokens', 0)} prompt tokens fetched"
+            " instead of computed"
+        )
     if s.get("failed"):
         reasons = ", ".join(f"{k} {v}" for k, v in s.get("failed_by_reason", {}).items())
         console.print(f"  failed by reason: {reasons}; lost (no answer at all): {s.get('lost', 0)}")
@@ -52,6 +65,19 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
                 console.print(
                     f"  {name} ({st.get('role')}): {int(st['afd_exchanges'])} activation exchanges,"
                     f" {st.get('afd_rx_bytes', 0) / 1e9:.2f} GB in (logical)"
+                )
+                continue
+            if st.get("role") == "rag":
+                q, b = st.get("retrieval_queries", 0), st.get("retrieval_batches", 0)
+                console.print(f"  {name} (rag): {int(q)} queries in {int(b)} batches (mean {q / b if b else 0:.1f})")
+                continue
+            if st.get("role") == "kvstore":
+                asked = st.get("lookup_blocks", 0)
+                console.print(
+                    f"  {name} (kvstore): {int(st.get('blocks', 0))} blocks held;"
+                    f" {100 * st.get('hit_blocks', 0) / asked if asked else 0:.1f}% of {int(asked)} blocks asked for"
+                    f" were held, {int(st.get('fetched_blocks', 0))} fetched,"
+                    f" {int(st.get('evicted_blocks', 0))} evicted"
                 )
                 continue
             q = st.get("prefix_cache_queries", 0)

@@ -225,3 +225,25 @@ def test_an_afd_engine_gets_its_ffn_pods_as_peers_and_the_router_does_not():
     assert "--peers" not in args["qwen3-30b-afd-experts"]
     # FFN pods carry no gateway role label: an inference gateway never picks them
     assert "llm-d.ai/role" not in sets["qwen3-30b-afd-experts"]["spec"]["template"]["metadata"]["labels"]
+
+
+def test_rag_and_kvstore_pools_become_statefulsets_that_the_prefill_engines_and_the_router_reach():
+    (cluster,) = load_clusters(example("rag.yaml"))
+    children = desired_children(cluster, "lab")
+    peers = {p["name"]: p for p in json.loads(children[0]["data"]["peers.json"])}
+    assert set(peers) == {"retriever-0", "store-0"}
+    assert peers["store-0"]["url"] == "http://rag-store-0.rag-store.lab.svc.cluster.local:8000"
+    assert {b["name"] for b in json.loads(children[0]["data"]["backends.json"])} == {
+        "prefill-0",
+        "prefill-1",
+        "decode-0",
+    }
+    sets = {c["metadata"]["name"]: c for c in children if c["kind"] == "StatefulSet"}
+    assert {"rag-retriever", "rag-store", "rag-prefill", "rag-decode"} <= set(sets)
+    args = {n: s["spec"]["template"]["spec"]["containers"][0]["args"] for n, s in sets.items()}
+    assert "--peers" in args["rag-prefill"]  # the prefill engines use the KV store
+    assert "--peers" not in args["rag-decode"] and "--peers" not in args["rag-store"]
+    router = next(c for c in children if c["kind"] == "Deployment" and c["metadata"]["name"] == "rag-router")
+    assert f"{CONFIG_DIR}/peers.json" in router["spec"]["template"]["spec"]["containers"][0]["args"]  # retrievers
+    for name in ("rag-retriever", "rag-store"):  # services, not inference endpoints
+        assert "llm-d.ai/role" not in sets[name]["spec"]["template"]["metadata"]["labels"]

@@ -177,3 +177,25 @@ async def test_the_store_service_moves_exactly_the_scaled_bytes_and_serves_only_
         assert len(body) == math.ceil(3 * block_bytes / scales[topo.scale_out.name])  # the store's byte scale S
         metrics = await (await client.get("/metrics")).text()
         assert 'infemu_kvstore_fetched_blocks_total{instance="store-0",model_name="llama-3.1-8b"} 3.0' in metrics
+
+
+@pytest.mark.slow
+def test_real_processes_fetch_a_repeated_prefix_from_the_store_with_exactly_its_bytes(tmp_path):
+    import json
+
+    import yaml
+    from conftest import run_infemu
+
+    doc = shared_store_spec(requests=3)
+    (tmp_path / "store.yaml").write_text(yaml.safe_dump(doc))
+    r = run_infemu("run", "store.yaml", "--out", "rep", "--json", "--shaping", "inproc", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["failed"] == 0
+    inst = json.loads((tmp_path / "rep" / "instances.json").read_text())
+    blocks = (4096 - 1) // 16
+    # round robin: two requests on one engine (the second a local prefix hit), one on the other, from the store
+    fetched = sorted(inst[n]["kvstore_fetched_tokens"] for n in ("llm-0", "llm-1"))
+    assert fetched == [0, blocks * 16]
+    assert inst["store-0"]["fetched_blocks"] == blocks
+    assert inst["store-0"]["blocks"] == 4096 // 16  # the first prefill's full blocks, written once
+    assert inst["llm-0"]["kvstore_written_blocks"] + inst["llm-1"]["kvstore_written_blocks"] == 4096 // 16

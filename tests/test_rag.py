@@ -284,3 +284,47 @@ def test_role_sections_belong_to_their_role():
     doc["spec"]["pools"][2]["rag"] = {}
     with pytest.raises(SpecError, match=r"spec.pools\[2\].*rag: only a pool with role rag takes it"):
         parse_cluster(copy.deepcopy(doc))
+
+
+@pytest.mark.slow
+def test_a_rag_run_through_real_processes_reports_every_stage(tmp_path):
+    import json
+
+    from conftest import run_infemu
+
+    r = run_infemu(
+        "run", example("rag.yaml"), "--requests", "12", "--rate", "6", "--out", "rep", "--json", "--shaping", "inproc",
+        cwd=str(tmp_path),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["completed"] == 12 and set(summary["pipeline"]["stages_ms"]) >= {"retrieval", "prefill", "decode"}
+    records = [json.loads(line) for line in (tmp_path / "rep" / "requests.jsonl").read_text().splitlines()]
+    for rec in records:  # the router's stages tile each request: they add up to what the client measured
+        assert rec["pipeline"] == "rag" and [s["stage"] for s in rec["stages"]] == ["retrieval", "generate"]
+        assert sum(rec["breakdown_ms"].values()) == pytest.approx(rec["e2e_ms"], rel=0.05, abs=2.0)
+    inst = json.loads((tmp_path / "rep" / "instances.json").read_text())
+    assert inst["retriever-0"]["retrieval_queries"] == 12
+    assert inst["store-0"]["lookup_blocks"] > 0
+    assert "Pipeline stages" in (tmp_path / "rep" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_locust_rag_users_retrieve_from_the_clusters_retriever(tmp_path):
+    import csv
+    import json
+
+    from conftest import run_infemu
+
+    r = run_infemu(
+        "run", example("rag.yaml"), "--workload", "rag", "--concurrency", "2", "--duration", "6", "--out", "rep",
+        "--json", "--shaping", "inproc",
+        cwd=str(tmp_path),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["failed"] == 0
+    with open(tmp_path / "rep" / "locust_stats.csv", newline="") as fh:
+        rows = {row["Name"]: row for row in csv.DictReader(fh)}
+    assert int(rows["retrieve"]["Request Count"]) > 0 and int(rows["retrieve"]["Failure Count"]) == 0
+    inst = json.loads((tmp_path / "rep" / "instances.json").read_text())
+    assert inst["retriever-0"]["retrieval_queries"] == int(rows["retrieve"]["Request Count"])

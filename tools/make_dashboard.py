@@ -9,6 +9,7 @@ import json
 import os
 
 SEL = 'model_name=~"$model_name", namespace=~"$namespace"'
+NS = 'namespace=~"$namespace"'  # the router's and the retrievers' families carry no model label
 PANELS = [
     (
         "SLO attainment (per request, router)",
@@ -111,6 +112,55 @@ PANELS = [
                 f'sum by (tier, direction) (rate(infemu_link_bytes_total{{direction=~"afd_.*", {SEL}}}'
                 "[$__rate_interval]))",
                 "{{tier}} {{direction}}",
+            ),
+        ],
+    ),
+    (
+        "RAG pipelines: end-to-end latency p90 by pipeline type",
+        "s",
+        [
+            (
+                "histogram_quantile(0.9, sum by (le, pipeline) (rate(infemu_pipeline_e2e_seconds_bucket"
+                f"{{{NS}}}[$__rate_interval])))",
+                "{{pipeline}}",
+            )
+        ],
+    ),
+    (
+        "RAG pipelines: mean time per request in each stage",
+        "s",
+        [
+            (
+                f"sum by (stage) (rate(infemu_pipeline_stage_seconds_sum{{{NS}}}[$__rate_interval]))"
+                f' / scalar(sum(rate(infemu_pipeline_requests_total{{outcome="ok", {NS}}}[$__rate_interval])))',
+                "{{stage}}",
+            )
+        ],
+    ),
+    (
+        "Retriever: mean batch (queries per retrieval batch)",
+        "short",
+        [
+            (
+                f"sum(rate(infemu_retrieval_batch_size_sum{{{NS}}}[$__rate_interval]))"
+                f" / sum(rate(infemu_retrieval_batch_size_count{{{NS}}}[$__rate_interval]))",
+                "mean batch",
+            )
+        ],
+    ),
+    (
+        "KV store: share of asked-for blocks held, and traffic (logical bytes/s)",
+        "Bps",
+        [
+            (
+                f'sum by (direction) (rate(infemu_link_bytes_total{{direction=~"kvstore_.*", {SEL}}}'
+                "[$__rate_interval]))",
+                "{{direction}}",
+            ),
+            (
+                f"sum(rate(infemu_kvstore_hit_blocks_total{{{SEL}}}[$__rate_interval]))"
+                f" / sum(rate(infemu_kvstore_lookup_blocks_total{{{SEL}}}[$__rate_interval]))",
+                "hit share (0-1)",
             ),
         ],
     ),

@@ -745,7 +745,10 @@ class _ClientStream:
     async def finish(self) -> web.StreamResponse:
         self.ok = True
         resp = await self._prepare()
-        await resp.write_eof()
+        try:
+            await resp.write_eof()
+        except ConnectionResetError:  # every byte went out; a client that stopped reading (a probe) just left
+            pass
         return resp
 
     async def fail(self, err: APIError) -> web.StreamResponse:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from emulator.rag.corpus import Document, document_segment
 from emulator.spec import PipelineSpec
+from emulator.workload.traces import RAGPULSE_PART_IDS, ragpulse_part
 
 SYSTEM_CONTENT_ID = 8_900_000_000  # the system prompt every pipeline request shares
 _UNIQUE_BASE = 9_000_000_000  # a request's own content: question, answers, tool results
 _PER_REQUEST = 4096  # content ids per request (stages x kinds)
-RAGPULSE_PASSAGE_BASE = 10_000_000  # RAGPulse passages' content ids (workload/traces.py, part index 1)
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,14 @@ def _unique(index: int, k: int) -> int:
     return _UNIQUE_BASE + index * _PER_REQUEST + k
 
 
+def replay_question_tokens(segments: tuple[tuple[int, int], ...]) -> int:
+    """What a traced RAGPulse request asked (its user input, or its unnamed tail): the retrieval's query."""
+    return sum(n for c, n in segments if ragpulse_part(c) in (None, "user_input"))
+
+
 def replay_documents(segments: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
     """The RAGPulse passages a traced prompt quotes (their content ids carry the passage ids)."""
-    return tuple(
-        c - RAGPULSE_PASSAGE_BASE for c, _ in segments if RAGPULSE_PASSAGE_BASE <= c < 2 * RAGPULSE_PASSAGE_BASE
-    )
+    return tuple(c % RAGPULSE_PART_IDS for c, _ in segments if ragpulse_part(c) == "passages_ids")
 
 
 def pipeline_stages(
@@ -84,7 +87,8 @@ def pipeline_stages(
     question = (_unique(index, 0), question_tokens)
     if spec.type == "rag" and traced:
         docs = replay_documents(traced)
-        yield Retrieve(f"q{index}", question_tokens, max(len(docs), 1), docs or None)
+        query = replay_question_tokens(traced) or question_tokens
+        yield Retrieve(f"q{index}", query, max(len(docs), 1), docs or None)
         yield Generate(traced, output_tokens, final=True)
         return
     if spec.type == "rag":

@@ -123,6 +123,15 @@ def read_mooncake(path: str) -> list[TraceRecord]:
     return _rebase(path, records)
 
 
+RAGPULSE_PART_IDS = 10_000_000  # a RAGPulse part's content ids: its index below x this + the trace's id
+
+
+def ragpulse_part(content_id: int) -> str | None:
+    """Which RAGPulse part a segment's content id names (None: the request's own, unnamed tail)."""
+    index = content_id // RAGPULSE_PART_IDS
+    return RAGPULSE_PARTS[index][0] if content_id >= 0 and index < len(RAGPULSE_PARTS) else None
+
+
 RAGPULSE_PARTS = (
     ("sys_prompt", "1_sys_prompt.jsonl", "sys_prompt_id"),
     ("passages_ids", "2_passages.jsonl", "passage_id"),
@@ -159,7 +168,7 @@ def read_ragpulse(path: str) -> list[TraceRecord]:
                 n = lengths.get((part, int(h)), 0)
                 if n <= 0 or used + n > n_in:
                     continue
-                segments.append((p_index * 10_000_000 + int(h), n))
+                segments.append((p_index * RAGPULSE_PART_IDS + int(h), n))
                 used += n
         if used < n_in:
             segments.append((-(line + 1), n_in - used))
