@@ -328,3 +328,30 @@ def test_locust_rag_users_retrieve_from_the_clusters_retriever(tmp_path):
     assert int(rows["retrieve"]["Request Count"]) > 0 and int(rows["retrieve"]["Failure Count"]) == 0
     inst = json.loads((tmp_path / "rep" / "instances.json").read_text())
     assert inst["retriever-0"]["retrieval_queries"] == int(rows["retrieve"]["Request Count"])
+
+
+def _pipeline_body(**over) -> dict:
+    return {"model": "llama-3.1-8b", "pipeline": {"type": "rag"}, "question_tokens": 8, "max_tokens": 4, **over}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "llama-3.1-8b", "question_tokens": 8, "max_tokens": 4}, "pipeline"),
+        (_pipeline_body(pipeline={"type": "search"}), "pipeline"),
+        (_pipeline_body(pipeline={"type": "rag", "hops": 99}), "pipeline"),
+        (_pipeline_body(question_tokens=0), "question_tokens"),
+        (_pipeline_body(index=-1), "index"),
+        (_pipeline_body(segments=[[1, 10**7]]), "segments"),
+        (_pipeline_body(segments=[[1]]), "segments"),
+    ],
+)
+async def test_bad_pipeline_requests_are_400s_naming_the_field_and_no_retriever_is_a_503(body, param):
+    from emulator.router.proxy import RouterSettings, create_router_app
+
+    app = create_router_app(RouterSettings("llama-3.1-8b", 8192, "least_loaded", ()))
+    async with TestClient(TestServer(app)) as client:
+        r = await client.post("/v1/pipelines", json=body)
+        assert r.status == 400 and (await r.json())["error"]["param"] == param
+        r = await client.post("/v1/retrieve", json={"query": "x"})
+        assert r.status == 503 and (await r.json())["error"]["code"] == "no_backend"

@@ -44,6 +44,7 @@ class PipelineRunner:
         self.retrievers = retrievers
         self.busy = {name: 0 for name, _ in retrievers}
         self.dilation = self.settings.dilation
+        self.active = 0  # pipelines running now
         self.requests = Counter(
             "infemu_pipeline_requests",
             "Pipeline requests by type and outcome.",
@@ -131,12 +132,37 @@ class PipelineRunner:
         return spec, ints["question_tokens"], ints["max_tokens"], ints["index"], segments
 
     async def run(self, request: web.Request) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        """One pipeline, within the router's limits: at most ``maxInFlight`` pipelines at once (beyond, the
+        router's 429/503 with Retry-After) and the request deadline (``timeouts.requestMs``) for all stages."""
         try:
-            spec, question, answer, index, segments = self._parse(await read_json_object(request))
+            args = self._parse(await read_json_object(request))
         except APIError as exc:
             return web.json_response(exc.body(), status=exc.status)
+        res = self.router.res
+        if self.active >= res.max_in_flight:
+            self.router.rejections.labels("router_full").inc()
+            err = APIError(res.reject_status, f"the router runs {self.active} pipelines, its limit", None, "overloaded")
+            return web.json_response(
+                err.body(), status=res.reject_status, headers={"Retry-After": str(res.retry_after_s)}
+            )
+        self.active += 1
+        streaming: list[web.StreamResponse] = []  # the final answer's stream, once it has begun
+        try:
+            async with asyncio.timeout(res.request_s):
+                return await self._run(request, streaming, *args)
+        except TimeoutError:
+            self.requests.labels(args[0].type, "deadline_exceeded").inc()
+            err = APIError(504, f"the pipeline's deadline ({res.request_s:.1f} s) passed", None, "deadline_exceeded")
+            if streaming and streaming[0].prepared:  # after the first byte: an explicit error event ends it
+                await streaming[0].write(b"data: " + json.dumps(err.body()).encode() + b"\n\n" + b"data: [DONE]\n\n")
+                return streaming[0]
+            return web.json_response(err.body(), status=504)
+        finally:
+            self.active -= 1
+
+    async def _run(self, request, streaming: list, spec, question, answer, index, segments) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         host, port = request.transport.get_extra_info("sockname")[:2] if request.transport else ("127.0.0.1", 0)
         own = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         gen = pipeline_stages(spec, index, question, answer, segments)
@@ -162,6 +188,7 @@ class PipelineRunner:
                         resp = web.StreamResponse(
                             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
                         )
+                        streaming.append(resp)
                     times = await self._generate(own, stage, request if stage.final else None, resp)
                     first = times[0] if times else loop.time()
                     shown = times[stage.hidden_tokens] if len(times) > stage.hidden_tokens else loop.time()
