@@ -33,13 +33,13 @@ def prompt_ids(p: PlannedRequest, vocab: int) -> list[int]:
     return segment_token_ids(p.segments, vocab, p.input_len)
 
 
-def request_body(model: str, p: PlannedRequest, vocab: int, pipeline: PipelineSpec | None = None) -> bytes:
+def request_body(model: str, p: PlannedRequest, vocab: int) -> bytes:
     """Encoded ahead of the run, so sending costs nothing at the planned time. A pipeline request goes
     to the router's ``/v1/pipelines`` (``path_of``), which builds each stage's prompt itself."""
-    if pipeline is not None:
+    if p.pipeline is not None:
         body = {
             "model": model,
-            "pipeline": pipeline.model_dump(by_alias=True),
+            "pipeline": p.pipeline.model_dump(by_alias=True, exclude={"weight"}),
             "question_tokens": p.input_len,
             "max_tokens": p.output_len,
             "index": p.index,
@@ -157,12 +157,11 @@ async def run_closed_loop(
     seed: int = 0,
     deadline_s: float | None = None,
     on_send=None,
-    pipeline: PipelineSpec | None = None,
 ) -> list[RequestRecord]:
     """``plan.concurrency`` clients as the simulator models them (``emulator.workload.clients``):
     a warm-up phase drained before the measured one, and a random client-side overhead before each
     next send. Warm-up requests are not returned."""
-    bodies = {p.index: request_body(model, p, vocab, pipeline) for p in plan.requests}
+    bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
     behaviour = behaviour or ClientBehaviour(warmup=plan.warmup)
     clients = ClosedLoopClients(
         plan.concurrency or 1,
@@ -198,7 +197,7 @@ async def run_closed_loop(
                 p = plan.requests[index]
                 if on_send is not None:
                     on_send()
-                rec = await send_one(session, url, p, bodies[index], t_origin, deadline_s, path_of(pipeline))
+                rec = await send_one(session, url, p, bodies[index], t_origin, deadline_s, path_of(p.pipeline))
                 if not plan.is_warmup(index):
                     records.append(rec)
                     if on_done is not None:
@@ -232,14 +231,13 @@ async def run_plan(
     max_in_flight: int | None = None,
     deadline_s: float | None = None,
     on_send=None,
-    pipeline: PipelineSpec | None = None,
 ) -> tuple[list[RequestRecord], np.ndarray]:
     """Send every planned request at its arrival time; returns records and start lags (s).
 
     With time dilation D the plan is played D times slower and every time in the
     records is divided by D, so they read in the emulated cluster's time."""
     connector = TCPConnector(limit=max_connections)
-    bodies = {p.index: request_body(model, p, vocab, pipeline) for p in plan.requests}
+    bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
     async with ClientSession(timeout=ClientTimeout(total=None), connector=connector) as session:
         t_origin = time.perf_counter() + 0.05
         lags: list[float] = []
@@ -271,7 +269,7 @@ async def run_plan(
             if on_send is not None:
                 on_send()
             try:
-                rec = await send_one(session, url, p, bodies[p.index], t_origin, deadline_s, path_of(pipeline))
+                rec = await send_one(session, url, p, bodies[p.index], t_origin, deadline_s, path_of(p.pipeline))
             finally:
                 in_flight[0] -= 1
             if on_done is not None:

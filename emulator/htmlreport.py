@@ -192,10 +192,11 @@ def write_html(
         fig, ax = plt.subplots(figsize=(10, 1.8 + 0.1 * len(stages)))
         left = 0.0
         for k, v in zip(stages, means, strict=True):
-            ax.barh([piped[0].pipeline or "pipeline"], [v], left=left, label=f"{k} {v:.1f} ms")
+            ax.barh(["mean"], [v], left=left, label=f"{k} {v:.1f} ms")
             left += v
         ax.set(xlabel="mean ms per request (stages in order; the bar is the mean end-to-end latency)")
-        ax.set_title(f"{piped[0].pipeline} pipelines: where the end-to-end time goes")
+        kinds = sorted({r.pipeline for r in piped})
+        ax.set_title(f"{' + '.join(kinds)} pipelines: where the end-to-end time goes")
         ax.legend(fontsize=8, ncol=min(len(stages), 4), loc="upper center", bbox_to_anchor=(0.5, -0.45))
         fig.tight_layout()
         figs.append(("Pipeline stages", _png(fig)))

@@ -44,6 +44,11 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
         parts = s["pipeline"]["stages_ms"]
         where = ", ".join(f"{k} {v['mean']:.1f}" for k, v in parts.items() if v["mean"] and v["mean"] >= 0.05)
         console.print(f"  {s['pipeline']['type']} pipelines, where the end-to-end time goes (mean ms): {where}")
+        if len(s["pipeline"]["by_type"]) > 1:
+            per = ", ".join(
+                f"{t} {v['requests']} (E2E {v['e2e_ms']['mean']:.0f} ms)" for t, v in s["pipeline"]["by_type"].items()
+            )
+            console.print(f"  mix: {per}")
     if s.get("kvstore"):
         kv = s["kvstore"]
         console.print(

@@ -136,9 +136,17 @@ def summarize(
     piped = [r for r in done if r.breakdown_ms]
     if piped:
         keys = sorted({k for r in piped for k in r.breakdown_ms})
+        types = sorted({r.pipeline for r in piped})
         out["pipeline"] = {
-            "type": piped[0].pipeline,
+            "type": types[0] if len(types) == 1 else "mix",
             "stages_ms": {k: _stats([r.breakdown_ms.get(k, 0.0) for r in piped]) for k in keys},
+            "by_type": {
+                t: {
+                    "requests": sum(r.pipeline == t for r in piped),
+                    "e2e_ms": _stats([r.e2e_ms for r in piped if r.pipeline == t]),
+                }
+                for t in types
+            },
         }
     return out
 

@@ -221,7 +221,6 @@ def run(
                     seed=cluster.spec.workload.seed,
                     deadline_s=deadline_s,
                     on_send=progress.on_send,
-                    pipeline=cluster.spec.workload.pipeline,
                 )
             )
         else:
@@ -236,7 +235,6 @@ def run(
                     max_in_flight=max_in_flight,
                     deadline_s=deadline_s,
                     on_send=progress.on_send,
-                    pipeline=cluster.spec.workload.pipeline,
                 )
             )
         instances = {p.name: {"role": p.role, "restarts": p.restarts, **_scrape(p.url)} for p in state.workers()}

@@ -611,6 +611,9 @@ class PipelineSpec(_Model):
     system_tokens: int = Field(
         256, ge=0, le=MAX_TOKENS, description="A system prompt every request shares (the reusable prefix)."
     )
+    weight: float = Field(
+        1.0, gt=0, le=1e6, description="In a mix (workload.pipelines): this type's share of requests."
+    )
 
 
 class WorkloadSpec(_Model):
@@ -630,6 +633,12 @@ class WorkloadSpec(_Model):
     pipeline: PipelineSpec | None = Field(
         None, description="Send every request as a multi-stage pipeline (rag, multihop, reasoning, agentic)."
     )
+    pipelines: list[PipelineSpec] | None = Field(
+        None,
+        min_length=1,
+        max_length=16,
+        description="A mix of pipelines: each request is one of them, drawn by weight (seeded).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -648,6 +657,17 @@ class WorkloadSpec(_Model):
                 out.pop(snake, None)
                 out[key] = {"type": "trace"} if is_trace else {"type": "fixed", "value": defaults[key]}
         return out
+
+    @model_validator(mode="after")
+    def _one_pipeline_field(self) -> WorkloadSpec:
+        if self.pipeline is not None and self.pipelines is not None:
+            raise ValueError("set pipeline (every request) or pipelines (a mix), not both")
+        return self
+
+    @property
+    def pipeline_mix(self) -> list[PipelineSpec]:
+        """The pipelines requests are drawn from ([] = plain requests)."""
+        return self.pipelines or ([self.pipeline] if self.pipeline is not None else [])
 
     @model_validator(mode="after")
     def _stop_condition(self) -> WorkloadSpec:

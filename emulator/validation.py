@@ -125,10 +125,12 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
     open_loop = not isinstance(wl.arrival, ConcurrencyArrival | TraceArrival | MMPPArrival)
     if open_loop and wl.rate is None:
         problems.append("spec.workload.rate: required for poisson/gamma/constant arrivals (requests per second)")
-    pipe = wl.pipeline
-    retrieves = pipe is not None and (pipe.type in ("rag", "multihop") or (pipe.type == "reasoning" and pipe.retrieve))
-    if retrieves and not any(p.role == "rag" and p.replicas > 0 for p in spec.pools):
-        problems.append(f"spec.workload.pipeline.type: {pipe.type!r} retrieves documents; add a pool with role rag")
+    has_rag = any(p.role == "rag" and p.replicas > 0 for p in spec.pools)
+    named = [("pipeline", wl.pipeline)] if wl.pipeline else list(enumerate(wl.pipelines or []))
+    for at, pipe in named:
+        where = at if isinstance(at, str) else f"pipelines[{at}]"
+        if (pipe.type in ("rag", "multihop") or (pipe.type == "reasoning" and pipe.retrieve)) and not has_rag:
+            problems.append(f"spec.workload.{where}.type: {pipe.type!r} retrieves documents; add a pool with role rag")
     if not isinstance(wl.arrival, TraceArrival):
         for field, dist in (("inputLength", wl.input_length), ("outputLength", wl.output_length)):
             if isinstance(dist, TraceLength):

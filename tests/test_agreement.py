@@ -71,7 +71,6 @@ def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilati
                 plan,
                 get_model(cluster.spec.model.name).vocab,
                 dilation=dilation,
-                pipeline=cluster.spec.workload.pipeline,
             )
         )
         steps = [_steps(p.url, "0.002") for p in state.engines()]
@@ -79,7 +78,7 @@ def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilati
         lc.stop()
     emu = summarize(records, cluster.spec.slo.ttft_ms, cluster.spec.slo.tpot_ms)
     assert emu["failed"] == 0
-    keys = ("ttft_ms", "tpot_ms", "e2e_ms") if cluster.spec.workload.pipeline else ("ttft_ms", "tpot_ms")
+    keys = ("ttft_ms", "tpot_ms", "e2e_ms") if cluster.spec.workload.pipeline_mix else ("ttft_ms", "tpot_ms")
     for key in keys:
         assert emu[key]["mean"] == pytest.approx(sim[key]["mean"], rel=0.05), (key, emu[key], sim[key])
         assert emu[key]["p90"] == pytest.approx(sim[key]["p90"], rel=0.10), (key, emu[key], sim[key])

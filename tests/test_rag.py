@@ -355,3 +355,23 @@ async def test_bad_pipeline_requests_are_400s_naming_the_field_and_no_retriever_
         assert r.status == 400 and (await r.json())["error"]["param"] == param
         r = await client.post("/v1/retrieve", json={"query": "x"})
         assert r.status == 503 and (await r.json())["error"]["code"] == "no_backend"
+
+
+def test_a_pipeline_mix_draws_each_requests_type_by_weight_the_same_way_every_time():
+    doc = rag_doc()
+    del doc["spec"]["workload"]["pipeline"]
+    doc["spec"]["workload"].update(
+        requests=400, pipelines=[{"type": "rag", "weight": 3}, {"type": "agentic", "turns": 2, "weight": 1}]
+    )
+    cluster = parse_cluster(doc)
+    plan = plan_for(cluster)
+    kinds = [p.pipeline.type for p in plan.requests]
+    assert kinds == [p.pipeline.type for p in plan_for(parse_cluster(doc)).requests]  # seeded
+    assert 0.68 < kinds.count("rag") / 400 < 0.82  # 3:1
+    res = simulate(cluster, plan)
+    by_type = res.summary["pipeline"]["by_type"]
+    assert res.summary["pipeline"]["type"] == "mix" and by_type["rag"]["requests"] == kinds.count("rag")
+    assert by_type["agentic"]["e2e_ms"]["mean"] > by_type["rag"]["e2e_ms"]["mean"]  # two turns and a tool call
+    doc["spec"]["workload"]["pipeline"] = {"type": "rag"}
+    with pytest.raises(Exception, match="set pipeline .every request. or pipelines .a mix., not both"):
+        parse_cluster(doc)

@@ -20,9 +20,10 @@ target is this server's own socket, never anything a client names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
-from aiohttp import ClientSession, web
+from aiohttp import ClientError, ClientSession, web
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
@@ -84,7 +85,7 @@ class PipelineRunner:
         try:
             async with session.post(f"{url}/v1/retrieve", json=body) as resp:
                 return resp.status, await resp.json(content_type=None)
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (OSError, ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise APIError(502, f"retriever {name} failed: {exc}", None, "backend_failed") from None
         finally:
             self.busy[name] -= 1
@@ -154,7 +155,9 @@ class PipelineRunner:
             self.requests.labels(args[0].type, "deadline_exceeded").inc()
             err = APIError(504, f"the pipeline's deadline ({res.request_s:.1f} s) passed", None, "deadline_exceeded")
             if streaming and streaming[0].prepared:  # after the first byte: an explicit error event ends it
-                await streaming[0].write(b"data: " + json.dumps(err.body()).encode() + b"\n\n" + b"data: [DONE]\n\n")
+                with contextlib.suppress(ConnectionResetError):
+                    event = b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+                    await streaming[0].write(event + b"data: [DONE]\n\n")
                 return streaming[0]
             return web.json_response(err.body(), status=504)
         finally:
@@ -219,8 +222,8 @@ class PipelineRunner:
         except APIError as exc:
             self.requests.labels(spec.type, "failed").inc()
             if resp is not None and resp.prepared:
-                await resp.write(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
-                await resp.write(b"data: [DONE]\n\n")
+                with contextlib.suppress(ConnectionResetError):  # the client may be what went away
+                    await resp.write(b"data: " + json.dumps(exc.body()).encode() + b"\n\n" + b"data: [DONE]\n\n")
                 return resp
             return web.json_response(exc.body(), status=exc.status)
         end = loop.time()
@@ -229,9 +232,9 @@ class PipelineRunner:
         self._account(spec.type, start, first_visible, last, visible, end)
         assert resp is not None
         summary = {"type": spec.type, "e2e_ms": self._ms(end - start), "stages": stages, "breakdown_ms": breakdown}
-        await resp.write(b"data: " + json.dumps({"infemu_pipeline": summary}).encode() + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # a client that left after its last token
+            await resp.write(b"data: " + json.dumps({"infemu_pipeline": summary}).encode() + b"\n\ndata: [DONE]\n\n")
+            await resp.write_eof()
         return resp
 
     def _ms(self, wall_s: float) -> float:
@@ -268,7 +271,6 @@ class PipelineRunner:
     async def _generate(self, own: str, stage: Generate, request, resp) -> list[float]:
         """One generation through this router; returns each token's arrival time. The final stage's
         visible tokens are relayed to ``resp`` as they come."""
-        loop = asyncio.get_running_loop()
         body = {
             "model": self.settings.model_name,
             "prompt": segment_token_ids(stage.segments, self.settings.vocab_size),
@@ -277,6 +279,13 @@ class PipelineRunner:
             "stream": True,
         }
         times: list[float] = []
+        try:
+            return await self._stream_stage(own, body, stage, request, resp, times)
+        except (OSError, ClientError, ValueError) as exc:  # the loopback failed or its stream broke
+            raise APIError(502, f"generation failed: {exc}", None, "backend_failed") from None
+
+    async def _stream_stage(self, own: str, body: dict, stage: Generate, request, resp, times: list) -> list[float]:
+        loop = asyncio.get_running_loop()
         async with self.router.session.post(f"{own}/v1/completions", json=body) as r:
             if r.status != 200:
                 text = await r.text()
@@ -291,11 +300,13 @@ class PipelineRunner:
                     err.get("code", "generation_failed"),
                 )
             tail = b""
+            done = False
             async for block in r.content.iter_any():
                 now = loop.time()
                 events = (tail + block).split(b"\n\n")
                 tail = events.pop()
                 for ev in events:
+                    done = done or ev == b"data: [DONE]"
                     if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
                         continue
                     if b'"error"' in ev and b'"choices"' not in ev:
@@ -312,6 +323,8 @@ class PipelineRunner:
                             if not resp.prepared:
                                 await resp.prepare(request)
                             await resp.write(ev + b"\n\n")
+        if not done:
+            raise APIError(502, "generation failed: the stream ended without [DONE]", None, "truncated")
         if resp is not None and not resp.prepared:
             await resp.prepare(request)
         return times

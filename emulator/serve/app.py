@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from emulator.build import InstanceSetup, afd_partners, build_instances
@@ -205,7 +205,7 @@ class Worker:
                 self.kvstore.fetch(self.scheduler, req, local, found, block_bytes), self.engine.kv_timeout_s
             )
             return loop.time() if fetched else start_at
-        except (OSError, RuntimeError, ValueError, KeyError, asyncio.TimeoutError) as exc:
+        except (OSError, ClientError, RuntimeError, ValueError, KeyError, asyncio.TimeoutError) as exc:
             self.metrics.store_failures.inc()
             log.warning("%s: KV store unavailable, computing the prompt (%s)", self.name, exc)
             return max(start_at, loop.time())

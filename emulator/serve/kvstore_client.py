@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 
-from aiohttp import ClientSession, ClientTimeout
+from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from emulator.engine.request import Request
 from emulator.kvstore.decide import plan_fetch
@@ -137,7 +137,7 @@ class KVStoreClient:
                     raise RuntimeError(f"{url} answered {resp.status}: {(await resp.text())[:200]}")
             self.metrics.store_written_blocks.inc(len(got["missing"]))
             self.metrics.link(tier.name, "kvstore_tx", logical)
-        except (OSError, RuntimeError, asyncio.TimeoutError) as exc:
+        except (OSError, ClientError, RuntimeError, ValueError, KeyError, asyncio.TimeoutError) as exc:
             self.metrics.store_failures.inc()
             log.warning("KV-store write to %s failed: %s", url, exc)
 

@@ -229,7 +229,7 @@ class Simulation(StagesMixin):
         for f in self.faults:
             if f.after_requests is not None and self.sent == f.after_requests:
                 self.events.push(now, "fault_start", f, observing=True)
-        if self.pipeline is not None:
+        if p.pipeline is not None:
             self._start_pipeline(rid, p, now)
             return
         self._route(index, now)

@@ -119,7 +119,6 @@ class StagesMixin:
                     key = f"{s.instance.name}:{d}:{tier.name}"
                     if key not in self.net.capacity:
                         self.net.set_capacity(key, tier.bandwidth * s.instance.num_gpus)
-        self.pipeline = spec.workload.pipeline
         self._pipes: dict[str, PipeState] = {}
 
     # ---- the KV store ----------------------------------------------------------------------
@@ -258,7 +257,7 @@ class StagesMixin:
 
     # ---- pipelines ------------------------------------------------------------------------------
     def _start_pipeline(self, rid: str, p: PlannedRequest, now: float) -> None:
-        spec = self.pipeline
+        spec = p.pipeline
         gen = pipeline_stages(spec, p.index, p.input_len, p.output_len, p.segments)
         self._pipes[rid] = PipeState(gen, spec.type)
         self.records[rid].pipeline = spec.type

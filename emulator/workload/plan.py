@@ -8,7 +8,7 @@ Arrival times and lengths draw from separate RNG streams.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from emulator.spec import (
     GammaArrival,
     LognormalLength,
     MMPPArrival,
+    PipelineSpec,
     PoissonArrival,
     TraceArrival,
     TraceLength,
@@ -39,6 +40,7 @@ class PlannedRequest:
     input_len: int
     output_len: int
     segments: tuple[tuple[int, int], ...] = ()
+    pipeline: PipelineSpec | None = None  # a multi-stage request (workload.pipeline / pipelines)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,22 @@ def detect_trace_format(path: str) -> str:
 
 
 def build_plan(wl: WorkloadSpec, base_dir: str | None = None) -> RequestPlan:
+    return with_pipelines(_requests_plan(wl, base_dir), wl)
+
+
+def with_pipelines(plan: RequestPlan, wl: WorkloadSpec) -> RequestPlan:
+    """Each request's pipeline: the one of ``workload.pipeline``, or one of ``workload.pipelines`` drawn by
+    weight (the plan's own RNG stream, in plan order: the same spec and seed give the same mix)."""
+    mix = wl.pipeline_mix
+    if not mix:
+        return plan
+    cum = np.cumsum([p.weight for p in mix])
+    u = PartitionedRNG(wl.seed).for_subsystem("workload.pipelines").random(len(plan.requests)) * cum[-1]
+    picks = np.minimum(np.searchsorted(cum, u, side="right"), len(mix) - 1)
+    return replace(plan, requests=tuple(replace(r, pipeline=mix[k]) for r, k in zip(plan.requests, picks, strict=True)))
+
+
+def _requests_plan(wl: WorkloadSpec, base_dir: str | None = None) -> RequestPlan:
     rng = PartitionedRNG(wl.seed)
     arrival = wl.arrival
     if isinstance(arrival, TraceArrival):
@@ -237,7 +255,7 @@ def add_bursts(plan: RequestPlan, wl: WorkloadSpec, faults) -> RequestPlan:
         key=lambda r: r[0],
     )
     reqs = tuple(PlannedRequest(i, t, n_in, n_out, seg) for i, (t, n_in, n_out, seg) in enumerate(merged))
-    return RequestPlan(reqs, duration_s=plan.duration_s, warmup=plan.warmup)
+    return with_pipelines(RequestPlan(reqs, duration_s=plan.duration_s, warmup=plan.warmup), wl)
 
 
 def _arrival_of(plan: RequestPlan, index: int | None) -> float:
