@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from emulator.catalog.links import LinkTier
 from emulator.costmodel.interface import BatchShape
 
 
@@ -56,3 +57,21 @@ def plan_fetch(
 def _prefill_s(cost, new_tokens: int, context: int) -> float:
     """One prefill step of ``new_tokens`` after ``context`` cached tokens."""
     return cost.step_time(BatchShape(prefill_chunks=((new_tokens, context),))).total_s
+
+
+def plan_prompt_fetch(
+    cost, *, local_blocks: int, store_blocks: int, prompt_tokens: int, block_size: int, block_bytes: float,
+    tier: LinkTier, endpoints: int,
+) -> FetchPlan:  # fmt: skip
+    """``plan_fetch`` for a prompt whose first ``local_blocks`` the engine holds, over the store's tier with
+    ``endpoints`` NICs on the narrower side (the store node's, one per GPU slot, or the engine's GPUs)."""
+    return plan_fetch(
+        cost,
+        local_tokens=local_blocks * block_size,
+        store_blocks=store_blocks,
+        prompt_tokens=prompt_tokens,
+        block_size=block_size,
+        block_bytes=block_bytes,
+        rate=tier.bandwidth * endpoints,
+        latency_s=tier.latency_s,
+    )

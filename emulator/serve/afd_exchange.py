@@ -29,7 +29,7 @@ from emulator.net.inproc import PacedLink
 from emulator.net.plan import link_plan
 from emulator.net.tc import KernelLink
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
-from emulator.serve.paced import paced_post
+from emulator.serve.paced import paced_post, send_paced
 from emulator.topology import Instance, Topology
 
 log = logging.getLogger("infemu.afd")
@@ -104,12 +104,7 @@ class FfnService:
         resp = web.StreamResponse(
             headers={"Content-Length": str(wire), "Content-Type": "application/octet-stream", "X-Infemu-Tier": tier}
         )
-        await resp.prepare(request)
-        if isinstance(link, KernelLink):
-            link.mark(request.transport.get_extra_info("socket") if request.transport else None)
-        if wire:
-            await link.send(wire, resp.write)
-        await resp.write_eof()
+        await send_paced(request, resp, link, wire)
         self.bytes.labels(*self._lv, tier, "afd_return").inc(logical)
         self.exchanges.inc()
         return resp

@@ -35,6 +35,7 @@ from emulator.serve.engine_loop import RealTimeEngine, StreamEvent
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
 from emulator.serve.kvstore_client import KVStoreClient
 from emulator.serve.metrics import EngineMetrics
+from emulator.serve.paced import send_paced
 from emulator.serve.protocol import (
     APIError,
     GenerationRequest,
@@ -278,12 +279,8 @@ class Worker:
                 "Content-Type": "application/octet-stream",
             }
         )
-        await resp.prepare(request)
-        if isinstance(link, KernelLink):
-            link.mark(request.transport.get_extra_info("socket") if request.transport else None)
         try:
-            await link.send(wire, resp.write)
-            await resp.write_eof()
+            await send_paced(request, resp, link, wire)
             self.metrics.link(tier.name, "tx", logical)
         finally:
             self._release(rid)

@@ -26,10 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from emulator.build import build_instances
 from emulator.kvstore.store import KVStore
-from emulator.net.tc import KernelLink
 from emulator.roles import is_front
 from emulator.serve.afd_exchange import make_links
 from emulator.serve.internal import cluster_token, is_internal
+from emulator.serve.paced import send_paced
 from emulator.topology import Instance, Topology
 
 MAX_HASHES = 1 << 20  # a 16M-token prompt of 16-token blocks
@@ -155,12 +155,7 @@ class StoreService:
                 "Content-Type": "application/octet-stream",
             }
         )
-        await resp.prepare(request)
-        if isinstance(link, KernelLink):
-            link.mark(request.transport.get_extra_info("socket") if request.transport else None)
-        if wire:
-            await link.send(wire, resp.write)
-        await resp.write_eof()
+        await send_paced(request, resp, link, wire)
         self.link_bytes.labels(*self._lv, self.tier.name, "kvstore_tx").inc(logical)
         return resp
 

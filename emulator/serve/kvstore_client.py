@@ -17,7 +17,7 @@ import math
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from emulator.engine.request import Request
-from emulator.kvstore.decide import plan_fetch
+from emulator.kvstore.decide import plan_prompt_fetch
 from emulator.serve.internal import internal_headers
 from emulator.serve.paced import paced_post
 from emulator.topology import Instance, Topology
@@ -72,17 +72,16 @@ class KVStoreClient:
         """Fetch the blocks if that is cheaper than computing them; returns the tokens fetched."""
         inst, url = self._store(req.block_hashes)
         tier = self.topo.tier_between(self.me, inst)
-        rate = tier.bandwidth * min(self.topo.gpus_per_node, self.me.num_gpus or self.topo.gpus_per_node)
         bs = self.block_size
-        plan = plan_fetch(
+        plan = plan_prompt_fetch(
             self.cost,
-            local_tokens=local * bs,
+            local_blocks=local,
             store_blocks=found,
             prompt_tokens=req.num_prompt_tokens,
             block_size=bs,
             block_bytes=block_bytes,
-            rate=rate,
-            latency_s=tier.latency_s,
+            tier=tier,
+            endpoints=min(self.topo.gpus_per_node, self.me.num_gpus or self.topo.gpus_per_node),
         )
         if not plan.fetch:
             return 0

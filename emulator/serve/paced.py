@@ -1,4 +1,5 @@
-"""An HTTP upload whose body goes through a shaped link: the sender paces, the receiver just reads."""
+"""HTTP bodies through a shaped link, both ways: the sender paces (or, with tc, marks the socket for
+its tier's class), the receiver just reads."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from aiohttp import ClientResponse, ClientSession
+from aiohttp import ClientResponse, ClientSession, web
+
+from emulator.net.tc import KernelLink
 
 
 @asynccontextmanager
@@ -30,3 +33,13 @@ async def paced_post(
             yield resp
     finally:
         sender.cancel()
+
+
+async def send_paced(request: web.Request, resp: web.StreamResponse, link, wire_bytes: int) -> None:
+    """Answer ``request`` with ``wire_bytes`` of payload through ``link`` (headers set by the caller)."""
+    await resp.prepare(request)
+    if isinstance(link, KernelLink):
+        link.mark(request.transport.get_extra_info("socket") if request.transport else None)
+    if wire_bytes:
+        await link.send(wire_bytes, resp.write)
+    await resp.write_eof()

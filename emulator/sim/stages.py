@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from emulator.catalog.links import LinkTier, get_tier
 from emulator.costmodel.retrieval import RetrievalCostModel
 from emulator.engine.request import Request
-from emulator.kvstore.decide import plan_fetch
+from emulator.kvstore.decide import plan_prompt_fetch
 from emulator.kvstore.store import KVStore
 from emulator.rag.corpus import Corpus
 from emulator.results import RequestRecord
@@ -58,6 +58,7 @@ class SimStore:
         self.spec = pool.kvstore
         self.store = KVStore(pool.kvstore.capacity_gb * 1e9, block_bytes)
         self.tier = tier
+        self.endpoints = endpoints  # the store node's NICs, one per GPU slot
         self.rate = tier.bandwidth * endpoints
         self.bytes_fetched = 0.0
         self.bytes_written = 0.0
@@ -135,16 +136,15 @@ class StagesMixin:
         st = self._store_for(req.block_hashes)
         found = st.store.lookup(req.block_hashes, start=local)
         bs = inst.block_size
-        rate = min(st.rate, st.tier.bandwidth * inst.setup.instance.num_gpus)
-        plan = plan_fetch(
+        plan = plan_prompt_fetch(
             inst.cost,
-            local_tokens=local * bs,
+            local_blocks=local,
             store_blocks=found,
             prompt_tokens=req.num_prompt_tokens,
             block_size=bs,
             block_bytes=st.store.block_bytes,
-            rate=rate,
-            latency_s=st.tier.latency_s,
+            tier=st.tier,
+            endpoints=min(st.endpoints, inst.setup.instance.num_gpus),
         )
         if not plan.fetch:
             return False
