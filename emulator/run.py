@@ -23,6 +23,7 @@ from emulator.faults.accounting import fault_accounting
 from emulator.locust_driver import LocustLoad, run_locust
 from emulator.results import RequestRecord, goodput, summarize
 from emulator.spec import InferenceCluster
+from emulator.trust import trust_verdict
 from emulator.workload.clients import ClientBehaviour
 from emulator.workload.plan import RequestPlan
 
@@ -259,6 +260,8 @@ def run(
     summary["faults"] = fault_accounting(records, timeline, slo.ttft_ms, slo.tpot_ms, end_s)
     if interrupted:
         summary["interrupted"] = True
+    else:  # first line of the report: can these numbers be trusted on this host?
+        summary["trust"] = trust_verdict(cluster, plan if locust is None else None, summary, instances)
     result = RunResult(
         cluster.name,
         records,

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from emulator.catalog.gpus import get_gpu
 from emulator.costmodel.retrieval import HOST, RetrievalCostModel
+from emulator.errors import SpecError
 from emulator.rag.corpus import Corpus, document_text
 from emulator.serve.tokens import tokenize
 from emulator.sim.simulator import simulate
@@ -373,5 +374,5 @@ def test_a_pipeline_mix_draws_each_requests_type_by_weight_the_same_way_every_ti
     assert res.summary["pipeline"]["type"] == "mix" and by_type["rag"]["requests"] == kinds.count("rag")
     assert by_type["agentic"]["e2e_ms"]["mean"] > by_type["rag"]["e2e_ms"]["mean"]  # two turns and a tool call
     doc["spec"]["workload"]["pipeline"] = {"type": "rag"}
-    with pytest.raises(Exception, match="set pipeline .every request. or pipelines .a mix., not both"):
+    with pytest.raises(SpecError, match=r"set pipeline \(every request\) or pipelines \(a mix\), not both"):
         parse_cluster(doc)

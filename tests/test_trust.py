@@ -1,0 +1,51 @@
+"""The run's first line: whether its numbers hold on this host (the workers' step timing and the same plan
+through the simulator), and the time dilation that would make them hold."""
+
+from __future__ import annotations
+
+import copy
+
+from conftest import example
+
+from emulator.sim.simulator import simulate
+from emulator.spec import load_clusters
+from emulator.trust import trust_verdict
+from emulator.workload.plan import plan_for
+
+
+def _quick():
+    (cluster,) = load_clusters(example("quickstart.yaml"))
+    cluster = cluster.model_copy(
+        update={
+            "spec": cluster.spec.model_copy(
+                update={"workload": cluster.spec.workload.model_copy(update={"requests": 30})}
+            )
+        }
+    )
+    plan = plan_for(cluster)
+    return cluster, plan, simulate(cluster, plan).summary
+
+
+def _workers(ratio: float, overloaded: bool) -> dict:
+    return {
+        "agg-0": {"timing_error_ratio": ratio, "timing_error_p99_s": ratio * 0.007, "overloaded": float(overloaded)}
+    }
+
+
+def test_a_run_that_matches_the_simulator_on_a_quiet_host_is_faithful():
+    cluster, plan, summary = _quick()
+    t = trust_verdict(cluster, plan, summary, _workers(0.01, False))
+    assert t["verdict"] == "faithful" and t["suggested_time_dilation"] is None
+    assert t["vs_simulator"]["ttft_mean"] == 0.0 and t["line"].startswith("trust: faithful at time dilation 1")
+
+
+def test_an_overloaded_worker_or_a_drifting_ttft_says_so_first_with_the_dilation_that_fixes_it():
+    cluster, plan, summary = _quick()
+    t = trust_verdict(cluster, plan, summary, _workers(0.2, True))  # p99 at 20% of the step: D x 0.2 / 0.05 = 4
+    assert t["verdict"] == "degraded" and t["suggested_time_dilation"] == 4 and t["overloaded"] == ["agg-0"]
+    assert t["line"].startswith("trust: NOT faithful") and "timeDilation: 4" in t["line"]
+    slow = copy.deepcopy(summary)
+    slow["ttft_ms"]["mean"] *= 1.3  # the host's HTTP path shows up in TTFT: 30% over the model
+    t = trust_verdict(cluster, plan, slow, _workers(0.01, False))
+    assert t["verdict"] == "degraded" and t["suggested_time_dilation"] == 6  # 1 x 0.3 / 0.05
+    assert trust_verdict(cluster, None, slow, _workers(0.01, False))["verdict"] == "faithful"  # Locust: timing only
