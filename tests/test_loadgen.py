@@ -10,7 +10,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import example, run_infemu
+from conftest import example, run_infemu, skip_if_host_lags
 
 from emulator.spec import ConstantArrival, GammaArrival, PoissonArrival
 from emulator.workload.plan import inter_arrivals
@@ -95,6 +95,7 @@ def test_open_loop_start_lag_p99_within_10_ms_at_50_requests_per_second(tmp_path
     from emulator.spec import load_clusters
     from emulator.workload.plan import build_plan
 
+    skip_if_host_lags()  # the gate measures this process's timers: on a busy host it would measure the host
     cluster = apply_overrides(
         load_clusters(example("quickstart.yaml"))[0],
         WorkloadOverrides(rate=50, requests=400, input_len=128, output_len=16),
