@@ -287,3 +287,21 @@ async def test_probe_endpoints_clients_call():
         body = {"model": MODEL, "prompt": "tell me about links", "max_tokens": 2}
         usage = (await (await c.post("/v1/completions", json=body)).json())["usage"]
         assert usage["prompt_tokens"] == counted["count"]
+
+
+async def test_a_worker_reports_where_a_requests_time_went_only_to_the_cluster(monkeypatch):
+    from emulator.serve.app import TIMING_HEADER
+    from emulator.serve.internal import INTERNAL_TOKEN_HEADER, TOKEN_ENV
+
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    body = {"model": MODEL, "prompt": "hello there " * 40, "max_tokens": 3, "stream": True}
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as c:
+        inside = {INTERNAL_TOKEN_HEADER: "s3cret", TIMING_HEADER: "1"}
+        text = await (await c.post("/v1/completions", json=body, headers=inside)).text()
+        comments = [e for e in text.split("\n\n") if e.startswith(": infemu-timing ")]
+        assert len(comments) == 1 and text.endswith("data: [DONE]\n\n")
+        account = json.loads(comments[0].split(" ", 2)[2])
+        assert set(account) == {"api_ms", "kv_fetch_ms", "queue_ms"} and account["api_ms"] > 0
+        outside = await (await c.post("/v1/completions", json=body, headers={TIMING_HEADER: "1"})).text()
+        assert ": infemu-timing" not in outside  # a client's header asks for nothing

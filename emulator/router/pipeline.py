@@ -7,8 +7,10 @@ this router's own ``/v1/completions`` over loopback, so routing, retries, admiss
 counters apply to each stage exactly as to any request) or a tool call's think time. The final
 answer streams to the client as completion chunks (a reasoning stage's hidden tokens are not
 relayed), followed by one ``{"infemu_pipeline": ...}`` event with every stage's timing and the
-end-to-end latency split into retrieval, think, prefill (queueing included), reasoning and decode,
-in emulated milliseconds (wall / time dilation).
+end-to-end latency split as the simulator splits it — retrieval, think, api (the modelled API intake),
+kv_fetch, queue, prefill, reasoning, network (the P/D KV pull), decode — in emulated milliseconds
+(wall / time dilation): the workers report their share as SSE comments the router asks them for
+(``X-Infemu-Timing``, internal only), the router measures the rest.
 
 The body names the pipeline (``pipeline``: the spec's ``PipelineSpec`` fields), the question's
 length (``question_tokens``), the answer's (``max_tokens``), a request ``index`` (it keys the
@@ -28,6 +30,8 @@ from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from emulator.rag.corpus import Document
+from emulator.serve.app import TIMING_HEADER
+from emulator.serve.internal import internal_headers
 from emulator.serve.protocol import APIError, read_json_object
 from emulator.spec import MAX_TOKENS, PipelineSpec
 from emulator.workload.content import segment_token_ids
@@ -192,13 +196,14 @@ class PipelineRunner:
                             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
                         )
                         streaming.append(resp)
-                    times = await self._generate(own, stage, request if stage.final else None, resp)
+                    account: dict = {}
+                    times = await self._generate(own, stage, request if stage.final else None, resp, account)
                     first = times[0] if times else loop.time()
                     shown = times[stage.hidden_tokens] if len(times) > stage.hidden_tokens else loop.time()
                     end = loop.time()
-                    self._note(stages, breakdown, spec.type, "prefill", t0, first, start, record=False)
-                    self._note(stages, breakdown, spec.type, "reasoning", first, shown, start, record=False)
-                    self._note(stages, breakdown, spec.type, "decode", shown, end, start, record=False)
+                    for part, ms in self._split(account, first - t0, shown - first, end - shown).items():
+                        breakdown[part] = breakdown.get(part, 0.0) + ms
+                        self.stage_seconds.labels(spec.type, part).observe(ms / 1e3)
                     stages.append(
                         {
                             "stage": "generate",
@@ -237,6 +242,26 @@ class PipelineRunner:
             await resp.write_eof()
         return resp
 
+    def _split(self, account: dict, to_first: float, reasoning: float, after: float) -> dict[str, float]:
+        """A generation's time (wall seconds: to its first token, hidden reasoning, the rest) in the
+        simulator's parts, emulated ms: the workers' own account gives the API intake, KV fetch and queue
+        (the prefill leg's, in P/D) and the P/D KV pull; prefill and decode are what remains of each span,
+        so the parts add up to the stage."""
+        front = account.get("infemu-timing-prefill") or account.get("infemu-timing") or {}
+        known = {k: front.get(f"{k}_ms", 0.0) for k in ("api", "kv_fetch", "queue")}
+        pull = (
+            (account.get("infemu-timing") or {}).get("kv_pull_ms", 0.0) if "infemu-timing-prefill" in account else 0.0
+        )
+        first_ms, after_ms = self._ms(to_first), self._ms(after)
+        known = {k: min(v, first_ms) for k, v in known.items()}
+        scale = min(1.0, first_ms / sum(known.values())) if sum(known.values()) else 1.0  # never past the span
+        parts = {k: v * scale for k, v in known.items()}
+        parts["prefill"] = first_ms - sum(parts.values())
+        parts["reasoning"] = self._ms(reasoning)
+        parts["network"] = min(pull, after_ms)
+        parts["decode"] = after_ms - parts["network"]
+        return {k: v for k, v in parts.items() if v > 0 or k in ("prefill", "decode")}
+
     def _ms(self, wall_s: float) -> float:
         return wall_s / self.dilation * 1e3
 
@@ -268,9 +293,10 @@ class PipelineRunner:
             )
         return [Document(int(d["id"]), int(d["tokens"]), float(d.get("score", 0.0))) for d in answer["data"]]
 
-    async def _generate(self, own: str, stage: Generate, request, resp) -> list[float]:
+    async def _generate(self, own: str, stage: Generate, request, resp, account: dict) -> list[float]:
         """One generation through this router; returns each token's arrival time. The final stage's
-        visible tokens are relayed to ``resp`` as they come."""
+        visible tokens are relayed to ``resp`` as they come. ``account`` receives the workers' own timing
+        (SSE comments the router asks them for: the API intake, KV fetch, queue, P/D KV pull)."""
         body = {
             "model": self.settings.model_name,
             "prompt": segment_token_ids(stage.segments, self.settings.vocab_size),
@@ -280,13 +306,16 @@ class PipelineRunner:
         }
         times: list[float] = []
         try:
-            return await self._stream_stage(own, body, stage, request, resp, times)
+            return await self._stream_stage(own, body, stage, request, resp, times, account)
         except (OSError, ClientError, ValueError) as exc:  # the loopback failed or its stream broke
             raise APIError(502, f"generation failed: {exc}", None, "backend_failed") from None
 
-    async def _stream_stage(self, own: str, body: dict, stage: Generate, request, resp, times: list) -> list[float]:
+    async def _stream_stage(
+        self, own: str, body: dict, stage: Generate, request, resp, times: list, account: dict
+    ) -> list[float]:
         loop = asyncio.get_running_loop()
-        async with self.router.session.post(f"{own}/v1/completions", json=body) as r:
+        headers = {**internal_headers(self.router.token), TIMING_HEADER: "1"}
+        async with self.router.session.post(f"{own}/v1/completions", json=body, headers=headers) as r:
             if r.status != 200:
                 text = await r.text()
                 try:
@@ -307,6 +336,10 @@ class PipelineRunner:
                 tail = events.pop()
                 for ev in events:
                     done = done or ev == b"data: [DONE]"
+                    if ev.startswith(b": infemu-timing"):  # ": infemu-timing-prefill {..}" or ": infemu-timing {..}"
+                        key, _, payload = ev[2:].partition(b" ")
+                        account[key.decode()] = json.loads(payload)
+                        continue
                     if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
                         continue
                     if b'"error"' in ev and b'"choices"' not in ev:

@@ -35,6 +35,7 @@ from emulator.serve.app import (
     PATH_OVERHEAD_HEADER,
     PROBE_HEADER,
     REQUEST_ID_HEADER,
+    TIMING_HEADER,
     add_probe_routes,
     caller_request_id,
     json_errors,
@@ -218,6 +219,8 @@ class Router:
         state.arrival = received
         # the launcher's path probe (it carries the cluster token); from anyone else the header is ignored
         state.probe = bool(request.headers.get(PROBE_HEADER)) and is_internal(request.headers, self.token)
+        # the router's own pipelines ask the workers where each stage's time went
+        state.timing = bool(request.headers.get(TIMING_HEADER)) and is_internal(request.headers, self.token)
         state.write_timeout_s = self.res.client_write_s
         if self.in_flight >= self.res.max_in_flight:
             return self._reject(Rejected("router_full", f"the router holds {self.in_flight} requests, its limit"))
@@ -358,6 +361,8 @@ class Router:
             headers[ARRIVAL_HEADER] = repr(state.arrival)
         if probe:
             headers[PROBE_HEADER] = "1"
+        if state.timing:
+            headers[TIMING_HEADER] = "1"
         return headers
 
     async def _open(
@@ -474,6 +479,8 @@ class Router:
         decode_body = {**body, "kv_transfer_params": kv}
         if state.stream:
             await state.write_prefix(first, first_text)
+            if state.timing and first.get("infemu_timing"):  # the prefill leg's account, as an SSE comment
+                await state.write(b": infemu-timing-prefill " + json.dumps(first["infemu_timing"]).encode() + b"\n\n")
         inner = state
         if not state.stream:
             inner = _ClientStream(state.request, False, capture=True)
@@ -619,6 +626,7 @@ class _ClientStream:
         # one id for the whole completion, given to every backend that works on it
         self.request_id = caller_request_id(request) or uuid.uuid4().hex
         self.probe = False
+        self.timing = False  # ask the workers for their timing account (the router's pipelines)
         self.write_timeout_s: float | None = None  # a client that takes no bytes this long is cut off
         self.write_timed_out = False
         self.resp: web.StreamResponse | None = None

@@ -55,6 +55,7 @@ log = logging.getLogger("infemu.worker")
 ARRIVAL_HEADER = "X-Infemu-Arrival"  # the router's receipt time (monotonic seconds)
 PATH_OVERHEAD_HEADER = "X-Infemu-Path-Overhead"  # the emulation's measured HTTP round trip (s), from the router
 PROBE_HEADER = "X-Infemu-Probe"  # answer at once with one token: measures the emulation's own HTTP path
+TIMING_HEADER = "X-Infemu-Timing"  # the router's pipelines: report where the request's time went
 REQUEST_ID_HEADER = "X-Request-Id"  # as vLLM: the caller names the completion (`cmpl-<id>`, `chatcmpl-<id>`)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 KV_HOLD_TIMEOUT_S = 60.0  # a prefill's KV is released if no decode pulls it by then (vLLM's NIXL abort timeout)
@@ -190,6 +191,21 @@ class Worker:
             await self.kvstore.close()
         if self.session is not None:
             await self.session.close()
+
+    def _timing(self, req: Request, received: float, intake: float | None, admitted: float | None) -> dict:
+        """Where this request's time went on this worker, in emulated ms: the modelled API intake, the
+        KV-store fetch, the queue before its first step, and (P/D decode) the wait for its pulled KV."""
+        d = 1e3 / self.dilation
+        out = {}
+        if intake is not None:
+            out["api_ms"] = max(intake - received, 0.0) * d
+            out["kv_fetch_ms"] = max((admitted or intake) - intake, 0.0) * d
+        if req.first_scheduled_s is not None:
+            base = req.kv_ready_s if req.kv_ready_s is not None else (admitted if admitted is not None else received)
+            out["queue_ms"] = max(req.first_scheduled_s - base, 0.0) * d
+        if req.kv_ready_s is not None:
+            out["kv_pull_ms"] = max(req.kv_ready_s - received, 0.0) * d
+        return out
 
     # ---- the KV store ---------------------------------------------------------------
     async def _from_store(self, req: Request, start_at: float) -> float:
@@ -375,9 +391,16 @@ class Worker:
             req = Request(rid, n_prompt, n_out, now, hashes)
         # the modelled API server takes the request in first (the simulator models it at the front door only)
         start_at = None if consumer else self.api_path.admit(received, n_prompt)
+        intake = start_at
         if self.kvstore is not None and hashes and start_at is not None:
             start_at = await self._from_store(req, start_at)
         handle = self.engine.add(req, kv_source=kv if consumer else None, start_at=start_at)
+        # the router's pipelines ask where a request's time went (internal callers only)
+        timing = (
+            (lambda: self._timing(req, received, intake, start_at))
+            if internal and request.headers.get(TIMING_HEADER)
+            else None
+        )
         position = 1 if consumer else 0
         prefilled = consumer
 
@@ -415,6 +438,8 @@ class Worker:
                 out_reason = finish_reason
                 self.metrics.success[finish_reason].inc()
             body = full_response(g, public, "".join(text_parts), out_reason, n_prompt, position, kv_params)
+            if timing is not None:
+                body["infemu_timing"] = timing()
             return web.json_response(body)
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -447,6 +472,8 @@ class Worker:
                         ).body(),
                     )
                     break
+            if timing is not None:  # an SSE comment: every client skips it
+                await resp.write(b": infemu-timing " + json.dumps(timing()).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):

@@ -445,6 +445,7 @@ class Simulation(StagesMixin):
     # ---- P/D ---------------------------------------------------------------------
     def _hand_off(self, prefill: SimInstance, req: Request, rec: RequestRecord, now: float) -> None:
         rec.prefill_instance = prefill.name
+        self._mark(req.request_id, "handoff", now)
         rec.cached_tokens = req.num_cached_tokens
         rec.preemptions += req.num_preemptions
         if not self.decoders:

@@ -318,7 +318,9 @@ class StagesMixin:
         scheduled = rec.first_scheduled_s if rec.first_scheduled_s is not None else admitted
         first = float(times[0]) if len(times) else end
         visible = float(times[stage.hidden_tokens]) if len(times) > stage.hidden_tokens else end
-        network = rec.kv_transfer_s or 0.0
+        # P/D: from the hand-off to the KV in the decode's memory (its pull waits for the decode's next step too)
+        handoff = marks.get("handoff")
+        network = req.kv_ready_s - handoff if handoff is not None and req.kv_ready_s is not None else 0.0
         parts = {
             "api": arrived - t0,
             "kv_fetch": admitted - arrived,
