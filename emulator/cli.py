@@ -403,7 +403,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         if args.out:
             print(
-                f"  report: {args.out}/report.html (plots), requests.jsonl, summary.json, goodput.json, instances.json"
+                f"  report: {args.out}/report.html (plots), requests.jsonl, summary.json, goodput.json, instances.json,"
+                " trust.json"
             )
     return _all_failed(cluster.name, result.records)
 

@@ -22,8 +22,9 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
     s = result.summary
     slo = cluster.spec.slo
     title = f"{cluster.name}: {s['requests']} requests, {s['completed']} completed, {s['failed']} failed"
-    if s.get("trust"):  # an emulated run: whether its numbers hold on this host, before the numbers
-        console.print(s["trust"]["line"], style=None if s["trust"]["verdict"] == "faithful" else "bold red")
+    trust = getattr(result, "trust", None)
+    if trust:  # an emulated run: whether its numbers hold on this host, before the numbers
+        console.print(trust["line"], style=None if trust["verdict"] == "faithful" else "bold red")
     console.print(title)
     t = Table()
     t.add_column("metric")

@@ -29,6 +29,8 @@ SUMMARY_KEYS = (
     "lost",  # requests with no answer at all within the client's deadline (must be 0)
     "faults",  # per fault window: before / during / after and recovery (emulator.faults.accounting)
 )
+# present only when the cluster has them, in every driver's summary: "pipeline" (stage breakdown, per type),
+# "kvstore" (hit rate, bytes fetched and written, evictions) with "kv_fetched_tokens" and "kv_fetch_ms"
 
 
 @dataclass

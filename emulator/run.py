@@ -2,8 +2,9 @@
 every request from the stream, stop the cluster, and report.
 
 The report folder holds ``requests.jsonl`` (one record per request, the simulator's fields),
-``summary.json`` (the same keys as ``infemu sim --json``) and ``instances.json`` (final engine
-stats scraped from each worker). Live progress goes to stderr once a second.
+``summary.json`` (the same keys as ``infemu sim --json``), ``instances.json`` (final engine
+stats scraped from each worker) and ``trust.json`` (whether the run was faithful on this host).
+Live progress goes to stderr once a second.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RunResult:
     simulated_s: float = 0.0  # wall seconds of load (the table's "simulated" line reads it)
     prometheus: dict | None = None  # what the real Prometheus recorded, when --prometheus
     goodput: dict = field(default_factory=dict)  # requests/s and output tokens/s that met every SLO
+    trust: dict | None = None  # can these numbers be trusted on this host (emulator.trust); trust.json
 
 
 class Progress:
@@ -260,8 +262,11 @@ def run(
     summary["faults"] = fault_accounting(records, timeline, slo.ttft_ms, slo.tpot_ms, end_s)
     if interrupted:
         summary["interrupted"] = True
-    else:  # first line of the report: can these numbers be trusted on this host?
-        summary["trust"] = trust_verdict(cluster, plan if locust is None else None, summary, instances)
+    store = store_summary(cluster, instances)
+    if store is not None:  # the KV tier as the simulator reports it
+        summary["kvstore"], summary["kv_fetched_tokens"] = store
+    # the report's first line: can these numbers be trusted on this host?
+    trust = None if interrupted else trust_verdict(cluster, plan if locust is None else None, summary, instances)
     result = RunResult(
         cluster.name,
         records,
@@ -270,6 +275,7 @@ def run(
         simulated_s=wall,
         prometheus=prom_view,
         goodput=goodput(records, slo.ttft_ms, slo.tpot_ms, summary["duration_s"], slo.e2e_ms),
+        trust=trust,
     )
     if out_dir:
         from emulator.htmlreport import write_html
@@ -277,6 +283,8 @@ def run(
 
         write_report(out_dir, cluster, result)  # requests.jsonl, summary.json, instances.json, as `infemu sim`
         write_json(os.path.join(out_dir, "goodput.json"), result.goodput)
+        if trust is not None:
+            write_json(os.path.join(out_dir, "trust.json"), trust)
         if prom_view is not None:
             write_json(os.path.join(out_dir, "prometheus.json"), prom_view)
 
@@ -292,6 +300,25 @@ def run(
     if interrupted:
         raise KeyboardInterrupt
     return result
+
+
+def store_summary(cluster, instances: dict) -> tuple[dict, int] | None:
+    """The KV store's figures from the scraped metrics, in the simulator's summary keys."""
+    stores = [st for st in instances.values() if st.get("role") == "kvstore"]
+    if not stores:
+        return None
+    from emulator.serve.kvstore_app import store_block_bytes
+
+    block_bytes, _ = store_block_bytes(cluster.spec)
+    asked = sum(st.get("lookup_blocks", 0.0) for st in stores)
+    written = sum(st.get("kvstore_written_blocks", 0.0) for st in instances.values() if st.get("role") != "kvstore")
+    kv = {
+        "hit_rate": sum(st.get("hit_blocks", 0.0) for st in stores) / asked if asked else 0.0,
+        "bytes_fetched": sum(st.get("fetched_blocks", 0.0) for st in stores) * block_bytes,
+        "bytes_written": written * block_bytes,
+        "evicted_blocks": int(sum(st.get("evicted_blocks", 0.0) for st in stores)),
+    }
+    return kv, int(sum(st.get("kvstore_fetched_tokens", 0.0) for st in instances.values()))
 
 
 def _emulated_once(rec: RequestRecord, dilation: float) -> None:

@@ -190,9 +190,15 @@ def test_real_processes_fetch_a_repeated_prefix_from_the_store_with_exactly_its_
     (tmp_path / "store.yaml").write_text(yaml.safe_dump(doc))
     r = run_infemu("run", "store.yaml", "--out", "rep", "--json", "--shaping", "inproc", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["failed"] == 0
+    summary = json.loads(r.stdout)
+    assert summary["failed"] == 0
     inst = json.loads((tmp_path / "rep" / "instances.json").read_text())
     blocks = (4096 - 1) // 16
+    _, setups = build_instances(parse_cluster(doc).spec)
+    block_bytes = setups[0].cost.kv_transfer_bytes(16)
+    # the run's summary reports the store in the simulator's keys
+    assert summary["kvstore"]["bytes_fetched"] == blocks * block_bytes and summary["kv_fetched_tokens"] == blocks * 16
+    assert summary["kvstore"]["bytes_written"] == (4096 // 16) * block_bytes
     # round robin: two requests on one engine (the second a local prefix hit), one on the other, from the store
     fetched = sorted(inst[n]["kvstore_fetched_tokens"] for n in ("llm-0", "llm-1"))
     assert fetched == [0, blocks * 16]
