@@ -234,6 +234,7 @@ def test_stage_timings_add_up_to_the_end_to_end_latency(kind, extra):
     for r in done:
         assert sum(r.breakdown_ms.values()) == pytest.approx(r.e2e_ms, rel=1e-9)
         assert sum(s["ms"] for s in r.stages) == pytest.approx(r.e2e_ms, rel=1e-9)  # stages tile the timeline
+        assert r.stages[0]["start_ms"] == 0.0  # counted from the pipeline's start, as the router counts
         assert r.ttft_ms <= r.e2e_ms and r.pipeline == kind
     if kind == "reasoning":  # the visible answer starts after the hidden decode
         assert all(r.breakdown_ms["reasoning"] > 0 and r.ttft_ms > r.breakdown_ms["reasoning"] for r in done)

@@ -170,8 +170,7 @@ class PipelineRunner:
     async def _run(self, request, streaming: list, spec, question, answer, index, segments) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        host, port = request.transport.get_extra_info("sockname")[:2] if request.transport else ("127.0.0.1", 0)
-        own = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        own = _own_url(request)
         gen = pipeline_stages(spec, index, question, answer, segments)
         stages: list[dict] = []
         breakdown: dict[str, float] = {}
@@ -361,3 +360,11 @@ class PipelineRunner:
         if resp is not None and not resp.prepared:
             await resp.prepare(request)
         return times
+
+
+def _own_url(request: web.Request) -> str:
+    """This server as the client reached it: the accepted socket's own address (never a client's Host)."""
+    host, port = request.transport.get_extra_info("sockname")[:2] if request.transport else ("127.0.0.1", 0)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

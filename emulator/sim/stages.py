@@ -80,6 +80,7 @@ class SimStore:
 class PipeState:
     gen: Pipeline
     kind: str
+    origin: float  # when the pipeline started: stages' start_ms count from it (as the router's do)
     started: bool = False
     stage: object = None
     stage_start: float = 0.0
@@ -259,7 +260,7 @@ class StagesMixin:
     def _start_pipeline(self, rid: str, p: PlannedRequest, now: float) -> None:
         spec = p.pipeline
         gen = pipeline_stages(spec, p.index, p.input_len, p.output_len, p.segments)
-        self._pipes[rid] = PipeState(gen, spec.type)
+        self._pipes[rid] = PipeState(gen, spec.type, now)
         self.records[rid].pipeline = spec.type
         self._advance(rid, now, None)
 
@@ -270,7 +271,7 @@ class StagesMixin:
 
     def _stage(self, pipe: PipeState, kind: str, now: float, **extra) -> None:
         ms = (now - pipe.stage_start) * 1e3
-        pipe.stages.append({"stage": kind, "start_ms": pipe.stage_start * 1e3, "ms": ms, **extra})
+        pipe.stages.append({"stage": kind, "start_ms": (pipe.stage_start - pipe.origin) * 1e3, "ms": ms, **extra})
         if kind != "generate":
             pipe.breakdown[kind] = pipe.breakdown.get(kind, 0.0) + ms
 
