@@ -715,39 +715,63 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timing_of(url: str | None, alive: bool) -> dict | None:
+    """An engine's own verdict on its step timing (None: not answering, or no steps yet)."""
+    from emulator.run import scrape
+
+    got = scrape(url) if url and alive else {}
+    if "timing_error_ratio" not in got:
+        return None
+    return {
+        "share_of_step": got["timing_error_ratio"],
+        "faithful": not got.get("overloaded"),
+        "suggested_time_dilation": got.get("suggested_time_dilation"),
+    }
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from emulator.cluster.local import _alive, running_runs
 
-    clusters = [
-        {
-            "cluster": st.cluster,
-            "run_dir": st.run_dir,
-            "router": st.router,
-            "shaping": st.shaping,
-            "instances": [
-                {
-                    "name": p.name,
-                    "role": p.role,
-                    "url": p.url,
-                    "pid": p.pid,
-                    "alive": _alive(p.pid),
-                    "restarts": p.restarts,
-                }
-                for p in st.workers()
-            ],
-        }
-        for st in running_runs()
-    ]
+    clusters = []
+    for st in running_runs():
+        engines = {p.name for p in st.engines()}
+        instances = []
+        for p in st.workers():
+            alive = _alive(p.pid)
+            entry = {"name": p.name, "role": p.role, "url": p.url, "pid": p.pid, "alive": alive, "restarts": p.restarts}
+            timing = _timing_of(p.url, alive) if p.name in engines else None
+            if timing is not None:
+                entry["timing"] = timing
+            instances.append(entry)
+        timed = [i["timing"] for i in instances if "timing" in i]
+        verdict = (
+            "no engine steps yet" if not timed else ("faithful" if all(t["faithful"] for t in timed) else "degraded")
+        )
+        clusters.append(
+            {
+                "cluster": st.cluster,
+                "run_dir": st.run_dir,
+                "router": st.router,
+                "shaping": st.shaping,
+                "timing": verdict,
+                "instances": instances,
+            }
+        )
     if args.json:
         print(json.dumps(clusters))
         return 0
     if not clusters:
         print("no running cluster (start one with `infemu up SPEC --detach`)")
     for c in clusters:
-        print(f"{c['cluster']}: router {c['router']}  ({c['run_dir']}, shaping {c['shaping']})")
+        print(f"{c['cluster']}: router {c['router']}  ({c['run_dir']}, shaping {c['shaping']}); timing {c['timing']}")
         for i in c["instances"]:
             state = "up" if i["alive"] else "down"
             extra = f", restarted {i['restarts']}x" if i["restarts"] else ""
+            t = i.get("timing")
+            if t is not None:
+                extra += f", step timing error p99 {100 * t['share_of_step']:.1f}% of the step"
+                if not t["faithful"]:
+                    extra += f" (NOT faithful: timeDilation {t['suggested_time_dilation']:g} would be)"
             print(f"  {i['name']:<12} {i['role']:<10} {i['url']}  {state}{extra}")
     return 0
 

@@ -75,7 +75,7 @@ class Progress:
             )
 
 
-def _scrape(url: str) -> dict:
+def scrape(url: str) -> dict:
     out: dict = {}
     try:
         text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()  # loopback only
@@ -89,6 +89,7 @@ def _scrape(url: str) -> dict:
             ("timing_error_p99_s", "infemu_iteration_timing_error_p99_seconds"),
             ("overloaded", "infemu_emulation_overloaded"),
             ("timing_error_ratio", "infemu_iteration_timing_error_ratio"),
+            ("suggested_time_dilation", "infemu_emulation_suggested_time_dilation"),
             ("kv_transfer_bytes", "infemu_kv_transfer_bytes_total"),
             ("afd_exchanges", "infemu_afd_exchanges_total"),  # an FFN instance
             ("afd_exchange_failures", "infemu_afd_exchange_failures_total"),  # an AFD engine
@@ -240,7 +241,7 @@ def run(
                     on_send=progress.on_send,
                 )
             )
-        instances = {p.name: {"role": p.role, "restarts": p.restarts, **_scrape(p.url)} for p in state.workers()}
+        instances = {p.name: {"role": p.role, "restarts": p.restarts, **scrape(p.url)} for p in state.workers()}
         prom_view = _prometheus_view(prom) if prom is not None else None
     except KeyboardInterrupt:
         # what finished is still a result: the report says the run was cut short

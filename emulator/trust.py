@@ -17,6 +17,14 @@ TIMING_BUDGET = 0.05  # the step-timing error p99 a faithful worker stays under,
 TTFT_BOUND, TPOT_BOUND = 0.10, 0.05  # emulated vs simulated means
 
 
+def suggested_dilation(dilation: float, share_of_step: float) -> float:
+    """The time dilation that brings a worker's step-timing error p99 (``share_of_step`` of its median
+    step at ``dilation``) under the budget: the lateness stays, the step stretches with D."""
+    if share_of_step <= TIMING_BUDGET:
+        return dilation
+    return float(min(100, max(math.ceil(dilation * share_of_step / TIMING_BUDGET - 1e-9), math.ceil(dilation) + 1)))
+
+
 def trust_verdict(cluster, plan, summary: dict, instances: dict) -> dict:
     """``plan``: what the run played (None for Locust load: no simulator comparison)."""
     dilation = cluster.spec.emulation.time_dilation

@@ -284,6 +284,7 @@ def test_live_faults_backpressure_and_supervision(tmp_path):
         listed = json.loads(run_infemu("status", "--json", cwd=str(elsewhere)).stdout)
         ours = next(c for c in listed if c["run_dir"] == str(run_dir))
         assert ours["router"] == router and {i["name"] for i in ours["instances"]} == {"agg-0", "agg-1"}
+        assert ours["timing"] in ("faithful", "degraded", "no engine steps yet")  # the workers' own verdict
         r = run_infemu("link", "set", "--reset", "--run-dir", str(run_dir), cwd=str(elsewhere))
         assert r.returncode == 0 and r.stdout.count("every link reset") == 2, r.stdout + r.stderr
     finally:

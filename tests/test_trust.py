@@ -9,7 +9,7 @@ from conftest import example
 
 from emulator.sim.simulator import simulate
 from emulator.spec import load_clusters
-from emulator.trust import trust_verdict
+from emulator.trust import suggested_dilation, trust_verdict
 from emulator.workload.plan import plan_for
 
 
@@ -49,3 +49,10 @@ def test_an_overloaded_worker_or_a_drifting_ttft_says_so_first_with_the_dilation
     t = trust_verdict(cluster, plan, slow, _workers(0.01, False))
     assert t["verdict"] == "degraded" and t["suggested_time_dilation"] == 6  # 1 x 0.3 / 0.05
     assert trust_verdict(cluster, None, slow, _workers(0.01, False))["verdict"] == "faithful"  # Locust: timing only
+
+
+def test_the_suggested_dilation_stretches_the_step_until_the_lateness_fits_the_budget():
+    assert suggested_dilation(2.0, 0.04) == 2.0  # within 5%: keep it
+    assert suggested_dilation(1.0, 0.12) == 3.0  # 12% at D=1: 2.4 -> 3
+    assert suggested_dilation(4.0, 0.06) == 5.0  # just over: at least one more
+    assert suggested_dilation(50.0, 9.0) == 100.0  # capped at the spec's maximum

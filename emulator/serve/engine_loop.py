@@ -22,6 +22,7 @@ from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
 from emulator.serve.api_path import ApiServerPath
 from emulator.serve.metrics import EngineMetrics
+from emulator.trust import TIMING_BUDGET, suggested_dilation
 
 log = logging.getLogger("infemu.engine")
 
@@ -66,6 +67,7 @@ class RealTimeEngine:
         self.pp = pp
         self.kv_pull = kv_pull
         self.dilation = dilation  # wall seconds per emulated second
+        metrics.suggested_dilation.set(dilation)  # until enough steps say otherwise
         self.api_path = api_path  # when set, tokens reach their streams when the modelled API server has sent them
         self.exchanger = exchanger  # AFD: the step's activations really go to the FFN instances and back
         kernels = getattr(cost, "kernels", None)
@@ -312,8 +314,9 @@ class RealTimeEngine:
             median = float(np.median(self._durations))
             self.metrics.timing_error_p99.set(p99)
             self.metrics.timing_error_ratio.set(p99 / median if median > 0 else 0.0)
-            overloaded = p99 > 0.05 * median
+            overloaded = p99 > TIMING_BUDGET * median
             self.metrics.overloaded.set(1 if overloaded else 0)
+            self.metrics.suggested_dilation.set(suggested_dilation(self.dilation, p99 / median if median > 0 else 0.0))
             if overloaded and self.now() - self._warned_at > 10:
                 self._warned_at = self.now()
                 log.warning(

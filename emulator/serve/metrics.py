@@ -259,6 +259,11 @@ class EngineMetrics:
             "infemu_emulation_overloaded",
             "1 when the timing error p99 exceeds 5% of the median step: results are not faithful.",
         )
+        self.suggested_dilation = gauge(
+            "infemu_emulation_suggested_time_dilation",
+            "The spec.emulation.timeDilation that would bring the timing error p99 under 5% of the median step"
+            " (the lateness is wall time, a step lasts D times longer); the current D when within the budget.",
+        )
         # ---- infemu: KV transfers and links
         self.kv_bytes = counter("infemu_kv_transfer_bytes", "Logical KV-cache bytes pulled by this instance.")
         self.kv_seconds = hist("infemu_kv_transfer_seconds", "Duration of each KV-cache pull.", TRANSFER_BUCKETS)
