@@ -55,11 +55,14 @@ class Topology:
         if a.name == b.name:
             return self.scale_up
         if not a.gpus or not b.gpus:  # host memory and cores: through the node's NICs (or its own tier)
-            own = dict(self.host_tiers)
-            return own.get(a.name) or own.get(b.name) or self.scale_out
+            return self.host_tier(a if not a.gpus else b)
         if a.name in self.spans_domains or b.name in self.spans_domains:
             return self.scale_out
         return self.scale_up if a.domain == b.domain else self.scale_out
+
+    def host_tier(self, inst: Instance) -> LinkTier:
+        """How a GPU-less instance (a kvstore, a CPU retriever) is reached: its own tier, or the network."""
+        return dict(self.host_tiers).get(inst.name) or self.scale_out
 
     def intra_instance_tier(self, inst: Instance) -> LinkTier:
         return self.scale_out if inst.name in self.spans_domains else self.scale_up

@@ -139,10 +139,10 @@ class Worker:
             )
         self.kvstore: KVStoreClient | None = None
         stores = [(self.topology.by_name(n), u) for n, u in settings.peers if _role_of(self.topology, n) == "kvstore"]
-        if stores and is_front(self.role) and eng.enable_prefix_caching:
+        if stores and is_front(self.role) and eng.enable_prefix_caching:  # one store instance (its role's checks)
             policy = next(p.kvstore.write_policy for p in spec.pools if p.role == "kvstore")
             self.kvstore = KVStoreClient(
-                stores, self.topology, self.setup.instance, self.links, self.scales, self.token, self.setup.cost,
+                stores[0], self.topology, self.setup.instance, self.links, self.scales, self.token, self.setup.cost,
                 eng.block_size, policy, self.metrics, self.dilation,
             )  # fmt: skip
             if policy == "on-evict":

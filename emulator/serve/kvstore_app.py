@@ -68,7 +68,7 @@ class StoreService:
         block_bytes, self.block_size = store_block_bytes(cluster.spec)
         self.store = KVStore(pool.kvstore.capacity_gb * 1e9, block_bytes)
         self.links, self.scales = make_links(cluster.spec, topo, inst, shaping)
-        self.tier = dict(topo.host_tiers).get(inst.name) or topo.scale_out
+        self.tier = topo.host_tier(inst)
         self.tickets: OrderedDict[str, tuple[list[int], float]] = OrderedDict()
         r = self.registry = CollectorRegistry()
         labels = ["model_name", "instance"]

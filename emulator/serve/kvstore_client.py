@@ -26,9 +26,11 @@ log = logging.getLogger("infemu.kvstore")
 
 
 class KVStoreClient:
-    def __init__(self, stores: list[tuple[Instance, str]], topo: Topology, me: Instance, links, scales, token,
+    def __init__(self, store: tuple[Instance, str], topo: Topology, me: Instance, links, scales, token,
                  cost, block_size: int, write_policy: str, metrics, dilation: float) -> None:  # fmt: skip
-        self.stores = stores
+        """``store``: the one store instance (the kvstore role's checks) and its URL."""
+        self.url = store[1]
+        self.tier = topo.tier_between(me, store[0])
         self.topo, self.me = topo, me
         self.links, self.scales = links, scales
         self.token = token
@@ -49,9 +51,6 @@ class KVStoreClient:
         if self.session is not None:
             await self.session.close()
 
-    def _store(self, hashes) -> tuple[Instance, str]:
-        return self.stores[0]  # one store instance (the kvstore role's checks)
-
     async def _post_json(self, url: str, body: dict) -> dict:
         assert self.session is not None
         async with self.session.post(url, json=body, headers=internal_headers(self.token)) as resp:
@@ -62,7 +61,7 @@ class KVStoreClient:
     async def lookup(self, scheduler, req: Request) -> tuple[int, int, float]:
         """(local blocks, store blocks after them, block bytes) for a prompt, now."""
         local = scheduler.kv.cached_prefix_blocks(req.block_hashes, req.num_prompt_tokens)
-        _inst, url = self._store(req.block_hashes)
+        url = self.url
         got = await self._post_json(
             f"{url}/internal/kvstore/lookup", {"hashes": list(req.block_hashes), "start": local}
         )
@@ -70,8 +69,7 @@ class KVStoreClient:
 
     async def fetch(self, scheduler, req: Request, local: int, found: int, block_bytes: float) -> int:
         """Fetch the blocks if that is cheaper than computing them; returns the tokens fetched."""
-        inst, url = self._store(req.block_hashes)
-        tier = self.topo.tier_between(self.me, inst)
+        url, tier = self.url, self.tier
         bs = self.block_size
         plan = plan_prompt_fetch(
             self.cost,
@@ -115,12 +113,11 @@ class KVStoreClient:
         task.add_done_callback(self.tasks.discard)
 
     async def _write(self, hashes: list[int]) -> None:
-        inst, url = self._store(hashes)
+        url, tier = self.url, self.tier
         try:
             got = await self._post_json(f"{url}/internal/kvstore/reserve", {"hashes": hashes})
             if not got.get("ticket"):
                 return
-            tier = self.topo.tier_between(self.me, inst)
             logical = len(got["missing"]) * float(got["block_bytes"])
             wire = max(1, math.ceil(logical / self.scales[tier.name]))
             headers = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from emulator.catalog.links import LinkTier, get_tier
+from emulator.catalog.links import LinkTier
 from emulator.costmodel.retrieval import RetrievalCostModel
 from emulator.engine.request import Request
 from emulator.kvstore.decide import plan_prompt_fetch
@@ -89,11 +89,6 @@ class PipeState:
     marks: dict = field(default_factory=dict)  # the current generate stage's arrival / admission times
 
 
-def store_tier(spec, topo) -> LinkTier:
-    pool = next(p for p in spec.pools if p.role == "kvstore" and p.replicas > 0)
-    return get_tier(pool.kvstore.tier) if pool.kvstore and pool.kvstore.tier else topo.scale_out
-
-
 class StagesMixin:
     """Retrieval, the KV store and pipelines for ``Simulation`` (which provides events, records, the
     network and the engine paths ``_route`` / ``_admit`` / ``_fail``)."""
@@ -109,7 +104,7 @@ class StagesMixin:
         front = [s for s in setups if is_front(s.instance.role)]
         store_insts = [i for i in topo.instances if pools[i.pool].role == "kvstore"]
         if store_insts and front:
-            tier = store_tier(spec, topo)
+            tier = topo.host_tier(store_insts[0])  # one store instance (the kvstore role's checks)
             self.block_bytes = front[0].cost.kv_transfer_bytes(front[0].engine.block_size)
             for i in store_insts:
                 st = SimStore(i, pools[i.pool], self.block_bytes, tier, topo.gpus_per_node)
@@ -124,7 +119,8 @@ class StagesMixin:
         self._pipes: dict[str, PipeState] = {}
 
     # ---- the KV store ----------------------------------------------------------------------
-    def _store_for(self, hashes: tuple[int, ...]) -> SimStore:
+    @property
+    def _store(self) -> SimStore:
         return self.stores[0]  # one store instance (the kvstore role's checks)
 
     def _maybe_fetch(self, inst, req: Request, rec: RequestRecord, now: float) -> bool:
@@ -134,7 +130,7 @@ class StagesMixin:
             return False
         kv = inst.scheduler.kv
         local = kv.cached_prefix_blocks(req.block_hashes, req.num_prompt_tokens)
-        st = self._store_for(req.block_hashes)
+        st = self._store
         found = st.store.lookup(req.block_hashes, start=local)
         bs = inst.block_size
         plan = plan_prompt_fetch(
@@ -180,7 +176,7 @@ class StagesMixin:
         """Send the blocks the store lacks; they are stored when they land."""
         if not self.stores or not hashes:
             return
-        st = self._store_for(tuple(hashes))
+        st = self._store
         missing = st.store.missing(hashes)
         if not missing:
             st.store.put(hashes)  # refresh their recency
