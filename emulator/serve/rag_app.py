@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from emulator.costmodel.retrieval import RetrievalCostModel
-from emulator.rag.corpus import Corpus, Document, document_text
+from emulator.rag.corpus import Document, document_text
+from emulator.rag.retriever import RetrieverModel
 from emulator.serve.protocol import APIError, read_json_object
 from emulator.serve.tokens import tokenize
 from emulator.topology import Instance, Topology
@@ -82,8 +82,7 @@ class Retriever:
         pool = next(p for p in cluster.spec.pools if p.name == inst.pool)
         self.name = inst.name
         self.spec = pool.rag
-        self.cost = RetrievalCostModel(pool.rag, topo.gpu)
-        self.corpus = Corpus(pool.rag.corpus)
+        self.model = RetrieverModel(pool.rag, topo.gpu)
         self.dilation = cluster.spec.emulation.time_dilation
         self.queue: deque[_Query] = deque()
         self.wake = asyncio.Event()
@@ -151,14 +150,7 @@ class Retriever:
                 batch = [self.queue.popleft() for _ in range(min(self.spec.max_batch, len(self.queue)))]
                 self.waiting.set(len(self.queue))
                 started = time.monotonic()
-                rerank = self.spec.rerank is not None
-                found: list[list[Document]] = []
-                candidates: list[list[int]] = []
-                for q in batch:
-                    docs = self.corpus.search(q.query, self.spec.rerank_candidates if rerank else q.top_k, q.among)
-                    candidates.append([d.tokens for d in docs])
-                    found.append(docs[: q.top_k])
-                t = self.cost.batch_time([q.tokens for q in batch], candidates if rerank else None)
+                found, t = self.model.batch([(q.query, q.tokens, q.top_k, q.among) for q in batch])
                 deadline = loop.time() + t.total_s * self.dilation
                 await asyncio.sleep(max(deadline - loop.time(), 0.0))
                 self.batch_size.observe(len(batch))

@@ -16,11 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from emulator.catalog.links import LinkTier
-from emulator.costmodel.retrieval import RetrievalCostModel
 from emulator.engine.request import Request
 from emulator.kvstore.decide import plan_prompt_fetch
 from emulator.kvstore.store import KVStore
-from emulator.rag.corpus import Corpus
+from emulator.rag.retriever import RetrieverModel
 from emulator.results import RequestRecord
 from emulator.roles import is_front
 from emulator.workload.pipelines import Generate, Pipeline, Retrieve, Think, pipeline_stages
@@ -34,8 +33,7 @@ class SimRetriever:
     def __init__(self, inst, pool, gpu) -> None:
         self.name = inst.name
         self.spec = pool.rag
-        self.cost = RetrievalCostModel(pool.rag, gpu)
-        self.corpus = Corpus(pool.rag.corpus)
+        self.model = RetrieverModel(pool.rag, gpu)
         self.queue: deque[tuple[str, Retrieve, float]] = deque()
         self.in_batch = 0
         self.batches = 0
@@ -219,13 +217,7 @@ class StagesMixin:
         if r.in_batch or not r.queue:
             return
         batch = [r.queue.popleft() for _ in range(min(r.spec.max_batch, len(r.queue)))]
-        rerank = r.spec.rerank is not None
-        found, candidates = [], []
-        for _, stage, _ in batch:
-            docs = r.corpus.search(stage.query, r.spec.rerank_candidates if rerank else stage.top_k, stage.among)
-            candidates.append([d.tokens for d in docs])
-            found.append(docs[: stage.top_k])
-        t = r.cost.batch_time([s.query_tokens for _, s, _ in batch], candidates if rerank else None)
+        found, t = r.model.batch([(s.query, s.query_tokens, s.top_k, s.among) for _, s, _ in batch])
         r.in_batch = len(batch)
         r.batches += 1
         r.queries += len(batch)
