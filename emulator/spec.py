@@ -12,7 +12,7 @@ import os
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from emulator.errors import SpecError
@@ -165,7 +165,16 @@ class TraceLength(_Model):
     type: Literal["trace"] = "trace"
 
 
-LengthDist = Annotated[FixedLength | UniformLength | LognormalLength | TraceLength, Field(discriminator="type")]
+def _fixed_shorthand(value: Any) -> Any:
+    """A length written as a number (`inputLength: 512`, `docTokens: 256`) is a fixed length."""
+    return {"type": "fixed", "value": value} if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+LengthDist = Annotated[
+    FixedLength | UniformLength | LognormalLength | TraceLength,
+    Field(discriminator="type"),
+    BeforeValidator(_fixed_shorthand),
+]
 
 
 class CorpusSpec(_Model):
@@ -190,12 +199,6 @@ class CorpusSpec(_Model):
     def _default_doc_tokens(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("docTokens") is None and data.get("doc_tokens") is None:
             return {**data, "docTokens": {"type": "lognormal", "mean": 256, "sigma": 0.6, "min": 16, "max": 4096}}
-        if (
-            isinstance(data, dict)
-            and isinstance(data.get("docTokens"), int)
-            and not isinstance(data["docTokens"], bool)
-        ):
-            return {**data, "docTokens": {"type": "fixed", "value": data["docTokens"]}}
         return data
 
 
@@ -650,9 +653,6 @@ class WorkloadSpec(_Model):
         defaults = {"inputLength": 512, "outputLength": 128}
         out = dict(data)
         for key, snake in (("inputLength", "input_length"), ("outputLength", "output_length")):
-            for name in (key, snake):  # shorthand: `inputLength: 512` is a fixed length
-                if isinstance(out.get(name), int) and not isinstance(out.get(name), bool):
-                    out[name] = {"type": "fixed", "value": out[name]}
             if out.get(key) is None and out.get(snake) is None:
                 out.pop(snake, None)
                 out[key] = {"type": "trace"} if is_trace else {"type": "fixed", "value": defaults[key]}
