@@ -39,8 +39,52 @@ POD_WAIT_S = 300  # two cores shared by every pod: the quickstart is Ready in 10
 def _script(name: str, *args: str, timeout: float) -> str:
     r = subprocess.run([os.path.join(K8S, name), *args], capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
-        pytest.fail(f"{name} {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        pytest.fail(f"{name} {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}{_image_diagnostics()}")
     return r.stdout.strip()
+
+
+def _containerd_images() -> tuple[list[str], str]:
+    """The image names the cluster's containerd holds, read whole (and why not, when it fails)."""
+    try:
+        ls = subprocess.run(["ctr", "-n", "k8s.io", "images", "ls", "-q"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [], f"ctr images ls: {e}"
+    return ls.stdout.split(), f"ctr images ls ({ls.returncode}): {ls.stderr[-500:]}"
+
+
+def _image_diagnostics() -> str:
+    """What the image build left behind: its log's tail and the images containerd holds."""
+    state = os.environ.get("K8S_STATE", "/var/lib/k8s-local")
+    try:
+        with open(os.path.join(state, "logs", "make-image.log"), errors="replace") as fh:
+            log = "make-image.log (tail):\n" + "".join(fh.readlines()[-30:])
+    except OSError as e:
+        log = f"make-image.log: {e}"
+    names, how = _containerd_images()
+    return f"\n{log}\n{how}\n" + "\n".join(names[-30:])
+
+
+IMAGE = "localhost/infemu:dev"
+
+
+def _make_image() -> str:
+    """Build the image and load it into the cluster.
+
+    make-image.sh checks the load with ``ctr images ls -q | grep -qxF REF`` under ``pipefail``:
+    when grep finds the name on ctr's first line and exits, ctr can die of SIGPIPE on its next
+    line and the check fails with the image loaded (seen once in CI). So a failed check is read
+    again here, whole; any other failure gets one more try (which reuses the base layer)."""
+    r = subprocess.run(
+        [os.path.join(K8S, "make-image.sh"), ROOT, "infemu:dev"], capture_output=True, text=True, timeout=1200
+    )
+    if r.returncode == 0:
+        return r.stdout.strip().splitlines()[-1]
+    if "is not in containerd after the import" in r.stderr and IMAGE in _containerd_images()[0]:
+        return IMAGE
+    sys.stderr.write(
+        f"make-image.sh failed ({r.returncode}), retrying once:\n{r.stderr[-2000:]}{_image_diagnostics()}\n"
+    )
+    return _script("make-image.sh", ROOT, "infemu:dev", timeout=1200).splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +101,7 @@ def k8s():
     out = _script("start-cluster.sh", "--with-node", timeout=900)
     kubeconfig = out.splitlines()[-1].removeprefix("export KUBECONFIG=")
     try:
-        image = _script("make-image.sh", ROOT, "infemu:dev", timeout=1200).splitlines()[-1]
+        image = _make_image()
         yield kubeconfig, image
     finally:
         subprocess.run([os.path.join(K8S, "stop-cluster.sh"), "--wipe"], capture_output=True, timeout=300)
