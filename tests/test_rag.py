@@ -10,6 +10,7 @@ import math
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import example
 
 from emulator.catalog.gpus import get_gpu
 from emulator.costmodel.retrieval import HOST, RetrievalCostModel
@@ -21,7 +22,6 @@ from emulator.spec import CorpusSpec, InferenceCluster, PipelineSpec, RagSpec, p
 from emulator.validation import cross_field_problems
 from emulator.workload.pipelines import Generate, Retrieve, Think, pipeline_stages
 from emulator.workload.plan import plan_for
-from tests.conftest import example
 
 H100 = get_gpu("h100-sxm")
 

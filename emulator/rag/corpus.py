@@ -18,6 +18,7 @@ from statistics import NormalDist
 import numpy as np
 
 from emulator.spec import CorpusSpec, FixedLength, LognormalLength, UniformLength
+from emulator.serve.tokens import word_pieces
 
 DOC_CONTENT_BASE = 8_000_000_000  # content ids of documents in prompt segments (clear of trace and pool ids)
 _STD_NORMAL = NormalDist()
@@ -104,13 +105,13 @@ def document_segment(doc: Document) -> tuple[int, int]:
     return (DOC_CONTENT_BASE + doc.id, doc.tokens)
 
 
-# one-piece words (at most 4 characters): one token each for infemu's tokenizer, so a document's text
-# is exactly its token length when a client quotes it
+# words the tokenizer counts as one piece each, so a document's text is exactly its token length
+# when a client quotes it
 _DOC_WORDS = tuple(
     w
     for w in "the of and to in is that for it as with was on be by this are from at or an have not model token "
     "cache node link data fast load time path area core rack disk page unit rate flow".split()
-    if len(w) <= 4
+    if word_pieces(w) == 1
 )
 
 
