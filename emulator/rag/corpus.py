@@ -17,8 +17,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-from emulator.spec import CorpusSpec, FixedLength, LognormalLength, UniformLength
 from emulator.serve.tokens import word_pieces
+from emulator.spec import CorpusSpec, FixedLength, LognormalLength, UniformLength
 
 DOC_CONTENT_BASE = 8_000_000_000  # content ids of documents in prompt segments (clear of trace and pool ids)
 _STD_NORMAL = NormalDist()
