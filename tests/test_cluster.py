@@ -82,6 +82,10 @@ def test_openai_client_streams_through_the_pd_router_with_a_real_kv_pull(pd_clus
     )
     assert done.usage.prompt_tokens == 1000 and done.usage.completion_tokens == 5
     assert metric_value(decode, "infemu_kv_transfer_bytes_total") - before == kv_per_token * 1000
+    # the decode side counts those prompts as vLLM does: received over a KV transfer, computed by nobody here
+    transferred = metric_value(decode, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+    assert transferred == usage.prompt_tokens + 1000
+    assert metric_value(decode, "vllm:prompt_tokens_by_source_total", source="local_compute") == 0
 
     # the raw stream: events separated by exactly one blank line, and the caller's X-Request-Id names it
     body = {"model": "llama-3.1-70b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}

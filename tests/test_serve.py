@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import example
+from conftest import ROOT, example
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.serve.app import WorkerSettings, create_app
@@ -305,3 +306,39 @@ async def test_a_worker_reports_where_a_requests_time_went_only_to_the_cluster(m
         assert set(account) == {"api_ms", "kv_fetch_ms", "queue_ms"} and account["api_ms"] > 0
         outside = await (await c.post("/v1/completions", json=body, headers={TIMING_HEADER: "1"})).text()
         assert ": infemu-timing" not in outside  # a client's header asks for nothing
+
+
+async def test_metric_families_match_vllms_list():
+    """Every vLLM family in tests/data/vllm_metric_families.json (loggers.py @005a810b plus the later
+    ones, cited there) is exported with vLLM's type, except the ones listed as not emulated; no
+    vllm: family is invented; the process and GC collectors are there as on vLLM's API server."""
+    with open(os.path.join(ROOT, "tests", "data", "vllm_metric_families.json")) as fh:
+        ref = json.load(fh)
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as client:
+        text = await (await client.get("/metrics")).text()
+    fams = {f.name: f.type for f in text_string_to_metric_families(text)}
+    wanted = {n: t for n, t in ref["families"].items() if n not in ref["not_emulated"]}
+    missing = sorted(set(wanted) - set(fams))
+    assert not missing, missing
+    assert {n: fams[n] for n in wanted} == wanted
+    invented = sorted(n for n in fams if n.startswith("vllm:") and n not in ref["families"])
+    assert not invented, invented
+    assert all(n in fams for n in ref["python_defaults"])
+
+
+async def test_prompt_tokens_by_source_split_computed_and_cached(client):
+    """A repeated prompt is served from the prefix cache: vLLM's by-source counters say so, and
+    prompt_tokens_cached equals the cache's hit tokens."""
+    body = {"model": MODEL, "prompt": "the same long system prompt " * 60, "max_tokens": 2, "ignore_eos": True}
+    for _ in range(2):
+        assert (await client.post("/v1/completions", json=body)).status == 200
+    fams = {f.name: f for f in text_string_to_metric_families(await (await client.get("/metrics")).text())}
+    by_source = {s.labels["source"]: s.value for s in fams["vllm:prompt_tokens_by_source"].samples}
+    hits = next(s.value for s in fams["vllm:prefix_cache_hits"].samples)
+    computed = next(s.value for s in fams["vllm:prompt_tokens"].samples)
+    cached = next(s.value for s in fams["vllm:prompt_tokens_cached"].samples)
+    assert hits > 0 and by_source["local_cache_hit"] == hits == cached
+    assert by_source["local_compute"] == computed and by_source["external_kv_transfer"] == 0
+    reasons = {s.labels["reason"]: s.value for s in fams["vllm:num_requests_waiting_by_reason"].samples}
+    assert reasons == {"capacity": 0, "deferred": 0}

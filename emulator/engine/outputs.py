@@ -51,3 +51,6 @@ class SchedulerStats:
     num_iterations: int
     prompt_tokens: int
     generation_tokens: int
+    cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache when a request was first scheduled
+    remote_prompt_tokens: int = 0  # prompt tokens whose KV arrived from a P/D prefill instance
+    num_waiting_deferred: int = 0  # waiting on something other than capacity (a KV pull in flight)

@@ -44,6 +44,8 @@ class Scheduler:
         self.num_iterations = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.cached_prompt_tokens = 0
+        self.remote_prompt_tokens = 0
 
     # ---- intake --------------------------------------------------------------
     def add_request(self, req: Request) -> RequestOutput | None:
@@ -110,6 +112,7 @@ class Scheduler:
         """Consumer: the pulled KV has arrived; the request becomes schedulable for decode."""
         req = self.pulling.pop(request_id)
         req.num_computed_tokens = req.num_prompt_tokens
+        self.remote_prompt_tokens += req.num_prompt_tokens
         req.kv_ready_s = now
         req.status = RequestStatus.WAITING
         self.kv.cache_full_blocks(req)
@@ -293,6 +296,7 @@ class Scheduler:
                 req.num_computed_tokens = hit
                 if req.first_scheduled_s is None:
                     req.num_cached_tokens = hit
+                    self.cached_prompt_tokens += hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._account(req, n, now, scheduled, prefill_chunks)
@@ -455,6 +459,9 @@ class Scheduler:
             num_iterations=self.num_iterations,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            remote_prompt_tokens=self.remote_prompt_tokens,
+            num_waiting_deferred=len(self.pulling),
         )
 
     def check_invariants(self) -> None:

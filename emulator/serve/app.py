@@ -102,12 +102,18 @@ class Worker:
         self.model_name = spec.model.name
         self.role = self.setup.instance.role
         eng = self.setup.engine
+        # vLLM's label set (CacheConfig.metrics_info() as a current vLLM prints it, with the
+        # kv_cache_size_tokens of vllm-project/vllm#42206); "auto" is vLLM's name for the model's dtype
+        kv_dtype = self.model.quant.kv_cache
         cache_info = {
             "block_size": str(eng.block_size),
             "num_gpu_blocks": str(eng.num_gpu_blocks),
-            "cache_dtype": self.model.quant.kv_cache,
+            "kv_cache_size_tokens": str(eng.num_gpu_blocks * eng.block_size),
+            "cache_dtype": kv_dtype if kv_dtype.startswith("fp8") else "auto",
             "enable_prefix_caching": str(eng.enable_prefix_caching),
             "gpu_memory_utilization": f"{self.setup.memory.usable / self.topology.gpu.hbm_bytes:.3f}",
+            "prefix_caching_hash_algo": "sha256",
+            "sliding_window": str(self.model.sliding_window or None),
         }
         self.metrics = EngineMetrics(
             self.model_name,

@@ -332,6 +332,9 @@ class RealTimeEngine:
         m = self.metrics
         m.running.set(s.num_running)
         m.waiting.set(s.num_waiting)
+        m.waiting_capacity.set(s.num_waiting - s.num_waiting_deferred)
+        m.waiting_deferred.set(s.num_waiting_deferred)
+        m.count_prompt_sources(s)
         m.kv_usage.set(s.kv_usage)
         m.gpu_cache_usage.set(s.kv_usage)
         for counter, delta in (

@@ -65,7 +65,11 @@ class KVStoreClient:
         got = await self._post_json(
             f"{url}/internal/kvstore/lookup", {"hashes": list(req.block_hashes), "start": local}
         )
-        return local, int(got["blocks"]), float(got["block_bytes"])
+        found = int(got["blocks"])
+        bs = self.block_size
+        self.metrics.external_prefix_queries.inc(max(0, req.num_prompt_tokens - local * bs))
+        self.metrics.external_prefix_hits.inc(found * bs)
+        return local, found, float(got["block_bytes"])
 
     async def fetch(self, scheduler, req: Request, local: int, found: int, block_bytes: float) -> int:
         """Fetch the blocks if that is cheaper than computing them; returns the tokens fetched."""
@@ -100,6 +104,7 @@ class KVStoreClient:
                 pass
         scheduler.kv.pool.install(hashes[:n])
         self.metrics.store_fetched_tokens.inc(n * bs)
+        self.metrics.store_fetched_total += n * bs
         self.metrics.store_fetch_seconds.observe((loop.time() - t0) / self.dilation)
         self.metrics.link(tier.name, "kvstore_rx", logical)
         return n * bs

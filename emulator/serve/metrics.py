@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 disable_created_metrics()  # vLLM does the same: no *_created series
+
+PROMPT_TOKEN_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")  # vLLM's source label
 
 TTFT_BUCKETS = [
     0.001,
@@ -106,6 +117,8 @@ def with_thresholds(buckets: list[float], thresholds: list[float]) -> list[float
 
 
 class EngineMetrics:
+    """One engine's families in its own registry (several engines may share a process)."""
+
     def __init__(
         self,
         model_name: str,
@@ -129,8 +142,21 @@ class EngineMetrics:
         def hist(name, doc, buckets):
             return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*lv)
 
+        # the process, Python and GC families prometheus_client exports by default, as vLLM's API
+        # server does in single-process mode (docs/design/metrics.md, "Built in Python/Process Metrics")
+        for default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(default)
         self.running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
         self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        waiting_by_reason = Gauge(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of requests waiting to be processed, by reason: capacity (KV blocks, the batch or "
+            "token budget) or deferred (here: a KV pull from a prefill instance in flight).",
+            [*labels, "reason"],
+            registry=r,
+        )
+        self.waiting_capacity = waiting_by_reason.labels(*lv, "capacity")
+        self.waiting_deferred = waiting_by_reason.labels(*lv, "deferred")
         self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
         self.gpu_cache_usage = gauge(
             "vllm:gpu_cache_usage_perc",
@@ -162,6 +188,25 @@ class EngineMetrics:
         self.gpu_prefix_hits = counter("vllm:gpu_prefix_cache_hits", "GPU prefix cache hits (DEPRECATED).")
         self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        by_source = Counter(
+            "vllm:prompt_tokens_by_source",
+            "Number of prompt tokens by source: computed here, found in the local prefix cache, or "
+            "received over a KV transfer (a P/D prefill instance or the remote KV store).",
+            [*labels, "source"],
+            registry=r,
+        )
+        self.prompt_by_source = {src: by_source.labels(*lv, src) for src in PROMPT_TOKEN_SOURCES}
+        self.prompt_tokens_cached = counter(
+            "vllm:prompt_tokens_cached", "Number of cached prompt tokens (local prefix cache and KV transfers)."
+        )
+        self.external_prefix_queries = counter(
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache (the remote KV store) queries, in terms of number of queried tokens.",
+        )
+        self.external_prefix_hits = counter(
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache (the remote KV store) hits, in terms of number of cached tokens.",
+        )
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
         success = Counter(
             "vllm:request_success",
@@ -238,6 +283,8 @@ class EngineMetrics:
             "Histogram of time spent in DECODE phase for request.",
             REQUEST_LATENCY_BUCKETS,
         )
+        self.store_fetched_total = 0  # prompt tokens fetched from the KV store (the store client adds)
+        self._sources = dict.fromkeys(PROMPT_TOKEN_SOURCES, 0)
         # ---- infemu: fidelity of the emulation itself
         self.timing_error = hist(
             "infemu_iteration_timing_error_seconds",
@@ -332,6 +379,24 @@ class EngineMetrics:
 
     def set_fault(self, kind: str, active: bool) -> None:
         self.fault_active.labels(*self.link_lv, kind).set(1 if active else 0)
+
+    def count_prompt_sources(self, stats) -> None:
+        """vLLM's prompt tokens by source from the scheduler's running totals: computed here, hit in
+        the local prefix cache, or received over a KV transfer. Blocks fetched from the store enter
+        the local cache and are then hit, so the store's share moves from the hits to the transfers."""
+        fetched = self.store_fetched_total
+        totals = {
+            "local_compute": stats.prompt_tokens,
+            "local_cache_hit": max(stats.cached_prompt_tokens - fetched, self._sources["local_cache_hit"]),
+            "external_kv_transfer": stats.remote_prompt_tokens + fetched,
+        }
+        for source, total in totals.items():
+            delta = total - self._sources[source]
+            if delta > 0:
+                self.prompt_by_source[source].inc(delta)
+                if source != "local_compute":
+                    self.prompt_tokens_cached.inc(delta)
+                self._sources[source] = total
 
     def link(self, tier: str, direction: str, nbytes: float) -> None:
         self.link_bytes.labels(*self.link_lv, tier, direction).inc(nbytes)
