@@ -25,6 +25,10 @@ demo: $(STAMP)
 	$(BIN)/infemu run examples/quickstart.yaml --out runs/demo
 
 test: $(STAMP)
+	# Debian's chromium for the report screenshot test (skipped with the reason where it is missing)
+	command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	   chromium) || true
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

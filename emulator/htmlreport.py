@@ -90,6 +90,24 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _legend_both(ax, ax2, **kw) -> None:
+    """One legend for a chart with two y axes (each axis alone would list half the lines)."""
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, **kw)
+
+
+def _trust_banner(trust: dict | None) -> str:
+    if not trust:
+        return ""
+    ok = trust.get("verdict") == "faithful"
+    colour = "#1b7f3b" if ok else "#b00020"
+    return (
+        f"<p style='border-left:6px solid {colour};padding:6px 10px;background:#f6f6f6'>"
+        f"<b>{html.escape(str(trust.get('line', '')))}</b></p>"
+    )
+
+
 def write_html(
     path: str,
     title: str,
@@ -98,12 +116,16 @@ def write_html(
     goodput: dict,
     slo,
     samples: dict[str, list[tuple[float, dict]]],
+    trust: dict | None = None,
 ) -> None:
+    """The page: the trust verdict, the summary table, then one plot per question a reader asks
+    (how fast, how steady over time, where the queues were, was the emulation on time, what failed,
+    where the time went). Time plots share the run's clock and shade injected faults."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     figs = []
     ok = [r for r in records if r.ok]
@@ -112,11 +134,14 @@ def write_html(
     for ax, key, limit, label in ((axes[0], "ttft_ms", slo.ttft_ms, "TTFT"), (axes[1], "tpot_ms", slo.tpot_ms, "TPOT")):
         vals = np.sort([getattr(r, key) for r in ok if getattr(r, key) is not None])
         if len(vals):
-            ax.plot(vals, np.arange(1, len(vals) + 1) / len(vals))
+            ax.plot(vals, np.arange(1, len(vals) + 1) / len(vals), label=f"{label} ({len(vals)} requests)")
         ax.axvline(limit, color="red", ls="--", label=f"SLO {limit:g} ms")
-        ax.set(xlabel=f"{label} (ms)", ylabel="CDF", title=f"{label} CDF", xscale="log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones collide
-        ax.legend()
+        ax.set(xlabel=f"{label} (ms, log scale)", ylabel="fraction of requests", title=f"{label} CDF", xscale="log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1-2-5 ticks, plain numbers
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     figs.append(("Latency CDFs", _png(fig)))
     plt.close(fig)
@@ -130,16 +155,26 @@ def write_html(
         idx = np.digitize(fin, bins)
         att = [met[idx == i].mean() if (idx == i).any() else np.nan for i in range(1, len(bins))]
         thr = [toks[idx == i].sum() for i in range(1, len(bins))]
-        fig, ax = plt.subplots(figsize=(10, 3.4))
-        ax.plot(bins[1:], 100 * np.array(att), "o-", ms=3, label="attainment %")
-        ax.axhline(100 * slo.attainment_target, color="grey", ls="--")
+        sent = np.histogram([r.arrival_s for r in records if r.arrival_s is not None], bins=bins)[0]
+        done = np.histogram(fin, bins=bins)[0]
+        fig, (ax, axr) = plt.subplots(2, 1, figsize=(10, 5.4), sharex=True)
+        ax.plot(bins[1:], 100 * np.array(att), "o-", ms=3, label="SLO attainment (%)")
+        ax.axhline(100 * slo.attainment_target, color="grey", ls="--", label=f"target {100 * slo.attainment_target:g}%")
         ax2 = ax.twinx()
-        ax2.plot(bins[1:], thr, color="C1", label="output tok/s")
-        ax.set(xlabel="time (s)", ylabel="attainment (%)", ylim=(0, 105), title="Attainment and throughput over time")
+        ax2.plot(bins[1:], thr, color="C1", label="output tokens/s")
+        ax.set(ylabel="attainment (%)", ylim=(0, 105), title="Attainment and throughput over time (1 s bins)")
         ax2.set_ylabel("output tokens/s")
+        ax2.set_ylim(bottom=0)
+        _legend_both(ax, ax2, fontsize=8, loc="lower left")
+        axr.step(bins[1:], sent, where="pre", label="requests sent / s (offered load: bursts show here)")
+        axr.step(bins[1:], done, where="pre", label="requests completed / s")
+        axr.set(xlabel="time since the first request (s)", ylabel="requests / s")
+        axr.set_ylim(bottom=0)
+        axr.legend(fontsize=8, loc="upper left")
         _shade_faults(ax, faults)
+        _shade_faults(axr, faults)
         fig.tight_layout()
-        figs.append(("Attainment and throughput", _png(fig)))
+        figs.append(("Attainment, throughput and load", _png(fig)))
         plt.close(fig)
 
     if samples:
@@ -148,14 +183,35 @@ def write_html(
             t = [s[0] for s in series]
             a1.plot(t, [s[1].get("running", 0) + s[1].get("waiting", 0) for s in series], label=name)
             a2.plot(t, [100 * s[1].get("kv_usage", 0) for s in series], label=name)
-        a1.set(xlabel="time (s)", ylabel="running + waiting", title="Queue depth per instance")
+        a1.set(xlabel="time (s)", ylabel="requests (running + waiting)", title="Queue depth per instance")
         a2.set(xlabel="time (s)", ylabel="KV usage (%)", title="KV-cache usage per instance", ylim=(0, 100))
-        a1.legend(fontsize=7)
-        _shade_faults(a1, faults)
-        _shade_faults(a2, faults)
+        for a in (a1, a2):
+            a.legend(fontsize=7, loc="upper left")
+            _shade_faults(a, faults)
         fig.tight_layout()
         figs.append(("Queues and KV cache", _png(fig)))
         plt.close(fig)
+
+        timed = {
+            n: [(t, v["timing_error_ratio"]) for t, v in ser if "timing_error_ratio" in v] for n, ser in samples.items()
+        }
+        timed = {n: ser for n, ser in timed.items() if ser}
+        if timed:  # was the emulation on time? a worker's step-timing error p99 over its median step
+            fig, ax = plt.subplots(figsize=(10, 3.0))
+            for name, ser in timed.items():
+                ax.plot([t for t, _ in ser], [100 * v for _, v in ser], label=name)
+            ax.axhline(5, color="red", ls="--", label="5% budget: above it, timings are not faithful")
+            ax.set(
+                xlabel="time (s)",
+                ylabel="p99 lateness / median step (%)",
+                title="Step timing error per engine (infemu_iteration_timing_error_ratio)",
+            )
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=7, loc="upper left")
+            _shade_faults(ax, faults)
+            fig.tight_layout()
+            figs.append(("Emulation timing", _png(fig)))
+            plt.close(fig)
 
     failed = [r for r in records if not r.ok and r.finish_s is not None]
     if failed:
@@ -173,14 +229,22 @@ def write_html(
         plt.close(fig)
 
     if ok:
-        qs = [50, 90, 99]
-        ttft = np.percentile([r.ttft_ms for r in ok], qs)
-        decode = np.percentile([r.e2e_ms - r.ttft_ms for r in ok], qs)
-        fig, ax = plt.subplots(figsize=(6, 3.4))
-        ax.bar([f"p{q}" for q in qs], ttft, label="queue + prefill (+ KV transfer): TTFT")
-        ax.bar([f"p{q}" for q in qs], decode, bottom=ttft, label="decode")
-        ax.set(ylabel="ms", title="Latency breakdown")
-        ax.legend(fontsize=8)
+        # means add up (TTFT + decode = E2E); percentiles do not, so they stand side by side
+        ttft = np.array([r.ttft_ms for r in ok])
+        decode = np.array([r.e2e_ms - r.ttft_ms for r in ok])
+        e2e = np.array([r.e2e_ms for r in ok])
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [1, 2]})
+        a1.bar(["mean"], [ttft.mean()], label=f"queue + prefill (+ KV transfer) = TTFT {ttft.mean():,.0f} ms")
+        a1.bar(["mean"], [decode.mean()], bottom=[ttft.mean()], label=f"decode {decode.mean():,.0f} ms")
+        a1.set(ylabel="ms", title=f"Mean end-to-end {e2e.mean():,.0f} ms")
+        a1.legend(fontsize=7, loc="lower center")
+        qs = (50, 90, 99)
+        x = np.arange(len(qs))
+        for k, (name, vals) in enumerate((("TTFT", ttft), ("decode time", decode), ("end-to-end", e2e))):
+            a2.bar(x + (k - 1) * 0.27, np.percentile(vals, qs), width=0.27, label=name)
+        a2.set_xticks(x, [f"p{q}" for q in qs])
+        a2.set(ylabel="ms", title="Percentiles, each of its own distribution")
+        a2.legend(fontsize=8)
         fig.tight_layout()
         figs.append(("Latency breakdown", _png(fig)))
         plt.close(fig)
@@ -210,8 +274,9 @@ def write_html(
     imgs = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b64}'/>" for t, b64 in figs)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;max-width:1050px;margin:auto}td{padding:2px 10px}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1><p>goodput: {goodput['requests_per_s']:.2f} req/s, "
+        "<style>body{font-family:sans-serif;max-width:1050px;margin:auto}td{padding:2px 10px}"
+        "tr:nth-child(even){background:#f3f3f3}img{display:block}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{_trust_banner(trust)}<p>goodput: {goodput['requests_per_s']:.2f} req/s, "
         f"{goodput['output_tokens_per_s']:.0f} output tok/s meeting TTFT &le; {slo.ttft_ms:g} ms and TPOT "
         f"&le; {slo.tpot_ms:g} ms, over {goodput.get('window_s', 0):.1f} s ({goodput.get('window', '')})</p>"
         f"<table>{rows}</table>{_fault_table(faults)}{imgs}</body></html>"

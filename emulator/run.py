@@ -297,6 +297,7 @@ def run(
             result.goodput,
             slo,
             samples,
+            trust,
         )
     if interrupted:
         raise KeyboardInterrupt

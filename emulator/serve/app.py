@@ -600,6 +600,7 @@ class Worker:
                 "waiting": s.num_waiting,
                 "kv_usage": s.kv_usage,
                 "num_gpu_blocks": s.num_gpu_blocks,
+                "timing_error_ratio": self.engine.timing_error_ratio if self.engine else 0.0,
             }
         )
 

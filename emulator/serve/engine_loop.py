@@ -80,6 +80,7 @@ class RealTimeEngine:
         self._last_stats = scheduler.stats()
         self._errors: collections.deque[float] = collections.deque(maxlen=1000)
         self._durations: collections.deque[float] = collections.deque(maxlen=1000)
+        self.timing_error_ratio = 0.0  # the last step-timing error p99 / median modelled step (0 until measured)
         self._warned_at = -1e9
         self._pulls: set[asyncio.Task] = set()
         # requests the modelled API server still holds: (their admission timer, their handle)
@@ -313,7 +314,8 @@ class RealTimeEngine:
             p99 = float(np.percentile(self._errors, 99))
             median = float(np.median(self._durations))
             self.metrics.timing_error_p99.set(p99)
-            self.metrics.timing_error_ratio.set(p99 / median if median > 0 else 0.0)
+            self.timing_error_ratio = p99 / median if median > 0 else 0.0
+            self.metrics.timing_error_ratio.set(self.timing_error_ratio)
             overloaded = p99 > TIMING_BUDGET * median
             self.metrics.overloaded.set(1 if overloaded else 0)
             self.metrics.suggested_dilation.set(suggested_dilation(self.dilation, p99 / median if median > 0 else 0.0))
