@@ -9,6 +9,7 @@ worker's step timing error p99 against 5% of its median step (the workers' own
 while the streamed tokens/s (wall) shrink D-fold.
 
     python benchmarks/emulation_capacity.py [--sizes 1,2,4,8,16,32] [--seconds 15] [--clients-per-instance 8]
+    python benchmarks/emulation_capacity.py --profile 8,256 --seconds 10   # CPU per token, and where it goes
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -112,6 +114,107 @@ def run_size(n: int, seconds: float, per_instance: int, dilation: float) -> dict
     }
 
 
+# where a process's CPU goes, by the module or function that spends it (cProfile's own time per function)
+CATEGORIES = (
+    ("JSON encode/decode", ("json/", "orjson")),
+    ("SSE framing and chunk building", ("serve/protocol.py", "serve/tokens.py")),
+    ("aiohttp request/response and writes", ("aiohttp/", "multidict", "yarl")),
+    ("socket and transport I/O", ("selector_events.py", "selectors.py", "socket", "uvloop")),
+    ("scheduler step", ("emulator/engine/",)),
+    ("engine loop and timers", ("serve/engine_loop.py", "asyncio/events.py", "base_events.py", "heapq")),
+    ("metrics", ("prometheus_client",)),
+    ("cost model (pricing each step)", ("emulator/costmodel/",)),
+    ("timing statistics (numpy)", ("numpy",)),
+    ("router", ("emulator/router/",)),
+    ("request handler (serve/app.py)", ("serve/app.py",)),
+    ("asyncio tasks, queues and futures", ("asyncio/", "<built-in method _asyncio")),
+)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def breakdown(prof_path: str) -> dict[str, float]:
+    """Share of the profiled time per category (cProfile tottime, so nothing is counted twice)."""
+    import pstats
+
+    stats = pstats.Stats(prof_path).stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
+    shares: dict[str, float] = {}
+    total = 0.0
+    for (file, _, func), (_, _, tottime, _, _) in stats.items():
+        if func == "<method 'poll' of 'select.epoll' objects>":
+            continue  # waiting for the network is idle time, not work
+        where = f"{file} {func}"
+        name = next((c for c, keys in CATEGORIES if any(k in where for k in keys)), "other")
+        shares[name] = shares.get(name, 0.0) + tottime
+        total += tottime
+    return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])} if total else {}
+
+
+def profile_one(clients: int, seconds: float) -> dict:
+    """One instance behind the router, saturated by ``clients`` streams: CPU per streamed token for
+    the worker and the router (a plain window), and where each one's CPU goes (a second window
+    under cProfile, whose overhead inflates Python time: its shares, applied to the plain cost)."""
+    from emulator.cluster.process import PROFILE_ENV
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "spec.yaml")
+        with open(path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(spec_for(1, 1.0), fh)
+        prof_dir = os.path.join(tmp, "prof")
+        os.environ[PROFILE_ENV] = prof_dir
+        lc = LocalCluster(path, "capacity-1", run_dir=os.path.join(tmp, "run"))
+        try:
+            state = lc.start()
+        finally:
+            del os.environ[PROFILE_ENV]
+        try:
+            pids = {("router" if p.role == "router" else "worker"): p.pid for p in state.processes}
+            # first the real cost (no profiler), then the same load profiled for the shares
+            before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            tokens = asyncio.run(closed_loop(state.router, clients, seconds))
+            cpu = {k: cpu_seconds(pid) - before[k] for k, pid in pids.items()}
+            for pid in pids.values():
+                os.kill(pid, signal.SIGUSR1)  # profile the load, not the start-up
+            asyncio.run(closed_loop(state.router, clients, seconds))
+        finally:
+            lc.stop()
+        profiles = {
+            "worker": breakdown(os.path.join(prof_dir, "agg-0.prof")),
+            "router": breakdown(os.path.join(prof_dir, "router.prof")),
+        }
+    return {
+        "streams": clients,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "cpu_s": cpu,
+        "tokens_per_cpu_s": {k: tokens / v if v else None for k, v in cpu.items()},
+        "us_per_token": {k: 1e6 * v / tokens if tokens else None for k, v in cpu.items()},
+        "breakdown": profiles,
+    }
+
+
+def print_profile(row: dict) -> None:
+    print(
+        f"{row['streams']} streams on one instance: {row['tokens_per_s']:,.0f} tok/s streamed; "
+        + ", ".join(
+            f"{k} {row['us_per_token'][k]:.1f} µs CPU/token ({row['tokens_per_cpu_s'][k]:,.0f} tok per CPU-s)"
+            for k in ("worker", "router")
+        )
+        + "; shares from a second, profiled window"
+    )
+    for who in ("worker", "router"):
+        per_token = row["us_per_token"][who]
+        parts = [
+            f"{name} {100 * share:.0f}% ({share * per_token:.1f} µs)" for name, share in row["breakdown"][who].items()
+        ]
+        print(f"  {who}: " + "; ".join(parts))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,2,4,8,16,32")
@@ -119,7 +222,21 @@ def main() -> None:
     ap.add_argument("--clients-per-instance", type=int, default=8)
     ap.add_argument("--dilation", type=float, default=1.0, help="time dilation D (steps last D times longer)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated stream counts: profile one saturated instance and the router at each "
+        "(CPU per streamed token and where it goes) instead of the size sweep",
+    )
     args = ap.parse_args()
+    if args.profile:
+        rows = [profile_one(int(c), args.seconds) for c in args.profile.split(",")]
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for row in rows:
+                print_profile(row)
+        return
     rows = []
     for n in [int(x) for x in args.sizes.split(",")]:
         row = run_size(n, args.seconds, args.clients_per_instance, args.dilation)

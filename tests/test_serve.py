@@ -342,3 +342,18 @@ async def test_prompt_tokens_by_source_split_computed_and_cached(client):
     assert by_source["local_compute"] == computed and by_source["external_kv_transfer"] == 0
     reasons = {s.labels["reason"]: s.value for s in fams["vllm:num_requests_waiting_by_reason"].samples}
     assert reasons == {"capacity": 0, "deferred": 0}
+
+
+def test_token_chunk_frame_is_the_serialised_chunk_byte_for_byte():
+    """The hot path's pre-encoded frame must say exactly what serialising the chunk says."""
+    from emulator.serve.protocol import json_text, parse_request, stream_chunk, token_chunk_frame
+
+    for kind, body in (
+        ("chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        ("completion", {"model": MODEL, "prompt": "hi", "stream": True}),
+    ):
+        g = parse_request(kind, body, 32_000)
+        head, tail = token_chunk_frame(g, "cmpl-7")
+        for text in (" token", 'é\n"quoted"', "\x00", ""):
+            expected = b"data: " + json.dumps(stream_chunk(g, "cmpl-7", text, None), separators=(",", ":")).encode()
+            assert head + json_text(text) + tail == expected + b"\n\n"

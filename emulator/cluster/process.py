@@ -33,6 +33,8 @@ def _cluster(spec: str, name: str):
 # A connection must finish its first request's headers within this (Go's ReadHeaderTimeout, the usual
 # Slowloris defence; aiohttp has none): 800 half-sent requests would otherwise hold 800 sockets forever.
 HEADER_TIMEOUT_S = 10.0
+# set to a folder, every process profiles itself from SIGUSR1 on and writes <instance or router>.prof there on exit
+PROFILE_ENV = "INFEMU_PROFILE_DIR"
 MAX_HEADER_BYTES = 64 * 1024
 
 
@@ -196,12 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    profile_dir = os.environ.get(PROFILE_ENV)
+    profiler = None
+    if profile_dir:  # a developer's look at where this process spends its CPU (benchmarks/emulation_capacity.py):
+        import cProfile  # from SIGUSR1 (after start-up, when the load begins) to the exit
+
+        profiler = cProfile.Profile()
+        signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
     try:
         asyncio.run(serve(args))
     except SpecError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
         return 2
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            os.makedirs(profile_dir, exist_ok=True)
+            profiler.dump_stats(os.path.join(profile_dir, f"{args.instance or 'router'}.prof"))
     return 0
 
 

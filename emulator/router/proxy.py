@@ -421,11 +421,7 @@ class Router:
                         blank = await asyncio.wait_for(resp.content.readline(), self.res.idle_s)
                         if blank.strip():
                             await state.write(blank)
-                while True:  # relay whole reads, not line by line; a silence past idle_s is a stall
-                    block = await asyncio.wait_for(resp.content.readany(), self.res.idle_s)
-                    if not block:
-                        break
-                    await state.write(block)
+                await _relay_blocks(resp, state, self.res.idle_s)
             except (ClientError, asyncio.TimeoutError, OSError) as exc:
                 stalled = isinstance(exc, asyncio.TimeoutError)
                 if stalled:
@@ -616,6 +612,30 @@ class Router:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+: a rescheduled deadline, no task per await
+
+
+async def _relay_blocks(resp, state: _ClientStream, idle_s: float) -> None:
+    """Relay whole reads, not line by line, until the backend ends the stream; a silence past
+    ``idle_s`` is a stall (TimeoutError). One deadline moved forward per read instead of a
+    ``wait_for`` per read, which wraps every read in a task of its own (the relay's largest cost
+    per token)."""
+    read = resp.content.readany
+    if _timeout is None:
+        while block := await asyncio.wait_for(read(), idle_s):
+            await state.write(block)
+        return
+    loop = asyncio.get_running_loop()
+    async with _timeout(idle_s) as deadline:
+        while True:
+            block = await read()
+            if not block:
+                return
+            deadline.reschedule(None)  # the write has its own limit (a client that does not read)
+            await state.write(block)
+            deadline.reschedule(loop.time() + idle_s)
+
+
 class _ClientStream:
     """What the client has been sent so far: decides between retrying and an explicit error."""
 
@@ -651,7 +671,11 @@ class _ClientStream:
             self.done = True
         try:
             resp = await self._prepare()
-            await asyncio.wait_for(resp.write(line), self.write_timeout_s)
+            if self.write_timeout_s is None or _timeout is None:
+                await asyncio.wait_for(resp.write(line), self.write_timeout_s)
+            else:  # a deadline without the task wait_for makes around every write
+                async with _timeout(self.write_timeout_s):
+                    await resp.write(line)
         except (ConnectionResetError, ConnectionError) as exc:
             raise ClientGone(str(exc)) from None
         except asyncio.TimeoutError:

@@ -40,9 +40,11 @@ from emulator.serve.protocol import (
     APIError,
     GenerationRequest,
     full_response,
+    json_text,
     parse_request,
     read_json_object,
     stream_chunk,
+    token_chunk_frame,
     usage_chunk,
 )
 from emulator.serve.tokens import chat_prompt, detokenize, output_token, prompt_seed, synthetic_eos, tokenize
@@ -454,16 +456,19 @@ class Worker:
             first = g.kind == "chat"
             if first:
                 await _sse(resp, stream_chunk(g, public, "", None, first=True))
+            head, tail = token_chunk_frame(g, public)
+            vocab = self.model.vocab
             while True:
                 ev = await handle.queue.get()
                 if not prefilled and ev.kind != "error":
                     prefilled = True
                     self._prefilled(req)
-                if ev.kind == "tokens":
+                if ev.kind == "tokens":  # one SSE event per token, one write per engine step
+                    events = []
                     for _ in range(ev.count):
-                        text = output_token(seed, position, self.model.vocab)[1]
+                        events += (head, json_text(output_token(seed, position, vocab)[1]), tail)
                         position += 1
-                        await _sse(resp, stream_chunk(g, public, text, None))
+                    await resp.write(b"".join(events))
                 elif ev.kind == "finish":
                     self.metrics.success[finish_reason].inc()
                     await _sse(resp, stream_chunk(g, public, "" if g.kind != "chat" else None, finish_reason))

@@ -88,6 +88,7 @@ class RealTimeEngine:
         self._busy_until = 0.0  # logical end of the last step: a backdated arrival cannot start before it
         self._lead_s = 0.0  # timers fire this early: the median wake-up lateness, learned (no busy-waiting)
         self._raw_late: collections.deque[float] = collections.deque(maxlen=200)
+        self._steps_timed = 0
         self.closed = False
         # fault injection (serve/faults.py): a slowed GPU multiplies every step; a hung one launches none
         self.slowdown = 1.0
@@ -302,7 +303,8 @@ class RealTimeEngine:
         """asyncio timers fire late (epoll rounds timeouts up to the next millisecond); firing
         early by the median lateness centres the error on zero at no CPU cost."""
         self._raw_late.append(lateness + self._lead_s)
-        if len(self._raw_late) >= 20 and len(self._raw_late) % 10 == 0:
+        self._steps_timed += 1  # the deques stop growing when full: count steps, not their length
+        if len(self._raw_late) >= 20 and self._steps_timed % 10 == 0:
             self._lead_s = min(max(float(np.median(self._raw_late)), 0.0), 0.002)
 
     # ---- observation ----------------------------------------------------------------
@@ -310,7 +312,7 @@ class RealTimeEngine:
         self.metrics.timing_error.observe(lateness)
         self._errors.append(lateness)
         self._durations.append(duration)
-        if len(self._errors) >= 50 and len(self._errors) % 25 == 0:
+        if len(self._errors) >= 50 and self._steps_timed % 25 == 0:
             p99 = float(np.percentile(self._errors, 99))
             median = float(np.median(self._durations))
             self.metrics.timing_error_p99.set(p99)

@@ -7,6 +7,7 @@ handler never answers 500 for bad input.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -218,6 +219,24 @@ def stream_chunk(req: GenerationRequest, rid: str, text: str | None, finish: str
         }
     choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish, "stop_reason": None}
     return {"id": rid, "object": "text_completion", "created": req.created, "model": req.model, "choices": [choice]}
+
+
+_TEXT_SLOT = "\x00infemu-text\x00"  # JSON-escaped, it cannot occur in a serialised chunk by accident
+
+
+def token_chunk_frame(req: GenerationRequest, rid: str) -> tuple[bytes, bytes]:
+    """One streamed token's SSE event, split around its JSON-encoded text: ``head + text + tail``
+    is byte for byte what serialising ``stream_chunk(req, rid, text, None)`` gives, without
+    building and encoding a dict per token (the stream's hot path)."""
+    event = b"data: " + json.dumps(stream_chunk(req, rid, _TEXT_SLOT, None), separators=(",", ":")).encode() + b"\n\n"
+    head, tail = event.split(json.dumps(_TEXT_SLOT).encode())
+    return head, tail
+
+
+@functools.lru_cache(maxsize=4096)
+def json_text(text: str) -> bytes:
+    """A token's text as a JSON string (synthetic texts come from a small vocabulary: cached)."""
+    return json.dumps(text).encode()
 
 
 def usage_chunk(req: GenerationRequest, rid: str, prompt: int, completion: int) -> dict:
