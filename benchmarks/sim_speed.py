@@ -8,6 +8,7 @@ Prints wall seconds, simulated seconds, requests and events per wall second and
 peak memory (each configuration runs in its own process). Target: a) <= 10 s.
 
     python benchmarks/sim_speed.py [--trace PATH] [--json]
+    python benchmarks/sim_speed.py --fleet 1x20000,64x20000,1024x20000,8x200000   # scale: GPUs, requests
 """
 
 from __future__ import annotations
@@ -73,12 +74,91 @@ def run_one(name: str, trace: str) -> dict:
     }
 
 
+def fleet_doc(instances: int, requests: int) -> dict:
+    """A fleet of one-GPU Llama-3.1-8B instances on H100 behind a least-loaded router, Poisson
+    arrivals at 8 req/s per instance (~70% of its capacity), lognormal lengths."""
+    return {
+        "apiVersion": "infemu.io/v1alpha1",
+        "kind": "InferenceCluster",
+        "metadata": {"name": f"fleet-{instances}"},
+        "spec": {
+            "model": "llama-3.1-8b",
+            "gpu": "h100-sxm",
+            "topology": {"nodes": max(1, instances // 8), "gpusPerNode": min(8, instances)},
+            "pools": [{"name": "agg", "replicas": instances, "maxModelLen": 8192}],
+            "router": {"policy": "least_loaded"},
+            "workload": {
+                "arrival": {"type": "poisson"},
+                "rate": 8.0 * instances,
+                "requests": requests,
+                "inputLength": {"type": "lognormal", "mean": 1024, "sigma": 0.8},
+                "outputLength": {"type": "lognormal", "mean": 256, "sigma": 0.8},
+            },
+        },
+    }
+
+
+def run_fleet(instances: int, requests: int) -> dict:
+    from emulator.sim.simulator import simulate
+    from emulator.spec import parse_cluster
+    from emulator.workload.plan import build_plan
+
+    cluster = parse_cluster(fleet_doc(instances, requests))
+    plan = build_plan(cluster.spec.workload)
+    t0 = time.perf_counter()
+    result = simulate(cluster, plan)
+    wall = time.perf_counter() - t0
+    return {
+        "gpus": instances,
+        "requests": requests,
+        "wall_s": wall,
+        "simulated_s": result.simulated_s,
+        "requests_per_wall_s": requests / wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "slo_attainment": result.summary["slo_attainment"],
+    }
+
+
+def fleet(points: list[tuple[int, int]], as_json: bool) -> None:
+    """Each (GPUs, requests) point in its own process, so peak memory is that point's."""
+    rows = []
+    for gpus, requests in points:
+        out = subprocess.run(
+            [sys.executable, __file__, "--fleet-one", f"{gpus}x{requests}"], capture_output=True, text=True, check=True
+        )
+        rows.append(json.loads(out.stdout))
+        if not as_json:
+            r = rows[-1]
+            print(
+                f"{r['gpus']:5d} GPUs {r['requests']:8d} requests: {r['wall_s']:7.1f} s wall, "
+                f"{r['requests_per_wall_s']:6.0f} req/s, {r['simulated_s'] / r['wall_s']:6.1f}x real time, "
+                f"peak {r['peak_rss_mb']:6.0f} MB, attainment {r['slo_attainment']:.3f}",
+                flush=True,
+            )
+    if as_json:
+        print(json.dumps(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default=DEFAULT_TRACE)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    ap.add_argument("--fleet-one", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--fleet",
+        default="",
+        help="GPUSxREQUESTS points, comma-separated (e.g. 1x20000,64x20000,1024x20000,8x200000): "
+        "a one-GPU-instance fleet per point instead of the trace replay",
+    )
     args = ap.parse_args()
+    if args.fleet_one:
+        gpus, requests = (int(x) for x in args.fleet_one.split("x"))
+        print(json.dumps(run_fleet(gpus, requests)))
+        return
+    if args.fleet:
+        fleet([tuple(int(x) for x in p.split("x")) for p in args.fleet.split(",")], args.json)
+        return
     if not os.path.exists(args.trace):
         sys.exit(f"error: {args.trace}: trace not found (pass --trace)")
     if args.one:

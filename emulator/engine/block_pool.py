@@ -17,10 +17,16 @@ class BlockPool:
             raise ValueError("a KV cache needs at least one block")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.ref_cnt = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Blocks come to life on first use: ids below ``len(ref_cnt)`` have been allocated at least
+        # once, the rest are fresh. Fresh blocks sit at the LRU end of vLLM's free queue (it starts
+        # as 0..N-1 and freed blocks join its other end), so allocating them first, in id order,
+        # is the same order; memory grows with the blocks a run touches, not with the GPU's
+        # capacity (a thousand-instance simulation would otherwise hold every block of every GPU).
+        self.ref_cnt: list[int] = []
+        self.block_hash: list[int | None] = []
+        self.free_queue: OrderedDict[int, None] = OrderedDict()  # used blocks with no reference, LRU first
         self.cached: dict[int, int] = {}  # hash -> block id
+        self.version = 0  # bumped by every allocation, revival and free (the free count changes)
         self.evictions = 0
         # hashes of cached blocks evicted since the driver last drained them (a KV store's on-evict
         # writes); None: not recorded
@@ -28,19 +34,25 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self.free_queue)
+        return self.num_blocks - len(self.ref_cnt) + len(self.free_queue)
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self.free_queue) / self.num_blocks
+        return 1.0 - self.num_free / self.num_blocks
 
     def allocate(self, n: int) -> list[int]:
-        """Take n blocks from the LRU end of the free queue, evicting their cached hashes."""
-        if n > len(self.free_queue):
-            raise RuntimeError(f"cannot allocate {n} blocks, {len(self.free_queue)} free")
-        out = []
+        """Take n blocks from the LRU end of the free queue (fresh blocks first), evicting their
+        cached hashes."""
+        self.version += 1
+        free = self.num_free
+        if n > free:
+            raise RuntimeError(f"cannot allocate {n} blocks, {free} free")
+        fresh = min(n, self.num_blocks - len(self.ref_cnt))
+        out = list(range(len(self.ref_cnt), len(self.ref_cnt) + fresh))
+        self.ref_cnt.extend([1] * fresh)
+        self.block_hash.extend([None] * fresh)
         pop = self.free_queue.popitem
-        for _ in range(n):
+        for _ in range(n - fresh):
             b, _ = pop(last=False)
             h = self.block_hash[b]
             if h is not None:
@@ -59,6 +71,7 @@ class BlockPool:
 
     def touch(self, blocks: list[int]) -> None:
         """Take a reference on cached blocks found by a prefix hit (reviving free ones)."""
+        self.version += 1
         for b in blocks:
             if self.ref_cnt[b] == 0:
                 del self.free_queue[b]
@@ -78,7 +91,7 @@ class BlockPool:
         end; stops when none are left. The prefix's first block is freed last (evicted last)."""
         if not self.enable_caching:
             return 0
-        todo = [h for h in hashes if h not in self.cached][: len(self.free_queue)]
+        todo = [h for h in hashes if h not in self.cached][: self.num_free]
         blocks = self.allocate(len(todo))
         for b, h in zip(blocks, todo, strict=False):
             self.cache_block(b, h)
@@ -91,6 +104,7 @@ class BlockPool:
         Callers pass blocks in reverse order so a request's tail is evicted before its
         (more shareable) prefix, as vLLM does.
         """
+        self.version += 1
         for b in blocks:
             self.ref_cnt[b] -= 1
             if self.ref_cnt[b] == 0:

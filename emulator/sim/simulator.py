@@ -41,6 +41,7 @@ from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
 from emulator.workload.plan import PlannedRequest, RequestPlan
 
 MAX_STRETCH_STEPS = 4096
+HASH_CACHE_SIZE = 65_536  # distinct prompts whose block hashes stay cached (pooled prompts repeat soon)
 # A killed worker is serving again after its supervisor's first back-off (1 s, cluster/supervisor.py)
 # plus the process start-up measured on the local cluster (0.85 s: kill at 3.02 s, ready at 4.87 s
 # in examples/chaos.yaml's first fault on the CI-sized host). Kubernetes restarts take longer.
@@ -63,6 +64,8 @@ class SimInstance:
         self.busy_s = 0.0
         self.api_free_s = 0.0  # when this instance's API server is next free
         self.api_queued = 0  # requests sent to it that its engine has not seen yet
+        self._snapshot_key: tuple | None = None
+        self._snapshot: EndpointSnapshot | None = None
         # faults (emulator/faults): a kill bumps the epoch (events of the old process are dropped)
         self.epoch = 0
         self.down = False
@@ -76,14 +79,21 @@ class SimInstance:
         return not (self.down or self.ejected or self.unreachable)
 
     def snapshot(self) -> EndpointSnapshot:
+        """The router's view, rebuilt only when the engine's queues, its free blocks or its API
+        queue changed (a thousand-instance fleet is asked for every view at every arrival)."""
         s = self.scheduler
-        return EndpointSnapshot(
+        key = (id(s), s.version, s.kv.pool.version, self.api_queued)  # a restart brings a new scheduler
+        if key == self._snapshot_key:
+            return self._snapshot
+        self._snapshot_key = key
+        self._snapshot = EndpointSnapshot(
             self.name,
             num_running=len(s.running),
-            num_waiting=s.stats().num_waiting + self.api_queued,
+            num_waiting=s.num_waiting + self.api_queued,
             kv_usage=s.kv.usage,
             free_blocks=s.kv.num_free_blocks,
         )
+        return self._snapshot
 
 
 @dataclass
@@ -246,10 +256,10 @@ class Simulation(StagesMixin):
                 rec, now, "no healthy backend can serve this request", "no_backend" if not tried else "backend_failed"
             )
             return
-        if all(i.snapshot().num_waiting >= self.max_waiting for i in front):
+        snaps = [i.snapshot() for i in front]
+        if all(s.num_waiting >= self.max_waiting for s in snaps):
             self._fail(rec, now, "every backend's queue is at router.admission.maxWaitingPerBackend", "overloaded")
             return
-        snaps = [i.snapshot() for i in front]
         # Block hashes are computed once per block size (cached): prefix-affinity routes on the
         # leading blocks, and the chosen engine caches by the same hashes.
         bs = front[0].block_size
@@ -279,9 +289,14 @@ class Simulation(StagesMixin):
         if not p.segments:
             return ()
         key = (p.segments, block_size)  # pooled prompts repeat: hash each distinct prompt once
-        if key not in self._hash_cache:
-            self._hash_cache[key] = hashes_from_segments(p.segments, block_size)
-        return self._hash_cache[key]
+        cache = self._hash_cache
+        hashes = cache.pop(key, None)
+        if hashes is None:
+            hashes = hashes_from_segments(p.segments, block_size)
+            if len(cache) >= HASH_CACHE_SIZE:  # bounded: memory follows the live prompts, not the trace
+                del cache[next(iter(cache))]
+        cache[key] = hashes  # most recently used last
+        return hashes
 
     def _on_arrival(self, now: float, payload: tuple[int, SimInstance, int]) -> None:
         index, inst, epoch = payload
