@@ -131,6 +131,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--shaping", choices=["auto", "tc", "inproc"], default="auto")
 
+    p = sub.add_parser(
+        "plan",
+        help="search parallelism, disaggregation and placement for the most goodput per GPU under the SLO",
+        description="Enumerate aggregated and prefill/decode designs (TP, PP, P:D ratio, placement) for the spec's "
+        "model, GPU, topology and workload, prune them with the cost model, find each survivor's highest rate that "
+        "meets the SLO attainment target in the simulator, and rank them by goodput per GPU.",
+    )
+    p.add_argument("spec", help="the spec: model, GPU, topology, SLO and workload (its pools are replaced)")
+    p.add_argument("--cluster", help="document name in a multi-document spec")
+    p.add_argument("--gpus", type=_positive_int, help="GPU budget (default: the spec's nodes x gpusPerNode)")
+    p.add_argument(
+        "--nodes", type=_positive_int, help="nodes of the spec's gpusPerNode (sets the budget if --gpus is not given)"
+    )
+    p.add_argument("--designs", default="agg,pd", help="comma-separated: agg, pd, afd (default: agg,pd)")
+    p.add_argument("--slo-ttft-ms", type=_positive_float, help="TTFT SLO (default: the spec's slo.ttftMs)")
+    p.add_argument("--slo-tpot-ms", type=_positive_float, help="TPOT SLO (default: the spec's slo.tpotMs)")
+    p.add_argument("--attainment", type=_positive_float, help="attainment target, 0-1 (default: the spec's)")
+    p.add_argument(
+        "--budget-s", type=_positive_float, default=120.0, help="no new candidate starts after this (default: 120)"
+    )
+    p.add_argument(
+        "--requests", type=_positive_int, default=400, help="simulated requests per rate tried (default: 400)"
+    )
+    p.add_argument("--jobs", type=_positive_int, help="parallel simulations (default: the CPU count)")
+    p.add_argument("--json", action="store_true", help="print the ranked plans as JSON")
+    p.add_argument("--out", help="write plan-1.yaml .. plan-3.yaml (and --confirm's runs) here")
+    p.add_argument(
+        "--confirm",
+        type=_nonneg_int,
+        default=0,
+        help="run the top K plans as local emulations at their planned rate (default: 0)",
+    )
+    p.add_argument(
+        "--confirm-dilation",
+        type=_positive_float,
+        default=4.0,
+        help="time dilation of the confirmation runs (default: 4, safe on a busy 2-core host)",
+    )
+
     p = sub.add_parser("cost", help="per-operator time of one engine step")
     p.add_argument("spec")
     p.add_argument("--pool", help="pool name (default: the first pool)")
@@ -429,6 +468,12 @@ def _rates(text: str) -> list[float]:
     if not rates or any(r <= 0 for r in rates):
         raise SpecError([f"--rates: {text!r}: give one or more rates > 0, e.g. 1,2,4"])
     return sorted(set(rates))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from emulator.planner.run import plan_command
+
+    return plan_command(args)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -788,6 +833,7 @@ COMMANDS = {
     "sim": cmd_sim,
     "run": cmd_run,
     "sweep": cmd_sweep,
+    "plan": cmd_plan,
     "cost": cmd_cost,
     "validate": cmd_validate,
     "catalog": cmd_catalog,
