@@ -48,17 +48,22 @@ def spec_doc(name: str, trace: str) -> dict:
     }
 
 
-def run_one(name: str, trace: str) -> dict:
+def timed_simulation(doc: dict):
+    """(result, wall seconds, this process's peak RSS in MB) of simulating a spec document."""
     from emulator.sim.simulator import simulate
     from emulator.spec import parse_cluster
     from emulator.workload.plan import build_plan
 
-    cluster = parse_cluster(spec_doc(name, trace))
+    cluster = parse_cluster(doc)
     plan = build_plan(cluster.spec.workload)
     t0 = time.perf_counter()
     result = simulate(cluster, plan)
     wall = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(name: str, trace: str) -> dict:
+    result, wall, peak_mb = timed_simulation(spec_doc(name, trace))
     return {
         "config": name,
         "requests": result.summary["requests"],
@@ -99,22 +104,14 @@ def fleet_doc(instances: int, requests: int) -> dict:
 
 
 def run_fleet(instances: int, requests: int) -> dict:
-    from emulator.sim.simulator import simulate
-    from emulator.spec import parse_cluster
-    from emulator.workload.plan import build_plan
-
-    cluster = parse_cluster(fleet_doc(instances, requests))
-    plan = build_plan(cluster.spec.workload)
-    t0 = time.perf_counter()
-    result = simulate(cluster, plan)
-    wall = time.perf_counter() - t0
+    result, wall, peak_mb = timed_simulation(fleet_doc(instances, requests))
     return {
         "gpus": instances,
         "requests": requests,
         "wall_s": wall,
         "simulated_s": result.simulated_s,
         "requests_per_wall_s": requests / wall,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_mb,
         "slo_attainment": result.summary["slo_attainment"],
     }
 
