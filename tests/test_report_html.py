@@ -116,12 +116,14 @@ def test_headless_chromium_shows_every_plot(report, tmp_path):
     path, _, figures = report
     height = sum(img.shape[0] for img in figures.values()) + 4000  # plots, headings, the summary and fault tables
     shot = tmp_path / "shot.png"
-    subprocess.run(
+    run = subprocess.run(
         [
             browser,
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-dev-shm-usage",  # containers often give /dev/shm 64 MB
+            "--no-first-run",
             "--hide-scrollbars",
             "--force-device-scale-factor=1",
             f"--window-size={WIDTH},{height}",
@@ -129,9 +131,10 @@ def test_headless_chromium_shows_every_plot(report, tmp_path):
             path.as_uri(),
         ],
         capture_output=True,
+        text=True,
         timeout=120,
-        check=True,
     )
+    assert shot.exists(), f"chromium wrote no screenshot (exit {run.returncode}): {run.stderr[-1500:]}"
     screen = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     last = -1
     for title, img in figures.items():
