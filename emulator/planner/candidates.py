@@ -148,10 +148,13 @@ class PhaseBound:
 
     idle_ttft_ms: float | None  # a mean prompt on an idle instance (prefill or aggregated)
     idle_tpot_ms: float | None  # one sequence decoding alone (decode or aggregated)
-    rate_per_instance: float  # req/s an instance can sustain (prefill: its prompts; decode: within the TPOT SLO)
+    prefill_rate: float  # req/s of prompts back to back
+    decode_rate: float  # req/s whose decode fits the largest batch within the TPOT SLO
 
-    def per_gpu(self, gpus: int) -> float:
-        return self.rate_per_instance / gpus
+    @property
+    def rate_per_instance(self) -> float:
+        """An aggregated instance does both: the tighter of the two bounds."""
+        return min(self.prefill_rate, self.decode_rate)
 
 
 def phase_bound(setup, role: str, mean_in: int, mean_out: int, tpot_ms: float, api_ms: float) -> PhaseBound:
@@ -159,11 +162,11 @@ def phase_bound(setup, role: str, mean_in: int, mean_out: int, tpot_ms: float, a
     the TPOT SLO (and the KV cache), each sequence emitting ``mean_out`` tokens."""
     cost = setup.cost
     idle_ttft = idle_tpot = None
-    rate = math.inf
+    prefill_rate = decode_rate = math.inf
     if role in ("prefill", "aggregated"):
         t_p = cost.step_time(BatchShape(prefill_chunks=((mean_in, 0),))).total_s
         idle_ttft = t_p * 1e3 + api_ms
-        rate = min(rate, 1.0 / t_p)
+        prefill_rate = 1.0 / t_p
     if role in ("decode", "aggregated"):
         ctx = mean_in + mean_out // 2
 
@@ -180,7 +183,7 @@ def phase_bound(setup, role: str, mean_in: int, mean_out: int, tpot_ms: float, a
                     lo = mid
                 else:
                     hi = mid - 1
-            rate = min(rate, lo / (mean_out * step_s(lo)))
+            decode_rate = lo / (mean_out * step_s(lo))
         else:
-            rate = 0.0
-    return PhaseBound(idle_ttft, idle_tpot, rate)
+            decode_rate = 0.0
+    return PhaseBound(idle_ttft, idle_tpot, prefill_rate, decode_rate)

@@ -66,7 +66,7 @@ def search_space(
             pruned.append(Pruned(agg, b))
             continue
         prefill_ok = b.idle_ttft_ms is not None and b.idle_ttft_ms <= ttft_ms
-        decode_ok = b.idle_tpot_ms is not None and b.idle_tpot_ms <= tpot_ms and b.rate_per_instance > 0
+        decode_ok = b.idle_tpot_ms is not None and b.idle_tpot_ms <= tpot_ms and b.decode_rate > 0
         if prefill_ok:
             idle_prefill[(tp, pp)] = b
         if decode_ok:
@@ -90,16 +90,14 @@ def search_space(
 def _pd_candidates(base, gpus, gpn, prefill, decode, pruned) -> list[tuple[Candidate, float]]:
     from emulator.build import build_instances
 
-    def prefill_rate(lay):  # a dedicated prefill instance: prompts back to back
-        return 1.0 / max(prefill[lay].idle_ttft_ms * 1e-3, 1e-9)
-
-    best_p = sorted(prefill, key=lambda lay: -prefill_rate(lay) / (lay[0] * lay[1]))[:KEEP_PER_PHASE]
-    best_d = sorted(decode, key=lambda lay: -decode[lay].per_gpu(lay[0] * lay[1]))[:KEEP_PER_PHASE]
+    # a dedicated prefill instance runs prompts back to back; a decode instance its largest batch
+    best_p = sorted(prefill, key=lambda lay: -prefill[lay].prefill_rate / (lay[0] * lay[1]))[:KEEP_PER_PHASE]
+    best_d = sorted(decode, key=lambda lay: -decode[lay].decode_rate / (lay[0] * lay[1]))[:KEEP_PER_PHASE]
     out = []
     for lp in best_p:
         for ld in best_d:
             gp, gd = lp[0] * lp[1], ld[0] * ld[1]
-            cap_p, cap_d = prefill_rate(lp), decode[ld].rate_per_instance
+            cap_p, cap_d = prefill[lp].prefill_rate, decode[ld].decode_rate
             counts = [
                 (p, d)
                 for p in range(1, MAX_PER_PHASE + 1)
