@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--confirm-dilation",
         type=_positive_float,
         default=4.0,
-        help="time dilation of the confirmation runs (default: 4, safe on a busy 2-core host)",
+        help="time dilation of the confirmation runs (default: 4); a run the host could not keep up with is"
+        " repeated once at the dilation its trust verdict suggests",
     )
 
     p = sub.add_parser("cost", help="per-operator time of one engine step")
