@@ -11,11 +11,18 @@ prefill and decode capacities balance best).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from emulator.errors import SpecError
-from emulator.planner.candidates import Candidate, Phase, PhaseBound, deployment_doc, parallel_layouts, phase_bound
+from emulator.planner.candidates import (
+    PLACEMENTS,
+    Candidate,
+    Phase,
+    PhaseBound,
+    deployment_doc,
+    parallel_layouts,
+    phase_bound,
+)
 from emulator.topology import PlacementError
 
 KEEP_PER_PHASE = 3  # P/D: the best layouts per phase by per-GPU capacity
@@ -29,19 +36,28 @@ class Pruned:
     reason: str
 
 
-def _bound(base: dict, tp: int, pp: int, mean_in: int, mean_out: int, tpot_ms: float) -> PhaseBound | str:
-    """One aggregated instance of this layout, priced as a prefill and as a decode instance."""
+def _build(doc: dict):
+    """(cluster, instance setups) of a unit's spec, or why it cannot run: the validator's and the
+    memory planner's own first reason."""
     from emulator.build import build_instances
-    from emulator.capacity import profile_of
     from emulator.spec import parse_cluster
 
-    doc = deployment_doc(base, Candidate("agg", (Phase("aggregated", tp, pp, 1),)), 1, 1.0, 1)
     try:
         cluster = parse_cluster(doc)
-        _, setups = build_instances(cluster.spec)
+        return cluster, build_instances(cluster.spec)[1]
     except (SpecError, PlacementError, ValueError) as exc:
         problems = exc.problems if isinstance(exc, SpecError) else [str(exc)]
         return f"does not fit: {problems[0]}"
+
+
+def _bound(base: dict, tp: int, pp: int, mean_in: int, mean_out: int, tpot_ms: float) -> PhaseBound | str:
+    """One aggregated instance of this layout, priced as a prefill and as a decode instance."""
+    from emulator.capacity import profile_of
+
+    built = _build(deployment_doc(base, Candidate("agg", (Phase("aggregated", tp, pp, 1),)), 1, 1.0, 1))
+    if isinstance(built, str):
+        return built
+    cluster, setups = built
     api_ms = profile_of(cluster.spec).api.latency_s * 1e3
     return phase_bound(setups[0], "aggregated", mean_in, mean_out, tpot_ms, api_ms)
 
@@ -88,8 +104,6 @@ def search_space(
 
 
 def _pd_candidates(base, gpus, gpn, prefill, decode, pruned) -> list[tuple[Candidate, float]]:
-    from emulator.build import build_instances
-
     # a dedicated prefill instance runs prompts back to back; a decode instance its largest batch
     best_p = sorted(prefill, key=lambda lay: -prefill[lay].prefill_rate / (lay[0] * lay[1]))[:KEEP_PER_PHASE]
     best_d = sorted(decode, key=lambda lay: -decode[lay].decode_rate / (lay[0] * lay[1]))[:KEEP_PER_PHASE]
@@ -107,9 +121,9 @@ def _pd_candidates(base, gpus, gpn, prefill, decode, pruned) -> list[tuple[Candi
             counts.sort(key=lambda pd: -min(pd[0] * cap_p, pd[1] * cap_d) / (pd[0] * gp + pd[1] * gd))
             for p, d in counts[:RATIOS_PER_PAIR]:
                 packed_at = None
-                for placement in ("packed", "split"):
+                for placement in PLACEMENTS:
                     cand = Candidate("pd", (Phase("prefill", *lp, p), Phase("decode", *ld, d)), placement)
-                    doc = deployment_doc(copy.deepcopy(base), cand, 1, 1.0, 1)
+                    doc = deployment_doc(base, cand, 1, 1.0, 1)
                     where = [pool["placement"] for pool in doc["spec"]["pools"]]
                     if placement == "packed":
                         packed_at = where
@@ -123,13 +137,9 @@ def _pd_candidates(base, gpus, gpn, prefill, decode, pruned) -> list[tuple[Candi
                             )
                         )
                         continue
-                    try:
-                        from emulator.spec import parse_cluster
-
-                        build_instances(parse_cluster(doc).spec)
-                    except (SpecError, PlacementError, ValueError) as exc:
-                        problems = exc.problems if isinstance(exc, SpecError) else [str(exc)]
-                        pruned.append(Pruned(cand, f"does not fit: {problems[0]}"))
+                    built = _build(doc)
+                    if isinstance(built, str):
+                        pruned.append(Pruned(cand, built))
                         continue
                     out.append((cand, min(p * cap_p, d * cap_d)))
     return out
