@@ -19,7 +19,6 @@ CONFIRM_TOLERANCE = 0.05  # measured attainment within 5 points of the simulator
 class Plan:
     outcome: Outcome
     units: int  # copies of the unit in the GPU budget
-    gpus_used: int
 
     @property
     def rate(self) -> float:
@@ -32,7 +31,7 @@ def plans_for(outcomes: list[Outcome], gpus: int) -> list[Plan]:
     for o in outcomes:
         units = gpus // o.candidate.unit_gpus
         if units and o.max_rate > 0:
-            out.append(Plan(o, units, units * o.candidate.unit_gpus))
+            out.append(Plan(o, units))
     return out
 
 
