@@ -17,6 +17,7 @@ import json
 import numpy as np
 
 from emulator.results import RequestRecord
+from emulator.trust import TIMING_BUDGET
 
 # a pipeline's stages in the order a request meets them (sim/stages.py and router/pipeline.py name them)
 STAGE_ORDER = ("retrieval", "think", "api", "kv_fetch", "queue", "prefill", "reasoning", "network", "decode")
@@ -200,7 +201,8 @@ def write_html(
             fig, ax = plt.subplots(figsize=(10, 3.0))
             for name, ser in timed.items():
                 ax.plot([t for t, _ in ser], [100 * v for _, v in ser], label=name)
-            ax.axhline(5, color="red", ls="--", label="5% budget: above it, timings are not faithful")
+            budget = 100 * TIMING_BUDGET
+            ax.axhline(budget, color="red", ls="--", label=f"{budget:g}% budget: above it, timings are not faithful")
             ax.set(
                 xlabel="time (s)",
                 ylabel="p99 lateness / median step (%)",
