@@ -9,6 +9,7 @@ worker's step timing error p99 against 5% of its median step (the workers' own
 while the streamed tokens/s (wall) shrink D-fold.
 
     python benchmarks/emulation_capacity.py [--sizes 1,2,4,8,16,32] [--seconds 15] [--clients-per-instance 8]
+    python benchmarks/emulation_capacity.py --sizes 32 --per-process 16   # 32 instances on 2 worker processes
     python benchmarks/emulation_capacity.py --profile 8,256 --seconds 10   # CPU per token, and where it goes
 """
 
@@ -33,7 +34,7 @@ from emulator.cluster.local import LocalCluster
 MODEL = "llama-3.1-8b"
 
 
-def spec_for(n: int, dilation: float) -> dict:
+def spec_for(n: int, dilation: float, per_process: int = 1) -> dict:
     return {
         "apiVersion": "infemu.io/v1alpha1",
         "kind": "InferenceCluster",
@@ -44,7 +45,7 @@ def spec_for(n: int, dilation: float) -> dict:
             "topology": {"nodes": (n + 7) // 8, "gpusPerNode": min(n, 8)},
             "pools": [{"name": "agg", "replicas": n, "maxModelLen": 4096}],
             "router": {"policy": "least_loaded"},
-            "emulation": {"timeDilation": dilation},
+            "emulation": {"timeDilation": dilation, "instancesPerProcess": per_process},
         },
     }
 
@@ -88,11 +89,19 @@ def worker_fidelity(url: str) -> tuple[float, float, bool]:
     return p99, median, overloaded
 
 
-def run_size(n: int, seconds: float, per_instance: int, dilation: float) -> dict:
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def run_size(n: int, seconds: float, per_instance: int, dilation: float, per_process: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "spec.yaml")
         with open(path, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(spec_for(n, dilation), fh)
+            yaml.safe_dump(spec_for(n, dilation, per_process), fh)
         lc = LocalCluster(path, f"capacity-{n}", run_dir=os.path.join(tmp, "run"))
         t0 = time.monotonic()
         state = lc.start()
@@ -100,11 +109,15 @@ def run_size(n: int, seconds: float, per_instance: int, dilation: float) -> dict
         try:
             tokens = asyncio.run(closed_loop(state.router, n * per_instance, seconds))
             fidelity = [worker_fidelity(p.url) for p in state.processes if p.role != "router"]
+            pids = {p.pid for p in state.processes if p.role != "router"}
+            memory = sum(rss_mb(pid) for pid in pids)
         finally:
             lc.stop()
     worst = max(fidelity, key=lambda f: f[0] / max(f[1], 1e-9))
     return {
         "instances": n,
+        "worker_processes": len(pids),
+        "workers_rss_mb": memory,
         "dilation": dilation,
         "start_s": start_s,
         "tokens_per_s": tokens / seconds,
@@ -221,6 +234,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--clients-per-instance", type=int, default=8)
     ap.add_argument("--dilation", type=float, default=1.0, help="time dilation D (steps last D times longer)")
+    ap.add_argument("--per-process", type=int, default=1, help="instances per worker process (instancesPerProcess)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--profile",
@@ -239,12 +253,13 @@ def main() -> None:
         return
     rows = []
     for n in [int(x) for x in args.sizes.split(",")]:
-        row = run_size(n, args.seconds, args.clients_per_instance, args.dilation)
+        row = run_size(n, args.seconds, args.clients_per_instance, args.dilation, args.per_process)
         rows.append(row)
         if not args.json:
             verdict = "faithful" if row["faithful"] else "OVERLOADED"
             print(
-                f"D={args.dilation:g} N={n:3d} start {row['start_s']:5.1f}s  "
+                f"D={args.dilation:g} N={n:3d} on {row['worker_processes']} processes "
+                f"({row['workers_rss_mb']:.0f} MB) start {row['start_s']:5.1f}s  "
                 f"streamed {row['tokens_per_s']:8.0f} tok/s  worst timing p99 {row['worst_p99_ms']:6.2f} ms "
                 f"(median step <= {row['median_step_ms_bucket']:.0f} ms)  {verdict}",
                 flush=True,

@@ -793,6 +793,15 @@ class EmulationSpec(_Model):
         description="Multiply every modelled duration (and divide every link rate) by D; reported times are "
         "divided by D. Lets a small host emulate a fleet whose steps are shorter than its own overheads.",
     )
+    instances_per_process: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Local runs (infemu up/run): engine instances one worker process hosts, each with its own port, "
+        "engine, metrics and identity. Above 1 a fleet runs on a few interpreters instead of one each (memory, "
+        "start-up, scheduler wake-ups); links are then paced in-process (no tc namespace per instance) and kill "
+        "faults are refused (a kill would take the process's other instances down). Kubernetes: one per pod.",
+    )
 
 
 class ClusterSpec(_Model):

@@ -584,3 +584,26 @@ def test_report_html_reads_well_and_draws_the_faults(tmp_path):
     assert "ms</td>" in page and "%</td>" in page and "first arrival to last completion" in page
     assert "<h2>Faults</h2>" in page and all(f in page for f in ("kill-prefill", "slow-decode", "flap-kv"))
     assert page.count("data:image/png;base64,") >= 3  # CDFs, attainment over time, failures by reason
+
+
+def test_a_kill_fault_is_refused_where_a_process_hosts_several_instances():
+    def packed(spec):
+        spec["faults"] = [{"kind": "kill", "atSeconds": 1, "target": {"pool": "decode"}}]
+        spec["emulation"] = {"instancesPerProcess": 2}
+
+    with pytest.raises(SpecError) as exc:
+        _cluster(packed)
+    assert any(
+        "spec.faults[0].kind: a kill is a SIGKILL" in p and "instancesPerProcess" in p for p in exc.value.problems
+    )
+
+
+def test_tc_shaping_is_refused_for_packed_instances_and_auto_paces_them_in_process():
+    from emulator.cluster.local import ClusterStartError, LocalCluster
+
+    lc = LocalCluster("unused.yaml", "c", run_dir="/nonexistent", shaping="tc")
+    with pytest.raises(ClusterStartError) as exc:
+        lc._choose_shaping(packed=True)
+    assert "instancesPerProcess to 1" in exc.value.problems[0]
+    auto = LocalCluster("unused.yaml", "c", run_dir="/nonexistent", shaping="auto")
+    assert auto._choose_shaping(packed=True) == "inproc" and "instancesPerProcess" in auto.shaping_reason

@@ -279,3 +279,64 @@ def test_a_cluster_that_fails_to_start_names_the_instance_and_leaves_nothing(tmp
     assert re.search(r"instance agg-[01] exited with code 2 while starting", str(exc.value))
     assert "model.json" in str(exc.value)  # the worker's own one-line error, from its log
     assert not set(emulator_pids()) - before
+
+
+PACKED = """
+apiVersion: infemu.io/v1alpha1
+kind: InferenceCluster
+metadata: {name: packed}
+spec:
+  model: llama-3.1-8b
+  gpu: h100-sxm
+  topology: {nodes: 1, gpusPerNode: 4}
+  pools: [{name: agg, replicas: 4}]
+  router: {policy: round_robin}
+  emulation: {instancesPerProcess: 2}
+"""
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_several_instances_per_process_serve_apart_and_restart_together(tmp_path):
+    spec = tmp_path / "packed.yaml"
+    spec.write_text(PACKED)
+    r = run_infemu("up", str(spec), "--detach", "--json", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    state = json.loads(r.stdout)
+    try:
+        run_dir = tmp_path / ".infemu" / "runs" / os.listdir(tmp_path / ".infemu" / "runs")[0]
+        procs = {p["name"]: p for p in json.loads((run_dir / "state.json").read_text())["processes"]}
+        workers = [procs[i["name"]] for i in state["instances"]]
+        assert len(workers) == 4 and len({w["pid"] for w in workers}) == 2  # two interpreters for four engines
+        assert len({i["url"] for i in state["instances"]}) == 4  # each instance its own port
+        client = openai.OpenAI(base_url=f"{state['router']}/v1", api_key="unused", max_retries=0, timeout=20)
+        for _ in range(8):
+            done = client.completions.create(
+                model="llama-3.1-8b", prompt="hi", max_tokens=2, extra_body={"ignore_eos": True}
+            )
+            assert done.usage.completion_tokens == 2
+        # each instance its own engine and metrics registry: round robin gave each two requests
+        served = {i["name"]: metric_value(i["url"], "vllm:request_success_total") for i in state["instances"]}
+        assert served == dict.fromkeys(served, 2.0), served
+        # a process death takes both of its instances; the supervisor restarts them together on their ports
+        victim = workers[0]["pid"]
+        mates = [w["name"] for w in workers if w["pid"] == victim]
+        os.killpg(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        urls = {i["name"]: i["url"] for i in state["instances"]}
+        while time.monotonic() < deadline:
+            now = {p["name"]: p for p in json.loads((run_dir / "state.json").read_text())["processes"]}
+            restarted = [now[m] for m in mates]
+            if all(p["pid"] != victim for p in restarted) and all(_ready(urls[m]) for m in mates):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"{mates} were not restarted on their ports")
+        assert len({p["pid"] for p in restarted}) == 1 and all(p["restarts"] == 1 for p in restarted)
+    finally:
+        run_infemu("down", cwd=str(tmp_path))

@@ -258,11 +258,23 @@ class LocalCluster:
         self._hosts: dict = {}
         self.supervisor: Supervisor | None = None
 
-    def _choose_shaping(self) -> str:
+    def _choose_shaping(self, packed: bool = False) -> str:
+        """``packed``: several instances per worker process; tc shapes a namespace per instance, so
+        packed instances pace their links in the process instead (and an explicit tc request is refused)."""
         from emulator.net import tc
 
         if self.shaping_request == "inproc":
             self.shaping_reason = "in-process pacing (requested)"
+            return "inproc"
+        if packed:
+            if self.shaping_request == "tc":
+                raise ClusterStartError(
+                    [
+                        "--shaping tc shapes one network namespace per instance: set spec.emulation."
+                        "instancesPerProcess to 1, or use --shaping inproc"
+                    ]
+                )
+            self.shaping_reason = "in-process pacing (several instances per process: emulation.instancesPerProcess)"
             return "inproc"
         ok, why = tc.available()
         if ok:
@@ -274,10 +286,22 @@ class LocalCluster:
         return "inproc"
 
     def _spawn(self, kind: str, name: str, role: str, extra: list[str], netns: str | None = None) -> ProcessInfo:
-        log_path = os.path.join(self.run_dir, "logs", f"{name}.log")
-        port_file = os.path.join(self.run_dir, "ports", name)
-        if os.path.exists(port_file):  # a reused run folder: an earlier run's port must not be read as this one's
-            os.remove(port_file)
+        return self._spawn_hosting(kind, [(name, role)], extra, netns)[0]
+
+    def _spawn_hosting(
+        self, kind: str, members: list[tuple[str, str]], extra: list[str], netns: str | None = None
+    ) -> list[ProcessInfo]:
+        """One process hosting ``members`` (instance name, role): one ProcessInfo each, sharing the pid,
+        the command and the log; each instance binds its own port and writes its own port file."""
+        names = [n for n, _ in members]
+        log_name = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+        log_path = os.path.join(self.run_dir, "logs", f"{log_name}.log")
+        per_instance: list[str] = []
+        for name in names:
+            port_file = os.path.join(self.run_dir, "ports", name)
+            if os.path.exists(port_file):  # a reused run folder: an earlier run's port must not be read as this one's
+                os.remove(port_file)
+            per_instance += (["--instance", name] if kind == "worker" else []) + ["--port-file", port_file]
         cmd = [
             *(["ip", "netns", "exec", netns] if netns else []),
             sys.executable,
@@ -288,16 +312,17 @@ class LocalCluster:
             self.spec_path,
             "--cluster",
             self.cluster_name,
-            "--port-file",
-            port_file,
+            *per_instance,
             *extra,
         ]
         proc = launch(cmd, log_path, self.token)
-        self._procs[name] = proc
-        info = ProcessInfo(name, role, proc.pid, log=log_path, cmd=cmd)
-        self.state.processes.append(info)
+        infos = []
+        for name, role in members:
+            self._procs[name] = proc
+            infos.append(ProcessInfo(name, role, proc.pid, log=log_path, cmd=cmd))
+        self.state.processes.extend(infos)
         self.state.save()
-        return info
+        return infos
 
     def _wait_ready(self, infos: list[ProcessInfo]) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -338,20 +363,25 @@ class LocalCluster:
         for sub in ("logs", "ports"):
             os.makedirs(os.path.join(self.run_dir, sub), exist_ok=True)
         register_run(self.run_dir)
-        self.state.shaping = self._choose_shaping()
+        self.state.shaping = self._choose_shaping(packed=cluster.spec.emulation.instances_per_process > 1)
         try:
             if self.state.shaping == "tc":
                 self._build_network(cluster, topo, setups)
             # services first (AFD's FFN instances, retrievers, the KV store): engines and router get their URLs
             members = [i for i in topo.instances if not get_role(i.role).engine]
-            peers = [self._spawn_worker(i.name, i.role) for i in members]
+            peers = [info for i in members for info in self._spawn_workers([(i.name, i.role)])]
             self._wait_ready(peers)
             peers_file = os.path.join(self.run_dir, "peers.json")
             with open(peers_file, "w", encoding="utf-8") as fh:
                 json.dump([{"name": w.name, "role": w.role, "url": w.url} for w in peers], fh)
+            per = cluster.spec.emulation.instances_per_process
             workers = [
-                self._spawn_worker(s.instance.name, s.instance.role, ["--peers", peers_file] if peers else [])
-                for s in setups
+                info
+                for i in range(0, len(setups), per)
+                for info in self._spawn_workers(
+                    [(s.instance.name, s.instance.role) for s in setups[i : i + per]],
+                    ["--peers", peers_file] if peers else [],
+                )
             ]
             self._wait_ready(workers)
             backends = [{"name": w.name, "role": w.role, "url": w.url} for w in workers]
@@ -370,12 +400,14 @@ class LocalCluster:
             raise
         return self.state
 
-    def _spawn_worker(self, name: str, role: str, more: list[str] | None = None):
-        extra = ["--instance", name, "--shaping", self.state.shaping, *(more or [])]
-        host = self._hosts.get(name)
+    def _spawn_workers(self, members: list[tuple[str, str]], more: list[str] | None = None) -> list[ProcessInfo]:
+        """One worker process for ``members``; with tc shaping each instance has its own namespace, so
+        the start refuses to pack several into one process (``_choose_shaping``)."""
+        extra = ["--shaping", self.state.shaping, *(more or [])]
+        host = self._hosts.get(members[0][0])
         if host is not None:
             extra += ["--host", host.address]
-        return self._spawn("worker", name, role, extra, host.netns if host else None)
+        return self._spawn_hosting("worker", members, extra, host.netns if host else None)
 
     def _build_network(self, cluster, topo, setups) -> None:
         """tc backend: a namespace per instance on a private bridge, each with its static tree."""

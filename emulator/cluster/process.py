@@ -1,8 +1,14 @@
-"""Entry point of one emulated process (a worker instance or the router).
+"""Entry point of one emulated process (worker instances or the router).
 
 ``python -m emulator.cluster.process worker --spec S --cluster C --instance I --port-file F``
 binds an ephemeral port (no race with other runs), writes it to the port file,
 serves until SIGTERM/SIGINT, then shuts down gracefully.
+
+A worker process may host several instances (``emulation.instancesPerProcess``): ``--instance``
+and ``--port-file`` (and, on a restart, ``--port``) are repeated, one per instance, in the same
+order. Each instance is its own aiohttp application on its own port, with its own engine loop,
+metrics registry and identity; they share the process's event loop, so a 2-core host runs dozens
+of instances on a few interpreters instead of one interpreter each.
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ class _GuardedProtocol(asyncio.Protocol):
         self.inner.resume_writing()
 
 
-def build_app(args: argparse.Namespace) -> web.Application:
+def build_app(args: argparse.Namespace, instance: str = "") -> web.Application:
     cluster = _cluster(args.spec, args.cluster)
     if args.kind == "worker":
         from emulator.serve.app import WorkerSettings, create_app
@@ -105,9 +111,7 @@ def build_app(args: argparse.Namespace) -> web.Application:
         if args.peers:
             with open(args.peers, encoding="utf-8") as fh:
                 peers = tuple((p["name"], p["url"]) for p in json.load(fh))
-        return create_app(
-            WorkerSettings(cluster, args.instance, host=args.host, port=args.port, shaping=args.shaping, peers=peers)
-        )
+        return create_app(WorkerSettings(cluster, instance, host=args.host, port=0, shaping=args.shaping, peers=peers))
     from emulator.build import build_instances
     from emulator.catalog.models import get_model
     from emulator.roles import is_front
@@ -140,39 +144,68 @@ def build_app(args: argparse.Namespace) -> web.Application:
     return create_router_app(settings)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    app = build_app(args)
-    # Garbage-collection pauses are the largest wake-up delays a step timer sees: keep the
-    # start-up objects out of collection and collect the young generation less often.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+def _members(args: argparse.Namespace) -> list[tuple[str, int, str | None]]:
+    """(instance, port, port file) per hosted instance: the repeated options zipped, counts checked."""
+    names = args.instance or [""]
+    ports = args.port or [0] * len(names)
+    files = args.port_file or [None] * len(names)
+    if not (len(names) == len(ports) == len(files)):
+        raise SpecError(
+            [
+                f"--instance given {len(names)} times but --port {len(ports)} and --port-file {len(files)} times: "
+                "give one of each per hosted instance, in the same order"
+            ]
+        )
+    if args.kind == "router" and len(names) > 1:
+        raise SpecError(["the router hosts no instances: drop --instance"])
+    return list(zip(names, ports, files, strict=True))
+
+
+async def _start_one(args: argparse.Namespace, app: web.Application, instance: str, port: int, port_file: str | None):
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     loop = asyncio.get_running_loop()
     assert runner.server is not None
-    server = await loop.create_server(
-        HeaderDeadline(runner.server, HEADER_TIMEOUT_S), args.host, args.port, reuse_address=True
-    )
-    port = server.sockets[0].getsockname()[1]
+    factory = HeaderDeadline(runner.server, HEADER_TIMEOUT_S)
+    server = await loop.create_server(factory, args.host, port, reuse_address=True)
+    bound = server.sockets[0].getsockname()[1]
     if args.kind == "worker":
         from emulator.serve.app import WORKER
 
         # peers pull KV from this URL: on Kubernetes the pod's IP (--advertise-url), not 0.0.0.0
         if WORKER in app:  # an engine (an FFN instance serves the expert side only)
-            app[WORKER].url = args.advertise_url or f"http://{args.host}:{port}"
-    if args.port_file:
-        tmp = args.port_file + ".tmp"
+            app[WORKER].url = args.advertise_url or f"http://{args.host}:{bound}"
+    if port_file:
+        tmp = port_file + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(str(port))
-        os.replace(tmp, args.port_file)
-    logging.getLogger("infemu").info("%s %s listening on %s:%d", args.kind, args.instance or "router", args.host, port)
+            fh.write(str(bound))
+        os.replace(tmp, port_file)
+    logging.getLogger("infemu").info("%s %s listening on %s:%d", args.kind, instance or "router", args.host, bound)
+    return runner, server
+
+
+async def serve(args: argparse.Namespace) -> None:
+    members = _members(args)
+    if args.advertise_url and len(members) > 1:
+        raise SpecError(["--advertise-url names one instance's URL: host one instance per process with it"])
+    apps = [build_app(args, name) for name, _, _ in members]
+    # Garbage-collection pauses are the largest wake-up delays a step timer sees: keep the
+    # start-up objects out of collection and collect the young generation less often.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    started = [
+        await _start_one(args, app, name, port, port_file)
+        for app, (name, port, port_file) in zip(apps, members, strict=True)
+    ]
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    server.close()
-    await runner.cleanup()
+    for runner, server in started:
+        server.close()
+        await runner.cleanup()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("kind", choices=["worker", "router"])
     ap.add_argument("--spec", required=True)
     ap.add_argument("--cluster", required=True)
-    ap.add_argument("--instance", default="")
+    ap.add_argument("--instance", action="append", help="worker: an instance to host (repeat to host several)")
     ap.add_argument("--backends", help="router: JSON list of {name, role, url}")
     ap.add_argument(
         "--peers",
@@ -188,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         " KV store, the router's retrievers",
     )
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--port-file")
+    ap.add_argument("--port", type=int, action="append", help="the port to bind (one per --instance; default: any)")
+    ap.add_argument("--port-file", action="append", help="where to write the bound port (one per --instance)")
     ap.add_argument("--advertise-url", help="worker: the URL peers reach it at (default http://HOST:PORT)")
     ap.add_argument("--shaping", choices=["inproc", "tc"], default="inproc")
     return ap
@@ -215,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             profiler.disable()
             os.makedirs(profile_dir, exist_ok=True)
-            profiler.dump_stats(os.path.join(profile_dir, f"{args.instance or 'router'}.prof"))
+            profiler.dump_stats(os.path.join(profile_dir, f"{'+'.join(args.instance or ['router'])}.prof"))
     return 0
 
 

@@ -5,7 +5,8 @@ URL, and so the router's backend list and the clients' endpoint, stay valid), af
 back-off that doubles with each restart in a row — 1 s, 2 s, 4 s ... capped at 30 s
 (Kubernetes' CrashLoopBackOff, at emulation scale: its 10 s base would dominate a
 minute-long chaos run) — and resets once the process has stayed up for 60 s. The router
-re-admits a restarted worker through its health check.
+re-admits a restarted worker through its health check. A process that hosts several instances
+(``emulation.instancesPerProcess``) is watched and restarted as one, every instance on its port.
 
 In-process (``infemu up``, ``infemu run``) it is a thread; for ``infemu up --detach`` it is
 its own process, ``python -m emulator.cluster.supervisor RUN_DIR``, stopped first by
@@ -34,17 +35,23 @@ POLL_S = 0.1
 
 @dataclass
 class _Watch:
-    info: ProcessInfo
+    infos: list[ProcessInfo]  # the instances the process hosts (one, or several: instancesPerProcess)
     started: float
     streak: int = 0  # restarts in a row without STABLE_S of uptime
     due: float | None = None  # when the pending restart happens
 
+    @property
+    def label(self) -> str:
+        return ", ".join(i.name for i in self.infos)
 
-def restart_command(info: ProcessInfo) -> list[str]:
-    """The process's command, pinned to the port it had (peers and the router keep its URL)."""
-    cmd = list(info.cmd)
-    if info.port and "--port" not in cmd:
-        cmd += ["--port", str(info.port)]
+
+def restart_command(infos: list[ProcessInfo]) -> list[str]:
+    """The process's command, each hosted instance pinned to the port it had (peers and the router keep
+    its URL): one ``--port`` per instance, in the order of its ``--instance`` options."""
+    cmd = list(infos[0].cmd)
+    if "--port" not in cmd and all(i.port for i in infos):
+        for info in infos:
+            cmd += ["--port", str(info.port)]
     return cmd
 
 
@@ -53,17 +60,22 @@ class Supervisor:
         self.state = state
         self.procs = procs if procs is not None else {}  # children of this process: reaped here
         now = time.monotonic()
-        self.watches = {p.name: _Watch(p, now) for p in state.processes if p.cmd and p.role != "supervisor"}
+        by_pid: dict[int, list[ProcessInfo]] = {}
+        for p in state.processes:
+            if p.cmd and p.role != "supervisor":
+                by_pid.setdefault(p.pid, []).append(p)
+        self.watches = {infos[0].name: _Watch(infos, now) for infos in by_pid.values()}
         self.events: list[tuple[float, str, str]] = []  # (monotonic time, instance, "died"|"restarted")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def _dead(self, w: _Watch) -> bool:
-        proc = self.procs.get(w.info.name)
-        if proc is not None and proc.pid == w.info.pid:
+        first = w.infos[0]
+        proc = self.procs.get(first.name)
+        if proc is not None and proc.pid == first.pid:
             return proc.poll() is not None
-        return not _alive(w.info.pid)
+        return not _alive(first.pid)
 
     def poll_once(self) -> list[str]:
         """One look at every process; returns what happened (for the foreground `infemu up`)."""
@@ -78,20 +90,21 @@ class Supervisor:
                         continue
                     delay = min(BACKOFF_BASE_S * 2**w.streak, BACKOFF_CAP_S)
                     w.due = now + delay
-                    self.events.append((now, w.info.name, "died"))
-                    out.append(f"{w.info.name} (pid {w.info.pid}) died; restarting in {delay:.0f} s")
+                    self.events.extend((now, i.name, "died") for i in w.infos)
+                    out.append(f"{w.label} (pid {w.infos[0].pid}) died; restarting in {delay:.0f} s")
                     log.warning(out[-1])
                 elif now >= w.due:
-                    proc = launch(restart_command(w.info), w.info.log, self.state.token)
-                    self.procs[w.info.name] = proc
-                    w.info.pid = proc.pid
-                    w.info.restarts += 1
+                    proc = launch(restart_command(w.infos), w.infos[0].log, self.state.token)
+                    for info in w.infos:
+                        self.procs[info.name] = proc
+                        info.pid = proc.pid
+                        info.restarts += 1
                     w.streak += 1
                     w.started = now
                     w.due = None
                     self.state.save()
-                    self.events.append((now, w.info.name, "restarted"))
-                    out.append(f"{w.info.name} restarted (pid {proc.pid}, restart {w.info.restarts})")
+                    self.events.extend((now, i.name, "restarted") for i in w.infos)
+                    out.append(f"{w.label} restarted (pid {proc.pid}, restart {w.infos[0].restarts})")
                     log.warning(out[-1])
         return out
 

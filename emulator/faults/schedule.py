@@ -104,6 +104,12 @@ def fault_problems(spec: ClusterSpec, topo: Topology) -> list[str]:
                 f"{at}: {', '.join(touched)} run no engine (role {kinds}); faults on them and their links are not"
                 " modelled yet: target the engines (for ffn: the attention engine that uses them) instead"
             )
+        if f.kind == "kill" and spec.emulation.instances_per_process > 1:
+            problems.append(
+                f"{at}.kind: a kill is a SIGKILL of the instance's process, which hosts "
+                f"{spec.emulation.instances_per_process} instances (spec.emulation.instancesPerProcess): it would take "
+                "the others down too; set instancesPerProcess to 1 for kill faults, or use hang"
+            )
         names = [x.name for x in spec.faults[:k] if x.name]
         if f.name and f.name in names:
             problems.append(f"{at}.name: {f.name!r} is used twice; fault names must be unique")
