@@ -77,7 +77,12 @@ def main() -> int:
     ap.add_argument("--gpus", help="comma-separated systems: h100_sxm,h200_sxm,b200_sxm,b300_sxm,gb200,gb300")
     ap.add_argument("--limit", type=int, help="a seeded random subset of this many rows")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=4, help="measured rounds simulated per row (the benchmark ran 20)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        help="measured rounds simulated per row (the benchmark ran 20); default: as many of the 20 as fit in"
+        " 2M simulated output tokens, at least 3 (express.auto_rounds)",
+    )
     ap.add_argument("--template", choices=sorted(TEMPLATES), default=fitted_constants().get("template", "sflow"))
     ap.add_argument(
         "--max-simulated-tokens",
@@ -187,7 +192,7 @@ def main() -> int:
                 {
                     "label": label,
                     "template": args.template,
-                    "rounds": args.rounds,
+                    "rounds": args.rounds or "auto",
                     "headline": head,
                     "families": [f.to_json() for f in families],
                     "refitted_constants": refits,

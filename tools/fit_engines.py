@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--data", default=DEFAULT_PATH)
     ap.add_argument("--engines", default="vllm,sglang,trtllm")
     ap.add_argument("--template", choices=sorted(TEMPLATES), default="sflow")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, help="measured rounds per row (default: express.auto_rounds)")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--limit", type=int, default=400, help="rows per engine (seeded subset) to fit on")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -81,7 +81,7 @@ def write(args: argparse.Namespace, digest: str, engines: dict) -> None:
         "data": os.path.basename(args.data),
         "data_sha256": digest,
         "template": args.template,
-        "rounds": args.rounds,
+        "rounds": args.rounds or "auto",
         "engines": engines,
     }
     with open(args.out, "w", encoding="utf-8") as fh:

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emulator.calibration.express import Expressed
+from emulator.calibration.express import BENCHMARK_ROUNDS, Expressed
 from emulator.costmodel.engines import EngineProfile
 from emulator.sim.simulator import simulate
 from emulator.workload.plan import build_plan
-
-BENCHMARK_ROUNDS = 20  # aiconfigurator's benchmark sends 20 x C measured requests (bench_run.sh, sflow)
 
 
 @dataclass(frozen=True)
