@@ -164,17 +164,22 @@ def test_foreground_up_stops_its_children_on_sigterm(tmp_path):
     assert not children & set(emulator_pids())
 
 
-TWO_REPLICAS = """
+def replicas_spec(name: str, replicas: int, extra: str = "") -> str:
+    """One aggregated pool of Llama-3.1-8B replicas behind a round-robin router."""
+    return f"""
 apiVersion: infemu.io/v1alpha1
 kind: InferenceCluster
-metadata: {name: two}
+metadata: {{name: {name}}}
 spec:
   model: llama-3.1-8b
   gpu: h100-sxm
-  topology: {nodes: 1, gpusPerNode: 2}
-  pools: [{name: agg, replicas: 2}]
-  router: {policy: round_robin}
-"""
+  topology: {{nodes: 1, gpusPerNode: {replicas}}}
+  pools: [{{name: agg, replicas: {replicas}}}]
+  router: {{policy: round_robin}}
+{extra}"""
+
+
+TWO_REPLICAS = replicas_spec("two", 2)
 
 
 def test_a_killed_backend_gives_retries_before_the_first_byte_and_errors_after(tmp_path):
@@ -281,18 +286,7 @@ def test_a_cluster_that_fails_to_start_names_the_instance_and_leaves_nothing(tmp
     assert not set(emulator_pids()) - before
 
 
-PACKED = """
-apiVersion: infemu.io/v1alpha1
-kind: InferenceCluster
-metadata: {name: packed}
-spec:
-  model: llama-3.1-8b
-  gpu: h100-sxm
-  topology: {nodes: 1, gpusPerNode: 4}
-  pools: [{name: agg, replicas: 4}]
-  router: {policy: round_robin}
-  emulation: {instancesPerProcess: 2}
-"""
+PACKED = replicas_spec("packed", 4, "  emulation: {instancesPerProcess: 2}\n")
 
 
 def _ready(url: str) -> bool:

@@ -55,7 +55,7 @@ class CalibrationRow:
     image: str
     source: str  # db-dump | source_file
     wip: bool
-    harness: str = "generator"  # who deployed and benchmarked it: "generator" or "gap-analysis" (HARNESSES)
+    harness: str = "generator"  # who deployed and benchmarked it: "generator" or "gap-analysis" (GAP_ANALYSIS_MARK)
 
     @property
     def group(self) -> str:
@@ -104,11 +104,10 @@ def _provenance(text: str) -> dict[str, str]:
 # wrote (its rule plugins set the engine flags express.deployment() follows: SGLang with
 # --enable-mixed-chunk, TensorRT-LLM without chunked prefill, ...). The rows whose provenance is a
 # source file of the "aic-auto-gap-analysis" project (Qwen3-32B and Qwen3-235B-FP8 on SGLang 0.5.1-0.5.8,
-# TensorRT-LLM 1.0-1.3, vLLM 0.12: 687 rows) were produced by that separate harness; their SGLang rows
+# TensorRT-LLM 1.0-1.3, vLLM 0.12: 688 rows) were produced by that separate harness; their SGLang rows
 # behave as SGLang's defaults schedule (prefill batches pause decoding: long TTFT, short TPOT at high
 # concurrency), not as mixed chunks (docs/fidelity.md, "Who deployed the row").
 GAP_ANALYSIS_MARK = "aic-auto-gap-analysis"
-HARNESSES = ("generator", "gap-analysis")
 
 
 def load_rows(path: str = DEFAULT_PATH) -> list[CalibrationRow]:

@@ -57,10 +57,11 @@ _MOE_TABLES_BLACKWELL = {
 def no_dearer_than_larger(values: np.ndarray) -> np.ndarray:
     """A GEMM of m rows never costs more than one of more rows (same n, k): the larger kernel computes it
     with padding rows, as a CUDA-graph step pads its batch. The profiled tables break this at some
-    shapes (10-17% of their cells lie over 10% above a larger m; B200 FP8, Llama-3.1-70B TP4's QKV
-    projection: 2.6 ms at m = 4, 1.0 ms at m = 8), which made a 4-sequence decode step slower than an
-    8-sequence one where the measurements are monotone (silicon_calibration.csv, vLLM Llama-3.1-70B FP8
-    on 4 B200, 1024/1024: TPOT 8.04 ms at c4, 8.18 ms at c8). Values are over an increasing m grid."""
+    shapes (7-17% of the BF16, FP8 and NVFP4 tables' cells lie over 10% above a larger m; B200 FP8,
+    Llama-3.1-70B TP4's QKV projection: 2.6 ms at m = 4, 1.0 ms at m = 8), which made a 4-sequence
+    decode step slower than an 8-sequence one where the measurements are monotone
+    (silicon_calibration.csv, vLLM Llama-3.1-70B FP8 on 4 B200, 1024/1024: TPOT 8.04 ms at c4,
+    8.18 ms at c8). Values are over an increasing m grid."""
     return np.minimum.accumulate(values[::-1])[::-1]
 
 
