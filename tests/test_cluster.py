@@ -182,12 +182,17 @@ spec:
 TWO_REPLICAS = replicas_spec("two", 2)
 
 
-def test_a_killed_backend_gives_retries_before_the_first_byte_and_errors_after(tmp_path):
-    spec = tmp_path / "two.yaml"
-    spec.write_text(TWO_REPLICAS)
+def up_detached(tmp_path, spec_text: str) -> dict:
+    """`infemu up --detach --json` on the spec; the caller runs `infemu down`."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text)
     r = run_infemu("up", str(spec), "--detach", "--json", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
-    state = json.loads(r.stdout)
+    return json.loads(r.stdout)
+
+
+def test_a_killed_backend_gives_retries_before_the_first_byte_and_errors_after(tmp_path):
+    state = up_detached(tmp_path, TWO_REPLICAS)
     try:
         client = openai.OpenAI(base_url=f"{state['router']}/v1", api_key="unused", max_retries=0, timeout=20)
         stream = client.completions.create(
@@ -297,11 +302,7 @@ def _ready(url: str) -> bool:
 
 
 def test_several_instances_per_process_serve_apart_and_restart_together(tmp_path):
-    spec = tmp_path / "packed.yaml"
-    spec.write_text(PACKED)
-    r = run_infemu("up", str(spec), "--detach", "--json", cwd=str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    state = json.loads(r.stdout)
+    state = up_detached(tmp_path, PACKED)
     try:
         run_dir = tmp_path / ".infemu" / "runs" / os.listdir(tmp_path / ".infemu" / "runs")[0]
         procs = {p["name"]: p for p in json.loads((run_dir / "state.json").read_text())["processes"]}
