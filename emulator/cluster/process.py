@@ -102,7 +102,8 @@ class _GuardedProtocol(asyncio.Protocol):
         self.inner.resume_writing()
 
 
-def build_app(args: argparse.Namespace, instance: str = "") -> web.Application:
+def build_apps(args: argparse.Namespace, instances: list[str]) -> list[web.Application]:
+    """One application per hosted instance (the router: one), from one reading of the spec and peers."""
     cluster = _cluster(args.spec, args.cluster)
     if args.kind == "worker":
         from emulator.serve.app import WorkerSettings, create_app
@@ -111,7 +112,10 @@ def build_app(args: argparse.Namespace, instance: str = "") -> web.Application:
         if args.peers:
             with open(args.peers, encoding="utf-8") as fh:
                 peers = tuple((p["name"], p["url"]) for p in json.load(fh))
-        return create_app(WorkerSettings(cluster, instance, host=args.host, port=0, shaping=args.shaping, peers=peers))
+        return [
+            create_app(WorkerSettings(cluster, name, host=args.host, port=0, shaping=args.shaping, peers=peers))
+            for name in instances
+        ]
     from emulator.build import build_instances
     from emulator.catalog.models import get_model
     from emulator.roles import is_front
@@ -141,7 +145,7 @@ def build_app(args: argparse.Namespace, instance: str = "") -> web.Application:
         retrievers=tuple((p["name"], p["url"]) for p in peers if p.get("role") == "rag"),
         slo_e2e_s=None if cluster.spec.slo.e2e_ms is None else cluster.spec.slo.e2e_ms / 1e3 * dilation,
     )
-    return create_router_app(settings)
+    return [create_router_app(settings)]
 
 
 def _members(args: argparse.Namespace) -> list[tuple[str, int, str | None]]:
@@ -188,7 +192,7 @@ async def serve(args: argparse.Namespace) -> None:
     members = _members(args)
     if args.advertise_url and len(members) > 1:
         raise SpecError(["--advertise-url names one instance's URL: host one instance per process with it"])
-    apps = [build_app(args, name) for name, _, _ in members]
+    apps = build_apps(args, [name for name, _, _ in members])
     # Garbage-collection pauses are the largest wake-up delays a step timer sees: keep the
     # start-up objects out of collection and collect the young generation less often.
     gc.collect()
