@@ -357,3 +357,47 @@ def test_token_chunk_frame_is_the_serialised_chunk_byte_for_byte():
         for text in (" token", 'é\n"quoted"', "\x00", ""):
             expected = b"data: " + json.dumps(stream_chunk(g, "cmpl-7", text, None), separators=(",", ":")).encode()
             assert head + json_text(text) + tail == expected + b"\n\n"
+
+
+async def _breaking_backend(status: int) -> tuple[asyncio.AbstractServer, str]:
+    """A backend that passes health checks but dies halfway through every answer to a POST: the status
+    line and headers arrive, then the connection closes 10 bytes into a 200-byte body."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next((ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")), 0)
+        )
+        if length:
+            await reader.readexactly(length)
+        if head.startswith(b"POST"):
+            writer.write(
+                f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n".encode()
+            )
+            writer.write(b'{"error": ')
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize("status", [500, 200])
+async def test_a_backend_dying_mid_answer_is_retried_elsewhere_never_a_bare_500(status):
+    """The router reads a whole (non-streamed) answer before relaying it; a backend that dies while sending
+    it failed before the client saw a byte: the request goes to another backend (it was an unhandled
+    connection error, which aiohttp turns into a plain-text HTTP 500)."""
+    from emulator.router.proxy import RouterSettings, create_router_app
+
+    server, url = await _breaking_backend(status)
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    async with server, TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as good:
+        backends = (("broken-0", "aggregated", url), ("agg-0", "aggregated", str(good.make_url("")).rstrip("/")))
+        router = create_router_app(RouterSettings(MODEL, 8192, "round_robin", backends))
+        async with TestClient(TestServer(router)) as c:
+            for _ in range(2):  # round robin: one of the two lands on the broken backend first
+                resp = await c.post("/v1/completions", json={"model": MODEL, "prompt": "hi there", "max_tokens": 3})
+                assert resp.status == 200, await resp.text()
+                assert (await resp.json())["usage"]["completion_tokens"] == 3

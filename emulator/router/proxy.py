@@ -305,6 +305,11 @@ class Router:
             )
         except BackendFailed as exc:
             return await state.fail(APIError(502, str(exc), None, "backend_failed", "ServiceUnavailable"))
+        except ClientError as exc:  # a backend's connection broke where no path above converted it
+            log.exception("backend connection broke outside the relay")
+            return await state.fail(
+                APIError(502, f"a backend failed: {exc}", None, "backend_failed", "ServiceUnavailable")
+            )
 
     async def _single(
         self, path: str, body: dict, rr: RoutingRequest, state: _ClientStream, raw: bytes | None = None
@@ -404,10 +409,14 @@ class Router:
     ) -> web.StreamResponse:
         resp = await self._open(backend, path, body, state, raw)
         async with resp:
+            whole = resp.status >= 400 or "text/event-stream" not in resp.headers.get("Content-Type", "")
+            try:
+                data = await resp.read() if whole else b""
+            except (ClientError, asyncio.TimeoutError, OSError) as exc:  # it died while answering
+                raise BackendFailed(f"{backend.name} broke off its answer: {exc}") from None
             if resp.status >= 500:
-                raise BackendFailed(f"status {resp.status}: {_message_of(await resp.read())}")
-            if resp.status >= 400 or "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                data = await resp.read()
+                raise BackendFailed(f"status {resp.status}: {_message_of(data)}")
+            if whole:
                 # a 4xx is the client's own error: the backend is healthy
                 self.pool.mark_ok(backend)
                 self.requests.labels(backend.name, "ok" if resp.status < 400 else "client_error").inc()
