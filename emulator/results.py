@@ -33,7 +33,7 @@ SUMMARY_KEYS = (
 # "kvstore" (hit rate, bytes fetched and written, evictions) with "kv_fetched_tokens" and "kv_fetch_ms"
 
 
-@dataclass
+@dataclass(slots=True)  # a long simulation keeps one per request: no per-instance dict
 class RequestRecord:
     request_id: str
     arrival_s: float

@@ -11,7 +11,7 @@ from conftest import example
 from emulator.build import build_instances
 from emulator.costmodel.interface import BatchShape
 from emulator.overrides import WorkloadOverrides, apply_overrides
-from emulator.sim.simulator import simulate
+from emulator.sim.simulator import Simulation, simulate
 from emulator.spec import load_clusters, parse_cluster
 from emulator.workload.plan import build_plan
 
@@ -121,6 +121,62 @@ def test_bulk_decode_gives_the_same_timelines_as_stepping(name, requests):
             [v for v in y[1:] if v is not None], rel=1e-9, abs=1e-12
         )
     assert fast.events < slow.events
+
+
+def _fleet(arrival: dict, policy: str) -> dict:
+    """Four aggregated instances behind one router, lengths that vary, so instances are mid-stretch
+    whenever a request is routed to another one."""
+    return {
+        "apiVersion": "infemu.io/v1alpha1",
+        "kind": "InferenceCluster",
+        "metadata": {"name": "fleet"},
+        "spec": {
+            "model": "llama-3.1-8b",
+            "gpu": "h100-sxm",
+            "topology": {"nodes": 1, "gpusPerNode": 4},
+            "pools": [{"name": "agg", "replicas": 4, "maxModelLen": 4096}],
+            "router": {"policy": policy},
+            "workload": {
+                "arrival": arrival,
+                "rate": 24.0,
+                "requests": 400,
+                "inputLength": {"type": "lognormal", "mean": 600, "sigma": 0.6},
+                "outputLength": {"type": "lognormal", "mean": 160, "sigma": 0.8},
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "arrival, policy",
+    [
+        ({"type": "poisson"}, "least_loaded"),
+        ({"type": "concurrency", "n": 48}, "least_loaded"),
+        ({"type": "poisson"}, "prefix_affinity"),
+    ],
+)
+def test_bulk_decode_of_a_fleet_gives_the_same_timelines_as_stepping(arrival, policy):
+    """Each instance decodes in bulk until something reaches it (a request routed to it, a fault): the
+    router reading the others' queues mid-stretch, and clients sending on another instance's finish,
+    change nothing."""
+    cluster = parse_cluster(_fleet(arrival, policy))
+    plan = build_plan(cluster.spec.workload)
+    fast = simulate(cluster, plan, bulk=True)
+    slow = simulate(cluster, plan, bulk=False)
+    a, b = _timelines(fast), _timelines(slow)
+    assert [(r[0], r[3]) for r in a] == [(r[0], r[3]) for r in b]
+    assert [r.instance for r in fast.records] == [r.instance for r in slow.records]
+    for x, y in zip(a, b, strict=True):
+        assert [v for v in x[1:] if v is not None] == pytest.approx(
+            [v for v in y[1:] if v is not None], rel=1e-9, abs=1e-12
+        )
+    assert fast.events < slow.events / 2
+    if policy == "least_loaded":  # the load board chooses as the policy does over fresh snapshots
+        sim = Simulation(cluster, plan)
+        assert sim.board is not None
+        sim.board = None
+        plain = sim.run()
+        assert [r.instance for r in plain.records] == [r.instance for r in fast.records]
 
 
 def test_same_seed_same_results_and_other_seed_differs():

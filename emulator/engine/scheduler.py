@@ -47,11 +47,17 @@ class Scheduler:
         self.cached_prompt_tokens = 0
         self.remote_prompt_tokens = 0
         self.version = 0  # bumped by every call that can change the queues (a router's cached view keys on it)
+        self.changes: set[Scheduler] | None = None  # where a watcher (the simulator's load board) hears of it
+
+    def _changed(self) -> None:
+        self.version += 1
+        if self.changes is not None:
+            self.changes.add(self)
 
     # ---- intake --------------------------------------------------------------
     def add_request(self, req: Request) -> RequestOutput | None:
         """Queue a request, or reject it at once (returned output) when it can never run."""
-        self.version += 1
+        self._changed()
         error = self._admission_error(req)
         if error is not None:
             req.status = RequestStatus.FINISHED_ERROR
@@ -94,7 +100,7 @@ class Scheduler:
         return None
 
     def abort(self, request_id: str) -> None:
-        self.version += 1
+        self._changed()
         req = self.requests.pop(request_id, None)
         if req is None:
             return
@@ -113,7 +119,7 @@ class Scheduler:
     # ---- P/D hand-off ----------------------------------------------------------
     def finish_remote_kv(self, request_id: str, now: float) -> None:
         """Consumer: the pulled KV has arrived; the request becomes schedulable for decode."""
-        self.version += 1
+        self._changed()
         req = self.pulling.pop(request_id)
         req.num_computed_tokens = req.num_prompt_tokens
         self.remote_prompt_tokens += req.num_prompt_tokens
@@ -126,7 +132,7 @@ class Scheduler:
         """Consumer whose KV pull failed (its prefill died, the link is cut): drop the blocks reserved
         for the pull and prefill the prompt here instead. The first token was already sent; the
         request keeps it and continues as an ordinary request (vLLM's recompute on KV-load failure)."""
-        self.version += 1
+        self._changed()
         req = self.pulling.pop(request_id)
         self.kv.free(req)
         req.kv_role = "none"
@@ -136,7 +142,7 @@ class Scheduler:
 
     def release_kv(self, request_id: str) -> None:
         """Producer: the consumer has the KV; free the blocks."""
-        self.version += 1
+        self._changed()
         req = self.held.pop(request_id, None)
         if req is not None:
             self.kv.free(req)
@@ -150,7 +156,7 @@ class Scheduler:
         """The next step. Mixed engines (vLLM, TensorRT-LLM) put decodes and prefill chunks in one
         step; prefill-first engines (SGLang) run a prefill-only step whenever a prompt can make
         progress and pause decoding for it, else a decode-only step."""
-        self.version += 1
+        self._changed()
         if not self.config.prefill_first:
             return self._schedule(now, decode=True, prefill=True)
         if self._prefill_possible():
@@ -346,7 +352,7 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update_from_output(self, output: SchedulerOutput, now: float) -> list[RequestOutput]:
-        self.version += 1
+        self._changed()
         results, self.errored = self.errored, []
         finished_any = False
         for s in output.scheduled:
@@ -432,7 +438,7 @@ class Scheduler:
 
     def advance_steady(self, end_times: np.ndarray) -> list[RequestOutput]:
         """Apply ``len(end_times)`` pure-decode steps at once; equal to stepping one by one."""
-        self.version += 1
+        self._changed()
         n = len(end_times)
         results: list[RequestOutput] = []
         last = float(end_times[-1])

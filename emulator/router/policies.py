@@ -72,10 +72,14 @@ class LeastLoaded:
     def __init__(self) -> None:
         self._turn = 0
 
+    def next_turn(self) -> int:
+        """Where this decision's tie rotation starts (a fleet-scale chooser shares it: sim/loadboard)."""
+        self._turn += 1
+        return self._turn - 1
+
     def choose(self, endpoints: Sequence[EndpointSnapshot], request: RoutingRequest) -> int:
         n = len(endpoints)
-        turn = self._turn
-        self._turn += 1
+        turn = self.next_turn()
         return min(_healthy(endpoints), key=lambda i: (endpoints[i].load, (i - turn) % n))
 
 

@@ -31,9 +31,10 @@ from emulator.faults.schedule import ROUTER, Fault, cut_at, phases, resolve_faul
 from emulator.results import RequestRecord, summarize
 from emulator.rng import PartitionedRNG
 from emulator.roles import get_role, holds_kv_for_peer, is_front, pulls_kv
-from emulator.router.policies import EndpointSnapshot, KVAware, RoutingRequest, make_policy
+from emulator.router.policies import EndpointSnapshot, KVAware, LeastLoaded, RoutingRequest, make_policy
 from emulator.router.resilience import RetryBudget
 from emulator.sim.events import EventQueue
+from emulator.sim.loadboard import LoadBoard
 from emulator.sim.network import FlowNetwork
 from emulator.sim.stages import StagesMixin
 from emulator.spec import InferenceCluster
@@ -73,6 +74,8 @@ class SimInstance:
         self.slowdown = 1.0
         self.ejected = False  # the router's health check has ejected it
         self.unreachable = False  # partitioned from the router
+        self.stretch: _Stretch | None = None  # bulk decode steps planned, not yet applied (Simulation._settle)
+        self._stretches = 0
 
     @property
     def routable(self) -> bool:
@@ -94,6 +97,16 @@ class SimInstance:
             free_blocks=s.kv.num_free_blocks,
         )
         return self._snapshot
+
+
+@dataclass
+class _Stretch:
+    """Identical pure-decode steps an instance runs from ``start_s``, ending at ``ends``: applied to its
+    scheduler when the last one ends, or up to the moment something reaches the instance first."""
+
+    start_s: float
+    ends: np.ndarray
+    token: int
 
 
 @dataclass
@@ -179,6 +192,9 @@ class Simulation(StagesMixin):
                 self.net.set_capacity(f"{inst.name}:tx:{tier.name}", cap)
                 self.net.set_capacity(f"{inst.name}:rx:{tier.name}", cap)
         self._init_stages(spec, self.topo, setups)
+        # least-loaded routing over a fleet without faults (every instance routable) reads a board of
+        # queue lengths kept current by change notices instead of snapshotting every instance
+        self.board = LoadBoard(self.front) if type(self.policy) is LeastLoaded and not self.faults else None
         if self.stores and self.stores[0].spec.write_policy == "on-evict":
             for inst in self.front:
                 inst.scheduler.kv.pool.evicted = []
@@ -223,7 +239,7 @@ class Simulation(StagesMixin):
         for t, index in sends:
             if self.plan.concurrency and self.plan.duration_s is not None and t >= self.plan.duration_s:
                 continue
-            self.events.push(t, "send", index, observing=True)  # it schedules an arrival
+            self.events.push(t, "send", index)  # routing settles only the instance it picks
 
     def _on_send(self, now: float, index: int) -> None:
         """The client sends: the router picks an instance, whose API server (one process, one
@@ -250,25 +266,36 @@ class Simulation(StagesMixin):
         p = self._planned[rid]
         rec = self.records[rid]
         tried = self._attempts.setdefault(rid, set())
-        front = [i for i in self.front if i.routable and i.name not in tried]
+        if self.board is not None and not tried:
+            front = self.front  # no faults: every instance is routable
+        else:
+            front = [i for i in self.front if i.routable and i.name not in tried]
         if not front:
             self._fail(
                 rec, now, "no healthy backend can serve this request", "no_backend" if not tried else "backend_failed"
             )
             return
-        snaps = [i.snapshot() for i in front]
-        if all(s.num_waiting >= self.max_waiting for s in snaps):
-            self._fail(rec, now, "every backend's queue is at router.admission.maxWaitingPerBackend", "overloaded")
-            return
-        # Block hashes are computed once per block size (cached): prefix-affinity routes on the
-        # leading blocks, and the chosen engine caches by the same hashes.
-        bs = front[0].block_size
-        routing = RoutingRequest(rid, self._hashes(p, bs), None, p.input_len)
-        inst = front[self.policy.choose(snaps, routing)]
+        if front is self.front and self.board is not None:
+            if self.board.all_waiting_at_least(self.max_waiting):
+                self._fail(rec, now, "every backend's queue is at router.admission.maxWaitingPerBackend", "overloaded")
+                return
+            inst = front[self.board.least_loaded(self.policy.next_turn())]
+        else:
+            snaps = [i.snapshot() for i in front]
+            if all(s.num_waiting >= self.max_waiting for s in snaps):
+                self._fail(rec, now, "every backend's queue is at router.admission.maxWaitingPerBackend", "overloaded")
+                return
+            # Block hashes are computed once per block size (cached): prefix-affinity routes on the
+            # leading blocks, and the chosen engine caches by the same hashes.
+            routing = RoutingRequest(rid, self._hashes(p, front[0].block_size), None, p.input_len)
+            inst = front[self.policy.choose(snaps, routing)]
+        self._settle(inst, now)  # its API server takes this request before it streams later steps
         tried.add(inst.name)
         inst.api_queued += 1
+        if self.board is not None:
+            self.board.api_moved(inst)
         inst.api_free_s = max(now, inst.api_free_s) + self.api.request_s(p.input_len)
-        self.events.push(inst.api_free_s + self.api.latency_s, "arrival", (index, inst, inst.epoch), observing=True)
+        self.events.push(inst.api_free_s + self.api.latency_s, "arrival", (index, inst, inst.epoch))
 
     def _stream(self, inst: SimInstance, ends: np.ndarray, outputs: int) -> np.ndarray:
         """When clients see the tokens of steps ending at ``ends``: each step's streaming work waits
@@ -281,6 +308,7 @@ class Simulation(StagesMixin):
 
     def _client_done(self, rec: RequestRecord) -> None:
         """A request ended (completed or failed); closed-loop clients send their next one."""
+        self._attempts.pop(rec.request_id, None)  # memory follows the requests in flight, not the trace
         if self.clients is not None and rec.finish_s is not None:
             self._send(self.clients.on_done(int(rec.request_id.split("-")[1]), rec.finish_s))
 
@@ -303,7 +331,10 @@ class Simulation(StagesMixin):
         if epoch != inst.epoch:  # sent to a process that died meanwhile: the router retries it
             self._retry_or_fail(f"req-{index}", now, f"{inst.name} died")
             return
+        self._settle(inst, now)
         inst.api_queued -= 1
+        if self.board is not None:
+            self.board.api_moved(inst)
         rid = f"req-{index}"
         p = self._planned[rid]
         rec = self.records[rid]
@@ -315,6 +346,7 @@ class Simulation(StagesMixin):
         self._admit(inst, req, rec, now)
 
     def _admit(self, inst: SimInstance, req: Request, rec: RequestRecord, now: float) -> None:
+        self._settle(inst, now)
         rejected = inst.scheduler.add_request(req)
         if rejected is not None:
             self._fail(rec, now, req.error or "rejected")
@@ -388,28 +420,58 @@ class Simulation(StagesMixin):
         kv_sum = sum(r.num_computed_tokens + 1 for r in sched.running)
         dts = inst.cost.decode_stretch_s(batch, kv_sum, horizon) * inst.slowdown
         ends = np.add.accumulate(np.concatenate(([now], dts)))[1:]
-        t_obs = self.events.next_observing()
-        # steps that end before the next observing event run unchanged; the one it falls in is
-        # stepped on its own, because the API server's loop takes that event's work (a new
-        # request's intake) before it streams the tokens of a step that ends after it
-        n = int(np.searchsorted(ends, t_obs, side="left"))  # ends holds horizon steps: n <= horizon
+        # An event that may reach any instance (a fault, a KV hand-off) ends the stretch before it; a
+        # request routed here settles it when it comes (_settle), so other instances' traffic does not.
+        n = int(np.searchsorted(ends, self.events.next_observing(), side="left"))  # n <= horizon
         if n < 2:
             return False
-        results = sched.advance_steady(ends[:n])
+        inst._stretches += 1
+        inst.stretch = _Stretch(now, ends[:n], inst._stretches)
         inst.in_flight += 1
-        inst.busy_s += float(ends[n - 1] - now)
         self.events.push(
             float(ends[n - 1]),
             "batch_done",
-            (inst, None, (results, ends[:n]), inst.epoch),
+            (inst, None, inst._stretches, inst.epoch),
             observing=holds_kv_for_peer(inst.role),
         )
         return True
+
+    def _settle(self, inst: SimInstance, now: float) -> None:
+        """Something reaches an instance mid-stretch: the steps that ended before ``now`` are applied
+        (their tokens streamed), the step under way finishes as a step of its own, and the rest of the
+        stretch is dropped: the scheduler stands exactly where stepping one by one would have it.
+        Routing reads only queue lengths, which a stretch leaves unchanged until its last step ends."""
+        st = inst.stretch
+        if st is None:
+            return
+        inst.stretch = None
+        k = int(np.searchsorted(st.ends, now, side="left"))  # steps that ended before now
+        if k:
+            results = inst.scheduler.advance_steady(st.ends[:k])
+            inst.busy_s += float(st.ends[k - 1] - st.start_s)
+            seen = float(self._stream(inst, st.ends[:k], len(results))[-1])
+            self._handle_results(inst, results, float(st.ends[k - 1]), seen)
+        if k == len(st.ends):  # it ended before now (its own event comes later only on a tie)
+            inst.in_flight -= 1
+            self._try_launch(inst, float(st.ends[-1]))
+            return
+        start = float(st.ends[k - 1]) if k else st.start_s
+        out = inst.scheduler.schedule(start)
+        step = inst.cost.step_time(out.shape)
+        inst.busy_s += step.interval_s * inst.slowdown
+        self.events.push(
+            start + step.total_s * inst.slowdown,
+            "batch_done",
+            (inst, out, None, inst.epoch),
+            observing=holds_kv_for_peer(inst.role),
+        )
 
     def _on_batch_done(self, now: float, payload: tuple) -> None:
         inst, output, stretch, epoch = payload
         if epoch != inst.epoch:
             return  # the step of a process that was killed
+        if stretch is not None and (inst.stretch is None or inst.stretch.token != stretch):
+            return  # a stretch that was settled early: its step under way ends on its own
         inst.in_flight -= 1
         if stretch is None:
             results = inst.scheduler.update_from_output(output, now)
@@ -422,8 +484,10 @@ class Simulation(StagesMixin):
                     if self.stores and is_front(inst.role):
                         self._prefill_written(inst, req, now)
         else:
-            results, ends = stretch
-            seen = float(self._stream(inst, ends, len(results))[-1])
+            st, inst.stretch = inst.stretch, None
+            results = inst.scheduler.advance_steady(st.ends)
+            inst.busy_s += float(st.ends[-1] - st.start_s)
+            seen = float(self._stream(inst, st.ends, len(results))[-1])
         self._handle_results(inst, results, now, seen)
         self._try_launch(inst, now)
 
@@ -473,6 +537,8 @@ class Simulation(StagesMixin):
             prefill.scheduler.release_kv(req.request_id)
             self._fail(rec, now, "no healthy decode instance", "backend_failed")
             return
+        for d in decoders:  # the decode choice reads free KV blocks, which a stretch changes step by step
+            self._settle(d, now)
         snaps = [d.snapshot() for d in decoders]
         dec = decoders[self.decode_policy.choose(snaps, RoutingRequest(req.request_id))]
         consumer = Request(
@@ -513,6 +579,8 @@ class Simulation(StagesMixin):
             self.net.remove(rid, now)
             self._reschedule_flows(now)
         dec = tr.decode
+        self._settle(dec, now)
+        self._settle(tr.prefill, now)
         if tr.prefill_epoch == tr.prefill.epoch:
             tr.prefill.scheduler.release_kv(rid)
         if rid not in dec.scheduler.pulling:
@@ -551,6 +619,8 @@ class Simulation(StagesMixin):
             landed(now)
             return
         tr = self.transfers.pop(rid)
+        self._settle(tr.decode, now)
+        self._settle(tr.prefill, now)
         if rid not in tr.decode.scheduler.pulling:
             return  # its decode died meanwhile
         self.records[rid].kv_transfer_s = now - tr.start_s
@@ -563,6 +633,8 @@ class Simulation(StagesMixin):
     def _on_fault_start(self, now: float, f: Fault) -> None:
         entry = {"name": f.name, "kind": f.kind, "targets": list(f.instances) or [list(g) for g in f.groups]}
         self.timeline.append({**entry, "start_s": now, "end_s": None})
+        for name in f.instances:
+            self._settle(self.by_name[name], now)
         if f.kind == "kill":
             for name in f.instances:
                 self._kill(self.by_name[name], now)
@@ -599,6 +671,7 @@ class Simulation(StagesMixin):
                 e["end_s"] = now
         for name in f.instances:
             inst = self.by_name[name]
+            self._settle(inst, now)
             if f.kind == "slow":
                 inst.slowdown = 1.0
             elif f.kind == "hang":
@@ -650,6 +723,8 @@ class Simulation(StagesMixin):
     def _kill(self, inst: SimInstance, now: float) -> None:
         """The process dies: requests that streamed nothing are retried elsewhere, streamed ones fail;
         KV it held is gone (decodes waiting for it fall back); it restarts cold."""
+        self._settle(inst, now)
+        inst.stretch = None
         inst.down = True
         inst.epoch += 1
         inst.in_flight = 0
@@ -658,6 +733,8 @@ class Simulation(StagesMixin):
         lost = list(inst.live)
         inst.live = {}
         inst.scheduler = Scheduler(inst.setup.engine)
+        if self.board is not None and inst in self.front:
+            self.board.track(inst)
         for rid, tr in list(self.transfers.items()):
             if tr.prefill is inst:
                 self._transfer_failed(rid, now)
@@ -699,6 +776,7 @@ class Simulation(StagesMixin):
         inst, epoch, stage = payload
         if not inst.hung or epoch != inst.epoch:
             return
+        self._settle(inst, now)
         for rid in list(inst.live):
             req, rec = inst.live[rid], self.records[rid]
             streamed_here = req.num_output_tokens > (1 if req.kv_role == "consumer" or rec.prefill_instance else 0)
@@ -719,6 +797,8 @@ class Simulation(StagesMixin):
         if not others or not self.budget.try_retry(now):
             self._fail(rec, now, f"decode {failed.name} did not answer", "backend_failed")
             return
+        for d in others:
+            self._settle(d, now)
         dec = others[self.decode_policy.choose([d.snapshot() for d in others], RoutingRequest(req.request_id))]
         again = Request(req.request_id, req.num_prompt_tokens, req.max_tokens, req.arrival_s, num_output_tokens=1)
         if dec.scheduler.add_request(again) is not None:

@@ -155,6 +155,7 @@ class StagesMixin:
             if epoch != inst.epoch:  # the engine died meanwhile: the router retries the request
                 self._retry_or_fail(req.request_id, t, f"{inst.name} died")
                 return
+            self._settle(inst, t)
             inst.scheduler.kv.pool.install(list(hashes))
             rec.kv_fetched_tokens += plan.blocks * bs
             self._mark(req.request_id, "admitted", t)
