@@ -91,6 +91,7 @@ class InstanceCostModel:
         self._p2p_tier = up
         self.collectives = Collectives(self.tables if up.kind == "scale-up" else None, up, out, cfg.domain_size)
         self._ops = self._build_ops()
+        self._dense_cache: dict[tuple[int, int], dict[str, float]] = {}
         self._tp_ar, src = self.collectives.all_reduce(cfg.tp)
         if self._tp_ar is not None:
             self.sources["tp_all_reduce"] = src
@@ -195,18 +196,28 @@ class InstanceCostModel:
     def _rank_ops(
         self, chunks: list[tuple[int, int]], num_decode: int, mean_kv: np.ndarray, tokens: int, logits: int
     ) -> dict[str, np.ndarray | float]:
-        m, c = self.cfg.model, self.cfg
-        out: dict[str, np.ndarray | float] = {}
         if tokens <= 0:
-            return out
+            return {}
+        out: dict[str, np.ndarray | float] = dict(self._dense_ops(tokens, logits))
+        out.update(self.attention.prefill_s(chunks))
+        for name, v in self.attention.decode_s(num_decode, mean_kv).items():
+            out[name] = out.get(name, 0.0) + v
+        return out
+
+    def _dense_ops(self, tokens: int, logits: int) -> dict[str, float]:
+        """The terms that depend on the token and logit counts only (GEMMs, element-wise work, the TP
+        all-reduce), memoised: a simulation asks for the same few batch sizes at every step."""
+        key = (tokens, logits)
+        cached = self._dense_cache.get(key)
+        if cached is not None:
+            return cached
+        m, c = self.cfg.model, self.cfg
+        out: dict[str, float] = {}
         for op in self._ops:
             if op.scope == "moe":
                 continue
             x = tokens if op.scope == "rank" else max(logits, 1)
             out[op.name] = op.line.scalar(x) * op.per_step
-        out.update(self.attention.prefill_s(chunks))
-        for name, v in self.attention.decode_s(num_decode, mean_kv).items():
-            out[name] = out.get(name, 0.0) + v
         # norms, rotary, activation, residual adds: memory bound
         inter_local = (m.intermediate if not m.is_moe else m.moe_intermediate * m.top_k) / c.tp
         if c.part == "attention" and m.is_moe:  # the experts' activations are computed on the FFN side
@@ -219,6 +230,9 @@ class InstanceCostModel:
             per_layer = 1 if ((c.dp > 1 or c.part == "attention") and m.is_moe) else 2
             reductions = m.layers * per_layer + ((m.layers - m.moe_layers) if per_layer == 1 else 0)
             out["tp_all_reduce"] = self._tp_ar.scalar(tokens * m.hidden * ACT_BYTES) * reductions
+        if len(self._dense_cache) >= 2048:  # bounded (~1 MB): prefill chunks of every size come and go
+            self._dense_cache.clear()
+        self._dense_cache[key] = out
         return out
 
     def _model_ops(self, shape: BatchShape, mean_kv: np.ndarray, gemm_tokens: int | None = None) -> dict:

@@ -76,6 +76,27 @@ class KVCacheManager:
             blocks.extend(self.pool.allocate(need))
         return True
 
+    def grow_decodes(self, reqs: list[Request], n: int) -> None:
+        """``n`` more tokens for each decoding request, in one pass and one pool allocation: the same
+        blocks, in the same order, as ``allocate_slots(r, n)`` request by request (the caller has checked
+        that they fit: Scheduler.steady_decode_horizon)."""
+        bs = self.block_size
+        held_by = self.req_blocks
+        short: list[tuple[list[int], int]] = []
+        total = 0
+        for r in reqs:
+            held = held_by[r.request_id]
+            need = -(-(r.num_computed_tokens + n) // bs) - len(held)
+            if need > 0:
+                short.append((held, need))
+                total += need
+        if total:
+            fresh = self.pool.allocate(total)
+            i = 0
+            for held, need in short:
+                held.extend(fresh[i : i + need])
+                i += need
+
     def cache_full_blocks(self, req: Request) -> None:
         """Name the prompt blocks that are now completely computed so later requests can hit them."""
         if not self.enable_caching or not req.block_hashes:

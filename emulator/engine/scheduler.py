@@ -440,11 +440,11 @@ class Scheduler:
         """Apply ``len(end_times)`` pure-decode steps at once; equal to stepping one by one."""
         self._changed()
         n = len(end_times)
+        self.kv.grow_decodes(self.running, n)
         results: list[RequestOutput] = []
         last = float(end_times[-1])
         finished_any = False
         for r in self.running:
-            self.kv.allocate_slots(r, n)
             r.num_computed_tokens += n
             r.num_output_tokens += n
             r.token_chunks.append(end_times)

@@ -107,6 +107,8 @@ class _Stretch:
     start_s: float
     ends: np.ndarray
     token: int
+    streamed: int = 0  # steps whose tokens the API server has already streamed
+    seen: float = 0.0  # when clients saw the last of those
 
 
 @dataclass
@@ -289,7 +291,8 @@ class Simulation(StagesMixin):
             # leading blocks, and the chosen engine caches by the same hashes.
             routing = RoutingRequest(rid, self._hashes(p, front[0].block_size), None, p.input_len)
             inst = front[self.policy.choose(snaps, routing)]
-        self._settle(inst, now)  # its API server takes this request before it streams later steps
+        if inst.stretch is not None:  # its API server streams the steps that ended, then takes this request
+            self._stream_stretch(inst, inst.stretch, int(np.searchsorted(inst.stretch.ends, now, side="left")))
         tried.add(inst.name)
         inst.api_queued += 1
         if self.board is not None:
@@ -331,7 +334,7 @@ class Simulation(StagesMixin):
         if epoch != inst.epoch:  # sent to a process that died meanwhile: the router retries it
             self._retry_or_fail(f"req-{index}", now, f"{inst.name} died")
             return
-        self._settle(inst, now)
+        self._settle(inst, now, exact=bool(self.stores))
         inst.api_queued -= 1
         if self.board is not None:
             self.board.api_moved(inst)
@@ -346,7 +349,7 @@ class Simulation(StagesMixin):
         self._admit(inst, req, rec, now)
 
     def _admit(self, inst: SimInstance, req: Request, rec: RequestRecord, now: float) -> None:
-        self._settle(inst, now)
+        self._settle(inst, now, exact=bool(self.stores))
         rejected = inst.scheduler.add_request(req)
         if rejected is not None:
             self._fail(rec, now, req.error or "rejected")
@@ -436,26 +439,45 @@ class Simulation(StagesMixin):
         )
         return True
 
-    def _settle(self, inst: SimInstance, now: float) -> None:
+    def _stream_stretch(self, inst: SimInstance, st: _Stretch, upto: int) -> None:
+        """The API server streams the tokens of the stretch's steps up to ``upto`` (their outputs are
+        every running request's: none finishes before the stretch's last step)."""
+        if upto > st.streamed:
+            st.seen = float(self._stream(inst, st.ends[st.streamed : upto], len(inst.scheduler.running))[-1])
+            st.streamed = upto
+
+    def _settle(self, inst: SimInstance, now: float, exact: bool = True) -> None:
         """Something reaches an instance mid-stretch: the steps that ended before ``now`` are applied
-        (their tokens streamed), the step under way finishes as a step of its own, and the rest of the
-        stretch is dropped: the scheduler stands exactly where stepping one by one would have it.
-        Routing reads only queue lengths, which a stretch leaves unchanged until its last step ends."""
+        (their tokens streamed), the step under way finishes on its own and the rest of the stretch is
+        dropped. Routing reads only queue lengths, which a stretch leaves unchanged until its last step
+        ends. ``exact``: the step under way takes its KV blocks now, as the engine did when it started
+        it (a decode choice by free blocks, a prefix lookup that its evictions change); otherwise it
+        stays a one-step stretch applied when it ends, which costs less and changes nothing else."""
         st = inst.stretch
         if st is None:
             return
         inst.stretch = None
         k = int(np.searchsorted(st.ends, now, side="left"))  # steps that ended before now
         if k:
+            self._stream_stretch(inst, st, k)
             results = inst.scheduler.advance_steady(st.ends[:k])
             inst.busy_s += float(st.ends[k - 1] - st.start_s)
-            seen = float(self._stream(inst, st.ends[:k], len(results))[-1])
-            self._handle_results(inst, results, float(st.ends[k - 1]), seen)
+            self._handle_results(inst, results, float(st.ends[k - 1]), st.seen)
         if k == len(st.ends):  # it ended before now (its own event comes later only on a tie)
             inst.in_flight -= 1
             self._try_launch(inst, float(st.ends[-1]))
             return
         start = float(st.ends[k - 1]) if k else st.start_s
+        if not exact:
+            inst._stretches += 1
+            inst.stretch = _Stretch(start, st.ends[k : k + 1], inst._stretches)
+            self.events.push(
+                float(st.ends[k]),
+                "batch_done",
+                (inst, None, inst._stretches, inst.epoch),
+                observing=holds_kv_for_peer(inst.role),
+            )
+            return
         out = inst.scheduler.schedule(start)
         step = inst.cost.step_time(out.shape)
         inst.busy_s += step.interval_s * inst.slowdown
@@ -485,9 +507,10 @@ class Simulation(StagesMixin):
                         self._prefill_written(inst, req, now)
         else:
             st, inst.stretch = inst.stretch, None
+            self._stream_stretch(inst, st, len(st.ends))
             results = inst.scheduler.advance_steady(st.ends)
             inst.busy_s += float(st.ends[-1] - st.start_s)
-            seen = float(self._stream(inst, st.ends, len(results))[-1])
+            seen = st.seen
         self._handle_results(inst, results, now, seen)
         self._try_launch(inst, now)
 
