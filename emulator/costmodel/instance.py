@@ -206,7 +206,7 @@ class InstanceCostModel:
 
     def _dense_ops(self, tokens: int, logits: int) -> dict[str, float]:
         """The terms that depend on the token and logit counts only (GEMMs, element-wise work, the TP
-        all-reduce), memoised: a simulation asks for the same few batch sizes at every step."""
+        all-reduce), memoised: a run asks for the same batch sizes step after step."""
         key = (tokens, logits)
         cached = self._dense_cache.get(key)
         if cached is not None:
@@ -230,7 +230,7 @@ class InstanceCostModel:
             per_layer = 1 if ((c.dp > 1 or c.part == "attention") and m.is_moe) else 2
             reductions = m.layers * per_layer + ((m.layers - m.moe_layers) if per_layer == 1 else 0)
             out["tp_all_reduce"] = self._tp_ar.scalar(tokens * m.hidden * ACT_BYTES) * reductions
-        if len(self._dense_cache) >= 2048:  # bounded (~1 MB): prefill chunks of every size come and go
+        if len(self._dense_cache) >= 8192:  # bounded (a few MB per pool): about every step size a budget allows
             self._dense_cache.clear()
         self._dense_cache[key] = out
         return out
