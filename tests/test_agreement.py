@@ -1,6 +1,6 @@
 """Emulation against simulation: the same spec, plan and seed through real processes and through
-the simulator agree on TTFT and TPOT (means within 5%, p90 within 10%), and 99% of the workers' engine
-steps wake within 2 ms of the modelled time.
+the simulator agree on TTFT and TPOT (means within 5%, p90 within 10%), and the workers' engine steps
+wake within 2 ms of the modelled time 99% of the time (a run's late steps tested against that rate).
 
 Python's HTTP path (client -> router -> worker, streamed) adds ~7-8 ms per request on a 2-core host;
 the quickstart's TTFT is ~43 ms, so it runs with time dilation D=8 (modelled durations x8, reported
@@ -17,6 +17,7 @@ two runs on this 2-core host measured TTFT mean +1.5%, p90 +1.3%, TPOT within 0.
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import yaml
@@ -91,9 +92,22 @@ def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilati
     for key in keys:
         assert emu[key]["mean"] == pytest.approx(sim[key]["mean"], rel=0.05), (key, emu[key], sim[key])
         assert emu[key]["p90"] == pytest.approx(sim[key]["p90"], rel=0.10), (key, emu[key], sim[key])
-    # 99% of all the cluster's engine steps woke within 2 ms of the modelled time. Pooled over the
+    # 99% of all the cluster's engine steps wake within 2 ms of the modelled time. Pooled over the
     # workers: a P/D prefill worker sees only ~200 steps, so its own p99 is its second-worst wake-up
     # (1.3-3.3 ms measured on a fresh 2-core CI machine) and too noisy to gate on. Measured here:
-    # 99.85% (quickstart, 1349 steps) and 99.6% (P/D, 2180 steps, 118 of them on prefill).
+    # 99.85% (quickstart, 1349 steps) and 99.6% (P/D, 2180 steps, 118 of them on prefill). A run is a
+    # sample: the gate fails when its late steps are more than a 1% late rate gives in 99 runs of 100
+    # (the RAG run has ~475 steps, where five late ones read 98.9%: one fresh-clone run of 2026-11-27).
     within, total = (sum(x) for x in zip(*steps, strict=True))
-    assert total > 0 and within / total >= 0.99, steps
+    assert total > 0 and total - within <= _late_allowance(int(total)), steps
+
+
+def _late_allowance(n: int, rate: float = 0.01, q: float = 0.99) -> int:
+    """The most late steps of ``n`` that a true late ``rate`` stays at or under with probability ``q``
+    (the binomial quantile)."""
+    cdf, k = 0.0, 0
+    while True:
+        cdf += math.comb(n, k) * rate**k * (1 - rate) ** (n - k)
+        if cdf >= q:
+            return k
+        k += 1
