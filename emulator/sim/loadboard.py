@@ -26,37 +26,26 @@ class LoadBoard:
         self.loads = np.zeros(len(self.instances), dtype=np.int64)
         self.waiting = np.zeros(len(self.instances), dtype=np.int64)
         self.changed: set[Scheduler] = set()  # schedulers that announced a change since the last refresh
-        self._index: dict[Scheduler, int] = {}
-        self._api_changed: set[int] = set()
         self._slot = {id(inst): i for i, inst in enumerate(self.instances)}
-        for inst in self.instances:
-            self.track(inst)
-
-    def track(self, inst) -> None:
-        """Watch an instance's (new, after a restart) scheduler."""
-        i = self._slot[id(inst)]
-        inst.scheduler.changes = self.changed
-        self._index[inst.scheduler] = i
-        self._api_changed.add(i)
+        self._index: dict[Scheduler, int] = {}
+        for i, inst in enumerate(self.instances):  # a fault-free run keeps its schedulers
+            inst.scheduler.changes = self.changed
+            self._index[inst.scheduler] = i
+        self._stale: set[int] = set(range(len(self.instances)))
 
     def api_moved(self, inst) -> None:
         """The instance's API server took in or handed on a request."""
-        self._api_changed.add(self._slot[id(inst)])
+        self._stale.add(self._slot[id(inst)])
 
     def _refresh(self) -> None:
-        slots = self._api_changed
-        for sched in self.changed:
-            i = self._index.get(sched)
-            if i is not None and self.instances[i].scheduler is sched:
-                slots.add(i)
+        stale = self._stale
+        stale.update(self._index[s] for s in self.changed)
         self.changed.clear()
-        for i in slots:
-            inst = self.instances[i]
-            s = inst.scheduler
-            waiting = s.num_waiting + inst.api_queued
+        for i in stale:
+            running, waiting = self.instances[i].queue_lengths()  # as the router's snapshot counts them
             self.waiting[i] = waiting
-            self.loads[i] = len(s.running) + waiting
-        slots.clear()
+            self.loads[i] = running + waiting
+        stale.clear()
 
     def all_waiting_at_least(self, limit: int) -> bool:
         self._refresh()

@@ -75,11 +75,15 @@ class SimInstance:
         self.ejected = False  # the router's health check has ejected it
         self.unreachable = False  # partitioned from the router
         self.stretch: _Stretch | None = None  # bulk decode steps planned, not yet applied (Simulation._settle)
-        self._stretches = 0
 
     @property
     def routable(self) -> bool:
         return not (self.down or self.ejected or self.unreachable)
+
+    def queue_lengths(self) -> tuple[int, int]:
+        """(running, waiting) as the router counts them: waiting includes what its API server holds."""
+        s = self.scheduler
+        return len(s.running), s.num_waiting + self.api_queued
 
     def snapshot(self) -> EndpointSnapshot:
         """The router's view, rebuilt only when the engine's queues, its free blocks or its API
@@ -89,24 +93,24 @@ class SimInstance:
         if key == self._snapshot_key:
             return self._snapshot
         self._snapshot_key = key
+        running, waiting = self.queue_lengths()
         self._snapshot = EndpointSnapshot(
             self.name,
-            num_running=len(s.running),
-            num_waiting=s.num_waiting + self.api_queued,
+            num_running=running,
+            num_waiting=waiting,
             kv_usage=s.kv.usage,
             free_blocks=s.kv.num_free_blocks,
         )
         return self._snapshot
 
 
-@dataclass
+@dataclass(eq=False)  # one planned stretch is itself, whatever its values
 class _Stretch:
     """Identical pure-decode steps an instance runs from ``start_s``, ending at ``ends``: applied to its
     scheduler when the last one ends, or up to the moment something reaches the instance first."""
 
     start_s: float
     ends: np.ndarray
-    token: int
     streamed: int = 0  # steps whose tokens the API server has already streamed
     seen: float = 0.0  # when clients saw the last of those
 
@@ -268,25 +272,24 @@ class Simulation(StagesMixin):
         p = self._planned[rid]
         rec = self.records[rid]
         tried = self._attempts.setdefault(rid, set())
-        if self.board is not None and not tried:
-            front = self.front  # no faults: every instance is routable
-        else:
-            front = [i for i in self.front if i.routable and i.name not in tried]
+        board = self.board if not tried else None  # no faults: every instance is routable
+        front = self.front if board is not None else [i for i in self.front if i.routable and i.name not in tried]
         if not front:
             self._fail(
                 rec, now, "no healthy backend can serve this request", "no_backend" if not tried else "backend_failed"
             )
             return
-        if front is self.front and self.board is not None:
-            if self.board.all_waiting_at_least(self.max_waiting):
-                self._fail(rec, now, "every backend's queue is at router.admission.maxWaitingPerBackend", "overloaded")
-                return
-            inst = front[self.board.least_loaded(self.policy.next_turn())]
+        snaps = None if board is not None else [i.snapshot() for i in front]
+        if (
+            board.all_waiting_at_least(self.max_waiting)
+            if board is not None
+            else all(s.num_waiting >= self.max_waiting for s in snaps)
+        ):
+            self._fail(rec, now, "every backend's queue is at router.admission.maxWaitingPerBackend", "overloaded")
+            return
+        if board is not None:
+            inst = front[board.least_loaded(self.policy.next_turn())]
         else:
-            snaps = [i.snapshot() for i in front]
-            if all(s.num_waiting >= self.max_waiting for s in snaps):
-                self._fail(rec, now, "every backend's queue is at router.admission.maxWaitingPerBackend", "overloaded")
-                return
             # Block hashes are computed once per block size (cached): prefix-affinity routes on the
             # leading blocks, and the chosen engine caches by the same hashes.
             routing = RoutingRequest(rid, self._hashes(p, front[0].block_size), None, p.input_len)
@@ -428,16 +431,15 @@ class Simulation(StagesMixin):
         n = int(np.searchsorted(ends, self.events.next_observing(), side="left"))  # n <= horizon
         if n < 2:
             return False
-        inst._stretches += 1
-        inst.stretch = _Stretch(now, ends[:n], inst._stretches)
         inst.in_flight += 1
-        self.events.push(
-            float(ends[n - 1]),
-            "batch_done",
-            (inst, None, inst._stretches, inst.epoch),
-            observing=holds_kv_for_peer(inst.role),
-        )
+        self._plan_stretch(inst, _Stretch(now, ends[:n]))
         return True
+
+    def _plan_stretch(self, inst: SimInstance, st: _Stretch) -> None:
+        inst.stretch = st
+        self.events.push(
+            float(st.ends[-1]), "batch_done", (inst, None, st, inst.epoch), observing=holds_kv_for_peer(inst.role)
+        )
 
     def _stream_stretch(self, inst: SimInstance, st: _Stretch, upto: int) -> None:
         """The API server streams the tokens of the stretch's steps up to ``upto`` (their outputs are
@@ -456,27 +458,19 @@ class Simulation(StagesMixin):
         st = inst.stretch
         if st is None:
             return
+        # steps that ended before now; the stretch's own event has run by then, so k < len(st.ends)
+        k = int(np.searchsorted(st.ends, now, side="left"))
+        if not exact and k == 0 and len(st.ends) == 1:
+            return  # already no more than the step under way
         inst.stretch = None
-        k = int(np.searchsorted(st.ends, now, side="left"))  # steps that ended before now
         if k:
             self._stream_stretch(inst, st, k)
             results = inst.scheduler.advance_steady(st.ends[:k])
             inst.busy_s += float(st.ends[k - 1] - st.start_s)
             self._handle_results(inst, results, float(st.ends[k - 1]), st.seen)
-        if k == len(st.ends):  # it ended before now (its own event comes later only on a tie)
-            inst.in_flight -= 1
-            self._try_launch(inst, float(st.ends[-1]))
-            return
         start = float(st.ends[k - 1]) if k else st.start_s
         if not exact:
-            inst._stretches += 1
-            inst.stretch = _Stretch(start, st.ends[k : k + 1], inst._stretches)
-            self.events.push(
-                float(st.ends[k]),
-                "batch_done",
-                (inst, None, inst._stretches, inst.epoch),
-                observing=holds_kv_for_peer(inst.role),
-            )
+            self._plan_stretch(inst, _Stretch(start, st.ends[k : k + 1]))
             return
         out = inst.scheduler.schedule(start)
         step = inst.cost.step_time(out.shape)
@@ -492,7 +486,7 @@ class Simulation(StagesMixin):
         inst, output, stretch, epoch = payload
         if epoch != inst.epoch:
             return  # the step of a process that was killed
-        if stretch is not None and (inst.stretch is None or inst.stretch.token != stretch):
+        if stretch is not None and inst.stretch is not stretch:
             return  # a stretch that was settled early: its step under way ends on its own
         inst.in_flight -= 1
         if stretch is None:
@@ -506,7 +500,7 @@ class Simulation(StagesMixin):
                     if self.stores and is_front(inst.role):
                         self._prefill_written(inst, req, now)
         else:
-            st, inst.stretch = inst.stretch, None
+            st, inst.stretch = stretch, None
             self._stream_stretch(inst, st, len(st.ends))
             results = inst.scheduler.advance_steady(st.ends)
             inst.busy_s += float(st.ends[-1] - st.start_s)
@@ -747,7 +741,6 @@ class Simulation(StagesMixin):
         """The process dies: requests that streamed nothing are retried elsewhere, streamed ones fail;
         KV it held is gone (decodes waiting for it fall back); it restarts cold."""
         self._settle(inst, now)
-        inst.stretch = None
         inst.down = True
         inst.epoch += 1
         inst.in_flight = 0
@@ -756,8 +749,6 @@ class Simulation(StagesMixin):
         lost = list(inst.live)
         inst.live = {}
         inst.scheduler = Scheduler(inst.setup.engine)
-        if self.board is not None and inst in self.front:
-            self.board.track(inst)
         for rid, tr in list(self.transfers.items()):
             if tr.prefill is inst:
                 self._transfer_failed(rid, now)
