@@ -161,3 +161,28 @@ def test_wide_ep_dispatch_and_combine_move_the_bytes_the_model_implies():
     want = m.moe_layers * (line.scalar(per_gpu * remote * 7168) + line.scalar(per_gpu * remote * 7168 * 2))
     assert cm.breakdown(shape)["ep_dispatch_combine"] == pytest.approx(want, rel=1e-9)
     assert "all-to-all" in cm.sources["ep_dispatch_combine"]
+
+
+@pytest.mark.parametrize(
+    "model,gpu,kw",
+    [
+        ("llama-3.1-8b", "h100-sxm", {}),
+        ("llama-3.1-70b", "h100-sxm", {"tp": 4}),
+        ("qwen3-30b-a3b", "h200-sxm", {"tp": 2}),
+        ("deepseek-v3", "h200-sxm", {"tp": 8}),
+    ],
+)
+def test_a_step_costs_the_sum_of_its_operators(model, gpu, kw):
+    """The step time (one memoised sum for everything outside attention) equals the per-operator
+    breakdown that `infemu cost` prints, for prefill, decode, mixed and CUDA-graph-padded steps."""
+    cm = cost(model, gpu, **kw)
+    shapes = [
+        (BatchShape(prefill_chunks=((2048, 0),)), None),
+        (BatchShape(num_decode=37, decode_kv_sum=37 * 3000), 40),
+        (BatchShape(prefill_chunks=((512, 1024), (100, 0)), num_decode=8, decode_kv_sum=8 * 700), None),
+        (BatchShape(num_decode=1, decode_kv_sum=9), 1),
+    ]
+    for shape, padded in shapes:
+        mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
+        total, _ = cm.totals(shape, mean_kv, padded)
+        assert float(total[0]) == pytest.approx(sum(cm.breakdown(shape, padded).values()), rel=1e-12)

@@ -228,9 +228,16 @@ def test_a_preempted_request_that_can_never_run_again_ends_with_an_error():
 
 
 @settings(max_examples=80, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["append", "popleft", "remove"]), st.integers(0, 39)), max_size=300))
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["append", "extend", "popleft", "popleft_many", "remove"]), st.integers(0, 39)),
+        max_size=300,
+    )
+)
 def test_the_free_block_queue_keeps_lru_order_as_an_ordered_dict_would(ops):
-    """The pool's compact linked list (two int arrays) against the OrderedDict it replaced."""
+    """The pool's compact linked list (two int arrays) against the OrderedDict it replaced; ``extend``
+    (a finished request's blocks at once) links a run of up to four absent blocks as appends would,
+    ``popleft_many`` cuts as many poplefts would."""
     from collections import OrderedDict
 
     from emulator.engine.block_pool import FreeBlockQueue
@@ -241,11 +248,18 @@ def test_the_free_block_queue_keeps_lru_order_as_an_ordered_dict_would(ops):
         if op == "append" and b not in ref:
             q.append(b)
             ref[b] = None
+        elif op == "extend":
+            run = [x for x in range(b, min(b + 4, 40)) if x not in ref]
+            q.extend(run)
+            ref.update((x, None) for x in run)
         elif op == "remove" and b in ref:
             q.remove(b)
             del ref[b]
         elif op == "popleft" and ref:
             assert q.popleft() == ref.popitem(last=False)[0]
+        elif op == "popleft_many":
+            k = min(b % 5, len(ref))
+            assert q.popleft_many(k) == [ref.popitem(last=False)[0] for _ in range(k)]
         assert len(q) == len(ref)
         assert list(q) == list(ref)
 
@@ -267,3 +281,33 @@ def test_a_pool_that_has_touched_every_block_stays_small():
     tracemalloc.stop()
     assert pool.num_free == 30_000
     assert held < 30_000 * 40, f"{held / 30_000:.0f} bytes a block"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(
+        st.one_of(
+            st.floats(0.0, 0.5),
+            st.lists(st.floats(0.0, 0.5), min_size=1, max_size=6),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_the_longest_token_gap_is_kept_as_tokens_come(chunks):
+    """Request.max_itl_s, kept step by step (single steps and bulk-decode stretches), equals the largest
+    gap of the full token timeline the simulator used to rebuild for every finished request."""
+    req = create_request("r", 4, 200)
+    t = 0.0
+    for c in chunks:
+        if isinstance(c, float):
+            t += c
+            req.add_token_time(t)
+        else:
+            times = t + np.cumsum(c)
+            t = float(times[-1])
+            inner = float(np.max(np.diff(times))) if len(times) > 1 else 0.0
+            req.add_token_times(times, float(times[0]), t, inner)
+    full = req.token_times()
+    expected = float(np.max(np.diff(full))) if len(full) > 1 else 0.0
+    assert req.max_itl_s == expected

@@ -92,6 +92,7 @@ class InstanceCostModel:
         self.collectives = Collectives(self.tables if up.kind == "scale-up" else None, up, out, cfg.domain_size)
         self._ops = self._build_ops()
         self._dense_cache: dict[tuple[int, int], dict[str, float]] = {}
+        self._totals_cache: dict[tuple[int, int], float] = {}
         self._tp_ar, src = self.collectives.all_reduce(cfg.tp)
         if self._tp_ar is not None:
             self.sources["tp_all_reduce"] = src
@@ -258,9 +259,7 @@ class InstanceCostModel:
             totals = [sum(np.asarray(v, dtype=np.float64) for v in r.values()) if r else 0.0 for r in per_rank]
             out = per_rank[int(np.argmax([np.max(t) if np.ndim(t) else t for t in totals]))]
         all_tokens = tokens + pad
-        for op in self._ops:
-            if op.scope == "moe":
-                out[op.name] = op.line.scalar(all_tokens) * op.per_step
+        out.update(self._moe_ops(all_tokens))
         if self._ep_a2a is not None:
             per_gpu = all_tokens / (self.cfg.tp * self.cfg.dp)  # each GPU dispatches its share of the tokens
             out["ep_dispatch_combine"] = m.moe_layers * (
@@ -283,12 +282,36 @@ class InstanceCostModel:
             ops["step_overhead"] = self.cfg.step_overhead_s
         return ops
 
+    def _fixed_total(self, tokens: int, logits: int) -> float:
+        """Without attention DP: the step's seconds outside attention (dense terms and experts) at this
+        padded token count, the sum of those terms of ``_model_ops``, memoised."""
+        key = (tokens, logits)
+        cached = self._totals_cache.get(key)
+        if cached is None:
+            cached = sum(self._dense_ops(tokens, logits).values()) + sum(self._moe_ops(tokens).values())
+            if len(self._totals_cache) >= 8192:
+                self._totals_cache.clear()
+            self._totals_cache[key] = cached
+        return cached
+
+    def _moe_ops(self, all_tokens: int) -> dict[str, float]:
+        """The experts' GEMMs over every token of the step (all attention ranks')."""
+        return {op.name: op.line.scalar(all_tokens) * op.per_step for op in self._ops if op.scope == "moe"}
+
     def totals(self, shape: BatchShape, mean_kv: np.ndarray, gemm_tokens: int | None = None):
         """(total, interval) seconds, arrays over ``mean_kv``."""
-        ops = self._model_ops(shape, mean_kv, gemm_tokens)
         compute = np.zeros_like(mean_kv, dtype=np.float64)
-        for v in ops.values():
-            compute = compute + v
+        if self.cfg.dp <= 1 and shape.num_tokens:
+            # one rank: everything but attention depends on the (padded) token and logit counts only
+            chunks = list(shape.prefill_chunks)
+            logits = len(chunks) + shape.num_decode if shape.num_logits < 0 else max(1, shape.num_logits)
+            compute = compute + self._fixed_total(gemm_tokens or shape.num_tokens, logits)
+            compute = compute + sum(self.attention.prefill_s(chunks).values())
+            for v in self.attention.decode_s(shape.num_decode, mean_kv).values():
+                compute = compute + v
+        else:
+            for v in self._model_ops(shape, mean_kv, gemm_tokens).values():
+                compute = compute + v
         p2p = (self.cfg.pp - 1) * self._pp_send_recv_s(shape.num_tokens)
         total = compute + p2p + self.cfg.step_overhead_s
         interval = compute / self.cfg.pp + self.cfg.step_overhead_s

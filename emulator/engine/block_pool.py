@@ -46,12 +46,49 @@ class FreeBlockQueue:
         self._tail = b
         self._size += 1
 
+    def extend(self, blocks: list[int]) -> None:
+        """``append`` each block in turn, linked in one pass (a finished request frees all its blocks)."""
+        if not blocks:
+            return
+        prev, nxt = self._prev, self._next
+        tail = self._tail
+        for b in blocks:
+            prev[b] = tail
+            if tail == _NIL:
+                self._head = b
+            else:
+                nxt[tail] = b
+            tail = b
+        nxt[tail] = _NIL
+        self._tail = tail
+        self._size += len(blocks)
+
     def popleft(self) -> int:
         b = self._head
         if b == _NIL:
             raise IndexError("the free queue is empty")
         self._unlink(b)
         return b
+
+    def popleft_many(self, n: int) -> list[int]:
+        """The ``n`` least recent blocks, in order, cut off the queue in one walk."""
+        if n > self._size:
+            raise IndexError(f"the free queue holds {self._size} blocks, not {n}")
+        out: list[int] = []
+        if n <= 0:
+            return out
+        nxt = self._next
+        b = self._head
+        for _ in range(n):
+            out.append(b)
+            b = nxt[b]
+        self._head = b
+        if b == _NIL:
+            self._tail = _NIL
+        else:
+            self._prev[b] = _NIL
+        self._size -= n
+        return out
 
     def remove(self, b: int) -> None:
         self._unlink(b)
@@ -116,19 +153,19 @@ class BlockPool:
         self.ref_cnt.extend([1] * fresh)
         self.block_hash.extend([None] * fresh)
         self.free_queue.grow(fresh)
-        pop = self.free_queue.popleft
-        for _ in range(n - fresh):
-            b = pop()
-            h = self.block_hash[b]
+        reused = self.free_queue.popleft_many(n - fresh)
+        block_hash, ref = self.block_hash, self.ref_cnt
+        for b in reused:
+            h = block_hash[b]
             if h is not None:
                 if self.cached.get(h) == b:
                     del self.cached[h]
                     if self.evicted is not None:
                         self.evicted.append(h)
-                self.block_hash[b] = None
+                block_hash[b] = None
                 self.evictions += 1
-            self.ref_cnt[b] = 1
-            out.append(b)
+            ref[b] = 1
+        out.extend(reused)
         return out
 
     def lookup(self, h: int) -> int | None:
@@ -170,9 +207,13 @@ class BlockPool:
         (more shareable) prefix, as vLLM does.
         """
         self.version += 1
+        ref = self.ref_cnt
+        unreferenced = []
         for b in blocks:
-            self.ref_cnt[b] -= 1
-            if self.ref_cnt[b] == 0:
-                self.free_queue.append(b)
-            elif self.ref_cnt[b] < 0:
+            c = ref[b] - 1
+            ref[b] = c
+            if c == 0:
+                unreferenced.append(b)
+            elif c < 0:
                 raise RuntimeError(f"block {b} freed twice")
+        self.free_queue.extend(unreferenced)

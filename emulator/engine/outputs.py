@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 from emulator.costmodel.interface import BatchShape
 
+if TYPE_CHECKING:
+    from emulator.engine.request import Request
 
-@dataclass(frozen=True)
-class ScheduledRequest:
+# The per-request records of a step are named tuples: a simulated fleet builds millions of them.
+
+
+class ScheduledRequest(NamedTuple):
     request_id: str
     num_new_tokens: int
     num_context_tokens: int  # tokens already in KV before this step
+    request: Request  # the scheduler's own object (no lookup by id when the step ends)
 
 
 @dataclass(frozen=True)
@@ -26,8 +32,7 @@ class SchedulerOutput:
         return not self.scheduled
 
 
-@dataclass(frozen=True)
-class RequestOutput:
+class RequestOutput(NamedTuple):
     """What one step did for one request: tokens sampled and whether it ended."""
 
     request_id: str

@@ -24,15 +24,18 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in _FINISHED
+        return self._value_ in _FINISHED  # the value, not the member: str hashing is cached, Enum's is not
 
 
-_FINISHED = {
-    RequestStatus.FINISHED_LENGTH,
-    RequestStatus.FINISHED_REMOTE_DECODE,
-    RequestStatus.FINISHED_ABORTED,
-    RequestStatus.FINISHED_ERROR,
-}
+_FINISHED = frozenset(
+    s.value
+    for s in (
+        RequestStatus.FINISHED_LENGTH,
+        RequestStatus.FINISHED_REMOTE_DECODE,
+        RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR,
+    )
+)
 
 
 @dataclass(eq=False)
@@ -57,6 +60,10 @@ class Request:
     finish_s: float | None = None
     kv_ready_s: float | None = None  # consumer: when the pulled KV arrived
     token_chunks: list = field(default_factory=list)  # float timestamps or np arrays of them
+    # the longest gap between two output tokens so far, kept as they come so that a simulator
+    # need not rebuild every token's timestamp for it when the request ends
+    max_itl_s: float = 0.0
+    last_token_s: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +76,24 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    def add_token_time(self, t: float) -> None:
+        last = self.last_token_s
+        if last is not None and t - last > self.max_itl_s:
+            self.max_itl_s = t - last
+        self.last_token_s = t
+        self.token_chunks.append(t)
+
+    def add_token_times(self, times: np.ndarray, first: float, last: float, inner_max_gap: float) -> None:
+        """A run of steps' timestamps (``first``/``last`` = ``times[0]``/``times[-1]``, ``inner_max_gap``
+        = the run's own largest gap: the caller computes them once for every request that ran those
+        steps)."""
+        prev = self.last_token_s
+        gap = first - prev if prev is not None and first - prev > inner_max_gap else inner_max_gap
+        if gap > self.max_itl_s:
+            self.max_itl_s = gap
+        self.last_token_s = last
+        self.token_chunks.append(times)
 
     def token_times(self) -> np.ndarray:
         """Every output token's timestamp, in order."""

@@ -186,36 +186,46 @@ class Scheduler:
         decode_kv = 0
         preempted: list[str] = []
 
+        # The running requests, in order. The common case (a decode whose last block has room) is
+        # inlined: a simulated fleet takes this loop for every running sequence of every step.
+        running, in_flight, held_by, bs = self.running, self.in_flight, self.kv.req_blocks, cfg.block_size
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            is_decode = req.num_computed_tokens >= req.num_prompt_tokens
-            if req.request_id in self.in_flight or (is_decode and not decode) or (not is_decode and not prefill):
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed, prompt = req.num_computed_tokens, req.num_prompt_tokens
+            is_decode = computed >= prompt
+            if req.request_id in in_flight or (is_decode and not decode) or (not is_decode and not prefill):
                 i += 1
                 continue
-            n = min(req.num_new_tokens, budget)
+            n = min(prompt + req.num_output_tokens - computed, budget)
             if n <= 0:
                 i += 1
                 continue
-            while not self.kv.allocate_slots(req, n):
-                victim = self._pick_victim() if decode else None
-                if victim is None or victim is req:
-                    if victim is req:
-                        self._preempt(req)
-                        preempted.append(req.request_id)
-                    n = 0
-                    break
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-            if n == 0:
-                if req not in self.running:
-                    continue  # req itself was preempted; the list shifted
-                i += 1
-                continue
-            self._account(req, n, now, scheduled, prefill_chunks)
-            if req.num_computed_tokens >= req.num_prompt_tokens:
+            held = held_by.get(req.request_id)
+            if held is None or computed + n > len(held) * bs:  # needs blocks: allocate, preempting if short
+                while not self.kv.allocate_slots(req, n):
+                    victim = self._pick_victim() if decode else None
+                    if victim is None or victim is req:
+                        if victim is req:
+                            self._preempt(req)
+                            preempted.append(req.request_id)
+                        n = 0
+                        break
+                    self._preempt(victim)
+                    preempted.append(victim.request_id)
+                if n == 0:
+                    if req not in running:
+                        continue  # req itself was preempted; the list shifted
+                    i += 1
+                    continue
+            if req.first_scheduled_s is None:
+                req.first_scheduled_s = now
+            scheduled.append(ScheduledRequest(req.request_id, n, computed, req))
+            if is_decode:
                 num_decode += 1
-                decode_kv += req.num_computed_tokens + n
+                decode_kv += computed + n
+            else:
+                prefill_chunks.append((n, computed))
             budget -= n
             i += 1
 
@@ -332,7 +342,7 @@ class Scheduler:
     def _account(self, req: Request, n: int, now: float, scheduled: list, prefill: list) -> None:
         if req.first_scheduled_s is None:
             req.first_scheduled_s = now
-        scheduled.append(ScheduledRequest(req.request_id, n, req.num_computed_tokens))
+        scheduled.append(ScheduledRequest(req.request_id, n, req.num_computed_tokens, req))
         if req.num_computed_tokens < req.num_prompt_tokens:
             prefill.append((n, req.num_computed_tokens))
 
@@ -355,20 +365,23 @@ class Scheduler:
         self._changed()
         results, self.errored = self.errored, []
         finished_any = False
+        in_flight = self.in_flight
         for s in output.scheduled:
-            self.in_flight.discard(s.request_id)
-            req = self.requests.get(s.request_id)
-            if req is None or req.is_finished:
+            in_flight.discard(s.request_id)
+            req = s.request
+            if req.is_finished:
                 continue  # aborted while in flight
-            prompt_part = max(0, min(s.num_new_tokens, req.num_prompt_tokens - req.num_computed_tokens))
-            self.prompt_tokens += prompt_part
-            req.num_computed_tokens += s.num_new_tokens
+            n = s.num_new_tokens
+            computed = req.num_computed_tokens
+            if computed < req.num_prompt_tokens:
+                self.prompt_tokens += min(n, req.num_prompt_tokens - computed)
+            req.num_computed_tokens = computed + n
             self.kv.cache_full_blocks(req)
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a partial prefill chunk samples nothing
             req.num_output_tokens += 1
             self.generation_tokens += 1
-            req.token_chunks.append(now)
+            req.add_token_time(now)
             if req.first_token_s is None:
                 req.first_token_s = now
             if req.kv_role == "producer":
@@ -443,11 +456,13 @@ class Scheduler:
         self.kv.grow_decodes(self.running, n)
         results: list[RequestOutput] = []
         last = float(end_times[-1])
+        first = float(end_times[0])
+        inner_gap = float(np.max(np.diff(end_times))) if n > 1 else 0.0
         finished_any = False
         for r in self.running:
             r.num_computed_tokens += n
             r.num_output_tokens += n
-            r.token_chunks.append(end_times)
+            r.add_token_times(end_times, first, last, inner_gap)
             if r.num_output_tokens >= r.max_tokens:
                 self._finish(r, RequestStatus.FINISHED_LENGTH, last)
                 finished_any = True

@@ -528,13 +528,22 @@ class Simulation(StagesMixin):
             rec.instance = inst.name
             rec.cached_tokens = max(rec.cached_tokens, req.num_cached_tokens)
             rec.preemptions += req.num_preemptions
-            times = req.token_times() + (seen - now)  # the client's view, shifted by the streaming path
-            if rec.prefill_instance is not None and rec.first_token_s is not None:
-                times = np.concatenate([[rec.first_token_s], times])
-            if len(times) > 1:
-                rec.itl_max_ms = float(np.max(np.diff(times))) * 1e3
-            if rec.ok and self._generate_done(ro.request_id, req, rec, times, seen):
-                continue  # the pipeline's next stage runs
+            # the client sees every token shifted by the streaming path (seen - now); a P/D client saw
+            # the first token come from the prefill
+            shift = seen - now
+            n_times = req.num_output_tokens - (req.kv_role == "consumer")
+            itl = req.max_itl_s
+            pd_first = rec.prefill_instance is not None and rec.first_token_s is not None
+            if pd_first and req.first_token_s is not None:
+                itl = max(itl, req.first_token_s + shift - rec.first_token_s)
+            if n_times + pd_first > 1:
+                rec.itl_max_ms = itl * 1e3
+            if rec.ok and ro.request_id in self._pipes:
+                times = req.token_times() + shift
+                if pd_first:
+                    times = np.concatenate([[rec.first_token_s], times])
+                if self._generate_done(ro.request_id, req, rec, times, seen):
+                    continue  # the pipeline's next stage runs
             self._pipes.pop(ro.request_id, None)
             self._client_done(rec)
 
