@@ -186,3 +186,17 @@ def test_a_step_costs_the_sum_of_its_operators(model, gpu, kw):
         mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
         total, _ = cm.totals(shape, mean_kv, padded)
         assert float(total[0]) == pytest.approx(sum(cm.breakdown(shape, padded).values()), rel=1e-12)
+
+
+def test_a_log_line_reads_the_same_for_one_point_as_for_many():
+    """One step takes LogLine's scalar path, a bulk-decode stretch the vectorised one: they agree, inside,
+    below and above the table (linear extrapolation in log-log)."""
+    from emulator.costmodel.grid import LogLine
+
+    line = LogLine(np.array([1.0, 16.0, 256.0, 4096.0]), np.array([2e-5, 3e-5, 9e-5, 8e-4]))
+    xs = np.array([0.25, 1.0, 3.0, 16.0, 100.0, 4095.0, 4096.0, 20000.0])
+    many = line(xs)
+    for x, want in zip(xs, many, strict=True):
+        assert line(np.array([x]))[0] == pytest.approx(want, rel=1e-12)
+        assert line.scalar(float(x)) == pytest.approx(want, rel=1e-12)
+    assert line(np.array([3.0])).shape == (1,)

@@ -132,7 +132,10 @@ class LogLine:
         return math.exp(ys[i - 1] + w * (ys[i] - ys[i - 1]))
 
     def __call__(self, x: np.ndarray | float) -> np.ndarray:
-        lx = np.log(np.maximum(np.asarray(x, dtype=np.float64), 1e-12))
+        a = np.asarray(x, dtype=np.float64)
+        if a.size == 1:  # one step (the simulator's commonest call): the scalar path, as an array
+            return np.full(a.shape, self.scalar(float(a.reshape(-1)[0])))
+        lx = np.log(np.maximum(a, 1e-12))
         ly = np.interp(lx, self.lx, self.ly)
         ly = np.where(lx < self.lx[0], self.ly[0] + self.slope_lo * (lx - self.lx[0]), ly)
         ly = np.where(lx > self.lx[-1], self.ly[-1] + self.slope_hi * (lx - self.lx[-1]), ly)

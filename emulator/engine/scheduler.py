@@ -416,32 +416,46 @@ class Scheduler:
         batch is in flight, and the KV blocks the steps need are free. The last of
         these steps may finish requests. Returns 0 when the next step is not such a step.
         """
+        return self.steady_decode_plan(max_steps)[0]
+
+    def steady_decode_plan(self, max_steps: int) -> tuple[int, int]:
+        """(``steady_decode_horizon``, the running sequences' KV sum at the first of those steps),
+        read in one pass over the batch (the simulator plans a stretch after nearly every step)."""
         if not self.running or self.in_flight or self.remote_waiting or self.kv_ready or self.errored:
-            return 0
+            return 0, 0
         if self.waiting and len(self.running) < self.config.max_num_seqs:
-            return 0
+            return 0, 0
         if len(self.running) > self.config.max_num_batched_tokens:
-            return 0
+            return 0, 0
+        bs = self.config.block_size
+        held_by = self.kv.req_blocks
         horizon = max_steps
+        kv_sum = 0
+        firsts = []  # per sequence: the first step (1-based) that needs a new block
         for r in self.running:
-            if r.num_new_tokens != 1 or r.num_computed_tokens < r.num_prompt_tokens or r.kv_role == "producer":
-                return 0
+            computed = r.num_computed_tokens
+            if (
+                r.num_prompt_tokens + r.num_output_tokens - computed != 1
+                or computed < r.num_prompt_tokens
+                or r.kv_role == "producer"
+            ):
+                return 0, 0
             left = r.max_tokens - r.num_output_tokens
             if left < horizon:
                 horizon = left
+            kv_sum += computed + 1
+            # step j holds computed + j tokens; a new block is needed when that exceeds the blocks held
+            firsts.append(len(held_by.get(r.request_id, ())) * bs - computed + 1)
         if horizon <= 0:
-            return 0
-        return self._block_limited_horizon(horizon)
+            return 0, 0
+        return self._block_limited_horizon(horizon, firsts), kv_sum
 
-    def _block_limited_horizon(self, horizon: int) -> int:
+    def _block_limited_horizon(self, horizon: int, firsts: list[int]) -> int:
         """Largest k <= horizon whose new-block demand over k steps fits in the free blocks."""
         bs = self.config.block_size
         free = self.kv.num_free_blocks
-        firsts = []
-        for r in self.running:
-            cap = self.kv.num_blocks_of(r) * bs
-            # step j (1-based) holds num_computed + j tokens; a new block is needed when that exceeds cap
-            firsts.append(cap - r.num_computed_tokens + 1)
+        if min(firsts) > horizon:
+            return horizon  # no sequence fills its last block within the horizon
         first = np.asarray(firsts, dtype=np.int64)
         counts = np.where(first <= horizon, (horizon - first) // bs + 1, 0)
         if counts.sum() <= free:

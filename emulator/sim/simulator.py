@@ -312,6 +312,11 @@ class Simulation(StagesMixin):
         inst.api_free_s = float(out[-1])
         return out
 
+    def _stream_one(self, inst: SimInstance, end: float, outputs: int) -> float:
+        """``_stream`` for one step, without arrays."""
+        inst.api_free_s = max(end, inst.api_free_s) + self.api.step_s(outputs)
+        return inst.api_free_s
+
     def _client_done(self, rec: RequestRecord) -> None:
         """A request ended (completed or failed); closed-loop clients send their next one."""
         self._attempts.pop(rec.request_id, None)  # memory follows the requests in flight, not the trace
@@ -419,11 +424,10 @@ class Simulation(StagesMixin):
 
     def _try_stretch(self, inst: SimInstance, now: float) -> bool:
         sched = inst.scheduler
-        horizon = sched.steady_decode_horizon(MAX_STRETCH_STEPS)
+        horizon, kv_sum = sched.steady_decode_plan(MAX_STRETCH_STEPS)
         if horizon < 2:
             return False
         batch = len(sched.running)
-        kv_sum = sum(r.num_computed_tokens + 1 for r in sched.running)
         dts = inst.cost.decode_stretch_s(batch, kv_sum, horizon) * inst.slowdown
         ends = np.add.accumulate(np.concatenate(([now], dts)))[1:]
         # An event that may reach any instance (a fault, a KV hand-off) ends the stretch before it; a
@@ -491,7 +495,7 @@ class Simulation(StagesMixin):
         inst.in_flight -= 1
         if stretch is None:
             results = inst.scheduler.update_from_output(output, now)
-            seen = float(self._stream(inst, np.array([now]), len(results))[0])
+            seen = self._stream_one(inst, now, len(results))
             for ro in results:  # first tokens reach their clients through the API server
                 req = inst.live.get(ro.request_id)
                 rec = self.records.get(ro.request_id)
