@@ -13,7 +13,10 @@ peak memory (each configuration runs in its own process). Target: a) <= 10 s.
 The fleet points scale GPUs and requests (issue 17's target: 1,024 GPUs and 1M requests within
 10 minutes and 4 GB). On this 2-core host, 2026-11-27: 1,024 GPUs x 20k requests 68 s before the
 per-instance stretches and the load board, 8 s after; 1,024 GPUs x 1M requests 654 s wall and
-1.98 GB peak (1,528 requests per wall second; on course for ~57 min and past 7 GB before).
+1.98 GB peak (on course for ~57 min and past 7 GB before), then 525 s and 1.98 GB (1,904 requests
+per wall second) once the per-step work was trimmed; the Azure trace on one A100 6.8-7.4 s, then
+5.3 s. Profile the fleet at a point its steady state dominates (64x60000): 1,024 x 20k is mostly
+the fleet filling up, with small batches.
 """
 
 from __future__ import annotations
