@@ -401,3 +401,24 @@ async def test_a_backend_dying_mid_answer_is_retried_elsewhere_never_a_bare_500(
                 resp = await c.post("/v1/completions", json={"model": MODEL, "prompt": "hi there", "max_tokens": 3})
                 assert resp.status == 200, await resp.text()
                 assert (await resp.json())["usage"]["completion_tokens"] == 3
+
+
+async def test_a_router_defect_is_an_explicit_error_never_a_bare_500():
+    """Whatever goes wrong inside the router while it serves a request, the client gets an OpenAI error
+    (code router_error) and the trace goes to the router's log, not aiohttp's plain-text HTTP 500."""
+    from emulator.router.proxy import ROUTER, RouterSettings, create_router_app
+
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as good:
+        backends = (("agg-0", "aggregated", str(good.make_url("")).rstrip("/")),)
+        router = create_router_app(RouterSettings(MODEL, 8192, "round_robin", backends))
+
+        async def defect(*args, **kwargs):
+            raise KeyError("choices")
+
+        router[ROUTER]._single = defect
+        async with TestClient(TestServer(router)) as c:
+            resp = await c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            assert resp.status == 500
+            err = (await resp.json())["error"]
+            assert err["code"] == "router_error" and "KeyError" in err["message"], err

@@ -239,6 +239,14 @@ class Router:
                     "Timeout",
                 )
             )
+        except Exception as exc:  # a defect here: still an explicit error for the client, and the trace in the log
+            log.exception("the router failed on request %s", state.request_id)
+            self.requests.labels("-", "router_error").inc()
+            return await state.fail(
+                APIError(
+                    500, f"the router failed: {type(exc).__name__}: {exc}", None, "router_error", "InternalServerError"
+                )
+            )
         finally:
             self.in_flight -= 1
             self._account(state)
