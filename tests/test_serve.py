@@ -422,3 +422,39 @@ async def test_a_router_defect_is_an_explicit_error_never_a_bare_500():
             assert resp.status == 500
             err = (await resp.json())["error"]
             assert err["code"] == "router_error" and "KeyError" in err["message"], err
+
+
+async def test_a_request_that_can_never_run_is_the_clients_error_and_a_shutdown_is_the_servers(tmp_path):
+    """The engine's reasons to refuse a request carry their status: one it can never run (here a prompt
+    over a TensorRT-LLM budget with chunked prefill off) is a 400 the router passes on without retrying
+    or blaming the backend; a worker shutting down answers 503, which the router retries elsewhere."""
+    from emulator.router.proxy import RouterSettings, create_router_app
+    from emulator.serve.app import WORKER
+
+    spec = tmp_path / "c.yaml"
+    spec.write_text(
+        "apiVersion: infemu.io/v1alpha1\nkind: InferenceCluster\nmetadata: {name: tiny}\n"
+        "spec:\n  model: llama-3.1-8b\n  engine: {name: trtllm}\n  pools:\n"
+        "    - {name: agg, replicas: 1, maxNumBatchedTokens: 64}\n"
+    )
+    cluster = load_clusters(str(spec))[0]
+    prompt = " ".join(["word"] * 200)
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as worker:
+        for stream in (False, True):
+            resp = await worker.post(
+                "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": stream}
+            )
+            text = await resp.text()
+            if not stream:
+                assert resp.status == 400, text
+            assert "chunked prefill is off" in text and '"BadRequestError"' in text, text
+        url = str(worker.make_url("")).rstrip("/")
+        router = create_router_app(RouterSettings(MODEL, 8192, "round_robin", (("agg-0", "aggregated", url),)))
+        async with TestClient(TestServer(router)) as c:
+            resp = await c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4})
+            assert resp.status == 400, await resp.text()
+            health = await (await c.get("/admin/fault")).json()
+            assert health["agg-0"]["healthy"], health
+        await worker.app[WORKER].stop()
+        resp = await worker.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        assert resp.status == 503, await resp.text()

@@ -413,7 +413,7 @@ class Worker:
         prefilled = consumer
 
         if not g.stream or producer:
-            text_parts, reason, error = [], None, None
+            text_parts, reason, error, status = [], None, None, 503
             while True:
                 ev: StreamEvent = await handle.queue.get()
                 if not prefilled and ev.kind != "error":
@@ -427,10 +427,12 @@ class Worker:
                     reason = ev.reason
                     break
                 else:
-                    error = ev.message
+                    error, status = ev.message, ev.status
                     break
             if error is not None:
-                raise APIError(400 if not self.ready else 503, error, None, "request_failed", "ServiceUnavailable")
+                raise APIError(
+                    status, error, None, "request_failed", "BadRequestError" if status < 500 else "ServiceUnavailable"
+                )
             kv_params = None
             if reason == "remote_decode":
                 kv_params = {
@@ -476,11 +478,9 @@ class Worker:
                         await _sse(resp, usage_chunk(g, public, n_prompt, position))
                     break
                 else:
+                    kind = "BadRequestError" if ev.status < 500 else "ServiceUnavailable"
                     await _sse(
-                        resp,
-                        APIError(
-                            503, ev.message or "request failed", None, "request_failed", "ServiceUnavailable"
-                        ).body(),
+                        resp, APIError(ev.status, ev.message or "request failed", None, "request_failed", kind).body()
                     )
                     break
             if timing is not None:  # an SSE comment: every client skips it

@@ -35,6 +35,9 @@ class StreamEvent:
     count: int = 0
     reason: str | None = None
     message: str | None = None
+    # an error's HTTP status: 400 when the request itself can never run here (the client's to fix),
+    # 503 when the server failed it (shutting down, a KV transfer lost): the router retries those
+    status: int = 503
 
 
 @dataclass
@@ -125,7 +128,7 @@ class RealTimeEngine:
             return handle
         rejected = self.scheduler.add_request(req)
         if rejected is not None:
-            handle.queue.put_nowait(StreamEvent("error", message=req.error))
+            handle.queue.put_nowait(StreamEvent("error", message=req.error, status=400))
             return handle
         self.handles[req.request_id] = handle
         self._update_gauges()
