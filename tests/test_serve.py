@@ -458,3 +458,32 @@ async def test_a_request_that_can_never_run_is_the_clients_error_and_a_shutdown_
         await worker.app[WORKER].stop()
         resp = await worker.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
         assert resp.status == 503, await resp.text()
+
+
+async def test_a_backend_that_cannot_be_connected_in_time_is_retried_elsewhere():
+    """aiohttp's connect timeout is a TimeoutError as well as a ClientError: for a non-streamed request
+    (no first-byte deadline) the router once took it for that deadline and failed formatting it (seen as
+    a bare HTTP 500 in the Kubernetes kill test). It is a backend the request never reached: retried."""
+    from aiohttp import ServerTimeoutError
+
+    from emulator.router.proxy import ROUTER, RouterSettings, create_router_app
+
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as good:
+        url = str(good.make_url("")).rstrip("/")
+        # the same healthy worker under another name: health checks pass, its requests' connects time out
+        dead = url.replace("127.0.0.1", "localhost")
+        assert dead != url
+        backends = (("dead-0", "aggregated", dead), ("agg-0", "aggregated", url))
+        router = create_router_app(RouterSettings(MODEL, 8192, "round_robin", backends))
+        async with TestClient(TestServer(router)) as c:
+            session = router[ROUTER].session
+            post = session.post
+
+            async def connect_times_out(url, **kw):
+                raise ServerTimeoutError(f"Connection timeout to host {url}")
+
+            session.post = lambda url, **kw: connect_times_out(url) if url.startswith(dead) else post(url, **kw)
+            for _ in range(2):  # round robin: one of the two lands on the dead backend first
+                resp = await c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+                assert resp.status == 200, await resp.text()

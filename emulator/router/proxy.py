@@ -404,7 +404,9 @@ class Router:
         wait = self.res.first_byte_s if (state.stream if streamed is None else streamed) else None
         try:
             return await asyncio.wait_for(call, wait)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, ClientError):  # aiohttp's connect timeout (a TimeoutError too): never reached it
+                raise BackendFailed(f"{backend.name}: {exc}", refused=True) from None
             self.timeouts.labels("first_byte").inc()
             raise BackendFailed(f"{backend.name} sent no response within {wait:.1f} s") from None
         except (ClientConnectorError, ConnectionRefusedError) as exc:
