@@ -464,7 +464,7 @@ async def test_a_backend_that_cannot_be_connected_in_time_is_retried_elsewhere()
     """aiohttp's connect timeout is a TimeoutError as well as a ClientError: for a non-streamed request
     (no first-byte deadline) the router once took it for that deadline and failed formatting it (seen as
     a bare HTTP 500 in the Kubernetes kill test). It is a backend the request never reached: retried."""
-    from aiohttp import ServerTimeoutError
+    from aiohttp import ConnectionTimeoutError
 
     from emulator.router.proxy import ROUTER, RouterSettings, create_router_app
 
@@ -481,7 +481,7 @@ async def test_a_backend_that_cannot_be_connected_in_time_is_retried_elsewhere()
             post = session.post
 
             async def connect_times_out(url, **kw):
-                raise ServerTimeoutError(f"Connection timeout to host {url}")
+                raise ConnectionTimeoutError(f"Connection timeout to host {url}")
 
             session.post = lambda url, **kw: connect_times_out(url) if url.startswith(dead) else post(url, **kw)
             for _ in range(2):  # round robin: one of the two lands on the dead backend first

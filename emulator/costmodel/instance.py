@@ -231,10 +231,7 @@ class InstanceCostModel:
             per_layer = 1 if ((c.dp > 1 or c.part == "attention") and m.is_moe) else 2
             reductions = m.layers * per_layer + ((m.layers - m.moe_layers) if per_layer == 1 else 0)
             out["tp_all_reduce"] = self._tp_ar.scalar(tokens * m.hidden * ACT_BYTES) * reductions
-        if len(self._dense_cache) >= 8192:  # bounded (a few MB per pool): about every step size a budget allows
-            self._dense_cache.clear()
-        self._dense_cache[key] = out
-        return out
+        return _remember(self._dense_cache, key, out)
 
     def _model_ops(self, shape: BatchShape, mean_kv: np.ndarray, gemm_tokens: int | None = None) -> dict:
         """Seconds per operator for the whole model; decode-dependent terms are arrays over steps.
@@ -287,12 +284,11 @@ class InstanceCostModel:
         padded token count, the sum of those terms of ``_model_ops``, memoised."""
         key = (tokens, logits)
         cached = self._totals_cache.get(key)
-        if cached is None:
-            cached = sum(self._dense_ops(tokens, logits).values()) + sum(self._moe_ops(tokens).values())
-            if len(self._totals_cache) >= 8192:
-                self._totals_cache.clear()
-            self._totals_cache[key] = cached
-        return cached
+        if cached is not None:
+            return cached
+        return _remember(
+            self._totals_cache, key, sum(self._dense_ops(tokens, logits).values()) + sum(self._moe_ops(tokens).values())
+        )
 
     def _moe_ops(self, all_tokens: int) -> dict[str, float]:
         """The experts' GEMMs over every token of the step (all attention ranks')."""
@@ -344,6 +340,17 @@ class InstanceCostModel:
     # ---- helpers for reports and transfers -----------------------------------------------
     def kv_transfer_bytes(self, tokens: int) -> int:
         return self.cfg.model.kv_transfer_bytes(tokens, self.quant.kv_cache)
+
+
+MEMO_ENTRIES = 8192  # per memo and pool model (a few MB): about every step size a token budget allows
+
+
+def _remember(memo: dict, key, value):
+    """Store a memoised value; a full memo starts over rather than growing without bound."""
+    if len(memo) >= MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 _CACHE: dict[InstanceConfig, InstanceCostModel] = {}

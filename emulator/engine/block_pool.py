@@ -64,11 +64,7 @@ class FreeBlockQueue:
         self._size += len(blocks)
 
     def popleft(self) -> int:
-        b = self._head
-        if b == _NIL:
-            raise IndexError("the free queue is empty")
-        self._unlink(b)
-        return b
+        return self.popleft_many(1)[0]
 
     def popleft_many(self, n: int) -> list[int]:
         """The ``n`` least recent blocks, in order, cut off the queue in one walk."""

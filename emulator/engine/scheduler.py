@@ -186,8 +186,9 @@ class Scheduler:
         decode_kv = 0
         preempted: list[str] = []
 
-        # The running requests, in order. The common case (a decode whose last block has room) is
-        # inlined: a simulated fleet takes this loop for every running sequence of every step.
+        # The running requests, in order. A decode whose last block has room skips the allocation
+        # (allocate_slots' own first check): a simulated fleet takes this loop for every running
+        # sequence of every step.
         running, in_flight, held_by, bs = self.running, self.in_flight, self.kv.req_blocks, cfg.block_size
         i = 0
         while i < len(running) and budget > 0:
@@ -218,14 +219,10 @@ class Scheduler:
                         continue  # req itself was preempted; the list shifted
                     i += 1
                     continue
-            if req.first_scheduled_s is None:
-                req.first_scheduled_s = now
-            scheduled.append(ScheduledRequest(req.request_id, n, computed, req))
+            self._account(req, n, now, scheduled, prefill_chunks)
             if is_decode:
                 num_decode += 1
                 decode_kv += computed + n
-            else:
-                prefill_chunks.append((n, computed))
             budget -= n
             i += 1
 

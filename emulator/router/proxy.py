@@ -21,7 +21,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from aiohttp import ClientConnectorError, ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import (
+    ClientConnectorError,
+    ClientError,
+    ClientSession,
+    ClientTimeout,
+    ConnectionTimeoutError,
+    TCPConnector,
+    web,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from emulator.engine.hashing import hashes_from_tokens
@@ -404,13 +412,14 @@ class Router:
         wait = self.res.first_byte_s if (state.stream if streamed is None else streamed) else None
         try:
             return await asyncio.wait_for(call, wait)
+        except (ClientConnectorError, ConnectionRefusedError, ConnectionTimeoutError) as exc:
+            # never reached it (aiohttp's connect timeout is a TimeoutError too: caught here first)
+            raise BackendFailed(str(exc), refused=True) from None
         except asyncio.TimeoutError as exc:
-            if isinstance(exc, ClientError):  # aiohttp's connect timeout (a TimeoutError too): never reached it
-                raise BackendFailed(f"{backend.name}: {exc}", refused=True) from None
+            if wait is None:  # no first-byte deadline: a timeout of aiohttp's own
+                raise BackendFailed(f"{backend.name}: {exc}") from None
             self.timeouts.labels("first_byte").inc()
             raise BackendFailed(f"{backend.name} sent no response within {wait:.1f} s") from None
-        except (ClientConnectorError, ConnectionRefusedError) as exc:
-            raise BackendFailed(str(exc), refused=True) from None
         except (ClientError, OSError) as exc:
             raise BackendFailed(str(exc)) from None
 

@@ -413,7 +413,7 @@ class Worker:
         prefilled = consumer
 
         if not g.stream or producer:
-            text_parts, reason, error, status = [], None, None, 503
+            text_parts, reason, failure = [], None, None
             while True:
                 ev: StreamEvent = await handle.queue.get()
                 if not prefilled and ev.kind != "error":
@@ -427,12 +427,10 @@ class Worker:
                     reason = ev.reason
                     break
                 else:
-                    error, status = ev.message, ev.status
+                    failure = ev
                     break
-            if error is not None:
-                raise APIError(
-                    status, error, None, "request_failed", "BadRequestError" if status < 500 else "ServiceUnavailable"
-                )
+            if failure is not None:
+                raise _refusal(failure)
             kv_params = None
             if reason == "remote_decode":
                 kv_params = {
@@ -478,10 +476,7 @@ class Worker:
                         await _sse(resp, usage_chunk(g, public, n_prompt, position))
                     break
                 else:
-                    kind = "BadRequestError" if ev.status < 500 else "ServiceUnavailable"
-                    await _sse(
-                        resp, APIError(ev.status, ev.message or "request failed", None, "request_failed", kind).body()
-                    )
+                    await _sse(resp, _refusal(ev).body())
                     break
             if timing is not None:  # an SSE comment: every client skips it
                 await resp.write(b": infemu-timing " + json.dumps(timing()).encode() + b"\n\n")
@@ -665,6 +660,13 @@ def caller_request_id(request: web.Request) -> str | None:
 
 def _error(exc: APIError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status)
+
+
+def _refusal(ev: StreamEvent) -> APIError:
+    """The engine's error event as the API answers it, with the event's status (400: the request can
+    never run here; 503: the server failed it)."""
+    kind = "BadRequestError" if ev.status < 500 else "ServiceUnavailable"
+    return APIError(ev.status, ev.message or "request failed", None, "request_failed", kind)
 
 
 WORKER = web.AppKey("worker", Worker)

@@ -538,9 +538,9 @@ class Simulation(StagesMixin):
             n_times = req.num_output_tokens - (req.kv_role == "consumer")
             itl = req.max_itl_s
             pd_first = rec.prefill_instance is not None and rec.first_token_s is not None
-            if pd_first and req.token_chunks:
-                head = req.token_chunks[0]  # this instance's first token (a step's time or a stretch's)
-                itl = max(itl, (head if isinstance(head, float) else float(head[0])) + shift - rec.first_token_s)
+            head = req.first_token_time()
+            if pd_first and head is not None:
+                itl = max(itl, head + shift - rec.first_token_s)
             if n_times + pd_first > 1:
                 rec.itl_max_ms = itl * 1e3
             if rec.ok and ro.request_id in self._pipes:
