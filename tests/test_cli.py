@@ -188,3 +188,20 @@ def test_sim_where_every_request_fails_exits_1_and_says_why(tmp_path):
     r = infemu("sim", str(spec))
     assert r.returncode == 1
     assert "all 5 requests failed" in r.stderr and "maximum context length is 2048" in r.stderr
+
+
+def test_sigterm_caught_inside_exec_d_code_still_exits_cleanly():
+    """The SIGTERM lands in code run by exec() (as dataclasses builds __init__ during a lazy import): the CLI
+    catches it and returns 0, and the process must exit 0, not kill itself with SIGINT afterwards. The program
+    ends normally, so its status is Py_RunMain's, as `python -m emulator.cli`'s is."""
+    script = (
+        "import signal\n"
+        "from emulator.cli import _terminate\n"
+        "signal.signal(signal.SIGTERM, _terminate)\n"
+        "try:\n"
+        "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGTERM)\\nfor _ in range(100000): pass')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped')\n"  # and the program ends normally
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (0, "stopped"), r.stderr
