@@ -260,6 +260,24 @@ def test_1_2_5_buckets():
     assert build_1_2_5_buckets(100) == [1, 2, 5, 10, 20, 50, 100]
 
 
+def test_an_array_histogram_exposes_what_a_histogram_fed_one_value_at_a_time_does():
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from emulator.serve.metrics import ArrayHistogram
+
+    # gaps on the bounds themselves (le is inclusive), between them, beyond the last, and zero
+    batches = [TPOT_BUCKETS[:5], [0.0, 0.012, 0.3000001, 99.0, 1e-9], [], [0.05] * 7]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    hist = Histogram("x:gap_seconds", "Gaps.", ["model_name", "engine"], buckets=TPOT_BUCKETS, registry=one)
+    array = ArrayHistogram("x:gap_seconds", "Gaps.", ["model_name", "engine"], ["m", "0"], TPOT_BUCKETS, many)
+    for batch in batches:
+        for value in batch:
+            hist.labels("m", "0").observe(value)
+        array.observe_many(np.array(batch, dtype=np.float64))
+    assert generate_latest(many).decode() == generate_latest(one).decode()
+
+
 async def test_probe_endpoints_clients_call():
     """One model by id, /version, /ping, and unknown routes as OpenAI error JSON — on the worker and the router."""
     from emulator.router.proxy import RouterSettings, create_router_app

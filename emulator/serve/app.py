@@ -498,6 +498,8 @@ class Worker:
         return web.Response(status=200 if self.ready else 503, text="ready" if self.ready else "starting")
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        if self.engine is not None:
+            self.engine.sync_metrics()
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def set_link(self, request: web.Request) -> web.Response:
