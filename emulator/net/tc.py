@@ -240,7 +240,6 @@ def cleanup(run_id: str) -> list[str]:
     """Remove every namespace, veth and bridge of a run (idempotent). Returns what was removed."""
     ns, links = run_objects(run_id)
     for n in ns:
-        _run(["ip", "netns", "pids", n], check=False)
         pids = _run(["ip", "netns", "pids", n], check=False).stdout.split()
         for pid in pids:
             try:
