@@ -13,7 +13,6 @@ runs' TTFT and TPOT and their relative difference.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from emulator import event_loop
 from emulator.catalog.models import get_model
 from emulator.client import run_plan
 from emulator.cluster.local import LocalCluster
@@ -76,7 +76,7 @@ def main() -> int:
         lc = LocalCluster(spec_path, cluster.name, run_dir=os.path.join(tmp, "run"))
         state = lc.start()
         try:
-            records, _ = asyncio.run(
+            records, _ = event_loop.run(  # as `infemu run` drives it
                 run_plan(
                     state.router,
                     cluster.spec.model.name,

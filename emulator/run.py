@@ -9,7 +9,6 @@ Live progress goes to stderr once a second.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from emulator import event_loop
 from emulator.catalog.models import get_model
 from emulator.client import run_closed_loop, run_plan, to_emulated_time
 from emulator.cluster.local import LocalCluster
@@ -213,7 +213,7 @@ def run(
         elif plan.concurrency:
             client = cluster.spec.workload.client
             behaviour = ClientBehaviour(client.overhead_ms * 1e-3, client.overhead_cv, plan.warmup)
-            records = asyncio.run(
+            records = event_loop.run(
                 run_closed_loop(
                     state.router,
                     model,
@@ -228,7 +228,7 @@ def run(
                 )
             )
         else:
-            records, _ = asyncio.run(
+            records, _ = event_loop.run(
                 run_plan(
                     state.router,
                     model,

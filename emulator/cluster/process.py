@@ -24,6 +24,7 @@ import sys
 
 from aiohttp import web
 
+from emulator import event_loop
 from emulator.errors import SpecError
 
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         profiler = cProfile.Profile()
         signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
     try:
-        asyncio.run(serve(args))
+        event_loop.run(serve(args))  # timers on time (see emulator/event_loop.py)
     except SpecError as exc:
         for line in exc.problems:
             print(f"error: {line}", file=sys.stderr)
