@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="open loop: drop (and count) a request due while this many are in flight",
     )
     p.add_argument(
+        "--time-dilation",
+        metavar="D|auto",
+        help="run at time dilation D instead of spec.emulation.timeDilation; auto: a short pilot of the plan's first "
+        "requests measures whether this host keeps time, raising D until it does (at most 3 pilots)",
+    )
+    p.add_argument(
         "--shape",
         choices=["stages", "burst"],
         help="with --workload: Locust LoadTestShape (ramp stages, or periodic bursts)",
@@ -417,6 +423,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides = dataclasses.replace(overrides, concurrency=None, duration=None)
     cluster = apply_overrides(_one_cluster(args), overrides)
     plan = plan_for(cluster, os.path.dirname(os.path.abspath(args.spec)))
+    if args.time_dilation == "auto":
+        from emulator.run import choose_time_dilation
+
+        if locust is not None:
+            raise SpecError(["--time-dilation auto: pilots replay the spec's plan; with --workload give a number"])
+        cluster = choose_time_dilation(cluster, args.spec, plan, args.shaping)
+    elif args.time_dilation is not None:
+        from emulator.spec import with_time_dilation
+
+        try:
+            dilation = float(args.time_dilation)
+        except ValueError:
+            raise SpecError([f"--time-dilation: {args.time_dilation!r} is neither a number nor auto"]) from None
+        cluster = with_time_dilation(cluster, dilation)
     result = run(
         cluster,
         args.spec,

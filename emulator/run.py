@@ -10,11 +10,12 @@ Live progress goes to stderr once a second.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from emulator import event_loop
 from emulator.catalog.models import get_model
@@ -23,7 +24,7 @@ from emulator.cluster.local import LocalCluster
 from emulator.faults.accounting import fault_accounting
 from emulator.locust_driver import LocustLoad, run_locust
 from emulator.results import RequestRecord, goodput, summarize
-from emulator.spec import InferenceCluster
+from emulator.spec import InferenceCluster, with_time_dilation
 from emulator.trust import trust_verdict
 from emulator.workload.clients import ClientBehaviour
 from emulator.workload.plan import RequestPlan
@@ -302,6 +303,47 @@ def run(
     if interrupted:
         raise KeyboardInterrupt
     return result
+
+
+PILOT_MIN_REQUESTS = 30  # enough engine steps for every worker's timing p99 (it needs 50 steps)
+PILOT_SHARE = 0.2  # of the plan, at most
+PILOT_MAX_S = 30.0  # emulated seconds of an open-loop plan, at most
+PILOTS = 3
+
+
+def pilot_plan(plan: RequestPlan) -> RequestPlan:
+    """The first requests of a plan, as its load begins: what ``choose_time_dilation`` replays."""
+    if plan.concurrency:  # closed loop: the warm-up, then a few rounds of every client
+        n = plan.warmup + max(PILOT_MIN_REQUESTS, 4 * plan.concurrency)
+        duration = None if plan.duration_s is None else min(plan.duration_s, PILOT_MAX_S)
+        return replace(plan, requests=plan.requests[:n], duration_s=duration)
+    n = max(PILOT_MIN_REQUESTS, math.ceil(PILOT_SHARE * len(plan.requests)))
+    early = sum(1 for r in plan.requests if r.arrival_s is not None and r.arrival_s < PILOT_MAX_S)
+    return replace(plan, requests=plan.requests[: max(min(n, early), PILOT_MIN_REQUESTS)])
+
+
+def choose_time_dilation(
+    cluster: InferenceCluster, spec_path: str, plan: RequestPlan, shaping: str = "auto", run_pilot=None
+) -> InferenceCluster:
+    """``infemu run --time-dilation auto``: replay the plan's first requests on this host from the spec's
+    dilation up, each pilot at the dilation the previous one's trust verdict asked for (its workers'
+    step-timing error and its gap to the simulator), until one is faithful or a pilot asks for no more.
+    The headroom is measured, under this workload, on this host: not estimated."""
+    run_pilot = run_pilot or (lambda c, p: run(c, spec_path, p, None, shaping=shaping))
+    pilot = pilot_plan(plan)
+    dilation = cluster.spec.emulation.time_dilation
+    for attempt in range(1, PILOTS + 1):
+        trial = with_time_dilation(cluster, dilation)
+        trust = run_pilot(trial, pilot).trust or {}
+        suggested = trust.get("suggested_time_dilation")
+        line = trust.get("line", "no verdict")
+        print(f"time dilation auto: pilot {attempt} ({len(pilot.requests)} requests at D={dilation:g}): {line}",
+              file=sys.stderr)  # fmt: skip
+        if trust.get("verdict") == "faithful" or not suggested or suggested <= dilation or attempt == PILOTS:
+            break
+        dilation = float(suggested)
+    print(f"time dilation auto: running at D={dilation:g}", file=sys.stderr)
+    return with_time_dilation(cluster, dilation)
 
 
 def store_summary(cluster, instances: dict) -> tuple[dict, int] | None:

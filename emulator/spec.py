@@ -900,6 +900,17 @@ def validate_document(model: type[_M], data: Any, source: str = "") -> _M:
         raise SpecError(format_validation_error(exc, data, f"{source}: " if source else "")) from None
 
 
+def with_time_dilation(cluster: InferenceCluster, dilation: float, source: str = "--time-dilation") -> InferenceCluster:
+    """The cluster run at another time dilation (a command-line override), validated as the spec's field is."""
+    emulation = cluster.spec.emulation.model_dump(by_alias=True)
+    emulation["timeDilation"] = dilation
+    try:
+        checked = EmulationSpec.model_validate(emulation)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, emulation, f"{source}: spec.emulation.")) from None
+    return cluster.model_copy(update={"spec": cluster.spec.model_copy(update={"emulation": checked})})
+
+
 def parse_cluster(data: Any, source: str = "") -> InferenceCluster:
     """Validate one document; raise SpecError with field-path lines."""
     prefix = f"{source}: " if source else ""

@@ -96,6 +96,8 @@ def test_cost_prints_per_operator_breakdown():
         (["sim", "examples/quickstart.yaml", "--trace", "nope.csv"], "error: nope.csv: trace file not found"),
         (["cost", "examples/quickstart.yaml", "--pool", "zzz", "--decode-batch", "1"], "--pool: 'zzz' is not a pool"),
         (["sim", "examples/tp-vs-pp.yaml", "--cluster", "x"], "--cluster: 'x' is not in the spec"),
+        (["run", "examples/quickstart.yaml", "--time-dilation", "0.5"], "timeDilation: 0.5: Input should be greater"),
+        (["run", "examples/quickstart.yaml", "--time-dilation", "fast"], "'fast' is neither a number nor auto"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, fragment):
@@ -205,3 +207,56 @@ def test_sigterm_caught_inside_exec_d_code_still_exits_cleanly():
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert (r.returncode, r.stdout.strip()) == (0, "stopped"), r.stderr
+
+
+def _pilot_plan(requests: int, concurrency: int | None = None, warmup: int = 0):
+    from emulator.workload.plan import PlannedRequest, RequestPlan
+
+    arrival = (lambda i: None) if concurrency else (lambda i: 0.5 * i)  # open loop: 2 requests a second
+    return RequestPlan(
+        tuple(PlannedRequest(i, arrival(i), 128, 64) for i in range(requests)), concurrency=concurrency, warmup=warmup
+    )
+
+
+def test_a_pilot_is_the_plans_first_requests():
+    from emulator.run import PILOT_MIN_REQUESTS, pilot_plan
+
+    assert len(pilot_plan(_pilot_plan(1000)).requests) == 60  # 20% would be 200: the first 30 s (60 arrivals)
+    assert len(pilot_plan(_pilot_plan(100)).requests) == PILOT_MIN_REQUESTS  # 20% is fewer than a pilot needs
+    assert len(pilot_plan(_pilot_plan(12)).requests) == 12  # a plan shorter than a pilot: all of it
+    closed = pilot_plan(_pilot_plan(500, concurrency=16, warmup=32))
+    assert len(closed.requests) == 32 + 64 and closed.concurrency == 16 and closed.warmup == 32
+
+
+class _Pilots:
+    """Stands in for the pilot runs: hands out the trust verdicts given, records the dilations asked for."""
+
+    def __init__(self, *verdicts: tuple[str, float | None]) -> None:
+        self.verdicts = list(verdicts)
+        self.dilations: list[float] = []
+
+    def __call__(self, cluster, plan):
+        from types import SimpleNamespace
+
+        self.dilations.append(cluster.spec.emulation.time_dilation)
+        verdict, suggested = self.verdicts.pop(0)
+        return SimpleNamespace(trust={"verdict": verdict, "suggested_time_dilation": suggested, "line": verdict})
+
+
+@pytest.mark.parametrize(
+    "verdicts, tried, chosen",
+    [
+        ([("faithful", None)], [1.0], 1.0),  # the host keeps time at the spec's dilation
+        ([("degraded", 4), ("faithful", None)], [1.0, 4.0], 4.0),
+        ([("degraded", 4), ("degraded", 9), ("degraded", 20)], [1.0, 4.0, 9.0], 9.0),  # three pilots at most
+        ([("degraded", 1)], [1.0], 1.0),  # a verdict that asks for no more dilation ends the search
+    ],
+)
+def test_auto_time_dilation_follows_each_pilots_verdict(verdicts, tried, chosen):
+    from emulator.run import choose_time_dilation
+    from emulator.spec import load_clusters
+
+    pilots = _Pilots(*verdicts)
+    cluster = load_clusters(str(Path(ROOT) / "examples" / "quickstart.yaml"))[0]
+    out = choose_time_dilation(cluster, "unused.yaml", _pilot_plan(200), run_pilot=pilots)
+    assert pilots.dilations == tried and out.spec.emulation.time_dilation == chosen

@@ -230,12 +230,16 @@ def test_infemu_run_reports_the_sim_summary_keys_and_writes_the_report(tmp_path)
         "--requests",
         "20",
         "--rate",
-        "5",
+        "10",
+        "--output-len",
+        "64",
         "--out",
         "rep",
         "--json",
         "--shaping",
         "inproc",
+        "--time-dilation",
+        "2",
         cwd=str(tmp_path),
     )
     assert r.returncode == 0, r.stderr
@@ -246,6 +250,10 @@ def test_infemu_run_reports_the_sim_summary_keys_and_writes_the_report(tmp_path)
     assert len(lines) == 20 and json.loads(lines[0])["ttft_ms"] > 0
     assert json.loads((tmp_path / "rep" / "summary.json").read_text()) == summary
     assert "agg-0" in json.loads((tmp_path / "rep" / "instances.json").read_text())
+    # --time-dilation reached the workers: their steps lasted twice as long, the client divided by two and the
+    # TPOT matches the simulator's (a worker left at the spec's D=1 would read 50% short)
+    trust = json.loads((tmp_path / "rep" / "trust.json").read_text())
+    assert trust["time_dilation"] == 2 and abs(trust["vs_simulator"]["tpot_mean"]) < 0.05, trust
     assert not set(emulator_pids()) - before
 
 

@@ -314,6 +314,8 @@ class LocalCluster:
             self.cluster_name,
             *per_instance,
             *extra,
+            # an overridden cluster (`infemu run --time-dilation`) runs at its own dilation, not the file's
+            *(["--time-dilation", repr(self.cluster.spec.emulation.time_dilation)] if self.cluster is not None else []),
         ]
         proc = launch(cmd, log_path, self.token)
         infos = []

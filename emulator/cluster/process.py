@@ -106,6 +106,10 @@ class _GuardedProtocol(asyncio.Protocol):
 def build_apps(args: argparse.Namespace, instances: list[str]) -> list[web.Application]:
     """One application per hosted instance (the router: one), from one reading of the spec and peers."""
     cluster = _cluster(args.spec, args.cluster)
+    if args.time_dilation is not None:  # `infemu run --time-dilation`: the launcher's choice, not the file's
+        from emulator.spec import with_time_dilation
+
+        cluster = with_time_dilation(cluster, args.time_dilation)
     if args.kind == "worker":
         from emulator.serve.app import WorkerSettings, create_app
 
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port-file", action="append", help="where to write the bound port (one per --instance)")
     ap.add_argument("--advertise-url", help="worker: the URL peers reach it at (default http://HOST:PORT)")
     ap.add_argument("--shaping", choices=["inproc", "tc"], default="inproc")
+    ap.add_argument("--time-dilation", type=float, help="run at this spec.emulation.timeDilation instead of the spec's")
     return ap
 
 
