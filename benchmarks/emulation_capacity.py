@@ -11,6 +11,7 @@ while the streamed tokens/s (wall) shrink D-fold.
     python benchmarks/emulation_capacity.py [--sizes 1,2,4,8,16,32] [--seconds 15] [--clients-per-instance 8]
     python benchmarks/emulation_capacity.py --sizes 32 --per-process 16   # 32 instances on 2 worker processes
     python benchmarks/emulation_capacity.py --profile 8,256 --seconds 10   # CPU per token, and where it goes
+    python benchmarks/emulation_capacity.py --sizes 32,64 --per-process 8 --find-dilation   # the D each size needs
 """
 
 from __future__ import annotations
@@ -74,9 +75,13 @@ async def closed_loop(url: str, clients: int, seconds: float) -> int:
     return tokens
 
 
-def worker_fidelity(url: str) -> tuple[float, float, bool]:
+MIN_TIMED_STEPS = 50  # a worker publishes its timing p99 and verdict from its 50th step on
+
+
+def worker_fidelity(url: str) -> tuple[float, float, bool, int]:
+    """(timing error p99, median modelled step bucket, overloaded, steps timed) of one worker."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    p99, overloaded, steps = 0.0, False, []
+    p99, overloaded, steps, timed = 0.0, False, [], 0
     for fam in text_string_to_metric_families(text):
         if fam.name == "infemu_iteration_timing_error_p99_seconds":
             p99 = fam.samples[0].value
@@ -84,9 +89,11 @@ def worker_fidelity(url: str) -> tuple[float, float, bool]:
             overloaded = fam.samples[0].value > 0
         elif fam.name == "infemu_iteration_modelled_seconds":
             steps = [(float(s.labels["le"]), s.value) for s in fam.samples if s.name.endswith("_bucket")]
+        elif fam.name == "infemu_iteration_timing_error_seconds":
+            timed = int(next((s.value for s in fam.samples if s.name.endswith("_count")), 0))
     total = steps[-1][1] if steps else 0
     median = next((le for le, c in steps if c >= total / 2), 0.0) if total else 0.0
-    return p99, median, overloaded
+    return p99, median, overloaded, timed
 
 
 def rss_mb(pid: int) -> float:
@@ -123,7 +130,9 @@ def run_size(n: int, seconds: float, per_instance: int, dilation: float, per_pro
         "tokens_per_s": tokens / seconds,
         "worst_p99_ms": worst[0] * 1e3,
         "median_step_ms_bucket": worst[1] * 1e3,
-        "faithful": not any(f[2] for f in fidelity),
+        # a worker with too few steps has no verdict yet: that is not a faithful one
+        "measured": all(f[3] >= MIN_TIMED_STEPS for f in fidelity),
+        "faithful": all(f[3] >= MIN_TIMED_STEPS for f in fidelity) and not any(f[2] for f in fidelity),
     }
 
 
@@ -228,6 +237,45 @@ def print_profile(row: dict) -> None:
         print(f"  {who}: " + "; ".join(parts))
 
 
+def print_row(row: dict) -> None:
+    verdict = "faithful" if row["faithful"] else ("OVERLOADED" if row["measured"] else "too few steps timed")
+    print(
+        f"D={row['dilation']:g} N={row['instances']:3d} on {row['worker_processes']} processes "
+        f"({row['workers_rss_mb']:.0f} MB) start {row['start_s']:5.1f}s  "
+        f"streamed {row['tokens_per_s']:8.0f} tok/s  worst timing p99 {row['worst_p99_ms']:6.2f} ms "
+        f"= {row['worst_p99_ms'] / row['dilation']:.2f} emulated ms "
+        f"(median step <= {row['median_step_ms_bucket']:.0f} ms)  {verdict}",
+        flush=True,
+    )
+
+
+def find_dilations(sizes: list[int], args: argparse.Namespace) -> None:
+    """For each size, the smallest time dilation (doubling from --dilation, up to 64) at which no worker is
+    overloaded: what `infemu run --time-dilation auto` would settle on for this load, searched exhaustively."""
+    found = []
+    for n in sizes:
+        dilation = args.dilation
+        while True:
+            # a step lasts ~7 ms x D: long enough for every worker to time the steps its verdict needs
+            seconds = max(args.seconds, 0.6 * dilation)
+            row = run_size(n, seconds, args.clients_per_instance, dilation, args.per_process)
+            if not args.json:
+                print_row(row)
+            if row["faithful"] or dilation >= 64:
+                break
+            dilation *= 2
+        found.append(row)
+    if args.json:
+        print(json.dumps(found))
+        return
+    for row in found:
+        print(
+            f"{row['instances']} instances: "
+            + (f"faithful from D={row['dilation']:g}" if row["faithful"] else "not faithful at D=64")
+            + f" (worst step-timing error p99 {row['worst_p99_ms'] / row['dilation']:.2f} emulated ms)"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,2,4,8,16,32")
@@ -236,6 +284,11 @@ def main() -> None:
     ap.add_argument("--dilation", type=float, default=1.0, help="time dilation D (steps last D times longer)")
     ap.add_argument("--per-process", type=int, default=1, help="instances per worker process (instancesPerProcess)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--find-dilation",
+        action="store_true",
+        help="for each size, double the dilation from --dilation until no worker is overloaded, and report it",
+    )
     ap.add_argument(
         "--profile",
         default="",
@@ -251,19 +304,15 @@ def main() -> None:
             for row in rows:
                 print_profile(row)
         return
+    if args.find_dilation:
+        find_dilations([int(x) for x in args.sizes.split(",")], args)
+        return
     rows = []
     for n in [int(x) for x in args.sizes.split(",")]:
         row = run_size(n, args.seconds, args.clients_per_instance, args.dilation, args.per_process)
         rows.append(row)
         if not args.json:
-            verdict = "faithful" if row["faithful"] else "OVERLOADED"
-            print(
-                f"D={args.dilation:g} N={n:3d} on {row['worker_processes']} processes "
-                f"({row['workers_rss_mb']:.0f} MB) start {row['start_s']:5.1f}s  "
-                f"streamed {row['tokens_per_s']:8.0f} tok/s  worst timing p99 {row['worst_p99_ms']:6.2f} ms "
-                f"(median step <= {row['median_step_ms_bucket']:.0f} ms)  {verdict}",
-                flush=True,
-            )
+            print_row(row)
         if len(rows) >= 2 and not rows[-1]["faithful"] and not rows[-2]["faithful"]:
             break  # two overloaded sizes in a row: larger ones will not do better
     if args.json:
