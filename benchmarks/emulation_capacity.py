@@ -31,6 +31,7 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.cluster.local import LocalCluster
+from emulator.trust import MIN_TIMED_STEPS
 
 MODEL = "llama-3.1-8b"
 
@@ -73,9 +74,6 @@ async def closed_loop(url: str, clients: int, seconds: float) -> int:
     async with ClientSession(timeout=ClientTimeout(total=None), connector=TCPConnector(limit=0)) as session:
         await asyncio.gather(*(client(session) for _ in range(clients)))
     return tokens
-
-
-MIN_TIMED_STEPS = 50  # a worker publishes its timing p99 and verdict from its 50th step on
 
 
 def worker_fidelity(url: str) -> tuple[float, float, bool, int]:

@@ -90,6 +90,7 @@ def scrape(url: str) -> dict:
             ("timing_error_p99_s", "infemu_iteration_timing_error_p99_seconds"),
             ("overloaded", "infemu_emulation_overloaded"),
             ("timing_error_ratio", "infemu_iteration_timing_error_ratio"),
+            ("timed_steps", "infemu_iteration_timing_error_seconds_count"),
             ("suggested_time_dilation", "infemu_emulation_suggested_time_dilation"),
             ("kv_transfer_bytes", "infemu_kv_transfer_bytes_total"),
             ("afd_exchanges", "infemu_afd_exchanges_total"),  # an FFN instance

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 TIMING_BUDGET = 0.05  # the step-timing error p99 a faithful worker stays under, as a share of its median step
+MIN_TIMED_STEPS = 50  # a worker publishes its step-timing p99 (and so its verdict) from this many steps on
 TTFT_BOUND, TPOT_BOUND = 0.10, 0.05  # emulated vs simulated means
 
 
@@ -36,6 +37,8 @@ def trust_verdict(cluster, plan, summary: dict, instances: dict) -> dict:
         "worst_step_timing": {"instance": worst[0], "p99_ms": 1e3 * worst[1].get("timing_error_p99_s", 0.0),
                               "share_of_step": ratio},
         "overloaded": sorted(n for n, st in engines.items() if st.get("overloaded")),
+        # too few steps for a p99: their timing is not judged (a very short run, or a large dilation)
+        "untimed": sorted(n for n, st in engines.items() if st.get("timed_steps", MIN_TIMED_STEPS) < MIN_TIMED_STEPS),
     }  # fmt: skip
     needed = dilation * ratio / TIMING_BUDGET if out["overloaded"] else 1.0
     if plan is not None and summary.get("completed"):
@@ -65,6 +68,8 @@ def _line(t: dict) -> str:
     timing = f"step timing error p99 {w['p99_ms']:.2f} ms = {100 * w['share_of_step']:.1f}% of the median step"
     if w["instance"]:
         timing += f" (worst: {w['instance']})"
+    if t["untimed"]:
+        timing += f"; not judged on {', '.join(t['untimed'])}: fewer than {MIN_TIMED_STEPS} steps timed"
     vs = t.get("vs_simulator")
     versus = ""
     if vs and vs["ttft_mean"] is not None:

@@ -51,6 +51,16 @@ def test_an_overloaded_worker_or_a_drifting_ttft_says_so_first_with_the_dilation
     assert trust_verdict(cluster, None, slow, _workers(0.01, False))["verdict"] == "faithful"  # Locust: timing only
 
 
+def test_a_worker_with_too_few_steps_for_a_p99_is_named_as_not_judged():
+    cluster, plan, summary = _quick()
+    workers = _workers(0.0, False)
+    workers["agg-0"]["timed_steps"] = 12.0
+    t = trust_verdict(cluster, plan, summary, workers)
+    assert t["untimed"] == ["agg-0"] and "not judged on agg-0: fewer than 50 steps timed" in t["line"]
+    workers["agg-0"]["timed_steps"] = 400.0
+    assert trust_verdict(cluster, plan, summary, workers)["untimed"] == []
+
+
 def test_the_suggested_dilation_stretches_the_step_until_the_lateness_fits_the_budget():
     assert suggested_dilation(2.0, 0.04) == 2.0  # within 5%: keep it
     assert suggested_dilation(1.0, 0.12) == 3.0  # 12% at D=1: 2.4 -> 3

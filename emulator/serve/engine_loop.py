@@ -23,7 +23,7 @@ from emulator.engine.request import Request
 from emulator.engine.scheduler import Scheduler
 from emulator.serve.api_path import ApiServerPath
 from emulator.serve.metrics import EngineMetrics
-from emulator.trust import TIMING_BUDGET, suggested_dilation
+from emulator.trust import MIN_TIMED_STEPS, TIMING_BUDGET, suggested_dilation
 
 log = logging.getLogger("infemu.engine")
 
@@ -313,7 +313,7 @@ class RealTimeEngine:
         self.metrics.timing_error.observe(lateness)
         self._errors.append(lateness)
         self._durations.append(duration)
-        if len(self._errors) >= 50 and self._steps_timed % 25 == 0:
+        if len(self._errors) >= MIN_TIMED_STEPS and self._steps_timed % 25 == 0:
             p99 = statistics.quantiles(self._errors, n=100, method="inclusive")[98]  # numpy's default p99
             median = statistics.median(self._durations)
             self.metrics.timing_error_p99.set(p99)
