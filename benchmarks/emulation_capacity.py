@@ -119,6 +119,7 @@ def run_size(n: int, seconds: float, per_instance: int, dilation: float, per_pro
         finally:
             lc.stop()
     worst = max(fidelity, key=lambda f: f[0] / max(f[1], 1e-9))
+    measured = all(f[3] >= MIN_TIMED_STEPS for f in fidelity)
     return {
         "instances": n,
         "worker_processes": len(pids),
@@ -129,8 +130,8 @@ def run_size(n: int, seconds: float, per_instance: int, dilation: float, per_pro
         "worst_p99_ms": worst[0] * 1e3,
         "median_step_ms_bucket": worst[1] * 1e3,
         # a worker with too few steps has no verdict yet: that is not a faithful one
-        "measured": all(f[3] >= MIN_TIMED_STEPS for f in fidelity),
-        "faithful": all(f[3] >= MIN_TIMED_STEPS for f in fidelity) and not any(f[2] for f in fidelity),
+        "measured": measured,
+        "faithful": measured and not any(f[2] for f in fidelity),
     }
 
 

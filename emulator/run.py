@@ -344,7 +344,7 @@ def choose_time_dilation(
             break
         dilation = float(suggested)
     print(f"time dilation auto: running at D={dilation:g}", file=sys.stderr)
-    return with_time_dilation(cluster, dilation)
+    return trial  # the last pilot's cluster: every exit above is right after a pilot at ``dilation``
 
 
 def store_summary(cluster, instances: dict) -> tuple[dict, int] | None:
