@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from emulator import event_loop
 from emulator.catalog.models import get_model
-from emulator.client import run_plan
+from emulator.client import ClusterLink, run_plan
 from emulator.cluster.local import LocalCluster
 from emulator.overrides import WorkloadOverrides, apply_overrides
 from emulator.results import summarize
@@ -75,6 +75,7 @@ def main() -> int:
         sim = simulate(cluster, plan).summary
         lc = LocalCluster(spec_path, cluster.name, run_dir=os.path.join(tmp, "run"))
         state = lc.start()
+        link = ClusterLink(state.token)
         try:
             records, _ = event_loop.run(  # as `infemu run` drives it
                 run_plan(
@@ -83,6 +84,7 @@ def main() -> int:
                     plan,
                     get_model(cluster.spec.model.name).vocab,
                     dilation=args.dilation,
+                    link=link,
                 )
             )
             worker_ttft = _worker_ttft_ms([p.url for p in state.processes if p.role != "router"])
@@ -101,6 +103,7 @@ def main() -> int:
         "requests": args.requests,
         "failed": emu["failed"],
         "path_overhead_ms": state.path_overhead_s * 1e3,
+        "way_back_under_load_ms": None if link.estimate_s is None else link.estimate_s * 1e3,
         "worker_ttft_mean_ms": worker_ttft,
         "metrics": rows,
     }
@@ -111,6 +114,11 @@ def main() -> int:
         f"{out['spec']} at D={args.dilation:g}, {args.rate:g} req/s, {args.requests} requests"
         f" ({emu['failed']} failed); the emulation's own HTTP round trip measured at {out['path_overhead_ms']:.2f} ms"
     )
+    if link.estimate_s is not None:
+        print(
+            f"  the way back from a worker's release of a first token to the client, measured under the run's load"
+            f" (median of the last {len(link.samples)}): {link.estimate_s * 1e3:.2f} ms"
+        )
     for name, r in rows.items():
         print(f"  {name:14} sim {r['sim']:8.2f}  emulated {r['emulated']:8.2f}  ({r['diff_pct']:+.1f}%)")
     print(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
+from collections import deque
 
 import numpy as np
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
@@ -19,6 +21,8 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector
 from emulator.errors import openai_error_code
 from emulator.results import LOST, RequestRecord
 from emulator.rng import PartitionedRNG
+from emulator.serve.app import ARRIVAL_HEADER, FIRST_DUE_COMMENT, FIRST_DUE_HEADER, PATH_OVERHEAD_HEADER
+from emulator.serve.internal import internal_headers
 from emulator.spec import PipelineSpec
 from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
 from emulator.workload.content import segment_token_ids
@@ -59,6 +63,41 @@ def request_body(model: str, p: PlannedRequest, vocab: int) -> bytes:
     ).encode()
 
 
+class ClusterLink:
+    """What `infemu run`'s own client tells its cluster's router; it holds the cluster token, so the
+    router trusts it (``emulator.serve.internal``). With every request: when it was due at the front
+    door (monotonic seconds, the clock every process on this host shares), so the client -> router
+    hop and the client's own lateness are the emulation's, not the model's; and how long the way
+    back from a worker's release of a first token to this client takes under the run's load,
+    measured on the first tokens read so far (the worker reports each release time at the end of
+    the stream), so the workers let the engine see each request that much earlier
+    (``emulator.serve.api_path``). Another tool's client sends neither: the router then counts from
+    its own receipt and the launcher's idle round trip."""
+
+    MIN_SAMPLES = 8  # below this the launcher's idle measurement stands
+    WINDOW = 64  # the estimate follows the load: the last 64 first tokens
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.samples: deque[float] = deque(maxlen=self.WINDOW)
+        self.estimate_s: float | None = None
+
+    def headers(self, due: float) -> dict[str, str]:
+        out = {**internal_headers(self.token), ARRIVAL_HEADER: repr(due), FIRST_DUE_HEADER: "1"}
+        if self.estimate_s is not None:
+            out[PATH_OVERHEAD_HEADER] = repr(self.estimate_s)
+        return out
+
+    def observe(self, first_read: float, released: float) -> None:
+        """One first token: read at ``first_read``, released by the model at ``released``."""
+        back = first_read - released
+        if not 0.0 <= back < 1.0:  # another host's clock, or a stall that says nothing about the path
+            return
+        self.samples.append(back)
+        if len(self.samples) >= self.MIN_SAMPLES:
+            self.estimate_s = statistics.median(self.samples)
+
+
 def path_of(pipeline: PipelineSpec | None) -> str:
     return "/v1/pipelines" if pipeline is not None else "/v1/completions"
 
@@ -71,6 +110,8 @@ async def send_one(
     t_origin: float,
     deadline_s: float | None = None,
     path: str = "/v1/completions",
+    link: ClusterLink | None = None,
+    due: float = 0.0,
 ) -> RequestRecord:
     """One request, measured from its stream. ``deadline_s`` (wall): a request with no answer by then
     is abandoned and recorded as ``lost`` — the router's own deadline should always answer first."""
@@ -79,7 +120,7 @@ async def send_one(
     rec.arrival_s = start - t_origin
     times: list[float] = []
     try:
-        await asyncio.wait_for(_exchange(session, url + path, body, t_origin, rec, times), deadline_s)
+        await asyncio.wait_for(_exchange(session, url + path, body, t_origin, rec, times, link, due), deadline_s)
     except asyncio.TimeoutError:
         rec.error = f"lost: no answer within the client's deadline ({deadline_s:.0f} s)"
         rec.error_code = LOST
@@ -100,9 +141,17 @@ async def send_one(
 
 
 async def _exchange(
-    session: ClientSession, url: str, body: bytes, t_origin: float, rec: RequestRecord, times: list[float]
+    session: ClientSession,
+    url: str,
+    body: bytes,
+    t_origin: float,
+    rec: RequestRecord,
+    times: list[float],
+    link: ClusterLink | None = None,
+    due: float = 0.0,
 ) -> None:
-    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+    headers = {"Content-Type": "application/json", **(link.headers(due) if link is not None else {})}
+    async with session.post(url, data=body, headers=headers) as resp:
         if resp.status != 200:
             text = await resp.text()
             rec.error = f"HTTP {resp.status}: {text[:300]}"
@@ -117,6 +166,8 @@ async def _exchange(
             tail = events.pop()
             for ev in events:
                 if not ev.startswith(b"data: "):
+                    if link is not None and times and ev.startswith(FIRST_DUE_COMMENT):
+                        link.observe(t_origin + times[0], float(ev[len(FIRST_DUE_COMMENT) :]))
                     continue
                 if b'"text":"' in ev and b'"text":"",' not in ev:  # a token chunk: no JSON parse needed
                     times.append(now)
@@ -157,6 +208,7 @@ async def run_closed_loop(
     seed: int = 0,
     deadline_s: float | None = None,
     on_send=None,
+    link: ClusterLink | None = None,
 ) -> list[RequestRecord]:
     """``plan.concurrency`` clients as the simulator models them (``emulator.workload.clients``):
     a warm-up phase drained before the measured one, and a random client-side overhead before each
@@ -197,7 +249,18 @@ async def run_closed_loop(
                 p = plan.requests[index]
                 if on_send is not None:
                     on_send()
-                rec = await send_one(session, url, p, bodies[index], t_origin, deadline_s, path_of(p.pipeline))
+                due = t_origin + t * dilation
+                rec = await send_one(
+                    session,
+                    url,
+                    p,
+                    bodies[index],
+                    t_origin,
+                    deadline_s,
+                    path_of(p.pipeline),
+                    link,
+                    due,
+                )
                 if not plan.is_warmup(index):
                     records.append(rec)
                     if on_done is not None:
@@ -231,6 +294,7 @@ async def run_plan(
     max_in_flight: int | None = None,
     deadline_s: float | None = None,
     on_send=None,
+    link: ClusterLink | None = None,
 ) -> tuple[list[RequestRecord], np.ndarray]:
     """Send every planned request at its arrival time; returns records and start lags (s).
 
@@ -269,7 +333,18 @@ async def run_plan(
             if on_send is not None:
                 on_send()
             try:
-                rec = await send_one(session, url, p, bodies[p.index], t_origin, deadline_s, path_of(p.pipeline))
+                due = t_origin + (p.arrival_s or 0.0) * dilation
+                rec = await send_one(
+                    session,
+                    url,
+                    p,
+                    bodies[p.index],
+                    t_origin,
+                    deadline_s,
+                    path_of(p.pipeline),
+                    link,
+                    due,
+                )
             finally:
                 in_flight[0] -= 1
             if on_done is not None:

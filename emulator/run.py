@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from emulator import event_loop
 from emulator.catalog.models import get_model
-from emulator.client import run_closed_loop, run_plan, to_emulated_time
+from emulator.client import ClusterLink, run_closed_loop, run_plan, to_emulated_time
 from emulator.cluster.local import LocalCluster
 from emulator.faults.accounting import fault_accounting
 from emulator.locust_driver import LocustLoad, run_locust
@@ -227,6 +227,7 @@ def run(
                     seed=cluster.spec.workload.seed,
                     deadline_s=deadline_s,
                     on_send=progress.on_send,
+                    link=ClusterLink(lc.token),
                 )
             )
         else:
@@ -241,6 +242,7 @@ def run(
                     max_in_flight=max_in_flight,
                     deadline_s=deadline_s,
                     on_send=progress.on_send,
+                    link=ClusterLink(lc.token),
                 )
             )
         instances = {p.name: {"role": p.role, "restarts": p.restarts, **scrape(p.url)} for p in state.workers()}

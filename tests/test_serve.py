@@ -505,3 +505,127 @@ async def test_a_backend_that_cannot_be_connected_in_time_is_retried_elsewhere()
             for _ in range(2):  # round robin: one of the two lands on the dead backend first
                 resp = await c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
                 assert resp.status == 200, await resp.text()
+
+
+async def _router_over(worker: TestClient):
+    from emulator.router.proxy import RouterSettings, create_router_app
+
+    backends = (("agg-0", "aggregated", str(worker.make_url("")).rstrip("/")),)
+    return create_router_app(RouterSettings(MODEL, 8192, "round_robin", backends))
+
+
+async def test_infemu_runs_client_is_counted_from_its_send_and_measures_the_way_back(monkeypatch):
+    """`infemu run`'s client (it holds the cluster token) stamps when each request was due: the worker
+    counts from that stamp, not from when the request reached it, and reports when the model released
+    the first token. Another client's stamp backdates nothing and is told nothing."""
+    from emulator.serve.app import ARRIVAL_HEADER, FIRST_DUE_COMMENT, FIRST_DUE_HEADER, WORKER
+    from emulator.serve.internal import INTERNAL_TOKEN_HEADER, TOKEN_ENV
+
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    body = {"model": MODEL, "prompt": "hello there", "max_tokens": 3, "stream": True}
+    backdate = 0.3  # far above a lone request's modelled TTFT (~10 ms), within the 1 s a stamp may lie back
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as worker:
+        ttft = worker.app[WORKER].metrics.ttft
+        async with TestClient(TestServer(await _router_over(worker))) as router:
+            loop = asyncio.get_running_loop()
+            sent = [0.0]
+
+            async def one(headers: dict) -> tuple[str, float, float]:
+                before = ttft._sum.get()
+                sent[0] = loop.time()
+                stamped = {**headers, ARRIVAL_HEADER: repr(sent[0] - backdate)}
+                resp = await router.post("/v1/completions", json=body, headers=stamped)
+                first_read = None
+                text = ""
+                async for raw in resp.content:
+                    line = raw.decode()
+                    if first_read is None and line.startswith("data: {"):
+                        first_read = loop.time()
+                    text += line
+                return text, ttft._sum.get() - before, first_read
+
+            text, counted, first_read = await one({INTERNAL_TOKEN_HEADER: "s3cret", FIRST_DUE_HEADER: "1"})
+            due = [e for e in text.split("\n\n") if e.startswith(FIRST_DUE_COMMENT.decode())]
+            assert len(due) == 1 and text.endswith("data: [DONE]\n\n")
+            released = float(due[0][len(FIRST_DUE_COMMENT) :])
+            # counted from the stamp: the idle engine started the prefill then, so the model released
+            # the first token (~10 ms later) long before the client even sent the request
+            assert released < sent[0] - backdate + 0.1 and 0 < counted < 0.1
+            assert released <= first_read
+
+            text, counted, first_read = await one({FIRST_DUE_HEADER: "1"})  # the same headers, no token
+            assert FIRST_DUE_COMMENT.decode() not in text
+            assert first_read - sent[0] > 0.002  # counted from the router's receipt: the modelled API time at least
+
+
+async def test_the_way_back_that_infemu_runs_client_measures_reaches_the_workers(monkeypatch):
+    from emulator.router.proxy import ROUTER
+    from emulator.serve.app import PATH_OVERHEAD_HEADER, WORKER
+    from emulator.serve.internal import INTERNAL_TOKEN_HEADER, TOKEN_ENV
+
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as worker:
+        router_app = await _router_over(worker)
+        async with TestClient(TestServer(router_app)) as router:
+            for headers, expected in (
+                ({INTERNAL_TOKEN_HEADER: "s3cret", PATH_OVERHEAD_HEADER: "0.0042"}, 0.0042),
+                ({PATH_OVERHEAD_HEADER: "0.5"}, 0.0042),  # a client's report is ignored
+                ({INTERNAL_TOKEN_HEADER: "s3cret", PATH_OVERHEAD_HEADER: "7"}, 0.0042),  # absurd: ignored
+                ({INTERNAL_TOKEN_HEADER: "s3cret", PATH_OVERHEAD_HEADER: "nan"}, 0.0042),
+            ):
+                assert (await router.post("/v1/completions", json=body, headers=headers)).status == 200
+                assert router_app[ROUTER].path_overhead_s == expected
+                assert worker.app[WORKER].api_path.path_overhead_s == expected
+
+
+def test_the_client_reports_the_median_way_back_once_it_has_enough_first_tokens():
+    from emulator.client import ClusterLink
+    from emulator.serve.app import ARRIVAL_HEADER, PATH_OVERHEAD_HEADER
+
+    link = ClusterLink("s3cret")
+    assert PATH_OVERHEAD_HEADER not in link.headers(12.5) and link.headers(12.5)[ARRIVAL_HEADER] == "12.5"
+    for back in (0.001, 0.002, -0.001, 2.0, 0.003, 0.004, 0.005, 0.006, 0.007):  # two impossible ones
+        link.observe(100.0 + back, 100.0)
+    assert PATH_OVERHEAD_HEADER not in link.headers(0.0)  # 7 samples: the launcher's figure stands
+    link.observe(100.008, 100.0)
+    assert float(link.headers(0.0)[PATH_OVERHEAD_HEADER]) == pytest.approx(0.0045)
+    for _ in range(ClusterLink.WINDOW):  # the load changed: the estimate follows the last window only
+        link.observe(100.010, 100.0)
+    assert float(link.headers(0.0)[PATH_OVERHEAD_HEADER]) == pytest.approx(0.010)
+
+
+async def test_a_steps_first_tokens_go_out_ahead_of_its_other_tokens(monkeypatch):
+    """Worker, router and client each handle one step's tokens stream after stream: a first token at
+    the back of the batch would add their whole burst to TTFT."""
+    import emulator.serve.engine_loop as engine_loop
+
+    delivered: list[list] = []
+    deliver = engine_loop._deliver
+
+    def record(events):
+        delivered.append([(h.request.request_id, ev.count) for h, ev in events if ev.kind == "tokens"])
+        deliver(events)
+
+    monkeypatch.setattr(engine_loop, "_deliver", record)
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as c:
+        streams = []
+        for i in range(6):  # each joins the running batch while the earlier ones decode
+            body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 40, "ignore_eos": True}
+            streams.append(asyncio.ensure_future(c.post("/v1/completions", json=body)))
+            await asyncio.sleep(0.03)
+        for resp in await asyncio.gather(*streams):
+            assert resp.status == 200
+    # a step that gave some requests their first token and others their next: the new ones lead
+    seen: set[str] = set()
+    checked = 0
+    for step in delivered:
+        new = [rid not in seen for rid, _ in step]
+        seen.update(rid for rid, _ in step)
+        if 0 < sum(new) < len(new):
+            checked += 1
+            assert new == sorted(new, reverse=True), step
+    assert checked >= 3

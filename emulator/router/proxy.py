@@ -40,6 +40,7 @@ from emulator.router.policies import KVAware, NoEndpointError, RoutingRequest, m
 from emulator.router.resilience import Resilience, RetryBudget, overloaded
 from emulator.serve.app import (
     ARRIVAL_HEADER,
+    FIRST_DUE_HEADER,
     PATH_OVERHEAD_HEADER,
     PROBE_HEADER,
     REQUEST_ID_HEADER,
@@ -48,6 +49,7 @@ from emulator.serve.app import (
     caller_request_id,
     json_errors,
     models_body,
+    stamped_arrival,
 )
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
 from emulator.serve.protocol import APIError, read_json_object
@@ -224,11 +226,17 @@ class Router:
             )
         rr = self._routing_request(body, request)
         state = _ClientStream(request, bool(body.get("stream")))
-        state.arrival = received
+        internal = is_internal(request.headers, self.token)
+        # `infemu run`'s client (it holds the cluster token) stamps when it sent the request: the
+        # client -> router hop is the emulation's, not the model's
+        state.arrival = stamped_arrival(request.headers, received) if internal else received
         # the launcher's path probe (it carries the cluster token); from anyone else the header is ignored
-        state.probe = bool(request.headers.get(PROBE_HEADER)) and is_internal(request.headers, self.token)
+        state.probe = bool(request.headers.get(PROBE_HEADER)) and internal
         # the router's own pipelines ask the workers where each stage's time went
-        state.timing = bool(request.headers.get(TIMING_HEADER)) and is_internal(request.headers, self.token)
+        state.timing = bool(request.headers.get(TIMING_HEADER)) and internal
+        if internal:
+            self._client_path_report(request.headers)
+            state.first_due = bool(request.headers.get(FIRST_DUE_HEADER))
         state.write_timeout_s = self.res.client_write_s
         if self.in_flight >= self.res.max_in_flight:
             return self._reject(Rejected("router_full", f"the router holds {self.in_flight} requests, its limit"))
@@ -384,7 +392,21 @@ class Router:
             headers[PROBE_HEADER] = "1"
         if state.timing:
             headers[TIMING_HEADER] = "1"
+        if state.first_due:
+            headers[FIRST_DUE_HEADER] = "1"
         return headers
+
+    def _client_path_report(self, headers) -> None:
+        """`infemu run`'s client measures, from the first tokens it reads, how long the way back from a
+        worker's release takes under the run's load, and sends its current estimate with each request:
+        it replaces the launcher's idle measurement (``emulator.serve.api_path``)."""
+        value = headers.get(PATH_OVERHEAD_HEADER)
+        if value is None:
+            return
+        try:
+            self.path_overhead_s = _seconds({"seconds": value})
+        except (ValueError, OverflowError):
+            pass  # an absurd report is ignored, as the workers ignore one
 
     async def _open(
         self,
@@ -675,6 +697,7 @@ class _ClientStream:
         self.request_id = caller_request_id(request) or uuid.uuid4().hex
         self.probe = False
         self.timing = False  # ask the workers for their timing account (the router's pipelines)
+        self.first_due = False  # ask the worker when the model released the first token (`infemu run`'s client)
         self.write_timeout_s: float | None = None  # a client that takes no bytes this long is cut off
         self.write_timed_out = False
         self.resp: web.StreamResponse | None = None

@@ -54,10 +54,14 @@ from emulator.version import package_version
 
 log = logging.getLogger("infemu.worker")
 
-ARRIVAL_HEADER = "X-Infemu-Arrival"  # the router's receipt time (monotonic seconds)
+ARRIVAL_HEADER = "X-Infemu-Arrival"  # when the request reached the cluster (monotonic seconds), internal only
 PATH_OVERHEAD_HEADER = "X-Infemu-Path-Overhead"  # the emulation's measured HTTP round trip (s), from the router
 PROBE_HEADER = "X-Infemu-Probe"  # answer at once with one token: measures the emulation's own HTTP path
 TIMING_HEADER = "X-Infemu-Timing"  # the router's pipelines: report where the request's time went
+# `infemu run`'s client, through the router: report when the model released the first token, so the
+# client can measure what the emulation's own way back to it costs (``emulator.serve.api_path``)
+FIRST_DUE_HEADER = "X-Infemu-First-Token-Due"
+FIRST_DUE_COMMENT = b": infemu-first-token-due "
 REQUEST_ID_HEADER = "X-Request-Id"  # as vLLM: the caller names the completion (`cmpl-<id>`, `chatcmpl-<id>`)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 KV_HOLD_TIMEOUT_S = 60.0  # a prefill's KV is released if no decode pulls it by then (vLLM's NIXL abort timeout)
@@ -331,13 +335,7 @@ class Worker:
                     pass
             if request.headers.get(PROBE_HEADER):
                 return await _probe(request, kind)
-            stamp = request.headers.get(ARRIVAL_HEADER)
-            if stamp is not None:
-                try:  # the router's receipt time, on the same monotonic clock when on the same host
-                    t = float(stamp)
-                    received = t if received - 1.0 < t <= received else received
-                except ValueError:
-                    pass
+            received = stamped_arrival(request.headers, received)
         try:
             body = await read_json_object(request)
             g = parse_request(kind, body, self.model.vocab)
@@ -458,11 +456,13 @@ class Worker:
                 await _sse(resp, stream_chunk(g, public, "", None, first=True))
             head, tail = token_chunk_frame(g, public)
             vocab = self.model.vocab
+            first_due = None
             while True:
                 ev = await handle.queue.get()
                 if not prefilled and ev.kind != "error":
                     prefilled = True
                     self._prefilled(req)
+                    first_due = ev.at
                 if ev.kind == "tokens":  # one SSE event per token, one write per engine step
                     events = []
                     for _ in range(ev.count):
@@ -480,6 +480,8 @@ class Worker:
                     break
             if timing is not None:  # an SSE comment: every client skips it
                 await resp.write(b": infemu-timing " + json.dumps(timing()).encode() + b"\n\n")
+            if first_due and internal and not consumer and request.headers.get(FIRST_DUE_HEADER):
+                await resp.write(FIRST_DUE_COMMENT + repr(first_due).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
@@ -658,6 +660,22 @@ def caller_request_id(request: web.Request) -> str | None:
     """The caller's X-Request-Id when it is a plain token (anything else is ignored, never echoed)."""
     value = request.headers.get(REQUEST_ID_HEADER)
     return value if value is not None and _REQUEST_ID.fullmatch(value) else None
+
+
+def stamped_arrival(headers, received: float) -> float:
+    """When an internal caller says the request reached the cluster (``X-Infemu-Arrival``, monotonic
+    seconds: the router's receipt on a worker, ``infemu run``'s planned send time on the router), so
+    the model counts from the front door, not from this hop. Only a stamp within the last second
+    counts: one from another host's clock, or a caller's guess, falls back to this hop's receipt.
+    Callers check ``is_internal`` first: a client's stamp would backdate its own arrival."""
+    stamp = headers.get(ARRIVAL_HEADER)
+    if stamp is None:
+        return received
+    try:
+        t = float(stamp)
+    except ValueError:
+        return received
+    return t if received - 1.0 < t <= received else received
 
 
 def _error(exc: APIError) -> web.Response:

@@ -34,6 +34,7 @@ KVPull = Callable[[Request, dict], Awaitable[None]]
 class StreamEvent:
     kind: str  # tokens | finish | error
     count: int = 0
+    at: float = 0.0  # tokens: when the model releases them to their streams (the loop's clock)
     reason: str | None = None
     message: str | None = None
     # an error's HTTP status: 400 when the request itself can never run here (the client's to fix),
@@ -204,19 +205,26 @@ class RealTimeEngine:
             self._record_timing(lateness, duration)
         self.in_flight -= 1
         results = self.scheduler.update_from_output(out, deadline)
+        release = self.api_path.release(deadline, len(results)) if self.api_path is not None else deadline
         events: list[tuple[Handle, StreamEvent]] = []
+        firsts: list[tuple[Handle, StreamEvent]] = []
         for ro in results:
             handle = self.handles.get(ro.request_id)
             if handle is None:
                 continue
             if ro.new_tokens:
-                events.append((handle, StreamEvent("tokens", ro.new_tokens)))
+                ev = (handle, StreamEvent("tokens", ro.new_tokens, release))
+                # first tokens go out ahead of the step's other tokens: every process on the way back
+                # (worker, router, client) handles a step's tokens one stream after the other, and
+                # a first token waiting behind the batch's would read as TTFT the model never had
+                (firsts if handle.request.first_token_s == deadline else events).append(ev)
             if ro.finished and ro.finish_reason == "error":  # the scheduler ended it (it could never run)
                 self.handles.pop(ro.request_id, None)
                 events.append((handle, StreamEvent("error", message=handle.request.error or "request failed")))
             elif ro.finished:
                 events.append((handle, self._finish(handle, ro.finish_reason or "length")))
-        release = self.api_path.release(deadline, len(results)) if self.api_path is not None else deadline
+        if firsts:
+            events = firsts + events
         if release > self.now():
             self.loop.call_at(release, _deliver, events)
         else:
