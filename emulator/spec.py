@@ -797,10 +797,12 @@ class EmulationSpec(_Model):
         1,
         ge=1,
         le=64,
-        description="Local runs (infemu up/run): engine instances one worker process hosts, each with its own port, "
-        "engine, metrics and identity. Above 1 a fleet runs on a few interpreters instead of one each (memory, "
-        "start-up, scheduler wake-ups); links are then paced in-process (no tc namespace per instance) and kill "
-        "faults are refused (a kill would take the process's other instances down). Kubernetes: one per pod.",
+        description="Engine instances one worker process hosts, each with its own port, engine, metrics and "
+        "identity. Above 1 a fleet runs on a few interpreters instead of one each (memory, start-up, scheduler "
+        "wake-ups); links are then paced in-process (no tc namespace per instance) and kill faults are refused "
+        "(a kill would take the process's other instances down). On Kubernetes this is dense mode: an engine pool "
+        "runs ceil(replicas / N) pods, each hosting N instances on ports 8000, 8001, ... (services keep a pod "
+        "each); scaling such a pool rolls its pods.",
     )
 
 

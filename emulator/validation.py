@@ -14,6 +14,11 @@ from emulator.spec import ConcurrencyArrival, InferenceCluster, MMPPArrival, Tra
 from emulator.topology import PlacementError, place
 
 
+# the InferencePool's targetPorts (gateway-api-inference-extension v1 CRD: maxItems 8): a dense pod
+# (emulator.packing) exposes one port per instance, each an endpoint of its own to the endpoint picker
+MAX_INFERENCE_POOL_PORTS = 8
+
+
 def cross_field_problems(cluster: InferenceCluster) -> list[str]:
     spec = cluster.spec
     problems: list[str] = []
@@ -107,6 +112,13 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
             )
 
     problems.extend(role_problems(spec))
+    per = spec.emulation.instances_per_process
+    if spec.gateway.inference_pool.enabled and per > MAX_INFERENCE_POOL_PORTS:
+        problems.append(
+            f"spec.emulation.instancesPerProcess: {per} instances per pod need {per} ports, and an InferencePool "
+            f"(spec.gateway.inferencePool) lists at most {MAX_INFERENCE_POOL_PORTS}; use {MAX_INFERENCE_POOL_PORTS} "
+            "or fewer, or disable the InferencePool"
+        )
 
     if not problems:
         try:

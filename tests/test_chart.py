@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -15,6 +16,7 @@ helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from infemu_operator.crds import all_crds  # noqa: E402
+from infemu_operator.desired import port_name  # noqa: E402
 from infemu_operator.kube import PLURALS  # noqa: E402
 
 CHART = os.path.join(ROOT, "charts", "infemu")
@@ -90,6 +92,11 @@ def test_monitoring_toggles():
     assert rule["metadata"]["labels"]["release"] == "kps"
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "infemu-operator"
+    # every instance's port the operator names, dense pods' too, and nothing else
+    (keep,) = monitor["spec"]["endpoints"][0]["relabelings"]
+    assert keep["sourceLabels"] == ["__meta_kubernetes_endpoint_port_name"] and keep["action"] == "keep"
+    assert all(re.fullmatch(keep["regex"], port_name(s)) for s in range(64))
+    assert not re.fullmatch(keep["regex"], "grpc") and not re.fullmatch(keep["regex"], "http-metrics")
     dashboard = next(d for d in render({}) if d["kind"] == "ConfigMap")
     with open(os.path.join(ROOT, "dashboards", "grafana", "infemu-fleet.json"), encoding="utf-8") as fh:
         assert json.loads(dashboard["data"]["infemu-fleet.json"]) == json.load(fh)

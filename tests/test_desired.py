@@ -247,3 +247,141 @@ def test_rag_and_kvstore_pools_become_statefulsets_that_the_prefill_engines_and_
     assert f"{CONFIG_DIR}/peers.json" in router["spec"]["template"]["spec"]["containers"][0]["args"]  # retrievers
     for name in ("rag-retriever", "rag-store"):  # services, not inference endpoints
         assert "llm-d.ai/role" not in sets[name]["spec"]["template"]["metadata"]["labels"]
+
+
+def _dense(replicas: int, per_pod: int, inference_pool: bool = False):
+    from emulator.spec import InferenceCluster
+
+    doc = next(c for c in CLUSTERS if c.name == "quickstart").model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["pools"][0]["replicas"] = replicas
+    doc["spec"]["topology"].update(nodes=-(-replicas // 8), gpusPerNode=min(replicas, 8))
+    doc["spec"]["emulation"] = {"instancesPerProcess": per_pod}
+    if inference_pool:
+        doc["spec"]["gateway"] = {"inferencePool": {"enabled": True}}
+    return InferenceCluster.model_validate(doc)
+
+
+def test_a_dense_pool_packs_its_instances_into_fewer_pods_one_port_each():
+    """Dense mode (spec.emulation.instancesPerProcess on Kubernetes): five instances, two to a pod, in
+    three pods; each instance its own port, backend URL and InferencePool endpoint; links paced in-process
+    (no tc-init: one pod's tc tree cannot tell its instances apart)."""
+    from infemu_operator.desired import CONFIG_HASH
+
+    cluster = _dense(5, 2, inference_pool=True)
+    children = desired_children(cluster, "lab", OperatorSettings(shaping="tc"))
+    for obj in children:
+        if obj["kind"] != "InferencePool":  # not a Kubernetes kind: the e2e test's API server checks its CRD
+            kubernetes_validate.validate(obj, "1.30", strict=True)
+    by_kind = {(o["kind"], o["metadata"]["name"]): o for o in children}
+    sts = by_kind[("StatefulSet", "quickstart-agg")]
+    assert sts["spec"]["replicas"] == 3
+    pod = sts["spec"]["template"]["spec"]
+    worker = pod["containers"][0]
+    args = worker["args"]
+    assert args[args.index("--pod") + 1] == "$(POD_NAME)" and args[args.index("--advertise-host") + 1] == "$(POD_IP)"
+    assert "--instance" not in args and args[args.index("--shaping") + 1] == "inproc" and "initContainers" not in pod
+    assert [(p["name"], p["containerPort"]) for p in worker["ports"]] == [("http", 8000), ("http-1", 8001)]
+    service = by_kind[("Service", "quickstart-agg")]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("http", 8000, "http"),
+        ("http-1", 8001, "http-1"),
+    ]
+    backends = json.loads(by_kind[("ConfigMap", "quickstart-config")]["data"]["backends.json"])
+    urls = {b["name"]: b["url"] for b in backends}
+    assert urls["agg-3"] == "http://quickstart-agg-1.quickstart-agg.lab.svc.cluster.local:8001"
+    assert urls["agg-4"] == "http://quickstart-agg-2.quickstart-agg.lab.svc.cluster.local:8000"
+    pool = next(o for o in children if o["kind"] == "InferencePool")
+    assert pool["spec"]["targetPorts"] == [{"number": 8000}, {"number": 8001}]
+
+    def digest(c):
+        objs = desired_children(c, "lab")
+        return next(o for o in objs if o["kind"] == "StatefulSet")["spec"]["template"]["metadata"]["annotations"][
+            CONFIG_HASH
+        ]
+
+    # which instances a dense pod hosts changes with the count: scaling rolls the pool's pods
+    assert digest(_dense(6, 2)) != digest(_dense(5, 2))
+
+
+def test_which_instances_a_dense_pod_hosts():
+    from emulator.packing import Slot, pod_count, pod_members, slot_of
+
+    spec = _dense(5, 2).spec
+    assert pod_count(spec, spec.pools[0]) == 3
+    assert [pod_members(spec, "quickstart", f"quickstart-agg-{j}") for j in range(3)] == [
+        ["agg-0", "agg-1"],
+        ["agg-2", "agg-3"],
+        ["agg-4"],
+    ]
+    assert slot_of(spec, "agg-3") == Slot("agg", 1, 1)
+    for pod in ("quickstart-agg-3", "quickstart-other-0", "quickstart-agg-x"):
+        with pytest.raises(KeyError):
+            pod_members(spec, "quickstart", pod)
+    with pytest.raises(KeyError):
+        slot_of(spec, "agg-5")
+
+
+def test_an_inference_pool_takes_at_most_eight_ports_per_pod():
+    from emulator.validation import cross_field_problems
+
+    problems = cross_field_problems(_dense(9, 9, inference_pool=True))
+    assert any(p.startswith("spec.emulation.instancesPerProcess: 9") and "at most 8" in p for p in problems)
+    assert not cross_field_problems(_dense(8, 8, inference_pool=True))
+
+
+@pytest.mark.slow
+def test_a_dense_pods_command_hosts_its_instances_on_consecutive_ports(tmp_path):
+    """The dense worker container's args, run as a process with the ConfigMap's files: pod 1 of a pool of
+    three instances two to a pod hosts agg-2 on the base port and nothing else; pod 0 hosts agg-0 and
+    agg-1 on the base port and the next, each answering as itself."""
+    import socket
+
+    cluster = _dense(3, 2)
+    children = desired_children(cluster, "lab", OperatorSettings())
+    config = next(o for o in children if o["kind"] == "ConfigMap")
+    for name, text in config["data"].items():
+        (tmp_path / name).write_text(text)
+    container = next(o for o in children if o["kind"] == "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+
+    def free_pair() -> int:
+        while True:
+            with socket.socket() as a:
+                a.bind(("127.0.0.1", 0))
+                base = a.getsockname()[1]
+                with socket.socket() as b:
+                    try:
+                        b.bind(("127.0.0.1", base + 1))
+                    except OSError:
+                        continue
+                    return base
+
+    procs, hosted = [], {}
+    try:
+        for j in range(2):
+            base = free_pair()
+            args = [
+                a.replace("$(POD_NAME)", f"quickstart-agg-{j}")
+                .replace("$(POD_IP)", "127.0.0.1")
+                .replace(CONFIG_DIR, str(tmp_path))
+                for a in container["args"]
+            ]
+            args[args.index("--host") + 1] = "127.0.0.1"
+            args[args.index("--port") + 1] = str(base)
+            log = open(tmp_path / f"pod-{j}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen([sys.executable, *args[1:]], cwd=ROOT, stdout=log, stderr=log))
+            hosted.update({f"agg-{2 * j + s}": f"http://127.0.0.1:{base + s}" for s in range(2 - j)})
+        deadline = time.monotonic() + 60
+        while not all(_ready(u) for u in hosted.values()):
+            assert time.monotonic() < deadline, [p.read_text()[-800:] for p in tmp_path.glob("*.log")]
+            assert all(p.poll() is None for p in procs), [p.read_text()[-800:] for p in tmp_path.glob("*.log")]
+            time.sleep(0.2)
+        for name, url in hosted.items():
+            with urllib.request.urlopen(f"{url}/internal/info", timeout=10) as resp:
+                assert json.load(resp)["instance"] == name
+        lone = int(hosted["agg-2"].rsplit(":", 1)[1])
+        assert http_status(f"http://127.0.0.1:{lone + 1}/ready") != 200  # pod 1 hosts one instance only
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)

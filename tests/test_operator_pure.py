@@ -21,7 +21,7 @@ QUICKSTART = load_clusters(example("quickstart.yaml"))[0]
 def _status(ready: dict, updated: dict | None = None, router: int = 1, observed: int = 1, since: float = 5.0):
     updated = updated or ready
     sts = {n: {"status": {"readyReplicas": r, "updatedReplicas": updated[n]}} for n, r in ready.items()}
-    pools = pool_status([(n, "decode", 2) for n in ready], sts)
+    pools = pool_status([(n, "decode", 2, 1) for n in ready], sts)
     st = cluster_status(
         generation=1,
         observed_generation=observed,
@@ -48,6 +48,43 @@ def test_conditions_follow_the_children():
     assert rolling["Ready"][0] == "True" and rolling["Progressing"][0] == "True"
     assert _status({"a": 2}, router=0)["Ready"][0] == "False"
     assert _status({"a": 2}, observed=0)["Progressing"][0] == "True"  # a newer generation not yet applied
+
+
+def test_a_dense_pools_status_counts_instances_not_pods():
+    sts = {"agg": {"status": {"readyReplicas": 2, "updatedReplicas": 1}}}
+    (pool,) = pool_status([("agg", "aggregated", 5, 2)], sts)  # three pods: 2 + 2 + 1 instances
+    assert (pool["ready"], pool["updated"], pool["desired"]) == (4, 2, 5)
+    sts["agg"]["status"] = {"readyReplicas": 3, "updatedReplicas": 3}
+    (pool,) = pool_status([("agg", "aggregated", 5, 2)], sts)
+    assert pool["ready"] == pool["updated"] == 5
+
+
+def test_dense_pods_take_faults_on_their_instances_port(monkeypatch):
+    """A fault on an instance of a dense pod goes to that pod, on that instance's own port."""
+    from emulator.faults.schedule import Fault
+    from emulator.spec import InferenceCluster
+    from infemu_operator.faults import PodFaults
+
+    doc = QUICKSTART.model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["pools"][0]["replicas"] = 4
+    doc["spec"]["topology"]["gpusPerNode"] = 4
+    doc["spec"]["emulation"] = {"instancesPerProcess": 2}
+    cluster = InferenceCluster.model_validate(doc)
+
+    class Pods:
+        def get(self, api, kind, ns, name):
+            return {"metadata": {"name": name}, "status": {"podIP": f"10.0.0.{name[-1]}"}}
+
+        def list(self, api, kind, ns, labels):
+            return []  # no router pod: the fault's annotation goes nowhere
+
+    posts = []
+    faults = PodFaults(Pods(), "lab", cluster, "t0ken")
+    monkeypatch.setattr(faults, "_post", lambda url, path, body, what: posts.append((url, path)) or f"{what}: ok")
+    assert faults.pod_name("agg-3") == "quickstart-agg-1" and faults.pod_name("agg-0") == "quickstart-agg-0"
+    hang = Fault(0, "h", "hang", 0.0, None, None, instances=("agg-3", "agg-0"))
+    faults.apply(hang, on=True)
+    assert ("http://10.0.0.1:8001", "/admin/fault") in posts and ("http://10.0.0.0:8000", "/admin/fault") in posts
 
 
 def test_last_transition_time_moves_only_on_a_status_change():

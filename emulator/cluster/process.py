@@ -6,9 +6,10 @@ serves until SIGTERM/SIGINT, then shuts down gracefully.
 
 A worker process may host several instances (``emulation.instancesPerProcess``): ``--instance``
 and ``--port-file`` (and, on a restart, ``--port``) are repeated, one per instance, in the same
-order. Each instance is its own aiohttp application on its own port, with its own engine loop,
-metrics registry and identity; they share the process's event loop, so a 2-core host runs dozens
-of instances on a few interpreters instead of one interpreter each.
+order; on Kubernetes, ``--pod $(POD_NAME) --port 8000`` hosts the instances of a dense pod
+(``emulator.packing``) on ports 8000, 8001, ... Each instance is its own aiohttp application on
+its own port, with its own engine loop, metrics registry and identity; they share the process's
+event loop, so a 2-core host runs dozens of instances on a few interpreters instead of one each.
 """
 
 from __future__ import annotations
@@ -153,8 +154,25 @@ def build_apps(args: argparse.Namespace, instances: list[str]) -> list[web.Appli
     return [create_router_app(settings)]
 
 
+def _pod_members(args: argparse.Namespace) -> list[tuple[str, int, str | None]]:
+    """Kubernetes dense mode: every instance of pod ``--pod``, on consecutive ports from ``--port``."""
+    from emulator.packing import pod_members
+
+    if args.instance or args.port_file or len(args.port or []) != 1:
+        raise SpecError(["--pod hosts the pod's instances on consecutive ports: give one --port and no --instance"])
+    cluster = _cluster(args.spec, args.cluster)
+    try:
+        names = pod_members(cluster.spec, cluster.name, args.pod)
+    except KeyError:
+        why = f"--pod {args.pod}: not a pod of cluster {cluster.name!r} (<cluster>-<pool>-<ordinal>)"
+        raise SpecError([why]) from None
+    return [(name, args.port[0] + slot, None) for slot, name in enumerate(names)]
+
+
 def _members(args: argparse.Namespace) -> list[tuple[str, int, str | None]]:
     """(instance, port, port file) per hosted instance: the repeated options zipped, counts checked."""
+    if args.pod:
+        return _pod_members(args)
     names = args.instance or [""]
     ports = args.port or [0] * len(names)
     files = args.port_file or [None] * len(names)
@@ -183,7 +201,7 @@ async def _start_one(args: argparse.Namespace, app: web.Application, instance: s
 
         # peers pull KV from this URL: on Kubernetes the pod's IP (--advertise-url), not 0.0.0.0
         if WORKER in app:  # an engine (an FFN instance serves the expert side only)
-            app[WORKER].url = args.advertise_url or f"http://{args.host}:{bound}"
+            app[WORKER].url = args.advertise_url or f"http://{args.advertise_host or args.host}:{bound}"
     if port_file:
         tmp = port_file + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -233,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, action="append", help="the port to bind (one per --instance; default: any)")
     ap.add_argument("--port-file", action="append", help="where to write the bound port (one per --instance)")
     ap.add_argument("--advertise-url", help="worker: the URL peers reach it at (default http://HOST:PORT)")
+    ap.add_argument("--advertise-host", help="worker: the host peers reach its instances at, each on its own port")
+    ap.add_argument(
+        "--pod",
+        help="worker on Kubernetes, dense mode: host every instance of this pod (<cluster>-<pool>-<ordinal>; "
+        "spec.emulation.instancesPerProcess per pod) on consecutive ports from --port",
+    )
     ap.add_argument("--shaping", choices=["inproc", "tc"], default="inproc")
     ap.add_argument("--time-dilation", type=float, help="run at this spec.emulation.timeDilation instead of the spec's")
     return ap
@@ -258,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             profiler.disable()
             os.makedirs(profile_dir, exist_ok=True)
-            profiler.dump_stats(os.path.join(profile_dir, f"{'+'.join(args.instance or ['router'])}.prof"))
+            hosted = args.instance or ([args.pod] if args.pod else ["router"])
+            profiler.dump_stats(os.path.join(profile_dir, f"{'+'.join(hosted)}.prof"))
     return 0
 
 

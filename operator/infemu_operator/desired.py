@@ -20,6 +20,7 @@ import yaml
 
 from emulator.build import build_instances
 from emulator.net.plan import link_plan
+from emulator.packing import per_pod, pod_count, pod_name, slot_of
 from emulator.roles import get_role
 from emulator.serve.internal import TOKEN_ENV
 from emulator.spec import InferenceCluster
@@ -115,14 +116,19 @@ def _token_env(uid: str | None) -> list[dict]:
     return [{"name": TOKEN_ENV, "value": internal_token(uid)}] if uid else []
 
 
-def _serving_container(name: str, args: list[str], settings: OperatorSettings, mount: dict) -> dict:
-    """A worker or router container: HTTP port, probes, resources, locked-down security context."""
+def port_name(slot: int) -> str:
+    """The pod's ports: ``http`` for its first (or only) instance, ``http-<s>`` for the others."""
+    return "http" if slot == 0 else f"http-{slot}"
+
+
+def _serving_container(name: str, args: list[str], settings: OperatorSettings, mount: dict, instances: int = 1) -> dict:
+    """A worker or router container: HTTP port(s), probes, resources, locked-down security context."""
     return {
         "name": name,
         "image": settings.image,
         "imagePullPolicy": settings.pull_policy,
         "args": ["python", "-m", "emulator.cluster.process", *args, "--host", "0.0.0.0", "--port", str(PORT)],
-        "ports": [{"name": "http", "containerPort": PORT}],
+        "ports": [{"name": port_name(s), "containerPort": PORT + s} for s in range(instances)],
         "readinessProbe": _probe("/ready"),
         "livenessProbe": _probe("/health"),
         "resources": resources(settings),
@@ -131,15 +137,18 @@ def _serving_container(name: str, args: list[str], settings: OperatorSettings, m
     }
 
 
-def config_hash(cluster: InferenceCluster, with_replicas: bool) -> str:
+def config_hash(cluster: InferenceCluster, with_replicas: bool, dense_pool: str | None = None) -> str:
     """A digest of the spec in the pod template, so a spec change rolls the pods out (they read
     the spec from the ConfigMap, which Kubernetes does not watch for them). Workers leave the
     replica counts out — scaling a pool must not restart every worker of every pool — while the
-    router includes them: its backend list changes, and it is stateless and quick to restart."""
+    router includes them: its backend list changes, and it is stateless and quick to restart.
+    A dense pool's pods (``emulator.packing``) keep their own pool's count: which instances a pod
+    hosts changes with it."""
     doc = cluster.spec.model_dump(by_alias=True, exclude_none=True)
     if not with_replicas:
         for pool in doc["pools"]:
-            pool.pop("replicas", None)
+            if pool["name"] != dense_pool:
+                pool.pop("replicas", None)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -148,8 +157,7 @@ def config_map(cluster: InferenceCluster, namespace: str) -> dict:
     doc = cluster.model_dump(by_alias=True, exclude_none=True, exclude={"status"})
 
     def entry(i) -> dict:
-        url = f"http://{cluster.name}-{i.name}.{cluster.name}-{i.pool}.{namespace}.svc.cluster.local:{PORT}"
-        return {"name": i.name, "role": i.role, "url": url}
+        return {"name": i.name, "role": i.role, "url": instance_url(cluster, namespace, i.name)}
 
     backends = [entry(i) for i in topo.instances if get_role(i.role).engine]  # what the router sends to
     peers = [entry(i) for i in topo.instances if not get_role(i.role).engine]  # services: ffn, rag, kvstore
@@ -164,6 +172,13 @@ def config_map(cluster: InferenceCluster, namespace: str) -> dict:
             "peers.json": json.dumps(peers),
         },
     }
+
+
+def instance_url(cluster: InferenceCluster, namespace: str, instance: str) -> str:
+    """An instance's address inside the cluster: its pod's stable DNS name and its own port."""
+    slot = slot_of(cluster.spec, instance)
+    host = f"{pod_name(cluster.name, slot)}.{cluster.name}-{slot.pool}.{namespace}.svc.cluster.local"
+    return f"http://{host}:{PORT + slot.slot}"
 
 
 def _spec_args(cluster: InferenceCluster) -> list[str]:
@@ -205,30 +220,39 @@ def pool_objects(
     name = f"{cluster.name}-{pool.name}"
     lbl = labels(cluster.name, pool.role, pool.name)
     volume, mount = _config_volume(cluster)
+    dense = per_pod(cluster.spec, pool)
+    # dense pods pace their links in-process, as a local process hosting several instances does:
+    # one pod's tc tree cannot tell its instances' traffic apart
+    shaping = settings.shaping if dense == 1 else "inproc"
+    hosting = (
+        ["--instance", "$(POD_NAME)", "--advertise-url", f"http://$(POD_IP):{PORT}"]
+        if dense == 1
+        else ["--pod", "$(POD_NAME)", "--advertise-host", "$(POD_IP)"]
+    )
     worker = _serving_container(
         "worker",
         [
             "worker",
             *_spec_args(cluster),
-            "--instance",
-            "$(POD_NAME)",
+            *hosting,
             "--shaping",
-            settings.shaping,
-            "--advertise-url",
-            f"http://$(POD_IP):{PORT}",
+            shaping,
             # an AFD engine sends its MoE layers' activations to its FFN instances' pods; engines that take a
             # request's first leg use the KV store
             *(["--peers", f"{CONFIG_DIR}/peers.json"] if _uses_services(cluster, pool) else []),
         ],
         settings,
         mount,
+        instances=dense,
     )
     worker["env"] = [*POD_NAME_ENV, POD_IP_ENV, *_token_env(uid)]
     # workers leave replica counts out of their hash: scaling one pool must not restart the others
+    # (a dense pool keeps them: its pods' instance sets change with the count)
     pod_lbl = {**lbl, **gateway_pod_labels(cluster, pool.role)}
-    template = _pod_template(pod_lbl, [worker], volume, config_hash(cluster, with_replicas=False))
+    digest = config_hash(cluster, with_replicas=False, dense_pool=pool.name if dense > 1 else None)
+    template = _pod_template(pod_lbl, [worker], volume, digest)
     selector = {"app.kubernetes.io/instance": cluster.name, "infemu.io/pool": pool.name}
-    if settings.shaping == "tc":
+    if shaping == "tc":
         template["spec"]["initContainers"] = [
             {
                 "name": "tc-init",
@@ -251,7 +275,7 @@ def pool_objects(
         "metadata": object_meta(name, namespace, lbl),
         "spec": {
             "serviceName": name,
-            "replicas": pool.replicas,
+            "replicas": pod_count(cluster.spec, pool),
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector},
             "template": template,
@@ -265,7 +289,7 @@ def pool_objects(
             "clusterIP": "None",
             "publishNotReadyAddresses": False,
             "selector": selector,
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
+            "ports": [{"name": port_name(s), "port": PORT + s, "targetPort": port_name(s)} for s in range(dense)],
         },
     }
     return [statefulset, service]

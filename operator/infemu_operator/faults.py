@@ -18,7 +18,9 @@ import urllib.request
 from dataclasses import dataclass
 
 from emulator.faults.schedule import ROUTER, Fault, admin_calls, cut_at
+from emulator.packing import pod_name, slot_of
 from emulator.serve.internal import internal_headers
+from emulator.spec import InferenceCluster
 from infemu_operator.desired import PORT
 from infemu_operator.kube import Kube
 
@@ -50,18 +52,23 @@ def plan_step(faults: list[Fault], elapsed_s: float, recorded: dict[str, dict]) 
 
 
 class PodFaults:
-    def __init__(self, kube: Kube, namespace: str, cluster: str, token: str) -> None:
+    def __init__(self, kube: Kube, namespace: str, cluster: InferenceCluster, token: str) -> None:
         self.kube = kube
         self.namespace = namespace
-        self.cluster = cluster
+        self.spec = cluster.spec
+        self.cluster = cluster.name
         self.headers = internal_headers(token)
 
-    def pod(self, instance: str) -> dict | None:
-        return self.kube.get("v1", "Pod", self.namespace, f"{self.cluster}-{instance}")
+    def pod_name(self, instance: str) -> str:
+        """The pod hosting an instance: its own, or a dense pod shared with others (``emulator.packing``)."""
+        return pod_name(self.cluster, slot_of(self.spec, instance))
 
-    def _url(self, pod: dict | None) -> str | None:
+    def pod(self, instance: str) -> dict | None:
+        return self.kube.get("v1", "Pod", self.namespace, self.pod_name(instance))
+
+    def _url(self, pod: dict | None, slot: int = 0) -> str | None:
         ip = (pod or {}).get("status", {}).get("podIP")
-        return f"http://{ip}:{PORT}" if ip else None
+        return f"http://{ip}:{PORT + slot}" if ip else None
 
     def _post(self, url: str | None, path: str, body: dict, what: str) -> str:
         if url is None:
@@ -91,13 +98,15 @@ class PodFaults:
         lines: list[str] = []
         if fault.kind == "kill" and on:
             for name in fault.instances:
-                self.kube.delete("v1", "Pod", self.namespace, f"{self.cluster}-{name}", grace_period_s=0)
+                self.kube.delete("v1", "Pod", self.namespace, self.pod_name(name), grace_period_s=0)
                 lines.append(f"{name}: pod deleted")
         urls: dict[str, list[str | None]] = {}
         for call in admin_calls(fault, on, cut):
             if call.target not in urls:
-                pods = self.routers() if call.target == ROUTER else [self.pod(call.target)]
-                urls[call.target] = [self._url(p) for p in pods]
+                if call.target == ROUTER:
+                    urls[call.target] = [self._url(p) for p in self.routers()]
+                else:
+                    urls[call.target] = [self._url(self.pod(call.target), slot_of(self.spec, call.target).slot)]
             for url in urls[call.target]:
                 result = self._post(url, call.path, call.body, call.label)
                 if call.reported:

@@ -46,7 +46,8 @@ def inference_pool(cluster: InferenceCluster, namespace: str, port: int, labels:
         "metadata": {"name": cluster.name, "namespace": namespace, "labels": labels},
         "spec": {
             "selector": {"matchLabels": {POOL_LABEL: cluster.name}},
-            "targetPorts": [{"number": port}],
+            # a dense pod (emulator.packing) serves one instance per port: each is an endpoint of its own
+            "targetPorts": [{"number": port + s} for s in range(cluster.spec.emulation.instances_per_process)],
             "appProtocol": "http",
             "endpointPickerRef": {
                 "kind": "Service",

@@ -23,6 +23,7 @@ from emulator.errors import SpecError
 from emulator.faults.resource import FAULT_KIND, parse_fault_resource, resolve_resource
 from emulator.faults.schedule import cut_at
 from emulator.loadtest import LOADTEST_KIND, parse_loadtest
+from emulator.packing import per_pod
 from emulator.spec import API_VERSION, KIND, InferenceCluster, parse_cluster
 from infemu_operator.crds import FAULT_PLURAL, GROUP, LOADTEST_PLURAL, PLURAL, VERSION
 from infemu_operator.desired import OperatorSettings, desired_children, internal_token
@@ -143,7 +144,7 @@ def _essence(status: dict) -> tuple:
 
 def _live_status(cluster: InferenceCluster, namespace: str, generation: int, status: Any) -> dict:
     kube = _kube()
-    pools = [(p.name, p.role, p.replicas) for p in cluster.spec.pools]
+    pools = [(p.name, p.role, p.replicas, per_pod(cluster.spec, p)) for p in cluster.spec.pools]
     sts = {
         o["metadata"]["labels"].get("infemu.io/pool"): o
         for o in kube.list("apps/v1", "StatefulSet", namespace, {"app.kubernetes.io/instance": cluster.name})
@@ -359,7 +360,7 @@ def play_faults(body, spec, name, namespace, status, patch, logger, **_: Any) ->
     if target is None:
         return
     cluster = _as_cluster(lt.spec.cluster, namespace, target.get("spec", {}))
-    pods = PodFaults(kube, namespace, cluster.name, internal_token(target["metadata"]["uid"]))
+    pods = PodFaults(kube, namespace, cluster, internal_token(target["metadata"]["uid"]))
     faults = fault_schedule(lt, cluster)
     recorded = {r["name"]: dict(r) for r in (status.get("faults") or [])}
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
@@ -407,7 +408,7 @@ def _fault_context(spec, name: str, namespace: str):
         raise SpecError([f"spec.cluster: InferenceCluster {namespace}/{fr.spec.cluster} does not exist"])
     cluster = _as_cluster(fr.spec.cluster, namespace, target.get("spec", {}))
     fault = resolve_resource(fr, cluster)
-    return fault, PodFaults(kube, namespace, cluster.name, internal_token(target["metadata"]["uid"])), target
+    return fault, PodFaults(kube, namespace, cluster, internal_token(target["metadata"]["uid"])), target
 
 
 def start_fault(body, spec, name, namespace, status, patch, logger, **_: Any) -> None:

@@ -42,18 +42,20 @@ def router_endpoint(cluster: str, namespace: str) -> str:
     return f"http://{cluster}-router.{namespace}.svc.cluster.local"
 
 
-def pool_status(pools: list[tuple[str, str, int]], statefulsets: dict[str, dict]) -> list[dict]:
-    """``pools`` is (name, role, desired) from the spec; ``statefulsets`` maps pool name to the live object."""
+def pool_status(pools: list[tuple[str, str, int, int]], statefulsets: dict[str, dict]) -> list[dict]:
+    """``pools`` is (name, role, desired instances, instances per pod) from the spec; ``statefulsets``
+    maps pool name to the live object. Counts are instances: a dense pod (``emulator.packing``)
+    hosts several, all ready when its process is (only the last pod may host fewer)."""
     out = []
-    for name, role, desired in pools:
+    for name, role, desired, per_pod in pools:
         st = (statefulsets.get(name) or {}).get("status", {})
         out.append(
             {
                 "name": name,
                 "role": role,
                 "desired": desired,
-                "ready": int(st.get("readyReplicas") or 0),
-                "updated": int(st.get("updatedReplicas") or 0),
+                "ready": min(int(st.get("readyReplicas") or 0) * per_pod, desired),
+                "updated": min(int(st.get("updatedReplicas") or 0) * per_pod, desired),
             }
         )
     return out
