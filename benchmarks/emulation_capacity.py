@@ -152,6 +152,11 @@ CATEGORIES = (
 )
 
 
+# cProfile counts wall time: the event loop's waits are idle, not work. asyncio's selector waits in
+# epoll; emulator/event_loop.py's waits in select() on the epoll descriptor, then polls it at once
+IDLE_WAITS = ("<method 'poll' of 'select.epoll' objects>", "<built-in method select.select>")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a live process (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as fh:
@@ -167,8 +172,8 @@ def breakdown(prof_path: str) -> dict[str, float]:
     shares: dict[str, float] = {}
     total = 0.0
     for (file, _, func), (_, _, tottime, _, _) in stats.items():
-        if func == "<method 'poll' of 'select.epoll' objects>":
-            continue  # waiting for the network is idle time, not work
+        if func in IDLE_WAITS:
+            continue  # waiting for the network or a timer is idle time, not work
         where = f"{file} {func}"
         name = next((c for c, keys in CATEGORIES if any(k in where for k in keys)), "other")
         shares[name] = shares.get(name, 0.0) + tottime

@@ -13,7 +13,6 @@ from emulator.roles import get_role, role_problems
 from emulator.spec import ConcurrencyArrival, InferenceCluster, MMPPArrival, TraceArrival, TraceLength
 from emulator.topology import PlacementError, place
 
-
 # the InferencePool's targetPorts (gateway-api-inference-extension v1 CRD: maxItems 8): a dense pod
 # (emulator.packing) exposes one port per instance, each an endpoint of its own to the endpoint picker
 MAX_INFERENCE_POOL_PORTS = 8

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as np
 import pytest
+from conftest import example, example_files
 
 from emulator.catalog.gpus import get_gpu
 from emulator.catalog.models import get_model
 from emulator.costmodel.accuracy import held_out_attention, held_out_gemm
 from emulator.costmodel.instance import InstanceConfig, InstanceCostModel
 from emulator.costmodel.interface import BatchShape
+from emulator.roles import get_role
 
 H100 = "profiles/aiconfigurator/h100_sxm"
 
@@ -200,3 +203,53 @@ def test_a_log_line_reads_the_same_for_one_point_as_for_many():
         assert line(np.array([x]))[0] == pytest.approx(want, rel=1e-12)
         assert line.scalar(float(x)) == pytest.approx(want, rel=1e-12)
     assert line(np.array([3.0])).shape == (1,)
+
+
+def _pool_cost_models():
+    """Every (non-AFD) pool of every example, plus a sliding-window model (gpt-oss) and a PP pool."""
+    from emulator.build import cost_model_for
+    from emulator.spec import load_clusters
+    from emulator.topology import place
+
+    out = []
+    for path in example_files():
+        for cluster in load_clusters(path):
+            topo = place(cluster.spec)
+            for pool in cluster.spec.pools:
+                if pool.afd is None and get_role(pool.role).engine:
+                    out.append((f"{cluster.name}/{pool.name}", cost_model_for(cluster.spec, pool, topo)))
+    doc = load_clusters(example("quickstart.yaml"))[0].model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["model"] = {"name": "openai/gpt-oss-120b"}
+    doc["spec"]["gpu"] = "h200-sxm"
+    doc["spec"]["pools"][0]["pp"] = 1
+    from emulator.spec import InferenceCluster
+
+    oss = InferenceCluster.model_validate(doc)
+    out.append(("gpt-oss-120b", cost_model_for(oss.spec, oss.spec.pools[0], place(oss.spec))))
+    return out
+
+
+def test_a_steps_seconds_in_plain_floats_equal_the_array_path_to_the_last_bit():
+    """``step_time`` prices one step in plain floats (the emulation's and the simulator's commonest call);
+    the array path it stands in for must give exactly the same seconds, prefills, decodes and mixes."""
+    rng = random.Random(7)
+    shapes = [BatchShape(num_decode=1, decode_kv_sum=1)]
+    for _ in range(120):
+        decodes = rng.choice([0, 1, 3, 8, 31, 64, 200])
+        chunks = tuple((rng.randint(1, 4096), rng.randint(0, 8192)) for _ in range(rng.choice([0, 0, 1, 2])))
+        if not decodes and not chunks:
+            continue
+        shapes.append(BatchShape(chunks, decodes, decodes * rng.randint(1, 16384)))
+    checked = 0
+    for name, model in _pool_cost_models():
+        fast_calls = model.kernels.step_seconds
+        for shape in shapes:
+            fast = model.step_time(shape)
+            model.kernels.step_seconds = lambda *a, **k: None  # the array path
+            try:
+                slow = model.step_time(shape)
+            finally:
+                del model.kernels.step_seconds
+            assert (fast.total_s, fast.interval_s) == (slow.total_s, slow.interval_s), (name, shape)
+            checked += fast_calls(shape, model.graph_tokens(shape)) is not None
+    assert checked > len(shapes) * 5  # the float path ran for most pools (not those with attention DP or DSA)

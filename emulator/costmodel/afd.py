@@ -211,6 +211,10 @@ class AfdKernels:
             tail=[r.tail for r in rows],
         )
 
+    def step_seconds(self, shape: BatchShape, gemm_tokens: int | None = None) -> None:
+        """An AFD step has no plain-float path (``InstanceCostModel.step_seconds``): ``totals`` prices it."""
+        return None
+
     def totals(self, shape: BatchShape, mean_kv: np.ndarray, gemm_tokens: int | None = None):
         if shape.num_tokens == 0:
             return np.zeros_like(mean_kv, dtype=np.float64), np.zeros_like(mean_kv, dtype=np.float64)

@@ -152,6 +152,23 @@ class AttentionModel:
             out["linear_attention"] = self._linear_prefill_s(sum(q for q, _ in chunks)) * m.linear_layers
         return out
 
+    def decode_terms_s(self, batch: int, mean_kv: float) -> list[float] | None:
+        """``decode_s(batch, [mean_kv]).values()`` in plain floats, for one step (the emulation's and
+        the simulator's commonest call) without numpy's per-operation cost; None for the models whose
+        decode has array-only terms (DSA's indexer, linear attention): ask ``decode_s`` then."""
+        m = self.m
+        if batch <= 0:
+            return []
+        if m.is_dsa or m.linear_layers:
+            return None
+        line = self._gen_line(batch)
+        terms = []
+        if m.full_layers:
+            terms.append(line.scalar(mean_kv) * m.full_layers)
+        if m.sliding_layers:
+            terms.append(line.scalar(min(mean_kv, m.sliding_window)) * m.sliding_layers)
+        return terms
+
     def decode_s(self, batch: int, mean_kv: np.ndarray) -> dict[str, np.ndarray]:
         """Seconds by component for ``batch`` decoding sequences with these mean KV lengths."""
         m = self.m

@@ -71,8 +71,18 @@ class EngineStepModel:
     def step_time(self, shape: BatchShape) -> StepTime:
         if shape.num_tokens == 0:
             return StepTime(0.0, 0.0)
-        mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
         padded = self.graph_tokens(shape)
+        fast = self.kernels.step_seconds(shape, padded)  # plain floats: see InstanceCostModel.step_seconds
+        if fast is not None:
+            total, interval = fast
+            host = self.host_s(shape)
+            if padded is None:
+                floor = self._eager_floor_s()
+                total, interval = max(total, floor), max(interval, floor)
+            if self.profile.host.async_overlap:
+                return StepTime(max(total, host), max(interval, host))
+            return StepTime(total + host, interval + host)
+        mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
         total, interval = self.kernels.totals(shape, mean_kv, padded)
         total, interval = self._combine(total, interval, self.host_s(shape), padded is not None)
         return StepTime(float(total[0]), float(interval[0]))
