@@ -55,7 +55,7 @@ from emulator.version import package_version
 log = logging.getLogger("infemu.worker")
 
 ARRIVAL_HEADER = "X-Infemu-Arrival"  # when the request reached the cluster (monotonic seconds), internal only
-PATH_OVERHEAD_HEADER = "X-Infemu-Path-Overhead"  # the emulation's measured HTTP round trip (s), from the router
+PATH_OVERHEAD_HEADER = "X-Infemu-Path-Overhead"  # the emulation's own way back (s): serve/api_path.py
 PROBE_HEADER = "X-Infemu-Probe"  # answer at once with one token: measures the emulation's own HTTP path
 TIMING_HEADER = "X-Infemu-Timing"  # the router's pipelines: report where the request's time went
 # `infemu run`'s client, through the router: report when the model released the first token, so the
