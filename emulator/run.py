@@ -206,6 +206,7 @@ def run(
     t0 = time.perf_counter()
     runner.start(t0)
     sampler = Sampler(state.engines())  # queues and KV usage: engines only (AFD's FFN instances have neither)
+    link = ClusterLink(lc.token)  # the client's own way in and back, taken out of the model's time
     interrupted = False
     instances: dict = {}
     prom_view = None
@@ -227,7 +228,7 @@ def run(
                     seed=cluster.spec.workload.seed,
                     deadline_s=deadline_s,
                     on_send=progress.on_send,
-                    link=ClusterLink(lc.token),
+                    link=link,
                 )
             )
         else:
@@ -242,7 +243,7 @@ def run(
                     max_in_flight=max_in_flight,
                     deadline_s=deadline_s,
                     on_send=progress.on_send,
-                    link=ClusterLink(lc.token),
+                    link=link,
                 )
             )
         instances = {p.name: {"role": p.role, "restarts": p.restarts, **scrape(p.url)} for p in state.workers()}
@@ -272,6 +273,12 @@ def run(
         summary["kvstore"], summary["kv_fetched_tokens"] = store
     # the report's first line: can these numbers be trusted on this host?
     trust = None if interrupted else trust_verdict(cluster, plan if locust is None else None, summary, instances)
+    if trust is not None:  # what the emulation's own HTTP path cost, and what the workers took out of the model's time
+        trust["http_path"] = {
+            "idle_round_trip_ms": 1e3 * state.path_overhead_s,
+            "way_back_ms": None if link.estimate_s is None else 1e3 * link.estimate_s,
+            "first_tokens_measured": len(link.samples),
+        }
     result = RunResult(
         cluster.name,
         records,

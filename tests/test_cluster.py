@@ -254,6 +254,9 @@ def test_infemu_run_reports_the_sim_summary_keys_and_writes_the_report(tmp_path)
     # TPOT matches the simulator's (a worker left at the spec's D=1 would read 50% short)
     trust = json.loads((tmp_path / "rep" / "trust.json").read_text())
     assert trust["time_dilation"] == 2 and abs(trust["vs_simulator"]["tpot_mean"]) < 0.05, trust
+    # the client measured the way back of its first tokens (the workers took it out of the model's time)
+    path = trust["http_path"]
+    assert path["first_tokens_measured"] == 20 and 0 < path["way_back_ms"] < 1000 and path["idle_round_trip_ms"] > 0
     assert not set(emulator_pids()) - before
 
 
