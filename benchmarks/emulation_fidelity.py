@@ -1,10 +1,12 @@
 """Emulation against simulation at time dilation 1: the same spec, plan and seed through real
 processes (router + workers + HTTP client) and through the simulator.
 
-The workers model the engine's API server and take the emulation's own HTTP round trip out of
-it (measured at start with probe requests: ``emulator.cluster.local.calibrate_path``), so the
-emulated TTFT should equal the model's even without dilation, on a quiet machine. Prints both
-runs' TTFT and TPOT and their relative difference.
+The client is `infemu run`'s (``emulator.client.ClusterLink``): it stamps each request's due time and
+measures the way back of every first token under the run's load, and the workers take that out of
+the modelled API server's time (before the first measurements, the launcher's idle probe round trip:
+``emulator.cluster.local.calibrate_path``), so the emulated TTFT should equal the model's even without
+dilation, on a quiet machine. Prints both runs' TTFT and TPOT, their relative difference, the
+measured way back and the workers' own TTFT.
 
     python benchmarks/emulation_fidelity.py                       # the quickstart at D=1
     python benchmarks/emulation_fidelity.py --dilation 4 --rate 8 --requests 300
