@@ -59,6 +59,7 @@ class EngineStepModel:
         return self.profile.host.eager_launch_s * self.kernels.cfg.model.layers
 
     def _combine(self, gpu_total, gpu_interval, host: float, graphed: bool):
+        """The step as the host side shapes it: arrays over steps, or one step's plain floats."""
         if not graphed:
             floor = self._eager_floor_s()
             gpu_total = np.maximum(gpu_total, floor)
@@ -74,14 +75,8 @@ class EngineStepModel:
         padded = self.graph_tokens(shape)
         fast = self.kernels.step_seconds(shape, padded)  # plain floats: see InstanceCostModel.step_seconds
         if fast is not None:
-            total, interval = fast
-            host = self.host_s(shape)
-            if padded is None:
-                floor = self._eager_floor_s()
-                total, interval = max(total, floor), max(interval, floor)
-            if self.profile.host.async_overlap:
-                return StepTime(max(total, host), max(interval, host))
-            return StepTime(total + host, interval + host)
+            total, interval = self._combine(*fast, self.host_s(shape), padded is not None)
+            return StepTime(float(total), float(interval))
         mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
         total, interval = self.kernels.totals(shape, mean_kv, padded)
         total, interval = self._combine(total, interval, self.host_s(shape), padded is not None)

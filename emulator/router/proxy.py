@@ -404,7 +404,7 @@ class Router:
         if value is None:
             return
         try:
-            self.path_overhead_s = _seconds({"seconds": value})
+            self.path_overhead_s = _seconds(value)
         except (ValueError, OverflowError):
             pass  # an absurd report is ignored, as the workers ignore one
 
@@ -605,7 +605,7 @@ class Router:
         if not is_internal(request.headers, self.token):
             return _error(APIError(403, "the path overhead is set by the launcher only", None, "forbidden"))
         try:
-            self.path_overhead_s = _seconds(await read_json_object(request))
+            self.path_overhead_s = _seconds((await read_json_object(request))["seconds"])
         except APIError as exc:
             return _error(exc)
         except (ValueError, TypeError, KeyError, OverflowError) as exc:
@@ -870,11 +870,12 @@ def _is_role_only(line: bytes) -> bool:
     return "role" in delta and not delta.get("content")
 
 
-def _seconds(body: object) -> float:
-    value = float(body["seconds"])  # type: ignore[index]
-    if not 0.0 <= value < 1.0:
+def _seconds(value: object) -> float:
+    """A path-overhead figure in seconds, in [0, 1): anything else is refused."""
+    seconds = float(value)  # type: ignore[arg-type]
+    if not 0.0 <= seconds < 1.0:
         raise ValueError("seconds must be in [0, 1)")
-    return value
+    return seconds
 
 
 def _text_of(resp: dict) -> str:

@@ -66,6 +66,11 @@ class PodFaults:
     def pod(self, instance: str) -> dict | None:
         return self.kube.get("v1", "Pod", self.namespace, self.pod_name(instance))
 
+    def instance_url(self, instance: str) -> str | None:
+        """An instance's address on the pod network: its pod's IP and its own port."""
+        slot = slot_of(self.spec, instance)
+        return self._url(self.kube.get("v1", "Pod", self.namespace, pod_name(self.cluster, slot)), slot.slot)
+
     def _url(self, pod: dict | None, slot: int = 0) -> str | None:
         ip = (pod or {}).get("status", {}).get("podIP")
         return f"http://{ip}:{PORT + slot}" if ip else None
@@ -106,7 +111,7 @@ class PodFaults:
                 if call.target == ROUTER:
                     urls[call.target] = [self._url(p) for p in self.routers()]
                 else:
-                    urls[call.target] = [self._url(self.pod(call.target), slot_of(self.spec, call.target).slot)]
+                    urls[call.target] = [self.instance_url(call.target)]
             for url in urls[call.target]:
                 result = self._post(url, call.path, call.body, call.label)
                 if call.reported:
