@@ -118,6 +118,18 @@ def cross_field_problems(cluster: InferenceCluster) -> list[str]:
             f"(spec.gateway.inferencePool) lists at most {MAX_INFERENCE_POOL_PORTS}; use {MAX_INFERENCE_POOL_PORTS} "
             "or fewer, or disable the InferencePool"
         )
+    if spec.gateway.inference_pool.enabled and per > 1:
+        # the InferencePool sends to every listed port of every selected pod: a pool's last pod must
+        # host a full set of instances, or the endpoint picker would pick ports nothing listens on
+        for i, pool in enumerate(spec.pools):
+            if get_role(pool.role).engine and pool.replicas % per:
+                fuller = -(-pool.replicas // per) * per
+                problems.append(
+                    f"spec.pools[{i}].replicas: {pool.replicas} instances at {per} per pod "
+                    f"(spec.emulation.instancesPerProcess) leave the last pod {pool.replicas % per}, and the "
+                    f"InferencePool (spec.gateway.inferencePool) sends to all {per} ports of every pod; use a "
+                    f"multiple of {per} (e.g. {fuller}) or an instancesPerProcess that divides {pool.replicas}"
+                )
 
     if not problems:
         try:

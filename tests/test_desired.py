@@ -267,11 +267,10 @@ def test_a_dense_pool_packs_its_instances_into_fewer_pods_one_port_each():
     (no tc-init: one pod's tc tree cannot tell its instances apart)."""
     from infemu_operator.desired import CONFIG_HASH
 
-    cluster = _dense(5, 2, inference_pool=True)
+    cluster = _dense(5, 2)
     children = desired_children(cluster, "lab", OperatorSettings(shaping="tc"))
     for obj in children:
-        if obj["kind"] != "InferencePool":  # not a Kubernetes kind: the e2e test's API server checks its CRD
-            kubernetes_validate.validate(obj, "1.30", strict=True)
+        kubernetes_validate.validate(obj, "1.30", strict=True)
     by_kind = {(o["kind"], o["metadata"]["name"]): o for o in children}
     sts = by_kind[("StatefulSet", "quickstart-agg")]
     assert sts["spec"]["replicas"] == 3
@@ -290,7 +289,7 @@ def test_a_dense_pool_packs_its_instances_into_fewer_pods_one_port_each():
     urls = {b["name"]: b["url"] for b in backends}
     assert urls["agg-3"] == "http://quickstart-agg-1.quickstart-agg.lab.svc.cluster.local:8001"
     assert urls["agg-4"] == "http://quickstart-agg-2.quickstart-agg.lab.svc.cluster.local:8000"
-    pool = next(o for o in children if o["kind"] == "InferencePool")
+    pool = next(o for o in desired_children(_dense(6, 2, inference_pool=True), "lab") if o["kind"] == "InferencePool")
     assert pool["spec"]["targetPorts"] == [{"number": 8000}, {"number": 8001}]
 
     def digest(c):
@@ -327,6 +326,18 @@ def test_an_inference_pool_takes_at_most_eight_ports_per_pod():
     problems = cross_field_problems(_dense(9, 9, inference_pool=True))
     assert any(p.startswith("spec.emulation.instancesPerProcess: 9") and "at most 8" in p for p in problems)
     assert not cross_field_problems(_dense(8, 8, inference_pool=True))
+
+
+def test_an_inference_pool_refuses_a_dense_pool_whose_last_pod_is_partly_empty():
+    """The InferencePool lists the same ports for every pod: 5 instances at 2 per pod would leave the
+    third pod's second port with nothing behind it."""
+    from emulator.validation import cross_field_problems
+
+    problems = cross_field_problems(_dense(5, 2, inference_pool=True))
+    assert len(problems) == 1 and problems[0].startswith("spec.pools[0].replicas: 5 instances at 2 per pod")
+    assert "multiple of 2 (e.g. 6)" in problems[0]
+    assert not cross_field_problems(_dense(6, 2, inference_pool=True))
+    assert not cross_field_problems(_dense(5, 2))  # without an InferencePool the last pod hosts what is left
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ import json
 import os
 
 SEL = 'model_name=~"$model_name", namespace=~"$namespace"'
+# Per-instance panels group by pod and scrape endpoint (the port's name, ServiceMonitor targets):
+# a dense pod (spec.emulation.instancesPerProcess) hosts one instance per port.
 NS = 'namespace=~"$namespace"'  # the router's and the retrievers' families carry no model label
 PANELS = [
     (
@@ -67,11 +69,15 @@ PANELS = [
         "Queue per instance",
         "short",
         [
-            (f"sum by (pod) (vllm:num_requests_waiting{{{SEL}}})", "waiting {{pod}}"),
-            (f"sum by (pod) (vllm:num_requests_running{{{SEL}}})", "running {{pod}}"),
+            (f"sum by (pod, endpoint) (vllm:num_requests_waiting{{{SEL}}})", "waiting {{pod}} {{endpoint}}"),
+            (f"sum by (pod, endpoint) (vllm:num_requests_running{{{SEL}}})", "running {{pod}} {{endpoint}}"),
         ],
     ),
-    ("KV-cache usage per instance", "percentunit", [(f"max by (pod) (vllm:kv_cache_usage_perc{{{SEL}}})", "{{pod}}")]),
+    (
+        "KV-cache usage per instance",
+        "percentunit",
+        [(f"max by (pod, endpoint) (vllm:kv_cache_usage_perc{{{SEL}}})", "{{pod}} {{endpoint}}")],
+    ),
     (
         "Link utilisation per tier (logical bytes/s)",
         "Bps",
@@ -98,9 +104,10 @@ PANELS = [
         "percentunit",
         [
             (
-                f"sum by (pod, side) (rate(infemu_afd_busy_seconds_total{{{SEL}}}[$__rate_interval]))"
-                f" / on (pod) group_left sum by (pod) (rate(infemu_afd_step_seconds_total{{{SEL}}}[$__rate_interval]))",
-                "{{side}} {{pod}}",
+                f"sum by (pod, endpoint, side) (rate(infemu_afd_busy_seconds_total{{{SEL}}}[$__rate_interval]))"
+                " / on (pod, endpoint) group_left"
+                f" sum by (pod, endpoint) (rate(infemu_afd_step_seconds_total{{{SEL}}}[$__rate_interval]))",
+                "{{side}} {{pod}} {{endpoint}}",
             )
         ],
     ),
@@ -168,8 +175,11 @@ PANELS = [
         "Emulation timing error (p99, and as a share of the step)",
         "s",
         [
-            (f"max by (pod) (infemu_iteration_timing_error_p99_seconds{{{SEL}}})", "p99 {{pod}}"),
-            (f"max by (pod) (infemu_emulation_overloaded{{{SEL}}})", "overloaded {{pod}}"),
+            (
+                f"max by (pod, endpoint) (infemu_iteration_timing_error_p99_seconds{{{SEL}}})",
+                "p99 {{pod}} {{endpoint}}",
+            ),
+            (f"max by (pod, endpoint) (infemu_emulation_overloaded{{{SEL}}})", "overloaded {{pod}} {{endpoint}}"),
         ],
     ),
 ]
