@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from builders import create_request, create_scheduler, run_to_completion
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from emulator.engine.block_pool import FreeBlockQueue
 from emulator.engine.request import RequestStatus
 
 
@@ -234,16 +236,18 @@ def test_a_preempted_request_that_can_never_run_again_ends_with_an_error():
         max_size=300,
     )
 )
-def test_the_free_block_queue_keeps_lru_order_as_an_ordered_dict_would(ops):
-    """The pool's compact linked list (two int arrays) against the OrderedDict it replaced; ``extend``
-    (a finished request's blocks at once) links a run of up to four absent blocks as appends would,
-    ``popleft_many`` cuts as many poplefts would."""
+@pytest.mark.parametrize("compact_after", [FreeBlockQueue.COMPACT_AFTER, 0])
+def test_the_free_block_queue_keeps_lru_order_as_an_ordered_dict_would(ops, compact_after):
+    """The pool's FIFO array, with stale entries for blocks removed from the middle, against the
+    OrderedDict it models; ``extend`` (a finished request's blocks at once) adds a run of up to four
+    absent blocks as appends would, ``popleft_many`` cuts as many poplefts would; compacting at
+    every chance too, so that those paths run."""
     from collections import OrderedDict
 
-    from emulator.engine.block_pool import FreeBlockQueue
+    class Queue(FreeBlockQueue):
+        COMPACT_AFTER = compact_after
 
-    q, ref = FreeBlockQueue(), OrderedDict()
-    q.grow(40)
+    q, ref = Queue(), OrderedDict()
     for op, b in ops:
         if op == "append" and b not in ref:
             q.append(b)
@@ -262,6 +266,22 @@ def test_the_free_block_queue_keeps_lru_order_as_an_ordered_dict_would(ops):
             assert q.popleft_many(k) == [ref.popitem(last=False)[0] for _ in range(k)]
         assert len(q) == len(ref)
         assert list(q) == list(ref)
+
+
+def test_the_free_block_queue_drops_stale_entries_once_they_outnumber_live_ones():
+    """Prefix hits revive blocks from the middle of the queue; their entries stay behind until the
+    head passes them, or, once they outnumber the live ones, until the array is rebuilt."""
+
+    class Queue(FreeBlockQueue):
+        COMPACT_AFTER = 0
+
+    q = Queue()
+    q.extend([0, 1, 2, 3, 4])
+    for b in (1, 2, 3):
+        q.remove(b)
+    assert len(q._items) == 2 and list(q) == [0, 4]  # rebuilt at the third stale entry
+    q.append(2)
+    assert q.popleft_many(3) == [0, 4, 2] and len(q) == 0
 
 
 def test_a_pool_that_has_touched_every_block_stays_small():

@@ -22,23 +22,20 @@ class RequestStatus(enum.Enum):
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"
 
-    @property
-    def finished(self) -> bool:
-        return self._value_ in _FINISHED  # the value, not the member: str hashing is cached, Enum's is not
+    finished: bool  # set on each member below: a plain attribute, read for every sequence of every step
 
 
-_FINISHED = frozenset(
-    s.value
-    for s in (
-        RequestStatus.FINISHED_LENGTH,
-        RequestStatus.FINISHED_REMOTE_DECODE,
-        RequestStatus.FINISHED_ABORTED,
-        RequestStatus.FINISHED_ERROR,
-    )
+_FINISHED = (
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_REMOTE_DECODE,
+    RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_ERROR,
 )
+for _status in RequestStatus:
+    _status.finished = _status in _FINISHED
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     num_prompt_tokens: int

@@ -191,6 +191,23 @@ class Scheduler:
         # sequence of every step.
         running, in_flight, held_by, bs = self.running, self.in_flight, self.kv.req_blocks, cfg.block_size
         i = 0
+        if decode and not in_flight:
+            # The leading steady decodes (one new token, room in their last block: the general loop's
+            # outcome for them, without its branches) — most of a busy instance's batch.
+            end = min(len(running), budget)
+            while i < end:
+                req = running[i]
+                computed = req.num_computed_tokens
+                if computed < req.num_prompt_tokens or req.num_prompt_tokens + req.num_output_tokens != computed + 1:
+                    break
+                held = held_by.get(req.request_id)
+                if held is None or computed >= len(held) * bs or req.first_scheduled_s is None:
+                    break
+                scheduled.append(ScheduledRequest(req.request_id, 1, computed, req))
+                decode_kv += computed + 1
+                i += 1
+            num_decode = i
+            budget -= i
         while i < len(running) and budget > 0:
             req = running[i]
             computed, prompt = req.num_computed_tokens, req.num_prompt_tokens
@@ -363,21 +380,29 @@ class Scheduler:
         results, self.errored = self.errored, []
         finished_any = False
         in_flight = self.in_flight
-        for s in output.scheduled:
-            in_flight.discard(s.request_id)
+        scheduled = output.scheduled
+        in_flight.difference_update([s.request_id for s in scheduled])
+        sampled = 0
+        for s in scheduled:
             req = s.request
-            if req.is_finished:
+            if req.status.finished:
                 continue  # aborted while in flight
             n = s.num_new_tokens
             computed = req.num_computed_tokens
-            if computed < req.num_prompt_tokens:
-                self.prompt_tokens += min(n, req.num_prompt_tokens - computed)
-            req.num_computed_tokens = computed + n
-            self.kv.cache_full_blocks(req)
-            if req.num_computed_tokens < req.num_tokens:
+            prompt = req.num_prompt_tokens
+            if computed < prompt:
+                self.prompt_tokens += min(n, prompt - computed)
+                req.num_computed_tokens = computed = computed + n
+                self.kv.cache_full_blocks(req)
+            else:
+                req.num_computed_tokens = computed = computed + n
+                if req.kv_role == "consumer":  # its prompt arrived computed: named at its first step
+                    self.kv.cache_full_blocks(req)
+            out = req.num_output_tokens
+            if computed < prompt + out:
                 continue  # a partial prefill chunk samples nothing
-            req.num_output_tokens += 1
-            self.generation_tokens += 1
+            req.num_output_tokens = out = out + 1
+            sampled += 1
             req.add_token_time(now)
             if req.first_token_s is None:
                 req.first_token_s = now
@@ -385,14 +410,15 @@ class Scheduler:
                 self._finish(req, RequestStatus.FINISHED_REMOTE_DECODE, now, hold=True)
                 finished_any = True
                 results.append(RequestOutput(req.request_id, 1, True, "remote_decode"))
-            elif req.num_output_tokens >= req.max_tokens:
+            elif out >= req.max_tokens:
                 self._finish(req, RequestStatus.FINISHED_LENGTH, now)
                 finished_any = True
                 results.append(RequestOutput(req.request_id, 1, True, "length"))
             else:
                 results.append(RequestOutput(req.request_id, 1, False))
+        self.generation_tokens += sampled
         if finished_any:
-            self.running = [r for r in self.running if not r.is_finished]
+            self.running = [r for r in self.running if not r.status.finished]
         return results
 
     def _finish(self, req: Request, status: RequestStatus, now: float, hold: bool = False) -> None:
@@ -423,6 +449,9 @@ class Scheduler:
         if self.waiting and len(self.running) < self.config.max_num_seqs:
             return 0, 0
         if len(self.running) > self.config.max_num_batched_tokens:
+            return 0, 0
+        last = self.running[-1]  # the latest admitted: the one most likely still in its prefill
+        if last.num_computed_tokens < last.num_prompt_tokens or last.kv_role == "producer":
             return 0, 0
         bs = self.config.block_size
         held_by = self.kv.req_blocks
@@ -461,29 +490,28 @@ class Scheduler:
         return int(steps[free]) - 1  # the (free+1)-th allocation cannot be served
 
     def advance_steady(self, end_times: np.ndarray) -> list[RequestOutput]:
-        """Apply ``len(end_times)`` pure-decode steps at once; equal to stepping one by one."""
+        """Apply ``len(end_times)`` pure-decode steps at once; equal to stepping one by one. Returns
+        the outputs of the requests that finished (the others each sampled ``len(end_times)`` tokens:
+        the simulator, this method's one caller, streams them by count and acts on finishes only)."""
         self._changed()
         n = len(end_times)
-        self.kv.grow_decodes(self.running, n)
+        running = self.running
+        self.kv.grow_decodes(running, n)
         results: list[RequestOutput] = []
         last = float(end_times[-1])
         first = float(end_times[0])
         inner_gap = float(np.max(np.diff(end_times))) if n > 1 else 0.0
-        finished_any = False
-        for r in self.running:
+        for r in running:
             r.num_computed_tokens += n
-            r.num_output_tokens += n
+            out = r.num_output_tokens = r.num_output_tokens + n
             r.add_token_times(end_times, first, last, inner_gap)
-            if r.num_output_tokens >= r.max_tokens:
+            if out >= r.max_tokens:
                 self._finish(r, RequestStatus.FINISHED_LENGTH, last)
-                finished_any = True
                 results.append(RequestOutput(r.request_id, n, True, "length"))
-            else:
-                results.append(RequestOutput(r.request_id, n, False))
-        self.generation_tokens += n * len(self.running)
+        self.generation_tokens += n * len(running)
         self.num_iterations += n
-        if finished_any:
-            self.running = [r for r in self.running if not r.is_finished]
+        if results:
+            self.running = [r for r in running if not r.status.finished]
         return results
 
     # ---- observation -------------------------------------------------------------
