@@ -137,6 +137,9 @@ class LogLine:
             return np.full(a.shape, self.scalar(float(a.reshape(-1)[0])))
         lx = np.log(np.maximum(a, 1e-12))
         ly = np.interp(lx, self.lx, self.ly)
-        ly = np.where(lx < self.lx[0], self.ly[0] + self.slope_lo * (lx - self.lx[0]), ly)
-        ly = np.where(lx > self.lx[-1], self.ly[-1] + self.slope_hi * (lx - self.lx[-1]), ly)
+        # extrapolate only where some point lies outside (a stretch's KV lengths rarely do)
+        if lx.min() < self._lx[0]:
+            ly = np.where(lx < self.lx[0], self.ly[0] + self.slope_lo * (lx - self.lx[0]), ly)
+        if lx.max() > self._lx[-1]:
+            ly = np.where(lx > self.lx[-1], self.ly[-1] + self.slope_hi * (lx - self.lx[-1]), ly)
         return np.exp(ly)

@@ -192,16 +192,20 @@ class Scheduler:
         running, in_flight, held_by, bs = self.running, self.in_flight, self.kv.req_blocks, cfg.block_size
         i = 0
         if decode and not in_flight:
-            # The leading steady decodes (one new token, room in their last block: the general loop's
-            # outcome for them, without its branches) — most of a busy instance's batch.
+            # The leading steady decodes (one new token, and room in their last block or a free block
+            # for it: the general loop's outcome for them, without its branches) — most of a busy
+            # instance's batch. The first that cannot get its block goes to the general loop (preemption).
             end = min(len(running), budget)
+            kv = self.kv
             while i < end:
                 req = running[i]
                 computed = req.num_computed_tokens
                 if computed < req.num_prompt_tokens or req.num_prompt_tokens + req.num_output_tokens != computed + 1:
                     break
                 held = held_by.get(req.request_id)
-                if held is None or computed >= len(held) * bs or req.first_scheduled_s is None:
+                if held is None or req.first_scheduled_s is None:
+                    break
+                if computed >= len(held) * bs and not kv.allocate_slots(req, 1):
                     break
                 scheduled.append(ScheduledRequest(req.request_id, 1, computed, req))
                 decode_kv += computed + 1
@@ -265,8 +269,7 @@ class Scheduler:
             decode_kv += admitted_kv
 
         shape = BatchShape(prefill_chunks=tuple(prefill_chunks), num_decode=num_decode, decode_kv_sum=decode_kv)
-        for s in scheduled:
-            self.in_flight.add(s.request_id)
+        self.in_flight.update([s.request_id for s in scheduled])
         if scheduled:
             self.num_iterations += 1
         return SchedulerOutput(tuple(scheduled), shape, tuple(kv_pulls), tuple(preempted))
@@ -403,7 +406,11 @@ class Scheduler:
                 continue  # a partial prefill chunk samples nothing
             req.num_output_tokens = out = out + 1
             sampled += 1
-            req.add_token_time(now)
+            last = req.last_token_s  # Request.add_token_time, inlined: this runs for every token
+            if last is not None and now - last > req.max_itl_s:
+                req.max_itl_s = now - last
+            req.last_token_s = now
+            req.token_chunks.append(now)
             if req.first_token_s is None:
                 req.first_token_s = now
             if req.kv_role == "producer":
@@ -482,10 +489,10 @@ class Scheduler:
         free = self.kv.num_free_blocks
         if min(firsts) > horizon:
             return horizon  # no sequence fills its last block within the horizon
+        if sum((horizon - f) // bs + 1 for f in firsts if f <= horizon) <= free:
+            return horizon  # (in Python: a batch's few dozen sequences cost less than numpy's calls)
         first = np.asarray(firsts, dtype=np.int64)
         counts = np.where(first <= horizon, (horizon - first) // bs + 1, 0)
-        if counts.sum() <= free:
-            return horizon
         steps = np.sort(np.concatenate([f + bs * np.arange(c) for f, c in zip(first, counts, strict=True) if c > 0]))
         return int(steps[free]) - 1  # the (free+1)-th allocation cannot be served
 
