@@ -64,6 +64,9 @@ FIRST_DUE_HEADER = "X-Infemu-First-Token-Due"
 FIRST_DUE_COMMENT = b": infemu-first-token-due "
 REQUEST_ID_HEADER = "X-Request-Id"  # as vLLM: the caller names the completion (`cmpl-<id>`, `chatcmpl-<id>`)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# a streaming response's tokens skip its task while the socket holds less than this unsent (aiohttp's
+# own drain threshold); past it the task writes and awaits the drain, so a slow reader costs bounded memory
+WRITE_THROUGH_LIMIT = 0x10000
 KV_HOLD_TIMEOUT_S = 60.0  # a prefill's KV is released if no decode pulls it by then (vLLM's NIXL abort timeout)
 
 
@@ -457,6 +460,32 @@ class Worker:
             head, tail = token_chunk_frame(g, public)
             vocab = self.model.vocab
             first_due = None
+            transport = request.transport
+            chunked = resp.headers.get("Transfer-Encoding") == "chunked"  # as prepare() chose (HTTP/1.1)
+
+            def step_tokens(count: int) -> bytes:
+                nonlocal position
+                events = []
+                for _ in range(count):
+                    events += (head, json_text(output_token(seed, position, vocab)[1]), tail)
+                    position += 1
+                return b"".join(events)
+
+            def write_through(ev: StreamEvent) -> bool:
+                """A step's tokens straight to the socket, as ``resp.write`` frames them, while the socket
+                takes them; anything else (the end, a slow reader, a closed socket) to this task."""
+                if (
+                    ev.kind != "tokens"
+                    or transport is None
+                    or transport.is_closing()
+                    or transport.get_write_buffer_size() > WRITE_THROUGH_LIMIT
+                ):
+                    handle.sink = None
+                    return False
+                data = step_tokens(ev.count)
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+                return True
+
             while True:
                 ev = await handle.queue.get()
                 if not prefilled and ev.kind != "error":
@@ -464,11 +493,9 @@ class Worker:
                     self._prefilled(req)
                     first_due = ev.at
                 if ev.kind == "tokens":  # one SSE event per token, one write per engine step
-                    events = []
-                    for _ in range(ev.count):
-                        events += (head, json_text(output_token(seed, position, vocab)[1]), tail)
-                        position += 1
-                    await resp.write(b"".join(events))
+                    await resp.write(step_tokens(ev.count))
+                    if handle.queue.empty():  # the headers are out and nothing waits: later steps write through
+                        handle.sink = write_through
                 elif ev.kind == "finish":
                     self.metrics.success[finish_reason].inc()
                     await _sse(resp, stream_chunk(g, public, "" if g.kind != "chat" else None, finish_reason))
@@ -487,6 +514,8 @@ class Worker:
         except (ConnectionResetError, asyncio.CancelledError):
             self.engine.abort(rid)
             raise
+        finally:
+            handle.sink = None
         return resp
 
     # ---- small endpoints ---------------------------------------------------------------

@@ -47,11 +47,17 @@ class Handle:
     request: Request
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     kv_source: dict | None = None
+    # Takes an event where it is delivered, without waking the request's task (True: taken). A
+    # streaming handler sets it to write a step's tokens straight to its socket: waking one task per
+    # stream per step cost more than building and writing the tokens.
+    sink: Callable[[StreamEvent], bool] | None = None
 
 
 def _deliver(events: list[tuple[Handle, StreamEvent]]) -> None:
     for handle, ev in events:
-        handle.queue.put_nowait(ev)
+        sink = handle.sink
+        if sink is None or not sink(ev):
+            handle.queue.put_nowait(ev)
 
 
 class RealTimeEngine:
