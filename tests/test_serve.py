@@ -599,14 +599,18 @@ def test_the_client_reports_the_median_way_back_once_it_has_enough_first_tokens(
 
 async def test_a_steps_first_tokens_go_out_ahead_of_its_other_tokens(monkeypatch):
     """Worker, router and client each handle one step's tokens stream after stream: a first token at
-    the back of the batch would add their whole burst to TTFT."""
+    the back of the batch would add their whole burst to TTFT. The worker writes them where the engine
+    delivers them, in that order: none waits for its stream's task (first tokens included), while the
+    client reads."""
     import emulator.serve.engine_loop as engine_loop
 
     delivered: list[list] = []
+    deferred: list[str] = []
     deliver = engine_loop._deliver
 
     def record(events):
         delivered.append([(h.request.request_id, ev.count) for h, ev in events if ev.kind == "tokens"])
+        deferred.extend(h.request.request_id for h, ev in events if ev.kind == "tokens" and h.sink is None)
         deliver(events)
 
     monkeypatch.setattr(engine_loop, "_deliver", record)
@@ -614,11 +618,11 @@ async def test_a_steps_first_tokens_go_out_ahead_of_its_other_tokens(monkeypatch
     async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as c:
         streams = []
         for i in range(6):  # each joins the running batch while the earlier ones decode
-            body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 40, "ignore_eos": True}
+            body = {"model": MODEL, "prompt": f"p{i}", "max_tokens": 40, "ignore_eos": True, "stream": True}
             streams.append(asyncio.ensure_future(c.post("/v1/completions", json=body)))
             await asyncio.sleep(0.03)
         for resp in await asyncio.gather(*streams):
-            assert resp.status == 200
+            assert resp.status == 200 and len(await sse_events(resp)) == 40 + 2
     # a step that gave some requests their first token and others their next: the new ones lead
     seen: set[str] = set()
     checked = 0
@@ -629,3 +633,23 @@ async def test_a_steps_first_tokens_go_out_ahead_of_its_other_tokens(monkeypatch
             checked += 1
             assert new == sorted(new, reverse=True), step
     assert checked >= 3
+    assert not deferred
+
+
+async def test_a_stream_whose_socket_is_backed_up_goes_through_its_task_unchanged(monkeypatch):
+    """A reader that does not keep up must not make the worker buffer without bound: past the limit a
+    step's tokens go through the stream's task, which awaits the socket's drain. With the limit below
+    zero every step takes that way; the stream reads exactly as when its tokens are written through."""
+    import emulator.serve.app as app
+
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 9, "ignore_eos": True, "stream": True}
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    streams = []
+    for limit in (app.WRITE_THROUGH_LIMIT, -1):
+        monkeypatch.setattr(app, "WRITE_THROUGH_LIMIT", limit)
+        async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as c:
+            events = await sse_events(await c.post("/v1/completions", json=body))
+        streams.append(
+            [e if e == "[DONE]" else (e["choices"][0]["text"], e["choices"][0]["finish_reason"]) for e in events]
+        )
+    assert streams[0] == streams[1] and len(streams[0]) == 9 + 2

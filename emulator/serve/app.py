@@ -463,17 +463,25 @@ class Worker:
             transport = request.transport
             chunked = resp.headers.get("Transfer-Encoding") == "chunked"  # as prepare() chose (HTTP/1.1)
 
-            def step_tokens(count: int) -> bytes:
-                nonlocal position
+            def step_tokens(ev: StreamEvent) -> bytes:
+                """A step's tokens as SSE events; the first step's marks the prompt done."""
+                nonlocal position, prefilled, first_due
+                if not prefilled:
+                    prefilled = True
+                    self._prefilled(req)
+                    first_due = ev.at
                 events = []
-                for _ in range(count):
+                for _ in range(ev.count):
                     events += (head, json_text(output_token(seed, position, vocab)[1]), tail)
                     position += 1
                 return b"".join(events)
 
             def write_through(ev: StreamEvent) -> bool:
-                """A step's tokens straight to the socket, as ``resp.write`` frames them, while the socket
-                takes them; anything else (the end, a slow reader, a closed socket) to this task."""
+                """A step's tokens straight to the socket where the engine delivers them, framed as
+                ``resp.write`` frames them, while the socket takes them: waking this task for every
+                stream's every step cost more than the tokens, and the engine writes a step's first
+                tokens ahead of its others. Anything else (the end, an error, a slow reader, a closed
+                socket) goes to this task."""
                 if (
                     ev.kind != "tokens"
                     or transport is None
@@ -482,21 +490,23 @@ class Worker:
                 ):
                     handle.sink = None
                     return False
-                data = step_tokens(ev.count)
+                data = step_tokens(ev)
                 transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
                 return True
 
+            await resp.write(b"")  # the headers go now (as vLLM's server sends them), not with the first token
+            if handle.queue.empty():
+                handle.sink = write_through
             while True:
                 ev = await handle.queue.get()
-                if not prefilled and ev.kind != "error":
-                    prefilled = True
-                    self._prefilled(req)
-                    first_due = ev.at
                 if ev.kind == "tokens":  # one SSE event per token, one write per engine step
-                    await resp.write(step_tokens(ev.count))
-                    if handle.queue.empty():  # the headers are out and nothing waits: later steps write through
+                    await resp.write(step_tokens(ev))
+                    if handle.queue.empty():  # caught up again: later steps write through
                         handle.sink = write_through
                 elif ev.kind == "finish":
+                    if not prefilled:
+                        prefilled = True
+                        self._prefilled(req)
                     self.metrics.success[finish_reason].inc()
                     await _sse(resp, stream_chunk(g, public, "" if g.kind != "chat" else None, finish_reason))
                     if g.include_usage:
