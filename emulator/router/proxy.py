@@ -665,9 +665,14 @@ class Router:
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+: a rescheduled deadline, no task per await
 
 
+# a stream's stall is declared between idle_s and idle_s * (1 + IDLE_SLACK) of silence: moving its
+# deadline at every read (two timer operations per streamed block) cost more than relaying the block
+IDLE_SLACK = 1 / 64
+
+
 async def _relay_blocks(resp, state: _ClientStream, idle_s: float) -> None:
     """Relay whole reads, not line by line, until the backend ends the stream; a silence past
-    ``idle_s`` is a stall (TimeoutError). One deadline moved forward per read instead of a
+    ``idle_s`` is a stall (TimeoutError). One deadline moved forward now and then instead of a
     ``wait_for`` per read, which wraps every read in a task of its own (the relay's largest cost
     per token)."""
     read = resp.content.readany
@@ -676,14 +681,24 @@ async def _relay_blocks(resp, state: _ClientStream, idle_s: float) -> None:
             await state.write(block)
         return
     loop = asyncio.get_running_loop()
+    slack = idle_s * IDLE_SLACK
     async with _timeout(idle_s) as deadline:
+        armed = loop.time()
         while True:
             block = await read()
             if not block:
                 return
-            deadline.reschedule(None)  # the write has its own limit (a client that does not read)
-            await state.write(block)
-            deadline.reschedule(loop.time() + idle_s)
+            if state.writes_at_once(len(block)):
+                await state.write(block)  # cannot wait: the read deadline need not pause for it
+                now = loop.time()
+                if now - armed > slack:  # moved only once in a while: never before idle_s of silence
+                    armed = now
+                    deadline.reschedule(now + idle_s + slack)
+            else:
+                deadline.reschedule(None)  # the write has its own limit (a client that does not read)
+                await state.write(block)
+                armed = loop.time()
+                deadline.reschedule(armed + idle_s + slack)
 
 
 class _ClientStream:
@@ -700,6 +715,8 @@ class _ClientStream:
         self.first_due = False  # ask the worker when the model released the first token (`infemu run`'s client)
         self.write_timeout_s: float | None = None  # a client that takes no bytes this long is cut off
         self.write_timed_out = False
+        self._low_water: int | None = None
+        self._chunked = False
         self.resp: web.StreamResponse | None = None
         self.started = False
         self.done = False
@@ -711,18 +728,38 @@ class _ClientStream:
         self.tokens = 0
         self.ok = False
 
+    def writes_at_once(self, size: int) -> bool:
+        """Whether a write of ``size`` bytes cannot wait. aiohttp's write waits only while the transport
+        has paused its writers, which it does past its high-water mark and undoes at its low-water
+        mark: a transport at or below the low mark is not paused, and a write that keeps it there does
+        not pause it."""
+        transport = self.request.transport
+        if self.resp is None or transport is None:
+            return False
+        if self._low_water is None:
+            self._low_water = transport.get_write_buffer_limits()[0]
+        return transport.get_write_buffer_size() + size <= self._low_water
+
     async def _prepare(self) -> web.StreamResponse:
         if self.resp is None:
             self.resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await self.resp.prepare(self.request)
+            self._chunked = self.resp.headers.get("Transfer-Encoding") == "chunked"  # as prepare() chose
         return self.resp
 
     async def write(self, line: bytes) -> None:
         if b"data: [DONE]" in line[-16:]:
             self.done = True
         try:
-            resp = await self._prepare()
-            if self.write_timeout_s is None or _timeout is None:
+            resp = self.resp or await self._prepare()
+            if self.started and self.writes_at_once(len(line)):
+                # the headers are out and the socket takes it without pausing: straight to the socket,
+                # framed as resp.write frames it (its coroutine cost more than the write)
+                transport = self.request.transport
+                if transport.is_closing():
+                    raise ConnectionResetError("the client closed the connection")
+                transport.write(b"%x\r\n%b\r\n" % (len(line), line) if self._chunked else line)
+            elif self.write_timeout_s is None or _timeout is None:
                 await asyncio.wait_for(resp.write(line), self.write_timeout_s)
             else:  # a deadline without the task wait_for makes around every write
                 async with _timeout(self.write_timeout_s):
