@@ -331,3 +331,50 @@ def test_the_longest_token_gap_is_kept_as_tokens_come(chunks):
     full = req.token_times()
     expected = float(np.max(np.diff(full))) if len(full) > 1 else 0.0
     assert req.max_itl_s == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(st.integers(1, 300), st.integers(1, 120), st.integers(0, 40), st.sampled_from([None, 1, 2])),
+        min_size=1,
+        max_size=24,
+    ),
+    num_blocks=st.integers(30, 200),
+    budget=st.sampled_from([64, 256, 2048]),
+    caching=st.booleans(),
+)
+def test_the_steady_decode_fast_path_schedules_what_the_general_loop_does(requests, num_blocks, budget, caching):
+    """Scheduler._schedule takes its leading steady decodes on a fast path (the simulator's and the
+    worker's commonest case); with it off, every request goes through the general loop. Under tight KV
+    (preemptions), chunked prefills and prefix hits, both schedule the same steps and sample the same
+    tokens."""
+    runs = []
+    for fast in (True, False):
+
+        class Sched(type(create_scheduler())):
+            FAST_DECODES = fast
+
+        sched = Sched(create_scheduler(num_blocks=num_blocks, max_num_batched_tokens=budget, caching=caching).config)
+        trace = []
+        now = 0.0
+        for step in range(2000):
+            for i, (prompt, output, at, prefix) in enumerate(requests):
+                if at == step:
+                    sched.add_request(create_request(f"r{i}", prompt, output, now, prefix, prefix_len=48))
+            if not sched.has_work() and step > 40:
+                break
+            out = sched.schedule(now)
+            now += 0.01
+            done = sched.update_from_output(out, now)
+            trace.append(
+                (
+                    [(s.request_id, s.num_new_tokens, s.num_context_tokens) for s in out.scheduled],
+                    out.shape,
+                    out.preempted,
+                    done,
+                    sched.kv.num_free_blocks,
+                )
+            )
+        runs.append(trace)
+    assert runs[0] == runs[1]

@@ -25,6 +25,10 @@ from emulator.engine.request import Request, RequestStatus
 
 
 class Scheduler:
+    # steady decodes take _schedule's fast path (False: the general loop only — the reference a test
+    # compares the fast path with)
+    FAST_DECODES = True
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.kv = KVCacheManager(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
@@ -191,7 +195,7 @@ class Scheduler:
         # sequence of every step.
         running, in_flight, held_by, bs = self.running, self.in_flight, self.kv.req_blocks, cfg.block_size
         i = 0
-        if decode and not in_flight:
+        if decode and not in_flight and self.FAST_DECODES:
             # The leading steady decodes (one new token, and room in their last block or a free block
             # for it: the general loop's outcome for them, without its branches) — most of a busy
             # instance's batch. The first that cannot get its block goes to the general loop (preemption).
