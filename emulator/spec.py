@@ -416,7 +416,8 @@ class TimeoutSpec(_Model):
         30_000.0,
         gt=0,
         le=86_400_000,
-        description="From sending a request to a backend to its response headers; past it, the request is retried.",
+        description="From sending a request to a backend to the first byte of its answer (a stream's first body "
+        "byte, not only its headers); past it, the request is retried.",
     )
     idle_ms: float = Field(
         10_000.0,

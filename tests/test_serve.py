@@ -421,6 +421,54 @@ async def test_a_backend_dying_mid_answer_is_retried_elsewhere_never_a_bare_500(
                 assert (await resp.json())["usage"]["completion_tokens"] == 3
 
 
+async def _silent_stream_backend() -> tuple[asyncio.AbstractServer, str]:
+    """A backend that answers health checks and, to a POST, sends a stream's headers and then nothing
+    (a worker that hangs in a prefill after the headers went out, as vLLM sends them at once)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next((ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")), 0)
+        )
+        if length:
+            await reader.readexactly(length)
+        if head.startswith(b"POST"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(60)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_a_stream_with_headers_but_no_first_byte_is_retried_at_the_first_byte_deadline():
+    """The first-byte deadline covers a stream until its first body byte, not only its headers: a request
+    stuck in a prefill is retried elsewhere after firstByteMs (here 0.3 s), long before idleMs (30 s)."""
+    from emulator.router.proxy import RouterSettings, create_router_app
+    from emulator.spec import RouterSpec
+
+    server, url = await _silent_stream_backend()
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    resilience = RouterSpec.model_validate({"timeouts": {"firstByteMs": 300, "idleMs": 30_000}})
+    async with server, TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as good:
+        backends = (("silent-0", "aggregated", url), ("agg-0", "aggregated", str(good.make_url("")).rstrip("/")))
+        router = create_router_app(RouterSettings(MODEL, 8192, "round_robin", backends, resilience=resilience))
+        async with TestClient(TestServer(router)) as c:
+            loop = asyncio.get_running_loop()
+            for _ in range(2):  # round robin: one of the two lands on the silent backend first
+                started = loop.time()
+                body = {"model": MODEL, "prompt": "hi there", "max_tokens": 3, "stream": True}
+                events = await sse_events(await c.post("/v1/completions", json=body))
+                assert events[-1] == "[DONE]" and len(events) == 3 + 2
+                assert loop.time() - started < 10
+            metrics = (await (await c.get("/metrics")).text()).splitlines()
+        assert any(ln.startswith("infemu_router_timeouts_total") and 'stage="first_byte"' in ln for ln in metrics)
+
+
 async def test_a_router_defect_is_an_explicit_error_never_a_bare_500():
     """Whatever goes wrong inside the router while it serves a request, the client gets an OpenAI error
     (code router_error) and the trace goes to the router's log, not aiohttp's plain-text HTTP 500."""

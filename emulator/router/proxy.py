@@ -448,6 +448,9 @@ class Router:
     async def _relay_once(
         self, backend: Backend, path: str, body: dict, state: _ClientStream, skip_role_chunk: bool, raw: bytes | None
     ) -> web.StreamResponse:
+        # a worker sends its stream's headers at once (as vLLM does): the first-byte deadline holds
+        # until the stream's first body byte, which a request still in its prefill has not sent
+        first_by = asyncio.get_running_loop().time() + self.res.first_byte_s
         resp = await self._open(backend, path, body, state, raw)
         async with resp:
             whole = resp.status >= 400 or "text/event-stream" not in resp.headers.get("Content-Type", "")
@@ -471,7 +474,10 @@ class Router:
                         blank = await asyncio.wait_for(resp.content.readline(), self.res.idle_s)
                         if blank.strip():
                             await state.write(blank)
-                await _relay_blocks(resp, state, self.res.idle_s)
+                await _relay_blocks(resp, state, self.res.idle_s, None if skip_role_chunk else first_by)
+            except _NoFirstByte:
+                self.timeouts.labels("first_byte").inc()
+                raise BackendFailed(f"{backend.name} sent no response within {self.res.first_byte_s:.1f} s") from None
             except (ClientError, asyncio.TimeoutError, OSError) as exc:
                 stalled = isinstance(exc, asyncio.TimeoutError)
                 if stalled:
@@ -670,12 +676,25 @@ _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+: a rescheduled dead
 IDLE_SLACK = 1 / 64
 
 
-async def _relay_blocks(resp, state: _ClientStream, idle_s: float) -> None:
+class _NoFirstByte(Exception):
+    """The stream's headers came, its first body byte not by the first-byte deadline."""
+
+
+async def _relay_blocks(resp, state: _ClientStream, idle_s: float, first_by: float | None = None) -> None:
     """Relay whole reads, not line by line, until the backend ends the stream; a silence past
-    ``idle_s`` is a stall (TimeoutError). One deadline moved forward now and then instead of a
-    ``wait_for`` per read, which wraps every read in a task of its own (the relay's largest cost
-    per token)."""
+    ``idle_s`` is a stall (TimeoutError). The first read waits until ``first_by`` (loop time; None:
+    ``idle_s``), past which it is no response at all (_NoFirstByte). One deadline moved forward now
+    and then instead of a ``wait_for`` per read, which wraps every read in a task of its own (the
+    relay's largest cost per token)."""
     read = resp.content.readany
+    if first_by is not None:
+        try:
+            block = await asyncio.wait_for(read(), max(first_by - asyncio.get_running_loop().time(), 0.0))
+        except asyncio.TimeoutError:
+            raise _NoFirstByte from None
+        if not block:
+            return
+        await state.write(block)
     if _timeout is None:
         while block := await asyncio.wait_for(read(), idle_s):
             await state.write(block)
