@@ -229,6 +229,23 @@ def _pool_cost_models():
     return out
 
 
+def test_a_decode_stretch_is_priced_as_the_array_path_prices_each_of_its_steps_to_the_last_bit():
+    """``decode_stretch_s`` prices a simulated stretch's steps through ``decode_totals`` (no step
+    interval, no zero terms); every step must cost exactly what ``totals`` and the host side give it."""
+    checked = 0
+    for name, model in _pool_cost_models():
+        for batch, kv_start, steps in ((1, 1, 3), (8, 8 * 900, 40), (31, 31 * 2048, 7), (200, 200 * 5000, 5)):
+            shape = BatchShape(num_decode=batch, decode_kv_sum=kv_start)
+            padded = model.graph_tokens(shape)
+            mean_kv = (kv_start + np.arange(steps, dtype=np.int64) * batch) / batch
+            total, interval = model.kernels.totals(shape, mean_kv, padded)
+            expected, _ = model._combine(total, interval, model.host_s(shape), padded is not None)
+            got = model.decode_stretch_s(batch, kv_start, steps)
+            assert got.tolist() == expected.tolist(), (name, batch)
+            checked += 1
+    assert checked >= 20
+
+
 def test_a_steps_seconds_in_plain_floats_equal_the_array_path_to_the_last_bit():
     """``step_time`` prices one step in plain floats (the emulation's and the simulator's commonest call);
     the array path it stands in for must give exactly the same seconds, prefills, decodes and mixes."""

@@ -215,6 +215,10 @@ class AfdKernels:
         """An AFD step has no plain-float path (``InstanceCostModel.step_seconds``): ``totals`` prices it."""
         return None
 
+    def decode_totals(self, num_decode: int, mean_kv: np.ndarray, gemm_tokens: int | None = None) -> np.ndarray:
+        """``InstanceCostModel.decode_totals``: a decode-only step's totals over mean KV lengths."""
+        return self.totals(BatchShape(num_decode=num_decode), mean_kv, gemm_tokens)[0]
+
     def totals(self, shape: BatchShape, mean_kv: np.ndarray, gemm_tokens: int | None = None):
         if shape.num_tokens == 0:
             return np.zeros_like(mean_kv, dtype=np.float64), np.zeros_like(mean_kv, dtype=np.float64)

@@ -313,6 +313,22 @@ class InstanceCostModel:
         interval = compute / self.cfg.pp + self.cfg.step_overhead_s
         return total, interval
 
+    def decode_totals(self, num_decode: int, mean_kv: np.ndarray, gemm_tokens: int | None = None) -> np.ndarray:
+        """``totals(...)[0]`` of a decode-only step over an array of mean KV lengths (a simulated
+        stretch's steps): the same operations in the same order on the terms that are not zero, without
+        the step interval nobody reads (the simulator prices a stretch after nearly every step)."""
+        if self.cfg.dp > 1 or num_decode <= 0:
+            return self.totals(BatchShape(num_decode=num_decode), mean_kv, gemm_tokens)[0]
+        # totals: 0 + the fixed terms + the (no) prefill terms + each decode term, + p2p + overhead
+        compute = None
+        fixed = self._fixed_total(gemm_tokens or num_decode, num_decode)
+        for v in self.attention.decode_s(num_decode, mean_kv).values():
+            compute = fixed + v if compute is None else compute + v
+        if compute is None:
+            compute = np.full(np.shape(mean_kv), fixed)
+        p2p = (self.cfg.pp - 1) * self._pp_send_recv_s(num_decode)
+        return compute + p2p + self.cfg.step_overhead_s
+
     def step_seconds(self, shape: BatchShape, gemm_tokens: int | None = None) -> tuple[float, float] | None:
         """``totals`` for one step in plain floats — every step of the emulation and every step the
         simulator takes one at a time asks this, and a dozen numpy operations on one-element arrays

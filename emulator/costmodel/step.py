@@ -86,9 +86,11 @@ class EngineStepModel:
         shape = BatchShape(num_decode=num_decode, decode_kv_sum=kv_sum_start)
         padded = self.graph_tokens(shape)
         kv_sums = kv_sum_start + np.arange(steps, dtype=np.int64) * num_decode
-        total, interval = self.kernels.totals(shape, kv_sums / num_decode, padded)
-        total, _ = self._combine(total, interval, self.host_s(shape), padded is not None)
-        return total
+        total = self.kernels.decode_totals(num_decode, kv_sums / num_decode, padded)
+        if padded is None:
+            total = np.maximum(total, self._eager_floor_s())
+        host = self.host_s(shape)
+        return np.maximum(total, host) if self.profile.host.async_overlap else total + host
 
     def breakdown(self, shape: BatchShape) -> dict[str, float]:
         """Seconds per kernel, plus the host-side terms as the step sees them."""
