@@ -377,9 +377,9 @@ def test_token_chunk_frame_is_the_serialised_chunk_byte_for_byte():
             assert head + json_text(text) + tail == expected + b"\n\n"
 
 
-async def _breaking_backend(status: int) -> tuple[asyncio.AbstractServer, str]:
-    """A backend that passes health checks but dies halfway through every answer to a POST: the status
-    line and headers arrive, then the connection closes 10 bytes into a 200-byte body."""
+async def _raw_backend(answer_post) -> tuple[asyncio.AbstractServer, str]:
+    """A backend speaking raw HTTP: a health check gets 200 ``{}``, a POST whatever ``answer_post``
+    writes to the connection (which closes after it)."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -389,10 +389,7 @@ async def _breaking_backend(status: int) -> tuple[asyncio.AbstractServer, str]:
         if length:
             await reader.readexactly(length)
         if head.startswith(b"POST"):
-            writer.write(
-                f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n".encode()
-            )
-            writer.write(b'{"error": ')
+            await answer_post(writer)
         else:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
         await writer.drain()
@@ -400,6 +397,17 @@ async def _breaking_backend(status: int) -> tuple[asyncio.AbstractServer, str]:
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def _breaking_backend(status: int) -> tuple[asyncio.AbstractServer, str]:
+    """A backend that passes health checks but dies halfway through every answer to a POST: the status
+    line and headers arrive, then the connection closes 10 bytes into a 200-byte body."""
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n".encode())
+        writer.write(b'{"error": ')
+
+    return await _raw_backend(answer)
 
 
 @pytest.mark.parametrize("status", [500, 200])
@@ -425,24 +433,12 @@ async def _silent_stream_backend() -> tuple[asyncio.AbstractServer, str]:
     """A backend that answers health checks and, to a POST, sends a stream's headers and then nothing
     (a worker that hangs in a prefill after the headers went out, as vLLM sends them at once)."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(
-            next((ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")), 0)
-        )
-        if length:
-            await reader.readexactly(length)
-        if head.startswith(b"POST"):
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(60)
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-            await writer.drain()
-        writer.close()
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(60)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    return await _raw_backend(answer)
 
 
 async def test_a_stream_with_headers_but_no_first_byte_is_retried_at_the_first_byte_deadline():
