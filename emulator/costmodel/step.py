@@ -58,15 +58,16 @@ class EngineStepModel:
     def _eager_floor_s(self) -> float:
         return self.profile.host.eager_launch_s * self.kernels.cfg.model.layers
 
-    def _combine(self, gpu_total, gpu_interval, host: float, graphed: bool):
-        """The step as the host side shapes it: arrays over steps, or one step's plain floats."""
+    def _shaped(self, gpu, host: float, graphed: bool):
+        """A GPU time as the host side shapes it (arrays over steps, or one step's plain float): an eager
+        step takes at least its launches; the host's work overlaps it (async scheduling) or adds to it."""
         if not graphed:
-            floor = self._eager_floor_s()
-            gpu_total = np.maximum(gpu_total, floor)
-            gpu_interval = np.maximum(gpu_interval, floor)
-        if self.profile.host.async_overlap:
-            return np.maximum(gpu_total, host), np.maximum(gpu_interval, host)
-        return gpu_total + host, gpu_interval + host
+            gpu = np.maximum(gpu, self._eager_floor_s())
+        return np.maximum(gpu, host) if self.profile.host.async_overlap else gpu + host
+
+    def _combine(self, gpu_total, gpu_interval, host: float, graphed: bool):
+        """The step's total and interval as the host side shapes them."""
+        return self._shaped(gpu_total, host, graphed), self._shaped(gpu_interval, host, graphed)
 
     # ---- CostModel ------------------------------------------------------------------------
     def step_time(self, shape: BatchShape) -> StepTime:
@@ -86,11 +87,9 @@ class EngineStepModel:
         shape = BatchShape(num_decode=num_decode, decode_kv_sum=kv_sum_start)
         padded = self.graph_tokens(shape)
         kv_sums = kv_sum_start + np.arange(steps, dtype=np.int64) * num_decode
-        total = self.kernels.decode_totals(num_decode, kv_sums / num_decode, padded)
-        if padded is None:
-            total = np.maximum(total, self._eager_floor_s())
-        host = self.host_s(shape)
-        return np.maximum(total, host) if self.profile.host.async_overlap else total + host
+        return self._shaped(
+            self.kernels.decode_totals(num_decode, kv_sums / num_decode, padded), self.host_s(shape), padded is not None
+        )
 
     def breakdown(self, shape: BatchShape) -> dict[str, float]:
         """Seconds per kernel, plus the host-side terms as the step sees them."""

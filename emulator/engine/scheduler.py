@@ -410,11 +410,7 @@ class Scheduler:
                 continue  # a partial prefill chunk samples nothing
             req.num_output_tokens = out = out + 1
             sampled += 1
-            last = req.last_token_s  # Request.add_token_time, inlined: this runs for every token
-            if last is not None and now - last > req.max_itl_s:
-                req.max_itl_s = now - last
-            req.last_token_s = now
-            req.token_chunks.append(now)
+            req.add_token_time(now)
             if req.first_token_s is None:
                 req.first_token_s = now
             if req.kv_role == "producer":

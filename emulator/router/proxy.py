@@ -46,6 +46,7 @@ from emulator.serve.app import (
     REQUEST_ID_HEADER,
     TIMING_HEADER,
     add_probe_routes,
+    body_framer,
     caller_request_id,
     json_errors,
     models_body,
@@ -735,7 +736,7 @@ class _ClientStream:
         self.write_timeout_s: float | None = None  # a client that takes no bytes this long is cut off
         self.write_timed_out = False
         self._low_water: int | None = None
-        self._chunked = False
+        self._frame = None  # body_framer(resp) once the response is prepared
         self.resp: web.StreamResponse | None = None
         self.started = False
         self.done = False
@@ -763,7 +764,7 @@ class _ClientStream:
         if self.resp is None:
             self.resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await self.resp.prepare(self.request)
-            self._chunked = self.resp.headers.get("Transfer-Encoding") == "chunked"  # as prepare() chose
+            self._frame = body_framer(self.resp)
         return self.resp
 
     async def write(self, line: bytes) -> None:
@@ -777,7 +778,7 @@ class _ClientStream:
                 transport = self.request.transport
                 if transport.is_closing():
                     raise ConnectionResetError("the client closed the connection")
-                transport.write(b"%x\r\n%b\r\n" % (len(line), line) if self._chunked else line)
+                transport.write(self._frame(line))
             elif self.write_timeout_s is None or _timeout is None:
                 await asyncio.wait_for(resp.write(line), self.write_timeout_s)
             else:  # a deadline without the task wait_for makes around every write

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
@@ -461,7 +462,7 @@ class Worker:
             vocab = self.model.vocab
             first_due = None
             transport = request.transport
-            chunked = resp.headers.get("Transfer-Encoding") == "chunked"  # as prepare() chose (HTTP/1.1)
+            frame = body_framer(resp)
 
             def step_tokens(ev: StreamEvent) -> bytes:
                 """A step's tokens as SSE events; the first step's marks the prompt done."""
@@ -491,7 +492,7 @@ class Worker:
                     handle.sink = None
                     return False
                 data = step_tokens(ev)
-                transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+                transport.write(frame(data))
                 return True
 
             await resp.write(b"")  # the headers go now (as vLLM's server sends them), not with the first token
@@ -689,6 +690,14 @@ async def _probe(request: web.Request, kind: str) -> web.StreamResponse:
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+
+
+def body_framer(resp: web.StreamResponse) -> Callable[[bytes], bytes]:
+    """How ``resp.write`` puts body bytes on the wire, as ``prepare()`` chose (an HTTP/1.1 chunk, or the
+    bytes as they are), for a stream whose headers are out and whose bytes go straight to its socket."""
+    if resp.headers.get("Transfer-Encoding") == "chunked":
+        return lambda data: b"%x\r\n%b\r\n" % (len(data), data)
+    return lambda data: data
 
 
 async def _sse(resp: web.StreamResponse, obj: dict) -> None:
