@@ -2,10 +2,12 @@
 
 Azure LLM 2023 conversation trace (19,366 requests over an hour) on:
   a) one aggregated Llama-3.1-8B instance on an A100-80G (Vidur covers the same
-     configuration; on this 2-core machine Vidur takes 38 s wall for it), and
+     configuration; on this 2-core machine Vidur takes 26.3 s wall for it with its plots off,
+     as issue 17 measured it side by side), and
   b) four such instances on H100, least-loaded routing.
 Prints wall seconds, simulated seconds, requests and events per wall second and
-peak memory (each configuration runs in its own process). Target: a) <= 10 s.
+peak memory (each configuration runs in its own process). Targets for a): <= 10 s (the first
+one), <= 1/10 of Vidur's time (issue 17: 2.63 s).
 
     python benchmarks/sim_speed.py [--trace PATH] [--json]
     python benchmarks/sim_speed.py --fleet 1x2000,8x20000,64x20000,256x20000,1024x20000,1024x100000
@@ -34,7 +36,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TRACE = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "traces", "azure_llm_2023_conv.csv"))
-VIDUR_WALL_S = 38.0  # measured on this machine by the issue's author (Vidur, same trace, same model/GPU)
+# Vidur on this machine, same trace, model and GPU, its plots off: issue 17's side-by-side figure (an
+# earlier note quoted 38 s). Vidur's A100 Llama-3-8B profile is missing from the snapshot this session
+# could fetch (an absent blob, a git-LFS pointer in forks), so it is not rerun here.
+VIDUR_WALL_S = 26.3
+VIDUR_TARGET_RATIO = 10.0  # issue 17: at most 1/10 of Vidur's time
 
 CONFIGS = {
     "1x-a100-llama8b": {"gpu": "a100-sxm-80g", "replicas": 1},
@@ -196,9 +202,12 @@ def main() -> None:
         )
     a100 = rows[0]
     verdict = "meets" if a100["wall_s"] <= 10 else "misses"
+    ratio = VIDUR_WALL_S / a100["wall_s"]
+    vidur_verdict = "meets" if ratio >= VIDUR_TARGET_RATIO else "misses"
     print(
         f"single A100 instance: {a100['wall_s']:.2f} s wall ({verdict} the 10 s target); "
-        f"{VIDUR_WALL_S / a100['wall_s']:.1f}x faster than Vidur's {VIDUR_WALL_S:.0f} s on this machine"
+        f"{ratio:.1f}x faster than Vidur's {VIDUR_WALL_S:.1f} s on this machine "
+        f"({vidur_verdict} the {VIDUR_TARGET_RATIO:.0f}x target: <= {VIDUR_WALL_S / VIDUR_TARGET_RATIO:.2f} s)"
     )
 
 

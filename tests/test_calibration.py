@@ -184,6 +184,62 @@ def test_the_robust_linearised_solve_recovers_constants_and_ignores_an_outlier_g
     assert np.allclose(F.solve(lin, mask, max_step=1e6), truth, rtol=0.05)
 
 
+class _Row:
+    def __init__(self, i: int, ttft_ms: float, tpot_ms: float) -> None:
+        self.id, self.ttft_ms, self.tpot_ms = f"row-{i}", ttft_ms, tpot_ms
+
+
+class _Ex:
+    def __init__(self, row: _Row, queue_ms: float, step_ms: float) -> None:
+        self.row, self.queue_ms, self.step_ms = row, queue_ms, step_ms
+
+
+def _queue_like_simulator(monkeypatch, truth: np.ndarray) -> list[_Ex]:
+    """Rows whose 'simulated' TTFT responds to the API latency as a closed-loop queue does: the latency
+    adds itself but spreads the clients, so their wait shrinks (not linear in the constant; still
+    rising), and TPOT to the fixed step time."""
+
+    def ttft(ex: _Ex, theta: np.ndarray) -> float:
+        latency = theta[0]
+        return ex.queue_ms / (1.0 + latency / 100.0) + 3.0 * latency + 20.0
+
+    def tpot(ex: _Ex, theta: np.ndarray) -> float:
+        return ex.step_ms + theta[3] / 1000.0
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(60):
+        ex = _Ex(_Row(i, 0.0, 0.0), float(rng.uniform(10, 250)), float(rng.uniform(5, 40)))
+        ex.row.ttft_ms, ex.row.tpot_ms = ttft(ex, truth), tpot(ex, truth)
+        rows.append(ex)
+
+    def run_rows(jobs, workers=1, progress=None):
+        return [F.Prediction(ex.row.id, ttft(ex, th), tpot(ex, th), 1, 0, None, 0.0) for ex, th in jobs]
+
+    monkeypatch.setattr(F, "run_rows", run_rows)
+    return rows
+
+
+def test_gauss_newton_reaches_constants_the_chord_method_stops_short_of(monkeypatch):
+    truth = np.array([150.0, 0.0, 0.0, 900.0, 0.0, 0.0])
+    rows = _queue_like_simulator(monkeypatch, truth)
+    start = np.array([20.0, 0.0, 0.0, 300.0, 0.0, 0.0])
+    lines: list[str] = []
+    theta, residuals = F.fit(rows, start, iterations=4, relinearise=True, log=lines.append)
+    assert abs(theta[0] - truth[0]) < 2.0 and abs(theta[3] - truth[3]) < 10.0, lines
+    assert F.median_errors(residuals)[0] < 1.0
+    losses = [float(line.rsplit("loss ", 1)[1]) for line in lines if "loss " in line and ">=" not in line]
+    assert losses == sorted(losses, reverse=True), lines  # an accepted step never raises the loss
+    # the chord method's derivatives, taken at the start, and its trust region leave it short
+    chord, _ = F.fit(rows, start, iterations=1, log=lambda _: None)
+    assert abs(chord[0] - truth[0]) > 20.0
+
+
+def test_the_robust_loss_counts_every_row_that_ran_and_skips_failures():
+    r = np.array([[0.0, 0.0], [0.05, -0.05], [np.nan, 0.1]])
+    assert F.robust_loss(r) == pytest.approx(2 * 2 * (np.sqrt(2.0) - 1.0))
+
+
 def fixed_subset(rows):
     """Target-family rows of modest concurrency, every 17th of them by id: a stable, quick sample."""
     pick = sorted((r for r in rows if is_target(r) and r.concurrency and r.concurrency <= 64), key=lambda r: r.id)

@@ -22,7 +22,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from emulator.calibration import fit as F
-from emulator.calibration.express import TEMPLATES, Skip, express, over_budget
+from emulator.calibration.express import (
+    AUTO_ROUNDS_TOKENS,
+    SIMULATION_BUDGET_TOKENS,
+    TEMPLATES,
+    Skip,
+    auto_rounds,
+    express,
+    over_budget,
+)
 from emulator.calibration.rows import DEFAULT_PATH, dedupe, load_rows
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "emulator", "costmodel", "data")
@@ -34,9 +42,32 @@ def main() -> int:
     ap.add_argument("--engines", default="vllm,sglang,trtllm")
     ap.add_argument("--template", choices=sorted(TEMPLATES), default="sflow")
     ap.add_argument("--rounds", type=int, help="measured rounds per row (default: express.auto_rounds)")
+    ap.add_argument(
+        "--round-tokens",
+        type=int,
+        default=AUTO_ROUNDS_TOKENS,
+        help="without --rounds: as many measured rounds per row as fit in this many simulated output tokens",
+    )
+    ap.add_argument(
+        "--max-simulated-tokens",
+        type=int,
+        default=SIMULATION_BUDGET_TOKENS,
+        help="leave out rows whose simulation generates more output tokens than this",
+    )
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--limit", type=int, default=400, help="rows per engine (seeded subset) to fit on")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--start",
+        choices=("zero", "shipped"),
+        default="zero",
+        help="start from zero constants or from the shipped ones (engine_constants.json)",
+    )
+    ap.add_argument(
+        "--gauss-newton",
+        action="store_true",
+        help="measure the derivatives again at every accepted point (default: once, at the start)",
+    )
     ap.add_argument("--out", default=os.path.join(OUT, "engine_constants.json"))
     args = ap.parse_args()
 
@@ -51,15 +82,21 @@ def main() -> int:
     for engine in args.engines.split(","):
         expressed = [
             ex
-            for ex in (express(r, rounds=args.rounds, template=args.template) for r in rows if r.backend == engine)
-            if not isinstance(ex, Skip) and not over_budget(ex)
+            for ex in (
+                express(r, rounds=args.rounds or auto_rounds(r, args.round_tokens), template=args.template)
+                for r in rows
+                if r.backend == engine
+            )
+            if not isinstance(ex, Skip) and not over_budget(ex, args.max_simulated_tokens)
         ]
         if len(expressed) > args.limit:
             rng = np.random.default_rng(0)
             expressed = [expressed[i] for i in sorted(rng.choice(len(expressed), args.limit, replace=False))]
         print(f"{engine}: fitting on {len(expressed)} rows of {len({e.row.group for e in expressed})} groups")
-        theta0 = np.zeros(len(F.PARAMETERS))
-        theta, residuals = F.fit(expressed, theta0, iterations=args.iterations, workers=args.jobs)
+        theta0 = F.vector(F.profile_for(expressed[0])) if args.start == "shipped" else np.zeros(len(F.PARAMETERS))
+        theta, residuals = F.fit(
+            expressed, theta0, iterations=args.iterations, workers=args.jobs, relinearise=args.gauss_newton
+        )
         ttft, tpot = F.median_errors(residuals)
         sections: dict[str, dict[str, float]] = {"host": {}, "api": {}}
         for (section, _, _, name, _), v in zip(F.PARAMETERS, theta, strict=True):
@@ -69,6 +106,12 @@ def main() -> int:
             "fitted_on": sorted({e.row.group for e in expressed}),
             "rows": len(expressed),
             "in_sample_median_abs_error_pct": {"ttft": round(ttft, 2), "tpot": round(tpot, 2)},
+            "method": (
+                f"{'Gauss-Newton' if args.gauss_newton else 'chord'} from {args.start} constants, "
+                f"{args.iterations} iterations, rounds per row: "
+                f"{args.rounds or f'as many as fit in {args.round_tokens:,} simulated output tokens'}, rows of at "
+                f"most {args.max_simulated_tokens:,} simulated output tokens"
+            ),
         }
         write(args, digest, engines)  # after every engine: a later one's failure keeps the earlier fits
     return 0

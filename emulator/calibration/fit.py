@@ -168,27 +168,58 @@ def median_errors(residuals: np.ndarray) -> tuple[float, float]:
     return float(np.median(e[:, 0])), float(np.median(e[:, 1]))
 
 
+def robust_loss(residuals: np.ndarray, f_scale: float = 0.05) -> float:
+    """The soft-L1 loss ``solve`` minimises, summed over the rows that ran: what a step must lower."""
+    r = residuals[~np.isnan(residuals).any(axis=1)] / f_scale
+    return float(np.sum(2.0 * (np.sqrt(1.0 + r * r) - 1.0)))
+
+
 def fit(
     rows: Sequence[Expressed],
     theta0: np.ndarray,
     iterations: int = 3,
     workers: int = 1,
     log: Callable[[str], None] = print,
+    relinearise: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Robust fit with the simulator in the loop (the chord method: the derivatives are measured once,
-    at ``theta0``; every iteration re-simulates the rows at the new constants and solves again).
-    Returns the constants and the rows' log residuals there."""
+    """Robust fit with the simulator in the loop. Returns the constants and the rows' log residuals there.
+
+    ``relinearise=False``: the chord method (the derivatives are measured once, at ``theta0``; every
+    iteration re-simulates the rows at the new constants and solves again). ``True``: Gauss-Newton —
+    the derivatives are measured again at every accepted point, and a step is kept only if it lowers
+    the robust loss (else it is halved, twice at most). A queue's response to a constant changes
+    with the constant (a longer API latency spreads the closed-loop clients), so derivatives taken
+    far away mislead the chord method, and its trust region (twice the current value) stops it
+    short of constants the data want."""
     theta = theta0.astype(float).copy()
     lin = linearise(rows, theta, workers)
     ttft, tpot = median_errors(lin.residuals)
-    log(f"  start {np.round(theta, 3).tolist()}: median |error| TTFT {ttft:.1f}% TPOT {tpot:.1f}%")
+    loss = robust_loss(lin.residuals)
+    log(f"  start {np.round(theta, 3).tolist()}: median |error| TTFT {ttft:.1f}% TPOT {tpot:.1f}% loss {loss:.1f}")
     current = lin
     for it in range(iterations):
         candidate = solve(current, np.ones(len(rows), dtype=bool))
-        residuals = log_residuals(rows, run_rows([(ex, candidate) for ex in rows], workers))
+        for _ in range(3 if relinearise else 1):
+            base = run_rows([(ex, candidate) for ex in rows], workers)
+            residuals = log_residuals(rows, base)
+            new_loss = robust_loss(residuals)
+            if not relinearise or new_loss < loss:
+                break
+            log(f"  iteration {it + 1}: loss {new_loss:.1f} >= {loss:.1f}, halving the step")
+            candidate = (candidate + current.theta) / 2
+        else:
+            log(f"  iteration {it + 1}: no step lowers the loss; stopping at {np.round(current.theta, 3).tolist()}")
+            break
         ttft, tpot = median_errors(residuals)
-        log(f"  iteration {it + 1} {np.round(candidate, 3).tolist()}: median |error| TTFT {ttft:.1f}% TPOT {tpot:.1f}%")
-        theta, current = candidate, Linearisation(candidate, residuals, lin.jacobian)
+        log(
+            f"  iteration {it + 1} {np.round(candidate, 3).tolist()}: median |error| TTFT {ttft:.1f}% "
+            f"TPOT {tpot:.1f}% loss {new_loss:.1f}"
+        )
+        theta, loss = candidate, new_loss
+        if relinearise and it + 1 < iterations:
+            current = linearise(rows, theta, workers, base=base)
+        else:
+            current = Linearisation(candidate, residuals, lin.jacobian)
     return theta, current.residuals
 
 
