@@ -235,6 +235,15 @@ def test_gauss_newton_reaches_constants_the_chord_method_stops_short_of(monkeypa
     assert abs(chord[0] - truth[0]) > 20.0
 
 
+def test_gauss_newton_keeps_constants_no_step_improves(monkeypatch):
+    truth = np.array([150.0, 0.0, 0.0, 900.0, 0.0, 0.0])
+    rows = _queue_like_simulator(monkeypatch, truth)
+    lines: list[str] = []
+    theta, _ = F.fit(rows, truth, iterations=3, relinearise=True, log=lines.append)
+    assert np.array_equal(theta, truth)
+    assert any("no step lowers the loss" in line for line in lines), lines
+
+
 def test_the_robust_loss_counts_every_row_that_ran_and_skips_failures():
     r = np.array([[0.0, 0.0], [0.05, -0.05], [np.nan, 0.1]])
     assert F.robust_loss(r) == pytest.approx(2 * 2 * (np.sqrt(2.0) - 1.0))

@@ -199,14 +199,16 @@ def fit(
     current = lin
     for it in range(iterations):
         candidate = solve(current, np.ones(len(rows), dtype=bool))
-        for _ in range(3 if relinearise else 1):
+        tries = 3 if relinearise else 1
+        for attempt in range(tries):
             base = run_rows([(ex, candidate) for ex in rows], workers)
             residuals = log_residuals(rows, base)
             new_loss = robust_loss(residuals)
             if not relinearise or new_loss < loss:
                 break
-            log(f"  iteration {it + 1}: loss {new_loss:.1f} >= {loss:.1f}, halving the step")
-            candidate = (candidate + current.theta) / 2
+            if attempt + 1 < tries:
+                log(f"  iteration {it + 1}: loss {new_loss:.1f} >= {loss:.1f}, halving the step")
+                candidate = (candidate + current.theta) / 2
         else:
             log(f"  iteration {it + 1}: no step lowers the loss; stopping at {np.round(current.theta, 3).tolist()}")
             break
