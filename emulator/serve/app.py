@@ -464,13 +464,18 @@ class Worker:
             transport = request.transport
             frame = body_framer(resp)
 
-            def step_tokens(ev: StreamEvent) -> bytes:
-                """A step's tokens as SSE events; the first step's marks the prompt done."""
-                nonlocal position, prefilled, first_due
+            def mark_prefilled(ev: StreamEvent) -> None:
+                """The stream's first event (tokens or the end) marks the prompt done."""
+                nonlocal prefilled, first_due
                 if not prefilled:
                     prefilled = True
                     self._prefilled(req)
                     first_due = ev.at
+
+            def step_tokens(ev: StreamEvent) -> bytes:
+                """A step's tokens as SSE events."""
+                nonlocal position
+                mark_prefilled(ev)
                 events = []
                 for _ in range(ev.count):
                     events += (head, json_text(output_token(seed, position, vocab)[1]), tail)
@@ -505,9 +510,7 @@ class Worker:
                     if handle.queue.empty():  # caught up again: later steps write through
                         handle.sink = write_through
                 elif ev.kind == "finish":
-                    if not prefilled:
-                        prefilled = True
-                        self._prefilled(req)
+                    mark_prefilled(ev)
                     self.metrics.success[finish_reason].inc()
                     await _sse(resp, stream_chunk(g, public, "" if g.kind != "chat" else None, finish_reason))
                     if g.include_usage:
