@@ -119,6 +119,24 @@ def test_a_decode_server_with_a_batch_sized_token_budget_takes_long_prompts_from
     assert decode.add_request(local) is not None and "exceeds max_num_batched_tokens" in local.error
 
 
+def test_a_simulator_scheduler_reports_ends_and_first_tokens_and_counts_the_rest():
+    """Without every output (the simulator's scheduler), an update returns the finished requests only,
+    counts the outputs the API server streams and names the requests that got their first token."""
+    full, lean = create_scheduler(), create_scheduler()
+    lean.report_every_output = False
+    for s in (full, lean):
+        s.add_request(create_request("a", prompt=40, output=1))
+        s.add_request(create_request("b", prompt=40, output=3))
+    for step in range(3):
+        now = 0.01 * (step + 1)
+        every = full.update_from_output(full.schedule(now - 0.01), now)
+        ends = lean.update_from_output(lean.schedule(now - 0.01), now)
+        assert ends == [ro for ro in every if ro.finished]
+        assert lean.last_num_outputs == len(every)
+        assert [r.request_id for r in lean.first_tokens] == (["a", "b"] if step == 0 else [])
+    assert [ro.request_id for ro in ends] == ["b"]
+
+
 def test_steady_stretch_equals_stepping():
     def build():
         s = create_scheduler(num_blocks=60)

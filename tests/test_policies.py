@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from emulator.router.backends import parse_load
@@ -15,6 +17,7 @@ from emulator.router.policies import (
     RoutingRequest,
     SessionAffinity,
 )
+from emulator.sim.loadboard import SMALL_FLEET, LoadBoard
 
 REQ = RoutingRequest("r")
 
@@ -39,6 +42,33 @@ def test_least_loaded_picks_the_emptiest_and_rotates_ties():
     assert ll.choose(snaps(5, 1, 3), REQ) == 1
     picks = {ll.choose(snaps(2, 2, 9), REQ) for _ in range(4)}
     assert picks == {0, 1}
+
+
+class _Queues:
+    """What the load board reads of a simulated instance: its scheduler and its queue lengths."""
+
+    def __init__(self) -> None:
+        self.scheduler = type("S", (), {"changes": None})()
+        self.running = self.waiting = 0
+
+    def queue_lengths(self) -> tuple[int, int]:
+        return self.running, self.waiting
+
+
+@pytest.mark.parametrize("size", [1, 3, SMALL_FLEET, SMALL_FLEET + 1, 100])
+def test_load_board_chooses_as_least_loaded_over_fresh_snapshots(size):
+    """The simulator's board (Python lists up to SMALL_FLEET instances, numpy above) must pick what
+    the router's policy picks, ties and their rotation included, and answer the admission check."""
+    rng = random.Random(size)
+    fleet = [_Queues() for _ in range(size)]
+    board, policy = LoadBoard(fleet), LeastLoaded()
+    for _ in range(300):
+        for inst in rng.sample(fleet, k=min(size, 3)):  # a few instances change between decisions
+            inst.running, inst.waiting = rng.randint(0, 3), rng.randint(0, 2)
+            board.api_moved(inst)
+        snapshots = [EndpointSnapshot(f"b{i}", q.running, q.waiting) for i, q in enumerate(fleet)]
+        assert board.all_waiting_at_least(1) == all(q.waiting >= 1 for q in fleet)
+        assert board.least_loaded(policy._turn) == policy.choose(snapshots, REQ)
 
 
 def test_kv_aware_prefers_free_blocks_at_equal_load():

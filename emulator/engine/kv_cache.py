@@ -76,26 +76,17 @@ class KVCacheManager:
             blocks.extend(self.pool.allocate(need))
         return True
 
-    def grow_decodes(self, reqs: list[Request], n: int) -> None:
-        """``n`` more tokens for each decoding request, in one pass and one pool allocation: the same
-        blocks, in the same order, as ``allocate_slots(r, n)`` request by request (the caller has checked
-        that they fit: Scheduler.steady_decode_horizon)."""
-        bs = self.block_size
-        held_by = self.req_blocks
-        short: list[tuple[list[int], int]] = []
-        total = 0
-        for r in reqs:
-            held = held_by[r.request_id]
-            need = -(-(r.num_computed_tokens + n) // bs) - len(held)
-            if need > 0:
-                short.append((held, need))
-                total += need
-        if total:
-            fresh = self.pool.allocate(total)
-            i = 0
-            for held, need in short:
-                held.extend(fresh[i : i + need])
-                i += need
+    def grow_decodes(self, short: list[tuple[list[int], int]]) -> None:
+        """New blocks for decoding requests, in one pool allocation: ``short`` holds, in the batch's
+        order, each request's block list that needs more and how many (the caller computed them
+        while advancing the batch: Scheduler.advance_steady). The same blocks, in the same order, as
+        ``allocate_slots`` request by request; the caller has checked that they fit
+        (Scheduler.steady_decode_horizon)."""
+        fresh = self.pool.allocate(sum(need for _, need in short))
+        i = 0
+        for held, need in short:
+            held.extend(fresh[i : i + need])
+            i += need
 
     def cache_full_blocks(self, req: Request) -> None:
         """Name the prompt blocks that are now completely computed so later requests can hit them."""

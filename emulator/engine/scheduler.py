@@ -29,7 +29,7 @@ class Scheduler:
     # compares the fast path with)
     FAST_DECODES = True
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, report_every_output: bool = True) -> None:
         self.config = config
         self.kv = KVCacheManager(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
@@ -51,6 +51,11 @@ class Scheduler:
         self.cached_prompt_tokens = 0
         self.remote_prompt_tokens = 0
         self.version = 0  # bumped by every call that can change the queues (a router's cached view keys on it)
+        # False (the simulator): update_from_output returns the outputs of finished requests only and
+        # leaves the rest as counts — a worker streams every token, a simulator acts on ends and firsts
+        self.report_every_output = report_every_output
+        self.last_num_outputs = 0  # outputs of the last update: errors reported plus tokens sampled
+        self.first_tokens: list[Request] = []  # requests whose first token the last update sampled
         self.changes: set[Scheduler] | None = None  # where a watcher (the simulator's load board) hears of it
 
     def _changed(self) -> None:
@@ -385,10 +390,16 @@ class Scheduler:
     def update_from_output(self, output: SchedulerOutput, now: float) -> list[RequestOutput]:
         self._changed()
         results, self.errored = self.errored, []
+        num_errored = len(results)
+        report = self.report_every_output
+        firsts: list[Request] = []
         finished_any = False
         in_flight = self.in_flight
         scheduled = output.scheduled
-        in_flight.difference_update([s.request_id for s in scheduled])
+        if len(in_flight) == len(scheduled):
+            in_flight.clear()  # nothing else in flight (no pipeline): the step's requests are all of it
+        else:
+            in_flight.difference_update([s.request_id for s in scheduled])
         sampled = 0
         for s in scheduled:
             req = s.request
@@ -413,6 +424,7 @@ class Scheduler:
             req.add_token_time(now)
             if req.first_token_s is None:
                 req.first_token_s = now
+                firsts.append(req)
             if req.kv_role == "producer":
                 self._finish(req, RequestStatus.FINISHED_REMOTE_DECODE, now, hold=True)
                 finished_any = True
@@ -421,9 +433,11 @@ class Scheduler:
                 self._finish(req, RequestStatus.FINISHED_LENGTH, now)
                 finished_any = True
                 results.append(RequestOutput(req.request_id, 1, True, "length"))
-            else:
+            elif report:
                 results.append(RequestOutput(req.request_id, 1, False))
         self.generation_tokens += sampled
+        self.last_num_outputs = num_errored + sampled
+        self.first_tokens = firsts
         if finished_any:
             self.running = [r for r in self.running if not r.status.finished]
         return results
@@ -499,22 +513,35 @@ class Scheduler:
     def advance_steady(self, end_times: np.ndarray) -> list[RequestOutput]:
         """Apply ``len(end_times)`` pure-decode steps at once; equal to stepping one by one. Returns
         the outputs of the requests that finished (the others each sampled ``len(end_times)`` tokens:
-        the simulator, this method's one caller, streams them by count and acts on finishes only)."""
+        the simulator, this method's one caller, streams them by count and acts on finishes only).
+        One pass over the batch: counters, token times and the KV blocks each sequence now needs;
+        the blocks are taken before anyone finishes, as request-by-request allocation would."""
         self._changed()
         n = len(end_times)
         running = self.running
-        self.kv.grow_decodes(running, n)
-        results: list[RequestOutput] = []
         last = float(end_times[-1])
         first = float(end_times[0])
         inner_gap = float(np.max(np.diff(end_times))) if n > 1 else 0.0
+        bs = self.config.block_size
+        held_by = self.kv.req_blocks
+        short: list[tuple[list[int], int]] = []
+        ended: list[Request] = []
         for r in running:
-            r.num_computed_tokens += n
+            computed = r.num_computed_tokens = r.num_computed_tokens + n
+            held = held_by[r.request_id]
+            need = -(-computed // bs) - len(held)
+            if need > 0:
+                short.append((held, need))
             out = r.num_output_tokens = r.num_output_tokens + n
             r.add_token_times(end_times, first, last, inner_gap)
             if out >= r.max_tokens:
-                self._finish(r, RequestStatus.FINISHED_LENGTH, last)
-                results.append(RequestOutput(r.request_id, n, True, "length"))
+                ended.append(r)
+        if short:
+            self.kv.grow_decodes(short)
+        results: list[RequestOutput] = []
+        for r in ended:
+            self._finish(r, RequestStatus.FINISHED_LENGTH, last)
+            results.append(RequestOutput(r.request_id, n, True, "length"))
         self.generation_tokens += n * len(running)
         self.num_iterations += n
         if results:

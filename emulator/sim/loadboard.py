@@ -4,7 +4,8 @@ A router that snapshots every instance at every arrival costs O(instances) per r
 instances that was 70% of a simulation's time. The board keeps each front instance's queue lengths
 (running + waiting, the API server's intake included) in arrays and refreshes only the instances
 whose scheduler announced a change (``Scheduler.changes``) or whose API queue moved, so a choice
-costs one vectorised minimum. It answers exactly as ``LeastLoaded.choose`` over fresh snapshots
+costs one vectorised minimum (a plain Python pass for a few instances, where numpy's per-call cost
+is the larger). It answers exactly as ``LeastLoaded.choose`` over fresh snapshots
 (fewest requests, ties rotating from the policy's turn); the simulator uses it only where that
 policy sees every instance (no faults: all routable, none already tried).
 """
@@ -20,11 +21,16 @@ if TYPE_CHECKING:
     from emulator.engine.scheduler import Scheduler
 
 
+SMALL_FLEET = 32  # up to this many instances the board keeps Python lists: cheaper than numpy's calls
+
+
 class LoadBoard:
     def __init__(self, instances: Sequence) -> None:
         self.instances = list(instances)
-        self.loads = np.zeros(len(self.instances), dtype=np.int64)
-        self.waiting = np.zeros(len(self.instances), dtype=np.int64)
+        n = len(self.instances)
+        self.small = n <= SMALL_FLEET
+        self.loads = [0] * n if self.small else np.zeros(n, dtype=np.int64)
+        self.waiting = [0] * n if self.small else np.zeros(n, dtype=np.int64)
         self.changed: set[Scheduler] = set()  # schedulers that announced a change since the last refresh
         self._slot = {id(inst): i for i, inst in enumerate(self.instances)}
         self._index: dict[Scheduler, int] = {}
@@ -49,11 +55,18 @@ class LoadBoard:
 
     def all_waiting_at_least(self, limit: int) -> bool:
         self._refresh()
-        return bool(self.waiting.min() >= limit)
+        return bool((min(self.waiting) if self.small else self.waiting.min()) >= limit)
 
     def least_loaded(self, turn: int) -> int:
         """Index of the least-loaded instance; among equals, the first at or after ``turn`` (cyclic)."""
         self._refresh()
-        tied = np.flatnonzero(self.loads == self.loads.min())
+        loads = self.loads
+        if self.small:
+            least = min(loads)
+            for j in range(turn % len(loads), len(loads)):
+                if loads[j] == least:
+                    return j
+            return loads.index(least)  # none at or after the turn: the first overall
+        tied = np.flatnonzero(loads == loads.min())
         j = int(np.searchsorted(tied, turn % len(self.instances)))
         return int(tied[j] if j < len(tied) else tied[0])

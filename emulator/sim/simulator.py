@@ -54,7 +54,7 @@ class SimInstance:
         self.setup = setup
         self.name = setup.instance.name
         self.role = setup.instance.role
-        self.scheduler = Scheduler(setup.engine)
+        self.scheduler = Scheduler(setup.engine, report_every_output=False)
         self.cost = setup.cost
         self.pp = setup.pool.pp
         self.block_size = setup.engine.block_size
@@ -494,12 +494,12 @@ class Simulation(StagesMixin):
             return  # a stretch that was settled early: its step under way ends on its own
         inst.in_flight -= 1
         if stretch is None:
-            results = inst.scheduler.update_from_output(output, now)
-            seen = self._stream_one(inst, now, len(results))
-            for ro in results:  # first tokens reach their clients through the API server
-                req = inst.live.get(ro.request_id)
-                rec = self.records.get(ro.request_id)
-                if req is not None and rec is not None and rec.first_token_s is None and req.first_token_s == now:
+            sched = inst.scheduler
+            results = sched.update_from_output(output, now)
+            seen = self._stream_one(inst, now, sched.last_num_outputs)
+            for req in sched.first_tokens:  # first tokens reach their clients through the API server
+                rec = self.records.get(req.request_id)
+                if req.request_id in inst.live and rec is not None and rec.first_token_s is None:
                     rec.first_token_s = seen
                     if self.stores and is_front(inst.role):
                         self._prefill_written(inst, req, now)
@@ -762,7 +762,7 @@ class Simulation(StagesMixin):
         inst.api_queued = 0
         lost = list(inst.live)
         inst.live = {}
-        inst.scheduler = Scheduler(inst.setup.engine)
+        inst.scheduler = Scheduler(inst.setup.engine, report_every_output=False)
         for rid, tr in list(self.transfers.items()):
             if tr.prefill is inst:
                 self._transfer_failed(rid, now)
