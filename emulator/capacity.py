@@ -38,6 +38,8 @@ def profile_of(spec: ClusterSpec) -> EngineProfile:
 def pool_limits(spec: ClusterSpec, pool: PoolSpec, gpu: GPU) -> PoolLimits:
     profile = profile_of(spec)
     tokens, seqs = profile.batch_defaults(gpu.hbm_bytes)
+    if profile.dp_divides_token_budget and pool.dp > 1:
+        tokens = max(1, tokens // pool.dp)  # SGLang: the default chunk is the DP group's, a rank gets its share
     return PoolLimits(
         max_num_seqs=pool.max_num_seqs or seqs,
         max_num_batched_tokens=pool.max_num_batched_tokens or tokens,

@@ -301,7 +301,8 @@ class PoolSpec(_Model):
         None,
         ge=1,
         le=MAX_TOKENS,
-        description="Token budget of one step (per attention-DP rank); default: the engine's.",
+        description="Token budget of one step per attention-DP rank (one request computes at most this in a "
+        "step); default: the engine's (SGLang's chunked-prefill size is split over the DP ranks).",
     )
     max_model_len: int | None = Field(None, ge=16, le=MAX_TOKENS)
     chunked_prefill: bool | None = Field(None, description="Split long prompts over steps; default: the engine's.")

@@ -6,6 +6,8 @@ from dataclasses import replace
 
 from builders import create_request, create_scheduler, run_to_completion
 
+from emulator.build import engine_config
+from emulator.catalog.models import get_model
 from emulator.engine.scheduler import Scheduler
 from emulator.sim.simulator import Simulation
 from emulator.spec import parse_cluster
@@ -54,6 +56,45 @@ def test_a_long_prompt_is_chunked_over_prefill_only_steps():
         chunks.append((out.shape.num_decode, [q for q, _ in out.shape.prefill_chunks]))
         s.update_from_output(out, 0.03 + step)
     assert chunks == [(0, [1000]), (0, [1000]), (0, [500])]
+
+
+def test_a_request_computes_at_most_its_ranks_budget_per_step():
+    """An attention-DP group sums its ranks' budgets, but one request's prompt runs on one rank."""
+    s = Scheduler(replace(create_scheduler(max_num_batched_tokens=4096).config, max_prefill_chunk=1024))
+    s.add_request(create_request("a", 3000, 5))
+    s.add_request(create_request("b", 500, 5))
+    out = s.schedule(0.0)
+    assert [q for q, _ in out.shape.prefill_chunks] == [1024, 500]
+    s.update_from_output(out, 0.01)
+    assert [q for q, _ in s.schedule(0.01).shape.prefill_chunks] == [1024]
+
+
+def test_sglang_splits_its_default_chunk_over_the_attention_dp_ranks():
+    """SGLang's chunked-prefill size is the DP group's (server_args._handle_data_parallelism divides it
+    by dp_size); vLLM's token budget is each DP engine's own. An explicit budget is per rank for both."""
+
+    def config(engine: str, **pool):
+        doc = {
+            "apiVersion": "infemu.io/v1alpha1",
+            "kind": "InferenceCluster",
+            "metadata": {"name": "dp"},
+            "spec": {
+                "model": "deepseek-ai/DeepSeek-V3",
+                "gpu": "b200",
+                "engine": {"name": engine},
+                "topology": {"nodes": 1, "gpusPerNode": 8},
+                "pools": [{"name": "agg", "replicas": 1, "tp": 1, "dp": 8, "ep": 8, **pool}],
+            },
+        }
+        spec = parse_cluster(doc).spec
+        return engine_config(spec, spec.pools[0], get_model("deepseek-ai/DeepSeek-V3"))[0]
+
+    sglang = config("sglang")
+    assert (sglang.max_prefill_chunk, sglang.max_num_batched_tokens) == (2048, 16384)  # 16,384 // 8 a rank
+    vllm = config("vllm")
+    assert (vllm.max_prefill_chunk, vllm.max_num_batched_tokens) == (8192, 8 * 8192)
+    explicit = config("sglang", maxNumBatchedTokens=4096)
+    assert (explicit.max_prefill_chunk, explicit.max_num_batched_tokens) == (4096, 8 * 4096)
 
 
 def test_guaranteed_no_evict_admits_only_what_can_finish_and_never_preempts():

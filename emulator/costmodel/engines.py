@@ -98,6 +98,8 @@ class EngineProfile:
     memory_fraction_of_free: bool
     cuda_graph_sizes: tuple[int, ...]
     cuda_graph_padding: bool
+    # the default token budget is the whole attention-DP group's, split over its ranks (SGLang)
+    dp_divides_token_budget: bool = False
     host: HostCosts = field(default_factory=HostCosts)
     api: ApiCosts = field(default_factory=ApiCosts)
     fitted_on: tuple[str, ...] = ()
@@ -164,6 +166,7 @@ def _profile(name: str, merged: dict) -> EngineProfile:
         memory_fraction_of_free=bool(limits.get("fraction_of_free_memory", False)),
         cuda_graph_sizes=_capture_sizes(merged["cuda_graphs"]["capture"]),
         cuda_graph_padding=bool(merged["cuda_graphs"].get("padding", True)),
+        dp_divides_token_budget=bool(limits.get("dp_divides_token_budget", False)),
         host=HostCosts(
             step_fixed_s=float(host.get("step_fixed_us", 0.0)) * 1e-6,
             per_seq_s=float(host.get("per_seq_us", 0.0)) * 1e-6,

@@ -38,6 +38,15 @@ class EngineConfig:
     # the blocks for its whole sequence (prompt + max tokens) can be set aside, so nothing is ever
     # preempted; vLLM and SGLang admit on the prompt and preempt when decodes run out of blocks.
     reserve_full_sequence: bool = False
+    # The most prompt tokens one request computes in a step: an attention-DP group schedules its ranks
+    # together (budgets summed), but a request lives on one rank and gets at most that rank's budget.
+    # None: the whole step budget.
+    max_prefill_chunk: int | None = None
+
+    @property
+    def prefill_chunk_limit(self) -> int:
+        """The most tokens one request may compute in a step (its rank's budget)."""
+        return self.max_prefill_chunk or self.max_num_batched_tokens
 
 
 @dataclass(frozen=True)

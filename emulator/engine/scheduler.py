@@ -101,10 +101,11 @@ class Scheduler:
         # a P/D consumer receives its prompt's KV from the prefill instance and never prefills it
         # here, so the token budget (a TensorRT-LLM decode server's is its batch size) does not apply
         prefills_here = req.kv_role != "consumer"
-        if prefills_here and not cfg.enable_chunked_prefill and req.num_prompt_tokens > cfg.max_num_batched_tokens:
+        if prefills_here and not cfg.enable_chunked_prefill and req.num_prompt_tokens > cfg.prefill_chunk_limit:
             return (
                 f"the prompt ({req.num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
-                f"({cfg.max_num_batched_tokens}) and chunked prefill is off"
+                f"({cfg.prefill_chunk_limit}{' per attention-DP rank' if cfg.max_prefill_chunk else ''}) "
+                "and chunked prefill is off"
             )
         return None
 
@@ -189,6 +190,7 @@ class Scheduler:
     def _schedule(self, now: float, *, decode: bool, prefill: bool) -> SchedulerOutput:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
+        chunk_limit = cfg.prefill_chunk_limit
         scheduled: list[ScheduledRequest] = []
         prefill_chunks: list[tuple[int, int]] = []
         num_decode = 0
@@ -228,7 +230,7 @@ class Scheduler:
             if req.request_id in in_flight or (is_decode and not decode) or (not is_decode and not prefill):
                 i += 1
                 continue
-            n = min(prompt + req.num_output_tokens - computed, budget)
+            n = min(prompt + req.num_output_tokens - computed, budget if is_decode else min(budget, chunk_limit))
             if n <= 0:
                 i += 1
                 continue
@@ -324,20 +326,20 @@ class Scheduler:
             else:
                 hit = 0
             n = req.num_tokens - req.num_computed_tokens - hit
-            if not cfg.enable_chunked_prefill and n > cfg.max_num_batched_tokens:
+            if not cfg.enable_chunked_prefill and n > cfg.prefill_chunk_limit:
                 # preempted, it must recompute its prompt and what it generated in one step: past the
                 # whole budget it could never run again, so it ends with an error instead of waiting forever
                 self.waiting.popleft()
                 req.error = (
                     f"preempted with {req.num_tokens} tokens to recompute, more than max_num_batched_tokens "
-                    f"({cfg.max_num_batched_tokens}) with chunked prefill off"
+                    f"({cfg.prefill_chunk_limit}) with chunked prefill off"
                 )
                 self._finish(req, RequestStatus.FINISHED_ERROR, now)
                 self.errored.append(RequestOutput(req.request_id, 0, True, "error"))
                 continue
             if not cfg.enable_chunked_prefill and n > budget:
                 break
-            n = min(n, budget)
+            n = min(n, budget, cfg.prefill_chunk_limit)
             if not self.kv.allocate_slots(req, n, computed):
                 break
             self.waiting.popleft()
