@@ -93,7 +93,6 @@ def test_producer_holds_kv_until_released_and_consumer_waits_for_it():
     assert held == 7 and prod.kv.num_free_blocks == prod.config.num_gpu_blocks - 7
     cons = create_scheduler()
     c = create_request("x", prompt=100, output=10, kv_role="consumer")
-    c.num_output_tokens = 1
     cons.add_request(c)
     out = cons.schedule(0.02)
     assert out.kv_pulls == ("x",) and out.is_empty
@@ -101,9 +100,13 @@ def test_producer_holds_kv_until_released_and_consumer_waits_for_it():
     cons.finish_remote_kv("x", 0.05)
     prod.release_kv("x")
     assert prod.kv.num_free_blocks == prod.config.num_gpu_blocks
+    # vLLM's decode side: the prompt's last token is recomputed over the pulled KV (a decode's work) and
+    # samples the client's first token; the prefill's own token stayed there
     out = cons.schedule(0.05)
-    assert out.shape.num_decode == 1 and not out.shape.prefill_chunks
+    assert out.shape.num_decode == 1 and not out.shape.prefill_chunks and out.shape.decode_kv_sum == 100
     cons.update_from_output(out, 0.06)
+    assert c.num_output_tokens == 1 and c.first_token_s == 0.06 and c.first_scheduled_s == 0.05
+    assert cons.prompt_tokens == 0 and cons.remote_prompt_tokens == 100  # vLLM: external transfer, not computed
     finished, _ = run_to_completion(cons)
     assert finished == ["x"] and c.num_output_tokens == 10
 

@@ -204,6 +204,26 @@ def test_pd_kv_transfer_follows_the_scale_out_tier():
     assert np.median(np.abs(got - expected) / expected) < 0.01
 
 
+def test_a_pd_clients_first_token_comes_from_the_decode_after_the_pull():
+    """As vLLM's P/D proxy and NVIDIA Dynamo serve it, the client's whole stream comes from the decode:
+    its TTFT holds the prefill, the KV pull and the decode's first step, and every token is the decode's."""
+    cluster = load_clusters(example("pd-llama70b-h100.yaml"))[0]
+    result = _run(cluster, requests=40, rate=0.5)  # light load: each request alone
+    _, setups = build_instances(cluster.spec)
+    prefill = next(s for s in setups if s.instance.role == "prefill")
+    decode = next(s for s in setups if s.instance.role == "decode")
+    assert all(r.ok for r in result.records)
+    one_step = [r for r in result.records if r.prompt_tokens <= 8192]  # prefilled in one step (the budget)
+    assert len(one_step) > 30
+    for r in one_step:
+        prefilled = prefill.cost.step_time(BatchShape(prefill_chunks=((r.prompt_tokens, 0),))).total_s
+        first_step = decode.cost.step_time(BatchShape(num_decode=1, decode_kv_sum=r.prompt_tokens)).total_s
+        assert r.first_token_s - r.arrival_s > prefilled + r.kv_transfer_s + first_step
+        # the tokens after the first: one decode step each, no hand-off gap among them
+        longest = BatchShape(num_decode=1, decode_kv_sum=r.prompt_tokens + r.output_tokens)
+        assert r.itl_max_ms < 1.5e3 * decode.cost.step_time(longest).total_s
+
+
 def test_concurrent_pulls_share_the_link_max_min_fairly():
     from emulator.sim.network import FlowNetwork
 

@@ -128,10 +128,15 @@ class Scheduler:
 
     # ---- P/D hand-off ----------------------------------------------------------
     def finish_remote_kv(self, request_id: str, now: float) -> None:
-        """Consumer: the pulled KV has arrived; the request becomes schedulable for decode."""
+        """Consumer: the pulled KV has arrived; the request becomes schedulable for decode. Its first
+        step recomputes the prompt's last token and samples the first output token, which the client
+        receives from this (decode) instance: KV alone gives no logits, so vLLM treats a prompt whose KV
+        all came from outside as cached up to its last token (KVCacheManager.get_computed_blocks'
+        max_cache_hit_length = num_tokens - 1; its PromptTokenStats count the external transfer and one
+        recomputed token), and the prefill's own sampled token is discarded (max_tokens 1 there)."""
         self._changed()
         req = self.pulling.pop(request_id)
-        req.num_computed_tokens = req.num_prompt_tokens
+        req.num_computed_tokens = req.num_prompt_tokens - 1
         self.remote_prompt_tokens += req.num_prompt_tokens
         req.kv_ready_s = now
         req.status = RequestStatus.WAITING
@@ -140,8 +145,8 @@ class Scheduler:
 
     def recompute_remote(self, request_id: str) -> None:
         """Consumer whose KV pull failed (its prefill died, the link is cut): drop the blocks reserved
-        for the pull and prefill the prompt here instead. The first token was already sent; the
-        request keeps it and continues as an ordinary request (vLLM's recompute on KV-load failure)."""
+        for the pull and prefill the prompt here instead, as an ordinary request (vLLM's recompute on
+        KV-load failure); the client has seen nothing yet, its tokens all come from here."""
         self._changed()
         req = self.pulling.pop(request_id)
         self.kv.free(req)
@@ -268,7 +273,7 @@ class Scheduler:
             kv_pulls.append(req.request_id)
 
         if decode:
-            ready_decode, ready_kv = self._admit_kv_ready(now, budget, scheduled, prefill_chunks)
+            ready_decode, ready_kv = self._admit_kv_ready(now, budget, scheduled)
             num_decode += ready_decode
             decode_kv += ready_kv
             budget -= ready_decode
@@ -285,18 +290,21 @@ class Scheduler:
             self.num_iterations += 1
         return SchedulerOutput(tuple(scheduled), shape, tuple(kv_pulls), tuple(preempted))
 
-    def _admit_kv_ready(self, now: float, budget: int, scheduled: list, prefill_chunks: list) -> tuple[int, int]:
-        """Start decoding consumers whose KV has arrived (their blocks are already theirs)."""
+    def _admit_kv_ready(self, now: float, budget: int, scheduled: list) -> tuple[int, int]:
+        """Start consumers whose KV has arrived (their blocks are already theirs). Their first step
+        recomputes one token over the whole prompt's KV: a decode's work, so it is priced as one."""
         num_decode = decode_kv = 0
         while self.kv_ready and budget > num_decode and len(self.running) < self.config.max_num_seqs:
             req = self.kv_ready[0]
-            if not self.kv.allocate_slots(req, req.num_new_tokens):
+            n = req.num_new_tokens
+            if not self.kv.allocate_slots(req, n):
                 break
             self.kv_ready.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            n = req.num_new_tokens
-            self._account(req, n, now, scheduled, prefill_chunks)
+            if req.first_scheduled_s is None:
+                req.first_scheduled_s = now
+            scheduled.append(ScheduledRequest(req.request_id, n, req.num_computed_tokens, req))
             num_decode += 1
             decode_kv += req.num_computed_tokens + n
         return num_decode, decode_kv
@@ -411,7 +419,8 @@ class Scheduler:
             computed = req.num_computed_tokens
             prompt = req.num_prompt_tokens
             if computed < prompt:
-                self.prompt_tokens += min(n, prompt - computed)
+                if not (req.kv_role == "consumer" and computed == prompt - 1 and not req.num_output_tokens):
+                    self.prompt_tokens += min(n, prompt - computed)  # not a P/D decode's recomputed last token
                 req.num_computed_tokens = computed = computed + n
                 self.kv.cache_full_blocks(req)
             else:

@@ -7,9 +7,11 @@ explicit ``data: {"error": ...}`` event and ``[DONE]`` — no client hangs, and 
 wait is bounded (``router.timeouts``). Past the admission limits the router answers
 429/503 with ``Retry-After`` at once. A client's bad request is its own 4xx and never
 counts against a backend.
-With P/D pools the router orchestrates: the prefill instance (chosen by load)
-returns the first token and ``kv_transfer_params``; the decode instance (chosen
-by load and free KV) pulls the KV from that prefill instance and streams the rest.
+With P/D pools the router orchestrates as vLLM's P/D proxy and NVIDIA Dynamo do: the
+prefill instance (chosen by load) computes the prompt and returns ``kv_transfer_params``
+(its one sampled token is not the client's); the decode instance (chosen by load and free
+KV) pulls the KV from that prefill instance and streams the whole answer, its first token
+included, so the client's TTFT covers the hand-off, the pull and the decode's first step.
 """
 
 from __future__ import annotations
@@ -364,7 +366,6 @@ class Router:
         path: str,
         body: dict,
         state: _ClientStream,
-        skip_role_chunk: bool = False,
         raw: bytes | None = None,
     ) -> web.StreamResponse:
         """Forward body to backend and relay its answer; BackendFailed only while nothing was sent.
@@ -372,7 +373,7 @@ class Router:
         assert self.session is not None
         backend.in_flight += 1
         try:
-            return await self._relay_once(backend, path, body, state, skip_role_chunk, raw)
+            return await self._relay_once(backend, path, body, state, raw)
         except BackendFailed as exc:
             self.pool.mark_failed(backend, refused=exc.refused)
             raise
@@ -447,7 +448,7 @@ class Router:
             raise BackendFailed(str(exc)) from None
 
     async def _relay_once(
-        self, backend: Backend, path: str, body: dict, state: _ClientStream, skip_role_chunk: bool, raw: bytes | None
+        self, backend: Backend, path: str, body: dict, state: _ClientStream, raw: bytes | None
     ) -> web.StreamResponse:
         # a worker sends its stream's headers at once (as vLLM does): the first-byte deadline holds
         # until the stream's first body byte, which a request still in its prefill has not sent
@@ -467,15 +468,7 @@ class Router:
                 self.requests.labels(backend.name, "ok" if resp.status < 400 else "client_error").inc()
                 return await state.whole(data, resp.status)
             try:
-                if skip_role_chunk:  # P/D: the router already sent the role chunk and the first token
-                    first = await asyncio.wait_for(resp.content.readline(), self.res.idle_s)
-                    if not _is_role_only(first):
-                        await state.write(first)
-                    else:  # drop the whole event, its blank terminator line too
-                        blank = await asyncio.wait_for(resp.content.readline(), self.res.idle_s)
-                        if blank.strip():
-                            await state.write(blank)
-                await _relay_blocks(resp, state, self.res.idle_s, None if skip_role_chunk else first_by)
+                await _relay_blocks(resp, state, self.res.idle_s, first_by)
             except _NoFirstByte:
                 self.timeouts.labels("first_byte").inc()
                 raise BackendFailed(f"{backend.name} sent no response within {self.res.first_byte_s:.1f} s") from None
@@ -528,12 +521,11 @@ class Router:
         kv = first.get("kv_transfer_params")
         if not kv:  # a one-token answer: the prefill instance finished it
             return await state.from_complete(first, body)
-        first_text = _text_of(first)
         decode_body = {**body, "kv_transfer_params": kv}
-        if state.stream:
-            await state.write_prefix(first, first_text)
-            if state.timing and first.get("infemu_timing"):  # the prefill leg's account, as an SSE comment
-                await state.write(b": infemu-timing-prefill " + json.dumps(first["infemu_timing"]).encode() + b"\n\n")
+        if state.stream and state.timing and first.get("infemu_timing"):
+            # the prefill leg's account, as an SSE comment ahead of the decode's first bytes (held until then:
+            # a decode that fails before sending any is still replaced by another)
+            state.hold(b": infemu-timing-prefill " + json.dumps(first["infemu_timing"]).encode() + b"\n\n")
         inner = state
         if not state.stream:
             inner = _ClientStream(state.request, False, capture=True)
@@ -546,7 +538,7 @@ class Router:
             d = self._choose(decodes, routing, tried, decode=True)
             tried.add(d.name)
             try:
-                relayed = await self._relay(d, path, decode_body, inner, skip_role_chunk=state.stream)
+                relayed = await self._relay(d, path, decode_body, inner)
                 break
             except BackendFailed as exc:
                 log.warning("decode %s failed before its first byte: %s", d.name, exc)
@@ -557,11 +549,7 @@ class Router:
                     )
         if state.stream:
             return relayed
-        if inner.captured_status >= 400:
-            return await state.whole(inner.captured, inner.captured_status)
-        rest = json.loads(inner.captured)
-        _prepend_text(rest, first_text)
-        return await state.whole(json.dumps(rest).encode(), 200)
+        return await state.whole(inner.captured, inner.captured_status)  # the decode's answer is the whole one
 
     async def _prefill(
         self, path: str, prefill_body: dict, rr: RoutingRequest, state: _ClientStream
@@ -747,6 +735,12 @@ class _ClientStream:
         self.last_token_at = 0.0
         self.tokens = 0
         self.ok = False
+        self._held = b""  # bytes that go out with the first write (the client is told nothing before)
+
+    def hold(self, data: bytes) -> None:
+        """Send ``data`` ahead of the first bytes written, not now: until then a failed backend may still
+        be replaced by another, which only an untouched response allows."""
+        self._held += data
 
     def writes_at_once(self, size: int) -> bool:
         """Whether a write of ``size`` bytes cannot wait. aiohttp's write waits only while the transport
@@ -770,6 +764,8 @@ class _ClientStream:
     async def write(self, line: bytes) -> None:
         if b"data: [DONE]" in line[-16:]:
             self.done = True
+        if self._held:
+            line, self._held = self._held + line, b""
         try:
             resp = self.resp or await self._prepare()
             if self.started and self.writes_at_once(len(line)):
@@ -805,7 +801,7 @@ class _ClientStream:
             self.tokens += n
 
     async def write_prefix(self, first: dict, text: str) -> None:
-        """Stream the prefill instance's first token before relaying the decode stream."""
+        """Stream a whole answer's text as one token event (a one-token answer the prefill finished)."""
         obj = first.get("object")
         rid, model, created = first.get("id"), first.get("model"), first.get("created")
         if obj == "chat.completion":
@@ -916,17 +912,6 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _is_role_only(line: bytes) -> bool:
-    if not line.startswith(b"data: {"):
-        return False
-    try:
-        obj = json.loads(line[6:])
-        delta = obj["choices"][0]["delta"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return False
-    return "role" in delta and not delta.get("content")
-
-
 def _seconds(value: object) -> float:
     """A path-overhead figure in seconds, in [0, 1): anything else is refused."""
     seconds = float(value)  # type: ignore[arg-type]
@@ -938,14 +923,6 @@ def _seconds(value: object) -> float:
 def _text_of(resp: dict) -> str:
     choice = resp["choices"][0]
     return choice["message"]["content"] if "message" in choice else choice.get("text", "")
-
-
-def _prepend_text(resp: dict, text: str) -> None:
-    choice = resp["choices"][0]
-    if "message" in choice:
-        choice["message"]["content"] = text + (choice["message"].get("content") or "")
-    else:
-        choice["text"] = text + choice.get("text", "")
 
 
 def _error(exc: APIError) -> web.Response:

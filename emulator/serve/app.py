@@ -2,10 +2,11 @@
 
 ``create_app(settings)`` builds the aiohttp application; a cleanup context
 starts the engine and, on shutdown, ends every open stream with an explicit
-error. Roles: ``aggregated`` serves whole requests; ``prefill`` returns the first
-token and holds the KV cache until a decode instance pulls it (``/internal/kv``);
-``decode`` accepts ``kv_transfer_params`` from the router, pulls the KV over TCP
-through the shaped link, then decodes.
+error. Roles: ``aggregated`` serves whole requests; ``prefill`` computes the prompt
+(its one sampled token stays with the router) and holds the KV cache until a decode
+instance pulls it (``/internal/kv``); ``decode`` accepts ``kv_transfer_params`` from
+the router, pulls the KV over TCP through the shaped link, recomputes the prompt's last
+token and streams every output token, the first included (as vLLM's decode instances do).
 """
 
 from __future__ import annotations
@@ -396,7 +397,7 @@ class Worker:
         if producer:
             req = Request(rid, n_prompt, n_out, now, hashes, kv_role="producer")
         elif consumer:
-            req = Request(rid, n_prompt, n_out, now, hashes, kv_role="consumer", num_output_tokens=1)
+            req = Request(rid, n_prompt, n_out, now, hashes, kv_role="consumer")
         else:
             req = Request(rid, n_prompt, n_out, now, hashes)
         # the modelled API server takes the request in first (the simulator models it at the front door only)
@@ -411,8 +412,8 @@ class Worker:
             if internal and request.headers.get(TIMING_HEADER)
             else None
         )
-        position = 1 if consumer else 0
-        prefilled = consumer
+        position = 0
+        prefilled = consumer  # its prompt was computed on the prefill instance
 
         if not g.stream or producer:
             text_parts, reason, failure = [], None, None
@@ -465,12 +466,14 @@ class Worker:
             frame = body_framer(resp)
 
             def mark_prefilled(ev: StreamEvent) -> None:
-                """The stream's first event (tokens or the end) marks the prompt done."""
+                """The stream's first event (tokens or the end) marks the prompt done (a P/D decode's was
+                computed on its prefill instance) and the first token's release."""
                 nonlocal prefilled, first_due
+                if first_due is None:
+                    first_due = ev.at
                 if not prefilled:
                     prefilled = True
                     self._prefilled(req)
-                    first_due = ev.at
 
             def step_tokens(ev: StreamEvent) -> bytes:
                 """A step's tokens as SSE events."""
@@ -521,7 +524,7 @@ class Worker:
                     break
             if timing is not None:  # an SSE comment: every client skips it
                 await resp.write(b": infemu-timing " + json.dumps(timing()).encode() + b"\n\n")
-            if first_due and internal and not consumer and request.headers.get(FIRST_DUE_HEADER):
+            if first_due and internal and request.headers.get(FIRST_DUE_HEADER):
                 await resp.write(FIRST_DUE_COMMENT + repr(first_due).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()

@@ -250,7 +250,7 @@ class RealTimeEngine:
         m = self.metrics
         d = self.dilation
         arrival, first, finish = req.arrival_s, req.first_token_s, req.finish_s
-        if req.kv_role != "consumer" and first is not None:
+        if first is not None:  # a P/D decode's too: its first token is the client's (vLLM records it there)
             m.ttft.observe((first - arrival) / d)
         if finish is not None:
             m.e2e.observe((finish - arrival) / d)

@@ -498,6 +498,8 @@ class Simulation(StagesMixin):
             results = sched.update_from_output(output, now)
             seen = self._stream_one(inst, now, sched.last_num_outputs)
             for req in sched.first_tokens:  # first tokens reach their clients through the API server
+                if req.kv_role == "producer":
+                    continue  # a P/D prefill's token stays there: the client's first token comes from the decode
                 rec = self.records.get(req.request_id)
                 if req.request_id in inst.live and rec is not None and rec.first_token_s is None:
                     rec.first_token_s = seen
@@ -532,23 +534,17 @@ class Simulation(StagesMixin):
             rec.instance = inst.name
             rec.cached_tokens = max(rec.cached_tokens, req.num_cached_tokens)
             rec.preemptions += req.num_preemptions
-            # the client sees every token shifted by the streaming path (seen - now); a P/D client saw
-            # the first token come from the prefill
+            # the client sees every token shifted by the streaming path (seen - now); a P/D client's
+            # tokens all come from the decode instance
             shift = seen - now
-            n_times = req.num_output_tokens - (req.kv_role == "consumer")
-            itl = req.max_itl_s
-            pd_first = rec.prefill_instance is not None and rec.first_token_s is not None
-            head = req.first_token_time()
-            if pd_first and head is not None:
-                itl = max(itl, head + shift - rec.first_token_s)
-            if n_times + pd_first > 1:
-                rec.itl_max_ms = itl * 1e3
-            if rec.ok and ro.request_id in self._pipes:
-                times = req.token_times() + shift
-                if pd_first:
-                    times = np.concatenate([[rec.first_token_s], times])
-                if self._generate_done(ro.request_id, req, rec, times, seen):
-                    continue  # the pipeline's next stage runs
+            if req.num_output_tokens > 1:
+                rec.itl_max_ms = req.max_itl_s * 1e3
+            if (
+                rec.ok
+                and ro.request_id in self._pipes
+                and self._generate_done(ro.request_id, req, rec, req.token_times() + shift, seen)
+            ):
+                continue  # the pipeline's next stage runs
             self._pipes.pop(ro.request_id, None)
             self._client_done(rec)
 
@@ -579,7 +575,6 @@ class Simulation(StagesMixin):
             req.arrival_s,
             self._hashes(p, dec.block_size),
             kv_role="consumer",
-            num_output_tokens=1,
         )
         rejected = dec.scheduler.add_request(consumer)
         if rejected is not None:
@@ -760,7 +755,7 @@ class Simulation(StagesMixin):
         inst.in_flight = 0
         inst.launch_pending = False
         inst.api_queued = 0
-        lost = list(inst.live)
+        lost = list(inst.live.values())
         inst.live = {}
         inst.scheduler = Scheduler(inst.setup.engine, report_every_output=False)
         for rid, tr in list(self.transfers.items()):
@@ -771,9 +766,12 @@ class Simulation(StagesMixin):
                 if rid in self.net.flows:
                     self.net.remove(rid, now)
                     self._reschedule_flows(now)
-        for rid in lost:
+        for req in lost:
+            rid = req.request_id
             rec = self.records[rid]
-            if rec.first_token_s is None:
+            if rec.first_token_s is None and rec.prefill_instance is not None:
+                self._redecode(inst, req, rec, now)  # a P/D decode leg that sent nothing: another decode takes it
+            elif rec.first_token_s is None:
                 self._retry_or_fail(rid, now, f"{inst.name} died")
             else:
                 self._fail(rec, now, f"backend {inst.name} failed mid-stream", "backend_failed")
@@ -807,7 +805,7 @@ class Simulation(StagesMixin):
         self._settle(inst, now)
         for rid in list(inst.live):
             req, rec = inst.live[rid], self.records[rid]
-            streamed_here = req.num_output_tokens > (1 if req.kv_role == "consumer" or rec.prefill_instance else 0)
+            streamed_here = req.num_output_tokens > 0
             if streamed_here != (stage == "idle"):
                 continue
             inst.scheduler.abort(rid)
@@ -828,7 +826,7 @@ class Simulation(StagesMixin):
         for d in others:
             self._settle(d, now)
         dec = others[self.decode_policy.choose([d.snapshot() for d in others], RoutingRequest(req.request_id))]
-        again = Request(req.request_id, req.num_prompt_tokens, req.max_tokens, req.arrival_s, num_output_tokens=1)
+        again = Request(req.request_id, req.num_prompt_tokens, req.max_tokens, req.arrival_s)
         if dec.scheduler.add_request(again) is not None:
             self._fail(rec, now, again.error or "rejected by decode", "backend_failed")
             return
