@@ -175,6 +175,7 @@ def print_cost_table(cluster, args) -> int:
         "api_latency_ms": profile.api.latency_s * 1e3,
         "api_per_prompt_token_us": profile.api.per_prompt_token_s * 1e6,
         "api_per_output_us": profile.api.per_output_s * 1e6,
+        "pd_handoff_ms": profile.api.pd_handoff_s * 1e3,
         "fitted_on_groups": len(profile.fitted_on),
     }
     precisions = {
@@ -249,6 +250,7 @@ def print_cost_table(cluster, args) -> int:
         f" {host['step_fixed_us']:.0f} us per step + {host['per_seq_us']:.1f} us per sequence;"
         f" API server {host['api_latency_ms']:.1f} ms + {host['api_per_prompt_token_us']:.2f} us per prompt token,"
         f" {host['api_per_output_us']:.1f} us per streamed token"
+        + (f"; P/D hand-off {host['pd_handoff_ms']:.0f} ms" if pool.role in ("prefill", "decode") else "")
     )
     if afd is not None:
         c = cm.kernels.afd

@@ -370,6 +370,14 @@ class EngineSpec(_Model):
         description="auto = the engine's default; mixed = prefill chunks share steps with decodes (vLLM, "
         "TensorRT-LLM, SGLang --enable-mixed-chunk); prefill_first = a prefill step pauses decoding (SGLang).",
     )
+    pd_handoff_ms: float | None = Field(
+        None,
+        ge=0,
+        le=60_000,
+        description="P/D: fixed time from the prefill's answer to the decode's KV pull (the router's second "
+        "leg, the decode's intake, the KV connector's set-up); default: the engine's, fitted on measured P/D "
+        "deployments (docs/fidelity.md).",
+    )
 
 
 class HealthCheckSpec(_Model):

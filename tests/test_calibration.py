@@ -172,7 +172,7 @@ def test_the_robust_linearised_solve_recovers_constants_and_ignores_an_outlier_g
     rng = np.random.default_rng(0)
     n, p = 200, len(F.PARAMETERS)
     jac = rng.uniform(0.0, 0.02, (n, 2, p))
-    truth = np.array([5.0, 3.0, 20.0, 500.0, 10.0, 100.0])
+    truth = np.array([5.0, 3.0, 20.0, 500.0, 10.0, 100.0, 150.0])
     theta0 = np.zeros(p)
     residuals = -(jac @ (truth - theta0))  # log(pred/meas) at theta0: predictions too low by J (truth - theta0)
     residuals[:10] += 2.0  # one group measured something else entirely
@@ -182,11 +182,18 @@ def test_the_robust_linearised_solve_recovers_constants_and_ignores_an_outlier_g
     # leaving the outlier group out changes little: the fit is robust, not dragged by 5% of the rows
     mask = np.arange(n) >= 10
     assert np.allclose(F.solve(lin, mask, max_step=1e6), truth, rtol=0.05)
+    # a constant no row responds to (the P/D hand-off, fitted on aggregated rows) keeps its value, and so
+    # does one held fixed
+    lin.jacobian[:, :, -1] = 0.0
+    lin.theta[-1] = 42.0
+    held = F.solve(lin, np.ones(n, dtype=bool), max_step=1e6, free=np.arange(p) != 0)
+    assert held[-1] == 42.0 and held[0] == 0.0 and not np.allclose(held[1:-1], 0.0)
 
 
 class _Row:
     def __init__(self, i: int, ttft_ms: float, tpot_ms: float) -> None:
         self.id, self.ttft_ms, self.tpot_ms = f"row-{i}", ttft_ms, tpot_ms
+        self.mode = "agg"  # aggregated: the P/D hand-off constant is not theirs
 
 
 class _Ex:
@@ -221,9 +228,9 @@ def _queue_like_simulator(monkeypatch, truth: np.ndarray) -> list[_Ex]:
 
 
 def test_gauss_newton_reaches_constants_the_chord_method_stops_short_of(monkeypatch):
-    truth = np.array([150.0, 0.0, 0.0, 900.0, 0.0, 0.0])
+    truth = np.array([150.0, 0.0, 0.0, 900.0, 0.0, 0.0, 0.0])
     rows = _queue_like_simulator(monkeypatch, truth)
-    start = np.array([20.0, 0.0, 0.0, 300.0, 0.0, 0.0])
+    start = np.array([20.0, 0.0, 0.0, 300.0, 0.0, 0.0, 0.0])
     lines: list[str] = []
     theta, residuals = F.fit(rows, start, iterations=4, relinearise=True, log=lines.append)
     assert abs(theta[0] - truth[0]) < 2.0 and abs(theta[3] - truth[3]) < 10.0, lines
@@ -236,7 +243,7 @@ def test_gauss_newton_reaches_constants_the_chord_method_stops_short_of(monkeypa
 
 
 def test_gauss_newton_keeps_constants_no_step_improves(monkeypatch):
-    truth = np.array([150.0, 0.0, 0.0, 900.0, 0.0, 0.0])
+    truth = np.array([150.0, 0.0, 0.0, 900.0, 0.0, 0.0, 0.0])
     rows = _queue_like_simulator(monkeypatch, truth)
     lines: list[str] = []
     theta, _ = F.fit(rows, truth, iterations=3, relinearise=True, log=lines.append)

@@ -1,11 +1,13 @@
 """Fit each serving engine's host-side and API-server constants to the calibration set (maintainers).
 
-Writes emulator/costmodel/data/engine_constants.json: per engine the five constants of
+Writes emulator/costmodel/data/engine_constants.json: per engine the constants of
 emulator.calibration.fit.PARAMETERS, the groups (model x GPU x engine version) they were fitted
 on, the in-sample median errors, and the data set's SHA-256. benchmarks/fidelity.py scores the
 constants leave-one-group-out.
 
     python tools/fit_engines.py --data ../shared/data/measurements/silicon_calibration.csv
+    # the P/D hand-off alone, on the P/D rows, the other constants kept as shipped:
+    python tools/fit_engines.py --modes disagg --free pd_handoff_ms --start shipped
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ def main() -> int:
         default=SIMULATION_BUDGET_TOKENS,
         help="leave out rows whose simulation generates more output tokens than this",
     )
+    ap.add_argument("--modes", default="agg,disagg", help="comma-separated: the rows' modes to fit on")
+    ap.add_argument(
+        "--free",
+        help="comma-separated constants to fit (engines.yaml names); the rest keep their start values "
+        "and their provenance (default: every constant)",
+    )
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--limit", type=int, default=400, help="rows per engine (seeded subset) to fit on")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -79,13 +87,20 @@ def main() -> int:
         with open(args.out, encoding="utf-8") as fh:
             previous = json.load(fh).get("engines", {})
     engines = dict(previous)
+    names = [name for *_, name, _ in F.PARAMETERS]
+    chosen = names if not args.free else args.free.split(",")
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        ap.error(f"--free: unknown constants {', '.join(unknown)}; known: {', '.join(names)}")
+    free = np.array([name in chosen for name in names])
+    modes = set(args.modes.split(","))
     for engine in args.engines.split(","):
         expressed = [
             ex
             for ex in (
                 express(r, rounds=args.rounds or auto_rounds(r, args.round_tokens), template=args.template)
                 for r in rows
-                if r.backend == engine
+                if r.backend == engine and r.mode in modes
             )
             if not isinstance(ex, Skip) and not over_budget(ex, args.max_simulated_tokens)
         ]
@@ -93,26 +108,42 @@ def main() -> int:
             rng = np.random.default_rng(0)
             expressed = [expressed[i] for i in sorted(rng.choice(len(expressed), args.limit, replace=False))]
         print(f"{engine}: fitting on {len(expressed)} rows of {len({e.row.group for e in expressed})} groups")
-        theta0 = F.vector(F.profile_for(expressed[0])) if args.start == "shipped" else np.zeros(len(F.PARAMETERS))
+        theta0 = F.vector(F.profile_for(expressed[0]))  # the shipped constants; a partial fit keeps the others
+        if args.start == "zero":
+            theta0[free] = 0.0
         theta, residuals = F.fit(
-            expressed, theta0, iterations=args.iterations, workers=args.jobs, relinearise=args.gauss_newton
+            expressed,
+            theta0,
+            iterations=args.iterations,
+            workers=args.jobs,
+            relinearise=args.gauss_newton,
+            free=None if free.all() else free,
         )
         ttft, tpot = F.median_errors(residuals)
         sections: dict[str, dict[str, float]] = {"host": {}, "api": {}}
         for (section, _, _, name, _), v in zip(F.PARAMETERS, theta, strict=True):
             sections[section][name] = round(float(v), 3)
-        engines[engine] = {
-            **sections,
+        record = {
             "fitted_on": sorted({e.row.group for e in expressed}),
             "rows": len(expressed),
             "in_sample_median_abs_error_pct": {"ttft": round(ttft, 2), "tpot": round(tpot, 2)},
             "method": (
                 f"{'Gauss-Newton' if args.gauss_newton else 'chord'} from {args.start} constants, "
-                f"{args.iterations} iterations, rounds per row: "
+                f"{args.iterations} iterations, {', '.join(sorted(modes))} rows, rounds per row: "
                 f"{args.rounds or f'as many as fit in {args.round_tokens:,} simulated output tokens'}, rows of at "
                 f"most {args.max_simulated_tokens:,} simulated output tokens"
             ),
         }
+        if free.all():
+            engines[engine] = {**sections, **record}
+        else:  # a partial fit: those constants change, each with its own provenance; the rest stay as they were
+            kept = dict(engines.get(engine, {}))
+            for (section, _, _, name, _), v, moved in zip(F.PARAMETERS, theta, free, strict=True):
+                kept.setdefault(section, {})
+                if moved or name not in kept[section]:
+                    kept[section][name] = round(float(v), 3)
+            kept.setdefault("partial_fits", {})[",".join(sorted(chosen))] = record
+            engines[engine] = kept
         write(args, digest, engines)  # after every engine: a later one's failure keeps the earlier fits
     return 0
 

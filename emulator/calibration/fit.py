@@ -35,8 +35,10 @@ PARAMETERS: tuple[tuple[str, str, float, str, float], ...] = (
     ("host", "step_fixed_s", 1e-6, "step_fixed_us", 300.0),
     ("host", "per_seq_s", 1e-6, "per_seq_us", 5.0),
     ("host", "eager_launch_s", 1e-6, "eager_launch_us_per_layer", 100.0),
+    ("api", "pd_handoff_s", 1e-3, "pd_handoff_ms", 20.0),
 )
-UPPER = np.array([500.0, 500.0, 2000.0, 50_000.0, 500.0, 5000.0])  # physical bounds in the yaml units
+UPPER = np.array([500.0, 500.0, 2000.0, 50_000.0, 500.0, 5000.0, 2000.0])  # physical bounds in the yaml units
+PD_ONLY = frozenset({"pd_handoff_ms"})  # constants an aggregated row does not depend on (no derivative run)
 
 
 def vector(profile: EngineProfile) -> np.ndarray:
@@ -122,41 +124,61 @@ class Linearisation:
 
 
 def linearise(
-    rows: Sequence[Expressed], theta: np.ndarray, workers: int = 1, base: Sequence[Prediction] | None = None
+    rows: Sequence[Expressed],
+    theta: np.ndarray,
+    workers: int = 1,
+    base: Sequence[Prediction] | None = None,
+    free: np.ndarray | None = None,
 ) -> Linearisation:
+    """The rows' log residuals at ``theta`` and their derivatives by each constant (finite differences;
+    only the ``free`` ones, and a P/D-only constant only on P/D rows: the rest are zero)."""
     if base is None:
         base = run_rows([(ex, theta) for ex in rows], workers)
     r0 = log_residuals(rows, base)
     jac = np.zeros((len(rows), 2, len(PARAMETERS)))
-    for j, (*_, step) in enumerate(PARAMETERS):
+    for j, (*_, name, step) in enumerate(PARAMETERS):
+        if free is not None and not free[j]:
+            continue
         shifted = theta.copy()
         shifted[j] += step
-        rj = log_residuals(rows, run_rows([(ex, shifted) for ex in rows], workers))
-        jac[:, :, j] = (rj - r0) / step
+        which = [i for i, ex in enumerate(rows) if name not in PD_ONLY or ex.row.mode == "disagg"]
+        if not which:
+            continue
+        preds = run_rows([(rows[i], shifted) for i in which], workers)
+        rj = log_residuals([rows[i] for i in which], preds)
+        jac[which, :, j] = (rj - r0[which]) / step
     return Linearisation(theta, r0, np.nan_to_num(jac))
 
 
-def solve(lin: Linearisation, mask: np.ndarray, max_step: float = 2.0) -> np.ndarray:
+def solve(lin: Linearisation, mask: np.ndarray, max_step: float = 2.0, free: np.ndarray | None = None) -> np.ndarray:
     """Constants minimising the robust linearised loss over the rows in ``mask`` (a step of at most
-    ``max_step`` times the current value plus the derivative step, a trust region)."""
+    ``max_step`` times the current value plus the derivative step, a trust region). ``free``: the
+    constants that may move (default: those some row of the mask responds to; the rest keep their
+    values)."""
     ok = mask & ~np.isnan(lin.residuals).any(axis=1)
     r0, jac, t0 = lin.residuals[ok], lin.jacobian[ok], lin.theta
-    if not ok.any():
+    if free is None:
+        free = np.abs(jac).sum(axis=(0, 1)) > 0
+    idx = np.flatnonzero(free)
+    if not ok.any() or not len(idx):
         return t0.copy()
-    steps = np.array([s for *_, s in PARAMETERS])
-    lo = np.maximum(0.0, t0 - max_step * (t0 + steps))
-    hi = np.minimum(UPPER, t0 + max_step * (t0 + steps))
+    steps = np.array([s for *_, s in PARAMETERS])[idx]
+    lo = np.maximum(0.0, t0[idx] - max_step * (t0[idx] + steps))
+    hi = np.minimum(UPPER[idx], t0[idx] + max_step * (t0[idx] + steps))
+    j = jac[:, :, idx]
 
-    def f(theta: np.ndarray) -> np.ndarray:
-        return (r0 + jac @ (theta - t0)).ravel()
+    def f(x: np.ndarray) -> np.ndarray:
+        return (r0 + j @ (x - t0[idx])).ravel()
 
     margin = 1e-3 * (hi - lo)  # least_squares' trust region stalls on a start lying exactly on a bound
-    start = np.clip(t0, lo + margin, hi - margin)
+    start = np.clip(t0[idx], lo + margin, hi - margin)
     # plain least squares first (far from the optimum the robust loss flattens every residual), then the
     # robust loss from there: soft-L1 at 5% keeps a group that measured something else from dragging the fit
     rough = least_squares(f, start, bounds=(lo, hi), loss="linear", x_scale=steps)
     res = least_squares(f, rough.x, bounds=(lo, hi), loss="soft_l1", f_scale=0.05, x_scale=steps)
-    return res.x
+    out = t0.copy()
+    out[idx] = res.x
+    return out
 
 
 def median_errors(residuals: np.ndarray) -> tuple[float, float]:
@@ -181,6 +203,7 @@ def fit(
     workers: int = 1,
     log: Callable[[str], None] = print,
     relinearise: bool = False,
+    free: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Robust fit with the simulator in the loop. Returns the constants and the rows' log residuals there.
 
@@ -192,13 +215,13 @@ def fit(
     far away mislead the chord method, and its trust region (twice the current value) stops it
     short of constants the data want."""
     theta = theta0.astype(float).copy()
-    lin = linearise(rows, theta, workers)
+    lin = linearise(rows, theta, workers, free=free)
     ttft, tpot = median_errors(lin.residuals)
     loss = robust_loss(lin.residuals)
     log(f"  start {np.round(theta, 3).tolist()}: median |error| TTFT {ttft:.1f}% TPOT {tpot:.1f}% loss {loss:.1f}")
     current = lin
     for it in range(iterations):
-        candidate = solve(current, np.ones(len(rows), dtype=bool))
+        candidate = solve(current, np.ones(len(rows), dtype=bool), free=free)
         tries = 3 if relinearise else 1
         for attempt in range(tries):
             base = run_rows([(ex, candidate) for ex in rows], workers)
@@ -219,7 +242,7 @@ def fit(
         )
         theta, loss = candidate, new_loss
         if relinearise and it + 1 < iterations:
-            current = linearise(rows, theta, workers, base=base)
+            current = linearise(rows, theta, workers, base=base, free=free)
         else:
             current = Linearisation(candidate, residuals, lin.jacobian)
     return theta, current.residuals

@@ -71,6 +71,9 @@ class ApiCosts:
     per_prompt_token_s: float = 0.0
     per_step_s: float = 0.0
     per_output_s: float = 0.0
+    # P/D: from the prefill's answer to the decode's KV pull — the router's second leg, the decode's
+    # intake and its KV connector's set-up and polling; a fixed cost of the path, fitted on P/D rows
+    pd_handoff_s: float = 0.0
 
     def request_s(self, prompt_tokens: int) -> float:
         """The loop's time to take in one request."""
@@ -180,6 +183,7 @@ def _profile(name: str, merged: dict) -> EngineProfile:
             per_prompt_token_s=float(api.get("per_prompt_token_us", 0.0)) * 1e-6,
             per_step_s=float(api.get("per_step_us", 0.0)) * 1e-6,
             per_output_s=float(api.get("per_output_us", 0.0)) * 1e-6,
+            pd_handoff_s=float(api.get("pd_handoff_ms", 0.0)) * 1e-3,
         ),
         fitted_on=tuple(merged.get("fitted_on", ())),
     )

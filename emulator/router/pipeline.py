@@ -244,21 +244,22 @@ class PipelineRunner:
     def _split(self, account: dict, to_first: float, reasoning: float, after: float) -> dict[str, float]:
         """A generation's time (wall seconds: to its first token, hidden reasoning, the rest) in the
         simulator's parts, emulated ms: the workers' own account gives the API intake, KV fetch and queue
-        (the prefill leg's, in P/D) and the P/D KV pull; prefill and decode are what remains of each span,
-        so the parts add up to the stage."""
+        (the prefill leg's, in P/D), the P/D hand-off and KV pull, and the decode's work before the first
+        token (in P/D the client's first token comes from the decode); prefill and decode are what
+        remains of each span, so the parts add up to the stage."""
         front = account.get("infemu-timing-prefill") or account.get("infemu-timing") or {}
         known = {k: front.get(f"{k}_ms", 0.0) for k in ("api", "kv_fetch", "queue")}
-        pull = (
-            (account.get("infemu-timing") or {}).get("kv_pull_ms", 0.0) if "infemu-timing-prefill" in account else 0.0
-        )
+        decode = (account.get("infemu-timing") or {}) if "infemu-timing-prefill" in account else {}
         first_ms, after_ms = self._ms(to_first), self._ms(after)
+        known["network"] = decode.get("kv_pull_ms", 0.0)
+        head = decode.get("head_ms", 0.0)
         known = {k: min(v, first_ms) for k, v in known.items()}
         scale = min(1.0, first_ms / sum(known.values())) if sum(known.values()) else 1.0  # never past the span
         parts = {k: v * scale for k, v in known.items()}
-        parts["prefill"] = first_ms - sum(parts.values())
+        head = min(head, first_ms - sum(parts.values()))
+        parts["prefill"] = first_ms - sum(parts.values()) - head
         parts["reasoning"] = self._ms(reasoning)
-        parts["network"] = min(pull, after_ms)
-        parts["decode"] = after_ms - parts["network"]
+        parts["decode"] = after_ms + head
         return {k: v for k, v in parts.items() if v > 0 or k in ("prefill", "decode")}
 
     def _ms(self, wall_s: float) -> float:

@@ -222,6 +222,8 @@ class Worker:
             out["queue_ms"] = max(req.first_scheduled_s - base, 0.0) * d
         if req.kv_ready_s is not None:
             out["kv_pull_ms"] = max(req.kv_ready_s - received, 0.0) * d
+            if req.first_token_s is not None:  # the decode's work before the client's first token
+                out["head_ms"] = max(req.first_token_s - req.kv_ready_s, 0.0) * d
         return out
 
     # ---- the KV store ---------------------------------------------------------------
@@ -266,6 +268,9 @@ class Worker:
     async def _pull_kv(self, req: Request, source: dict) -> None:
         url = f"{source['remote_url']}/internal/kv/{source['remote_request_id']}"
         assert self.session is not None
+        handoff = self.setup.cost.profile.api.pd_handoff_s  # the modelled hand-off path, as the simulator's
+        if handoff > 0:
+            await asyncio.sleep(handoff * self.dilation)
         async with self.session.get(url, params={"to": self.name}, headers=internal_headers(self.token)) as resp:
             # the transfer proper: from the sender's response (it then adds the latency and
             # streams the bytes) to the last byte; request set-up is not part of the link

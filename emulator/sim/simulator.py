@@ -587,14 +587,16 @@ class Simulation(StagesMixin):
         self._try_launch(dec, now)
 
     def _start_pull(self, dec: SimInstance, rid: str, now: float) -> None:
+        """The decode's blocks are set aside: after the hand-off path (the engine's fitted fixed cost:
+        the router's second leg, the decode's intake, its KV connector's set-up) the pull starts."""
         tr = self.transfers[rid]
-        tr.start_s = now
+        tr.start_s = now + self.api.pd_handoff_s
         if tr.prefill_epoch != tr.prefill.epoch or self.cut_pairs.get((tr.prefill.name, dec.name)):
             self._transfer_failed(rid, now)  # the prefill died, or the link is cut: answered at once
             return
         tier = self.topo.tier_between(tr.prefill.setup.instance, dec.setup.instance)
         extra = sum(lat for _, lat in self.link_changes.get((tr.prefill.name, dec.name), []))
-        self.events.push(now + tier.latency_s + extra, "flow_start", (rid, tier.name))
+        self.events.push(tr.start_s + tier.latency_s + extra, "flow_start", (rid, tier.name))
 
     def _transfer_failed(self, rid: str, now: float) -> None:
         """router.pdFallback: recompute the prompt on the decode instance, or fail the request."""

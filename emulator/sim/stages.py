@@ -308,17 +308,20 @@ class StagesMixin:
         scheduled = rec.first_scheduled_s if rec.first_scheduled_s is not None else admitted
         first = float(times[0]) if len(times) else end
         visible = float(times[stage.hidden_tokens]) if len(times) > stage.hidden_tokens else end
-        # P/D: from the hand-off to the KV in the decode's memory (its pull waits for the decode's next step too)
+        # P/D: the prefill ends at the hand-off; from there to the KV in the decode's memory is the network
+        # (the hand-off path and the pull); the decode's work up to the first token belongs to the decode
         handoff = marks.get("handoff")
-        network = req.kv_ready_s - handoff if handoff is not None and req.kv_ready_s is not None else 0.0
+        pd = handoff is not None and req.kv_ready_s is not None
+        network = req.kv_ready_s - handoff if pd else 0.0
+        head = first - req.kv_ready_s if pd else 0.0
         parts = {
             "api": arrived - t0,
             "kv_fetch": admitted - arrived,
             "queue": max(scheduled - admitted, 0.0),
-            "prefill": first - max(scheduled, admitted),
+            "prefill": first - max(scheduled, admitted) - network - head,
             "reasoning": visible - first,
             "network": network,
-            "decode": end - visible - network,
+            "decode": end - visible + head,
         }
         for k, v in parts.items():
             if v:
