@@ -448,7 +448,8 @@ class Worker:
                     "remote_request_id": rid,
                     "prompt_tokens": n_prompt,
                 }
-                self.held_timers[rid] = asyncio.get_running_loop().call_later(KV_HOLD_TIMEOUT_S, self._release, rid)
+                hold_s = KV_HOLD_TIMEOUT_S * self.dilation  # emulated seconds, as every modelled wait
+                self.held_timers[rid] = asyncio.get_running_loop().call_later(hold_s, self._release, rid)
                 out_reason = None
             else:
                 out_reason = finish_reason
