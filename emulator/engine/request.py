@@ -92,13 +92,6 @@ class Request:
         self.last_token_s = last
         self.token_chunks.append(times)
 
-    def first_token_time(self) -> float | None:
-        """When this engine produced the request's first output token (a step's or a stretch's)."""
-        if not self.token_chunks:
-            return None
-        head = self.token_chunks[0]
-        return head if isinstance(head, float) else float(head[0])
-
     def token_times(self) -> np.ndarray:
         """Every output token's timestamp, in order."""
         parts: list[np.ndarray] = []

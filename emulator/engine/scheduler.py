@@ -302,9 +302,7 @@ class Scheduler:
             self.kv_ready.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            if req.first_scheduled_s is None:
-                req.first_scheduled_s = now
-            scheduled.append(ScheduledRequest(req.request_id, n, req.num_computed_tokens, req))
+            self._account(req, n, now, scheduled, None)
             num_decode += 1
             decode_kv += req.num_computed_tokens + n
         return num_decode, decode_kv
@@ -375,11 +373,12 @@ class Scheduler:
             for r in self.running
         )
 
-    def _account(self, req: Request, n: int, now: float, scheduled: list, prefill: list) -> None:
+    def _account(self, req: Request, n: int, now: float, scheduled: list, prefill: list | None) -> None:
+        """``prefill``: where a prompt chunk is listed for pricing (None: the step is priced as a decode)."""
         if req.first_scheduled_s is None:
             req.first_scheduled_s = now
         scheduled.append(ScheduledRequest(req.request_id, n, req.num_computed_tokens, req))
-        if req.num_computed_tokens < req.num_prompt_tokens:
+        if prefill is not None and req.num_computed_tokens < req.num_prompt_tokens:
             prefill.append((n, req.num_computed_tokens))
 
     def _pick_victim(self) -> Request | None:
