@@ -170,6 +170,8 @@ def print_cost_table(cluster, args) -> int:
         "engine": f"{profile.name} {profile.version}",
         "async_overlap": profile.host.async_overlap,
         "cuda_graph": None if graph is None else graph,
+        "eager_kernels": cm.kernels.eager_kernels(),
+        "eager_launch_us_per_kernel": profile.host.eager_launch_s * 1e6,
         "step_fixed_us": profile.host.step_fixed_s * 1e6,
         "per_seq_us": profile.host.per_seq_s * 1e6,
         "api_latency_ms": profile.api.latency_s * 1e3,
@@ -244,8 +246,14 @@ def print_cost_table(cluster, args) -> int:
         f"  precisions: dense {quant.gemm}, attention {quant.attention}, experts {quant.moe}, KV cache {quant.kv_cache}"
         f" (from {quant.source})"
     )
+    kernels, launch_us = host["eager_kernels"], host["eager_launch_us_per_kernel"]
+    eager = (
+        f"eager (no CUDA graph): at least {kernels:.0f} kernel launches x {launch_us:.1f} us"
+        f" = {kernels * launch_us / 1e3:.1f} ms"
+    )
+
     console.print(
-        f"  host side: {'CUDA graph at ' + str(graph) + ' tokens' if graph is not None else 'eager (no CUDA graph)'};"
+        f"  host side: {'CUDA graph at ' + str(graph) + ' tokens' if graph is not None else eager};"
         f" {'overlapped with the GPU (async scheduling)' if profile.host.async_overlap else 'serial with the GPU'};"
         f" {host['step_fixed_us']:.0f} us per step + {host['per_seq_us']:.1f} us per sequence;"
         f" API server {host['api_latency_ms']:.1f} ms + {host['api_per_prompt_token_us']:.2f} us per prompt token,"

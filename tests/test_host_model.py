@@ -55,12 +55,45 @@ def test_host_work_adds_to_a_synchronous_step_and_hides_under_an_asynchronous_on
 
 
 def test_an_eager_step_takes_at_least_the_launches():
-    sm = step_model(HostCosts(eager_launch_s=1e-3))  # 1 ms of launches per layer: far above the GPU time
+    sm = step_model(HostCosts(eager_launch_s=1e-3))  # 1 ms per kernel launch: far above the GPU time
     small = BatchShape(prefill_chunks=((16, 0),))
     assert sm.graph_tokens(small) == 16  # piecewise graphs cover small mixed steps
     big = BatchShape(prefill_chunks=((2048, 0),))
     assert sm.graph_tokens(big) is None
-    assert sm.step_time(big).total_s >= 32 * 1e-3  # 32 layers
+    assert sm.step_time(big).total_s >= sm.kernels.eager_kernels() * 1e-3 >= 32 * 10 * 1e-3  # 32 layers
+
+
+def test_the_launch_count_follows_the_layers_structure():
+    """An eager MoE/MLA layer launches about twice a dense layer's kernels; TP adds its all-reduces."""
+
+    def per_layer(model: str, tp: int = 1) -> float:
+        m = get_model(model)
+        return InstanceCostModel(InstanceConfig(m, get_gpu("h200-sxm"), tp=tp)).eager_kernels() / m.layers
+
+    dense, moe = per_layer("llama-3.1-8b"), per_layer("deepseek-ai/DeepSeek-R1", tp=8)
+    assert 8 <= dense <= 12 and 1.8 * dense <= moe <= 2.5 * dense
+    assert per_layer("llama-3.1-8b", tp=2) == pytest.approx(dense + 2)
+
+
+def test_sglang_and_trtllm_run_every_step_with_prompt_tokens_eagerly():
+    """SGLang replays graphs for decode batches only (its extend batches launch kernel by kernel) and
+    TensorRT-LLM for generation-only iterations, so a short prompt pays the launches there, not on vLLM."""
+    small = BatchShape(prefill_chunks=((16, 0),))
+    for engine in ("sglang", "trtllm"):
+        sm = step_model(HostCosts(eager_launch_s=1e-3), engine=engine)
+        assert sm.graph_tokens(small) is None
+        assert sm.graph_tokens(decode(8)) == 8  # decode batches still replay graphs
+        assert sm.step_time(small).total_s >= 32 * 1e-3
+        assert sm.breakdown(small)["host_eager_launch"] > 0
+    vllm = step_model(HostCosts(eager_launch_s=1e-3))
+    assert vllm.step_time(small).total_s < 32 * 1e-3
+
+
+def test_an_unknown_prefill_graph_mode_is_refused_with_the_field():
+    from emulator.costmodel.engines import _prefill_graphs
+
+    with pytest.raises(ValueError, match=r"sglang\.cuda_graphs\.prefill is 'full'; use piecewise or eager"):
+        _prefill_graphs("sglang", "full")
 
 
 def test_decode_stretch_equals_step_by_step_with_padding_and_host_work():

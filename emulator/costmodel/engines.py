@@ -40,8 +40,8 @@ class HostCosts:
     ``step_fixed_s`` + ``per_seq_s`` x sequences + ``per_prefill_token_s`` x new prompt
     tokens. With ``async_overlap`` the engine prepares step n+1 while the GPU runs step n,
     so only the part exceeding the GPU time shows; otherwise it adds to every step.
-    A step that does not replay a CUDA graph pays ``eager_launch_s`` per layer of kernel
-    launches (hidden when the GPU is slower than the launches).
+    A step that does not replay a CUDA graph pays ``eager_launch_s`` per kernel it launches
+    (``InstanceCostModel.eager_kernels``; hidden when the GPU is slower than the launches).
     """
 
     step_fixed_s: float = 0.0
@@ -101,6 +101,9 @@ class EngineProfile:
     memory_fraction_of_free: bool
     cuda_graph_sizes: tuple[int, ...]
     cuda_graph_padding: bool
+    # a step with prompt tokens replays a (piecewise) graph up to the largest capture size (vLLM's
+    # torch.compile graphs), else it runs eagerly whatever its size (SGLang's extend, TensorRT-LLM's context)
+    cuda_graph_prefill: bool = True
     # the default token budget is the whole attention-DP group's, split over its ranks (SGLang)
     dp_divides_token_budget: bool = False
     host: HostCosts = field(default_factory=HostCosts)
@@ -142,6 +145,12 @@ def _capture_sizes(spec: Any) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def _prefill_graphs(engine: str, mode: str) -> bool:
+    if mode not in ("piecewise", "eager"):
+        raise ValueError(f"engines.yaml: {engine}.cuda_graphs.prefill is {mode!r}; use piecewise or eager")
+    return mode == "piecewise"
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -169,12 +178,13 @@ def _profile(name: str, merged: dict) -> EngineProfile:
         memory_fraction_of_free=bool(limits.get("fraction_of_free_memory", False)),
         cuda_graph_sizes=_capture_sizes(merged["cuda_graphs"]["capture"]),
         cuda_graph_padding=bool(merged["cuda_graphs"].get("padding", True)),
+        cuda_graph_prefill=_prefill_graphs(name, merged["cuda_graphs"].get("prefill", "piecewise")),
         dp_divides_token_budget=bool(limits.get("dp_divides_token_budget", False)),
         host=HostCosts(
             step_fixed_s=float(host.get("step_fixed_us", 0.0)) * 1e-6,
             per_seq_s=float(host.get("per_seq_us", 0.0)) * 1e-6,
             per_prefill_token_s=float(host.get("per_prefill_token_us", 0.0)) * 1e-6,
-            eager_launch_s=float(host.get("eager_launch_us_per_layer", 0.0)) * 1e-6,
+            eager_launch_s=float(host.get("eager_launch_us_per_kernel", 0.0)) * 1e-6,
             async_overlap=bool(host.get("async_overlap", False)),
         ),
         api=ApiCosts(

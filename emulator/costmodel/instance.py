@@ -177,6 +177,28 @@ class InstanceCostModel:
         ops.append(self._gemm("lm_head", "bf16", m.vocab // t, m.hidden, 1, "logits"))
         return ops
 
+    def eager_kernels(self) -> float:
+        """Kernels one step launches when it runs eagerly: what its host-side launch floor scales with.
+
+        Counted from the model's structure: one per GEMM built above (a MoE layer's grouped expert GEMMs
+        count as two), and per layer its two RMSNorms; rotary, KV-cache write and attention (softmax
+        layers); causal convolution, the six kernels of the chunked delta rule and the gated norm (linear
+        attention layers); the activation (dense MLP, shared experts); top-k, token sort, activation and
+        combine (routed experts); the two all-reduces under TP. An approximation of what vLLM's and
+        SGLang's layer code launches (their fusions vary by version): the launch cost per kernel is the
+        fitted ``eager_launch_us_per_kernel``, so the count only sets how the floor scales across models.
+        """
+        m, c = self.cfg.model, self.cfg
+        experts_here = m.moe_layers if c.part != "attention" else 0
+        n = sum(op.per_step for op in self._ops) + experts_here  # the second grouped expert GEMM
+        n += 2 * m.layers + 3 * m.softmax_layers + 8 * m.linear_layers
+        n += (m.layers - m.moe_layers) + 4 * experts_here
+        if m.shared_experts and c.part != "attention":
+            n += m.moe_layers
+        if c.tp > 1:
+            n += 2 * m.layers
+        return float(n)
+
     # ---- attention-DP ranks --------------------------------------------------------------
     def _ranks(self, shape: BatchShape) -> list[tuple[list[tuple[int, int]], int]]:
         """(prefill chunks, decodes) per attention-DP rank: chunks to the least-loaded rank,

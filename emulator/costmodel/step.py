@@ -17,6 +17,8 @@ per-engine constants and their sources):
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from emulator.costmodel.engines import EngineProfile
@@ -45,6 +47,8 @@ class EngineStepModel:
         dp = self.kernels.cfg.dp
         per_rank = -(-shape.num_tokens // dp)
         if shape.prefill_chunks:
+            if not self.profile.cuda_graph_prefill:
+                return None
             return shape.num_tokens if per_rank <= (self.profile.cuda_graph_sizes or (0,))[-1] else None
         size = self.profile.graph_size(per_rank)
         return None if size is None else max(size * dp, shape.num_tokens)
@@ -56,7 +60,11 @@ class EngineStepModel:
         return h.step_fixed_s + h.per_seq_s * per_rank_seqs + h.per_prefill_token_s * prefill
 
     def _eager_floor_s(self) -> float:
-        return self.profile.host.eager_launch_s * self.kernels.cfg.model.layers
+        return self._launch_floor_s
+
+    @functools.cached_property
+    def _launch_floor_s(self) -> float:
+        return self.profile.host.eager_launch_s * self.kernels.eager_kernels()
 
     def _shaped(self, gpu, host: float, graphed: bool):
         """A GPU time as the host side shapes it (arrays over steps, or one step's plain float): an eager
