@@ -158,6 +158,11 @@ class AfdKernels:
             f"{cfg.micro_batches} micro-batch(es)"
         )
 
+    def eager_kernels(self) -> float:
+        """An eager step's launches: the attention side's (its scheduler's host drives the step), once
+        per micro-batch; the FFN instances launch theirs on their own hosts meanwhile."""
+        return self.att.eager_kernels() * self.afd.micro_batches
+
     # ---- per micro-batch ---------------------------------------------------------------
     def _ffn_s(self, tokens: int) -> float:
         """One MoE layer on the FFN side for a micro-batch of ``tokens`` (all attention ranks')."""
