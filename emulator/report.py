@@ -251,7 +251,6 @@ def print_cost_table(cluster, args) -> int:
         f"eager (no CUDA graph): at least {kernels:.0f} kernel launches x {launch_us:.1f} us"
         f" = {kernels * launch_us / 1e3:.1f} ms"
     )
-
     console.print(
         f"  host side: {'CUDA graph at ' + str(graph) + ' tokens' if graph is not None else eager};"
         f" {'overlapped with the GPU (async scheduling)' if profile.host.async_overlap else 'serial with the GPU'};"

@@ -17,8 +17,6 @@ per-engine constants and their sources):
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from emulator.costmodel.engines import EngineProfile
@@ -32,6 +30,8 @@ class EngineStepModel:
         self.profile = profile
         self.sources = dict(kernels.sources)
         self.sources["host"] = f"{profile.name} {profile.version} profile (emulator/costmodel/data/engines.yaml)"
+        # an eager step takes at least its kernel launches (the profile and kernels never change)
+        self.eager_floor_s = profile.host.eager_launch_s * kernels.eager_kernels()
 
     @property
     def cfg(self):
@@ -59,18 +59,11 @@ class EngineStepModel:
         per_rank_seqs = -(-shape.num_seqs // self.kernels.cfg.dp)
         return h.step_fixed_s + h.per_seq_s * per_rank_seqs + h.per_prefill_token_s * prefill
 
-    def _eager_floor_s(self) -> float:
-        return self._launch_floor_s
-
-    @functools.cached_property
-    def _launch_floor_s(self) -> float:
-        return self.profile.host.eager_launch_s * self.kernels.eager_kernels()
-
     def _shaped(self, gpu, host: float, graphed: bool):
         """A GPU time as the host side shapes it (arrays over steps, or one step's plain float): an eager
         step takes at least its launches; the host's work overlaps it (async scheduling) or adds to it."""
         if not graphed:
-            gpu = np.maximum(gpu, self._eager_floor_s())
+            gpu = np.maximum(gpu, self.eager_floor_s)
         return np.maximum(gpu, host) if self.profile.host.async_overlap else gpu + host
 
     def _combine(self, gpu_total, gpu_interval, host: float, graphed: bool):
@@ -107,9 +100,9 @@ class EngineStepModel:
             return ops
         gpu = sum(ops.values())
         host = self.host_s(shape)
-        if padded is None and self._eager_floor_s() > gpu:
-            ops["host_eager_launch"] = self._eager_floor_s() - gpu
-            gpu = self._eager_floor_s()
+        if padded is None and self.eager_floor_s > gpu:
+            ops["host_eager_launch"] = self.eager_floor_s - gpu
+            gpu = self.eager_floor_s
         ops["host_step"] = max(0.0, host - gpu) if self.profile.host.async_overlap else host
         return ops
 
