@@ -36,13 +36,14 @@ from emulator.trust import MIN_TIMED_STEPS
 MODEL = "llama-3.1-8b"
 
 
-def spec_for(n: int, dilation: float, per_process: int = 1) -> dict:
+def spec_for(n: int, dilation: float, per_process: int = 1, stream_interval: int = 1) -> dict:
     return {
         "apiVersion": "infemu.io/v1alpha1",
         "kind": "InferenceCluster",
         "metadata": {"name": f"capacity-{n}"},
         "spec": {
             "model": MODEL,
+            "engine": {"name": "vllm", "streamInterval": stream_interval},
             "gpu": "h100-sxm",
             "topology": {"nodes": (n + 7) // 8, "gpusPerNode": min(n, 8)},
             "pools": [{"name": "agg", "replicas": n, "maxModelLen": 4096}],
@@ -102,22 +103,28 @@ def rss_mb(pid: int) -> float:
         return 0.0
 
 
-def run_size(n: int, seconds: float, per_instance: int, dilation: float, per_process: int = 1) -> dict:
+def run_size(
+    n: int, seconds: float, per_instance: int, dilation: float, per_process: int = 1, stream_interval: int = 1
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "spec.yaml")
         with open(path, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(spec_for(n, dilation, per_process), fh)
+            yaml.safe_dump(spec_for(n, dilation, per_process, stream_interval), fh)
         lc = LocalCluster(path, f"capacity-{n}", run_dir=os.path.join(tmp, "run"))
         t0 = time.monotonic()
         state = lc.start()
         start_s = time.monotonic() - t0
         try:
-            tokens = asyncio.run(closed_loop(state.router, n * per_instance, seconds))
-            fidelity = [worker_fidelity(p.url) for p in state.processes if p.role != "router"]
             pids = {p.pid for p in state.processes if p.role != "router"}
+            router_pid = next(p.pid for p in state.processes if p.role == "router")
+            before = {pid: cpu_seconds(pid) for pid in (*pids, router_pid)}
+            tokens = asyncio.run(closed_loop(state.router, n * per_instance, seconds))
+            cpu = {pid: cpu_seconds(pid) - before[pid] for pid in before}
+            fidelity = [worker_fidelity(p.url) for p in state.processes if p.role != "router"]
             memory = sum(rss_mb(pid) for pid in pids)
         finally:
             lc.stop()
+    worker_cpu = sum(cpu[pid] for pid in pids)
     worst = max(fidelity, key=lambda f: f[0] / max(f[1], 1e-9))
     measured = all(f[3] >= MIN_TIMED_STEPS for f in fidelity)
     return {
@@ -127,6 +134,10 @@ def run_size(n: int, seconds: float, per_instance: int, dilation: float, per_pro
         "dilation": dilation,
         "start_s": start_s,
         "tokens_per_s": tokens / seconds,
+        # CPU the workers and the router spent on the load window: per token, what a host pays to stream
+        "worker_cpu_s": worker_cpu,
+        "router_cpu_s": cpu[router_pid],
+        "tokens_per_worker_cpu_s": tokens / worker_cpu if worker_cpu else None,
         "worst_p99_ms": worst[0] * 1e3,
         "median_step_ms_bucket": worst[1] * 1e3,
         # a worker with too few steps has no verdict yet: that is not a faithful one
@@ -181,7 +192,7 @@ def breakdown(prof_path: str) -> dict[str, float]:
     return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])} if total else {}
 
 
-def profile_one(clients: int, seconds: float) -> dict:
+def profile_one(clients: int, seconds: float, stream_interval: int = 1) -> dict:
     """One instance behind the router, saturated by ``clients`` streams: CPU per streamed token for
     the worker and the router (a plain window), and where each one's CPU goes (a second window
     under cProfile, whose overhead inflates Python time: its shares, applied to the plain cost)."""
@@ -190,7 +201,7 @@ def profile_one(clients: int, seconds: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "spec.yaml")
         with open(path, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(spec_for(1, 1.0), fh)
+            yaml.safe_dump(spec_for(1, 1.0, 1, stream_interval), fh)
         prof_dir = os.path.join(tmp, "prof")
         os.environ[PROFILE_ENV] = prof_dir
         lc = LocalCluster(path, "capacity-1", run_dir=os.path.join(tmp, "run"))
@@ -221,7 +232,79 @@ def profile_one(clients: int, seconds: float) -> dict:
         "tokens_per_cpu_s": {k: tokens / v if v else None for k, v in cpu.items()},
         "us_per_token": {k: 1e6 * v / tokens if tokens else None for k, v in cpu.items()},
         "breakdown": profiles,
+        # the same streams at the same step cadence with nothing but a timer and one write per stream
+        "stream_interval": stream_interval,
+        "floor_us_per_token": 1e6 * io_floor(clients, clients / (tokens / seconds), seconds, stream_interval)
+        if tokens
+        else None,
     }
+
+
+# The readers of io_floor's streams: a separate process, so that only the writing side is measured.
+FLOOR_READER = """
+import asyncio, sys
+async def main(port, n):
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
+    async def drain(reader):
+        while await reader.read(65536):
+            pass
+    await asyncio.gather(*(drain(r) for r, _ in conns))
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+"""
+
+
+def io_floor(streams: int, step_s: float, seconds: float, stream_interval: int = 1) -> float:
+    """CPU seconds per token of the least a streaming server can do at this cadence: on the worker's
+    event loop, a timer at every step's deadline, then one pre-built SSE token chunk written to each
+    of ``streams`` sockets — no HTTP parsing, no engine, no JSON. What the worker pays above this is
+    the emulation's own; this much the host charges any asyncio server that streams one token per
+    stream per step (waking from a sleep of a step's length costs more than the same code run hot).
+    With ``stream_interval`` N, every N-th step writes N chunks at once, as the worker then does."""
+    from emulator import event_loop
+
+    choice = {"index": 0, "text": " token", "logprobs": None, "finish_reason": None}
+    event = {"id": "cmpl-0123456789abcdef", "object": "text_completion", "model": MODEL, "choices": [choice]}
+    data = b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    burst = data * stream_interval
+    burst = b"%x\r\n%b\r\n" % (len(burst), burst)  # HTTP/1.1 chunked, as aiohttp frames a stream
+
+    async def serve() -> float:
+        loop = asyncio.get_running_loop()
+        transports: list[asyncio.Transport] = []
+        connected = asyncio.Event()
+
+        class Sink(asyncio.Protocol):
+            def connection_made(self, transport):  # type: ignore[override]
+                transports.append(transport)
+                if len(transports) == streams:
+                    connected.set()
+
+        server = await loop.create_server(Sink, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader = await asyncio.create_subprocess_exec(sys.executable, "-c", FLOOR_READER, str(port), str(streams))
+        try:
+            await asyncio.wait_for(connected.wait(), 30)
+            deadline = loop.time()
+            end = deadline + seconds
+            cpu0, steps = time.process_time(), 0
+            while deadline < end:
+                deadline += step_s
+                wake = loop.create_future()
+                loop.call_at(deadline, wake.set_result, None)
+                await wake
+                steps += 1
+                if steps % stream_interval == 0:
+                    for transport in transports:
+                        transport.write(burst)
+            return (time.process_time() - cpu0) / (steps * streams)
+        finally:
+            for transport in transports:
+                transport.close()
+            server.close()
+            reader.kill()
+            await reader.wait()
+
+    return event_loop.run(serve())
 
 
 def print_profile(row: dict) -> None:
@@ -233,6 +316,14 @@ def print_profile(row: dict) -> None:
         )
         + "; shares from a second, profiled window"
     )
+    floor = row["floor_us_per_token"]
+    if floor:
+        every = "step" if row["stream_interval"] == 1 else f"{row['stream_interval']} steps"
+        print(
+            f"  floor: a bare asyncio timer + one write per stream per {every} at the same cadence costs "
+            f"{floor:.1f} µs CPU/token ({1e6 / floor:,.0f} tok per CPU-s); "
+            f"the worker spends {row['us_per_token']['worker'] / floor:.1f}x that"
+        )
     for who in ("worker", "router"):
         per_token = row["us_per_token"][who]
         parts = [
@@ -246,7 +337,8 @@ def print_row(row: dict) -> None:
     print(
         f"D={row['dilation']:g} N={row['instances']:3d} on {row['worker_processes']} processes "
         f"({row['workers_rss_mb']:.0f} MB) start {row['start_s']:5.1f}s  "
-        f"streamed {row['tokens_per_s']:8.0f} tok/s  worst timing p99 {row['worst_p99_ms']:6.2f} ms "
+        f"streamed {row['tokens_per_s']:8.0f} tok/s ({row['tokens_per_worker_cpu_s'] or 0:,.0f} per worker CPU-s)  "
+        f"worst timing p99 {row['worst_p99_ms']:6.2f} ms "
         f"= {row['worst_p99_ms'] / row['dilation']:.2f} emulated ms "
         f"(median step <= {row['median_step_ms_bucket']:.0f} ms)  {verdict}",
         flush=True,
@@ -262,7 +354,7 @@ def find_dilations(sizes: list[int], args: argparse.Namespace) -> None:
         while True:
             # a step lasts ~7 ms x D: long enough for every worker to time the steps its verdict needs
             seconds = max(args.seconds, 0.6 * dilation)
-            row = run_size(n, seconds, args.clients_per_instance, dilation, args.per_process)
+            row = run_size(n, seconds, args.clients_per_instance, dilation, args.per_process, args.stream_interval)
             if not args.json:
                 print_row(row)
             if row["faithful"] or dilation >= 64:
@@ -287,6 +379,12 @@ def main() -> None:
     ap.add_argument("--clients-per-instance", type=int, default=8)
     ap.add_argument("--dilation", type=float, default=1.0, help="time dilation D (steps last D times longer)")
     ap.add_argument("--per-process", type=int, default=1, help="instances per worker process (instancesPerProcess)")
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="spec.engine.streamInterval: the workers send a stream's tokens every N tokens (first at once)",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--find-dilation",
@@ -301,7 +399,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.profile:
-        rows = [profile_one(int(c), args.seconds) for c in args.profile.split(",")]
+        rows = [profile_one(int(c), args.seconds, args.stream_interval) for c in args.profile.split(",")]
         if args.json:
             print(json.dumps(rows))
         else:
@@ -313,7 +411,9 @@ def main() -> None:
         return
     rows = []
     for n in [int(x) for x in args.sizes.split(",")]:
-        row = run_size(n, args.seconds, args.clients_per_instance, args.dilation, args.per_process)
+        row = run_size(
+            n, args.seconds, args.clients_per_instance, args.dilation, args.per_process, args.stream_interval
+        )
         rows.append(row)
         if not args.json:
             print_row(row)

@@ -378,6 +378,15 @@ class EngineSpec(_Model):
         "leg, the decode's intake, the KV connector's set-up); default: the engine's, fitted on measured P/D "
         "deployments (docs/fidelity.md).",
     )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Output tokens a stream's API server gathers before it sends them (vLLM, SGLang and "
+        "TensorRT-LLM --stream-interval / stream_interval; default 1): a stream's first token goes at once, then "
+        "every N tokens, the rest when it ends. Each token stays its own SSE event; fewer, larger writes cost "
+        "the host less per token (a worker emulating many streams) and clients see the tokens in bursts.",
+    )
 
 
 class HealthCheckSpec(_Model):

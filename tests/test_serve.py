@@ -698,3 +698,48 @@ async def test_a_stream_whose_socket_is_backed_up_goes_through_its_task_unchange
             [e if e == "[DONE]" else (e["choices"][0]["text"], e["choices"][0]["finish_reason"]) for e in events]
         )
     assert streams[0] == streams[1] and len(streams[0]) == 9 + 2
+
+
+async def test_a_stream_interval_writes_every_nth_token_each_still_its_own_event():
+    """engine.streamInterval 4 (vLLM's --stream-interval): the first token goes at once, then tokens go in
+    fours, the last ones when the stream ends — one SSE event per token, the same texts and usage as at
+    interval 1. Steps last 20x their modelled time, so a burst's events (one write) arrive together
+    and bursts arrive at least a step apart."""
+    import itertools
+    import time
+
+    import yaml
+
+    from emulator.spec import parse_cluster
+
+    with open(example("quickstart.yaml"), encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh)
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 10, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    streams, arrivals = {}, []
+    for interval in (1, 4):
+        doc["spec"]["engine"] = {**doc["spec"].get("engine", {}), "streamInterval": interval}
+        doc["spec"]["emulation"] = {**doc["spec"].get("emulation", {}), "timeDilation": 20}
+        async with TestClient(TestServer(create_app(WorkerSettings(parse_cluster(doc), "agg-0")))) as c:
+            resp = await c.post("/v1/completions", json=body)
+            events, arrivals = [], []
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    ev = json.loads(line[6:])
+                    events.append(ev)
+                    if ev["choices"] and ev["choices"][0]["text"]:
+                        arrivals.append(time.monotonic())
+        streams[interval] = [
+            (e["choices"][0]["text"], e["choices"][0]["finish_reason"]) if e["choices"] else e["usage"] for e in events
+        ]
+    assert streams[4] == streams[1] and len(streams[4]) == 10 + 2
+    assert streams[4][-1]["completion_tokens"] == 10
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    bursts = [1]
+    for gap in gaps:  # a step lasts ~140 ms here; the events of one write arrive within a few ms
+        if gap > 0.05:
+            bursts.append(1)
+        else:
+            bursts[-1] += 1
+    assert bursts == [1, 4, 4, 1], gaps

@@ -311,3 +311,34 @@ def test_requests_longer_than_the_context_fail_explicitly():
     assert result.summary["failed"] == 5
     assert all("maximum context length is 1024" in r.error for r in result.records)
     assert result.summary["slo_attainment"] == 0.0
+
+
+def test_a_stream_interval_delivers_tokens_in_bursts_and_leaves_ttft_and_tpot_alone():
+    """engine.streamInterval N: the API server sends a stream's first token at once, then every N tokens,
+    the rest at the end (vLLM --stream-interval). The first and last tokens keep their times, so TTFT
+    and TPOT stay; the client's longest gap between tokens becomes about N steps."""
+    from emulator.costmodel.engines import delivered, sending_tokens
+
+    assert sending_tokens(10, 4).tolist() == [0, 4, 8, 9]
+    assert sending_tokens(9, 4).tolist() == [0, 4, 8]
+    assert sending_tokens(1, 4).tolist() == [0] and sending_tokens(5, 1).tolist() == [0, 1, 2, 3, 4]
+    times = np.arange(10, dtype=float)
+    assert delivered(times, 4).tolist() == [0, 4, 4, 4, 4, 8, 8, 8, 8, 9]
+    assert delivered(times, 1) is times
+
+    doc = load_clusters(example("quickstart.yaml"))[0].model_dump(by_alias=True, exclude_none=True)
+    results = {}
+    for interval in (1, 8):
+        doc["spec"]["engine"] = {**doc["spec"].get("engine", {}), "streamInterval": interval}
+        results[interval] = _run(parse_cluster(doc), concurrency=4, requests=24)
+    one, eight = ({r.request_id: r for r in results[i].records} for i in (1, 8))
+    assert one.keys() == eight.keys() and len(one) == 24
+    longer = 0
+    for rid, r in one.items():
+        assert (eight[rid].first_token_s, eight[rid].finish_s) == (r.first_token_s, r.finish_s)
+        # the longest wait between sends spans the longest gap between steps (and up to 7 more steps)
+        assert eight[rid].itl_max_ms >= r.itl_max_ms
+        step = (r.finish_s - r.first_token_s) / (r.output_tokens - 1)
+        longer += eight[rid].itl_max_ms >= r.itl_max_ms + 4 * step * 1e3
+    assert longer >= 20
+    assert results[8].summary["tpot_ms"] == results[1].summary["tpot_ms"]

@@ -28,6 +28,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import numpy as np
 import yaml
 
 ENGINES = ("vllm", "sglang", "trtllm", "ideal")
@@ -82,6 +83,26 @@ class ApiCosts:
     def step_s(self, outputs: int) -> float:
         """The loop's time to stream one engine step's tokens to their clients."""
         return (self.per_step_s + self.per_output_s * outputs) if outputs else 0.0
+
+
+def sending_tokens(count: int, stream_interval: int) -> np.ndarray:
+    """Indices of the output tokens whose arrival makes the API server send (``engine.streamInterval``):
+    the first token at once, then every ``stream_interval``-th, and the last, which ends the stream
+    (vLLM's OutputProcessor: it sends when nothing was sent yet or ``stream_interval`` tokens are due,
+    vllm-project/vllm#27869; SGLang and TensorRT-LLM hold tokens back the same way). Every token
+    reaches its client when the next sending token does."""
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    sends = np.arange(0, count, max(1, stream_interval), dtype=np.int64)
+    return sends if sends[-1] == count - 1 else np.append(sends, count - 1)
+
+
+def delivered(times: np.ndarray, stream_interval: int) -> np.ndarray:
+    """When each output token (produced at ``times``) reaches its client: with the next sending token."""
+    if stream_interval <= 1 or len(times) == 0:
+        return times
+    sends = sending_tokens(len(times), stream_interval)
+    return times[sends[np.searchsorted(sends, np.arange(len(times)))]]
 
 
 @dataclass(frozen=True)

@@ -481,15 +481,31 @@ class Worker:
                     prefilled = True
                     self._prefilled(req)
 
-            def step_tokens(ev: StreamEvent) -> bytes:
-                """A step's tokens as SSE events."""
-                nonlocal position
-                mark_prefilled(ev)
+            interval = self.settings.cluster.spec.engine.stream_interval
+            due = 0  # tokens the engine produced that the modelled API server has not sent yet
+            sent = False
+
+            def tokens_due() -> bytes:
+                """The due tokens as SSE events, one per token."""
+                nonlocal position, due
                 events = []
-                for _ in range(ev.count):
+                for _ in range(due):
                     events += (head, json_text(output_token(seed, position, vocab)[1]), tail)
                     position += 1
+                due = 0
                 return b"".join(events)
+
+            def step_tokens(ev: StreamEvent) -> bytes:
+                """What a step's tokens put on the wire now, as the API server sends them: the first token
+                at once, then every ``interval`` tokens (the rest wait), as vLLM's --stream-interval does
+                (``costmodel.engines.sending_tokens``); the events are built when they are sent."""
+                nonlocal due, sent
+                mark_prefilled(ev)
+                due += ev.count
+                if sent and due < interval:
+                    return b""
+                sent = True
+                return tokens_due()
 
             def write_through(ev: StreamEvent) -> bool:
                 """A step's tokens straight to the socket where the engine delivers them, framed as
@@ -506,7 +522,8 @@ class Worker:
                     handle.sink = None
                     return False
                 data = step_tokens(ev)
-                transport.write(frame(data))
+                if data:
+                    transport.write(frame(data))
                 return True
 
             await resp.write(b"")  # the headers go now (as vLLM's server sends them), not with the first token
@@ -514,20 +531,24 @@ class Worker:
                 handle.sink = write_through
             while True:
                 ev = await handle.queue.get()
-                if ev.kind == "tokens":  # one SSE event per token, one write per engine step
-                    await resp.write(step_tokens(ev))
+                if ev.kind == "tokens":  # one SSE event per token, one write per engine step (or stream interval)
+                    data = step_tokens(ev)
+                    if data:
+                        await resp.write(data)
                     if handle.queue.empty():  # caught up again: later steps write through
                         handle.sink = write_through
-                elif ev.kind == "finish":
+                    continue
+                if due:  # the stream ends: the tokens the stream interval held back go first
+                    await resp.write(tokens_due())
+                if ev.kind == "finish":
                     mark_prefilled(ev)
                     self.metrics.success[finish_reason].inc()
                     await _sse(resp, stream_chunk(g, public, "" if g.kind != "chat" else None, finish_reason))
                     if g.include_usage:
                         await _sse(resp, usage_chunk(g, public, n_prompt, position))
-                    break
                 else:
                     await _sse(resp, _refusal(ev).body())
-                    break
+                break
             if timing is not None:  # an SSE comment: every client skips it
                 await resp.write(b": infemu-timing " + json.dumps(timing()).encode() + b"\n\n")
             if first_due and internal and request.headers.get(FIRST_DUE_HEADER):

@@ -20,7 +20,7 @@ import numpy as np
 
 from emulator.build import build_instances
 from emulator.capacity import profile_of
-from emulator.costmodel.engines import EngineProfile
+from emulator.costmodel.engines import EngineProfile, delivered
 from emulator.engine.hashing import hashes_from_segments
 from emulator.engine.outputs import RequestOutput
 from emulator.engine.request import Request
@@ -160,6 +160,7 @@ class Simulation(StagesMixin):
         self.records: dict[str, RequestRecord] = {}
         self._planned: dict[str, PlannedRequest] = {}
         self.api = self.profile.api
+        self.stream_interval = spec.engine.stream_interval  # the API server sends every N tokens
         client = spec.workload.client
         self.clients = (
             ClosedLoopClients(
@@ -538,11 +539,16 @@ class Simulation(StagesMixin):
             # tokens all come from the decode instance
             shift = seen - now
             if req.num_output_tokens > 1:
-                rec.itl_max_ms = req.max_itl_s * 1e3
+                if self.stream_interval == 1:
+                    rec.itl_max_ms = req.max_itl_s * 1e3
+                else:  # the client's longest wait is between two of the API server's sends
+                    rec.itl_max_ms = float(np.max(np.diff(delivered(req.token_times(), self.stream_interval)))) * 1e3
             if (
                 rec.ok
                 and ro.request_id in self._pipes
-                and self._generate_done(ro.request_id, req, rec, req.token_times() + shift, seen)
+                and self._generate_done(
+                    ro.request_id, req, rec, delivered(req.token_times(), self.stream_interval) + shift, seen
+                )
             ):
                 continue  # the pipeline's next stage runs
             self._pipes.pop(ro.request_id, None)
