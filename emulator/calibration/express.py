@@ -200,6 +200,8 @@ def express(
     row: CalibrationRow, rounds: int | None = None, template: str = "sflow", client_overhead_ms: float | None = None
 ) -> Expressed | Skip:
     """``rounds``: measured rounds to simulate; None picks them by the row's size (auto_rounds)."""
+    if row.conflict:
+        return Skip(row, row.conflict)
     if row.system not in GPUS:
         return Skip(row, f"GPU system {row.system!r} is not in the catalog")
     if row.concurrency is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_PATH = os.path.join("..", "shared", "data", "measurements", "silicon_calibration.csv")
 
@@ -56,6 +56,8 @@ class CalibrationRow:
     source: str  # db-dump | source_file
     wip: bool
     harness: str = "generator"  # who deployed and benchmarked it: "generator" or "gap-analysis" (GAP_ANALYSIS_MARK)
+    # set by dedupe() when the same measurement is recorded under another layout: why it cannot be scored
+    conflict: str | None = None
 
     @property
     def group(self) -> str:
@@ -109,6 +111,27 @@ def _provenance(text: str) -> dict[str, str]:
 # concurrency), not as mixed chunks (docs/fidelity.md, "Who deployed the row").
 GAP_ANALYSIS_MARK = "aic-auto-gap-analysis"
 
+# An aggregated row's id names the engine's sizes (``..._tp8_ep8_920``: --tp 8 --ep 8, eight GPUs, the
+# experts split eight ways). 234 rows of source_file=2026-04-06.csv record those two sizes multiplied
+# instead: tp_size 64 (or tp 1 x attention_dp 64), moe_tp 8 x moe_ep 8 — DeepSeek-R1 on 64 GPUs for 4
+# clients. The same measurements recorded elsewhere (the gap-analysis files; qwen3.5-397b-gap-analysis,
+# kimi-k2.5-gap-analysis) read tp 8 (or 4), moe_tp 1, moe_ep 8 (or 4): the GPUs the id names. Such a
+# row is read as its id says: the multiplied dimension (attention DP where it is over 1, else TP)
+# divided by the EP size, the experts split moe_tp = tp x dp / ep ways x ep.
+_ID_SIZES = re.compile(r"_tp(\d+)(?:_\d+)?_ep(\d+)(?:_\d+)?_\d+$")
+
+
+def _as_the_id_says(row_id: str, lay: Layout) -> Layout:
+    m = _ID_SIZES.search(row_id)
+    if m is None:
+        return lay
+    tp, ep = int(m.group(1)), int(m.group(2))
+    if ep <= 1 or tp % ep or lay.tp * lay.dp != tp * ep or lay.moe_tp * lay.moe_ep != tp * ep:
+        return lay
+    if lay.dp > 1:
+        return replace(lay, dp=lay.dp // ep, moe_tp=tp // ep, moe_ep=ep)
+    return replace(lay, tp=lay.tp // ep, moe_tp=tp // ep, moe_ep=ep)
+
 
 def load_rows(path: str = DEFAULT_PATH) -> list[CalibrationRow]:
     rows: list[CalibrationRow] = []
@@ -117,6 +140,8 @@ def load_rows(path: str = DEFAULT_PATH) -> list[CalibrationRow]:
             prov = _provenance(rec["silicon_data_source"])
             conc = _int(prov.get("silicon_concurrency", ""))
             agg = _layout(rec, "") if rec["mode"] == "agg" else None
+            if agg is not None:
+                agg = _as_the_id_says(rec["id"], agg)
             if conc is None and agg is not None and agg.batch:
                 conc = agg.batch * agg.dp
             rows.append(
@@ -148,14 +173,50 @@ def load_rows(path: str = DEFAULT_PATH) -> list[CalibrationRow]:
 
 
 def dedupe(rows: list[CalibrationRow]) -> list[CalibrationRow]:
-    """Drop rows that repeat another row's measurement under another id (same model, system,
-    engine, lengths, TTFT and TPOT; the README counts 748 of them)."""
-    seen: set[tuple] = set()
-    out = []
+    """Count every measurement once. Rows that repeat another row's measurement under another id (same
+    model, system, engine, lengths, TTFT and TPOT; the README counts 748 of them) are dropped, and so
+    are the gap-analysis files' copies of the database's rows, whose figures are rounded to 1/100 ms:
+    the most precise record of a measurement stays.
+
+    Records of one measurement can disagree on its layout. The database dump's rows of some
+    configurations multiply the engine's sizes as the 2026-04-06 file did (``_as_the_id_says``):
+    Kimi-K2.5 on vLLM as tp 4 x attention-DP 4 with EP 16, where the rows whose ids name their
+    sizes read tp 4 with EP 4; Qwen3.5 on SGLang as tp 16. The layout a record's own id confirms
+    wins; a measurement whose layouts no id settles cannot be attributed: its rows stay, marked with
+    the conflict, and are skipped with it (``express``). A different batch field alone (per rank or
+    per deployment) is no conflict."""
+    groups: dict[tuple, list[CalibrationRow]] = {}
     for r in rows:
-        key = (r.model_path, r.system, r.backend, r.isl, r.osl, round(r.ttft_ms, 6), round(r.tpot_ms, 6))
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(r)
-    return out
+        key = (r.model_path, r.system, r.backend, r.isl, r.osl, round(r.ttft_ms, 2), round(r.tpot_ms, 2))
+        groups.setdefault(key, []).append(r)
+    keep: dict[str, CalibrationRow] = {}
+    for same in groups.values():
+        layouts = {_sizes(r) for r in same}
+        if len(layouts) > 1:
+            confirmed = {_sizes(r) for r in same if _id_confirms(r)}
+            if len(confirmed) != 1:
+                reason = "the same measurement is recorded under another layout too: which one ran is unknown"
+                distinct = {_sizes(r): r for r in reversed(same)}  # one row per layout
+                keep.update((r.id, replace(r, conflict=reason)) for r in distinct.values())
+                continue
+            same = [r for r in same if _sizes(r) in confirmed]
+        best = max(same, key=lambda r: (_digits(r.ttft_ms) + _digits(r.tpot_ms), -same.index(r)))
+        keep[best.id] = best
+    return [keep[r.id] for r in rows if r.id in keep]
+
+
+def _sizes(r: CalibrationRow) -> tuple:
+    """A row's parallel layout without its batch field."""
+    return tuple(None if lay is None else replace(lay, batch=None) for lay in (r.agg, r.prefill, r.decode))
+
+
+def _id_confirms(r: CalibrationRow) -> bool:
+    """The row's id names the engine sizes its layout has (``..._tp4_ep4_1872``: four GPUs, EP 4)."""
+    m = _ID_SIZES.search(r.id)
+    lay = r.agg
+    return m is not None and lay is not None and lay.tp * lay.dp == int(m.group(1)) and lay.moe_ep == int(m.group(2))
+
+
+def _digits(value: float) -> int:
+    """Significant digits a figure was recorded with (a rounded copy has fewer)."""
+    return len(repr(value).replace(".", "").lstrip("0"))
