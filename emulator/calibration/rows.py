@@ -174,26 +174,28 @@ def load_rows(path: str = DEFAULT_PATH) -> list[CalibrationRow]:
 
 def dedupe(rows: list[CalibrationRow]) -> list[CalibrationRow]:
     """Count every measurement once. Rows that repeat another row's measurement under another id (same
-    model, system, engine, lengths, TTFT and TPOT; the README counts 748 of them) are dropped, and so
-    are the gap-analysis files' copies of the database's rows, whose figures are rounded to 1/100 ms:
-    the most precise record of a measurement stays.
+    system, engine, lengths, TTFT and TPOT; the README counts 748 of them) are dropped, and so are the
+    gap-analysis files' copies of the database's rows, whose figures are rounded to 1/100 ms, and the
+    database's DeepSeek-R1 runs filed under DeepSeek-V3: the most precise record of a measurement stays.
 
     Records of one measurement can disagree on its layout. The database dump's rows of some
     configurations multiply the engine's sizes as the 2026-04-06 file did (``_as_the_id_says``):
     Kimi-K2.5 on vLLM as tp 4 x attention-DP 4 with EP 16, where the rows whose ids name their
     sizes read tp 4 with EP 4; Qwen3.5 on SGLang as tp 16. The layout a record's own id confirms
-    wins; a measurement whose layouts no id settles cannot be attributed: its rows stay, marked with
-    the conflict, and are skipped with it (``express``). A different batch field alone (per rank or
-    per deployment) is no conflict."""
+    wins, else (P/D) the one record that has the worker counts; a measurement whose layouts nothing
+    settles cannot be attributed: its rows stay, marked with the conflict, and are skipped with it
+    (``express``). A different batch field alone (per rank or per deployment) is no conflict."""
     groups: dict[tuple, list[CalibrationRow]] = {}
     for r in rows:
-        key = (r.model_path, r.system, r.backend, r.isl, r.osl, round(r.ttft_ms, 2), round(r.tpot_ms, 2))
+        # no model in the key: the database dump files DeepSeek-R1's runs (ids dsr1_...) under DeepSeek-V3's
+        # model path (the same architecture), 388 of them repeating the 2026-04-06 file's DeepSeek-R1 rows
+        key = (r.system, r.backend, r.isl, r.osl, round(r.ttft_ms, 2), round(r.tpot_ms, 2))
         groups.setdefault(key, []).append(r)
     keep: dict[str, CalibrationRow] = {}
     for same in groups.values():
         layouts = {_sizes(r) for r in same}
         if len(layouts) > 1:
-            confirmed = {_sizes(r) for r in same if _id_confirms(r)}
+            confirmed = {_sizes(r) for r in same if _id_confirms(r)} or {_sizes(r) for r in same if _complete(r)}
             if len(confirmed) != 1:
                 reason = "the same measurement is recorded under another layout too: which one ran is unknown"
                 distinct = {_sizes(r): r for r in reversed(same)}  # one row per layout
@@ -208,6 +210,11 @@ def dedupe(rows: list[CalibrationRow]) -> list[CalibrationRow]:
 def _sizes(r: CalibrationRow) -> tuple:
     """A row's parallel layout without its batch field."""
     return tuple(None if lay is None else replace(lay, batch=None) for lay in (r.agg, r.prefill, r.decode))
+
+
+def _complete(r: CalibrationRow) -> bool:
+    """A P/D record with its worker counts (the 2026-03-25 and 2026-04-06 files' P/D rows have none)."""
+    return r.mode == "disagg" and all(lay is not None and lay.workers for lay in (r.prefill, r.decode))
 
 
 def _id_confirms(r: CalibrationRow) -> bool:
