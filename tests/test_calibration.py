@@ -50,7 +50,7 @@ def test_rows_load_with_their_layouts_and_provenance():
     assert len(rows) == 4892
     distinct = dedupe(rows)
     assert 3400 < len(distinct) < 3550  # repeated measurements under other ids are counted once
-    assert not any(r.conflict for r in distinct)  # every layout disagreement is settled by an id
+    assert not any(r.conflict for r in distinct)  # every layout disagreement is settled (an id, P/D worker counts)
     # a 2026-04-06 row that multiplied the engine's sizes reads as its id names them: 8 GPUs, EP 8
     r = next(r for r in rows if r.id == "2026_04_06_deepseek_r1_b200_sxm_trtllm_fp8_agg_8192x1024_c4_tp8_ep8_920")
     assert (r.agg.tp, r.agg.dp, r.agg.moe_tp, r.agg.moe_ep) == (8, 1, 1, 8)
