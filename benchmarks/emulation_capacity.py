@@ -232,8 +232,8 @@ def profile_one(clients: int, seconds: float, stream_interval: int = 1) -> dict:
         "tokens_per_cpu_s": {k: tokens / v if v else None for k, v in cpu.items()},
         "us_per_token": {k: 1e6 * v / tokens if tokens else None for k, v in cpu.items()},
         "breakdown": profiles,
-        # the same streams at the same step cadence with nothing but a timer and one write per stream
         "stream_interval": stream_interval,
+        # the same streams at the same step cadence with nothing but a timer and one write per stream
         "floor_us_per_token": 1e6 * io_floor(clients, clients / (tokens / seconds), seconds, stream_interval)
         if tokens
         else None,
