@@ -8,7 +8,7 @@ from builders import create_request, create_scheduler, run_to_completion
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emulator.engine.block_pool import FreeBlockQueue
+from emulator.engine.block_pool import COMPACT_AFTER, FreeBlockQueue
 from emulator.engine.request import RequestStatus
 
 
@@ -257,7 +257,7 @@ def test_a_preempted_request_that_can_never_run_again_ends_with_an_error():
         max_size=300,
     )
 )
-@pytest.mark.parametrize("compact_after", [FreeBlockQueue.COMPACT_AFTER, 0])
+@pytest.mark.parametrize("compact_after", [COMPACT_AFTER, 0])
 def test_the_free_block_queue_keeps_lru_order_as_an_ordered_dict_would(ops, compact_after):
     """The pool's FIFO array, with stale entries for blocks removed from the middle, against the
     OrderedDict it models; ``extend`` (a finished request's blocks at once) adds a run of up to four
@@ -265,10 +265,7 @@ def test_the_free_block_queue_keeps_lru_order_as_an_ordered_dict_would(ops, comp
     every chance too, so that those paths run."""
     from collections import OrderedDict
 
-    class Queue(FreeBlockQueue):
-        COMPACT_AFTER = compact_after
-
-    q, ref = Queue(), OrderedDict()
+    q, ref = FreeBlockQueue(compact_after), OrderedDict()
     for op, b in ops:
         if op == "append" and b not in ref:
             q.append(b)
@@ -293,10 +290,7 @@ def test_the_free_block_queue_drops_stale_entries_once_they_outnumber_live_ones(
     """Prefix hits revive blocks from the middle of the queue; their entries stay behind until the
     head passes them, or, once they outnumber the live ones, until the array is rebuilt."""
 
-    class Queue(FreeBlockQueue):
-        COMPACT_AFTER = 0
-
-    q = Queue()
+    q = FreeBlockQueue(compact_after=0)
     q.extend([0, 1, 2, 3, 4])
     for b in (1, 2, 3):
         q.remove(b)
@@ -372,11 +366,8 @@ def test_the_steady_decode_fast_path_schedules_what_the_general_loop_does(reques
     tokens."""
     runs = []
     for fast in (True, False):
-
-        class Sched(type(create_scheduler())):
-            FAST_DECODES = fast
-
-        sched = Sched(create_scheduler(num_blocks=num_blocks, max_num_batched_tokens=budget, caching=caching).config)
+        sched = create_scheduler(num_blocks=num_blocks, max_num_batched_tokens=budget, caching=caching)
+        sched.fast_decodes = fast
         trace = []
         now = 0.0
         for step in range(2000):

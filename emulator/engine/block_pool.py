@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from array import array
 
+COMPACT_AFTER = 4096  # entries behind the head (or stale ones) before the free queue's array is compacted
+
 
 class FreeBlockQueue:
     """LRU order of unreferenced blocks: ``append`` at the most recent end, ``popleft`` the least.
@@ -24,11 +26,12 @@ class FreeBlockQueue:
     one (it was removed before it was freed again), so a count per block tells them apart.
     """
 
-    __slots__ = ("_head", "_items", "_num_stale", "_size", "_stale")
+    __slots__ = ("_head", "_items", "_num_stale", "_size", "_stale", "compact_after")
 
-    COMPACT_AFTER = 4096  # entries behind the head (or stale ones) before the array is compacted
-
-    def __init__(self) -> None:
+    def __init__(self, compact_after: int = COMPACT_AFTER) -> None:
+        # an argument, not a subclass's constant: the compiled engine core (emulator/native.py) takes no
+        # Python subclasses, and a test compacts at every chance
+        self.compact_after = compact_after
         self._items = array("i")
         self._head = 0
         self._size = 0  # live entries
@@ -80,7 +83,7 @@ class FreeBlockQueue:
             del items[:]
             self._stale.clear()
             self._num_stale = head = 0
-        elif head > self.COMPACT_AFTER and 2 * head > len(items):
+        elif head > self.compact_after and 2 * head > len(items):
             del items[:head]
             head = 0
         self._head = head
@@ -91,7 +94,7 @@ class FreeBlockQueue:
         self._stale[b] = self._stale.get(b, 0) + 1
         self._num_stale += 1
         self._size -= 1
-        if self._num_stale > self.COMPACT_AFTER and self._num_stale > self._size:
+        if self._num_stale > self.compact_after and self._num_stale > self._size:
             self._items = array("i", list(self))  # more stale entries than live ones: drop them
             self._head = 0
             self._stale.clear()

@@ -3,6 +3,8 @@ find computed prefix blocks, allocate slots (False = preempt someone), free."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from emulator.engine.block_pool import BlockPool
 from emulator.engine.request import Request
 
@@ -50,7 +52,7 @@ class KVCacheManager:
             n += 1
         return n
 
-    def blocks_needed(self, req: Request, num_new_tokens: int, new_computed: list[int] = ()) -> int:
+    def blocks_needed(self, req: Request, num_new_tokens: int, new_computed: Sequence[int] = ()) -> int:
         """Free blocks this allocation would consume (revived cached blocks count too)."""
         have = len(self.req_blocks.get(req.request_id, ())) + len(new_computed)
         total_tokens = req.num_computed_tokens + len(new_computed) * self.block_size + num_new_tokens
@@ -58,7 +60,7 @@ class KVCacheManager:
         revive = sum(1 for b in new_computed if self.pool.ref_cnt[b] == 0)
         return max(need, 0) + revive
 
-    def allocate_slots(self, req: Request, num_new_tokens: int, new_computed: list[int] = ()) -> bool:
+    def allocate_slots(self, req: Request, num_new_tokens: int, new_computed: Sequence[int] = ()) -> bool:
         if not new_computed:
             held = self.req_blocks.get(req.request_id)
             if held is not None and req.num_computed_tokens + num_new_tokens <= len(held) * self.block_size:

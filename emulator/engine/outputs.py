@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from emulator.costmodel.interface import BatchShape
+from emulator.engine.request import ScheduledRequest
 
-if TYPE_CHECKING:
-    from emulator.engine.request import Request
-
-# The per-request records of a step are named tuples: a simulated fleet builds millions of them.
-
-
-class ScheduledRequest(NamedTuple):
-    request_id: str
-    num_new_tokens: int
-    num_context_tokens: int  # tokens already in KV before this step
-    request: Request  # the scheduler's own object (no lookup by id when the step ends)
+# A step's per-request records: a simulated fleet builds millions of them. ScheduledRequest lives with
+# the Request (emulator/engine/request.py), where the compiled core builds it natively.
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,14 @@ class Request:
         if run:
             parts.append(np.asarray(run))
         return np.concatenate(parts) if parts else np.zeros(0)
+
+
+@dataclass(eq=False, slots=True)
+class ScheduledRequest:
+    """One request's part of a step. A class beside the Request, not a named tuple: the compiled
+    engine core builds it as a native object, the commonest allocation of a simulated step."""
+
+    request_id: str
+    num_new_tokens: int
+    num_context_tokens: int  # tokens already in KV before this step
+    request: Request  # the scheduler's own object (no lookup by id when the step ends)

@@ -25,12 +25,11 @@ from emulator.engine.request import Request, RequestStatus
 
 
 class Scheduler:
-    # steady decodes take _schedule's fast path (False: the general loop only — the reference a test
-    # compares the fast path with)
-    FAST_DECODES = True
-
     def __init__(self, config: EngineConfig, report_every_output: bool = True) -> None:
         self.config = config
+        # steady decodes take _schedule's fast path (False: the general loop only — the reference a
+        # test compares the fast path with; an attribute, since the compiled core takes no subclasses)
+        self.fast_decodes = True
         self.kv = KVCacheManager(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -207,7 +206,7 @@ class Scheduler:
         # sequence of every step.
         running, in_flight, held_by, bs = self.running, self.in_flight, self.kv.req_blocks, cfg.block_size
         i = 0
-        if decode and not in_flight and self.FAST_DECODES:
+        if decode and not in_flight and self.fast_decodes:
             # The leading steady decodes (one new token, and room in their last block or a free block
             # for it: the general loop's outcome for them, without its branches) — most of a busy
             # instance's batch. The first that cannot get its block goes to the general loop (preemption).
