@@ -24,7 +24,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/infemu run examples/quickstart.yaml --out runs/demo
 
-# The engine core compiled with mypyc (emulator/native.py, ~1.4x faster simulations): gcc and
+# The engine core compiled with mypyc (emulator/native.py: simulations up to ~1.5x faster): gcc and
 # Python's headers are Debian packages, installed when missing and we are root. Without them, or
 # when the build fails, the engine runs as pure Python (the same results; the tests compare both).
 NATIVE  := emulator/_native/manifest.json

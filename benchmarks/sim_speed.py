@@ -29,6 +29,11 @@ H100, best of 6: 4.04 -> 3.83 s); results unchanged to the bit. 2026-11-28, the 
 with mypyc (make native, emulator/native.py), both cores in one run, pure -> compiled: Azure on one
 A100 4.30 -> 3.21 s, four H100 3.76 -> 3.55 s (small batches: the simulator's own work dominates);
 the same results to the bit (tests/test_native.py). Each configuration runs on every core there is.
+Later the same day, short stretches (<= 8 steps) priced in plain floats (costmodel/step.py
+SHORT_STRETCH), a stream's last token time without arrays, a step's shaping without np.maximum on
+two floats; the Azure replay's results unchanged to the bit: one A100 2.43 s compiled, 3.63 s pure
+(10.8x faster than Vidur's 26.3 s); four H100 2.83 / 3.30 s; 64 x 60k 12.5 s compiled (15.8 s pure;
+19.0 s the day before); 1,024 x 20k 4.6 s (6.2 s pure); 1,024 GPUs x 1M requests 317 s, 1.93 GB.
 """
 
 from __future__ import annotations

@@ -351,6 +351,29 @@ class InstanceCostModel:
         p2p = (self.cfg.pp - 1) * self._pp_send_recv_s(num_decode)
         return compute + p2p + self.cfg.step_overhead_s
 
+    def decode_totals_short(
+        self, num_decode: int, kv_sum_start: int, steps: int, gemm_tokens: int | None = None
+    ) -> list[float] | None:
+        """``decode_totals`` of a short stretch (step j's sequences hold kv_sum_start + j x num_decode
+        tokens) in plain floats: most simulated stretches are a few steps, for which a dozen numpy
+        calls cost more than the arithmetic. The same operations in the same order; None where only
+        the array path knows the step (attention DP, DSA, linear attention)."""
+        if self.cfg.dp > 1 or num_decode <= 0:
+            return None
+        fixed = self._fixed_total(gemm_tokens or num_decode, num_decode)
+        p2p = (self.cfg.pp - 1) * self._pp_send_recv_s(num_decode)
+        overhead = self.cfg.step_overhead_s
+        out: list[float] = []
+        for j in range(steps):
+            terms = self.attention.decode_terms_s(num_decode, (kv_sum_start + j * num_decode) / num_decode)
+            if terms is None:
+                return None
+            compute = fixed
+            for v in terms:
+                compute = compute + v
+            out.append(compute + p2p + overhead)
+        return out
+
     def step_seconds(self, shape: BatchShape, gemm_tokens: int | None = None) -> tuple[float, float] | None:
         """``totals`` for one step in plain floats — every step of the emulation and every step the
         simulator takes one at a time asks this, and a dozen numpy operations on one-element arrays

@@ -27,7 +27,14 @@ class BatchShape:
 
     @property
     def num_tokens(self) -> int:
-        return sum(q for q, _ in self.prefill_chunks) + self.num_decode
+        # read several times per simulated step: a decode-only step skips the generator
+        chunks = self.prefill_chunks
+        if not chunks:
+            return self.num_decode
+        total = self.num_decode
+        for q, _ in chunks:
+            total += q
+        return total
 
     @property
     def num_seqs(self) -> int:

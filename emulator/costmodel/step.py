@@ -23,6 +23,10 @@ from emulator.costmodel.engines import EngineProfile
 from emulator.costmodel.instance import InstanceCostModel
 from emulator.costmodel.interface import BatchShape, StepTime
 
+# Stretches up to this many steps are priced step by step in plain floats: below it that beats one
+# vectorised call (the Azure replay's stretches are ~4 steps; timed with benchmarks/sim_speed.py).
+SHORT_STRETCH = 8
+
 
 class EngineStepModel:
     def __init__(self, kernels: InstanceCostModel, profile: EngineProfile) -> None:
@@ -66,6 +70,14 @@ class EngineStepModel:
             gpu = np.maximum(gpu, self.eager_floor_s)
         return np.maximum(gpu, host) if self.profile.host.async_overlap else gpu + host
 
+    def _shaped_float(self, gpu: float, host: float, graphed: bool) -> float:
+        """``_shaped`` of one step's plain float (np.maximum on two floats is max, at numpy's cost)."""
+        if not graphed and self.eager_floor_s > gpu:
+            gpu = self.eager_floor_s
+        if self.profile.host.async_overlap:
+            return host if host > gpu else gpu
+        return gpu + host
+
     def _combine(self, gpu_total, gpu_interval, host: float, graphed: bool):
         """The step's total and interval as the host side shapes them."""
         return self._shaped(gpu_total, host, graphed), self._shaped(gpu_interval, host, graphed)
@@ -77,8 +89,8 @@ class EngineStepModel:
         padded = self.graph_tokens(shape)
         fast = self.kernels.step_seconds(shape, padded)  # plain floats: see InstanceCostModel.step_seconds
         if fast is not None:
-            total, interval = self._combine(*fast, self.host_s(shape), padded is not None)
-            return StepTime(float(total), float(interval))
+            host, graphed = self.host_s(shape), padded is not None
+            return StepTime(self._shaped_float(fast[0], host, graphed), self._shaped_float(fast[1], host, graphed))
         mean_kv = np.array([shape.decode_kv_sum / shape.num_decode]) if shape.num_decode else np.zeros(1)
         total, interval = self.kernels.totals(shape, mean_kv, padded)
         total, interval = self._combine(total, interval, self.host_s(shape), padded is not None)
@@ -87,6 +99,11 @@ class EngineStepModel:
     def decode_stretch_s(self, num_decode: int, kv_sum_start: int, steps: int) -> np.ndarray:
         shape = BatchShape(num_decode=num_decode, decode_kv_sum=kv_sum_start)
         padded = self.graph_tokens(shape)
+        if steps <= SHORT_STRETCH:
+            short = self.kernels.decode_totals_short(num_decode, kv_sum_start, steps, padded)
+            if short is not None:
+                host, graphed = self.host_s(shape), padded is not None
+                return np.array([self._shaped_float(g, host, graphed) for g in short])
         kv_sums = kv_sum_start + np.arange(steps, dtype=np.int64) * num_decode
         return self._shaped(
             self.kernels.decode_totals(num_decode, kv_sums / num_decode, padded), self.host_s(shape), padded is not None

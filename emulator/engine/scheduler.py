@@ -528,9 +528,15 @@ class Scheduler:
         self._changed()
         n = len(end_times)
         running = self.running
-        last = float(end_times[-1])
-        first = float(end_times[0])
-        inner_gap = float(np.max(np.diff(end_times))) if n > 1 else 0.0
+        times: list[float] = end_times.tolist()  # a few steps as a rule: floats beat numpy's calls here
+        first, last = times[0], times[-1]
+        inner_gap = 0.0  # the stretch's largest gap between consecutive steps, as np.max(np.diff(...))
+        if n > 1:
+            inner_gap = times[1] - first
+            for i in range(2, n):
+                gap = times[i] - times[i - 1]
+                if gap > inner_gap:
+                    inner_gap = gap
         bs = self.config.block_size
         held_by = self.kv.req_blocks
         short: list[tuple[list[int], int]] = []

@@ -14,6 +14,7 @@ timelines (a test checks this).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -304,14 +305,23 @@ class Simulation(StagesMixin):
         inst.api_free_s = max(now, inst.api_free_s) + self.api.request_s(p.input_len)
         self.events.push(inst.api_free_s + self.api.latency_s, "arrival", (index, inst, inst.epoch))
 
-    def _stream(self, inst: SimInstance, ends: np.ndarray, outputs: int) -> np.ndarray:
-        """When clients see the tokens of steps ending at ``ends``: each step's streaming work waits
-        for the API server's loop (FIFO with the requests it takes in): o_k = max(e_k, o_k-1) + c."""
+    def _stream(self, inst: SimInstance, ends: np.ndarray, outputs: int) -> float:
+        """When clients see the tokens of the last of the steps ending at ``ends``: each step's
+        streaming work waits for the API server's loop (FIFO with the requests it takes in):
+        o_k = max(e_k, o_k-1) + c, so o_n = n c + max(o_0, max_k (e_k - (k-1) c)). A stretch is a
+        few steps as a rule: plain floats then, the same operations as numpy's, so the same bits."""
         c = self.api.step_s(outputs)
-        k = np.arange(1, len(ends) + 1, dtype=np.float64)
-        out = c * k + np.maximum(inst.api_free_s, np.maximum.accumulate(ends - (k - 1) * c))
-        inst.api_free_s = float(out[-1])
-        return out
+        n = len(ends)
+        if n <= 32:
+            latest = -math.inf
+            for j, e in enumerate(ends.tolist()):
+                v = e - j * c
+                if v > latest:
+                    latest = v
+        else:
+            latest = float(np.max(ends - np.arange(n, dtype=np.float64) * c))
+        inst.api_free_s = c * n + max(inst.api_free_s, latest)
+        return inst.api_free_s
 
     def _stream_one(self, inst: SimInstance, end: float, outputs: int) -> float:
         """``_stream`` for one step, without arrays."""
@@ -429,7 +439,9 @@ class Simulation(StagesMixin):
         if horizon < 2:
             return False
         batch = len(sched.running)
-        dts = inst.cost.decode_stretch_s(batch, kv_sum, horizon) * inst.slowdown
+        dts = inst.cost.decode_stretch_s(batch, kv_sum, horizon)
+        if inst.slowdown != 1.0:  # (a multiplication by one changes no bit: skipped)
+            dts = dts * inst.slowdown
         ends = np.add.accumulate(np.concatenate(([now], dts)))[1:]
         # An event that may reach any instance (a fault, a KV hand-off) ends the stretch before it; a
         # request routed here settles it when it comes (_settle), so other instances' traffic does not.
@@ -450,7 +462,7 @@ class Simulation(StagesMixin):
         """The API server streams the tokens of the stretch's steps up to ``upto`` (their outputs are
         every running request's: none finishes before the stretch's last step)."""
         if upto > st.streamed:
-            st.seen = float(self._stream(inst, st.ends[st.streamed : upto], len(inst.scheduler.running))[-1])
+            st.seen = self._stream(inst, st.ends[st.streamed : upto], len(inst.scheduler.running))
             st.streamed = upto
 
     def _settle(self, inst: SimInstance, now: float, exact: bool = True) -> None:
