@@ -85,7 +85,8 @@ from emulator.workload.plan import build_plan
 
 out = {}
 for name, requests in [("examples/quickstart.yaml", 400), ("examples/pd-llama70b-h100.yaml", 150),
-                       ("examples/chaos.yaml", 300), ("examples/tp-vs-pp.yaml", 150)]:
+                       ("examples/chaos.yaml", 300), ("examples/tp-vs-pp.yaml", 150),
+                       ("examples/moe-qwen3-30b-afd.yaml", 100), ("examples/moe-dsv32-pd.yaml", 60)]:
     cluster = apply_overrides(load_clusters(name)[0], WorkloadOverrides(requests=requests))
     result = simulate(cluster, build_plan(cluster.spec.workload))
     out[name] = {
@@ -102,8 +103,8 @@ print(json.dumps(out, sort_keys=True, default=repr))
 @needs_build
 @pytest.mark.slow
 def test_compiled_and_pure_python_simulations_agree_to_the_bit():
-    """Aggregated with prefix caching, P/D, faults and pipeline parallelism: the same timelines,
-    counters and report from both cores."""
+    """Aggregated with prefix caching, P/D, faults, pipeline parallelism, attention-FFN
+    disaggregation and a DSA MoE: the same timelines, counters and report from both cores."""
     compiled, pure = _python(_SIMULATE, pure=False), _python(_SIMULATE, pure=True)
     assert json.loads(compiled) == json.loads(pure)
 

@@ -220,6 +220,12 @@ class AfdKernels:
         """An AFD step has no plain-float path (``InstanceCostModel.step_seconds``): ``totals`` prices it."""
         return None
 
+    def decode_totals_short(
+        self, num_decode: int, kv_sum_start: int, steps: int, gemm_tokens: int | None = None
+    ) -> None:
+        """Nor for a short decode stretch (``InstanceCostModel.decode_totals_short``): ``decode_totals``."""
+        return None
+
     def decode_totals(self, num_decode: int, mean_kv: np.ndarray, gemm_tokens: int | None = None) -> np.ndarray:
         """``InstanceCostModel.decode_totals``: a decode-only step's totals over mean KV lengths."""
         return self.totals(BatchShape(num_decode=num_decode), mean_kv, gemm_tokens)[0]
