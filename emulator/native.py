@@ -52,9 +52,15 @@ def manifest() -> dict:
 
 
 def check(native_dir: Path = NATIVE_DIR) -> str | None:
-    """None when the build in ``native_dir`` can be loaded, else why not (for a status line)."""
+    """None when the build in ``native_dir`` is to be loaded, else why not (for a status line)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return f"{DISABLE_ENV} is set"
+    return build_problem(native_dir)
+
+
+def build_problem(native_dir: Path = NATIVE_DIR) -> str | None:
+    """None when the build in ``native_dir`` exists and matches this Python and the sources, whatever
+    the environment asks, else what is wrong with it."""
     path = native_dir / MANIFEST_NAME
     if not path.is_file():
         return "not built (make native: needs a C compiler and Python's headers)"

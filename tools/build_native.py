@@ -3,9 +3,9 @@
     python tools/build_native.py          # make native
 
 Builds in a scratch copy of the package (mypyc type-checks the modules it compiles against the rest),
-then checks in a fresh interpreter that the build loads and reports itself compiled before it
-replaces the old one. Any failure leaves no build behind, so the engine runs as pure Python, and
-exits non-zero with the reason. Needs mypy (the dev extra), a C compiler and Python's headers.
+puts the build in place of the old one, then checks in a fresh interpreter that it loads and reports
+itself compiled. Any failure leaves no build behind, so the engine runs as pure Python, and exits
+non-zero with the reason. Needs mypy (the dev extra), a C compiler and Python's headers.
 """
 
 from __future__ import annotations
@@ -76,14 +76,14 @@ def main() -> int:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(lib, target)
     (target / native.MANIFEST_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    if native.manifest() != record:  # (before the probe: a stale build would not load either, for this reason)
+        shutil.rmtree(target, ignore_errors=True)
+        print("build_native: the sources changed during the build, removed it: run it again", file=sys.stderr)
+        return 1
     status = loads_compiled(target)
     if status != "compiled (mypyc)":
         shutil.rmtree(target, ignore_errors=True)
         print(f"build_native: the build does not load, removed it: {status}", file=sys.stderr)
-        return 1
-    if native.manifest() != record:
-        shutil.rmtree(target, ignore_errors=True)
-        print("build_native: the sources changed during the build, removed it: run it again", file=sys.stderr)
         return 1
     print(f"build_native: {', '.join(native.COMPILED_MODULES)} compiled into {target.relative_to(ROOT)}")
     return 0
