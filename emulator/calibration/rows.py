@@ -202,7 +202,7 @@ def dedupe(rows: list[CalibrationRow]) -> list[CalibrationRow]:
                 keep.update((r.id, replace(r, conflict=reason)) for r in distinct.values())
                 continue
             same = [r for r in same if _sizes(r) in confirmed]
-        best = max(same, key=lambda r: (_digits(r.ttft_ms) + _digits(r.tpot_ms), -same.index(r)))
+        best = max(same, key=lambda r: _digits(r.ttft_ms) + _digits(r.tpot_ms))  # the first of equals
         keep[best.id] = best
     return [keep[r.id] for r in rows if r.id in keep]
 
