@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from emulator.calibration import fit as F
 from emulator.calibration.express import SIMULATION_BUDGET_TOKENS, TEMPLATES, Skip, express, over_budget
 from emulator.calibration.rows import DEFAULT_PATH, dedupe, load_rows
-from emulator.calibration.score import RowOutcome, headline, score
+from emulator.calibration.score import TREND_MIN_ROWS, RowOutcome, format_trend, headline, score, trend
 from emulator.costmodel.engines import fitted_constants
 
 TARGETS = {"ttft": 10.0, "tpot": 5.0}  # the cross-validated medians for the target families
@@ -186,6 +186,13 @@ def main() -> int:
         f"rows expressed: {head['expressed']} of {head['rows']} (target >= 3000), {head['simulated']} simulated;"
         f" {wall:.0f} s"
     )
+    cells = trend(results)
+    if cells:
+        print(
+            f"\nsigned error by concurrency ({label}, target rows, cells of >= {TREND_MIN_ROWS} rows):"
+            " median (predicted/measured - 1) %, TTFT/TPOT"
+        )
+        print("\n".join(format_trend(cells)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(
@@ -196,6 +203,7 @@ def main() -> int:
                     "headline": head,
                     "families": [f.to_json() for f in families],
                     "refitted_constants": refits,
+                    "trend": cells,
                     "rows": [
                         {
                             "id": o.row.id,

@@ -366,3 +366,24 @@ def test_dedupe_prefers_the_pd_record_that_has_its_worker_counts():
     )
     out = dedupe([without, with_counts])
     assert [r.id for r in out] == ["g_cfg5"] and not out[0].conflict
+
+
+def test_the_trend_table_shows_the_signed_bias_by_concurrency_and_leaves_out_thin_cells():
+    from emulator.calibration.score import TREND_MIN_ROWS, RowOutcome, format_trend, trend
+
+    def outcome(rid: str, c: int, ttft_ratio: float, tpot_ratio: float, **changes) -> RowOutcome:
+        row = replace(_row(rid, 100.0, 10.0, tp=8), concurrency=c, **changes)
+        pred = F.Prediction(rid, 100.0 * ttft_ratio, 10.0 * tpot_ratio, 1, 0, None, 0.0)
+        return RowOutcome(row, fitted=pred, cv=pred)
+
+    rows = [outcome(f"lo{i}", 4, 1.2 + 0.01 * i, 1.0) for i in range(TREND_MIN_ROWS)]  # median +22%
+    rows += [outcome(f"hi{i}", 256, 0.7, 0.95) for i in range(TREND_MIN_ROWS)]
+    rows += [outcome(f"thin{i}", 64, 2.0, 2.0) for i in range(TREND_MIN_ROWS - 1)]  # one short: left out
+    rows += [outcome(f"pd{i}", 4, 5.0, 5.0, mode="disagg") for i in range(TREND_MIN_ROWS)]  # not a target row
+    rows += [RowOutcome(replace(_row("skipped", 100.0, 10.0, tp=8), concurrency=4), skip="why")]
+    cells = trend(rows)
+    assert [(c["concurrency"], c["rows"]) for c in cells] == [(4, TREND_MIN_ROWS), (256, TREND_MIN_ROWS)]
+    assert cells[0]["ttft_signed_median_pct"] == pytest.approx(22.0)
+    assert cells[1]["ttft_signed_median_pct"] == pytest.approx(-30.0)
+    assert cells[1]["tpot_signed_median_pct"] == pytest.approx(-5.0)
+    assert format_trend(cells) == ["  vllm     1024x1024  c4:+22/+0 c256:-30/-5"]

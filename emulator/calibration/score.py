@@ -110,3 +110,57 @@ def headline(outcomes: list[RowOutcome]) -> dict:
         "disagg_ttft_median_pct": float(np.median(d[:, 0])) if len(d) else None,
         "disagg_tpot_median_pct": float(np.median(d[:, 1])) if len(d) else None,
     }
+
+
+# A cell of the trend table needs this many rows: fewer would show one configuration, not a trend.
+TREND_MIN_ROWS = 5
+
+
+def trend(outcomes: list[RowOutcome], which: str = "cv") -> list[dict]:
+    """Median signed error (%) of the target rows by engine, ISL x OSL and concurrency.
+
+    The medians of |error| hide a bias that changes sign along a series: in the 2026-11-28 run,
+    vLLM's TTFT read about 20% high at concurrency 4 and 35% low at 256 with 8192-token prompts,
+    while TPOT stayed flat (docs/fidelity.md). This table keeps that visible in every run, so a
+    change that flattens it, or steepens it, shows where it acts."""
+    cells: dict[tuple[str, int, int, int], list[tuple[float, float]]] = defaultdict(list)
+    for o in outcomes:
+        if not is_target(o.row) or o.skip is not None or not o.row.concurrency:
+            continue
+        p = o.cv if which == "cv" else o.fitted
+        if p is None or p.ttft_ms is None or p.tpot_ms is None:
+            continue
+        key = (o.row.backend, o.row.isl, o.row.osl, o.row.concurrency)
+        cells[key].append((p.ttft_ms / o.row.ttft_ms - 1, p.tpot_ms / o.row.tpot_ms - 1))
+    out = []
+    for (engine, isl, osl, c), errs in sorted(cells.items()):
+        if len(errs) < TREND_MIN_ROWS:
+            continue
+        e = np.asarray(errs) * 100
+        out.append(
+            {
+                "engine": engine,
+                "isl": isl,
+                "osl": osl,
+                "concurrency": c,
+                "rows": len(errs),
+                "ttft_signed_median_pct": float(np.median(e[:, 0])),
+                "tpot_signed_median_pct": float(np.median(e[:, 1])),
+            }
+        )
+    return out
+
+
+def format_trend(cells: list[dict]) -> list[str]:
+    """One line per engine and ISL x OSL: the signed TTFT median (and TPOT's) at each concurrency."""
+    lines = []
+    series: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
+    for cell in cells:
+        series[(cell["engine"], cell["isl"], cell["osl"])].append(cell)
+    for (engine, isl, osl), cs in sorted(series.items()):
+        steps = " ".join(
+            f"c{c['concurrency']}:{c['ttft_signed_median_pct']:+.0f}/{c['tpot_signed_median_pct']:+.0f}"
+            for c in sorted(cs, key=lambda c: c["concurrency"])
+        )
+        lines.append(f"  {engine:7} {isl:>5}x{osl:<5} {steps}")
+    return lines
