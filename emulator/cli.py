@@ -71,6 +71,11 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         help="draw prompts from this many distinct ones (benchmark datasets; repeats hit the prefix cache)",
     )
+    g.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        help="connections the client holds at most (aiohttp's default is 100); a request waits for one, in its TTFT",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,6 +407,7 @@ def _overrides(args: argparse.Namespace):
         seed=args.seed,
         warmup_requests=args.warmup_requests,
         prompt_pool=args.prompt_pool,
+        max_connections=args.max_connections,
     )
 
 

@@ -209,10 +209,12 @@ async def run_closed_loop(
     deadline_s: float | None = None,
     on_send=None,
     link: ClusterLink | None = None,
+    max_connections: int | None = None,
 ) -> list[RequestRecord]:
     """``plan.concurrency`` clients as the simulator models them (``emulator.workload.clients``):
     a warm-up phase drained before the measured one, and a random client-side overhead before each
-    next send. Warm-up requests are not returned."""
+    next send. Warm-up requests are not returned. ``max_connections``: the connection pool's limit
+    (None: none); a request that waits for a connection has its clock running, as in the simulator."""
     bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
     behaviour = behaviour or ClientBehaviour(warmup=plan.warmup)
     clients = ClosedLoopClients(
@@ -223,7 +225,8 @@ async def run_closed_loop(
     )
     records: list[RequestRecord] = []
     stop_at = None if plan.duration_s is None else time.perf_counter() + plan.duration_s * dilation
-    async with ClientSession(timeout=ClientTimeout(total=None), connector=TCPConnector(limit=0)) as session:
+    connector = TCPConnector(limit=max_connections or 0)
+    async with ClientSession(timeout=ClientTimeout(total=None), connector=connector) as session:
         t_origin = time.perf_counter()
         tasks: set[asyncio.Task] = set()
         done = asyncio.Event()

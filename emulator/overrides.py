@@ -29,6 +29,7 @@ class WorkloadOverrides:
     seed: int | None = None
     warmup_requests: int | None = None
     prompt_pool: int | None = None
+    max_connections: int | None = None
 
     def any(self) -> bool:
         return any(v is not None for v in vars(self).values())
@@ -70,6 +71,8 @@ def apply_overrides(cluster: InferenceCluster, ov: WorkloadOverrides) -> Inferen
         client["warmupRequests"] = ov.warmup_requests
     if ov.prompt_pool is not None:
         client["promptPool"] = ov.prompt_pool
+    if ov.max_connections is not None:
+        client["maxConnections"] = ov.max_connections
     if client:
         wl["client"] = client
     wl["arrival"] = arrival

@@ -610,6 +610,14 @@ class ClientSpec(_Model):
         description="Draw prompts from a dataset of this many distinct prompts, shuffled and reused when exhausted "
         "(benchmark clients' default datasets); repeats can hit the prefix cache. None: every prompt distinct.",
     )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_REQUESTS,
+        description="Connections the client holds at most (aiohttp's TCPConnector limit, 100 by default). A request "
+        "that finds them all busy waits for one, and that wait counts in its TTFT: clients stamp a request's "
+        "start before they take a connection. None: no limit (the live open-loop client keeps its 1,000).",
+    )
 
 
 class PipelineSpec(_Model):

@@ -113,7 +113,43 @@ def test_cli_flags_set_the_client_model(tmp_path):
     from emulator.overrides import WorkloadOverrides, apply_overrides
 
     wl = {"arrival": {"type": "poisson"}, "rate": 1, "requests": 10}
-    c = apply_overrides(cluster(wl), WorkloadOverrides(concurrency=8, warmup_requests=16, prompt_pool=100))
+    c = apply_overrides(
+        cluster(wl), WorkloadOverrides(concurrency=8, warmup_requests=16, prompt_pool=100, max_connections=4)
+    )
     client = c.spec.workload.client
-    assert (client.warmup_requests, client.prompt_pool) == (16, 100)
+    assert (client.warmup_requests, client.prompt_pool, client.max_connections) == (16, 100, 4)
     assert build_plan(c.spec.workload).warmup == 16
+
+
+def test_a_client_with_fewer_connections_than_clients_queues_the_rest_and_counts_the_wait_in_ttft():
+    """16 clients sharing 4 connections (aiohttp's pool): the server never holds more than 4 requests,
+    and by Little's law each request's end-to-end time is 16 / 4 times that of 4 clients with a
+    connection each. The wait comes before the first token, so TTFT carries it."""
+
+    def run(n: int, connections: int | None):
+        wl = {
+            "arrival": {"type": "concurrency", "n": n},
+            "requests": 20 * n,
+            "inputLength": {"type": "fixed", "value": 512},
+            "outputLength": {"type": "fixed", "value": 64},
+            "client": {"overheadMs": 0.0, "maxConnections": connections},
+        }
+        c = cluster(wl)
+        return simulate(c, build_plan(c.spec.workload)).records
+
+    limited, own = run(16, 4), run(4, None)
+    assert len(limited) == 320 and all(r.ok for r in limited)
+    # at no moment does the server hold more than 4 of the 16 clients' requests
+    events = sorted([(r.first_scheduled_s, 1) for r in limited] + [(r.finish_s, -1) for r in limited])
+    assert max(np.cumsum([d for _, d in events])) == 4
+    steady = slice(80, 240)  # rounds 5-15 of 20: past the first burst, before the clients run out
+    e2e_limited = np.mean([r.finish_s - r.arrival_s for r in limited[steady]])
+    e2e_own = np.mean([r.finish_s - r.arrival_s for r in own[20:60]])
+    assert e2e_limited == pytest.approx(4 * e2e_own, rel=0.05)
+    ttft_limited = np.mean([r.ttft_ms for r in limited[steady]])
+    ttft_own = np.mean([r.ttft_ms for r in own[20:60]])
+    assert ttft_limited - ttft_own == pytest.approx((e2e_limited - e2e_own) * 1e3, rel=0.05)
+    # no limit at all: every client's request reaches the server at once
+    unlimited = run(16, None)
+    events = sorted([(r.first_scheduled_s, 1) for r in unlimited] + [(r.finish_s, -1) for r in unlimited])
+    assert max(np.cumsum([d for _, d in events])) == 16

@@ -185,6 +185,45 @@ async def test_open_loop_cap_drops_and_counts_instead_of_delaying():
     assert len(dropped) == 7 and sum(r.ok for r in records) == 3
 
 
+async def test_closed_loop_clients_share_the_connection_pool_and_wait_with_their_clock_running():
+    """The live client as the simulator models it (workload.client.maxConnections): 4 clients, 2
+    connections: the server never sees more than 2 requests, and the 2 that wait for a connection
+    carry the wait in their TTFT (a lower bound of two handler delays: sleeps only lengthen it)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from emulator.client import run_closed_loop
+    from emulator.workload.clients import ClientBehaviour
+    from emulator.workload.plan import PlannedRequest, RequestPlan
+
+    open_now, most = [0], [0]
+
+    async def slow(request):
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        try:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await asyncio.sleep(0.2)
+            await resp.write(b'data: {"choices":[{"text":"x"}]}\n\ndata: [DONE]\n\n')
+            return resp
+        finally:
+            open_now[0] -= 1
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", slow)
+    plan = RequestPlan(tuple(PlannedRequest(i, 0.0, 8, 1) for i in range(4)), concurrency=4)
+    async with TestServer(app) as server:
+        url = str(server.make_url("")).rstrip("/")
+        records = await run_closed_loop(url, "m", plan, 1000, behaviour=ClientBehaviour(), max_connections=2)
+        assert most[0] == 2 and all(r.ok for r in records)
+        ttfts = sorted(r.ttft_ms for r in records)
+        assert ttfts[2] >= 380 and ttfts[3] >= 380  # waited for a connection, then for the handler
+        most[0] = 0
+        records = await run_closed_loop(url, "m", plan, 1000, behaviour=ClientBehaviour())
+        assert most[0] == 4 and all(r.ok for r in records)
+
+
 @pytest.mark.slow
 def test_infemu_loadtest_drives_a_running_router_with_locust_master_and_workers(tmp_path):
     """What the LoadTest Job runs: Locust master + 2 forked workers against an existing router;

@@ -15,6 +15,7 @@ timelines (a test checks this).
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,6 +174,11 @@ class Simulation(StagesMixin):
             if plan.concurrency
             else None
         )
+        # the client's connection pool (workload.client.maxConnections): requests that find every
+        # connection busy wait for one, in send order, and that wait counts in their TTFT
+        self.conn_limit = client.max_connections
+        self._connected: set[str] = set()
+        self._conn_queue: deque[int] = deque()
         self._hash_cache: dict[tuple, tuple[int, ...]] = {}
         # the router's resilience, in emulated seconds (as the live router applies it)
         r = spec.router
@@ -217,6 +223,7 @@ class Simulation(StagesMixin):
                 self._send([(p.arrival_s, p.index)])
         handlers = {
             "send": self._on_send,
+            "connected": self._on_connected,
             "arrival": self._on_arrival,
             "batch_done": self._on_batch_done,
             "launch": self._on_launch,
@@ -257,7 +264,21 @@ class Simulation(StagesMixin):
         p = self.plan.requests[index]
         rid = f"req-{index}"
         self._planned[rid] = p
+        # The clock of the request starts now, whether or not the client has a free connection: aiohttp
+        # clients (AIPerf, vllm bench serve, this project's) stamp the start before session.post waits
+        # for one, so the wait counts in TTFT.
         self.records[rid] = RequestRecord(rid, now, p.input_len)
+        if self.conn_limit is not None:
+            if len(self._connected) >= self.conn_limit:
+                self._conn_queue.append(index)
+                return
+            self._connected.add(rid)
+        self._on_connected(now, index)
+
+    def _on_connected(self, now: float, index: int) -> None:
+        """The request leaves the client on a connection of its own and reaches the router."""
+        rid = f"req-{index}"
+        p = self._planned[rid]
         self.sent += 1
         self.budget.record_request(now)
         for f in self.faults:
@@ -331,6 +352,13 @@ class Simulation(StagesMixin):
     def _client_done(self, rec: RequestRecord) -> None:
         """A request ended (completed or failed); closed-loop clients send their next one."""
         self._attempts.pop(rec.request_id, None)  # memory follows the requests in flight, not the trace
+        if rec.request_id in self._connected:  # its connection is free: the longest-waiting request takes it
+            self._connected.discard(rec.request_id)
+            if self._conn_queue:
+                index = self._conn_queue.popleft()
+                self._connected.add(f"req-{index}")
+                # an event, not a call: a request that fails at once would otherwise recurse through the queue
+                self.events.push(rec.finish_s if rec.finish_s is not None else rec.arrival_s, "connected", index)
         if self.clients is not None and rec.finish_s is not None:
             self._send(self.clients.on_done(int(rec.request_id.split("-")[1]), rec.finish_s))
 
