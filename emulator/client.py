@@ -16,7 +16,7 @@ import time
 from collections import deque
 
 import numpy as np
-from aiohttp import ClientSession, ClientTimeout, TCPConnector
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, TraceConfig
 
 from emulator.errors import openai_error_code
 from emulator.results import LOST, RequestRecord
@@ -151,7 +151,10 @@ async def _exchange(
     due: float = 0.0,
 ) -> None:
     headers = {"Content-Type": "application/json", **(link.headers(due) if link is not None else {})}
-    async with session.post(url, data=body, headers=headers) as resp:
+    pool: dict[str, float] = {}
+    async with session.post(url, data=body, headers=headers, trace_request_ctx=pool) as resp:
+        if pool.get("waited"):
+            rec.client_wait_ms = pool["waited"] * 1e3
         if resp.status != 200:
             text = await resp.text()
             rec.error = f"HTTP {resp.status}: {text[:300]}"
@@ -188,6 +191,23 @@ async def _exchange(
             rec.error_code = "truncated"
 
 
+def pool_wait_trace() -> TraceConfig:
+    """aiohttp's connection-queue hooks: how long a request waited for a free connection of the pool
+    (``trace_request_ctx`` is a dict per request), so a report can tell that wait from the server's."""
+
+    async def queued(_session, ctx, _params) -> None:
+        ctx.trace_request_ctx["queued"] = time.perf_counter()
+
+    async def dequeued(_session, ctx, _params) -> None:
+        d = ctx.trace_request_ctx
+        d["waited"] = d.get("waited", 0.0) + time.perf_counter() - d.pop("queued", time.perf_counter())
+
+    trace = TraceConfig()
+    trace.on_connection_queued_start.append(queued)
+    trace.on_connection_queued_end.append(dequeued)
+    return trace
+
+
 def to_emulated_time(rec: RequestRecord, dilation: float) -> None:
     """Wall-clock seconds on a dilated cluster -> the emulated cluster's seconds (divide by D)."""
     for attr in ("arrival_s", "first_token_s", "finish_s"):
@@ -195,6 +215,7 @@ def to_emulated_time(rec: RequestRecord, dilation: float) -> None:
             setattr(rec, attr, getattr(rec, attr) / dilation)
     if rec.itl_max_ms is not None:
         rec.itl_max_ms /= dilation
+    rec.client_wait_ms /= dilation
 
 
 async def run_closed_loop(
@@ -226,7 +247,9 @@ async def run_closed_loop(
     records: list[RequestRecord] = []
     stop_at = None if plan.duration_s is None else time.perf_counter() + plan.duration_s * dilation
     connector = TCPConnector(limit=max_connections or 0)
-    async with ClientSession(timeout=ClientTimeout(total=None), connector=connector) as session:
+    async with ClientSession(
+        timeout=ClientTimeout(total=None), connector=connector, trace_configs=[pool_wait_trace()]
+    ) as session:
         t_origin = time.perf_counter()
         tasks: set[asyncio.Task] = set()
         done = asyncio.Event()
@@ -305,7 +328,9 @@ async def run_plan(
     records is divided by D, so they read in the emulated cluster's time."""
     connector = TCPConnector(limit=max_connections)
     bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
-    async with ClientSession(timeout=ClientTimeout(total=None), connector=connector) as session:
+    async with ClientSession(
+        timeout=ClientTimeout(total=None), connector=connector, trace_configs=[pool_wait_trace()]
+    ) as session:
         t_origin = time.perf_counter() + 0.05
         lags: list[float] = []
         lead = [0.0]  # wake this early: the median lateness of asyncio's timers, learned as we go

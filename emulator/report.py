@@ -43,6 +43,13 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
         f"{'' if slo.e2e_ms is None else f', E2E<={slo.e2e_ms:g} ms'}),"
         f" {verdict} the {100 * target:.0f}% target"
     )
+    if s.get("client_waited"):
+        w = s["client_wait_ms"]
+        console.print(
+            f"  client: {s['client_waited']} requests waited for a free connection (workload.client.maxConnections),"
+            f" mean {w['mean']:.1f} ms, p99 {w['p99']:.1f} ms; the wait is in their TTFT",
+            style="yellow",
+        )
     if s.get("pipeline"):
         parts = s["pipeline"]["stages_ms"]
         where = ", ".join(f"{k} {v['mean']:.1f}" for k, v in parts.items() if v["mean"] and v["mean"] >= 0.05)

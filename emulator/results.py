@@ -57,6 +57,8 @@ class RequestRecord:
     # a remote KV store (role kvstore): prompt tokens whose KV was fetched instead of computed, and how long
     kv_fetched_tokens: int = 0
     kv_fetch_s: float | None = None
+    # time spent waiting for one of the client's connections (workload.client.maxConnections), part of TTFT
+    client_wait_ms: float = 0.0
     # a multi-stage pipeline (workload.pipeline): its type, each stage's timing and the end-to-end latency
     # split by where it went (retrieval, kv_fetch, queue, prefill, reasoning, decode, network, think, api);
     # TTFT and TPOT are the final answer's, measured from the pipeline's start
@@ -131,6 +133,10 @@ def summarize(
         "lost": sum(1 for r in records if r.error_code == LOST),
         "faults": [],  # a driver that played faults fills it (emulator.faults.accounting)
     }
+    waited = [r for r in records if r.client_wait_ms > 0]
+    if waited:  # the client's own pool held these back: their TTFT carries a wait no server caused
+        out["client_waited"] = len(waited)
+        out["client_wait_ms"] = _stats([r.client_wait_ms for r in waited])
     fetched = [r for r in done if r.kv_fetched_tokens]
     if fetched:
         out["kv_fetched_tokens"] = sum(r.kv_fetched_tokens for r in done)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from emulator.results import summarize
 from emulator.sim.simulator import simulate
 from emulator.spec import parse_cluster
 from emulator.workload.clients import ClientBehaviour, ClosedLoopClients
@@ -149,6 +150,12 @@ def test_a_client_with_fewer_connections_than_clients_queues_the_rest_and_counts
     ttft_limited = np.mean([r.ttft_ms for r in limited[steady]])
     ttft_own = np.mean([r.ttft_ms for r in own[20:60]])
     assert ttft_limited - ttft_own == pytest.approx((e2e_limited - e2e_own) * 1e3, rel=0.05)
+    # each record says how long it waited for a connection, and the summary counts who waited
+    wait = np.mean([r.client_wait_ms for r in limited[steady]])
+    assert wait == pytest.approx(ttft_limited - ttft_own, rel=0.05)
+    assert all(r.client_wait_ms == 0 for r in limited[:4]) and all(r.client_wait_ms == 0 for r in own)
+    assert summarize(limited, 1e9, 1e9)["client_waited"] == sum(r.client_wait_ms > 0 for r in limited) >= 300
+    assert "client_waited" not in summarize(own, 1e9, 1e9)
     # no limit at all: every client's request reaches the server at once
     unlimited = run(16, None)
     events = sorted([(r.first_scheduled_s, 1) for r in unlimited] + [(r.finish_s, -1) for r in unlimited])

@@ -219,6 +219,8 @@ async def test_closed_loop_clients_share_the_connection_pool_and_wait_with_their
         assert most[0] == 2 and all(r.ok for r in records)
         ttfts = sorted(r.ttft_ms for r in records)
         assert ttfts[2] >= 380 and ttfts[3] >= 380  # waited for a connection, then for the handler
+        waits = sorted(r.client_wait_ms for r in records)  # aiohttp's pool hooks measured the wait itself
+        assert waits[:2] == [0.0, 0.0] and waits[2] >= 180 and waits[3] >= 180
         most[0] = 0
         records = await run_closed_loop(url, "m", plan, 1000, behaviour=ClientBehaviour())
         assert most[0] == 4 and all(r.ok for r in records)

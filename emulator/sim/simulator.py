@@ -279,6 +279,9 @@ class Simulation(StagesMixin):
         """The request leaves the client on a connection of its own and reaches the router."""
         rid = f"req-{index}"
         p = self._planned[rid]
+        rec = self.records[rid]
+        if now > rec.arrival_s:
+            rec.client_wait_ms = (now - rec.arrival_s) * 1e3
         self.sent += 1
         self.budget.record_request(now)
         for f in self.faults:
