@@ -616,7 +616,8 @@ class ClientSpec(_Model):
         le=MAX_REQUESTS,
         description="Connections the client holds at most (aiohttp's TCPConnector limit, 100 by default). A request "
         "that finds them all busy waits for one, and that wait counts in its TTFT: clients stamp a request's "
-        "start before they take a connection. None: no limit (the live open-loop client keeps its 1,000).",
+        "start before they take a connection. None: no limit (the live open-loop client keeps its 1,000; a Locust "
+        "load test has one connection per user).",
     )
 
 

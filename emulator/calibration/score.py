@@ -120,8 +120,8 @@ def trend(outcomes: list[RowOutcome], which: str = "cv") -> list[dict]:
     """Median signed error (%) of the target rows by engine, ISL x OSL and concurrency.
 
     The medians of |error| hide a bias that changes sign along a series: in the 2026-11-28 run,
-    vLLM's TTFT read about 20% high at concurrency 4 and 35% low at 256 with 8192-token prompts,
-    while TPOT stayed flat (docs/fidelity.md). This table keeps that visible in every run, so a
+    vLLM's TTFT with 1024-token prompts and answers read 21% high at concurrency 4 and 33% low at
+    256, while TPOT stayed flat (docs/fidelity.md). This table keeps that visible in every run, so a
     change that flattens it, or steepens it, shows where it acts."""
     cells: dict[tuple[str, int, int, int], list[tuple[float, float]]] = defaultdict(list)
     for o in outcomes:
