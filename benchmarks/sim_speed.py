@@ -199,15 +199,12 @@ def main() -> None:
     rows = []
     for name in CONFIGS:
         for core in cores:
-            env = {k: v for k, v in os.environ.items() if k != native.DISABLE_ENV}
-            if core == "pure":
-                env[native.DISABLE_ENV] = "1"
             out = subprocess.run(
                 [sys.executable, __file__, "--one", name, "--trace", args.trace],
                 capture_output=True,
                 text=True,
                 check=True,
-                env=env,
+                env=native.child_env(pure=core == "pure"),
             )
             rows.append({**json.loads(out.stdout), "core": core})
     if args.json:

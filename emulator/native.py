@@ -51,6 +51,15 @@ def manifest() -> dict:
     }
 
 
+def child_env(*, pure: bool) -> dict[str, str]:
+    """This process's environment for a child that runs the pure-Python core (``pure``) or the
+    compiled one where it is built: the benchmarks, the build's load probe and the tests start both."""
+    env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
+    if pure:
+        env[DISABLE_ENV] = "1"
+    return env
+
+
 def check(native_dir: Path = NATIVE_DIR) -> str | None:
     """None when the build in ``native_dir`` is to be loaded, else why not (for a status line)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):

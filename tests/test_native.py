@@ -8,7 +8,6 @@ already runs pure Python and the comparisons skip with that reason.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +51,14 @@ def test_a_build_is_loaded_only_while_it_matches_its_sources(tmp_path, monkeypat
 
 
 def _python(code: str, *, pure: bool) -> str:
-    env = {k: v for k, v in os.environ.items() if k != native.DISABLE_ENV}
-    if pure:
-        env[native.DISABLE_ENV] = "1"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=native.child_env(pure=pure),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -112,11 +115,10 @@ def test_compiled_and_pure_python_simulations_agree_to_the_bit():
 @needs_build
 def test_the_engine_unit_tests_pass_on_the_pure_python_core():
     """The suite runs the compiled core; the engine's own tests run on the sources as well."""
-    env = {**os.environ, native.DISABLE_ENV: "1"}
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py"],
         cwd=ROOT,
-        env=env,
+        env=native.child_env(pure=True),
         capture_output=True,
         text=True,
         timeout=600,

@@ -11,7 +11,6 @@ non-zero with the reason. Needs mypy (the dev extra), a C compiler and Python's 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -48,11 +47,10 @@ def compile_modules(scratch: Path) -> Path:
 
 def loads_compiled(candidate: Path) -> str:
     """What a fresh interpreter reports with ``candidate`` in place (the caller moved it there)."""
-    env = {k: v for k, v in os.environ.items() if k != native.DISABLE_ENV}
     probe = subprocess.run(
         [sys.executable, "-c", "import emulator.native as n; print(n.status())"],
         cwd=ROOT,
-        env=env,
+        env=native.child_env(pure=False),
         capture_output=True,
         text=True,
     )
