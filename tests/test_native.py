@@ -50,16 +50,17 @@ def test_a_build_is_loaded_only_while_it_matches_its_sources(tmp_path, monkeypat
     assert native.check(_write_build(tmp_path)) == f"{native.DISABLE_ENV} is set"
 
 
-def _python(code: str, *, pure: bool) -> str:
+def _python(*args: str, pure: bool) -> str:
+    """stdout of this Python run with ``args`` on the pure or the compiled core; it must succeed."""
     out = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, *args],
         cwd=ROOT,
         env=native.child_env(pure=pure),
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
 
@@ -72,9 +73,9 @@ needs_build = pytest.mark.skipif(
 @needs_build
 def test_the_compiled_core_loads_when_built_and_steps_aside_when_asked():
     where = "import emulator.engine.scheduler as s, emulator.native as n; print(s.__file__); print(n.status())"
-    compiled = _python(where, pure=False).splitlines()
+    compiled = _python("-c", where, pure=False).splitlines()
     assert compiled[0].endswith(".so") and compiled[1] == "compiled (mypyc)"
-    pure = _python(where, pure=True).splitlines()
+    pure = _python("-c", where, pure=True).splitlines()
     assert pure[0].endswith("scheduler.py") and pure[1] == f"pure Python ({native.DISABLE_ENV} is set)"
 
 
@@ -108,20 +109,12 @@ print(json.dumps(out, sort_keys=True, default=repr))
 def test_compiled_and_pure_python_simulations_agree_to_the_bit():
     """Aggregated with prefix caching, P/D, faults, pipeline parallelism, attention-FFN
     disaggregation and a DSA MoE: the same timelines, counters and report from both cores."""
-    compiled, pure = _python(_SIMULATE, pure=False), _python(_SIMULATE, pure=True)
+    compiled, pure = _python("-c", _SIMULATE, pure=False), _python("-c", _SIMULATE, pure=True)
     assert json.loads(compiled) == json.loads(pure)
 
 
 @needs_build
 def test_the_engine_unit_tests_pass_on_the_pure_python_core():
     """The suite runs the compiled core; the engine's own tests run on the sources as well."""
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py"],
-        cwd=ROOT,
-        env=native.child_env(pure=True),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-3000:]
-    assert " passed" in out.stdout and "failed" not in out.stdout
+    out = _python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py", pure=True)
+    assert " passed" in out and "failed" not in out
