@@ -387,3 +387,27 @@ def test_the_trend_table_shows_the_signed_bias_by_concurrency_and_leaves_out_thi
     assert cells[1]["ttft_signed_median_pct"] == pytest.approx(-30.0)
     assert cells[1]["tpot_signed_median_pct"] == pytest.approx(-5.0)
     assert format_trend(cells) == ["  vllm     1024x1024  c4:+22/+0 c256:-30/-5"]
+
+
+def test_the_ttft_anatomy_tool_weighs_rounds_as_a_shorter_benchmark_would_and_reads_the_first_rounds_weight(
+    monkeypatch,
+):
+    """tools/ttft_anatomy.py (docs/fidelity.md, "the first round's weight"): a benchmark of K rounds
+    averages its first K - 1 and its last; fewer simulated rounds let the middle stand for the rest;
+    the implied weight solves w x first + (1 - w) x later = measured, and is withheld when the first
+    round hardly differs from the later ones."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("ttft_anatomy", os.path.join(ROOT, "tools", "ttft_anatomy.py"))
+    tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ttft_anatomy", tool)  # its dataclass looks its module up there
+    spec.loader.exec_module(tool)
+    rounds = np.array([300.0, 200.0, 100.0, 100.0, 100.0])
+    assert tool.mean_over(rounds, 5) == pytest.approx(160.0)
+    assert tool.mean_over(rounds, 3) == pytest.approx((300 + 200 + 100) / 3)
+    assert tool.mean_over(rounds, 20) == pytest.approx((300 + 18 * (400 / 3) + 100) / 20)
+    assert tool.mean_over(rounds, 1) == 300.0
+    assert tool.first_round_weight(np.array([300.0, 100.0, 100.0]), 120.0) == pytest.approx(0.1)
+    assert tool.first_round_weight(np.array([300.0, 100.0, 100.0]), 90.0) == pytest.approx(-0.05)
+    assert tool.first_round_weight(np.array([125.0, 100.0, 100.0]), 120.0) is None
