@@ -411,3 +411,10 @@ def test_the_ttft_anatomy_tool_weighs_rounds_as_a_shorter_benchmark_would_and_re
     assert tool.first_round_weight(np.array([300.0, 100.0, 100.0]), 120.0) == pytest.approx(0.1)
     assert tool.first_round_weight(np.array([300.0, 100.0, 100.0]), 90.0) == pytest.approx(-0.05)
     assert tool.first_round_weight(np.array([125.0, 100.0, 100.0]), 120.0) is None
+    # a group that reads uniformly 2x high is fixed by its own factor; a lone row's group is left out
+    pairs = {"a": [(200.0, 100.0), (400.0, 200.0), (300.0, 150.0)], "b": [(50.0, 100.0)]}
+    assert tool.held_out_within_group(pairs, additive=False) == pytest.approx(0.0)
+    # offsets: row 1's others differ by +100 and -200 (median -50: 50 vs 150 measured), row 2's by +50
+    # and -200 (-75: 25 vs 200), row 3's by +50 and +100 (+75: 375 vs 100)
+    rows = {"a": [(100.0, 150.0), (100.0, 200.0), (300.0, 100.0)]}
+    assert tool.held_out_within_group(rows, additive=True) == pytest.approx(np.median([100 / 150, 175 / 200, 2.75]))

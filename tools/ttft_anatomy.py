@@ -2,12 +2,13 @@
 
 Two readings that docs/fidelity.md ("the first round's weight and the launch floor") rests on:
 
-``rounds``: simulate the target rows and keep each measured round's mean TTFT. The benchmark's mean
+``rounds``: simulate the target rows and keep each measured round's mean TTFT and TPOT. The benchmark's mean
 weighs its first round (every client starts at once after the drained warm-up) by 1/20. If the
 simulated later rounds were right, the measured mean fixes the first round's weight
 w = (measured - later) / (first - later); the tool prints its quartiles by engine, ISL x OSL and
-concurrency and by group, and the median |error| the target rows would read had the benchmark run
-K rounds instead of 20.
+concurrency and by group, the median |error| the target rows would read had the benchmark run
+K rounds instead of 20, and what would be left with each group's own correction (a factor or an
+offset taken from the group's other rows): the error a model of the recorded fields can reach.
 
 ``lone``: for given row ids, the measured TTFT beside the modelled GPU time of one prompt's prefill
 step, the step as the engine model prices it (launch floor and host work included) and the
@@ -53,6 +54,7 @@ MIN_CELL_ROWS = 5
 class Rounds:
     row: CalibrationRow
     ttft: np.ndarray  # mean simulated TTFT (ms) of each measured round, in order
+    tpot: np.ndarray  # the same of TPOT (requests with one output token left out)
 
 
 def mean_over(rounds: np.ndarray, k: int) -> float:
@@ -82,7 +84,22 @@ def simulate_rounds(ex: Expressed) -> Rounds | None:
     if len(records) < c * k or any(not r.ok for r in records):
         return None
     ttft = np.array([r.ttft_ms for r in records[: c * k]]).reshape(k, c).mean(axis=1)
-    return Rounds(ex.row, ttft)
+    tpot = np.array([np.nan if r.tpot_ms is None else r.tpot_ms for r in records[: c * k]]).reshape(k, c)
+    return Rounds(ex.row, ttft, np.nanmean(tpot, axis=1))
+
+
+def held_out_within_group(pairs: dict[str, list[tuple[float, float]]], additive: bool) -> float:
+    """Median |error| of (predicted, measured) pairs when each is corrected by its group's median
+    ratio (or difference) over the group's other rows: what a perfect per-group correction would
+    leave. Groups of one row are left out."""
+    errors = []
+    for rows in pairs.values():
+        for i, (p, m) in enumerate(rows):
+            rest = [m2 - p2 if additive else m2 / p2 for j, (p2, m2) in enumerate(rows) if j != i]
+            if rest:
+                corrected = p + np.median(rest) if additive else p * np.median(rest)
+                errors.append(abs(corrected / m - 1))
+    return float(np.median(errors))
 
 
 def _target_rows(data: str | None) -> list[Expressed]:
@@ -105,6 +122,20 @@ def report_rounds(results: list[Rounds], ks: list[int]) -> None:
     for k in ks:
         err = [abs(mean_over(r.ttft, k) / r.row.ttft_ms - 1) for r in results]
         print(f"  K={k:<3d} {100 * np.median(err):5.1f}%")
+    ttft_pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    tpot_pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in results:
+        ttft_pairs[r.row.group].append((mean_over(r.ttft, BENCHMARK_ROUNDS), r.row.ttft_ms))
+        tpot_pairs[r.row.group].append((mean_over(r.tpot, BENCHMARK_ROUNDS), r.row.tpot_ms))
+    ttft_plain = np.median([abs(p / m - 1) for v in ttft_pairs.values() for p, m in v])
+    tpot_plain = np.median([abs(p / m - 1) for v in tpot_pairs.values() for p, m in v])
+    print(
+        "\neach row corrected by its group's other rows (what a perfect per-group correction leaves):"
+        f" TTFT {100 * ttft_plain:.1f}% ->"
+        f" {100 * held_out_within_group(ttft_pairs, False):.1f}% (a factor),"
+        f" {100 * held_out_within_group(ttft_pairs, True):.1f}% (an offset);"
+        f" TPOT {100 * tpot_plain:.1f}% -> {100 * held_out_within_group(tpot_pairs, False):.1f}% (a factor)"
+    )
     by_cell: dict[tuple, list[float]] = defaultdict(list)
     by_group: dict[str, list[float]] = defaultdict(list)
     for r in results:
