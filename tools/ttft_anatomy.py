@@ -175,10 +175,15 @@ def _rows(data: str | None) -> list[CalibrationRow]:
 def report_lone(ids: list[str], data: str | None) -> None:
     rows = {r.id: r for r in _rows(data)}
     for rid in ids:
-        row = rows.get(rid) or next((r for r in rows.values() if r.id.endswith(rid)), None)
-        if row is None:
-            print(f"{rid}: no such row")
+        matches = [rows[rid]] if rid in rows else [r for r in rows.values() if r.id.endswith(rid)]
+        if len(matches) != 1:
+            names = ", ".join(r.id for r in matches[:3]) + (", ..." if len(matches) > 3 else "")
+            print(
+                f"{rid}: "
+                + (f"{len(matches)} rows end with it ({names}); give more of the id" if matches else "no such row")
+            )
             continue
+        row = matches[0]
         ex = express(row)
         if isinstance(ex, Skip):
             print(f"{row.id}: not expressed ({ex.reason})")
