@@ -32,7 +32,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from emulator.calibration import fit as F
 from emulator.calibration.express import SIMULATION_BUDGET_TOKENS, TEMPLATES, Skip, express, over_budget
 from emulator.calibration.rows import DEFAULT_PATH, dedupe, load_rows
-from emulator.calibration.score import TREND_MIN_ROWS, RowOutcome, format_trend, headline, score, trend
+from emulator.calibration.score import (
+    TREND_MIN_ROWS,
+    RowOutcome,
+    format_per_group_correction,
+    format_trend,
+    headline,
+    per_group_correction,
+    score,
+    trend,
+)
 from emulator.costmodel.engines import fitted_constants
 
 TARGETS = {"ttft": 10.0, "tpot": 5.0}  # the cross-validated medians for the target families
@@ -186,6 +195,9 @@ def main() -> int:
         f"rows expressed: {head['expressed']} of {head['rows']} (target >= 3000), {head['simulated']} simulated;"
         f" {wall:.0f} s"
     )
+    correction = per_group_correction(results)
+    if correction["rows"]:
+        print(f"in sample, {format_per_group_correction(correction)}")
     cells = trend(results)
     if cells:
         print(
@@ -204,6 +216,7 @@ def main() -> int:
                     "families": [f.to_json() for f in families],
                     "refitted_constants": refits,
                     "trend": cells,
+                    "per_group_correction": correction,
                     "rows": [
                         {
                             "id": o.row.id,

@@ -411,10 +411,41 @@ def test_the_ttft_anatomy_tool_weighs_rounds_as_a_shorter_benchmark_would_and_re
     assert tool.first_round_weight(np.array([300.0, 100.0, 100.0]), 120.0) == pytest.approx(0.1)
     assert tool.first_round_weight(np.array([300.0, 100.0, 100.0]), 90.0) == pytest.approx(-0.05)
     assert tool.first_round_weight(np.array([125.0, 100.0, 100.0]), 120.0) is None
-    # a group that reads uniformly 2x high is fixed by its own factor; a lone row's group is left out
-    pairs = {"a": [(200.0, 100.0), (400.0, 200.0), (300.0, 150.0)], "b": [(50.0, 100.0)]}
-    assert tool.held_out_within_group(pairs, additive=False) == pytest.approx(0.0)
+
+
+def test_a_per_group_correction_separates_a_deployments_level_from_the_models_shape():
+    """docs/fidelity.md ("a fixed cost per deployment"): each row corrected by its own group's other
+    rows. A group that reads 2x high at every row is a level (the correction removes it); a group
+    that reads alternately 20% high and low is the model's shape (no level removes it)."""
+    from emulator.calibration.score import (
+        RowOutcome,
+        format_per_group_correction,
+        held_out_within_group,
+        per_group_correction,
+    )
+
+    pairs = {"a": [(200.0, 100.0), (400.0, 200.0), (300.0, 150.0)], "b": [(50.0, 100.0)]}  # b: one row, left out
+    assert held_out_within_group(pairs, additive=False) == pytest.approx(0.0)
     # offsets: row 1's others differ by +100 and -200 (median -50: 50 vs 150 measured), row 2's by +50
     # and -200 (-75: 25 vs 200), row 3's by +50 and +100 (+75: 375 vs 100)
     rows = {"a": [(100.0, 150.0), (100.0, 200.0), (300.0, 100.0)]}
-    assert tool.held_out_within_group(rows, additive=True) == pytest.approx(np.median([100 / 150, 175 / 200, 2.75]))
+    assert held_out_within_group(rows, additive=True) == pytest.approx(100 * np.median([100 / 150, 175 / 200, 2.75]))
+    assert held_out_within_group({"b": [(1.0, 1.0)]}, additive=False) is None
+
+    def outcome(rid: str, model: str, ratio: float, **changes) -> RowOutcome:
+        row = replace(_row(rid, 100.0, 10.0, tp=8), model_path=model, concurrency=4, **changes)
+        pred = F.Prediction(rid, 100.0 * ratio, 10.0 * ratio, 1, 0, None, 0.0)
+        return RowOutcome(row, fitted=pred, cv=pred)
+
+    outcomes = [outcome(f"a{i}", "org/A", 2.0) for i in range(3)]
+    outcomes += [outcome(f"b{i}", "org/B", 1.2 if i % 2 else 0.8) for i in range(4)]
+    outcomes += [outcome(f"pd{i}", "org/A", 9.0, mode="disagg") for i in range(3)]  # not target rows
+    outcomes.append(RowOutcome(replace(_row("skipped", 100.0, 10.0, tp=8), concurrency=4), skip="why"))
+    d = per_group_correction(outcomes)
+    assert (d["rows"], d["groups"]) == (7, 2)
+    assert d["ttft_pct"]["as_predicted"] == pytest.approx(20.0)  # 100% x 3, 20% x 4
+    # A's rows come out exact; B's: a low row gets its others' median factor 1/1.2 (33% low), a high
+    # row 1/0.8 (50% high), so the median over all seven is 33%
+    assert d["ttft_pct"]["group_factor"] == pytest.approx(100 / 3)
+    assert d["tpot_pct"]["group_factor"] == pytest.approx(100 / 3)
+    assert "TTFT 20.0% -> 33.3% (a factor)" in format_per_group_correction(d)

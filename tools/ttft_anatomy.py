@@ -8,7 +8,7 @@ simulated later rounds were right, the measured mean fixes the first round's wei
 w = (measured - later) / (first - later); the tool prints its quartiles by engine, ISL x OSL and
 concurrency and by group, the median |error| the target rows would read had the benchmark run
 K rounds instead of 20, and what would be left with each group's own correction (a factor or an
-offset taken from the group's other rows): the error a model of the recorded fields can reach.
+offset taken from the group's other rows): how much of the error is a deployment's own level.
 
 ``lone``: for given row ids, the measured TTFT beside the modelled GPU time of one prompt's prefill
 step, the step as the engine model prices it (launch floor and host work included) and the
@@ -16,7 +16,7 @@ simulated TTFT.
 
 ``offsets``: at low concurrency (default c4), measured TTFT fitted as a fixed cost plus a multiple of
 the modelled GPU prefill, across all groups and then with one fixed cost per group: how much of the
-error no model of the recorded fields can remove under leave-one-group-out scoring.
+error is a deployment's own fixed cost, which leave-one-group-out scoring cannot learn.
 
     python tools/ttft_anatomy.py rounds --jobs 2            # ~70 s on 2 cores
     python tools/ttft_anatomy.py lone ..._1024x1024_c4_cfg633 ..._1024x1024_c4_cfg705
@@ -40,7 +40,7 @@ from emulator.build import build_instances
 from emulator.calibration.express import BENCHMARK_ROUNDS, Expressed, Skip, express, over_budget
 from emulator.calibration.predict import _round_weighted
 from emulator.calibration.rows import CalibrationRow, dedupe, load_rows
-from emulator.calibration.score import is_target
+from emulator.calibration.score import held_out_within_group, is_target
 from emulator.costmodel.interface import BatchShape
 from emulator.sim.simulator import simulate
 from emulator.workload.plan import build_plan
@@ -88,20 +88,6 @@ def simulate_rounds(ex: Expressed) -> Rounds | None:
     return Rounds(ex.row, ttft, np.nanmean(tpot, axis=1))
 
 
-def held_out_within_group(pairs: dict[str, list[tuple[float, float]]], additive: bool) -> float:
-    """Median |error| of (predicted, measured) pairs when each is corrected by its group's median
-    ratio (or difference) over the group's other rows: what a perfect per-group correction would
-    leave. Groups of one row are left out."""
-    errors = []
-    for rows in pairs.values():
-        for i, (p, m) in enumerate(rows):
-            rest = [m2 - p2 if additive else m2 / p2 for j, (p2, m2) in enumerate(rows) if j != i]
-            if rest:
-                corrected = p + np.median(rest) if additive else p * np.median(rest)
-                errors.append(abs(corrected / m - 1))
-    return float(np.median(errors))
-
-
 def _target_rows(data: str | None) -> list[Expressed]:
     rows = [r for r in _rows(data) if is_target(r)]
     out = []
@@ -127,14 +113,13 @@ def report_rounds(results: list[Rounds], ks: list[int]) -> None:
     for r in results:
         ttft_pairs[r.row.group].append((mean_over(r.ttft, BENCHMARK_ROUNDS), r.row.ttft_ms))
         tpot_pairs[r.row.group].append((mean_over(r.tpot, BENCHMARK_ROUNDS), r.row.tpot_ms))
-    ttft_plain = np.median([abs(p / m - 1) for v in ttft_pairs.values() for p, m in v])
-    tpot_plain = np.median([abs(p / m - 1) for v in tpot_pairs.values() for p, m in v])
+    ttft_plain = np.median([abs(p / m - 1) for v in ttft_pairs.values() for p, m in v]) * 100
+    tpot_plain = np.median([abs(p / m - 1) for v in tpot_pairs.values() for p, m in v]) * 100
     print(
         "\neach row corrected by its group's other rows (what a perfect per-group correction leaves):"
-        f" TTFT {100 * ttft_plain:.1f}% ->"
-        f" {100 * held_out_within_group(ttft_pairs, False):.1f}% (a factor),"
-        f" {100 * held_out_within_group(ttft_pairs, True):.1f}% (an offset);"
-        f" TPOT {100 * tpot_plain:.1f}% -> {100 * held_out_within_group(tpot_pairs, False):.1f}% (a factor)"
+        f" TTFT {ttft_plain:.1f}% -> {held_out_within_group(ttft_pairs, False):.1f}% (a factor),"
+        f" {held_out_within_group(ttft_pairs, True):.1f}% (an offset);"
+        f" TPOT {tpot_plain:.1f}% -> {held_out_within_group(tpot_pairs, False):.1f}% (a factor)"
     )
     by_cell: dict[tuple, list[float]] = defaultdict(list)
     by_group: dict[str, list[float]] = defaultdict(list)
