@@ -1,6 +1,6 @@
 """Where a calibration row's simulated TTFT comes from: the benchmark's rounds, and a lone prefill.
 
-Two readings that docs/fidelity.md ("the first round's weight and the launch floor") rests on:
+Three readings that docs/fidelity.md ("2026-11-28 (latest)") rests on:
 
 ``rounds``: simulate the target rows and keep each measured round's mean TTFT and TPOT. The benchmark's mean
 weighs its first round (every client starts at once after the drained warm-up) by 1/20. If the
@@ -58,7 +58,7 @@ class Rounds:
 
 
 def mean_over(rounds: np.ndarray, k: int) -> float:
-    """The benchmark's mean TTFT had it run ``k`` measured rounds: its first k - 1 rounds and its last
+    """The benchmark's mean (TTFT or TPOT) had it run ``k`` measured rounds: its first k - 1 rounds and its last
     as simulated; when fewer rounds were simulated, the middle ones stand for the missing middle."""
     n = len(rounds)
     if k <= 1:
@@ -194,6 +194,8 @@ def report_offsets(concurrency: int, data: str | None) -> None:
         if isinstance(ex, Skip):
             continue
         cells[(row.backend, row.isl)].append((row.group, lone_prefill(ex)[0] * 1e3, row.ttft_ms))
+    if not any(len(pts) >= MIN_CELL_ROWS for pts in cells.values()):
+        print(f"no engine and prompt length has {MIN_CELL_ROWS} or more target rows at concurrency {concurrency}")
     for (engine, isl), pts in sorted(cells.items()):
         if len(pts) < MIN_CELL_ROWS:
             continue
@@ -204,7 +206,7 @@ def report_offsets(concurrency: int, data: str | None) -> None:
         for group in {p[0] for p in pts}:
             offsets[group] = float(np.median([t - b * g for grp, g, t in pts if grp == group]))
         # each row scored with its group's offset taken from the group's other rows (none: left out)
-        held_out = []
+        held_out: list[float] = []
         for i, (group, g, t) in enumerate(pts):
             rest = [t2 - b * g2 for j, (grp2, g2, t2) in enumerate(pts) if grp2 == group and j != i]
             if rest:
@@ -213,7 +215,7 @@ def report_offsets(concurrency: int, data: str | None) -> None:
             f"{engine} ISL {isl}, c{concurrency}, {len(pts)} rows: TTFT = {a:.1f} ms + {b:.2f} x GPU prefill;"
             f" median |residual| {100 * np.median(abs(ttft - (a + b * gpu)) / ttft):.1f}%; with one offset per group"
             f" ({len(offsets)} groups), each row's offset from its group's other rows:"
-            f" {100 * np.median(held_out):.1f}% ({len(held_out)} rows)"
+            + (f" {100 * np.median(held_out):.1f}% ({len(held_out)} rows)" if held_out else " no group has two rows")
         )
         for group, off in sorted(offsets.items(), key=lambda kv: kv[1]):
             n = sum(1 for p in pts if p[0] == group)
@@ -244,7 +246,9 @@ def main() -> int:
     try:
         ks = [int(k) for k in args.k.split(",")]
     except ValueError:
-        print(f"error: --k {args.k!r}: give comma-separated whole numbers, e.g. 20,10,5", file=sys.stderr)
+        ks = []
+    if not ks or min(ks) < 1:
+        print(f"error: --k {args.k!r}: give comma-separated round counts of 1 or more, e.g. 20,10,5", file=sys.stderr)
         return 2
     exs = _target_rows(args.data)
     print(f"{len(exs)} target rows expressed", file=sys.stderr)
