@@ -191,6 +191,10 @@ async def _exchange(
             rec.error_code = "truncated"
 
 
+# The open-loop client's connection limit where the spec sets none (workload.client.maxConnections)
+OPEN_LOOP_CONNECTIONS = 1000
+
+
 def pool_wait_trace() -> TraceConfig:
     """aiohttp's connection-queue hooks: how long a request waited for a free connection of the pool
     (``trace_request_ctx`` is a dict per request), so a report can tell that wait from the server's."""
@@ -314,7 +318,7 @@ async def run_plan(
     model: str,
     plan: RequestPlan,
     vocab: int,
-    max_connections: int = 1000,
+    max_connections: int | None = None,
     dilation: float = 1.0,
     on_done=None,
     max_in_flight: int | None = None,
@@ -325,8 +329,9 @@ async def run_plan(
     """Send every planned request at its arrival time; returns records and start lags (s).
 
     With time dilation D the plan is played D times slower and every time in the
-    records is divided by D, so they read in the emulated cluster's time."""
-    connector = TCPConnector(limit=max_connections)
+    records is divided by D, so they read in the emulated cluster's time. ``max_connections``: the
+    connection pool's limit (None: ``OPEN_LOOP_CONNECTIONS``)."""
+    connector = TCPConnector(limit=max_connections or OPEN_LOOP_CONNECTIONS)
     bodies = {p.index: request_body(model, p, vocab) for p in plan.requests}
     async with ClientSession(
         timeout=ClientTimeout(total=None), connector=connector, trace_configs=[pool_wait_trace()]

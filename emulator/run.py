@@ -241,7 +241,7 @@ def run(
                     vocab,
                     dilation=dilation,
                     on_done=progress,
-                    max_connections=cluster.spec.workload.client.max_connections or 1000,
+                    max_connections=cluster.spec.workload.client.max_connections,
                     max_in_flight=max_in_flight,
                     deadline_s=deadline_s,
                     on_send=progress.on_send,

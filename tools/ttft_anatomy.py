@@ -38,9 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from emulator.build import build_instances
 from emulator.calibration.express import BENCHMARK_ROUNDS, Expressed, Skip, express, over_budget
-from emulator.calibration.predict import _round_weighted
+from emulator.calibration.predict import Prediction, _round_weighted
 from emulator.calibration.rows import CalibrationRow, dedupe, load_rows
-from emulator.calibration.score import held_out_within_group, is_target
+from emulator.calibration.score import RowOutcome, format_per_group_correction, is_target, per_group_correction
 from emulator.costmodel.interface import BatchShape
 from emulator.sim.simulator import simulate
 from emulator.workload.plan import build_plan
@@ -108,19 +108,16 @@ def report_rounds(results: list[Rounds], ks: list[int]) -> None:
     for k in ks:
         err = [abs(mean_over(r.ttft, k) / r.row.ttft_ms - 1) for r in results]
         print(f"  K={k:<3d} {100 * np.median(err):5.1f}%")
-    ttft_pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    tpot_pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r in results:
-        ttft_pairs[r.row.group].append((mean_over(r.ttft, BENCHMARK_ROUNDS), r.row.ttft_ms))
-        tpot_pairs[r.row.group].append((mean_over(r.tpot, BENCHMARK_ROUNDS), r.row.tpot_ms))
-    ttft_plain = np.median([abs(p / m - 1) for v in ttft_pairs.values() for p, m in v]) * 100
-    tpot_plain = np.median([abs(p / m - 1) for v in tpot_pairs.values() for p, m in v]) * 100
-    print(
-        "\neach row corrected by its group's other rows (what a perfect per-group correction leaves):"
-        f" TTFT {ttft_plain:.1f}% -> {held_out_within_group(ttft_pairs, False):.1f}% (a factor),"
-        f" {held_out_within_group(ttft_pairs, True):.1f}% (an offset);"
-        f" TPOT {tpot_plain:.1f}% -> {held_out_within_group(tpot_pairs, False):.1f}% (a factor)"
-    )
+    outcomes = [
+        RowOutcome(
+            r.row,
+            fitted=Prediction(
+                r.row.id, mean_over(r.ttft, BENCHMARK_ROUNDS), mean_over(r.tpot, BENCHMARK_ROUNDS), 0, 0, None, 0.0
+            ),
+        )
+        for r in results
+    ]
+    print("\n" + format_per_group_correction(per_group_correction(outcomes)))
     by_cell: dict[tuple, list[float]] = defaultdict(list)
     by_group: dict[str, list[float]] = defaultdict(list)
     for r in results:

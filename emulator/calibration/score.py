@@ -27,9 +27,14 @@ class RowOutcome:
     fitted: Prediction | None = None  # the shipped constants (fitted on every group)
     cv: Prediction | None = None  # constants refitted without this row's group
 
-    def errors(self, which: str) -> tuple[float, float] | None:
+    def prediction(self, which: str) -> Prediction | None:
+        """The cross-validated (``"cv"``) or in-sample prediction; None where it has no TTFT or TPOT."""
         p = self.cv if which == "cv" else self.fitted
-        if p is None or p.ttft_ms is None or p.tpot_ms is None:
+        return None if p is None or p.ttft_ms is None or p.tpot_ms is None else p
+
+    def errors(self, which: str) -> tuple[float, float] | None:
+        p = self.prediction(which)
+        if p is None:
             return None
         return abs(p.ttft_ms / self.row.ttft_ms - 1) * 100, abs(p.tpot_ms / self.row.tpot_ms - 1) * 100
 
@@ -125,10 +130,8 @@ def trend(outcomes: list[RowOutcome], which: str = "cv") -> list[dict]:
     change that flattens it, or steepens it, shows where it acts."""
     cells: dict[tuple[str, int, int, int], list[tuple[float, float]]] = defaultdict(list)
     for o in outcomes:
-        if not is_target(o.row) or o.skip is not None or not o.row.concurrency:
-            continue
-        p = o.cv if which == "cv" else o.fitted
-        if p is None or p.ttft_ms is None or p.tpot_ms is None:
+        p = o.prediction(which)
+        if not is_target(o.row) or o.skip is not None or not o.row.concurrency or p is None:
             continue
         key = (o.row.backend, o.row.isl, o.row.osl, o.row.concurrency)
         cells[key].append((p.ttft_ms / o.row.ttft_ms - 1, p.tpot_ms / o.row.tpot_ms - 1))
@@ -188,8 +191,8 @@ def per_group_correction(outcomes: list[RowOutcome], which: str = "fitted") -> d
     ttft: dict[str, list[tuple[float, float]]] = defaultdict(list)
     tpot: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for o in outcomes:
-        p = o.cv if which == "cv" else o.fitted
-        if not is_target(o.row) or o.skip is not None or p is None or p.ttft_ms is None or p.tpot_ms is None:
+        p = o.prediction(which)
+        if not is_target(o.row) or o.skip is not None or p is None:
             continue
         ttft[o.row.group].append((p.ttft_ms, o.row.ttft_ms))
         tpot[o.row.group].append((p.tpot_ms, o.row.tpot_ms))
