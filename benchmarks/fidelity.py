@@ -149,6 +149,7 @@ def main() -> int:
                 args.jobs,
                 log=lambda m: print(m, file=sys.stderr),
                 rows_per_group=args.cv_rows_per_group,
+                progress=progress,
             )
             for ex, p in zip(rows_e, preds, strict=True):
                 outcomes[ex.row.id].cv = p

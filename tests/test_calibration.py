@@ -268,6 +268,48 @@ def test_gauss_newton_keeps_constants_no_step_improves(monkeypatch):
     assert any("no step lowers the loss" in line for line in lines), lines
 
 
+def test_cross_validation_keeps_only_the_part_of_a_folds_step_the_simulator_confirms(monkeypatch):
+    """A held-out group's linearised step can land where the queue saturates: the refit keeps the
+    largest tried fraction of it that lowers the simulated loss of the other groups, none where no
+    fraction does, and a fraction under which one of their rows fails is not lower."""
+
+    # three groups of ten rows; the 'simulator' reads TTFT exactly at a streaming cost of 50 (theta[2]),
+    # off by 1% a unit either side, with a saturation past 70 that the linearisation does not know;
+    # the first row fails past 55
+    def ttft(ex: _Ex, theta: np.ndarray) -> float | None:
+        if ex.row.id == "row-0" and theta[2] > 55:
+            return None
+        return ex.row.ttft_ms * (1 + 0.01 * (theta[2] - 50)) + 100.0 * max(0.0, theta[2] - 70)
+
+    rows = [_Ex(_Row(i, 100.0 + 7 * i, 10.0), 0.0, 0.0) for i in range(30)]
+    groups = np.array([f"g{i // 10}" for i in range(30)])
+
+    def run_rows(jobs, workers=1, progress=None):
+        return [F.Prediction(ex.row.id, ttft(ex, th), ex.row.tpot_ms, 1, 0, None, 0.0) for ex, th in jobs]
+
+    monkeypatch.setattr(F, "run_rows", run_rows)
+    theta0 = np.zeros(len(F.PARAMETERS))
+    theta0[2] = 20.0
+    lin = F.linearise(rows, theta0)
+    assert not np.isnan(lin.residuals).any()
+
+    def step(d: float) -> np.ndarray:
+        out = np.zeros(len(F.PARAMETERS))
+        out[2] = d
+        return out
+
+    steps = {"g0": step(80.0), "g1": step(-20.0), "g2": step(40.0), "g3": step(0.0)}
+    chosen = F.line_search(rows, groups, lin, steps, F.LINE_SEARCH_FRACTIONS)
+    # g0: 100 saturates, 60 reads 10% high against 30% low at the start
+    assert chosen["g0"][1] == 0.5 and chosen["g0"][0][2] == 60.0
+    # g1: every fraction of a step away from the data raises the loss
+    assert chosen["g1"][1] == 0.0 and np.array_equal(chosen["g1"][0], theta0)
+    # g2: the whole step (60) makes row-0, one of its training rows, fail; half of it (40) is kept
+    assert chosen["g2"][1] == 0.5 and chosen["g2"][0][2] == 40.0
+    # a group with no step keeps the constants
+    assert chosen["g3"][1] == 0.0 and np.array_equal(chosen["g3"][0], theta0)
+
+
 def test_the_robust_loss_counts_every_row_that_ran_and_skips_failures():
     r = np.array([[0.0, 0.0], [0.05, -0.05], [np.nan, 0.1]])
     assert F.robust_loss(r) == pytest.approx(2 * 2 * (np.sqrt(2.0) - 1.0))
@@ -309,13 +351,17 @@ def test_the_simulation_budget_skips_only_the_giant_rows_and_says_so():
 
 
 @needs_data
-def test_cross_validation_derivatives_take_a_bounded_even_sample_of_every_group():
+def test_cross_validation_samples_the_groups_in_proportion_to_their_rows_as_the_shipped_fit_does():
     rows = dedupe(load_rows(DATA))
     expressed = [ex for ex in (express(r, rounds=3) for r in rows if r.backend == "vllm") if not isinstance(ex, Skip)]
     picked = F._per_group_sample(expressed, 8)
+    sizes = Counter(ex.row.group for ex in expressed)
     groups = Counter(expressed[i].row.group for i in picked)
-    assert set(groups) == {ex.row.group for ex in expressed}  # no group left without derivatives
-    assert max(groups.values()) <= 8 and len(picked) == len(set(picked))
+    assert set(groups) == set(sizes)  # no group left without derivatives
+    assert len(picked) == len(set(picked)) and 8 * len(sizes) <= len(picked) < 8 * len(sizes) + len(sizes)
+    share = len(picked) / len(expressed)
+    for g, n in sizes.items():  # a group's rows weigh as they do in a uniform subset of the rows
+        assert abs(groups[g] - n * share) <= 1.5, (g, groups[g], n * share)
 
 
 def _row(rid: str, ttft: float, tpot: float, tp: int, dp: int = 1, moe_ep: int = 1):
