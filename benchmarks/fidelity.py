@@ -104,7 +104,8 @@ def main() -> int:
         "--cv-rows-per-group",
         type=int,
         default=8,
-        help="rows per group (an even sample) on which the refit's derivatives are simulated",
+        help="rows per group on average (an even sample, each group by its rows) on which the refit's derivatives"
+        " and the check of its step are simulated",
     )
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="write the families, the headline and every row here")
