@@ -40,7 +40,13 @@ from emulator.build import build_instances
 from emulator.calibration.express import BENCHMARK_ROUNDS, Expressed, Skip, express, over_budget
 from emulator.calibration.predict import Prediction, _round_weighted
 from emulator.calibration.rows import CalibrationRow, dedupe, load_rows
-from emulator.calibration.score import RowOutcome, format_per_group_correction, is_target, per_group_correction
+from emulator.calibration.score import (
+    RowOutcome,
+    format_per_group_correction,
+    held_out_within_group,
+    is_target,
+    per_group_correction,
+)
 from emulator.costmodel.interface import BatchShape
 from emulator.sim.simulator import simulate
 from emulator.workload.plan import build_plan
@@ -199,24 +205,21 @@ def report_offsets(concurrency: int, data: str | None) -> None:
         gpu = np.array([p[1] for p in pts])
         ttft = np.array([p[2] for p in pts])
         (a, b), *_ = np.linalg.lstsq(np.vstack([np.ones_like(gpu), gpu]).T, ttft, rcond=None)
-        offsets: dict[str, float] = {}
-        for group in {p[0] for p in pts}:
-            offsets[group] = float(np.median([t - b * g for grp, g, t in pts if grp == group]))
-        # each row scored with its group's offset taken from the group's other rows (none: left out)
-        held_out: list[float] = []
-        for i, (group, g, t) in enumerate(pts):
-            rest = [t2 - b * g2 for j, (grp2, g2, t2) in enumerate(pts) if grp2 == group and j != i]
-            if rest:
-                held_out.append(abs(t - (np.median(rest) + b * g)) / t)
+        by_group: dict[str, list[tuple[float, float]]] = defaultdict(list)  # (b x GPU prefill, measured) per group
+        for group, g, t in pts:
+            by_group[group].append((b * g, t))
+        offsets = {group: float(np.median([t - p for p, t in v])) for group, v in by_group.items()}
+        # each row scored with its group's offset taken from the group's other rows (one-row groups left out)
+        held_out = held_out_within_group(by_group, additive=True)
+        scored = sum(len(v) for v in by_group.values() if len(v) > 1)
         print(
             f"{engine} ISL {isl}, c{concurrency}, {len(pts)} rows: TTFT = {a:.1f} ms + {b:.2f} x GPU prefill;"
             f" median |residual| {100 * np.median(abs(ttft - (a + b * gpu)) / ttft):.1f}%; with one offset per group"
             f" ({len(offsets)} groups), each row's offset from its group's other rows:"
-            + (f" {100 * np.median(held_out):.1f}% ({len(held_out)} rows)" if held_out else " no group has two rows")
+            + (f" {held_out:.1f}% ({scored} rows)" if held_out is not None else " no group has two rows")
         )
         for group, off in sorted(offsets.items(), key=lambda kv: kv[1]):
-            n = sum(1 for p in pts if p[0] == group)
-            print(f"    {group:62s} offset {off:6.1f} ms ({n} rows)")
+            print(f"    {group:62s} offset {off:6.1f} ms ({len(by_group[group])} rows)")
 
 
 def main() -> int:
