@@ -82,6 +82,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # kopf holds a finalizer on each resource while its timers run; it blocks nothing while the
     # operator runs (there is no deletion handler) and is released at shutdown (below)
     settings.persistence.finalizer = FINALIZER
+    # On deletion kopf stops the resource's timers before it drops that finalizer. A timer that has
+    # not exited after a few zero-time cycles (its status call in flight) was polled again only after
+    # kopf's default of 60 s, so a delete could hang for a minute: wait for it in-process for up to
+    # a second, then poll every 2 s (kopf BackgroundSettings).
+    settings.background.instant_exit_timeout = 1.0
+    settings.background.cancellation_polling = 2.0
     _kube()
 
 
