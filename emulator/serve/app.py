@@ -555,7 +555,13 @@ class Worker:
                 await resp.write(FIRST_DUE_COMMENT + repr(first_due).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
+            # The client went away mid-stream (a benchmark's end, a router's cancelled attempt): as
+            # vLLM does, the request is aborted and counted as one, and nothing is left to answer.
+            # Raised on, aiohttp logged it as a server error with a traceback, ~1.5 ms of CPU each.
+            self.engine.abort(rid)
+            log.debug("request %s aborted: the client closed the stream", rid)
+        except asyncio.CancelledError:
             self.engine.abort(rid)
             raise
         finally:
