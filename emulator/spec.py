@@ -1008,10 +1008,11 @@ def load_clusters(path: str) -> list[InferenceCluster]:
             raise SpecError([f"{path} (document {i + 1}): nested more than {MAX_SPEC_DEPTH} levels; not a spec"])
     if not docs:
         raise SpecError([f"{path}: the file holds no document"])
-    clusters, problems = [], []
+    clusters, problems, others = [], [], []
     for i, doc in enumerate(docs):
         source = path if len(docs) == 1 else f"{path} (document {i + 1})"
         if isinstance(doc, dict) and doc.get("kind") not in (None, KIND):
+            others.append(str(doc.get("kind")))
             continue  # other resources (e.g. a LoadTest) may share the file
         try:
             clusters.append(parse_cluster(doc, source))
@@ -1020,7 +1021,14 @@ def load_clusters(path: str) -> list[InferenceCluster]:
     if problems:
         raise SpecError(problems)
     if not clusters:
-        raise SpecError([f"{path}: no InferenceCluster document found"])
+        held = f" (it holds {', '.join(sorted(set(others)))})" if others else ""
+        hint = (
+            "; a LoadTest runs on Kubernetes (kubectl apply -f, the operator runs it as a Job) or, against a"
+            " running router, as `infemu loadtest --target URL --model NAME`"
+            if "LoadTest" in others
+            else ""
+        )
+        raise SpecError([f"{path}: no InferenceCluster document found{held}{hint}"])
     names = [c.name for c in clusters]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -93,6 +93,14 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     assert line.endswith("nope.yaml: no such file")
 
 
+def test_a_file_of_other_kinds_says_what_it_holds_and_where_a_loadtest_runs():
+    """`infemu run examples/loadtest-chat.yaml` (a LoadTest, the operator's) names what the file
+    holds and how a LoadTest is run, instead of only what it lacks."""
+    (line,) = problems(example("loadtest-chat.yaml"))
+    assert "no InferenceCluster document found (it holds LoadTest)" in line
+    assert "infemu loadtest --target" in line and "kubectl apply" in line
+
+
 def test_gamma_cv_error_drops_the_union_tag(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text(
