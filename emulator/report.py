@@ -162,6 +162,7 @@ def print_cost_table(cluster, args) -> int:
         raise SpecError([f"--pool: {name!r} holds experts only; price it with its attention pool: --pool {owner}"])
     _, setups = build_instances(spec)
     setup = next(s for s in setups if s.pool.name == name)
+    beyond = beyond_the_engine(setup.engine, args.prefill_tokens, args.prefill_context, args.decode_batch, args.context)
     shape = BatchShape(
         prefill_chunks=((args.prefill_tokens, args.prefill_context),) if args.prefill_tokens else (),
         num_decode=args.decode_batch,
@@ -207,6 +208,7 @@ def print_cost_table(cluster, args) -> int:
                     "sources": cm.sources,
                     "host": host,
                     "quantization": precisions,
+                    "beyond_the_engine": beyond,
                 }
             )
         )
@@ -249,6 +251,8 @@ def print_cost_table(cluster, args) -> int:
     if pool.pp > 1:
         t.add_row("launch interval (pipelined)", f"{st.interval_s * 1e3:.3f}", "", "")
     console.print(t)
+    for note in beyond:
+        console.print(f"  [yellow]note:[/yellow] {note}")
     console.print(
         f"  precisions: dense {quant.gemm}, attention {quant.attention}, experts {quant.moe}, KV cache {quant.kv_cache}"
         f" (from {quant.source})"
@@ -282,6 +286,50 @@ def print_cost_table(cluster, args) -> int:
         f" KV per token (whole model) {cm.kv_transfer_bytes(1)} B"
     )
     return 0
+
+
+def beyond_the_engine(engine, prefill_tokens: int, prefill_context: int, decode_batch: int, context: int) -> list[str]:
+    """What of a priced step the pool's engine would not run as one step: the step is still priced (a
+    what-if), but the reader learns that a real engine would queue, chunk or preempt instead. A
+    sequence longer than the model's context window exists nowhere, so that is an error naming the flag."""
+    from emulator.errors import SpecError
+
+    window = engine.max_model_len
+    if decode_batch and context + 1 > window:
+        raise SpecError(
+            [
+                f"--context: {context} tokens plus the decoded one exceed the pool's context window"
+                f" (max_model_len {window}); give at most {window - 1}"
+            ]
+        )
+    if prefill_tokens and prefill_tokens + prefill_context > window:
+        raise SpecError(
+            [
+                f"--prefill-tokens + --prefill-context: {prefill_tokens + prefill_context} tokens exceed"
+                f" the pool's context window (max_model_len {window})"
+            ]
+        )
+    notes = []
+    if decode_batch + (1 if prefill_tokens else 0) > engine.max_num_seqs:
+        notes.append(
+            f"{decode_batch + (1 if prefill_tokens else 0)} sequences in one step; the engine runs at most"
+            f" {engine.max_num_seqs} (max_num_seqs), the rest would wait"
+        )
+    if decode_batch + prefill_tokens > engine.max_num_batched_tokens:
+        notes.append(
+            f"{decode_batch + prefill_tokens} tokens in one step; the engine's step budget is"
+            f" {engine.max_num_batched_tokens} (max_num_batched_tokens): it would chunk the prompt"
+        )
+    size = engine.block_size
+    blocks = decode_batch * -(-(context + 1) // size) + (
+        -(-(prefill_tokens + prefill_context) // size) if prefill_tokens else 0
+    )
+    if blocks > engine.num_gpu_blocks:
+        notes.append(
+            f"the step's KV takes {blocks} blocks of {size} tokens; an instance holds {engine.num_gpu_blocks}:"
+            f" the engine would preempt or queue sequences"
+        )
+    return notes
 
 
 def print_placement(cluster) -> None:

@@ -87,6 +87,20 @@ def test_cost_prints_per_operator_breakdown():
     assert "precisions: dense bf16, attention bf16, experts bf16, KV cache bf16 (from unquantized)" in r.stdout
 
 
+def test_cost_says_what_of_a_step_the_engine_would_not_run_as_one():
+    """A what-if step is priced as asked, and the reader learns where a real engine would queue,
+    chunk or preempt instead (the quickstart: max_num_seqs 128, 27,880 KV blocks of 16 tokens)."""
+    big = infemu("cost", example("quickstart.yaml"), "--decode-batch", "512", "--context", "8192", "--json")
+    small = infemu("cost", example("quickstart.yaml"), "--decode-batch", "4", "--context", "1024", "--json")
+    assert big.returncode == 0 and small.returncode == 0, big.stderr + small.stderr
+    notes = json.loads(big.stdout)["beyond_the_engine"]
+    assert any("512 sequences in one step" in n and "max_num_seqs" in n for n in notes)
+    assert any("262656 blocks of 16 tokens" in n for n in notes)  # 512 x ceil(8193 / 16)
+    assert json.loads(small.stdout)["beyond_the_engine"] == []
+    text = infemu("cost", example("quickstart.yaml"), "--decode-batch", "512", "--context", "8192")
+    assert "note: 512 sequences in one step" in text.stdout
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -96,6 +110,14 @@ def test_cost_prints_per_operator_breakdown():
         (["sim", "examples/quickstart.yaml", "--trace", "nope.csv"], "error: nope.csv: trace file not found"),
         (["cost", "examples/quickstart.yaml", "--pool", "zzz", "--decode-batch", "1"], "--pool: 'zzz' is not a pool"),
         (["sim", "examples/tp-vs-pp.yaml", "--cluster", "x"], "--cluster: 'x' is not in the spec"),
+        (
+            ["cost", "examples/quickstart.yaml", "--decode-batch", "4", "--context", "99999999"],
+            "--context: 99999999 tokens plus the decoded one exceed the pool's context window (max_model_len 131072)",
+        ),
+        (
+            ["cost", "examples/quickstart.yaml", "--prefill-tokens", "200000"],
+            "--prefill-tokens + --prefill-context: 200000 tokens exceed the pool's context window",
+        ),
         (["run", "examples/quickstart.yaml", "--time-dilation", "0.5"], "timeDilation: 0.5: Input should be greater"),
         (["run", "examples/quickstart.yaml", "--time-dilation", "fast"], "'fast' is neither a number nor auto"),
     ],
