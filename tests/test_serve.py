@@ -132,6 +132,12 @@ async def test_models_health_ready(client):
         ("/v1/chat/completions", {"model": MODEL}, 400, "missing_required_parameter"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "invalid_value"),
         ("/v1/completions", {"model": MODEL, "prompt": [1, -4]}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": 5}, 400, "invalid_type"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["x"] * 17}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": "x" * 257}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": "7"}, 400, "invalid_type"),
     ],
 )
 async def test_bad_requests_get_openai_errors_never_500(client, path, body, status, code):
@@ -786,3 +792,58 @@ async def test_a_client_that_leaves_mid_stream_aborts_its_request_quietly(caplog
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
     assert any("aborted: the client closed the stream" in r.getMessage() for r in caplog.records)
+
+
+async def test_stop_strings_and_stop_tokens_end_the_answer_where_vllm_would(client):
+    """``stop`` and ``stop_token_ids`` were once accepted and ignored. Now the answer ends at the token
+    that completes a stop string, its text cut where the string begins (vLLM's default), finish_reason
+    "stop" and stop_reason the string; a stop token ends it with its id, its text left out. Streamed
+    and whole answers agree, and min_tokens holds the check off."""
+    from emulator.serve.tokens import output_token, prompt_seed, tokenize
+
+    prompt = "where do the tokens stop"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 40, "ignore_eos": True}
+    plain = await (await client.post("/v1/completions", json=body)).json()
+    full = plain["choices"][0]["text"]
+    assert plain["usage"]["completion_tokens"] == 40 and plain["choices"][0]["stop_reason"] is None
+    words = full.split()
+    word = words[6]
+    first = words.index(word)  # the answer ends at its first occurrence
+    stop = f" {word}"
+
+    def check(choice, usage, text, n, reason):
+        assert choice["finish_reason"] == "stop" and choice.get("stop_reason", reason) == reason
+        assert usage["completion_tokens"] == n
+        assert text == full[: len(text)] and text == " ".join(words[:first])
+
+    whole = await (await client.post("/v1/completions", json={**body, "stop": ["</s>", stop]})).json()
+    check(whole["choices"][0], whole["usage"], whole["choices"][0]["text"], first + 1, stop)
+    streamed = await sse_events(
+        await client.post(
+            "/v1/completions",
+            json={**body, "stop": ["</s>", stop], "stream": True, "stream_options": {"include_usage": True}},
+        )
+    )
+    chunks = [e for e in streamed if e != "[DONE]"]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    check(chunks[-2]["choices"][0], chunks[-1]["usage"], text, first + 1, stop)
+    # a stop string the synthetic text never holds changes nothing
+    never = await (await client.post("/v1/completions", json={**body, "stop": "<|eot_id|>"})).json()
+    assert never["choices"][0]["text"] == full and never["choices"][0]["finish_reason"] == "length"
+    # a stop token: the 10th token's id ends the answer after 10 tokens, without its text
+    seed = prompt_seed(tokenize(prompt, 128256))
+    token_id = output_token(seed, 9, 128256)[0]
+    by_id = await (await client.post("/v1/completions", json={**body, "stop_token_ids": [token_id]})).json()
+    assert by_id["usage"]["completion_tokens"] == 10 and by_id["choices"][0]["stop_reason"] == token_id
+    assert by_id["choices"][0]["text"] == " ".join(words[:9])
+    # min_tokens: nothing is checked before that many tokens are out
+    held = await (await client.post("/v1/completions", json={**body, "stop": stop, "min_tokens": 40})).json()
+    assert held["choices"][0]["text"] == full and held["usage"]["completion_tokens"] == 40
+    # chat: the same rule on the assistant's text
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "ignore_eos": True}
+    chat_full = (await (await client.post("/v1/chat/completions", json=chat)).json())["choices"][0]["message"]
+    cut_word = chat_full["content"].split()[3]
+    chat_cut = await (await client.post("/v1/chat/completions", json={**chat, "stop": [cut_word]})).json()
+    content = chat_cut["choices"][0]["message"]["content"]
+    assert chat_cut["choices"][0]["finish_reason"] == "stop" and cut_word not in content
+    assert chat_full["content"].startswith(content)

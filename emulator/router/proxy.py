@@ -862,7 +862,15 @@ class _ClientStream:
                 "object": "text_completion",
                 "created": first["created"],
                 "model": first["model"],
-                "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": finish, "stop_reason": None}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": "",
+                        "logprobs": None,
+                        "finish_reason": finish,
+                        "stop_reason": first["choices"][0].get("stop_reason"),
+                    }
+                ],
             }
         await self.write(_sse(last))
         if (body.get("stream_options") or {}).get("include_usage"):

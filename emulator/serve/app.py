@@ -49,7 +49,15 @@ from emulator.serve.protocol import (
     token_chunk_frame,
     usage_chunk,
 )
-from emulator.serve.tokens import chat_prompt, detokenize, output_token, prompt_seed, synthetic_eos, tokenize
+from emulator.serve.tokens import (
+    chat_prompt,
+    detokenize,
+    output_token,
+    prompt_seed,
+    stop_hit,
+    synthetic_eos,
+    tokenize,
+)
 from emulator.spec import InferenceCluster
 from emulator.topology import Instance, Topology, place
 from emulator.version import package_version
@@ -376,6 +384,12 @@ class Worker:
         seed = prompt_seed(g.prompt_ids)
         n_out = requested if g.ignore_eos else min(requested, synthetic_eos(seed, g.min_tokens))
         finish_reason = "length" if n_out == requested else "stop"
+        stop_reason: str | int | None = None
+        texts: list[str] | None = None  # each token's text where a stop string cut the answer, else None
+        if g.stop or g.stop_token_ids:  # vLLM honours them with ignore_eos too; min_tokens comes first
+            hit = stop_hit(seed, n_out, self.model.vocab, g.stop, g.stop_token_ids, g.min_tokens)
+            if hit is not None:
+                n_out, texts, stop_reason, finish_reason = hit.n_out, hit.texts, hit.reason, "stop"
         kv = g.kv_transfer_params or {}
         if kv and not internal:
             raise APIError(
@@ -429,7 +443,9 @@ class Worker:
                     self._prefilled(req)
                 if ev.kind == "tokens":
                     for _ in range(ev.count):
-                        text_parts.append(output_token(seed, position, self.model.vocab)[1])
+                        text_parts.append(
+                            texts[position] if texts else output_token(seed, position, self.model.vocab)[1]
+                        )
                         position += 1
                 elif ev.kind == "finish":
                     reason = ev.reason
@@ -454,7 +470,16 @@ class Worker:
             else:
                 out_reason = finish_reason
                 self.metrics.success[finish_reason].inc()
-            body = full_response(g, public, "".join(text_parts), out_reason, n_prompt, position, kv_params)
+            body = full_response(
+                g,
+                public,
+                "".join(text_parts),
+                out_reason,
+                n_prompt,
+                position,
+                kv_params,
+                stop_reason if out_reason else None,
+            )
             if timing is not None:
                 body["infemu_timing"] = timing()
             return web.json_response(body)
@@ -490,7 +515,8 @@ class Worker:
                 nonlocal position, due
                 events = []
                 for _ in range(due):
-                    events += (head, json_text(output_token(seed, position, vocab)[1]), tail)
+                    text = texts[position] if texts else output_token(seed, position, vocab)[1]
+                    events += (head, json_text(text), tail)
                     position += 1
                 due = 0
                 return b"".join(events)
@@ -543,7 +569,12 @@ class Worker:
                 if ev.kind == "finish":
                     mark_prefilled(ev)
                     self.metrics.success[finish_reason].inc()
-                    await _sse(resp, stream_chunk(g, public, "" if g.kind != "chat" else None, finish_reason))
+                    await _sse(
+                        resp,
+                        stream_chunk(
+                            g, public, "" if g.kind != "chat" else None, finish_reason, stop_reason=stop_reason
+                        ),
+                    )
                     if g.include_usage:
                         await _sse(resp, usage_chunk(g, public, n_prompt, position))
                 else:

@@ -75,6 +75,8 @@ class GenerationRequest:
     include_usage: bool = False
     user: str | None = None
     kv_transfer_params: dict | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -97,6 +99,47 @@ def _bool(body: dict, key: str) -> bool:
     if not isinstance(v, bool):
         raise APIError(400, f"'{key}' must be a boolean, got {v!r}", key, "invalid_type")
     return v
+
+
+# Bounds on what a client may ask the stop check to look for: every output token is checked against
+# every stop string (vLLM's own check, emulator/serve/tokens.py stop_hit), so both stay small. OpenAI
+# allows 4 stop sequences; vLLM sets no limit.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+
+
+def _stops(body: dict, vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """``stop`` (a string or a list of them) and ``stop_token_ids``, as vLLM takes them."""
+    stop = body.get("stop")
+    if stop is None:
+        strings: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        strings = (stop,)
+    elif isinstance(stop, list) and all(isinstance(x, str) for x in stop):
+        strings = tuple(stop)
+    else:
+        raise APIError(400, "'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(strings) > MAX_STOP_STRINGS or any(not x or len(x) > MAX_STOP_CHARS for x in strings):
+        raise APIError(
+            400,
+            f"'stop' takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
+            "stop",
+            "invalid_value",
+        )
+    ids = body.get("stop_token_ids")
+    if ids is None:
+        return strings, ()
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise APIError(400, "'stop_token_ids' must be a list of token ids", "stop_token_ids", "invalid_type")
+    if len(ids) > MAX_STOP_TOKEN_IDS or any(t < 0 or t >= vocab_size for t in ids):
+        raise APIError(
+            400,
+            f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} ids in [0, {vocab_size})",
+            "stop_token_ids",
+            "invalid_value",
+        )
+    return strings, tuple(ids)
 
 
 def _refuse_what_is_not_emulated(body: dict) -> None:
@@ -184,6 +227,7 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
             400, f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens", "invalid_value"
         )
     user = body.get("user")
+    stop, stop_token_ids = _stops(body, vocab_size)
     return GenerationRequest(
         kind=kind,
         model=model,
@@ -195,6 +239,8 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
         include_usage=bool(opts.get("include_usage", False)),
         user=user if isinstance(user, str) else None,
         kv_transfer_params=kv,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
     )
 
 
@@ -202,7 +248,14 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def stream_chunk(req: GenerationRequest, rid: str, text: str | None, finish: str | None, first: bool = False) -> dict:
+def stream_chunk(
+    req: GenerationRequest,
+    rid: str,
+    text: str | None,
+    finish: str | None,
+    first: bool = False,
+    stop_reason: str | int | None = None,
+) -> dict:
     if req.kind == "chat":
         delta: dict = {}
         if first:
@@ -217,7 +270,7 @@ def stream_chunk(req: GenerationRequest, rid: str, text: str | None, finish: str
             "model": req.model,
             "choices": [choice],
         }
-    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish, "stop_reason": None}
+    choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason}
     return {"id": rid, "object": "text_completion", "created": req.created, "model": req.model, "choices": [choice]}
 
 
@@ -259,6 +312,7 @@ def full_response(
     prompt: int,
     completion: int,
     kv_params: dict | None = None,
+    stop_reason: str | int | None = None,
 ) -> dict:
     if req.kind == "chat":
         choice = {
@@ -276,7 +330,7 @@ def full_response(
             "usage": usage(prompt, completion),
         }
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason}
         body = {
             "id": rid,
             "object": "text_completion",

@@ -19,6 +19,7 @@ import hashlib
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # cl100k_base's pre-tokenizer (tiktoken_ext/openai_public.py) with \p{L} = [^\W\d_] and
 # \p{N} = \d; on infemu's docs, README and three licence texts it cuts exactly as tiktoken does
@@ -99,6 +100,53 @@ def output_token(seed: int, position: int, vocab_size: int) -> tuple[int, str]:
     h = _h(f"{seed}:{position}")
     word = WORDS[h % len(WORDS)]
     return h % vocab_size, (" " + word if position else word)
+
+
+@dataclass(frozen=True)
+class StopHit:
+    """Where a request's stop string or stop token ends its answer: ``n_out`` tokens are generated
+    (the one that completed the match counts, as in vLLM's usage), ``texts`` is each one's text with
+    the answer cut where the stop string begins (vLLM's ``include_stop_str_in_output`` false; a stop
+    token's own text is left out), and ``reason`` is vLLM's ``stop_reason``: the string or the id."""
+
+    n_out: int
+    texts: list[str]
+    reason: str | int
+
+
+def stop_hit(
+    seed: int, n_out: int, vocab_size: int, stop: Sequence[str], stop_token_ids: Sequence[int], min_tokens: int = 0
+) -> StopHit | None:
+    """The first of the answer's ``n_out`` tokens at which a stop string appears in the text so far or
+    a stop token is generated, checked token by token as vLLM's detokenizer checks (each stop string
+    looked for where the new text could complete it, in the order the client listed them; nothing
+    checked until more than ``min_tokens`` are out); None when the answer runs its course. Costs what
+    generating the answer's text costs, bounded by ``n_out``."""
+    ids = set(stop_token_ids)
+    texts: list[str] = []
+    text = ""
+    for position in range(n_out):
+        token_id, piece = output_token(seed, position, vocab_size)
+        checked = position >= min_tokens
+        if checked and token_id in ids:
+            return StopHit(position + 1, [*texts, ""], token_id)
+        texts.append(piece)
+        start = len(text)
+        text += piece
+        for s in stop if checked else ():
+            cut = text.find(s, max(0, start - len(s) + 1))  # a match the new piece completes
+            if cut >= 0:
+                return StopHit(position + 1, _cut(texts, cut), s)
+    return None
+
+
+def _cut(texts: list[str], keep: int) -> list[str]:
+    """Each token's text with the whole cut to its first ``keep`` characters."""
+    out, at = [], 0
+    for piece in texts:
+        out.append(piece[: max(0, keep - at)])
+        at += len(piece)
+    return out
 
 
 def prompt_seed(token_ids: Sequence[int]) -> int:
