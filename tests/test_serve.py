@@ -132,6 +132,14 @@ async def test_models_health_ready(client):
         ("/v1/chat/completions", {"model": MODEL}, 400, "missing_required_parameter"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "invalid_value"),
         ("/v1/completions", {"model": MODEL, "prompt": [1, -4]}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -5}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": -2}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "invalid_type"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 1.5}, 400, "invalid_type"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "unsupported"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "unsupported"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": 5}, 400, "invalid_type"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "invalid_value"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["x"] * 17}, 400, "invalid_value"),
@@ -765,6 +773,7 @@ async def test_a_client_that_leaves_mid_stream_aborts_its_request_quietly(caplog
         }
 
     body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
+
     class WorkerServer(TestServer):
         """As emulator/cluster/process.py serves a worker: aiohttp's default, no handler cancellation
         on a lost connection (TestServer's default cancels, a path the worker never takes)."""
@@ -847,3 +856,19 @@ async def test_stop_strings_and_stop_tokens_end_the_answer_where_vllm_would(clie
     content = chat_cut["choices"][0]["message"]["content"]
     assert chat_cut["choices"][0]["finish_reason"] == "stop" and cut_word not in content
     assert chat_full["content"].startswith(content)
+
+
+async def test_sampling_parameters_vllm_accepts_are_accepted(client):
+    """The range checks refuse only what vLLM refuses: the usual values pass and leave the synthetic
+    answer as it is (sampling is not emulated; the answer is a function of the prompt)."""
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 5, "ignore_eos": True}
+    plain = (await (await client.post("/v1/completions", json=body)).json())["choices"][0]["text"]
+    for params in (
+        {"temperature": 0},
+        {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 42},
+        {"top_p": 1, "top_k": -1, "min_p": 0.05, "presence_penalty": -2, "frequency_penalty": 2},
+        {"top_k": 0, "repetition_penalty": 1.1, "temperature": None},
+    ):
+        resp = await client.post("/v1/completions", json={**body, **params})
+        assert resp.status == 200, (params, await resp.text())
+        assert (await resp.json())["choices"][0]["text"] == plain

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -142,9 +143,43 @@ def _stops(body: dict, vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...
     return strings, tuple(ids)
 
 
+# Sampling parameters leave a synthetic answer as it is, but a value vLLM refuses is refused here too
+# (vllm/sampling_params.py SamplingParams._verify_args): a gateway's tests of bad input see the same 400.
+# (name, lowest, highest, whether the lowest itself is allowed)
+SAMPLING_RANGES = (
+    ("temperature", 0.0, math.inf, True),
+    ("top_p", 0.0, 1.0, False),
+    ("min_p", 0.0, 1.0, True),
+    ("presence_penalty", -2.0, 2.0, True),
+    ("frequency_penalty", -2.0, 2.0, True),
+    ("repetition_penalty", 0.0, math.inf, False),
+)
+
+
+def _check_sampling(body: dict) -> None:
+    for key, low, high, low_ok in SAMPLING_RANGES:
+        v = body.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            raise APIError(400, f"'{key}' must be a number, got {v!r}", key, "invalid_type")
+        if not ((v >= low if low_ok else v > low) and v <= high):
+            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}]"
+            raise APIError(400, f"'{key}' must be in {bounds}, got {v}", key, "invalid_value")
+    top_k = body.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1):
+        raise APIError(
+            400, f"'top_k' must be -1 or 0 (no limit) or at least 1, got {top_k!r}", "top_k", "invalid_value"
+        )
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise APIError(400, f"'seed' must be an integer, got {seed!r}", "seed", "invalid_type")
+
+
 def _refuse_what_is_not_emulated(body: dict) -> None:
     """Parameters whose effect the emulator does not produce are refused, never silently ignored: a
-    client asking for log-probabilities, a forced tool call or JSON output must not get plain text."""
+    client asking for log-probabilities, several candidates, its prompt echoed, a forced tool call or
+    JSON output must not get plain text."""
     logprobs = body.get("logprobs")
     if (logprobs is not None and logprobs is not False and logprobs != 0) or body.get("top_logprobs"):
         param = "logprobs" if logprobs not in (None, False, 0) else "top_logprobs"
@@ -159,6 +194,13 @@ def _refuse_what_is_not_emulated(body: dict) -> None:
             "tool_choice",
             "unsupported",
         )
+    best_of = body.get("best_of")
+    if best_of not in (None, 1):
+        raise APIError(400, "best_of is not emulated (one answer per request); leave it out or set 1", "best_of",
+                       "unsupported")  # fmt: skip
+    if body.get("echo") not in (None, False):
+        raise APIError(400, "echo is not emulated (the answer does not repeat the prompt); leave it out", "echo",
+                       "unsupported")  # fmt: skip
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
         raise APIError(
@@ -179,6 +221,7 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
     if n not in (None, 1):
         raise APIError(400, "only n=1 is supported", "n", "invalid_value")
     _refuse_what_is_not_emulated(body)
+    _check_sampling(body)
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
