@@ -139,6 +139,15 @@ async def test_models_health_ready(client):
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "invalid_type"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 1.5}, 400, "invalid_type"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "unsupported"),
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/"}}]}],
+            },
+            400,
+            "unsupported",
+        ),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "unsupported"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": 5}, 400, "invalid_type"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400, "invalid_value"),

@@ -230,6 +230,17 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
             )
         if not all(isinstance(m, dict) and "role" in m for m in messages):
             raise APIError(400, "each message needs a 'role' and 'content'", "messages", "invalid_value")
+        for m in messages:  # an image or audio part would be read by a multimodal model, not dropped
+            parts = m.get("content")
+            for part in parts if isinstance(parts, list) else ():
+                kind_of = part.get("type") if isinstance(part, dict) else None
+                if kind_of != "text":
+                    raise APIError(
+                        400,
+                        f"content part {kind_of!r} is not emulated (the emulated models read text parts only)",
+                        "messages",
+                        "unsupported",
+                    )
         ids = tokenize(chat_prompt(messages), vocab_size)
         max_tokens = _int(body, "max_completion_tokens", 1)
         if max_tokens is None:
