@@ -280,10 +280,14 @@ def print_cost_table(cluster, args) -> int:
             f" {afd['exchange_each_way_s'] * 1e3:.3f} ms and {afd['exchange_bytes_each_way'] / 1e6:.1f} MB each way"
         )
     mem = setup.memory
+    # a hybrid model's linear-attention state is held per sequence, not per token: shown apart
+    per_token = cm.kv_transfer_bytes(2) - cm.kv_transfer_bytes(1)
+    per_seq = cm.kv_transfer_bytes(1) - per_token
     console.print(
         f"  per GPU: weights {mem.weights / 1e9:.1f} GB, reserve {mem.reserve / 1e9:.1f} GB,"
         f" KV {mem.kv / 1e9:.1f} GB = {mem.num_gpu_blocks} blocks x {pool.block_size} tokens;"
-        f" KV per token (whole model) {cm.kv_transfer_bytes(1)} B"
+        f" KV per token (whole model) {per_token} B"
+        + (f" + {per_seq / 1e6:.1f} MB per sequence (linear-attention state)" if per_seq else "")
     )
     return 0
 

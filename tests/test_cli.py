@@ -87,6 +87,24 @@ def test_cost_prints_per_operator_breakdown():
     assert "precisions: dense bf16, attention bf16, experts bf16, KV cache bf16 (from unquantized)" in r.stdout
 
 
+def test_cost_shows_a_hybrid_models_linear_state_per_sequence_not_per_token(tmp_path):
+    """Qwen3.5's Gated DeltaNet layers hold a fixed state per sequence (45 layers x 64 heads x 128 x 128
+    fp32, plus the convolution window): once printed as the KV of one token (192 MB)."""
+    quickstart = Path(example("quickstart.yaml")).read_text()
+    spec = tmp_path / "qwen.yaml"
+    spec.write_text(
+        quickstart.replace("name: llama-3.1-8b", "name: Qwen/Qwen3.5-397B-A17B")
+        .replace("gpu: h100-sxm", "gpu: b200-sxm")
+        .replace("gpusPerNode: 1", "gpusPerNode: 8")
+        .replace("tp: 1", "tp: 8")
+    )
+    r = infemu("cost", str(spec), "--decode-batch", "4")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    # 15 full-attention layers x 2 x 2 KV heads x 256 dims x 2 bytes
+    assert "KV per token (whole model) 30720 B + 192.1 MB per sequence (linear-attention state)" in text
+
+
 def test_cost_says_what_of_a_step_the_engine_would_not_run_as_one():
     """A what-if step is priced as asked, and the reader learns where a real engine would queue,
     chunk or preempt instead (the quickstart: max_num_seqs 128, 27,880 KV blocks of 16 tokens)."""
