@@ -277,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-retransmit-ms", type=float, help="link: loss as a retransmit delay per transfer")
     p.add_argument("--cut", action="store_true", help="link: no byte passes")
     p.add_argument("--between", nargs=2, metavar=("A", "B"), help="partition: two comma-separated groups")
-    p.add_argument("--duration-seconds", type=float, help="informational: `fault clear` ends it")
+    p.add_argument(
+        "--duration-seconds",
+        type=float,
+        help="end it after this long (emulated seconds: times the time dilation on the wall); "
+        "without it, `fault clear` ends it",
+    )
     p.add_argument("--run-dir", help="the cluster's run directory (default: the newest under .infemu/runs)")
     p = fsub.add_parser("clear", help="end one active fault (or --all)")
     p.add_argument("name", nargs="?")
@@ -730,7 +735,7 @@ def _declared_fault(args: argparse.Namespace) -> dict:
         out["link"] = {**link, "cut": args.cut}
     if args.between:
         out["between"] = [[n for n in g.split(",") if n] for g in args.between]
-    if args.duration_seconds is not None and args.kind != "kill":
+    if args.duration_seconds is not None:  # a kill's is refused by the spec's own check
         out["durationSeconds"] = args.duration_seconds
     return out
 

@@ -915,7 +915,9 @@ def format_validation_error(exc: ValidationError, data: Any, prefix: str = "") -
         path, value = _walk(data, loc)
         if err["type"] == "extra_forbidden":
             value = loc[-1]
-        lines.append(f"{prefix}{path or '<document>'}: {_message(err, value)}")
+        # a whole-document rule (no field path): the prefix alone names what was checked
+        where = f"{prefix}{path}" if path else (prefix.rstrip(" .:") or "<document>")
+        lines.append(f"{where}: {_message(err, value)}")
     return lines
 
 

@@ -607,3 +607,52 @@ def test_tc_shaping_is_refused_for_packed_instances_and_auto_paces_them_in_proce
     assert "instancesPerProcess to 1" in exc.value.problems[0]
     auto = LocalCluster("unused.yaml", "c", run_dir="/nonexistent", shaping="auto")
     assert auto._choose_shaping(packed=True) == "inproc" and "instancesPerProcess" in auto.shaping_reason
+
+
+def test_a_live_fault_is_recorded_only_where_it_took_and_ends_when_its_duration_passes(tmp_path, monkeypatch):
+    """`infemu fault inject` on a running cluster: a fault that reached none of its targets is not
+    listed as active (it once was, and `fault list` then claimed a slowdown nobody had); a kill is over
+    once sent; a fault with durationSeconds is cleared by a detached process when they pass (it was
+    only informational). The injector is replaced by one that records what it is asked."""
+    from emulator.cluster.local import ProcessInfo, RunState
+    from emulator.faults import live
+
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    state = RunState("quickstart", example("quickstart.yaml"), str(run_dir), router="http://127.0.0.1:9")
+    state.processes = [ProcessInfo("agg-0", "aggregated", 1, "http://127.0.0.1:9", "", [], 0)]
+    state.save()
+    calls: list[tuple[str, bool]] = []
+    reachable = {"ok": False}
+
+    def apply(self, fault, on, cut=None):
+        calls.append((fault.name, on))
+        return [f"agg-0: {fault.kind} {on}: " + ("ok" if reachable["ok"] else "failed: connection refused")]
+
+    monkeypatch.setattr(live.LocalInjector, "apply", apply)
+    lines = live.inject(str(run_dir), {"kind": "slow", "name": "s", "factor": 3, "target": {"instance": "agg-0"}})
+    assert lines[-1] == "s: reached none of its targets; not recorded as active"
+    assert live.listing(str(run_dir))["active"] == {}
+    reachable["ok"] = True
+    live.inject(str(run_dir), {"kind": "kill", "target": {"instance": "agg-0"}})
+    assert live.listing(str(run_dir))["active"] == {}  # a kill is over once sent
+    lines = live.inject(
+        str(run_dir),
+        {"kind": "hang", "name": "h", "durationSeconds": 0.5, "target": {"instance": "agg-0"}},
+    )
+    assert lines[-1] == "h: ends in 0.5 s (durationSeconds 0.5)"
+    assert "h" in live.listing(str(run_dir))["active"]
+    # the detached process runs the real injector (no monkeypatch there): it reaches nobody at port 9,
+    # but it clears the record, ends the timeline entry and says so in logs/faults.log
+    t0 = time.monotonic()
+    while live.listing(str(run_dir))["active"]:
+        assert time.monotonic() - t0 < 20, (run_dir / "logs" / "faults.log").read_text()
+        time.sleep(0.1)
+    timeline = live.listing(str(run_dir))["timeline"]
+    assert next(e for e in timeline if e["name"] == "h")["ended"] is not None
+    assert "expire agg-0: hang False" in (run_dir / "logs" / "faults.log").read_text()
+    # cleared by hand first: the expiry finds nothing of its own to clear
+    live.inject(str(run_dir), {"kind": "hang", "name": "h2", "durationSeconds": 0.3, "target": {"instance": "agg-0"}})
+    live.clear(str(run_dir), "h2")
+    since = time.time()
+    assert live.expire(str(run_dir), "h2", since) == ["h2: already cleared"]

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -20,6 +23,8 @@ from emulator.errors import InputError, SpecError
 from emulator.faults.local import FAULTS_FILE, LocalInjector
 from emulator.faults.schedule import Fault, resolve_one
 from emulator.spec import FaultSpec, format_validation_error, load_clusters
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # where ``python -m emulator...`` resolves
 
 
 def _state(run_dir: str | None) -> RunState:
@@ -57,8 +62,15 @@ def _resolve(state: RunState, declared: dict) -> Fault:
     return resolve_one(cluster.spec, spec)
 
 
+def _dilation(state: RunState) -> float:
+    cluster = next(c for c in load_clusters(state.spec) if c.name == state.cluster)
+    return cluster.spec.emulation.time_dilation
+
+
 def inject(run_dir: str | None, declared: dict) -> list[str]:
-    """Start one fault now; it stays until `infemu fault clear` (or its durationSeconds passes)."""
+    """Start one fault now; it stays until `infemu fault clear`, or until its durationSeconds (emulated,
+    so times the cluster's time dilation on the wall) pass: a detached process clears it then. A fault
+    that reached none of its targets is not recorded as active (its lines say why)."""
     state = _state(run_dir)
     data = _record(state)
     name = declared.get("name") or f"{declared.get('kind')}-{len(data['timeline'])}"
@@ -66,10 +78,47 @@ def inject(run_dir: str | None, declared: dict) -> list[str]:
         raise InputError(f"fault {name!r} is active; clear it first or choose another --name")
     fault = _resolve(state, {**declared, "name": name})
     lines = LocalInjector(state).apply(fault, True)
-    data["active"][name] = {**declared, "name": name, "since": time.time()}
-    data["timeline"].append({"name": name, "kind": fault.kind, "started": time.time(), "ended": None})
+    if lines and all(": failed: " in line for line in lines):
+        return [*lines, f"{name}: reached none of its targets; not recorded as active"]
+    since = time.time()
+    entry = {**declared, "name": name, "since": since}
+    if fault.kind != "kill" and fault.duration_s is not None:
+        wall = fault.duration_s * _dilation(state)
+        entry["until"] = since + wall
+        _expire_later(state, name, since, wall)
+        lines.append(f"{name}: ends in {wall:.1f} s (durationSeconds {fault.duration_s:g})")
+    if fault.kind != "kill":  # a kill is over once sent; its supervisor restarts the process
+        data["active"][name] = entry
+    data["timeline"].append(
+        {"name": name, "kind": fault.kind, "started": since, "ended": None if fault.kind != "kill" else since}
+    )
     _save(state, data)
     return lines
+
+
+def _expire_later(state: RunState, name: str, since: float, wall_s: float) -> None:
+    """A detached process that clears the fault when its time is up, whether or not anyone runs
+    ``infemu`` again (logs/faults.log says what it did)."""
+    log = open(os.path.join(state.run_dir, "logs", "faults.log"), "a", encoding="utf-8")  # noqa: SIM115
+    with log:
+        subprocess.Popen(
+            [sys.executable, "-m", "emulator.faults.expire", state.run_dir, name, repr(since), repr(wall_s)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=_PACKAGE_ROOT,
+        )
+
+
+def expire(run_dir: str, name: str, since: float) -> list[str]:
+    """Clear ``name`` if it is still the fault injected at ``since`` (not cleared by hand meanwhile,
+    nor cleared and injected again under the same name)."""
+    state = _state(run_dir)
+    entry = _record(state)["active"].get(name)
+    if entry is None or entry.get("since") != since:
+        return [f"{name}: already cleared"]
+    return clear(run_dir, name)
 
 
 def clear(run_dir: str | None, name: str | None) -> list[str]:
@@ -83,6 +132,7 @@ def clear(run_dir: str | None, name: str | None) -> list[str]:
     for n in names:
         declared = data["active"].pop(n)
         declared.pop("since", None)
+        declared.pop("until", None)
         lines += LocalInjector(state).apply(_resolve(state, declared), False)
         for entry in data["timeline"]:
             if entry["name"] == n and entry.get("ended") is None:
