@@ -540,10 +540,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 f" {s['tpot_ms']['p90'] or 0:9.2f} {s['output_tokens_per_s']:8.0f}"
             )
         target = cluster.spec.slo.attainment_target
-        print(
-            f"  goodput: {gp:g} req/s (highest swept rate with attainment >= {100 * target:.0f}%)"
-            + (f"; plot {plot}" if args.out else "")
-        )
+        if gp == max(rates):  # the knee lies beyond what was swept
+            where = f"every swept rate met attainment >= {100 * target:.0f}%: goodput is at least this; sweep higher"
+        elif gp == 0:
+            where = f"no swept rate met attainment >= {100 * target:.0f}%: sweep lower"
+        else:
+            where = f"highest swept rate with attainment >= {100 * target:.0f}%"
+        print(f"  goodput: {gp:g} req/s ({where})" + (f"; plot {plot}" if args.out else ""))
     return 0
 
 

@@ -192,6 +192,18 @@ def test_sweep_finds_goodput_and_writes_a_plot(tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text())["goodput_rps"] == out["goodput_rps"]
 
 
+@pytest.mark.parametrize(
+    "rates, says",
+    [
+        ("2,4", "goodput: 4 req/s (every swept rate met attainment >= 90%: goodput is at least this; sweep higher)"),
+        ("60,80", "goodput: 0 req/s (no swept rate met attainment >= 90%: sweep lower)"),
+    ],
+)
+def test_sweep_says_when_the_knee_lies_outside_the_swept_rates(rates, says):
+    r = infemu("sweep", example("quickstart.yaml"), "--rates", rates, "--sim", "--requests", "300")
+    assert r.returncode == 0 and says in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("rates", ["a,b", "-1,2", ""])
 def test_sweep_rejects_bad_rates(rates):
     r = infemu("sweep", "examples/quickstart.yaml", "--rates", rates, "--sim")
