@@ -262,7 +262,11 @@ def test_live_faults_backpressure_and_supervision(tmp_path):
         assert rejected and all(a.status_code in (200, 429) for a in answers)
         assert rejected[0].headers["Retry-After"] == "2" and rejected[0].json()["error"]["code"] == "overloaded"
 
-        # a kill: the detached supervisor restarts the worker on its port, the router re-admits it
+        # a kill: the detached supervisor restarts the worker on its port, the router re-admits it, and
+        # a slowdown injected before the kill is on it again (the GPU's, not the process's)
+        r = run_infemu("fault", "inject", "slow", "--instance", "agg-1", "--factor", "3", "--name", "s1",
+                       "--run-dir", str(run_dir))  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
         r = run_infemu("fault", "inject", "kill", "--instance", "agg-1", "--run-dir", str(run_dir))
         assert r.returncode == 0 and "killed" in r.stdout
         t0 = time.monotonic()
@@ -273,6 +277,17 @@ def test_live_faults_backpressure_and_supervision(tmp_path):
                 break
             assert time.monotonic() - t0 < 15, "the killed worker did not come back"
             time.sleep(0.1)
+        while True:
+            listing = json.loads(run_infemu("fault", "list", "--json", "--run-dir", str(run_dir)).stdout)
+            if listing["live"]["agg-1"].get("slow") == 3.0:
+                break
+            assert time.monotonic() - t0 < 20, ("the slowdown was not re-applied", listing)
+            time.sleep(0.2)
+        assert (
+            "s1: re-applied after a restart: agg-1: slow True: ok" in (run_dir / "logs" / "supervisor.log").read_text()
+        )
+        assert list(listing["active"]) == ["s1"]  # the kill is not an active fault
+        assert run_infemu("fault", "clear", "s1", "--run-dir", str(run_dir)).returncode == 0
         # link set goes on past a member that does not answer (here: one made to hang)
         run_infemu("fault", "inject", "hang", "--instance", "agg-0", "--name", "h2", "--run-dir", str(run_dir))
         r = run_infemu("link", "set", "--from", "agg", "--to", "agg", "--cut", "--run-dir", str(run_dir), timeout=60)
@@ -656,3 +671,49 @@ def test_a_live_fault_is_recorded_only_where_it_took_and_ends_when_its_duration_
     live.clear(str(run_dir), "h2")
     since = time.time()
     assert live.expire(str(run_dir), "h2", since) == ["h2: already cleared"]
+
+
+def test_a_scheduled_fault_goes_back_on_a_member_its_supervisor_restarted(monkeypatch):
+    """A run's slowdown or link fault belongs to the GPU or the network: when a kill (or a crash)
+    restarts its instance mid-fault, the fault runner applies it again once the instance is ready,
+    once per restart, and not after the fault's own end."""
+    from emulator.cluster.local import ProcessInfo, RunState
+    from emulator.faults import local
+    from emulator.faults.schedule import Fault
+
+    state = RunState("c", "unused.yaml", "/nonexistent")
+    state.processes = [ProcessInfo(n, "aggregated", 1, f"http://127.0.0.1:9/{n}") for n in ("agg-0", "agg-1")]
+
+    class Injector(local.LocalInjector):
+        def __init__(self) -> None:
+            super().__init__(state)
+            self.applied: list[tuple[str, bool]] = []
+
+        def apply(self, fault, on, cut=None):
+            self.applied.append((fault.name, on))
+            return [f"{fault.name} {on}"]
+
+    ready = {"agg-0": False}
+    monkeypatch.setattr(local, "http_status", lambda url, timeout=1.0: 200 if ready["agg-0"] else 503)
+    slow = Fault(0, "slow-0", "slow", 0.0, None, 10.0, instances=("agg-0",), factor=3.0)
+    injector = Injector()
+    runner = local.FaultRunner(injector, [slow], 1.0, lambda: 0, "/nonexistent")
+    monkeypatch.setattr(runner, "_save", lambda: None)
+    runner.t0 = 0.0
+    runner.tick(0.1)
+    assert injector.applied == [("slow-0", True)]
+    state.processes[0].restarts = 1  # killed and restarted: not ready yet, so nothing is sent
+    runner.tick(1.0)
+    assert injector.applied == [("slow-0", True)]
+    ready["agg-0"] = True
+    runner.tick(2.0)
+    runner.tick(2.5)  # once per restart
+    assert injector.applied == [("slow-0", True), ("slow-0", True)]
+    assert "slow-0: re-applied after agg-0 restarted" in runner.log
+    state.processes[1].restarts = 1  # a restart elsewhere changes nothing
+    runner.tick(3.0)
+    assert len(injector.applied) == 2
+    runner.tick(10.5)  # the fault's end clears it
+    state.processes[0].restarts = 2
+    runner.tick(11.0)  # and a restart after the end does not bring it back
+    assert injector.applied == [("slow-0", True), ("slow-0", True), ("slow-0", False)]

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from emulator.cluster.local import ProcessInfo, RunState, _alive, launch
+from emulator.cluster.local import ProcessInfo, RunState, _alive, http_status, launch
 
 log = logging.getLogger("infemu.supervisor")
 BACKOFF_BASE_S = 1.0
@@ -66,6 +66,7 @@ class Supervisor:
                 by_pid.setdefault(p.pid, []).append(p)
         self.watches = {infos[0].name: _Watch(infos, now) for infos in by_pid.values()}
         self.events: list[tuple[float, str, str]] = []  # (monotonic time, instance, "died"|"restarted")
+        self.awaiting_ready: list[_Watch] = []  # restarted, not yet ready: then their live faults go back on
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -106,7 +107,27 @@ class Supervisor:
                     self.events.extend((now, i.name, "restarted") for i in w.infos)
                     out.append(f"{w.label} restarted (pid {proc.pid}, restart {w.infos[0].restarts})")
                     log.warning(out[-1])
+                    if w.infos[0].role != "router":
+                        self.awaiting_ready.append(w)
+            out += self._reapply_live_faults()
         return out
+
+    def _reapply_live_faults(self) -> list[str]:
+        """Once a restarted worker answers ready, the faults injected by hand (`infemu fault inject`) that
+        it carried go back on: a slow GPU or a damaged link outlives the process (faults/live.py)."""
+        ready = [w for w in self.awaiting_ready if all(http_status(f"{i.url}/ready", 0.5) == 200 for i in w.infos)]
+        if not ready:
+            return []
+        self.awaiting_ready = [w for w in self.awaiting_ready if w not in ready]
+        from emulator.faults.live import reapply
+
+        try:
+            lines = reapply(self.state.run_dir, {i.name for w in ready for i in w.infos})
+        except Exception as exc:  # the supervisor goes on restarting whatever goes wrong here
+            lines = [f"re-applying live faults failed: {exc}"]
+        for line in lines:
+            log.warning(line)
+        return lines
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="infemu-supervisor", daemon=True)

@@ -141,6 +141,22 @@ def clear(run_dir: str | None, name: str | None) -> list[str]:
     return lines
 
 
+def reapply(run_dir: str, restarted: set[str]) -> list[str]:
+    """Put the active live faults back on instances that were restarted: a slow GPU, a degraded link or
+    a partition belongs to the hardware and the network, not to the process, so a restart does not
+    heal it (the supervisor calls this once a restarted instance is ready)."""
+    state = _state(run_dir)
+    lines: list[str] = []
+    for declared in list(_record(state)["active"].values()):
+        declared = {k: v for k, v in declared.items() if k not in ("since", "until")}
+        fault = _resolve(state, declared)
+        if fault.members & restarted:
+            lines += [
+                f"{fault.name}: re-applied after a restart: {line}" for line in LocalInjector(state).apply(fault, True)
+            ]
+    return lines
+
+
 def listing(run_dir: str | None) -> dict:
     """Active faults as recorded, and each worker's and the router's own view of its state."""
     state = _state(run_dir)

@@ -64,6 +64,8 @@ class _Active:
     ends: float | None
     switches: list[tuple[float, bool]] = field(default_factory=list)  # flapping: (wall time, cut)
     cleared: bool = False
+    cut_now: bool | None = None  # a flapping link's current phase
+    restarts: dict[str, int] = field(default_factory=dict)  # each member's restart count when last applied
 
 
 class FaultRunner:
@@ -107,8 +109,10 @@ class FaultRunner:
             if a.cleared:
                 continue
             while a.switches and now >= a.switches[0][0]:
-                _, cut = a.switches.pop(0)
-                self.log += self.injector.apply(a.fault, True, cut=cut)
+                _, a.cut_now = a.switches.pop(0)
+                self.log += self.injector.apply(a.fault, True, cut=a.cut_now)
+            if a.fault.kind != "kill" and (a.ends is None or now < a.ends):
+                self._reapply_if_restarted(a)
             if a.fault.kind == "kill":
                 if all(self._restarted(n) for n in a.fault.instances):
                     self._end(a, now)
@@ -116,6 +120,15 @@ class FaultRunner:
                 self.log += self.injector.apply(a.fault, False)
                 self._end(a, now)
         self._save()
+
+    def _reapply_if_restarted(self, a: _Active) -> None:
+        """A member restarted (and ready) since the fault was applied lost it with its process: apply it
+        again, as the GPU's slowness or the link's damage outlives a restart."""
+        moved = [n for n in a.restarts if self.injector._proc(n).restarts != a.restarts[n]]
+        if moved and all(self._restarted(n) for n in moved):
+            self.log += [f"{a.fault.name}: re-applied after {', '.join(moved)} restarted"]
+            self.log += self.injector.apply(a.fault, True, cut=a.cut_now)
+            a.restarts.update({n: self.injector._proc(n).restarts for n in moved})
 
     def _restarted(self, name: str) -> bool:
         proc = self.injector._proc(name)
@@ -126,8 +139,10 @@ class FaultRunner:
         a = _Active(f, now, ends)
         switches = [(now + t * self.dilation, cut) for t, cut in phases(f, 0.0, f.duration_s or 1e9)]
         a.switches = switches[1:]  # a flapping link: cut, restored, cut ... every half period
+        a.cut_now = switches[0][1]
+        a.restarts = {n: self.injector._proc(n).restarts for n in sorted(f.members)}
         self.active.append(a)
-        self.log += self.injector.apply(f, True, cut=switches[0][1])
+        self.log += self.injector.apply(f, True, cut=a.cut_now)
         self.timeline.append(
             {
                 "name": f.name,
@@ -160,6 +175,11 @@ class FaultRunner:
 
     def _save(self) -> None:
         path = os.path.join(self.run_dir, FAULTS_FILE)
+        try:  # faults injected by hand during the run (`infemu fault inject`) stay on record
+            with open(path, encoding="utf-8") as fh:
+                live = {"active": json.load(fh).get("active", {})}
+        except (OSError, ValueError, AttributeError):
+            live = {}
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump({"timeline": self.timeline, "log": self.log[-200:]}, fh, indent=1)
+            json.dump({**live, "timeline": self.timeline, "log": self.log[-200:]}, fh, indent=1)
         os.replace(path + ".tmp", path)

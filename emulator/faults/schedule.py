@@ -41,6 +41,12 @@ class Fault:
     def label(self) -> str:
         return self.name
 
+    @property
+    def members(self) -> set[str]:
+        """The instances whose own state carries the fault (a restarted one loses it): the targets, and
+        a partition's groups (the router aside)."""
+        return {*self.instances, *self.groups[0], *self.groups[1]} - {ROUTER}
+
     def pairs(self) -> list[tuple[str, str]]:
         """(sender, receiver) pairs a link or partition fault cuts or degrades."""
         if self.kind == "partition":
