@@ -257,3 +257,65 @@ def test_failing_pods_name_the_reason_and_starting_pods_are_not_failing():
     assert set(failing) == {"b", "c"} and "ImagePullBackOff" in failing["b"] and "exit code 1" in failing["c"]
     assert [e.message.split(":")[0] for e in pod_events({}, failing)] == ["b", "c"]
     assert pod_events(failing, failing) == []  # already announced
+
+
+def test_a_fault_goes_back_on_a_pod_that_was_recreated_or_restarted_while_it_was_active(monkeypatch):
+    """A slowdown outlives its process on Kubernetes too: when a target's pod is recreated (a new uid)
+    or its container restarts, the Fault's timer applies it again once the pod is Ready, with one
+    FaultReapplied event, and records the pod's new life; an unchanged pod gets nothing."""
+    import logging
+
+    from emulator.faults.schedule import Fault
+    from infemu_operator import handlers
+    from infemu_operator.faults import PodFaults
+
+    pods: dict[str, dict] = {}
+
+    def pod(uid: str, restarts: int, ready: bool) -> dict:
+        return {
+            "metadata": {"name": "quickstart-agg-0", "uid": uid},
+            "status": {
+                "podIP": "10.0.0.7",
+                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                "containerStatuses": [{"name": "worker", "restartCount": restarts}],
+            },
+        }
+
+    class Kube:
+        def get(self, api, kind, ns, name):
+            return pods.get(name)
+
+        def list(self, api, kind, ns, labels):
+            return []
+
+    faults = PodFaults(Kube(), "lab", QUICKSTART, "t0ken")
+    posts: list[tuple[str, dict]] = []
+    monkeypatch.setattr(faults, "_post", lambda url, path, body, what: posts.append((url, body)) or f"{what}: ok")
+    events: list[str] = []
+    monkeypatch.setattr(handlers, "_post", lambda obj, evs: events.extend(e.reason for e in evs))
+    slow = Fault(0, "s", "slow", 0.0, None, None, instances=("agg-0",), factor=3.0)
+
+    class Patch:
+        def __init__(self) -> None:
+            self.status: dict = {}
+
+    def follow(applied: dict) -> Patch:
+        patch = Patch()
+        status = {"appliedTo": applied}
+        handlers._reapply_after_restarts({}, {}, patch, "s", slow, faults, status, None, logging.getLogger("t"))
+        return patch
+
+    pods["quickstart-agg-0"] = pod("u1", 0, True)
+    assert faults.incarnations(slow) == {"agg-0": "u1/0"}
+    assert follow({"agg-0": "u1/0"}).status == {} and not posts  # the same life: nothing to do
+    pods["quickstart-agg-0"] = pod("u2", 0, False)  # recreated, not Ready yet: wait
+    assert follow({"agg-0": "u1/0"}).status == {} and not posts
+    pods["quickstart-agg-0"] = pod("u2", 0, True)
+    patch = follow({"agg-0": "u1/0"})
+    assert posts == [("http://10.0.0.7:8000", {"slow": 3.0})]
+    assert events == ["FaultReapplied", "FaultReapplied"]  # on the Fault and on its cluster
+    assert patch.status["appliedTo"] == {"agg-0": "u2/0"}
+    pods["quickstart-agg-0"] = pod("u2", 1, True)  # its container restarted in place
+    assert follow({"agg-0": "u2/0"}).status["appliedTo"] == {"agg-0": "u2/1"} and len(posts) == 2
+    # a fault started while its pod was not Ready records the life it first sees, without re-applying
+    assert follow({"agg-0": None}).status["appliedTo"] == {"agg-0": "u2/1"} and len(posts) == 2

@@ -149,7 +149,15 @@ FAULT_ITEM_SCHEMA = {
     },
 }
 
-FAULT_STATUS_SCHEMA = {**FAULT_ITEM_SCHEMA, "x-kubernetes-preserve-unknown-fields": True}
+FAULT_STATUS_SCHEMA = {
+    **FAULT_ITEM_SCHEMA,
+    "properties": {
+        **FAULT_ITEM_SCHEMA["properties"],
+        # each member's pod life (uid/restarts) the fault was last applied to: a new one gets it again
+        "appliedTo": {"type": "object", "additionalProperties": {"type": "string", "nullable": True}},
+    },
+    "x-kubernetes-preserve-unknown-fields": True,
+}
 
 
 LOADTEST_STATUS_SCHEMA = {

@@ -118,6 +118,19 @@ class PodFaults:
                     lines.append(result)
         return lines
 
+    def incarnations(self, fault: Fault) -> dict[str, str | None]:
+        """Which life of its pod each member is in: the pod's uid and its containers' restarts, or None
+        while the pod is missing or not Ready. A new value means the process that carried the fault is
+        gone (the pod was recreated, or its container restarted)."""
+        out: dict[str, str | None] = {}
+        for name in sorted(fault.members):
+            pod = self.pod(name)
+            status = (pod or {}).get("status", {})
+            ready = {c["type"]: c["status"] for c in status.get("conditions", [])}.get("Ready") == "True"
+            restarts = sum(int(c.get("restartCount", 0)) for c in status.get("containerStatuses", []))
+            out[name] = f"{pod['metadata'].get('uid', '')}/{restarts}" if pod is not None and ready else None
+        return out
+
     def restarted(self, fault: Fault, since: str) -> bool:
         """A kill is over once every killed pod is back (created after it) and Ready."""
         for name in fault.instances:

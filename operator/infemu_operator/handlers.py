@@ -439,6 +439,8 @@ def start_fault(body, spec, name, namespace, status, patch, logger, **_: Any) ->
         startedAt=now(),
         message=message,
     )
+    if fault.kind != "kill":  # the pods' lives it was applied to (a restart loses it: follow_fault)
+        patch.status["appliedTo"] = pods.incarnations(fault)
     event = Event("Warning" if failed else "Normal", "FaultInjected", f"{name} ({fault.kind}): {message}")
     _post(body, [event])
     _post(target, [event])  # `kubectl describe` of the cluster shows its faults too
@@ -470,11 +472,29 @@ def follow_fault(body, spec, name, namespace, status, patch, logger, **_: Any) -
     if fault.duration_s is not None and elapsed >= fault.duration_s:
         lines = pods.apply(fault, False)
         _end_fault(body, target, patch, name, "; ".join(lines) or "cleared", logger)
-    elif fault.flap_period_s is not None:
-        cut = cut_at(fault, elapsed)
-        if status.get("cut") != cut:
-            pods.apply(fault, True, cut)
-            patch.status["cut"] = cut
+        return
+    cut = cut_at(fault, elapsed) if fault.flap_period_s is not None else None
+    if cut is not None and status.get("cut") != cut:
+        pods.apply(fault, True, cut)
+        patch.status["cut"] = cut
+    _reapply_after_restarts(body, target, patch, name, fault, pods, status, cut, logger)
+
+
+def _reapply_after_restarts(body, target, patch, name: str, fault, pods, status, cut, logger) -> None:
+    """A member pod recreated or restarted since the fault was applied lost it with its process; a slow
+    GPU or a damaged link outlives the process, so the fault goes back on once the pod is Ready."""
+    applied = dict(status.get("appliedTo") or {})
+    now_lives = pods.incarnations(fault)
+    moved = sorted(n for n, life in now_lives.items() if life is not None and applied.get(n) not in (None, life))
+    newly = {n: life for n, life in now_lives.items() if life is not None and applied.get(n) is None}
+    if moved:
+        lines = pods.apply(fault, True, cut)
+        event = Event("Normal", "FaultReapplied", f"{name}: {', '.join(moved)} restarted; {'; '.join(lines)}"[:1000])
+        _post(body, [event])
+        _post(target, [event])
+        logger.info(event.message)
+    if moved or newly:
+        patch.status["appliedTo"] = {**applied, **{n: now_lives[n] for n in moved}, **newly}
 
 
 def stop_fault(body, spec, name, namespace, status, logger, **_: Any) -> None:
