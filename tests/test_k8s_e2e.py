@@ -582,6 +582,40 @@ def test_a_loadtest_with_a_kill_and_a_link_fault_loses_nothing(api, operated, k8
     ids, content, _ = _stream_ids(_service_url(api, ns, "chaos-pd-router"), "llama-3.1-8b")
     assert len(ids) == 1 and content == 6
     objs.delete_namespaced_custom_object(GROUP, VERSION, ns, "faults", "hang-decode")
+
+    # a slowdown outlives its pod: decode-0's pod deleted, its StatefulSet recreates it, and once Ready
+    # the Fault's timer applies the slowdown again (a FaultReapplied event, a new pod life on record)
+    slow = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Fault",
+        "metadata": {"name": "slow-decode"},
+        "spec": {"cluster": "chaos-pd", "kind": "slow", "factor": 3, "target": {"instance": "decode-0"}},
+    }
+    objs.create_namespaced_custom_object(GROUP, VERSION, ns, "faults", slow)
+
+    def slow_status() -> dict:
+        return objs.get_namespaced_custom_object(GROUP, VERSION, ns, "faults", "slow-decode").get("status") or {}
+
+    first = _wait(
+        lambda: slow_status().get("state") == "Active" and (slow_status().get("appliedTo") or {}).get("decode-0")
+        and slow_status(),
+        60,
+        "the slowdown active on a Ready pod",
+        context=op.log,
+    )  # fmt: skip
+    api.CoreV1Api().delete_namespaced_pod("chaos-pd-decode-0", ns, grace_period_seconds=0)
+    again = _wait(
+        lambda: (slow_status().get("appliedTo") or {}).get("decode-0") not in (None, first["appliedTo"]["decode-0"])
+        and slow_status(),
+        POD_WAIT_S,
+        "the slowdown re-applied to the recreated pod",
+        every=2,
+        context=lambda: f"{_pods(api, ns)}\n{op.log()}",
+    )  # fmt: skip
+    assert again["state"] == "Active"
+    reapplied = [e for e in _events(api, ns, "slow-decode") if e[1] == "FaultReapplied"]
+    assert reapplied and "decode-0: slow True: ok" in reapplied[0][2], reapplied
+    objs.delete_namespaced_custom_object(GROUP, VERSION, ns, "faults", "slow-decode")
     objs.delete_namespaced_custom_object(GROUP, VERSION, ns, "inferenceclusters", "chaos-pd")
 
 

@@ -299,10 +299,13 @@ def test_a_fault_goes_back_on_a_pod_that_was_recreated_or_restarted_while_it_was
         def __init__(self) -> None:
             self.status: dict = {}
 
+    monkeypatch.setattr(handlers, "_fault_context", lambda spec, name, ns: (slow, faults, {}))
+
     def follow(applied: dict) -> Patch:
+        """One tick of the Fault's timer (its duration is not over)."""
         patch = Patch()
-        status = {"appliedTo": applied}
-        handlers._reapply_after_restarts({}, {}, patch, "s", slow, faults, status, None, logging.getLogger("t"))
+        status = {"state": "Active", "startedAt": handlers.now(), "appliedTo": applied}
+        handlers.follow_fault({}, {}, "s", "lab", status, patch, logging.getLogger("t"))
         return patch
 
     pods["quickstart-agg-0"] = pod("u1", 0, True)

@@ -146,18 +146,12 @@ FAULT_ITEM_SCHEMA = {
         "endedAt": {"type": "string", "format": "date-time"},
         "cut": {"type": "boolean"},
         "message": {"type": "string"},
+        # each member's pod life (uid/restarts) the fault was last applied to: a new life gets it again
+        "appliedTo": {"type": "object", "additionalProperties": {"type": "string", "nullable": True}},
     },
 }
 
-FAULT_STATUS_SCHEMA = {
-    **FAULT_ITEM_SCHEMA,
-    "properties": {
-        **FAULT_ITEM_SCHEMA["properties"],
-        # each member's pod life (uid/restarts) the fault was last applied to: a new one gets it again
-        "appliedTo": {"type": "object", "additionalProperties": {"type": "string", "nullable": True}},
-    },
-    "x-kubernetes-preserve-unknown-fields": True,
-}
+FAULT_STATUS_SCHEMA = {**FAULT_ITEM_SCHEMA, "x-kubernetes-preserve-unknown-fields": True}
 
 
 LOADTEST_STATUS_SCHEMA = {

@@ -131,6 +131,19 @@ class PodFaults:
             out[name] = f"{pod['metadata'].get('uid', '')}/{restarts}" if pod is not None and ready else None
         return out
 
+    def reapply_where_restarted(self, fault: Fault, applied: dict, cut: bool | None) -> tuple[dict, list[str]]:
+        """A member pod recreated or restarted (and Ready again) since ``fault`` was applied lost it with
+        its process; a slow GPU or a damaged link outlives the process, so it goes back on. Returns the
+        pods' lives to record and, when it was applied again, one line naming the members and what each
+        call did (empty otherwise). A member first seen Ready is recorded without a re-application."""
+        lives = self.incarnations(fault)
+        moved = sorted(n for n, life in lives.items() if life is not None and applied.get(n) not in (None, life))
+        known = {**applied, **{n: life for n, life in lives.items() if life is not None}}
+        if not moved:
+            return known, []
+        lines = self.apply(fault, True, cut)
+        return known, [f"{fault.name}: {', '.join(moved)} restarted; {'; '.join(lines)}"]
+
     def restarted(self, fault: Fault, since: str) -> bool:
         """A kill is over once every killed pod is back (created after it) and Ready."""
         for name in fault.instances:

@@ -380,6 +380,8 @@ def play_faults(body, spec, name, namespace, status, patch, logger, **_: Any) ->
             state = "Restarting" if f.kind == "kill" else "Active"
             targets = list(f.instances) or [n for g in f.groups for n in g]
             recorded[f.name] = {"name": f.name, "kind": f.kind, "targets": targets, "state": state, "startedAt": now()}
+            if f.kind != "kill":
+                recorded[f.name]["appliedTo"] = pods.incarnations(f)
             events.append(Event("Warning" if failed else "Normal", "FaultInjected", f"{f.name} ({f.kind}): {summary}"))
         elif step.action == "flip":
             recorded[f.name]["cut"] = step.cut
@@ -389,6 +391,11 @@ def play_faults(body, spec, name, namespace, status, patch, logger, **_: Any) ->
         if step.cut is not None:
             recorded[f.name]["cut"] = step.cut
         recorded[f.name]["message"] = summary
+    for f in faults:  # a fault outlives a restart of its pods (a kill's, or a crash): on again once Ready
+        rec = recorded.get(f.name)
+        if rec and rec.get("state") == "Active" and f.kind != "kill":
+            rec["appliedTo"], reapplied = pods.reapply_where_restarted(f, rec.get("appliedTo") or {}, rec.get("cut"))
+            events += [Event("Normal", "FaultReapplied", line[:1000]) for line in reapplied]
     for f in faults:  # a kill is over when its pods are back and Ready (their StatefulSet restarts them)
         rec = recorded.get(f.name)
         if rec and rec.get("state") == "Restarting" and pods.restarted(f, rec["startedAt"]):
@@ -477,24 +484,15 @@ def follow_fault(body, spec, name, namespace, status, patch, logger, **_: Any) -
     if cut is not None and status.get("cut") != cut:
         pods.apply(fault, True, cut)
         patch.status["cut"] = cut
-    _reapply_after_restarts(body, target, patch, name, fault, pods, status, cut, logger)
-
-
-def _reapply_after_restarts(body, target, patch, name: str, fault, pods, status, cut, logger) -> None:
-    """A member pod recreated or restarted since the fault was applied lost it with its process; a slow
-    GPU or a damaged link outlives the process, so the fault goes back on once the pod is Ready."""
     applied = dict(status.get("appliedTo") or {})
-    now_lives = pods.incarnations(fault)
-    moved = sorted(n for n, life in now_lives.items() if life is not None and applied.get(n) not in (None, life))
-    newly = {n: life for n, life in now_lives.items() if life is not None and applied.get(n) is None}
-    if moved:
-        lines = pods.apply(fault, True, cut)
-        event = Event("Normal", "FaultReapplied", f"{name}: {', '.join(moved)} restarted; {'; '.join(lines)}"[:1000])
+    lives, reapplied = pods.reapply_where_restarted(fault, applied, cut)
+    if lives != applied:
+        patch.status["appliedTo"] = lives
+    for line in reapplied:
+        event = Event("Normal", "FaultReapplied", line[:1000])
         _post(body, [event])
         _post(target, [event])
         logger.info(event.message)
-    if moved or newly:
-        patch.status["appliedTo"] = {**applied, **{n: now_lives[n] for n in moved}, **newly}
 
 
 def stop_fault(body, spec, name, namespace, status, logger, **_: Any) -> None:
