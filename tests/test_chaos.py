@@ -676,7 +676,8 @@ def test_a_live_fault_is_recorded_only_where_it_took_and_ends_when_its_duration_
 def test_a_scheduled_fault_goes_back_on_a_member_its_supervisor_restarted(monkeypatch):
     """A run's slowdown or link fault belongs to the GPU or the network: when a kill (or a crash)
     restarts its instance mid-fault, the fault runner applies it again once the instance is ready,
-    once per restart, and not after the fault's own end."""
+    once per restart, and not after the fault's own end; a member that was down as the fault started
+    gets it once ready."""
     from emulator.cluster.local import ProcessInfo, RunState
     from emulator.faults import local
     from emulator.faults.schedule import Fault
@@ -693,27 +694,30 @@ def test_a_scheduled_fault_goes_back_on_a_member_its_supervisor_restarted(monkey
             self.applied.append((fault.name, on))
             return [f"{fault.name} {on}"]
 
-    ready = {"agg-0": False}
-    monkeypatch.setattr(local, "http_status", lambda url, timeout=1.0: 200 if ready["agg-0"] else 503)
+    ready = {"agg-0": True, "agg-1": False}  # agg-1 is restarting as the run begins
+    monkeypatch.setattr(local, "http_status", lambda url, timeout=1.0: 200 if ready[url.split("/")[-2]] else 503)
     slow = Fault(0, "slow-0", "slow", 0.0, None, 10.0, instances=("agg-0",), factor=3.0)
+    hang = Fault(1, "hang-1", "hang", 0.0, None, 10.0, instances=("agg-1",))
     injector = Injector()
-    runner = local.FaultRunner(injector, [slow], 1.0, lambda: 0, "/nonexistent")
+    runner = local.FaultRunner(injector, [slow, hang], 1.0, lambda: 0, "/nonexistent")
     monkeypatch.setattr(runner, "_save", lambda: None)
     runner.t0 = 0.0
     runner.tick(0.1)
-    assert injector.applied == [("slow-0", True)]
-    state.processes[0].restarts = 1  # killed and restarted: not ready yet, so nothing is sent
+    assert injector.applied == [("slow-0", True), ("hang-1", True)]
+    state.processes[0].restarts = 1  # agg-0 killed and restarted: not ready yet, so nothing is sent
+    ready["agg-0"] = False
     runner.tick(1.0)
-    assert injector.applied == [("slow-0", True)]
+    assert len(injector.applied) == 2
     ready["agg-0"] = True
     runner.tick(2.0)
     runner.tick(2.5)  # once per restart
-    assert injector.applied == [("slow-0", True), ("slow-0", True)]
+    assert injector.applied[2:] == [("slow-0", True)]
     assert "slow-0: re-applied after agg-0 restarted" in runner.log
-    state.processes[1].restarts = 1  # a restart elsewhere changes nothing
+    ready["agg-1"] = True  # agg-1 is up now: its hang, sent while it was down, goes on
     runner.tick(3.0)
-    assert len(injector.applied) == 2
-    runner.tick(10.5)  # the fault's end clears it
+    runner.tick(3.5)
+    assert injector.applied[3:] == [("hang-1", True)]
+    runner.tick(10.5)  # the faults' end clears them
     state.processes[0].restarts = 2
-    runner.tick(11.0)  # and a restart after the end does not bring it back
-    assert injector.applied == [("slow-0", True), ("slow-0", True), ("slow-0", False)]
+    runner.tick(11.0)  # and a restart after the end does not bring one back
+    assert injector.applied[4:] == [("slow-0", False), ("hang-1", False)]

@@ -320,5 +320,5 @@ def test_a_fault_goes_back_on_a_pod_that_was_recreated_or_restarted_while_it_was
     assert patch.status["appliedTo"] == {"agg-0": "u2/0"}
     pods["quickstart-agg-0"] = pod("u2", 1, True)  # its container restarted in place
     assert follow({"agg-0": "u2/0"}).status["appliedTo"] == {"agg-0": "u2/1"} and len(posts) == 2
-    # a fault started while its pod was not Ready records the life it first sees, without re-applying
-    assert follow({"agg-0": None}).status["appliedTo"] == {"agg-0": "u2/1"} and len(posts) == 2
+    # a fault started while its pod was not Ready never reached it: it goes on once the pod is Ready
+    assert follow({"agg-0": None}).status["appliedTo"] == {"agg-0": "u2/1"} and len(posts) == 3

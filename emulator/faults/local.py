@@ -65,7 +65,7 @@ class _Active:
     switches: list[tuple[float, bool]] = field(default_factory=list)  # flapping: (wall time, cut)
     cleared: bool = False
     cut_now: bool | None = None  # a flapping link's current phase
-    restarts: dict[str, int] = field(default_factory=dict)  # each member's restart count when last applied
+    restarts: dict[str, int | None] = field(default_factory=dict)  # each member's restarts when last applied
 
 
 class FaultRunner:
@@ -125,14 +125,16 @@ class FaultRunner:
         """A member restarted (and ready) since the fault was applied lost it with its process: apply it
         again, as the GPU's slowness or the link's damage outlives a restart."""
         moved = [n for n in a.restarts if self.injector._proc(n).restarts != a.restarts[n]]
-        if moved and all(self._restarted(n) for n in moved):
+        if moved and all(self._ready(n) for n in moved):
             self.log += [f"{a.fault.name}: re-applied after {', '.join(moved)} restarted"]
             self.log += self.injector.apply(a.fault, True, cut=a.cut_now)
             a.restarts.update({n: self.injector._proc(n).restarts for n in moved})
 
     def _restarted(self, name: str) -> bool:
-        proc = self.injector._proc(name)
-        return proc.restarts > 0 and http_status(f"{proc.url}/ready", timeout=0.5) == 200
+        return self.injector._proc(name).restarts > 0 and self._ready(name)
+
+    def _ready(self, name: str) -> bool:
+        return http_status(f"{self.injector._proc(name).url}/ready", timeout=0.5) == 200
 
     def _begin(self, f: Fault, now: float) -> None:
         ends = None if f.duration_s is None else now + f.duration_s * self.dilation
@@ -140,7 +142,9 @@ class FaultRunner:
         switches = [(now + t * self.dilation, cut) for t, cut in phases(f, 0.0, f.duration_s or 1e9)]
         a.switches = switches[1:]  # a flapping link: cut, restored, cut ... every half period
         a.cut_now = switches[0][1]
-        a.restarts = {n: self.injector._proc(n).restarts for n in sorted(f.members)}
+        # a member down (restarting) as the fault starts never gets it: None, so it does once ready
+        if f.kind != "kill":
+            a.restarts = {n: self.injector._proc(n).restarts if self._ready(n) else None for n in sorted(f.members)}
         self.active.append(a)
         self.log += self.injector.apply(f, True, cut=a.cut_now)
         self.timeline.append(

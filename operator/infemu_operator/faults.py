@@ -135,9 +135,10 @@ class PodFaults:
         """A member pod recreated or restarted (and Ready again) since ``fault`` was applied lost it with
         its process; a slow GPU or a damaged link outlives the process, so it goes back on. Returns the
         pods' lives to record and, when it was applied again, one line naming the members and what each
-        call did (empty otherwise). A member first seen Ready is recorded without a re-application."""
+        call did (empty otherwise). A member that was not Ready when the fault was applied (so it never
+        got it) gets it once Ready."""
         lives = self.incarnations(fault)
-        moved = sorted(n for n, life in lives.items() if life is not None and applied.get(n) not in (None, life))
+        moved = sorted(n for n, life in lives.items() if life is not None and applied.get(n) != life)
         known = {**applied, **{n: life for n, life in lives.items() if life is not None}}
         if not moved:
             return known, []
