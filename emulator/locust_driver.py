@@ -84,24 +84,26 @@ def run_locust(
             locust_command(load, router, folder), env=env, stdout=log, stderr=subprocess.STDOUT
         ).returncode
     records = []
-    for path in sorted(glob.glob(sink + ".*")):
+    for path in sorted(glob.glob(sink + ".*")):  # one per Locust process, merged here (requests.jsonl)
         with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                r = json.loads(line)
-                records.append(
-                    RequestRecord(
-                        r["request_id"],
-                        r["arrival_s"],
-                        r["prompt_tokens"],
-                        r["output_tokens"],
-                        r["first_token_s"],
-                        r["finish_s"],
-                        r["ok"],
-                        r["error"],
-                        itl_max_ms=r["itl_max_ms"],
-                        error_code=r.get("error_code"),
-                    )
+            lines = fh.readlines()
+        os.remove(path)
+        for line in lines:
+            r = json.loads(line)
+            records.append(
+                RequestRecord(
+                    r["request_id"],
+                    r["arrival_s"],
+                    r["prompt_tokens"],
+                    r["output_tokens"],
+                    r["first_token_s"],
+                    r["finish_s"],
+                    r["ok"],
+                    r["error"],
+                    itl_max_ms=r["itl_max_ms"],
+                    error_code=r.get("error_code"),
                 )
+            )
     if not records:
         raise RuntimeError(f"locust exited with code {code} and recorded no request; see {folder}/locust.log")
     t0 = min(r.arrival_s for r in records)

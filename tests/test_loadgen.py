@@ -264,5 +264,8 @@ def test_infemu_loadtest_drives_a_running_router_with_locust_master_and_workers(
     assert set(SUMMARY_KEYS) <= set(summary) and summary["completed"] > 0 and summary["failed"] == 0
     compact = json.loads(term.read_text())
     assert compact["requests"] == summary["requests"] and len(term.read_bytes()) <= 4096
-    # both forked workers sent requests (one JSONL file per Locust process)
-    assert len(list((tmp_path / "lt").glob("locust-requests.jsonl.*"))) >= 2
+    # both forked workers sent requests (each names its requests by its pid), merged into requests.jsonl
+    # with no per-process copy left beside it
+    lines = (tmp_path / "lt" / "requests.jsonl").read_text().splitlines()
+    assert len({json.loads(line)["request_id"].split("-")[0] for line in lines}) >= 2
+    assert not list((tmp_path / "lt").glob("locust-requests.jsonl.*"))
