@@ -559,17 +559,15 @@ def test_a_loadtest_with_a_kill_and_a_link_fault_loses_nothing(api, operated, k8
     reasons = {e[1] for e in _events(api, ns, "chaos-e2e")}
     assert {"FaultInjected", "FaultCleared"} <= reasons
 
-    # a Fault resource: a live hang, at once, cleared when its duration is over (Events on both objects)
-    fault = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Fault",
-        "metadata": {"name": "hang-decode"},
-        "spec": {"cluster": "chaos-pd", "kind": "hang", "durationSeconds": 4, "target": {"instance": "decode-0"}},
-    }
-    objs.create_namespaced_custom_object(GROUP, VERSION, ns, "faults", fault)
+    def start_fault(name: str, **spec):
+        """Create a Fault on chaos-pd; returns a reader of its status."""
+        fault = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Fault", "metadata": {"name": name},
+                 "spec": {"cluster": "chaos-pd", **spec}}  # fmt: skip
+        objs.create_namespaced_custom_object(GROUP, VERSION, ns, "faults", fault)
+        return lambda: objs.get_namespaced_custom_object(GROUP, VERSION, ns, "faults", name).get("status") or {}
 
-    def fault_status() -> dict:
-        return objs.get_namespaced_custom_object(GROUP, VERSION, ns, "faults", "hang-decode").get("status") or {}
+    # a Fault resource: a live hang, at once, cleared when its duration is over (Events on both objects)
+    fault_status = start_fault("hang-decode", kind="hang", durationSeconds=4, target={"instance": "decode-0"})
 
     active = _wait(
         lambda: fault_status().get("state") == "Active" and fault_status(), 60, "the Fault active", context=op.log
@@ -585,16 +583,7 @@ def test_a_loadtest_with_a_kill_and_a_link_fault_loses_nothing(api, operated, k8
 
     # a slowdown outlives its pod: decode-0's pod deleted, its StatefulSet recreates it, and once Ready
     # the Fault's timer applies the slowdown again (a FaultReapplied event, a new pod life on record)
-    slow = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Fault",
-        "metadata": {"name": "slow-decode"},
-        "spec": {"cluster": "chaos-pd", "kind": "slow", "factor": 3, "target": {"instance": "decode-0"}},
-    }
-    objs.create_namespaced_custom_object(GROUP, VERSION, ns, "faults", slow)
-
-    def slow_status() -> dict:
-        return objs.get_namespaced_custom_object(GROUP, VERSION, ns, "faults", "slow-decode").get("status") or {}
+    slow_status = start_fault("slow-decode", kind="slow", factor=3, target={"instance": "decode-0"})
 
     first = _wait(
         lambda: slow_status().get("state") == "Active" and (slow_status().get("appliedTo") or {}).get("decode-0")
