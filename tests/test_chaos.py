@@ -666,8 +666,13 @@ def test_a_live_fault_is_recorded_only_where_it_took_and_ends_when_its_duration_
     timeline = live.listing(str(run_dir))["timeline"]
     assert next(e for e in timeline if e["name"] == "h")["ended"] is not None
     assert "expire agg-0: hang False" in (run_dir / "logs" / "faults.log").read_text()
+    # a run at an overridden time dilation (`infemu run --time-dilation 3`) times it by that one
+    state.time_dilation = 3.0
+    state.save()
+    lines = live.inject(str(run_dir), {"kind": "hang", "name": "h2", "durationSeconds": 0.3,
+                                       "target": {"instance": "agg-0"}})  # fmt: skip
+    assert lines[-1] == "h2: ends in 0.9 s (durationSeconds 0.3)"
     # cleared by hand first: the expiry finds nothing of its own to clear
-    live.inject(str(run_dir), {"kind": "hang", "name": "h2", "durationSeconds": 0.3, "target": {"instance": "agg-0"}})
     live.clear(str(run_dir), "h2")
     since = time.time()
     assert live.expire(str(run_dir), "h2", since) == ["h2: already cleared"]

@@ -62,6 +62,7 @@ class RunState:
     run_id: str = ""  # names the tc backend's namespaces, veths and bridge
     path_overhead_s: float = 0.0  # the emulation's own HTTP round trip, measured at start
     token: str = ""  # the cluster's internal token (serve/internal.py): `infemu link set` needs it
+    time_dilation: float | None = None  # `infemu run --time-dilation`'s override (None: the spec's)
 
     def workers(self) -> list[ProcessInfo]:
         """The instances' processes: not the router, not a detached supervisor."""
@@ -254,6 +255,8 @@ class LocalCluster:
         self.state.token = self.token
         self.shaping_request = shaping
         self.cluster = cluster  # an already-overridden cluster; processes still read the spec file
+        if cluster is not None:  # the tools that time things in emulated seconds read it (faults/live.py)
+            self.state.time_dilation = cluster.spec.emulation.time_dilation
         self.shaping_reason = ""
         self._hosts: dict = {}
         self.supervisor: Supervisor | None = None

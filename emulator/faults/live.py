@@ -63,6 +63,9 @@ def _resolve(state: RunState, declared: dict) -> Fault:
 
 
 def _dilation(state: RunState) -> float:
+    """The cluster's time dilation: a run's override where it had one, else the spec's."""
+    if state.time_dilation is not None:
+        return state.time_dilation
     cluster = next(c for c in load_clusters(state.spec) if c.name == state.cluster)
     return cluster.spec.emulation.time_dilation
 
