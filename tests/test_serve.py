@@ -864,6 +864,7 @@ async def test_stop_strings_and_stop_tokens_end_the_answer_where_vllm_would(clie
     chat_cut = await (await client.post("/v1/chat/completions", json={**chat, "stop": [cut_word]})).json()
     content = chat_cut["choices"][0]["message"]["content"]
     assert chat_cut["choices"][0]["finish_reason"] == "stop" and cut_word not in content
+    assert chat_cut["choices"][0]["stop_reason"] == cut_word
     assert chat_full["content"].startswith(content)
 
 

@@ -854,7 +854,15 @@ class _ClientStream:
                 "object": "chat.completion.chunk",
                 "created": first["created"],
                 "model": first["model"],
-                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                        "stop_reason": first["choices"][0].get("stop_reason"),
+                    }
+                ],
             }
         else:
             last = {

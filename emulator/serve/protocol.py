@@ -317,6 +317,8 @@ def stream_chunk(
         if text is not None:
             delta["content"] = text
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if finish is not None:  # vLLM's last chunk names what stopped it; its token chunks leave it out
+            choice["stop_reason"] = stop_reason
         return {
             "id": rid,
             "object": "chat.completion.chunk",
@@ -374,6 +376,7 @@ def full_response(
             "message": {"role": "assistant", "content": text},
             "logprobs": None,
             "finish_reason": finish,
+            "stop_reason": stop_reason,
         }
         body = {
             "id": rid,
