@@ -23,6 +23,11 @@ from emulator.cluster.local import RunState, http_status
 from emulator.faults.schedule import ROUTER, Fault, admin_calls, phases
 
 FAULTS_FILE = "faults.json"  # in the run directory: what `infemu fault list` shows
+# A member's readiness, asked by the fault runner's thread (every 20 ms): a local worker answers in
+# about a millisecond and a starting one refuses at once, but a hung one holds the probe its whole
+# timeout, so the probe is short and a member that lost a fault is asked at most every REAPPLY_PROBE_S.
+READY_PROBE_S = 0.05
+REAPPLY_PROBE_S = 0.25
 
 
 class LocalInjector:
@@ -66,6 +71,7 @@ class _Active:
     cleared: bool = False
     cut_now: bool | None = None  # a flapping link's current phase
     restarts: dict[str, int | None] = field(default_factory=dict)  # each member's restarts when last applied
+    next_probe: float = 0.0  # when a member that lost the fault may be asked whether it is ready again
 
 
 class FaultRunner:
@@ -112,7 +118,7 @@ class FaultRunner:
                 _, a.cut_now = a.switches.pop(0)
                 self.log += self.injector.apply(a.fault, True, cut=a.cut_now)
             if a.fault.kind != "kill" and (a.ends is None or now < a.ends):
-                self._reapply_if_restarted(a)
+                self._reapply_if_restarted(a, now)
             if a.fault.kind == "kill":
                 if all(self._restarted(n) for n in a.fault.instances):
                     self._end(a, now)
@@ -121,20 +127,24 @@ class FaultRunner:
                 self._end(a, now)
         self._save()
 
-    def _reapply_if_restarted(self, a: _Active) -> None:
+    def _reapply_if_restarted(self, a: _Active, now: float) -> None:
         """A member restarted (and ready) since the fault was applied lost it with its process: apply it
-        again, as the GPU's slowness or the link's damage outlives a restart."""
+        again, as the GPU's slowness or the link's damage outlives a restart. Asked every
+        REAPPLY_PROBE_S at most (a hung member keeps a probe waiting its whole timeout)."""
         moved = [n for n in a.restarts if self.injector._proc(n).restarts != a.restarts[n]]
-        if moved and all(self._ready(n) for n in moved):
+        if not moved or now < a.next_probe:
+            return
+        a.next_probe = now + REAPPLY_PROBE_S
+        if all(self._ready(n) for n in moved):
             self.log += [f"{a.fault.name}: re-applied after {', '.join(moved)} restarted"]
             self.log += self.injector.apply(a.fault, True, cut=a.cut_now)
             a.restarts.update({n: self.injector._proc(n).restarts for n in moved})
 
     def _restarted(self, name: str) -> bool:
-        return self.injector._proc(name).restarts > 0 and self._ready(name)
+        return self.injector._proc(name).restarts > 0 and self._ready(name, timeout=0.5)
 
-    def _ready(self, name: str) -> bool:
-        return http_status(f"{self.injector._proc(name).url}/ready", timeout=0.5) == 200
+    def _ready(self, name: str, timeout: float = READY_PROBE_S) -> bool:
+        return http_status(f"{self.injector._proc(name).url}/ready", timeout=timeout) == 200
 
     def _begin(self, f: Fault, now: float) -> None:
         ends = None if f.duration_s is None else now + f.duration_s * self.dilation
