@@ -122,9 +122,13 @@ class PodFaults:
         """Which life of its pod each member is in: the pod's uid and its containers' restarts, or None
         while the pod is missing or not Ready. A new value means the process that carried the fault is
         gone (the pod was recreated, or its container restarted)."""
+        pods = {
+            p["metadata"]["name"]: p
+            for p in self.kube.list("v1", "Pod", self.namespace, {"app.kubernetes.io/instance": self.cluster})
+        }  # one list a tick, whatever the number of members
         out: dict[str, str | None] = {}
         for name in sorted(fault.members):
-            pod = self.pod(name)
+            pod = pods.get(self.pod_name(name))
             status = (pod or {}).get("status", {})
             ready = {c["type"]: c["status"] for c in status.get("conditions", [])}.get("Ready") == "True"
             restarts = sum(int(c.get("restartCount", 0)) for c in status.get("containerStatuses", []))
