@@ -175,7 +175,7 @@ def run(
 
     lc = LocalCluster(spec_path, cluster.name, shaping=shaping, cluster=cluster)
     state = lc.start()
-    lc.supervise()
+    supervisor = lc.supervise()
     prom = None
     if prometheus:
         from emulator.observability.prometheus import LocalPrometheus
@@ -201,6 +201,7 @@ def run(
     deadline_s = cluster.spec.router.timeouts.request_ms * 1e-3 * dilation * 1.5 + 10.0
     faults = resolve_faults(cluster.spec, place(cluster.spec))
     runner = FaultRunner(LocalInjector(state), faults, dilation, lambda: progress.sent, lc.run_dir)
+    supervisor.on_ready.append(runner.reapply)  # a restarted instance gets its scheduled faults back
     if faults:
         print(f"faults: {', '.join(f.name for f in faults)} scheduled", file=sys.stderr)
     t0 = time.perf_counter()

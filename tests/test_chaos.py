@@ -680,15 +680,20 @@ def test_a_live_fault_is_recorded_only_where_it_took_and_ends_when_its_duration_
 
 def test_a_scheduled_fault_goes_back_on_a_member_its_supervisor_restarted(monkeypatch):
     """A run's slowdown or link fault belongs to the GPU or the network: when a kill (or a crash)
-    restarts its instance mid-fault, the fault runner applies it again once the instance is ready,
-    once per restart, and not after the fault's own end; a member that was down as the fault started
-    gets it once ready."""
+    restarts its instance mid-fault, the supervisor, once the instance answers ready, tells the fault
+    runner, which applies it again; once per restart, and not after the fault's own end; a member
+    that was down as the fault started gets it once it is back."""
+    from emulator.cluster import supervisor as sup
     from emulator.cluster.local import ProcessInfo, RunState
     from emulator.faults import local
     from emulator.faults.schedule import Fault
 
     state = RunState("c", "unused.yaml", "/nonexistent")
-    state.processes = [ProcessInfo(n, "aggregated", 1, f"http://127.0.0.1:9/{n}") for n in ("agg-0", "agg-1")]
+    state.processes = [
+        ProcessInfo(n, "aggregated", 10**7 + k, f"http://127.0.0.1:{9000 + k}", cmd=["true"])
+        for k, n in enumerate(("agg-0", "agg-1"))
+    ]
+    port = {"agg-0": "9000", "agg-1": "9001"}
 
     class Injector(local.LocalInjector):
         def __init__(self) -> None:
@@ -700,29 +705,43 @@ def test_a_scheduled_fault_goes_back_on_a_member_its_supervisor_restarted(monkey
             return [f"{fault.name} {on}"]
 
     ready = {"agg-0": True, "agg-1": False}  # agg-1 is restarting as the run begins
-    monkeypatch.setattr(local, "http_status", lambda url, timeout=1.0: 200 if ready[url.split("/")[-2]] else 503)
+    monkeypatch.setattr(
+        sup, "http_status", lambda url, timeout=1.0: 200 if any(ready[n] for n in ready if port[n] in url) else 503
+    )
+    monkeypatch.setattr(sup, "launch", lambda cmd, log, token: type("P", (), {"pid": 10**7 + 99})())
+    monkeypatch.setattr(sup.Supervisor, "_dead", lambda self, w: False)  # deaths come from restart() below
+    monkeypatch.setattr(RunState, "save", lambda self: None)
+    supervisor = sup.Supervisor(state)
+    supervisor.on_ready = []  # no live faults here: the run's schedule only
     slow = Fault(0, "slow-0", "slow", 0.0, None, 10.0, instances=("agg-0",), factor=3.0)
     hang = Fault(1, "hang-1", "hang", 0.0, None, 10.0, instances=("agg-1",))
     injector = Injector()
     runner = local.FaultRunner(injector, [slow, hang], 1.0, lambda: 0, "/nonexistent")
     monkeypatch.setattr(runner, "_save", lambda: None)
+    supervisor.on_ready.append(runner.reapply)
     runner.t0 = 0.0
     runner.tick(0.1)
     assert injector.applied == [("slow-0", True), ("hang-1", True)]
-    state.processes[0].restarts = 1  # agg-0 killed and restarted: not ready yet, so nothing is sent
-    ready["agg-0"] = False
-    runner.tick(1.0)
+
+    def restart(name: str) -> None:
+        """The supervisor found the process dead and its back-off is over: it restarts it."""
+        supervisor.watches[name].due = time.monotonic() - 1
+        supervisor.poll_once()
+
+    ready["agg-0"] = False  # agg-0 killed and restarted: not ready yet, so nothing is sent
+    restart("agg-0")
+    supervisor.poll_once()
     assert len(injector.applied) == 2
     ready["agg-0"] = True
-    runner.tick(2.0)
-    runner.tick(2.5)  # once per restart
+    supervisor.poll_once()
+    supervisor.poll_once()  # once per restart
     assert injector.applied[2:] == [("slow-0", True)]
     assert "slow-0: re-applied after agg-0 restarted" in runner.log
-    ready["agg-1"] = True  # agg-1 is up now: its hang, sent while it was down, goes on
-    runner.tick(3.0)
-    runner.tick(3.5)
+    ready["agg-1"] = True  # agg-1 is back now: its hang, sent while it was down, goes on
+    restart("agg-1")
+    supervisor.poll_once()
     assert injector.applied[3:] == [("hang-1", True)]
     runner.tick(10.5)  # the faults' end clears them
-    state.processes[0].restarts = 2
-    runner.tick(11.0)  # and a restart after the end does not bring one back
+    ready["agg-0"] = True
+    restart("agg-0")  # and a restart after the end does not bring one back
     assert injector.applied[4:] == [("slow-0", False), ("hang-1", False)]

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from emulator.cluster.local import ProcessInfo, RunState, _alive, http_status, launch
@@ -66,7 +67,11 @@ class Supervisor:
                 by_pid.setdefault(p.pid, []).append(p)
         self.watches = {infos[0].name: _Watch(infos, now) for infos in by_pid.values()}
         self.events: list[tuple[float, str, str]] = []  # (monotonic time, instance, "died"|"restarted")
-        self.awaiting_ready: list[_Watch] = []  # restarted, not yet ready: then their live faults go back on
+        self.awaiting_ready: list[_Watch] = []  # restarted, not yet ready: then ``on_ready`` hears of them
+        # told the names of instances a restart brought back, once they answer ready; each returns what it
+        # did: the faults they carried go back on (a slow GPU or a damaged link outlives the process) —
+        # the live ones here, a run's schedule through its fault runner (emulator/run.py adds it)
+        self.on_ready: list[Callable[[set[str]], list[str]]] = [self._reapply_live_faults]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -109,25 +114,31 @@ class Supervisor:
                     log.warning(out[-1])
                     if w.infos[0].role != "router":
                         self.awaiting_ready.append(w)
-            out += self._reapply_live_faults()
+            out += self._notify_ready()
         return out
 
-    def _reapply_live_faults(self) -> list[str]:
-        """Once a restarted worker answers ready, the faults injected by hand (`infemu fault inject`) that
-        it carried go back on: a slow GPU or a damaged link outlives the process (faults/live.py)."""
+    def _notify_ready(self) -> list[str]:
+        """Tell ``on_ready`` which restarted workers answer ready now."""
         ready = [w for w in self.awaiting_ready if all(http_status(f"{i.url}/ready", 0.5) == 200 for i in w.infos)]
         if not ready:
             return []
         self.awaiting_ready = [w for w in self.awaiting_ready if w not in ready]
-        from emulator.faults.live import reapply
-
-        try:
-            lines = reapply(self.state.run_dir, {i.name for w in ready for i in w.infos})
-        except Exception as exc:  # the supervisor goes on restarting whatever goes wrong here
-            lines = [f"re-applying live faults failed: {exc}"]
+        names = {i.name for w in ready for i in w.infos}
+        lines: list[str] = []
+        for hook in self.on_ready:
+            try:
+                lines += hook(names)
+            except Exception as exc:  # the supervisor goes on restarting whatever goes wrong here
+                lines.append(f"re-applying faults after a restart failed: {exc}")
         for line in lines:
             log.warning(line)
         return lines
+
+    def _reapply_live_faults(self, restarted: set[str]) -> list[str]:
+        """The faults injected by hand (`infemu fault inject`) that the restarted instances carried."""
+        from emulator.faults.live import reapply
+
+        return reapply(self.state.run_dir, restarted)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="infemu-supervisor", daemon=True)

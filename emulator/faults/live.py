@@ -22,7 +22,7 @@ from emulator.cluster.local import RunState
 from emulator.errors import InputError, SpecError
 from emulator.faults.local import FAULTS_FILE, LocalInjector
 from emulator.faults.schedule import Fault, resolve_one
-from emulator.spec import FaultSpec, format_validation_error, load_clusters
+from emulator.spec import FaultSpec, InferenceCluster, format_validation_error, load_clusters
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # where ``python -m emulator...`` resolves
 
@@ -53,8 +53,12 @@ def _save(state: RunState, data: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _resolve(state: RunState, declared: dict) -> Fault:
-    cluster = next(c for c in load_clusters(state.spec) if c.name == state.cluster)
+def _cluster(state: RunState) -> InferenceCluster:
+    """The running cluster's spec, read once per command (every fault it handles resolves against it)."""
+    return next(c for c in load_clusters(state.spec) if c.name == state.cluster)
+
+
+def _resolve(cluster: InferenceCluster, declared: dict) -> Fault:
     try:
         spec = FaultSpec.model_validate({"atSeconds": 0, **declared})
     except ValidationError as exc:
@@ -62,12 +66,9 @@ def _resolve(state: RunState, declared: dict) -> Fault:
     return resolve_one(cluster.spec, spec)
 
 
-def _dilation(state: RunState) -> float:
+def _dilation(state: RunState, cluster: InferenceCluster) -> float:
     """The cluster's time dilation: a run's override where it had one, else the spec's."""
-    if state.time_dilation is not None:
-        return state.time_dilation
-    cluster = next(c for c in load_clusters(state.spec) if c.name == state.cluster)
-    return cluster.spec.emulation.time_dilation
+    return state.time_dilation if state.time_dilation is not None else cluster.spec.emulation.time_dilation
 
 
 def inject(run_dir: str | None, declared: dict) -> list[str]:
@@ -79,14 +80,15 @@ def inject(run_dir: str | None, declared: dict) -> list[str]:
     name = declared.get("name") or f"{declared.get('kind')}-{len(data['timeline'])}"
     if name in data["active"]:
         raise InputError(f"fault {name!r} is active; clear it first or choose another --name")
-    fault = _resolve(state, {**declared, "name": name})
+    cluster = _cluster(state)
+    fault = _resolve(cluster, {**declared, "name": name})
     lines = LocalInjector(state).apply(fault, True)
     if lines and all(": failed: " in line for line in lines):
         return [*lines, f"{name}: reached none of its targets; not recorded as active"]
     since = time.time()
     entry = {**declared, "name": name, "since": since}
     if fault.kind != "kill" and fault.duration_s is not None:
-        wall = fault.duration_s * _dilation(state)
+        wall = fault.duration_s * _dilation(state, cluster)
         entry["until"] = since + wall
         _expire_later(state, name, since, wall)
         lines.append(f"{name}: ends in {wall:.1f} s (durationSeconds {fault.duration_s:g})")
@@ -132,11 +134,12 @@ def clear(run_dir: str | None, name: str | None) -> list[str]:
     if name is not None and name not in data["active"]:
         raise InputError(f"no active fault {name!r}; active: {', '.join(data['active']) or 'none'}")
     lines = []
+    cluster = _cluster(state)
     for n in names:
         declared = data["active"].pop(n)
         declared.pop("since", None)
         declared.pop("until", None)
-        lines += LocalInjector(state).apply(_resolve(state, declared), False)
+        lines += LocalInjector(state).apply(_resolve(cluster, declared), False)
         for entry in data["timeline"]:
             if entry["name"] == n and entry.get("ended") is None:
                 entry["ended"] = time.time()
@@ -150,9 +153,13 @@ def reapply(run_dir: str, restarted: set[str]) -> list[str]:
     heal it (the supervisor calls this once a restarted instance is ready)."""
     state = _state(run_dir)
     lines: list[str] = []
-    for declared in list(_record(state)["active"].values()):
+    active = list(_record(state)["active"].values())
+    if not active:
+        return lines
+    cluster = _cluster(state)
+    for declared in active:
         declared = {k: v for k, v in declared.items() if k not in ("since", "until")}
-        fault = _resolve(state, declared)
+        fault = _resolve(cluster, declared)
         if fault.members & restarted:
             lines += [
                 f"{fault.name}: re-applied after a restart: {line}" for line in LocalInjector(state).apply(fault, True)

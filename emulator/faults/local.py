@@ -23,11 +23,6 @@ from emulator.cluster.local import RunState, http_status
 from emulator.faults.schedule import ROUTER, Fault, admin_calls, phases
 
 FAULTS_FILE = "faults.json"  # in the run directory: what `infemu fault list` shows
-# A member's readiness, asked by the fault runner's thread (every 20 ms): a local worker answers in
-# about a millisecond and a starting one refuses at once, but a hung one holds the probe its whole
-# timeout, so the probe is short and a member that lost a fault is asked at most every REAPPLY_PROBE_S.
-READY_PROBE_S = 0.05
-REAPPLY_PROBE_S = 0.25
 
 
 class LocalInjector:
@@ -70,8 +65,6 @@ class _Active:
     switches: list[tuple[float, bool]] = field(default_factory=list)  # flapping: (wall time, cut)
     cleared: bool = False
     cut_now: bool | None = None  # a flapping link's current phase
-    restarts: dict[str, int | None] = field(default_factory=dict)  # each member's restarts when last applied
-    next_probe: float = 0.0  # when a member that lost the fault may be asked whether it is ready again
 
 
 class FaultRunner:
@@ -91,6 +84,7 @@ class FaultRunner:
         self.t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="infemu-faults", daemon=True)
+        self._lock = threading.Lock()  # the supervisor's thread calls ``reapply``
 
     def start(self, t0: float) -> None:
         self.t0 = t0
@@ -104,6 +98,10 @@ class FaultRunner:
             self.tick(time.perf_counter())
 
     def tick(self, now: float) -> None:
+        with self._lock:
+            self._tick(now)
+
+    def _tick(self, now: float) -> None:
         for f in list(self.pending):
             due = (f.at_s is not None and now >= self.t0 + f.at_s * self.dilation) or (
                 f.after_requests is not None and self.sent() >= f.after_requests
@@ -117,8 +115,6 @@ class FaultRunner:
             while a.switches and now >= a.switches[0][0]:
                 _, a.cut_now = a.switches.pop(0)
                 self.log += self.injector.apply(a.fault, True, cut=a.cut_now)
-            if a.fault.kind != "kill" and (a.ends is None or now < a.ends):
-                self._reapply_if_restarted(a, now)
             if a.fault.kind == "kill":
                 if all(self._restarted(n) for n in a.fault.instances):
                     self._end(a, now)
@@ -127,24 +123,25 @@ class FaultRunner:
                 self._end(a, now)
         self._save()
 
-    def _reapply_if_restarted(self, a: _Active, now: float) -> None:
-        """A member restarted (and ready) since the fault was applied lost it with its process: apply it
-        again, as the GPU's slowness or the link's damage outlives a restart. Asked every
-        REAPPLY_PROBE_S at most (a hung member keeps a probe waiting its whole timeout)."""
-        moved = [n for n in a.restarts if self.injector._proc(n).restarts != a.restarts[n]]
-        if not moved or now < a.next_probe:
-            return
-        a.next_probe = now + REAPPLY_PROBE_S
-        if all(self._ready(n) for n in moved):
-            self.log += [f"{a.fault.name}: re-applied after {', '.join(moved)} restarted"]
-            self.log += self.injector.apply(a.fault, True, cut=a.cut_now)
-            a.restarts.update({n: self.injector._proc(n).restarts for n in moved})
+    def reapply(self, restarted: set[str]) -> list[str]:
+        """The supervisor's word that these instances were restarted and answer ready: the faults of the
+        schedule they carry, not yet over, lost it with their process and go back on, as a GPU's
+        slowness or a link's damage outlives a restart (a member that was down as its fault began gets
+        it now too)."""
+        lines: list[str] = []
+        with self._lock:
+            for a in self.active:
+                moved = sorted(a.fault.members & restarted)
+                if a.cleared or a.fault.kind == "kill" or not moved:
+                    continue
+                lines += [f"{a.fault.name}: re-applied after {', '.join(moved)} restarted"]
+                lines += self.injector.apply(a.fault, True, cut=a.cut_now)
+            self.log += lines
+        return lines
 
     def _restarted(self, name: str) -> bool:
-        return self.injector._proc(name).restarts > 0 and self._ready(name, timeout=0.5)
-
-    def _ready(self, name: str, timeout: float = READY_PROBE_S) -> bool:
-        return http_status(f"{self.injector._proc(name).url}/ready", timeout=timeout) == 200
+        proc = self.injector._proc(name)
+        return proc.restarts > 0 and http_status(f"{proc.url}/ready", timeout=0.5) == 200
 
     def _begin(self, f: Fault, now: float) -> None:
         ends = None if f.duration_s is None else now + f.duration_s * self.dilation
@@ -152,9 +149,6 @@ class FaultRunner:
         switches = [(now + t * self.dilation, cut) for t, cut in phases(f, 0.0, f.duration_s or 1e9)]
         a.switches = switches[1:]  # a flapping link: cut, restored, cut ... every half period
         a.cut_now = switches[0][1]
-        # a member down (restarting) as the fault starts never gets it: None, so it does once ready
-        if f.kind != "kill":
-            a.restarts = {n: self.injector._proc(n).restarts if self._ready(n) else None for n in sorted(f.members)}
         self.active.append(a)
         self.log += self.injector.apply(f, True, cut=a.cut_now)
         self.timeline.append(
@@ -179,12 +173,13 @@ class FaultRunner:
         if self._thread.is_alive():
             self._thread.join(timeout=2)
         now = time.perf_counter()
-        for a in self.active:
-            if not a.cleared:
-                if a.fault.kind != "kill":
-                    self.log += self.injector.apply(a.fault, False)
-                self._end(a, now)
-        self._save()
+        with self._lock:
+            for a in self.active:
+                if not a.cleared:
+                    if a.fault.kind != "kill":
+                        self.log += self.injector.apply(a.fault, False)
+                    self._end(a, now)
+            self._save()
         return self.timeline
 
     def _save(self) -> None:
