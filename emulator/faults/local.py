@@ -85,6 +85,7 @@ class FaultRunner:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="infemu-faults", daemon=True)
         self._lock = threading.Lock()  # the supervisor's thread calls ``reapply``
+        self._saved: tuple[int, int, int] | None = None  # what the file held when last written
 
     def start(self, t0: float) -> None:
         self.t0 = t0
@@ -121,7 +122,11 @@ class FaultRunner:
             elif a.ends is not None and now >= a.ends:
                 self.log += self.injector.apply(a.fault, False)
                 self._end(a, now)
-        self._save()
+        # written when something happened, not every 20 ms tick (each write reads the live faults first)
+        changed = (len(self.log), len(self.timeline), sum(e["end_s"] is not None for e in self.timeline))
+        if changed != self._saved:
+            self._saved = changed
+            self._save()
 
     def reapply(self, restarted: set[str]) -> list[str]:
         """The supervisor's word that these instances were restarted and answer ready: the faults of the
