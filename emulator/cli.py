@@ -752,6 +752,10 @@ def cmd_fault(args: argparse.Namespace) -> int:
             print(json.dumps(view, indent=1))
             return 0
         print("active: " + (", ".join(f"{n} ({d['kind']})" for n, d in view["active"].items()) or "none"))
+        playing = [e for e in view["schedule"] if e.get("end_s") is None]
+        if playing:  # the spec's scheduled faults, while `infemu run` plays them
+            on = (f"{e['name']} ({e['kind']}, since {e['start_s']:.1f} s)" for e in playing)
+            print("scheduled, on now: " + ", ".join(on))
         for name, state in view["live"].items():
             print(f"  {name}: {json.dumps(state)}")
         return 0

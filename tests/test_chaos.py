@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -676,6 +677,54 @@ def test_a_live_fault_is_recorded_only_where_it_took_and_ends_when_its_duration_
     live.clear(str(run_dir), "h2")
     since = time.time()
     assert live.expire(str(run_dir), "h2", since) == ["h2: already cleared"]
+
+
+def test_a_fault_injected_by_hand_during_a_run_stays_on_record_beside_the_runs_schedule(tmp_path, monkeypatch, capsys):
+    """`infemu fault inject` during `infemu run`: the run's fault runner once rewrote faults.json's
+    timeline with its own, so the hand-injected fault's entry vanished (and its end could not be
+    recorded). Now each writer keeps to its own keys under one lock, and `fault list` also names the
+    scheduled faults that are on."""
+    from emulator.cli import main
+    from emulator.cluster.local import ProcessInfo, RunState
+    from emulator.faults import live, local, record
+    from emulator.faults.schedule import Fault
+
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    state = RunState("quickstart", example("quickstart.yaml"), str(run_dir), router="http://127.0.0.1:9")
+    state.processes = [ProcessInfo("agg-0", "aggregated", 1, "http://127.0.0.1:9", "", [], 0)]
+    state.save()
+    monkeypatch.setattr(local.LocalInjector, "apply", lambda self, fault, on, cut=None: [f"agg-0: {on}: ok"])
+    slow = Fault(0, "slow-0", "slow", 0.0, None, 10.0, instances=("agg-0",), factor=3.0)
+    runner = local.FaultRunner(local.LocalInjector(state), [slow], 1.0, lambda: 0, str(run_dir))
+    runner.t0 = 0.0
+    live.inject(str(run_dir), {"kind": "hang", "name": "h", "target": {"instance": "agg-0"}})
+    runner.tick(0.1)  # the schedule's slowdown begins: the runner writes its part
+    view = live.listing(str(run_dir))
+    assert list(view["active"]) == ["h"] and [e["name"] for e in view["timeline"]] == ["h"]
+    assert [(e["name"], e["end_s"]) for e in view["schedule"]] == [("slow-0", None)]
+    assert main(["fault", "list", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "active: h (hang)" in out and "scheduled, on now: slow-0 (slow, since 0.1 s)" in out
+    live.clear(str(run_dir), "h")
+    runner.tick(10.5)  # the slowdown ends
+    view = live.listing(str(run_dir))
+    assert view["active"] == {} and view["timeline"][0]["ended"] is not None
+    assert view["schedule"][0]["end_s"] == pytest.approx(10.5)
+
+    def append(k: int) -> None:
+        for i in range(25):
+            with record.updating(str(run_dir)) as data:
+                data["log"].append(f"{k}-{i}")
+
+    with record.updating(str(run_dir)) as data:
+        data["log"] = []
+    threads = [threading.Thread(target=append, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(record.read(str(run_dir))["log"]) == sorted(f"{k}-{i}" for k in range(6) for i in range(25))
 
 
 def test_a_scheduled_fault_goes_back_on_a_member_its_supervisor_restarted(monkeypatch):

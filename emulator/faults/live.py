@@ -2,12 +2,12 @@
 
 An injected fault is validated as a ``spec.faults`` entry would be (same fields, same errors),
 resolved against the cluster's topology, carried out by the same injector a run's schedule
-uses, and recorded in the run directory's ``faults.json`` until it is cleared.
+uses, and recorded in the run directory's ``faults.json`` (``emulator/faults/record.py``) until it is
+cleared.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +20,8 @@ from emulator.cluster.admin import AdminError, get_admin
 from emulator.cluster.links import newest_run
 from emulator.cluster.local import RunState
 from emulator.errors import InputError, SpecError
-from emulator.faults.local import FAULTS_FILE, LocalInjector
+from emulator.faults import record
+from emulator.faults.local import LocalInjector
 from emulator.faults.schedule import Fault, resolve_one
 from emulator.spec import FaultSpec, InferenceCluster, format_validation_error, load_clusters
 
@@ -32,25 +33,6 @@ def _state(run_dir: str | None) -> RunState:
         return RunState.load(run_dir or newest_run())
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(f"--run-dir: no running cluster there ({exc})") from None
-
-
-def _record(state: RunState) -> dict:
-    path = os.path.join(state.run_dir, FAULTS_FILE)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        data = {}
-    data.setdefault("timeline", [])
-    data.setdefault("active", {})
-    return data
-
-
-def _save(state: RunState, data: dict) -> None:
-    path = os.path.join(state.run_dir, FAULTS_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def _cluster(state: RunState) -> InferenceCluster:
@@ -76,7 +58,7 @@ def inject(run_dir: str | None, declared: dict) -> list[str]:
     so times the cluster's time dilation on the wall) pass: a detached process clears it then. A fault
     that reached none of its targets is not recorded as active (its lines say why)."""
     state = _state(run_dir)
-    data = _record(state)
+    data = record.read(state.run_dir)
     name = declared.get("name") or f"{declared.get('kind')}-{len(data['timeline'])}"
     if name in data["active"]:
         raise InputError(f"fault {name!r} is active; clear it first or choose another --name")
@@ -92,12 +74,12 @@ def inject(run_dir: str | None, declared: dict) -> list[str]:
         entry["until"] = since + wall
         _expire_later(state, name, since, wall)
         lines.append(f"{name}: ends in {wall:.1f} s (durationSeconds {fault.duration_s:g})")
-    if fault.kind != "kill":  # a kill is over once sent; its supervisor restarts the process
-        data["active"][name] = entry
-    data["timeline"].append(
-        {"name": name, "kind": fault.kind, "started": since, "ended": None if fault.kind != "kill" else since}
-    )
-    _save(state, data)
+    with record.updating(state.run_dir) as data:
+        if fault.kind != "kill":  # a kill is over once sent; its supervisor restarts the process
+            data["active"][name] = entry
+        data["timeline"].append(
+            {"name": name, "kind": fault.kind, "started": since, "ended": None if fault.kind != "kill" else since}
+        )
     return lines
 
 
@@ -120,30 +102,29 @@ def expire(run_dir: str, name: str, since: float) -> list[str]:
     """Clear ``name`` if it is still the fault injected at ``since`` (not cleared by hand meanwhile,
     nor cleared and injected again under the same name)."""
     state = _state(run_dir)
-    entry = _record(state)["active"].get(name)
+    entry = record.read(state.run_dir)["active"].get(name)
     if entry is None or entry.get("since") != since:
         return [f"{name}: already cleared"]
     return clear(run_dir, name)
 
 
 def clear(run_dir: str | None, name: str | None) -> list[str]:
-    """Clear one active fault, or all of them (``name`` None)."""
+    """Clear one active fault, or all of them (``name`` None): taken off the record first, so a
+    concurrent clear (the fault's own expiry) does not clear it twice, then taken off the instances."""
     state = _state(run_dir)
-    data = _record(state)
-    names = list(data["active"]) if name is None else [name]
-    if name is not None and name not in data["active"]:
-        raise InputError(f"no active fault {name!r}; active: {', '.join(data['active']) or 'none'}")
-    lines = []
     cluster = _cluster(state)
-    for n in names:
-        declared = data["active"].pop(n)
-        declared.pop("since", None)
-        declared.pop("until", None)
-        lines += LocalInjector(state).apply(_resolve(cluster, declared), False)
+    with record.updating(state.run_dir) as data:
+        names = list(data["active"]) if name is None else [name]
+        if name is not None and name not in data["active"]:
+            raise InputError(f"no active fault {name!r}; active: {', '.join(data['active']) or 'none'}")
+        cleared = [data["active"].pop(n) for n in names]
         for entry in data["timeline"]:
-            if entry["name"] == n and entry.get("ended") is None:
+            if entry["name"] in names and entry.get("ended") is None:
                 entry["ended"] = time.time()
-    _save(state, data)
+    lines = []
+    for declared in cleared:
+        declared = {k: v for k, v in declared.items() if k not in ("since", "until")}
+        lines += LocalInjector(state).apply(_resolve(cluster, declared), False)
     return lines
 
 
@@ -153,7 +134,7 @@ def reapply(run_dir: str, restarted: set[str]) -> list[str]:
     heal it (the supervisor calls this once a restarted instance is ready)."""
     state = _state(run_dir)
     lines: list[str] = []
-    active = list(_record(state)["active"].values())
+    active = list(record.read(state.run_dir)["active"].values())
     if not active:
         return lines
     cluster = _cluster(state)
@@ -168,9 +149,10 @@ def reapply(run_dir: str, restarted: set[str]) -> list[str]:
 
 
 def listing(run_dir: str | None) -> dict:
-    """Active faults as recorded, and each worker's and the router's own view of its state."""
+    """Active faults as recorded (by hand, and those of a run's schedule), and each worker's and the
+    router's own view of its state."""
     state = _state(run_dir)
-    data = _record(state)
+    data = record.read(state.run_dir)
     live: dict = {}
     engines = state.engines()  # (AFD's FFN instances have no fault admin)
     for p in (q for q in state.processes if q.role == "router" or q in engines):
@@ -178,4 +160,4 @@ def listing(run_dir: str | None) -> dict:
             live[p.name] = get_admin(p.url, "/admin/fault", state.token)
         except AdminError as exc:
             live[p.name] = {"error": str(exc)}
-    return {"active": data["active"], "timeline": data["timeline"], "live": live}
+    return {"active": data["active"], "timeline": data["timeline"], "schedule": data["schedule"], "live": live}

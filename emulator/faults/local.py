@@ -11,7 +11,6 @@ also posted to the router as an ``infemu_fault_active`` annotation for Prometheu
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -20,9 +19,8 @@ from dataclasses import dataclass, field
 
 from emulator.cluster.admin import AdminError, post_admin
 from emulator.cluster.local import RunState, http_status
+from emulator.faults import record
 from emulator.faults.schedule import ROUTER, Fault, admin_calls, phases
-
-FAULTS_FILE = "faults.json"  # in the run directory: what `infemu fault list` shows
 
 
 class LocalInjector:
@@ -188,12 +186,7 @@ class FaultRunner:
         return self.timeline
 
     def _save(self) -> None:
-        path = os.path.join(self.run_dir, FAULTS_FILE)
-        try:  # faults injected by hand during the run (`infemu fault inject`) stay on record
-            with open(path, encoding="utf-8") as fh:
-                live = {"active": json.load(fh).get("active", {})}
-        except (OSError, ValueError, AttributeError):
-            live = {}
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump({**live, "timeline": self.timeline, "log": self.log[-200:]}, fh, indent=1)
-        os.replace(path + ".tmp", path)
+        """The schedule's part of the record; the faults injected by hand meanwhile keep theirs."""
+        with record.updating(self.run_dir) as data:
+            data["schedule"] = self.timeline
+            data["log"] = self.log[-200:]
