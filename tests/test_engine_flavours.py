@@ -121,6 +121,11 @@ def test_a_request_larger_than_the_whole_cache_is_rejected_explicitly():
     out = s.add_request(req)
     assert out is not None and out.finished and out.finish_reason == "error"
     assert req.error == "the request needs 170 tokens of KV cache but this instance holds only 160"
+    # past the context window too: that is what it is told (what vLLM's API server answers first)
+    narrow = create_scheduler(num_blocks=10, block_size=16, max_model_len=128)
+    req = create_request("long", 150, 20)
+    narrow.add_request(req)
+    assert req.error.startswith("This model's maximum context length is 128 tokens. However, you requested 170")
 
 
 PD_SMALL_DECODE = {

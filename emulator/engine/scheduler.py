@@ -87,15 +87,17 @@ class Scheduler:
         if req.max_tokens < 1:
             return "max_tokens must be at least 1"
         total = req.num_prompt_tokens + req.max_tokens
-        if -(-total // cfg.block_size) > cfg.num_gpu_blocks:
-            return (
-                f"the request needs {total} tokens of KV cache but this instance holds only "
-                f"{cfg.num_gpu_blocks * cfg.block_size}"
-            )
+        # the context window first, as vLLM's API server checks it before the engine sees the request:
+        # a request past both limits is told the one its client can act on
         if total > cfg.max_model_len:
             return (
                 f"This model's maximum context length is {cfg.max_model_len} tokens. However, you requested "
                 f"{total} tokens ({req.num_prompt_tokens} in the messages, {req.max_tokens} in the completion)."
+            )
+        if -(-total // cfg.block_size) > cfg.num_gpu_blocks:
+            return (
+                f"the request needs {total} tokens of KV cache but this instance holds only "
+                f"{cfg.num_gpu_blocks * cfg.block_size}"
             )
         # a P/D consumer receives its prompt's KV from the prefill instance and never prefills it
         # here, so the token budget (a TensorRT-LLM decode server's is its batch size) does not apply
