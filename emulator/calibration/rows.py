@@ -133,6 +133,22 @@ def _as_the_id_says(row_id: str, lay: Layout) -> Layout:
     return replace(lay, tp=lay.tp // ep, moe_tp=tp // ep, moe_ep=ep)
 
 
+def _vllm_attention_dp(backend: str, rec: dict, lay: Layout) -> Layout:
+    """vLLM spreads an MoE layer's experts over every rank of tp x dp: ``FusedMoEParallelConfig.make``
+    flattens TP across DP (vllm/model_executor/layers/fused_moe/config.py), so its moe_tp x moe_ep is
+    tp x attention-DP, always. 19 rows of the gap-analysis harness (Qwen3-235B-A22B-FP8, vLLM 0.12,
+    H200) leave attention_dp_size blank with moe_tp x moe_ep two or four times tp: tp 1 with moe_tp 2
+    (TPOT 55-58 ms, as the TP2 rows' 51-56 ms; 235 GB of FP8 weights do not fit one 141 GB H200), tp 1
+    or 2 with moe_tp 4 (37-46 ms, between TP2 and TP4's 34-38 ms). The only vLLM deployment with those
+    MoE sizes runs tp x (moe_tp x moe_ep / tp) GPUs: read so. A recorded attention_dp_size stands."""
+    width = lay.moe_tp * lay.moe_ep
+    if backend != "vllm" or (rec["attention_dp_size"] or "").strip() or lay.dp != 1:
+        return lay
+    if width > lay.tp and width % lay.tp == 0:
+        return replace(lay, dp=width // lay.tp)
+    return lay
+
+
 def load_rows(path: str = DEFAULT_PATH) -> list[CalibrationRow]:
     rows: list[CalibrationRow] = []
     with open(path, encoding="utf-8", newline="") as fh:
@@ -141,7 +157,7 @@ def load_rows(path: str = DEFAULT_PATH) -> list[CalibrationRow]:
             conc = _int(prov.get("silicon_concurrency", ""))
             agg = _layout(rec, "") if rec["mode"] == "agg" else None
             if agg is not None:
-                agg = _as_the_id_says(rec["id"], agg)
+                agg = _vllm_attention_dp(rec["backend"], rec, _as_the_id_says(rec["id"], agg))
             if conc is None and agg is not None and agg.batch:
                 conc = agg.batch * agg.dp
             rows.append(
