@@ -101,19 +101,18 @@ def _expire_later(state: RunState, name: str, since: float, wall_s: float) -> No
 def expire(run_dir: str, name: str, since: float) -> list[str]:
     """Clear ``name`` if it is still the fault injected at ``since`` (not cleared by hand meanwhile,
     nor cleared and injected again under the same name)."""
-    state = _state(run_dir)
-    entry = record.read(state.run_dir)["active"].get(name)
-    if entry is None or entry.get("since") != since:
-        return [f"{name}: already cleared"]
-    return clear(run_dir, name)
+    return clear(run_dir, name, since=since)
 
 
-def clear(run_dir: str | None, name: str | None) -> list[str]:
-    """Clear one active fault, or all of them (``name`` None): taken off the record first, so a
-    concurrent clear (the fault's own expiry) does not clear it twice, then taken off the instances."""
+def clear(run_dir: str | None, name: str | None, since: float | None = None) -> list[str]:
+    """Clear one active fault, or all of them (``name`` None): taken off the record first, under its
+    lock, so a concurrent clear (the fault's own expiry) does not clear it twice, then taken off the
+    instances. ``since``: only the fault injected then (an expiry), else nothing."""
     state = _state(run_dir)
     cluster = _cluster(state)
     with record.updating(state.run_dir) as data:
+        if since is not None and data["active"].get(name, {}).get("since") != since:
+            return [f"{name}: already cleared"]
         names = list(data["active"]) if name is None else [name]
         if name is not None and name not in data["active"]:
             raise InputError(f"no active fault {name!r}; active: {', '.join(data['active']) or 'none'}")
