@@ -1,8 +1,9 @@
 """What each kind of user asks: pure, seeded builders of OpenAI request bodies.
 
 Chat (short in, medium out), coding (long input, short output), summarization (long
-input), agentic sessions (K turns over a shared system prompt; each turn's messages are
-the previous context plus the answer and a tool result, so the prefix is reused), multi-hop
+input), agentic sessions (K turns over a shared system prompt and the same tool definitions, which
+the server's chat template renders into the prompt; each turn's messages are the previous context
+plus the answer and a tool result, so the prefix is reused), multi-hop
 chains (each call quotes the previous answer) and RAG (passages drawn from a synthetic
 corpus with Zipf popularity, so popular passages share KV blocks). No I/O, no clock.
 """
@@ -19,6 +20,34 @@ WORDS = (
 SYSTEM_PROMPT = "You are a careful assistant operating tools for an inference cluster. " + " ".join(
     WORDS * 12
 )  # ~300 words shared by every agentic session
+
+
+def _tool(name: str, description: str, **params: str) -> dict:
+    """One tool in OpenAI's function-calling format (``tools`` of a chat completion request)."""
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {k: {"type": "string", "description": v} for k, v in params.items()},
+                "required": list(params),
+            },
+        },
+    }
+
+
+# What an operations agent is given on every call: the same definitions each turn (the chat template
+# puts them in the system turn, so they are part of the shared prefix), a few hundred prompt tokens
+TOOLS = [
+    _tool("get_metrics", "Read a Prometheus metric of the serving fleet.", query="PromQL expression", window="range"),
+    _tool("scale_pool", "Change the replica count of a pool.", pool="pool name", replicas="new replica count"),
+    _tool("drain_instance", "Stop routing new requests to an instance.", instance="instance name"),
+    _tool("query_logs", "Search an instance's logs.", instance="instance name", pattern="regular expression"),
+    _tool("set_link", "Degrade or restore a network link.", source="sender", target="receiver", factor="rate factor"),
+    _tool("describe_pod", "Show a pod's status, events and resource use.", pod="pod name", namespace="namespace"),
+]
 
 
 def text(rng: random.Random, words: int) -> str:
@@ -59,7 +88,10 @@ class Session:
         return Turn(self._body())
 
     def _body(self) -> dict:
-        return {"messages": list(self.messages), "max_tokens": self.max_tokens, "ignore_eos": True}
+        body = {"messages": list(self.messages), "max_tokens": self.max_tokens, "ignore_eos": True}
+        if self.kind == "agentic":
+            body["tools"] = TOOLS  # the model may call them; the emulated one answers in text
+        return body
 
 
 def chat(rng: random.Random) -> dict:

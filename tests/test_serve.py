@@ -882,3 +882,34 @@ async def test_sampling_parameters_vllm_accepts_are_accepted(client):
         resp = await client.post("/v1/completions", json={**body, **params})
         assert resp.status == 200, (params, await resp.text())
         assert (await resp.json())["choices"][0]["text"] == plain
+
+
+async def test_tool_definitions_and_tool_calls_are_prompt_tokens(client):
+    """A chat template renders the request's tools and an assistant turn's tool calls into the prompt:
+    agentic traffic prefills (and caches) them. They were once dropped from the count, so a request
+    with a few hundred tokens of tool schemas cost the engine nothing more. Malformed tools get vLLM's
+    400; the tokenizer endpoint counts them as the completion does."""
+    from loadgen.workloads import TOOLS
+
+    messages = [{"role": "user", "content": "what is the fleet's p99 TTFT"}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2}
+
+    async def prompt_tokens(**extra) -> int:
+        resp = await client.post("/v1/chat/completions", json={**body, **extra})
+        assert resp.status == 200, await resp.text()
+        return (await resp.json())["usage"]["prompt_tokens"]
+
+    bare = await prompt_tokens()
+    with_tools = await prompt_tokens(tools=TOOLS)
+    assert with_tools > bare + 300  # six schemas, a few hundred tokens
+    tokenized = await (await client.post("/tokenize", json={"messages": messages, "tools": TOOLS})).json()
+    assert tokenized["count"] == with_tools
+    call = {"id": "c1", "type": "function", "function": {"name": "get_metrics", "arguments": '{"query": "up"}'}}
+    turns = [*messages, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    turns.append({"role": "tool", "tool_call_id": "c1", "content": "1"})
+    with_call = await prompt_tokens(messages=turns)
+    without_call = await prompt_tokens(messages=[*messages, {"role": "assistant", "content": None}, turns[-1]])
+    assert with_call > without_call + 5
+    for bad in ({"type": "function"}, [{"type": "function", "function": {}}], ["get_metrics"]):
+        resp = await client.post("/v1/chat/completions", json={**body, "tools": bad})
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "tools"

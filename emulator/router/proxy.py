@@ -186,7 +186,9 @@ class Router:
         if self.settings.policy == "prefix_affinity":
             prompt = body.get("prompt")
             if isinstance(body.get("messages"), list):
-                ids = tokenize(chat_prompt(body["messages"]), self.settings.vocab_size)
+                tools = body.get("tools")  # the worker refuses malformed tools; routing just reads them
+                tools = tools if isinstance(tools, list) and all(isinstance(t, dict) for t in tools) else None
+                ids = tokenize(chat_prompt(body["messages"], tools), self.settings.vocab_size)
             elif isinstance(prompt, str):
                 ids = tokenize(prompt, self.settings.vocab_size)
             elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):

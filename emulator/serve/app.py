@@ -41,6 +41,7 @@ from emulator.serve.paced import send_paced
 from emulator.serve.protocol import (
     APIError,
     GenerationRequest,
+    chat_tools,
     full_response,
     json_text,
     parse_request,
@@ -846,7 +847,7 @@ def add_probe_routes(app: web.Application, model_name: str, max_model_len: int, 
         try:
             body = await read_json_object(request)
             if isinstance(body.get("messages"), list):
-                ids = tokenize(chat_prompt(body["messages"]), vocab_size)
+                ids = tokenize(chat_prompt(body["messages"], chat_tools(body)), vocab_size)
             elif isinstance(body.get("prompt"), str):
                 ids = tokenize(body["prompt"], vocab_size)
             else:

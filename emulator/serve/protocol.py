@@ -211,6 +211,23 @@ def _refuse_what_is_not_emulated(body: dict) -> None:
         )
 
 
+def chat_tools(body: dict) -> list[dict] | None:
+    """The request's tool definitions, checked as vLLM's request model checks them (an array of
+    ``{"type": "function", "function": {"name": ...}}``): they are prompt tokens (``chat_prompt``)."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+        for t in tools
+    ):
+        raise APIError(
+            400, "'tools' must be an array of {\"type\": \"function\", \"function\": {\"name\": ...}}", "tools",
+            "invalid_value",
+        )  # fmt: skip
+    return tools
+
+
 def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
@@ -241,7 +258,7 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
                         "messages",
                         "unsupported",
                     )
-        ids = tokenize(chat_prompt(messages), vocab_size)
+        ids = tokenize(chat_prompt(messages, chat_tools(body)), vocab_size)
         max_tokens = _int(body, "max_completion_tokens", 1)
         if max_tokens is None:
             max_tokens = _int(body, "max_tokens", 1)

@@ -16,6 +16,7 @@ seeded geometric law, so the same request always produces the same answer.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -77,16 +78,31 @@ def tokenize(text: str, vocab_size: int) -> list[int]:
     return ids
 
 
-def chat_prompt(messages: Sequence[dict]) -> str:
-    """A chat template: role markers then content, one message after another (prefix-stable)."""
+def chat_prompt(messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
+    """A chat template: the tool definitions first, then role markers and content, one message after
+    another (prefix-stable). Real templates render the tools' JSON schemas into the prompt (Qwen's,
+    DeepSeek's and Hermes-style ones in the system turn, where requests with the same tools share a
+    prefix), and an assistant turn's tool calls as their name and arguments; both are prompt tokens
+    the engine prefills and caches, often thousands in agentic traffic."""
     parts = []
+    if tools:
+        parts.append("<|system|> # Tools\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools) + " <|end|>")
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts
             content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        calls = m.get("tool_calls")
+        if isinstance(calls, list) and calls:
+            content = f"{content or ''} " + " ".join(_tool_call(c) for c in calls)
         parts.append(f"<|{m.get('role', 'user')}|> {content or ''} <|end|>")
     parts.append("<|assistant|>")
     return "\n".join(parts)
+
+
+def _tool_call(call: object) -> str:
+    fn = call.get("function") if isinstance(call, dict) else None
+    fn = fn if isinstance(fn, dict) else {}
+    return json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments")}, ensure_ascii=False)
 
 
 def detokenize(ids: Sequence[int]) -> str:
