@@ -155,6 +155,13 @@ async def test_models_health_ready(client):
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": "x" * 257}, 400, "invalid_value"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]}, 400, "invalid_value"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": "7"}, 400, "invalid_type"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "!"}, 400, "unsupported"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "guided_json": {"type": "object"}}, 400, "unsupported"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "guided_choice": ["a", "b"]}, 400, "unsupported"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"999999999": 5}}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"cat": 5}}, 400, "invalid_value"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": "up"}}, 400, "invalid_type"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": [5]}, 400, "invalid_value"),
     ],
 )
 async def test_bad_requests_get_openai_errors_never_500(client, path, body, status, code):
@@ -913,3 +920,36 @@ async def test_tool_definitions_and_tool_calls_are_prompt_tokens(client):
     for bad in ({"type": "function"}, [{"type": "function", "function": {}}], ["get_metrics"]):
         resp = await client.post("/v1/chat/completions", json={**body, "tools": bad})
         assert resp.status == 400 and (await resp.json())["error"]["param"] == "tools"
+
+
+async def test_continuous_usage_stats_put_the_running_usage_in_every_chunk(client):
+    """``stream_options.continuous_usage_stats`` (with ``include_usage``) was once ignored. vLLM then
+    puts the running usage in every chunk: clients that count tokens from it (rather than from the
+    chunks) read the same count as the final usage. The text is the stream's without it; a logit_bias
+    is accepted (it does not change a synthetic answer)."""
+    for path, body in (
+        ("/v1/completions", {"prompt": "count the tokens as they come"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "count the tokens as they come"}]}),
+    ):
+        base = {"model": MODEL, **body, "max_tokens": 6, "ignore_eos": True, "stream": True, "logit_bias": {"17": -100}}
+        plain = await sse_events(await client.post(path, json={**base, "stream_options": {"include_usage": True}}))
+        opts = {"include_usage": True, "continuous_usage_stats": True}
+        counted = await sse_events(await client.post(path, json={**base, "stream_options": opts}))
+        assert counted[-1] == "[DONE]" and len(counted) == len(plain)
+        final = counted[-2]["usage"]
+        assert final["completion_tokens"] == 6 and final == plain[-2]["usage"]
+        chunks = counted[:-2]
+        assert all(c["usage"]["prompt_tokens"] == final["prompt_tokens"] for c in chunks)
+        running = [c["usage"]["completion_tokens"] for c in chunks]
+        assert (
+            running == sorted(running)
+            and running[-1] == 6
+            and all(
+                c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+                for c in chunks
+            )
+        )
+        strip = lambda events: [{k: v for k, v in c.items() if k not in ("usage", "id", "created")}  # noqa: E731
+                                for c in events[:-2]]  # fmt: skip
+        assert strip(counted) == strip(plain)  # the same chunks, with the usage added
+        assert all("usage" not in c for c in plain[:-2])

@@ -49,6 +49,7 @@ from emulator.serve.protocol import (
     stream_chunk,
     token_chunk_frame,
     usage_chunk,
+    with_usage,
 )
 from emulator.serve.tokens import (
     chat_prompt,
@@ -489,8 +490,10 @@ class Worker:
         await resp.prepare(request)
         try:
             first = g.kind == "chat"
+            counted = g.continuous_usage  # the running usage in every chunk (stream_options)
             if first:
-                await _sse(resp, stream_chunk(g, public, "", None, first=True))
+                opening = stream_chunk(g, public, "", None, first=True, counts=(n_prompt, 0) if counted else None)
+                await _sse(resp, opening)
             head, tail = token_chunk_frame(g, public)
             vocab = self.model.vocab
             first_due = None
@@ -517,8 +520,8 @@ class Worker:
                 events = []
                 for _ in range(due):
                     text = texts[position] if texts else output_token(seed, position, vocab)[1]
-                    events += (head, json_text(text), tail)
                     position += 1
+                    events += (head, json_text(text), with_usage(tail, n_prompt, position) if counted else tail)
                 due = 0
                 return b"".join(events)
 
@@ -573,7 +576,12 @@ class Worker:
                     await _sse(
                         resp,
                         stream_chunk(
-                            g, public, "" if g.kind != "chat" else None, finish_reason, stop_reason=stop_reason
+                            g,
+                            public,
+                            "" if g.kind != "chat" else None,
+                            finish_reason,
+                            stop_reason=stop_reason,
+                            counts=(n_prompt, position) if counted else None,
                         ),
                     )
                     if g.include_usage:

@@ -74,6 +74,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk (vLLM)
     user: str | None = None
     kv_transfer_params: dict | None = None
     stop: tuple[str, ...] = ()
@@ -108,6 +109,9 @@ def _bool(body: dict, key: str) -> bool:
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+# logit_bias entries a request may carry: this emulator's own bound (vLLM sets none; the body-size limit
+# already bounds the memory), which keeps the per-request check small
+MAX_LOGIT_BIAS = 1024
 
 
 def _stops(body: dict, vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -176,6 +180,31 @@ def _check_sampling(body: dict) -> None:
         raise APIError(400, f"'seed' must be an integer, got {seed!r}", "seed", "invalid_type")
 
 
+def _check_logit_bias(body: dict, vocab_size: int) -> None:
+    """vLLM takes ``logit_bias`` as token id -> bias (clamped to [-100, 100]) and refuses ids outside
+    the vocabulary; a bias does not change the synthetic answer, a bad one is still a 400."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids", "logit_bias",
+                       "invalid_value")  # fmt: skip
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < vocab_size:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})", "logit_bias",
+                           "invalid_value")  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise APIError(400, f"logit_bias: the bias of {key} must be a number, got {value!r}", "logit_bias",
+                           "invalid_type")  # fmt: skip
+
+
+# vLLM's structured-output request fields (guided decoding; ``structured_outputs`` from 0.11): each
+# constrains the answer's text, which the synthetic answer cannot honour
+GUIDED_DECODING = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
+                   "structured_outputs")  # fmt: skip
+
+
 def _refuse_what_is_not_emulated(body: dict) -> None:
     """Parameters whose effect the emulator does not produce are refused, never silently ignored: a
     client asking for log-probabilities, several candidates, its prompt echoed, a forced tool call or
@@ -201,6 +230,14 @@ def _refuse_what_is_not_emulated(body: dict) -> None:
     if body.get("echo") not in (None, False):
         raise APIError(400, "echo is not emulated (the answer does not repeat the prompt); leave it out", "echo",
                        "unsupported")  # fmt: skip
+    if body.get("suffix") is not None:  # vLLM: "suffix is not currently supported"
+        raise APIError(400, "suffix is not supported (as in vLLM); leave it out", "suffix", "unsupported")
+    guided = next((k for k in GUIDED_DECODING if body.get(k) is not None), None)
+    if guided is not None:
+        raise APIError(
+            400, f"{guided} is not emulated (the synthetic answer is unconstrained text); leave it out", guided,
+            "unsupported",
+        )  # fmt: skip
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
         raise APIError(
@@ -239,6 +276,7 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
         raise APIError(400, "only n=1 is supported", "n", "invalid_value")
     _refuse_what_is_not_emulated(body)
     _check_sampling(body)
+    _check_logit_bias(body, vocab_size)
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -308,6 +346,8 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
         ignore_eos=_bool(body, "ignore_eos"),
         stream=_bool(body, "stream"),
         include_usage=bool(opts.get("include_usage", False)),
+        # vLLM puts the running usage in every chunk when both are set (include_continuous_usage)
+        continuous_usage=bool(opts.get("include_usage", False)) and bool(opts.get("continuous_usage_stats", False)),
         user=user if isinstance(user, str) else None,
         kv_transfer_params=kv,
         stop=stop,
@@ -326,6 +366,18 @@ def stream_chunk(
     finish: str | None,
     first: bool = False,
     stop_reason: str | int | None = None,
+    counts: tuple[int, int] | None = None,
+) -> dict:
+    """One streamed chunk; ``counts`` (prompt, completion tokens so far) adds the running usage that
+    a request with ``continuous_usage_stats`` gets in every chunk."""
+    chunk = _chunk(req, rid, text, finish, first, stop_reason)
+    if counts is not None:
+        chunk["usage"] = usage(*counts)
+    return chunk
+
+
+def _chunk(
+    req: GenerationRequest, rid: str, text: str | None, finish: str | None, first: bool, stop_reason: str | int | None
 ) -> dict:
     if req.kind == "chat":
         delta: dict = {}
@@ -357,6 +409,13 @@ def token_chunk_frame(req: GenerationRequest, rid: str) -> tuple[bytes, bytes]:
     event = b"data: " + json.dumps(stream_chunk(req, rid, _TEXT_SLOT, None), separators=(",", ":")).encode() + b"\n\n"
     head, tail = event.split(json.dumps(_TEXT_SLOT).encode())
     return head, tail
+
+
+def with_usage(tail: bytes, prompt: int, completion: int) -> bytes:
+    """A token event's tail (``token_chunk_frame``) with the running usage added to the chunk, as a
+    request with ``continuous_usage_stats`` gets it."""
+    running = json.dumps(usage(prompt, completion), separators=(",", ":")).encode()
+    return tail[: -len(b"}\n\n")] + b',"usage":' + running + b"}\n\n"
 
 
 @functools.lru_cache(maxsize=4096)
