@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("down", help="stop detached clusters (all of them, or one run directory)")
     p.add_argument("run_dir", nargs="?", help="one run directory (default: every running cluster)")
+    # the flag `up`, `link` and `fault` take for the same directory
+    p.add_argument("--run-dir", dest="run_dir_flag", metavar="RUN_DIR", help="the same, as a flag")
     _finish_parser(ap)
     return ap
 
@@ -863,7 +865,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     from emulator.cluster.local import down
 
-    stopped = down(args.run_dir)
+    if args.run_dir and args.run_dir_flag and args.run_dir != args.run_dir_flag:
+        raise InputError(f"down: two run directories given ({args.run_dir}, --run-dir {args.run_dir_flag}); give one")
+    stopped = down(args.run_dir or args.run_dir_flag)
     print("\n".join(stopped) if stopped else "no running cluster found")
     return 0
 

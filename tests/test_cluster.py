@@ -137,11 +137,14 @@ def test_hostile_input_through_the_router_is_a_4xx_and_ejects_no_backend(pd_clus
 
 def test_down_leaves_no_process_behind(tmp_path):
     before = set(emulator_pids())
-    r = run_infemu("up", example("quickstart.yaml"), "--detach", "--json", cwd=str(tmp_path))
+    run_dir = str(tmp_path / "rd")
+    r = run_infemu("up", example("quickstart.yaml"), "--detach", "--json", "--run-dir", run_dir, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     mine = set(emulator_pids()) - before
     assert len(mine) >= 2
-    r = run_infemu("down", cwd=str(tmp_path))
+    r = run_infemu("down", "/elsewhere", "--run-dir", run_dir, cwd=str(tmp_path))
+    assert r.returncode == 2 and "two run directories given" in r.stderr
+    r = run_infemu("down", "--run-dir", run_dir, cwd=str(tmp_path))  # the flag `up` took
     assert "processes stopped" in r.stdout
     assert not mine & set(emulator_pids())
 
