@@ -127,6 +127,27 @@ def test_a_store_shared_by_two_engines_turns_a_repeated_prefix_on_the_second_int
     assert second.ttft_ms < 0.5 * plain.records[1].ttft_ms  # fetching 4k tokens beats computing them
 
 
+def test_a_pd_prefill_writes_its_prompt_to_the_store_for_the_other_prefill_instance():
+    """In P/D the prefill instances are the store's writers: the simulator once skipped a P/D prefill's
+    write-through with its first token (which stays on the prefill instance), so examples/rag.yaml's
+    store held nothing and never served a block, while the emulated workers wrote theirs."""
+    doc = shared_store_spec()
+    store = doc["spec"]["pools"][0]
+    doc["spec"]["pools"] = [
+        store,
+        {"name": "prefill", "role": "prefill", "replicas": 2},
+        {"name": "decode", "role": "decode", "replicas": 1},
+    ]
+    doc["spec"]["router"] = {"policy": "pd"}
+    cluster = parse_cluster(doc)
+    res = simulate(cluster, plan_for(cluster))
+    first, second = res.records
+    assert (first.prefill_instance, second.prefill_instance) == ("prefill-0", "prefill-1")
+    blocks = (4096 - 1) // 16
+    assert first.kv_fetched_tokens == 0 and second.kv_fetched_tokens == blocks * 16
+    assert res.instances["store-0"]["put_blocks"] == 4096 // 16  # the first prefill's full blocks, once
+
+
 def test_a_slow_store_tier_makes_the_engine_recompute():
     cluster = parse_cluster(shared_store_spec(tier="ethernet-10"))
     res = simulate(cluster, plan_for(cluster))

@@ -542,13 +542,15 @@ class Simulation(StagesMixin):
             results = sched.update_from_output(output, now)
             seen = self._stream_one(inst, now, sched.last_num_outputs)
             for req in sched.first_tokens:  # first tokens reach their clients through the API server
-                if req.kv_role == "producer":
-                    continue  # a P/D prefill's token stays there: the client's first token comes from the decode
                 rec = self.records.get(req.request_id)
-                if req.request_id in inst.live and rec is not None and rec.first_token_s is None:
-                    rec.first_token_s = seen
-                    if self.stores and is_front(inst.role):
-                        self._prefill_written(inst, req, now)
+                if req.request_id not in inst.live or rec is None:
+                    continue
+                if req.kv_role != "producer" and rec.first_token_s is None:
+                    rec.first_token_s = seen  # (a P/D prefill's token stays there: the client's comes from the decode)
+                elif req.kv_role != "producer":
+                    continue  # a first token again (recomputed after a preemption): its blocks went already
+                if self.stores and is_front(inst.role):  # the prompt is computed: write-through sends its blocks
+                    self._prefill_written(inst, req, now)
         else:
             st, inst.stretch = stretch, None
             self._stream_stretch(inst, st, len(st.ends))
