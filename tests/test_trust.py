@@ -61,6 +61,24 @@ def test_a_worker_with_too_few_steps_for_a_p99_is_named_as_not_judged():
     assert trust_verdict(cluster, plan, summary, workers)["untimed"] == []
 
 
+def test_the_reports_line_for_a_worker_with_too_few_steps_says_not_judged_not_zero():
+    """The run report once printed "step timing error p99 0.00 ms = 0.0%" for a P/D prefill that had
+    timed too few steps for a p99, which read as a perfect worker."""
+    from types import SimpleNamespace
+
+    from emulator import report
+
+    cluster, _, summary = _quick()
+    workers = _workers(0.02, False)
+    workers["agg-1"] = {**_workers(0.0, False)["agg-0"], "timed_steps": 12.0}
+    result = SimpleNamespace(summary=summary, instances={n: {**w, "role": "aggregated"} for n, w in workers.items()})
+    with report.console.capture() as out:
+        report.print_summary_table(cluster, result)
+    lines = out.get().splitlines()
+    assert any("agg-0" in line and "step timing error p99 0.14 ms = 2.0% of the median step" in line for line in lines)
+    assert any("agg-1" in line and "step timing not judged: 12 steps timed (a p99 needs 50)" in line for line in lines)
+
+
 def test_the_suggested_dilation_stretches_the_step_until_the_lateness_fits_the_budget():
     assert suggested_dilation(2.0, 0.04) == 2.0  # within 5%: keep it
     assert suggested_dilation(1.0, 0.12) == 3.0  # 12% at D=1: 2.4 -> 3
