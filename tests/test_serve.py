@@ -156,6 +156,25 @@ async def test_models_health_ready(client):
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]}, 400, "invalid_value"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": "7"}, 400, "invalid_type"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "!"}, 400, "unsupported"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_value"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": [["deep"]]}]}]},
+            400,
+            "invalid_value",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {"q": 1}}}]},
+                ],
+            },
+            400,
+            "invalid_value",
+        ),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "guided_json": {"type": "object"}}, 400, "unsupported"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "guided_choice": ["a", "b"]}, 400, "unsupported"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"999999999": 5}}, 400, "invalid_value"),
@@ -953,3 +972,32 @@ async def test_continuous_usage_stats_put_the_running_usage_in_every_chunk(clien
                                 for c in events[:-2]]  # fmt: skip
         assert strip(counted) == strip(plain)  # the same chunks, with the usage added
         assert all("usage" not in c for c in plain[:-2])
+
+
+async def test_malformed_chat_bodies_are_the_workers_400_even_through_a_prefix_affinity_router():
+    """The prefix-affinity router tokenizes a chat prompt to choose a backend before any check: a
+    malformed one must not make it fail (the worker answers it with a 400), and a tool schema nested
+    as deep as the JSON parser allows is refused, not rendered into a RecursionError (a 500)."""
+    from emulator.router.proxy import RouterSettings, create_router_app
+
+    deep: dict = {}
+    cur = deep
+    for _ in range(900):
+        cur["a"] = {}
+        cur = cur["a"]
+    bodies = [
+        {"messages": ["just a string"]},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": [{"role": "user", "content": "hi"}], "tools": "all of them"},
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [{"function": {"name": "f", "parameters": deep}}]},
+    ]
+    cluster = load_clusters(example("quickstart.yaml"))[0]
+    async with TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as worker:
+        backends = (("agg-0", "aggregated", str(worker.make_url("")).rstrip("/")),)
+        router = create_router_app(RouterSettings(MODEL, 8192, "prefix_affinity", backends))
+        async with TestClient(TestServer(router)) as c:
+            for body in bodies:
+                for client in (worker, c):
+                    resp = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, **body})
+                    assert resp.status == 400, (body, await resp.text())
+                    assert (await resp.json())["error"]["code"] == "invalid_value"

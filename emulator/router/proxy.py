@@ -55,7 +55,7 @@ from emulator.serve.app import (
     stamped_arrival,
 )
 from emulator.serve.internal import cluster_token, internal_headers, is_internal
-from emulator.serve.protocol import APIError, read_json_object
+from emulator.serve.protocol import APIError, chat_tools, read_json_object
 from emulator.serve.tokens import chat_prompt, tokenize
 from emulator.spec import RouterSpec
 
@@ -186,9 +186,10 @@ class Router:
         if self.settings.policy == "prefix_affinity":
             prompt = body.get("prompt")
             if isinstance(body.get("messages"), list):
-                tools = body.get("tools")  # the worker refuses malformed tools; routing just reads them
-                tools = tools if isinstance(tools, list) and all(isinstance(t, dict) for t in tools) else None
-                ids = tokenize(chat_prompt(body["messages"], tools), self.settings.vocab_size)
+                try:  # the worker refuses a malformed request with a 400; routing reads well-formed ones only
+                    ids = tokenize(chat_prompt(body["messages"], chat_tools(body)), self.settings.vocab_size)
+                except (APIError, AttributeError, TypeError):
+                    ids = []
             elif isinstance(prompt, str):
                 ids = tokenize(prompt, self.settings.vocab_size)
             elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):

@@ -248,6 +248,25 @@ def _refuse_what_is_not_emulated(body: dict) -> None:
         )
 
 
+# How deep a tool's JSON schema may nest: real schemas nest a few levels; the bound keeps rendering it
+# (json.dumps, recursive) far from the interpreter's recursion limit, which the body's parser may
+# have come close to
+MAX_TOOL_NESTING = 64
+
+
+def _nesting(obj: object) -> int:
+    """How deep ``obj`` nests (iteratively: the object may be as deep as the parser allowed)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((x, depth + 1) for x in item)
+    return deepest
+
+
 def chat_tools(body: dict) -> list[dict] | None:
     """The request's tool definitions, checked as vLLM's request model checks them (an array of
     ``{"type": "function", "function": {"name": ...}}``): they are prompt tokens (``chat_prompt``)."""
@@ -262,7 +281,29 @@ def chat_tools(body: dict) -> list[dict] | None:
             400, "'tools' must be an array of {\"type\": \"function\", \"function\": {\"name\": ...}}", "tools",
             "invalid_value",
         )  # fmt: skip
+    if _nesting(tools) > MAX_TOOL_NESTING:
+        raise APIError(400, f"'tools' nests deeper than {MAX_TOOL_NESTING} levels", "tools", "invalid_value")
     return tools
+
+
+def _check_tool_calls(messages: list) -> None:
+    """An assistant turn's ``tool_calls``: OpenAI's shape, the arguments a JSON string (vLLM's
+    request model refuses anything else)."""
+    for m in messages:
+        calls = m.get("tool_calls")
+        if calls is None:
+            continue
+        if not isinstance(calls, list) or not all(
+            isinstance(c, dict)
+            and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments", ""), str)
+            for c in calls
+        ):
+            raise APIError(
+                400, "a message's 'tool_calls' must be [{\"function\": {\"name\": ..., \"arguments\": \"<JSON>\"}}]",
+                "messages", "invalid_value",
+            )  # fmt: skip
 
 
 def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
@@ -283,10 +324,13 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
             raise APIError(
                 400, "'messages' is required and must be a non-empty array", "messages", "missing_required_parameter"
             )
-        if not all(isinstance(m, dict) and "role" in m for m in messages):
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise APIError(400, "each message needs a 'role' and 'content'", "messages", "invalid_value")
         for m in messages:  # an image or audio part would be read by a multimodal model, not dropped
             parts = m.get("content")
+            if parts is not None and not isinstance(parts, (str, list)):
+                raise APIError(400, "a message's 'content' must be a string or an array of content parts", "messages",
+                               "invalid_value")  # fmt: skip
             for part in parts if isinstance(parts, list) else ():
                 kind_of = part.get("type") if isinstance(part, dict) else None
                 if kind_of != "text":
@@ -296,6 +340,9 @@ def parse_request(kind: str, body: Any, vocab_size: int) -> GenerationRequest:
                         "messages",
                         "unsupported",
                     )
+                if not isinstance(part.get("text"), str):
+                    raise APIError(400, "a text content part's 'text' must be a string", "messages", "invalid_value")
+        _check_tool_calls(messages)
         ids = tokenize(chat_prompt(messages, chat_tools(body)), vocab_size)
         max_tokens = _int(body, "max_completion_tokens", 1)
         if max_tokens is None:

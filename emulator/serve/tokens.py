@@ -89,8 +89,10 @@ def chat_prompt(messages: Sequence[dict], tools: Sequence[dict] | None = None) -
         parts.append("<|system|> # Tools\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools) + " <|end|>")
     for m in messages:
         content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts
-            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        if isinstance(content, list):  # OpenAI content parts (a text part's text is a string)
+            content = " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        elif not isinstance(content, str):
+            content = ""  # (None: an assistant turn with tool calls only; anything else the request's check refuses)
         calls = m.get("tool_calls")
         if isinstance(calls, list) and calls:
             content = f"{content or ''} " + " ".join(_tool_call(c) for c in calls)
@@ -100,9 +102,15 @@ def chat_prompt(messages: Sequence[dict], tools: Sequence[dict] | None = None) -
 
 
 def _tool_call(call: object) -> str:
+    """A call as templates render it; its arguments are a JSON string (the API's own type), anything
+    else renders as nothing (the request's check refuses it; routing reads whatever comes)."""
     fn = call.get("function") if isinstance(call, dict) else None
     fn = fn if isinstance(fn, dict) else {}
-    return json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments")}, ensure_ascii=False)
+    name, arguments = fn.get("name"), fn.get("arguments")
+    return json.dumps(
+        {"name": name if isinstance(name, str) else "", "arguments": arguments if isinstance(arguments, str) else ""},
+        ensure_ascii=False,
+    )
 
 
 def detokenize(ids: Sequence[int]) -> str:
