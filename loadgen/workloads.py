@@ -90,7 +90,11 @@ class Session:
     def _body(self) -> dict:
         body = {"messages": list(self.messages), "max_tokens": self.max_tokens, "ignore_eos": True}
         if self.kind == "agentic":
-            body["tools"] = TOOLS  # the model may call them; the emulated one answers in text
+            # the definitions are prompt tokens either way; "none" because a stock vLLM server (no
+            # --enable-auto-tool-choice) refuses "auto", the default once tools are given, with a 400,
+            # and still renders the tools into the prompt for "none" (`infemu loadtest --target` any server)
+            body["tools"] = TOOLS
+            body["tool_choice"] = "none"
         return body
 
 

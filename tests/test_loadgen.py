@@ -44,7 +44,7 @@ def test_agentic_sessions_grow_their_context_on_a_shared_system_prompt():
         assert 0.2 <= turn.think_s <= 1.0
     assert len(bodies) == 5
     assert all(b["messages"][0]["content"] == workloads.SYSTEM_PROMPT for b in bodies)
-    assert all(b["tools"] == workloads.TOOLS for b in bodies)  # the same definitions every turn
+    assert all(b["tools"] == workloads.TOOLS and b["tool_choice"] == "none" for b in bodies)  # every turn alike
     for prev, nxt in itertools.pairwise(bodies):
         assert nxt["messages"][: len(prev["messages"])] == prev["messages"]  # the prefix is reused
 
