@@ -309,6 +309,13 @@ def test_live_faults_backpressure_and_supervision(tmp_path):
     assert "two (" in down.stdout and "processes stopped" in down.stdout
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """The child takes SIGINT as a program started at a terminal does. A test run started in the
+    background of a non-interactive shell (``make test &``, nohup) ignores SIGINT, and its children
+    inherit that: the interrupt tests below then waited out their timeouts on a Ctrl-C never seen."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_still_writes_its_report(tmp_path):
     out = tmp_path / "out"
@@ -319,6 +326,7 @@ def test_an_interrupted_run_still_writes_its_report(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": ROOT},
+        preexec_fn=_ctrl_c_as_at_a_terminal,
     )
     deadline = time.monotonic() + 120
     for line in proc.stderr:  # interrupt once requests are finishing
@@ -507,6 +515,7 @@ def test_two_interrupts_during_start_up_leave_no_network_behind(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": ROOT},
+        preexec_fn=_ctrl_c_as_at_a_terminal,
     )
     deadline = time.monotonic() + 60
     while not (_net_names() - before):  # the namespaces exist: start-up is under way
