@@ -344,6 +344,7 @@ def beyond_the_engine(engine, prefill_tokens: int, prefill_context: int, decode_
 
 def print_placement(cluster) -> None:
     from emulator.build import build_instances
+    from emulator.costmodel.engines import profile_choice
 
     topo, setups = build_instances(cluster.spec)
     t = Table(
@@ -357,6 +358,7 @@ def print_placement(cluster) -> None:
     for i in topo.instances:  # engines with their KV blocks; AFD's FFN instances hold experts only
         t.add_row(i.name, i.role, ",".join(map(str, i.gpus)), str(i.node), str(i.domain), blocks.get(i.name, "-"))
     console.print(t)
+    console.print(f"  engine: {profile_choice(cluster.spec.engine.name, cluster.spec.engine.version)}")
     console.print("  spec is valid")
 
 

@@ -312,3 +312,21 @@ def test_auto_time_dilation_follows_each_pilots_verdict(verdicts, tried, chosen)
     cluster = load_clusters(str(Path(ROOT) / "examples" / "quickstart.yaml"))[0]
     out = choose_time_dilation(cluster, "unused.yaml", _pilot_plan(200), run_pilot=pilots)
     assert pilots.dilations == tried and out.spec.emulation.time_dilation == chosen
+
+
+def test_validate_says_which_engine_profile_prices_the_spec(tmp_path):
+    """A version older than every profiled one is priced as the oldest: `validate` says so (it was
+    silent, and `engine: {name: sglang, version: "0.1"}` ran SGLang 0.5's host-side model unannounced)."""
+    r = infemu("validate", example("quickstart.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert "engine: vllm (no version: the newest profile): host side priced with the vllm" in r.stdout
+    assert "spec is valid" in r.stdout
+    text = (
+        Path(example("quickstart.yaml"))
+        .read_text()
+        .replace("  gpu: h100-sxm", '  engine: {name: sglang, version: "0.1"}\n  gpu: h100-sxm')
+    )
+    spec = tmp_path / "old.yaml"
+    spec.write_text(text)
+    out = " ".join(infemu("validate", str(spec)).stdout.split())  # the console may wrap the line
+    assert "engine: sglang 0.1: host side priced with the sglang 0.5 profile (0.1 is older than every profiled" in out

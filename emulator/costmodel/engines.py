@@ -266,6 +266,18 @@ def engine_profile(name: str, version: str | None = None) -> EngineProfile:
     return chosen
 
 
+def profile_choice(name: str, version: str | None = None) -> str:
+    """Which profile prices an engine and version, in words (``infemu validate``): a version older than
+    every profile is read as the oldest one, which a user should be told rather than find out."""
+    chosen = engine_profile(name, version)
+    asked = f"{name} {version}" if version else f"{name} (no version: the newest profile)"
+    label = chosen.name if chosen.version in ("", "0") else f"{chosen.name} {chosen.version}"  # ideal: one profile
+    line = f"{asked}: host side priced with the {label} profile"
+    if version and version_key(version) < version_key(profiles(name)[0].version):
+        line += f" ({version} is older than every profiled version; the oldest stands in for it)"
+    return line
+
+
 def with_constants(profile: EngineProfile, host: HostCosts | None = None, api: ApiCosts | None = None) -> EngineProfile:
     """A copy with other fitted constants (the fit and the cross-validation use this)."""
     return replace(profile, host=host or profile.host, api=api or profile.api)
