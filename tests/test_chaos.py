@@ -736,6 +736,33 @@ def test_a_fault_injected_by_hand_during_a_run_stays_on_record_beside_the_runs_s
     assert sorted(record.read(str(run_dir))["log"]) == sorted(f"{k}-{i}" for k in range(6) for i in range(25))
 
 
+def test_a_scheduled_kill_is_over_when_the_supervisor_reports_every_killed_instance_back():
+    """The kill's end (its recovery in the accounting) comes from the supervisor, which watches the
+    restarted instances' readiness: not from the runner's own probes, which once held up its ticks."""
+    from emulator.cluster.local import ProcessInfo, RunState
+    from emulator.faults import local
+    from emulator.faults.schedule import Fault
+
+    state = RunState("c", "unused.yaml", "/nonexistent")
+    state.processes = [ProcessInfo(n, "aggregated", 10**7 + k, f"http://127.0.0.1:{9000 + k}") for k, n in
+                       enumerate(("agg-0", "agg-1"))]  # fmt: skip
+
+    class Injector(local.LocalInjector):
+        def apply(self, fault, on, cut=None):
+            return [f"{fault.name} {on}"]
+
+    kill = Fault(0, "kill-both", "kill", 1.0, None, None, instances=("agg-0", "agg-1"))
+    runner = local.FaultRunner(Injector(state), [kill], 1.0, lambda: 0, "/nonexistent")
+    runner._save = lambda: None
+    runner.t0 = 0.0
+    runner.tick(1.0)
+    runner.tick(30.0)  # no time limit of its own: still on
+    assert runner.timeline[0]["end_s"] is None
+    assert runner.reapply({"agg-0"}) == [] and runner.timeline[0]["end_s"] is None  # one of two back
+    runner.reapply({"agg-1"})
+    assert runner.timeline[0]["end_s"] is not None and runner.active[0].cleared
+
+
 def test_a_scheduled_fault_goes_back_on_a_member_its_supervisor_restarted(monkeypatch):
     """A run's slowdown or link fault belongs to the GPU or the network: when a kill (or a crash)
     restarts its instance mid-fault, the supervisor, once the instance answers ready, tells the fault

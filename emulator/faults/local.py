@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from emulator.cluster.admin import AdminError, post_admin
-from emulator.cluster.local import RunState, http_status
+from emulator.cluster.local import RunState
 from emulator.faults import record
 from emulator.faults.schedule import ROUTER, Fault, admin_calls, phases
 
@@ -63,12 +63,14 @@ class _Active:
     switches: list[tuple[float, bool]] = field(default_factory=list)  # flapping: (wall time, cut)
     cleared: bool = False
     cut_now: bool | None = None  # a flapping link's current phase
+    down: set[str] = field(default_factory=set)  # a kill's instances the supervisor has not seen back yet
 
 
 class FaultRunner:
     """Plays ``faults`` during a run, in a thread: each starts at its time (emulated seconds after
     ``t0``, times the dilation) or once ``sent()`` requests were sent, and is cleared when its duration
-    is over. The timeline it records (emulated seconds since ``t0``) feeds the accounting."""
+    is over; a kill is over once the supervisor reports every instance it killed back and ready
+    (``reapply``). The timeline it records (emulated seconds since ``t0``) feeds the accounting."""
 
     def __init__(self, injector: LocalInjector, faults: list[Fault], dilation: float, sent, run_dir: str) -> None:
         self.injector = injector
@@ -114,13 +116,11 @@ class FaultRunner:
             while a.switches and now >= a.switches[0][0]:
                 _, a.cut_now = a.switches.pop(0)
                 self.log += self.injector.apply(a.fault, True, cut=a.cut_now)
-            if a.fault.kind == "kill":
-                if all(self._restarted(n) for n in a.fault.instances):
-                    self._end(a, now)
-            elif a.ends is not None and now >= a.ends:
+            if a.fault.kind != "kill" and a.ends is not None and now >= a.ends:  # (a kill ends in ``reapply``)
                 self.log += self.injector.apply(a.fault, False)
                 self._end(a, now)
-        # written when something happened, not every 20 ms tick (each write reads the live faults first)
+        # written when something happened (here or in ``reapply``), not every 20 ms tick: each write takes
+        # the record's lock and reads it first
         changed = (len(self.log), len(self.timeline), sum(e["end_s"] is not None for e in self.timeline))
         if changed != self._saved:
             self._saved = changed
@@ -130,21 +130,25 @@ class FaultRunner:
         """The supervisor's word that these instances were restarted and answer ready: the faults of the
         schedule they carry, not yet over, lost it with their process and go back on, as a GPU's
         slowness or a link's damage outlives a restart (a member that was down as its fault began gets
-        it now too)."""
+        it now too); a kill whose instances are all back is over. The supervisor is the one that
+        watches readiness: the runner's own 0.5 s probes once held up its ticks while a kill lasted."""
         lines: list[str] = []
         with self._lock:
             for a in self.active:
+                if a.cleared:
+                    continue
+                if a.fault.kind == "kill":  # over once every instance it killed is back and ready
+                    a.down -= restarted
+                    if not a.down:
+                        self._end(a, time.perf_counter())
+                    continue
                 moved = sorted(a.fault.members & restarted)
-                if a.cleared or a.fault.kind == "kill" or not moved:
+                if not moved:
                     continue
                 lines += [f"{a.fault.name}: re-applied after {', '.join(moved)} restarted"]
                 lines += self.injector.apply(a.fault, True, cut=a.cut_now)
             self.log += lines
         return lines
-
-    def _restarted(self, name: str) -> bool:
-        proc = self.injector._proc(name)
-        return proc.restarts > 0 and http_status(f"{proc.url}/ready", timeout=0.5) == 200
 
     def _begin(self, f: Fault, now: float) -> None:
         ends = None if f.duration_s is None else now + f.duration_s * self.dilation
@@ -152,6 +156,8 @@ class FaultRunner:
         switches = [(now + t * self.dilation, cut) for t, cut in phases(f, 0.0, f.duration_s or 1e9)]
         a.switches = switches[1:]  # a flapping link: cut, restored, cut ... every half period
         a.cut_now = switches[0][1]
+        if f.kind == "kill":
+            a.down = set(f.instances)
         self.active.append(a)
         self.log += self.injector.apply(f, True, cut=a.cut_now)
         self.timeline.append(
