@@ -961,8 +961,9 @@ MAX_SPEC_BYTES = 4 * 1024 * 1024  # a spec is a page of YAML; a trace belongs in
 MAX_SPEC_DEPTH = 64  # the schema nests about 6 levels
 
 
-def _depth(node: Any, limit: int) -> int:
-    """Nesting depth of parsed YAML, iteratively (a 5,000-deep document must not hit the recursion limit)."""
+def nesting_depth(node: Any, limit: int) -> int:
+    """Nesting depth of parsed YAML or JSON (a scalar is one level), iteratively (a 5,000-deep document
+    must not hit the recursion limit); counting stops once past ``limit``."""
     deepest, stack = 0, [(node, 1)]
     while stack:
         item, depth = stack.pop()
@@ -1006,7 +1007,7 @@ def load_clusters(path: str) -> list[InferenceCluster]:
     except RecursionError:
         raise SpecError([f"{path}: YAML nested too deeply; a spec nests at most {MAX_SPEC_DEPTH} levels"]) from None
     for i, doc in enumerate(docs):
-        if _depth(doc, MAX_SPEC_DEPTH) > MAX_SPEC_DEPTH:
+        if nesting_depth(doc, MAX_SPEC_DEPTH) > MAX_SPEC_DEPTH:
             raise SpecError([f"{path} (document {i + 1}): nested more than {MAX_SPEC_DEPTH} levels; not a spec"])
     if not docs:
         raise SpecError([f"{path}: the file holds no document"])

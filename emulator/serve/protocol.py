@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp.web_protocol import RequestPayloadError
 
 from emulator.serve.tokens import chat_prompt, tokenize
+from emulator.spec import nesting_depth
 
 
 async def read_json_object(request) -> dict:
@@ -254,19 +255,6 @@ def _refuse_what_is_not_emulated(body: dict) -> None:
 MAX_TOOL_NESTING = 64
 
 
-def _nesting(obj: object) -> int:
-    """How deep ``obj`` nests (iteratively: the object may be as deep as the parser allowed)."""
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, depth)
-            stack.extend((x, depth + 1) for x in item)
-    return deepest
-
-
 def chat_tools(body: dict) -> list[dict] | None:
     """The request's tool definitions, checked as vLLM's request model checks them (an array of
     ``{"type": "function", "function": {"name": ...}}``): they are prompt tokens (``chat_prompt``)."""
@@ -281,7 +269,7 @@ def chat_tools(body: dict) -> list[dict] | None:
             400, "'tools' must be an array of {\"type\": \"function\", \"function\": {\"name\": ...}}", "tools",
             "invalid_value",
         )  # fmt: skip
-    if _nesting(tools) > MAX_TOOL_NESTING:
+    if nesting_depth(tools, MAX_TOOL_NESTING) > MAX_TOOL_NESTING:
         raise APIError(400, f"'tools' nests deeper than {MAX_TOOL_NESTING} levels", "tools", "invalid_value")
     return tools
 
