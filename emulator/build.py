@@ -50,6 +50,7 @@ def engine_config(
         pipeline_parallel_size=pool.pp,
         prefill_first=profile.scheduling == "prefill_first",
         reserve_full_sequence=profile.reserve_full_sequence,
+        async_scheduling=profile.async_scheduling,
         max_prefill_chunk=limits.max_num_batched_tokens if pool.dp > 1 else None,
     )
     return cfg, plan

@@ -32,6 +32,8 @@ def profile_of(spec: ClusterSpec) -> EngineProfile:
     profile = engine_profile(spec.engine.name, spec.engine.version)
     if spec.engine.scheduling != "auto":
         profile = replace(profile, scheduling=spec.engine.scheduling)
+    if spec.engine.async_scheduling is not None:
+        profile = replace(profile, async_scheduling=spec.engine.async_scheduling)
     if spec.engine.pd_handoff_ms is not None:
         profile = replace(profile, api=replace(profile.api, pd_handoff_s=spec.engine.pd_handoff_ms * 1e-3))
     return profile

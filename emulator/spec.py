@@ -370,6 +370,13 @@ class EngineSpec(_Model):
         description="auto = the engine's default; mixed = prefill chunks share steps with decodes (vLLM, "
         "TensorRT-LLM, SGLang --enable-mixed-chunk); prefill_first = a prefill step pauses decoding (SGLang).",
     )
+    async_scheduling: bool | None = Field(
+        None,
+        description="Model async scheduling's admission lag: the engine decides step n+1 while step n runs (vLLM "
+        "--async-scheduling, its default from 0.14; SGLang's and TensorRT-LLM's overlap schedulers), so a request "
+        "arriving during a step joins the step after the next. Default: off in every engine profile, whose "
+        "fitted constants were scored better without it (docs/fidelity.md).",
+    )
     pd_handoff_ms: float | None = Field(
         None,
         ge=0,

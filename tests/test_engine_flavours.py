@@ -164,3 +164,115 @@ def test_pd_with_a_full_decode_cache_completes_every_request():
     assert res.summary["completed"] == 400 and res.summary["failed"] == 0
     for inst in sim.instances:
         assert not inst.scheduler.has_work() and not inst.scheduler.held
+
+
+def _async(s: Scheduler) -> Scheduler:
+    return Scheduler(replace(s.config, async_scheduling=True))
+
+
+def test_async_scheduling_puts_a_request_that_came_during_a_step_into_the_step_after_the_next():
+    """vLLM >= 0.14 and SGLang's overlap scheduler decide step n+1 when step n starts: a request that
+    arrives while step n runs missed n+1's decision. A synchronous engine takes it into n+1."""
+    for is_async, joins_at in ((False, 1), (True, 2)):
+        s = create_scheduler(max_num_batched_tokens=4096)
+        s = _async(s) if is_async else s
+        for i in range(4):
+            s.add_request(create_request(f"d{i}", 100, 50))
+        step = s.schedule(0.0)  # step 1 runs; a request comes meanwhile
+        s.add_request(create_request("new", 500, 10), during_step=True)
+        for k in range(1, 4):
+            s.update_from_output(step, 0.01 * k)
+            step = s.schedule(0.01 * k)
+            if [q for q, _ in step.shape.prefill_chunks] == [500]:
+                break
+        assert k == joins_at, (is_async, k)
+        assert step.shape.num_decode == 4
+
+
+def test_async_scheduling_takes_a_request_at_once_when_nothing_else_would_run():
+    """An engine with nothing to run next decides no step ahead: the request that comes is not delayed."""
+    s = _async(create_scheduler(max_num_batched_tokens=4096))
+    s.add_request(create_request("last", 100, 1))
+    step = s.schedule(0.0)  # its only token: the request ends with this step
+    s.add_request(create_request("new", 300, 5), during_step=True)
+    s.update_from_output(step, 0.01)
+    step = s.schedule(0.01)
+    assert [q for q, _ in step.shape.prefill_chunks] == [300]
+    # and a request that comes to an idle engine is never held back
+    idle = _async(create_scheduler())
+    idle.add_request(create_request("a", 100, 5))
+    assert idle.schedule(0.0).shape.prefill_chunks == ((100, 0),)
+
+
+def test_async_scheduling_holds_a_prefill_first_engine_to_decoding_for_one_step():
+    s = _async(prefill_first(create_scheduler(max_num_batched_tokens=4096)))
+    for i in range(4):
+        s.add_request(create_request(f"d{i}", 100, 50))
+    step = s.schedule(0.0)
+    s.add_request(create_request("new", 1000, 10), during_step=True)
+    s.update_from_output(step, 0.01)
+    step = s.schedule(0.01)  # decided before "new" came: the four decode
+    assert step.shape.num_decode == 4 and not step.shape.prefill_chunks
+    s.update_from_output(step, 0.02)
+    step = s.schedule(0.02)
+    assert step.shape.num_decode == 0 and [q for q, _ in step.shape.prefill_chunks] == [1000]
+
+
+def test_the_admission_lag_is_off_in_the_profiles_and_a_spec_turns_it_on():
+    """Off by default: the fitted constants scored better without it (engines.yaml, docs/fidelity.md)."""
+    from emulator.costmodel.engines import engine_profile
+
+    assert not any(engine_profile(name).async_scheduling for name in ("vllm", "sglang", "trtllm", "ideal"))
+
+    def config(**engine):
+        doc = {
+            "apiVersion": "infemu.io/v1alpha1",
+            "kind": "InferenceCluster",
+            "metadata": {"name": "sync"},
+            "spec": {
+                "model": "meta-llama/Llama-3.1-8B",
+                "gpu": "h100",
+                "engine": {"name": "vllm", **engine},
+                "pools": [{"name": "agg", "replicas": 1}],
+            },
+        }
+        spec = parse_cluster(doc).spec
+        return engine_config(spec, spec.pools[0], get_model("meta-llama/Llama-3.1-8B"))[0]
+
+    assert not config().async_scheduling
+    assert config(asyncScheduling=True).async_scheduling
+
+
+def test_a_simulated_async_engine_costs_each_newcomer_about_one_decode_step_of_ttft():
+    """Poisson arrivals to a busy engine: each request misses the step decided before it came, a decode
+    step here (about one TPOT); nothing else changes (same steps, same decode pace)."""
+    import numpy as np
+
+    def run(is_async: bool):
+        doc = {
+            "apiVersion": "infemu.io/v1alpha1",
+            "kind": "InferenceCluster",
+            "metadata": {"name": "lag"},
+            "spec": {
+                "model": "llama-3.1-8b",
+                "gpu": "h100-sxm",
+                "engine": {"name": "vllm", "asyncScheduling": is_async},
+                "pools": [{"name": "agg", "replicas": 1}],
+                "workload": {
+                    "arrival": {"type": "poisson"},
+                    "rate": 8,
+                    "requests": 300,
+                    "inputLength": {"type": "fixed", "value": 512},
+                    "outputLength": {"type": "fixed", "value": 200},
+                },
+            },
+        }
+        c = parse_cluster(doc)
+        res = Simulation(c, build_plan(c.spec.workload)).run()
+        assert res.summary["completed"] == 300
+        done = [r for r in res.records if r.ok]
+        return np.mean([r.ttft_ms for r in done]), np.mean([r.tpot_ms for r in done])
+
+    (sync_ttft, sync_tpot), (async_ttft, async_tpot) = run(False), run(True)
+    assert abs(async_tpot / sync_tpot - 1) < 0.01
+    assert 0.5 * sync_tpot < async_ttft - sync_ttft < 1.5 * sync_tpot

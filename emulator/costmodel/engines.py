@@ -127,6 +127,9 @@ class EngineProfile:
     cuda_graph_prefill: bool = True
     # the default token budget is the whole attention-DP group's, split over its ranks (SGLang)
     dp_divides_token_budget: bool = False
+    # the engine decides step n+1 while step n runs (vLLM's async scheduling, SGLang's overlap scheduler,
+    # TensorRT-LLM's overlap scheduler): a request that arrives during a step misses the step already decided
+    async_scheduling: bool = False
     host: HostCosts = field(default_factory=HostCosts)
     api: ApiCosts = field(default_factory=ApiCosts)
     fitted_on: tuple[str, ...] = ()
@@ -201,6 +204,7 @@ def _profile(name: str, merged: dict) -> EngineProfile:
         cuda_graph_padding=bool(merged["cuda_graphs"].get("padding", True)),
         cuda_graph_prefill=_prefill_graphs(name, merged["cuda_graphs"].get("prefill", "piecewise")),
         dp_divides_token_budget=bool(limits.get("dp_divides_token_budget", False)),
+        async_scheduling=bool(merged.get("async_scheduling", False)),
         host=HostCosts(
             step_fixed_s=float(host.get("step_fixed_us", 0.0)) * 1e-6,
             per_seq_s=float(host.get("per_seq_us", 0.0)) * 1e-6,

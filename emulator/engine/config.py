@@ -42,6 +42,10 @@ class EngineConfig:
     # together (budgets summed), but a request lives on one rank and gets at most that rank's budget.
     # None: the whole step budget.
     max_prefill_chunk: int | None = None
+    # Async scheduling (vLLM >= 0.14, SGLang's and TensorRT-LLM's overlap schedulers): the engine decides
+    # step n+1 when step n starts, so a request that arrives while a step runs joins the step after the
+    # next. An idle engine, or one with nothing else to run next, takes it at once.
+    async_scheduling: bool = False
 
     @property
     def prefill_chunk_limit(self) -> int:

@@ -61,6 +61,8 @@ class Request:
     # need not rebuild every token's timestamp for it when the request ends
     max_itl_s: float = 0.0
     last_token_s: float | None = None
+    # async scheduling: the first scheduler call that may admit it (it came while a decided step ran)
+    admit_from_call: int = 0
 
     @property
     def num_tokens(self) -> int:

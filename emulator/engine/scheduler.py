@@ -56,6 +56,8 @@ class Scheduler:
         self.last_num_outputs = 0  # outputs of the last update: errors reported plus tokens sampled
         self.first_tokens: list[Request] = []  # requests whose first token the last update sampled
         self.changes: set[Scheduler] | None = None  # where a watcher (the simulator's load board) hears of it
+        self.schedule_calls = 0
+        self._deferred = False  # the last call left a waiting request out for async scheduling's lag
 
     def _changed(self) -> None:
         self.version += 1
@@ -63,8 +65,11 @@ class Scheduler:
             self.changes.add(self)
 
     # ---- intake --------------------------------------------------------------
-    def add_request(self, req: Request) -> RequestOutput | None:
-        """Queue a request, or reject it at once (returned output) when it can never run."""
+    def add_request(self, req: Request, during_step: bool = False) -> RequestOutput | None:
+        """Queue a request, or reject it at once (returned output) when it can never run.
+
+        ``during_step``: a step is running as it comes. An async-scheduling engine decided the next
+        step when that one started, so the request can join the step after it at the earliest."""
         self._changed()
         error = self._admission_error(req)
         if error is not None:
@@ -78,6 +83,8 @@ class Scheduler:
             self.remote_waiting.append(req)
         else:
             self.waiting.append(req)
+            if during_step and self.config.async_scheduling:
+                req.admit_from_call = self.schedule_calls + 2
         return None
 
     def _admission_error(self, req: Request) -> str | None:
@@ -171,8 +178,27 @@ class Scheduler:
     def schedule(self, now: float) -> SchedulerOutput:
         """The next step. Mixed engines (vLLM, TensorRT-LLM) put decodes and prefill chunks in one
         step; prefill-first engines (SGLang) run a prefill-only step whenever a prompt can make
-        progress and pause decoding for it, else a decode-only step."""
+        progress and pause decoding for it, else a decode-only step.
+
+        Async scheduling leaves out the requests that came during the running step (their step was
+        decided without them), unless nothing else would run: an engine whose next step is empty
+        decides it when they come (vLLM's batch queue schedules nothing ahead then)."""
         self._changed()
+        self.schedule_calls += 1
+        self._deferred = False
+        out = self._schedule_step(now)
+        if out.scheduled or not self._deferred:
+            return out
+        for req in self.waiting:
+            req.admit_from_call = 0
+        again = self._schedule_step(now)
+        if not out.kv_pulls and not out.preempted:
+            return again
+        return SchedulerOutput(
+            again.scheduled, again.shape, out.kv_pulls + again.kv_pulls, out.preempted + again.preempted
+        )
+
+    def _schedule_step(self, now: float) -> SchedulerOutput:
         if not self.config.prefill_first:
             return self._schedule(now, decode=True, prefill=True)
         if self._prefill_possible():
@@ -187,6 +213,9 @@ class Scheduler:
         ):
             return True
         head = self.waiting[0] if self.waiting else None
+        if head is not None and head.admit_from_call > self.schedule_calls:
+            self._deferred = True
+            return False
         return (
             head is not None
             and head.num_computed_tokens < head.num_prompt_tokens
@@ -320,6 +349,9 @@ class Scheduler:
         reserved = self._reserved_blocks() if cfg.reserve_full_sequence else 0
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
+            if req.admit_from_call > self.schedule_calls:
+                self._deferred = True  # (FCFS: the ones behind it came later still)
+                break
             if computed_only and req.num_computed_tokens < req.num_prompt_tokens:
                 break
             if cfg.reserve_full_sequence:

@@ -134,7 +134,7 @@ class RealTimeEngine:
         if self.closed:
             handle.queue.put_nowait(StreamEvent("error", message="the server is shutting down"))
             return handle
-        rejected = self.scheduler.add_request(req)
+        rejected = self.scheduler.add_request(req, during_step=self.in_flight > 0)
         if rejected is not None:
             handle.queue.put_nowait(StreamEvent("error", message=req.error, status=400))
             return handle

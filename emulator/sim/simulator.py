@@ -400,7 +400,7 @@ class Simulation(StagesMixin):
 
     def _admit(self, inst: SimInstance, req: Request, rec: RequestRecord, now: float) -> None:
         self._settle(inst, now, exact=bool(self.stores))
-        rejected = inst.scheduler.add_request(req)
+        rejected = inst.scheduler.add_request(req, during_step=inst.in_flight > 0)
         if rejected is not None:
             self._fail(rec, now, req.error or "rejected")
             return
