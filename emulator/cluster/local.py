@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from emulator.atomic_file import write_atomically
 from emulator.errors import SpecError
 from emulator.roles import get_role
 from emulator.serve.internal import TOKEN_ENV, internal_headers, new_token
@@ -79,11 +80,8 @@ class RunState:
         }
 
     def save(self) -> None:
-        path = os.path.join(self.run_dir, "state.json")
         # owner-only: the file holds the cluster's internal token
-        with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
-            json.dump({**asdict(self)}, fh, indent=2)
-        os.replace(path + ".tmp", path)
+        write_atomically(os.path.join(self.run_dir, "state.json"), json.dumps(asdict(self), indent=2), 0o600)
 
     @classmethod
     def load(cls, run_dir: str) -> RunState:

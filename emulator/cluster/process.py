@@ -26,6 +26,7 @@ import sys
 from aiohttp import web
 
 from emulator import event_loop
+from emulator.atomic_file import write_atomically
 from emulator.errors import SpecError
 
 
@@ -203,10 +204,7 @@ async def _start_one(args: argparse.Namespace, app: web.Application, instance: s
         if WORKER in app:  # an engine (an FFN instance serves the expert side only)
             app[WORKER].url = args.advertise_url or f"http://{args.advertise_host or args.host}:{bound}"
     if port_file:
-        tmp = port_file + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(str(bound))
-        os.replace(tmp, port_file)
+        write_atomically(port_file, str(bound))
     logging.getLogger("infemu").info("%s %s listening on %s:%d", args.kind, instance or "router", args.host, bound)
     return runner, server
 

@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from emulator.atomic_file import write_atomically
+
 FAULTS_FILE = "faults.json"
 
 
@@ -47,9 +49,6 @@ def updating(run_dir: str) -> Iterator[dict]:
         try:
             data = read(run_dir)
             yield data
-            tmp = f"{_path(run_dir)}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=1)
-            os.replace(tmp, _path(run_dir))
+            write_atomically(_path(run_dir), json.dumps(data, indent=1))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
