@@ -183,6 +183,7 @@ def print_cost_table(cluster, args) -> int:
     host = {
         "engine": f"{profile.name} {profile.version}",
         "async_overlap": profile.host.async_overlap,
+        "async_scheduling": profile.async_scheduling,
         "cuda_graph": None if graph is None else graph,
         "eager_kernels": cm.kernels.eager_kernels(),
         "eager_launch_us_per_kernel": profile.host.eager_launch_s * 1e6,
@@ -271,7 +272,12 @@ def print_cost_table(cluster, args) -> int:
     console.print(
         f"  host side: {'CUDA graph at ' + str(graph) + ' tokens' if graph is not None else eager};"
         f" {'overlapped with the GPU (async scheduling)' if profile.host.async_overlap else 'serial with the GPU'};"
-        f" {host['step_fixed_us']:.0f} us per step + {host['per_seq_us']:.1f} us per sequence;"
+        + (
+            " a request that comes during a step joins the step after the next (async scheduling);"
+            if profile.async_scheduling
+            else ""
+        )
+        + f" {host['step_fixed_us']:.0f} us per step + {host['per_seq_us']:.1f} us per sequence;"
         f" API server {host['api_latency_ms']:.1f} ms + {host['api_per_prompt_token_us']:.2f} us per prompt token,"
         f" {host['api_per_output_us']:.1f} us per streamed token"
         + (f"; P/D hand-off {host['pd_handoff_ms']:.0f} ms" if pool.role in ("prefill", "decode") else "")

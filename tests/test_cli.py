@@ -85,6 +85,19 @@ def test_cost_prints_per_operator_breakdown():
     # the host-side component and the checkpoint's precisions, with where they come from
     assert "host side:" in r.stdout and "engine_constants.json" in r.stdout
     assert "precisions: dense bf16, attention bf16, experts bf16, KV cache bf16 (from unquantized)" in r.stdout
+    assert "async scheduling" not in r.stdout  # off unless the spec turns it on
+
+
+def test_cost_says_when_the_spec_models_async_schedulings_admission_lag(tmp_path):
+    spec = tmp_path / "async.yaml"
+    spec.write_text(
+        Path(example("quickstart.yaml")).read_text().replace("spec:\n", "spec:\n  engine: {asyncScheduling: true}\n", 1)
+    )
+    r = infemu("cost", str(spec), "--decode-batch", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["host"]["async_scheduling"] is True
+    text = " ".join(infemu("cost", str(spec), "--decode-batch", "8").stdout.split())
+    assert "a request that comes during a step joins the step after the next (async scheduling)" in text
 
 
 def test_cost_shows_a_hybrid_models_linear_state_per_sequence_not_per_token(tmp_path):
