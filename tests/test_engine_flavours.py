@@ -218,6 +218,23 @@ def test_async_scheduling_holds_a_prefill_first_engine_to_decoding_for_one_step(
     assert step.shape.num_decode == 0 and [q for q, _ in step.shape.prefill_chunks] == [1000]
 
 
+def _one_llama(engine: dict, **spec):
+    """A one-instance Llama-3.1-8B cluster on an H100 with these engine settings."""
+    doc = {
+        "apiVersion": "infemu.io/v1alpha1",
+        "kind": "InferenceCluster",
+        "metadata": {"name": "lag"},
+        "spec": {
+            "model": "llama-3.1-8b",
+            "gpu": "h100-sxm",
+            "engine": {"name": "vllm", **engine},
+            "pools": [{"name": "agg", "replicas": 1}],
+            **spec,
+        },
+    }
+    return parse_cluster(doc)
+
+
 def test_the_admission_lag_is_off_in_the_profiles_and_a_spec_turns_it_on():
     """Off by default: the fitted constants scored better without it (engines.yaml, docs/fidelity.md)."""
     from emulator.costmodel.engines import engine_profile
@@ -225,19 +242,8 @@ def test_the_admission_lag_is_off_in_the_profiles_and_a_spec_turns_it_on():
     assert not any(engine_profile(name).async_scheduling for name in ("vllm", "sglang", "trtllm", "ideal"))
 
     def config(**engine):
-        doc = {
-            "apiVersion": "infemu.io/v1alpha1",
-            "kind": "InferenceCluster",
-            "metadata": {"name": "sync"},
-            "spec": {
-                "model": "meta-llama/Llama-3.1-8B",
-                "gpu": "h100",
-                "engine": {"name": "vllm", **engine},
-                "pools": [{"name": "agg", "replicas": 1}],
-            },
-        }
-        spec = parse_cluster(doc).spec
-        return engine_config(spec, spec.pools[0], get_model("meta-llama/Llama-3.1-8B"))[0]
+        spec = _one_llama(engine).spec
+        return engine_config(spec, spec.pools[0], get_model("llama-3.1-8b"))[0]
 
     assert not config().async_scheduling
     assert config(asyncScheduling=True).async_scheduling
@@ -249,25 +255,16 @@ def test_a_simulated_async_engine_costs_each_newcomer_about_one_decode_step_of_t
     import numpy as np
 
     def run(is_async: bool):
-        doc = {
-            "apiVersion": "infemu.io/v1alpha1",
-            "kind": "InferenceCluster",
-            "metadata": {"name": "lag"},
-            "spec": {
-                "model": "llama-3.1-8b",
-                "gpu": "h100-sxm",
-                "engine": {"name": "vllm", "asyncScheduling": is_async},
-                "pools": [{"name": "agg", "replicas": 1}],
-                "workload": {
-                    "arrival": {"type": "poisson"},
-                    "rate": 8,
-                    "requests": 300,
-                    "inputLength": {"type": "fixed", "value": 512},
-                    "outputLength": {"type": "fixed", "value": 200},
-                },
+        c = _one_llama(
+            {"asyncScheduling": is_async},
+            workload={
+                "arrival": {"type": "poisson"},
+                "rate": 8,
+                "requests": 300,
+                "inputLength": {"type": "fixed", "value": 512},
+                "outputLength": {"type": "fixed", "value": 200},
             },
-        }
-        c = parse_cluster(doc)
+        )
         res = Simulation(c, build_plan(c.spec.workload)).run()
         assert res.summary["completed"] == 300
         done = [r for r in res.records if r.ok]
