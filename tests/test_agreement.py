@@ -45,27 +45,26 @@ def _steps(url: str, le: str) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize(
-    "name, rate, requests, dilation, lengths",
+    "name, rate, requests, dilation, lengths, engine",
     [
-        ("quickstart.yaml", 11.0, 100, 3.0, {}),  # about half of the ~22 req/s saturation
+        ("quickstart.yaml", 11.0, 100, 3.0, {}, {}),  # about half of the ~22 req/s saturation
         # async scheduling's admission lag (off in the profiles): the workers hold a newcomer back a step as
         # the simulator does
-        pytest.param("quickstart.yaml", 11.0, 60, 3.0, {"engine": {"asyncScheduling": True}}, id="quickstart-async"),
-        ("pd-llama70b-h100.yaml", 7.0, 120, 3.0, {}),  # about half of the prefill pools' saturation
+        pytest.param("quickstart.yaml", 11.0, 60, 3.0, {}, {"asyncScheduling": True}, id="quickstart-async"),
+        ("pd-llama70b-h100.yaml", 7.0, 120, 3.0, {}, {}),  # about half of the prefill pools' saturation
         # attention-FFN disaggregation: the attention engine's process exchanges its activations with the FFN
         # instance's process every step; short answers keep the run (x6 in wall time) short
-        ("moe-qwen3-30b-afd.yaml", 10.0, 40, 6.0, {"input_len": 512, "output_len": 48}),
+        ("moe-qwen3-30b-afd.yaml", 10.0, 40, 6.0, {"input_len": 512, "output_len": 48}, {}),
         # RAG pipelines: retriever, KV store, P/D; each request is a retrieval then a generation that the
         # router runs through itself (two more HTTP hops than a plain request)
-        ("rag.yaml", 8.0, 32, 6.0, {"output_len": 32}),
+        ("rag.yaml", 8.0, 32, 6.0, {"output_len": 32}, {}),
     ],
 )
-def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilation, lengths):
+def test_emulation_agrees_with_simulation(tmp_path, name, rate, requests, dilation, lengths, engine):
     with open(example(name), encoding="utf-8") as fh:
         docs = list(yaml.safe_load_all(fh))
     docs[0]["spec"]["emulation"] = {"timeDilation": dilation}
-    lengths = dict(lengths)
-    docs[0]["spec"].setdefault("engine", {}).update(lengths.pop("engine", {}))
+    docs[0]["spec"].setdefault("engine", {}).update(engine)
     spec_path = tmp_path / name
     spec_path.write_text(yaml.safe_dump_all(docs))
     overrides = WorkloadOverrides(rate=rate, requests=requests, **lengths)
