@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from emulator.results import write_jsonl
-from emulator.trust import MIN_TIMED_STEPS
+from emulator.trust import MIN_TIMED_STEPS, timing_judged
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
@@ -100,12 +100,11 @@ def print_summary_table(cluster, result, wall_s: float | None = None) -> None:
             hit = f"prefix hits {100 * st.get('prefix_cache_hits', 0) / q:.0f}%" if q else "no prefix queries"
             ratio = 100 * st.get("timing_error_ratio", 0)
             flag = " (over the 5% budget: raise spec.emulation.timeDilation)" if st.get("overloaded") else ""
-            timed = int(st.get("timed_steps", MIN_TIMED_STEPS))
             p99_ms = 1e3 * st.get("timing_error_p99_s", 0)
             timing = (
                 f"step timing error p99 {p99_ms:.2f} ms = {ratio:.1f}% of the median step"
-                if timed >= MIN_TIMED_STEPS
-                else f"step timing not judged: {timed} steps timed (a p99 needs {MIN_TIMED_STEPS})"
+                if timing_judged(st)
+                else f"step timing not judged: {int(st['timed_steps'])} steps timed (a p99 needs {MIN_TIMED_STEPS})"
             )
             console.print(
                 f"  {name} ({st.get('role')}): {hit}, {int(st.get('preemptions', 0))} preemptions, {timing}{flag}"

@@ -18,6 +18,11 @@ MIN_TIMED_STEPS = 50  # a worker publishes its step-timing p99 (and so its verdi
 TTFT_BOUND, TPOT_BOUND = 0.10, 0.05  # emulated vs simulated means
 
 
+def timing_judged(stats: dict) -> bool:
+    """Whether a worker timed enough steps for a step-timing p99 (scraped stats without the count: yes)."""
+    return stats.get("timed_steps", MIN_TIMED_STEPS) >= MIN_TIMED_STEPS
+
+
 def suggested_dilation(dilation: float, share_of_step: float) -> float:
     """The time dilation that brings a worker's step-timing error p99 (``share_of_step`` of its median
     step at ``dilation``) under the budget: the lateness stays, the step stretches with D."""
@@ -38,7 +43,7 @@ def trust_verdict(cluster, plan, summary: dict, instances: dict) -> dict:
                               "share_of_step": ratio},
         "overloaded": sorted(n for n, st in engines.items() if st.get("overloaded")),
         # too few steps for a p99: their timing is not judged (a very short run, or a large dilation)
-        "untimed": sorted(n for n, st in engines.items() if st.get("timed_steps", MIN_TIMED_STEPS) < MIN_TIMED_STEPS),
+        "untimed": sorted(n for n, st in engines.items() if not timing_judged(st)),
     }  # fmt: skip
     needed = dilation * ratio / TIMING_BUDGET if out["overloaded"] else 1.0
     if plan is not None and summary.get("completed"):
