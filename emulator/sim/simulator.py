@@ -545,10 +545,10 @@ class Simulation(StagesMixin):
                 rec = self.records.get(req.request_id)
                 if req.request_id not in inst.live or rec is None:
                     continue
-                if req.kv_role != "producer" and rec.first_token_s is None:
-                    rec.first_token_s = seen  # (a P/D prefill's token stays there: the client's comes from the decode)
-                elif req.kv_role != "producer":
-                    continue  # a first token again (recomputed after a preemption): its blocks went already
+                if req.kv_role != "producer":  # (a P/D prefill's token stays there: the client's comes from the decode)
+                    if rec.first_token_s is not None:
+                        continue  # a first token again (recomputed after a preemption): its blocks went already
+                    rec.first_token_s = seen
                 if self.stores and is_front(inst.role):  # the prompt is computed: write-through sends its blocks
                     self._prefill_written(inst, req, now)
         else:
