@@ -56,8 +56,7 @@ class Scheduler:
         self.last_num_outputs = 0  # outputs of the last update: errors reported plus tokens sampled
         self.first_tokens: list[Request] = []  # requests whose first token the last update sampled
         self.changes: set[Scheduler] | None = None  # where a watcher (the simulator's load board) hears of it
-        self.schedule_calls = 0
-        self._deferred = False  # the last call left a waiting request out for async scheduling's lag
+        self.schedule_calls = 0  # async scheduling's lag counts a request's wait in scheduler calls
 
     def _changed(self) -> None:
         self.version += 1
@@ -185,10 +184,11 @@ class Scheduler:
         decides it when they come (vLLM's batch queue schedules nothing ahead then)."""
         self._changed()
         self.schedule_calls += 1
-        self._deferred = False
         out = self._schedule_step(now)
-        if out.scheduled or not self._deferred:
+        if out.scheduled or not self.config.async_scheduling:
             return out
+        if not any(r.admit_from_call > self.schedule_calls for r in self.waiting):
+            return out  # (empty for another reason: blocks, limits, nothing waiting)
         for req in self.waiting:
             req.admit_from_call = 0
         again = self._schedule_step(now)
@@ -214,7 +214,6 @@ class Scheduler:
             return True
         head = self.waiting[0] if self.waiting else None
         if head is not None and head.admit_from_call > self.schedule_calls:
-            self._deferred = True
             return False
         return (
             head is not None
@@ -350,8 +349,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
             if req.admit_from_call > self.schedule_calls:
-                self._deferred = True  # (FCFS: the ones behind it came later still)
-                break
+                break  # (FCFS: the ones behind it came later still)
             if computed_only and req.num_computed_tokens < req.num_prompt_tokens:
                 break
             if cfg.reserve_full_sequence:
