@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-dilation",
         metavar="D|auto",
         help="run at time dilation D instead of spec.emulation.timeDilation; auto: a short pilot of the plan's first "
-        "requests measures whether this host keeps time, raising D until it does (at most 3 pilots)",
+        "requests measures whether this host keeps time, raising D until it does (at most 3 pilots). Default: the "
+        "spec's D, or auto when the spec sets none (D=1 where no pilot can run: --workload, a plan of one pilot)",
     )
     p.add_argument(
         "--shape",
@@ -422,6 +423,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from emulator.overrides import apply_overrides
     from emulator.report import print_summary_table
     from emulator.run import run
+    from emulator.spec import sets_time_dilation
     from emulator.workload.plan import plan_for
 
     locust = None
@@ -436,13 +438,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides = dataclasses.replace(overrides, concurrency=None, duration=None)
     cluster = apply_overrides(_one_cluster(args), overrides)
     plan = plan_for(cluster, os.path.dirname(os.path.abspath(args.spec)))
-    if args.time_dilation == "auto":
+    asked = args.time_dilation
+    if asked is None and not sets_time_dilation(cluster):  # the host decides, where pilots can measure it
+        from emulator.run import why_no_pilots
+
+        reason = why_no_pilots(plan, locust)
+        if reason is None:
+            asked = "auto"
+            print("time dilation: the spec sets none, so pilots choose it (set spec.emulation.timeDilation or"
+                  " --time-dilation to skip them)", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"time dilation: the spec sets none and {reason}: running at D=1 (the report says whether"
+                  " this host kept time, and the D that would)", file=sys.stderr)  # fmt: skip
+    if asked == "auto":
         from emulator.run import choose_time_dilation
 
         if locust is not None:
             raise SpecError(["--time-dilation auto: pilots replay the spec's plan; with --workload give a number"])
         cluster = choose_time_dilation(cluster, args.spec, plan, args.shaping)
-    elif args.time_dilation is not None:
+    elif asked is not None:
         from emulator.spec import with_time_dilation
 
         try:
@@ -512,7 +526,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from emulator.spec import load_clusters
-    from emulator.sweep import goodput, sweep, write_outputs
+    from emulator.sweep import goodput, point_json, sweep, trust_mark, write_outputs
 
     rates = _rates(args.rates)
     clusters = _select(load_clusters(args.spec), args.cluster)
@@ -528,18 +542,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     {
                         "cluster": cluster.name,
                         "goodput_rps": gp,
-                        "points": [{"rate": p.rate, "slo_attainment": p.summary["slo_attainment"]} for p in points],
+                        "points": [point_json(p) for p in points],
                     }
                 )
             )
             continue
         print(f"{cluster.name} ({'simulated' if args.sim else 'emulated'}):")
-        print(f"  {'rate':>7} {'attain':>7} {'TTFT p90':>9} {'TPOT p90':>9} {'tok/s':>8}")
+        trust_column = "" if args.sim else "  trust"  # emulated: whether the host kept time at each rate
+        print(f"  {'rate':>7} {'attain':>7} {'TTFT p90':>9} {'TPOT p90':>9} {'tok/s':>8}{trust_column}")
         for p in points:
             s = p.summary
             print(
                 f"  {p.rate:7g} {100 * s['slo_attainment']:6.1f}% {s['ttft_ms']['p90'] or 0:9.1f}"
                 f" {s['tpot_ms']['p90'] or 0:9.2f} {s['output_tokens_per_s']:8.0f}"
+                + (f"  {trust_mark(p)}" if p.trust is not None else "")
             )
         target = cluster.spec.slo.attainment_target
         if gp == max(rates):  # the knee lies beyond what was swept

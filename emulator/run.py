@@ -335,19 +335,32 @@ def pilot_plan(plan: RequestPlan) -> RequestPlan:
     return replace(plan, requests=plan.requests[: max(min(n, early), PILOT_MIN_REQUESTS)])
 
 
+def why_no_pilots(plan: RequestPlan, locust: LocustLoad | None) -> str | None:
+    """Why a run whose spec leaves its time dilation to the host cannot have pilots choose it (None: it
+    can). A Locust run has no plan to replay, and a plan no longer than its pilot would run twice."""
+    if locust is not None:
+        return "a Locust run has no plan for pilots to replay"
+    if len(pilot_plan(plan).requests) >= len(plan.requests):
+        return f"the plan's {len(plan.requests)} requests are no more than one pilot"
+    return None
+
+
 def choose_time_dilation(
     cluster: InferenceCluster, spec_path: str, plan: RequestPlan, shaping: str = "auto", run_pilot=None
 ) -> InferenceCluster:
-    """``infemu run --time-dilation auto``: replay the plan's first requests on this host from the spec's
-    dilation up, each pilot at the dilation the previous one's trust verdict asked for (its workers'
-    step-timing error and its gap to the simulator), until one is faithful or a pilot asks for no more.
-    The headroom is measured, under this workload, on this host: not estimated."""
+    """``infemu run --time-dilation auto``, and ``infemu run`` of a spec that sets no dilation: replay the
+    plan's first requests on this host from the spec's dilation up, each pilot at the dilation the
+    previous one's trust verdict asked for (its workers' step-timing error and its gap to the
+    simulator), until one is faithful or a pilot asks for no more. The headroom is measured, under this
+    workload, on this host: not estimated. Pilots leave the spec's faults out: they measure whether the
+    host keeps time under the load, and a kill in a pilot would only cost a restart."""
     run_pilot = run_pilot or (lambda c, p: run(c, spec_path, p, None, shaping=shaping))
     pilot = pilot_plan(plan)
     dilation = cluster.spec.emulation.time_dilation
     for attempt in range(1, PILOTS + 1):
         trial = with_time_dilation(cluster, dilation)
-        trust = run_pilot(trial, pilot).trust or {}
+        unfaulted = trial.model_copy(update={"spec": trial.spec.model_copy(update={"faults": []})})
+        trust = run_pilot(unfaulted, pilot).trust or {}
         suggested = trust.get("suggested_time_dilation")
         line = trust.get("line", "no verdict")
         print(f"time dilation auto: pilot {attempt} ({len(pilot.requests)} requests at D={dilation:g}): {line}",

@@ -826,7 +826,9 @@ class EmulationSpec(_Model):
         ge=1.0,
         le=100.0,
         description="Multiply every modelled duration (and divide every link rate) by D; reported times are "
-        "divided by D. Lets a small host emulate a fleet whose steps are shorter than its own overheads.",
+        "divided by D. Lets a small host emulate a fleet whose steps are shorter than its own overheads. Unset, "
+        "`infemu run` lets pilots of the plan choose it on the host (the operator runs at 1; each worker's "
+        "/metrics says when that does not keep time).",
     )
     instances_per_process: int = Field(
         1,
@@ -937,6 +939,11 @@ def validate_document(model: type[_M], data: Any, source: str = "") -> _M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, data, f"{source}: " if source else "")) from None
+
+
+def sets_time_dilation(cluster: InferenceCluster) -> bool:
+    """Whether the spec chose its time dilation (``infemu run`` lets the host choose when it did not)."""
+    return "time_dilation" in cluster.spec.emulation.model_fields_set
 
 
 def with_time_dilation(cluster: InferenceCluster, dilation: float, source: str = "--time-dilation") -> InferenceCluster:

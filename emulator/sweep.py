@@ -16,6 +16,9 @@ from emulator.workload.plan import plan_for
 class SweepPoint:
     rate: float
     summary: dict
+    # an emulated point's trust verdict (``emulator.trust``): a rate the host could not keep time at is
+    # flagged, not reported as if it had; None for a simulated point
+    trust: dict | None = None
 
 
 def sweep(
@@ -35,13 +38,32 @@ def sweep(
         if simulate_only:
             from emulator.sim.simulator import simulate
 
-            summary = simulate(c, plan).summary
+            points.append(SweepPoint(rate, simulate(c, plan).summary))
         else:
             from emulator.run import run
 
-            summary = run(c, spec_path, plan, None, shaping=shaping).summary
-        points.append(SweepPoint(rate, summary))
+            result = run(c, spec_path, plan, None, shaping=shaping)
+            points.append(SweepPoint(rate, result.summary, result.trust))
     return points
+
+
+def point_json(point: SweepPoint, full: bool = False) -> dict:
+    """A point as `--json` prints it (rate, attainment) or sweep.json keeps it (``full``: the whole
+    summary); an emulated point adds its trust verdict and the time dilation that would fix it."""
+    out = {"rate": point.rate, **(point.summary if full else {"slo_attainment": point.summary["slo_attainment"]})}
+    if point.trust is not None:
+        out["trust"] = {k: point.trust.get(k) for k in ("verdict", "time_dilation", "suggested_time_dilation")}
+    return out
+
+
+def trust_mark(point: SweepPoint) -> str:
+    """The sweep table's trust column: blank when simulated, else whether the host kept time."""
+    if point.trust is None:
+        return ""
+    if point.trust.get("verdict") == "faithful":
+        return "faithful"
+    suggested = point.trust.get("suggested_time_dilation")
+    return f"NOT faithful (timeDilation {suggested:g} would be)" if suggested else "NOT faithful"
 
 
 def goodput(points: list[SweepPoint], target: float) -> float:
@@ -59,7 +81,7 @@ def write_outputs(out_dir: str, cluster: InferenceCluster, points: list[SweepPoi
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sweep.json"), "w", encoding="utf-8") as fh:
-        json.dump({"goodput_rps": gp, "points": [{"rate": p.rate, **p.summary} for p in points]}, fh, indent=2)
+        json.dump({"goodput_rps": gp, "points": [point_json(p, full=True) for p in points]}, fh, indent=2)
     rates = [p.rate for p in points]
     target = cluster.spec.slo.attainment_target
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

@@ -160,7 +160,9 @@ def test_sim_hang_is_ejected_and_traffic_moves():
 @pytest.mark.slow
 def test_chaos_example_on_real_processes_agrees_with_the_simulator(tmp_path):
     out = tmp_path / "out"
-    r = run_infemu("run", example("chaos.yaml"), "--out", str(out), cwd=str(tmp_path), timeout=240)
+    r = run_infemu(  # at D=1 as the simulator's figures were checked, no pilots (a spec without a D gets them)
+        "run", example("chaos.yaml"), "--out", str(out), "--time-dilation", "1", cwd=str(tmp_path), timeout=240
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     run = json.loads((out / "summary.json").read_text())
     sim = _sim(_cluster())
@@ -320,7 +322,18 @@ def _ctrl_c_as_at_a_terminal() -> None:
 def test_an_interrupted_run_still_writes_its_report(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "emulator.cli", "run", example("quickstart.yaml"), "--out", str(out)],
+        # at D=1, no pilots first: the run's progress is what this test interrupts
+        [
+            sys.executable,
+            "-m",
+            "emulator.cli",
+            "run",
+            example("quickstart.yaml"),
+            "--time-dilation",
+            "1",
+            "--out",
+            str(out),
+        ],
         cwd=str(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -408,7 +421,7 @@ def test_a_decode_killed_after_the_hand_off_never_leaves_a_stream_unterminated(t
     spec = tmp_path / "kill-decode.yaml"
     spec.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    r = run_infemu("run", str(spec), "--out", str(out), cwd=str(tmp_path), timeout=180)
+    r = run_infemu("run", str(spec), "--out", str(out), "--time-dilation", "1", cwd=str(tmp_path), timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     run = json.loads((out / "summary.json").read_text())
     sim = _sim(_cluster(kill_decode))

@@ -217,6 +217,41 @@ def test_sweep_says_when_the_knee_lies_outside_the_swept_rates(rates, says):
     assert r.returncode == 0 and says in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow
+def test_an_emulated_sweep_says_at_each_rate_whether_the_host_kept_time(tmp_path):
+    """An emulated point the host could not keep time at must not read as a measurement like the others:
+    each carries its run's trust verdict (in `--json`, sweep.json and the table's trust column)."""
+    r = infemu(
+        "sweep",
+        example("quickstart.yaml"),
+        "--rates",
+        "6,12",
+        "--requests",
+        "16",
+        "--shaping",
+        "inproc",
+        "--json",
+        "--out",
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    points = json.loads(r.stdout)["points"]
+    assert [p["rate"] for p in points] == [6.0, 12.0]
+    for p in points:
+        assert p["trust"]["verdict"] in ("faithful", "degraded") and p["trust"]["time_dilation"] == 1.0, p
+    kept = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    assert [p["trust"] for p in kept] == [p["trust"] for p in points] and kept[0]["completed"] == 16
+
+
+def test_the_sweep_tables_trust_column_names_the_dilation_that_would_fix_a_rate():
+    from emulator.sweep import SweepPoint, trust_mark
+
+    assert trust_mark(SweepPoint(8.0, {})) == ""  # simulated
+    assert trust_mark(SweepPoint(8.0, {}, {"verdict": "faithful"})) == "faithful"
+    degraded = {"verdict": "degraded", "suggested_time_dilation": 4.0}
+    assert trust_mark(SweepPoint(30.0, {}, degraded)) == "NOT faithful (timeDilation 4 would be)"
+
+
 @pytest.mark.parametrize("rates", ["a,b", "-1,2", ""])
 def test_sweep_rejects_bad_rates(rates):
     r = infemu("sweep", "examples/quickstart.yaml", "--rates", rates, "--sim")
@@ -304,6 +339,7 @@ class _Pilots:
         from types import SimpleNamespace
 
         self.dilations.append(cluster.spec.emulation.time_dilation)
+        self.faults = len(cluster.spec.faults)
         verdict, suggested = self.verdicts.pop(0)
         return SimpleNamespace(trust={"verdict": verdict, "suggested_time_dilation": suggested, "line": verdict})
 
@@ -325,6 +361,38 @@ def test_auto_time_dilation_follows_each_pilots_verdict(verdicts, tried, chosen)
     cluster = load_clusters(str(Path(ROOT) / "examples" / "quickstart.yaml"))[0]
     out = choose_time_dilation(cluster, "unused.yaml", _pilot_plan(200), run_pilot=pilots)
     assert pilots.dilations == tried and out.spec.emulation.time_dilation == chosen
+
+
+def test_pilots_leave_the_specs_faults_for_the_run():
+    from emulator.run import choose_time_dilation
+    from emulator.spec import load_clusters
+
+    pilots = _Pilots(("degraded", 3), ("faithful", None))
+    cluster = load_clusters(str(Path(ROOT) / "examples" / "chaos.yaml"))[0]
+    assert cluster.spec.faults
+    out = choose_time_dilation(cluster, "unused.yaml", _pilot_plan(200), run_pilot=pilots)
+    assert pilots.faults == 0 and out.spec.faults == cluster.spec.faults and out.spec.emulation.time_dilation == 3
+
+
+def test_pilots_choose_the_dilation_only_where_they_can_replay_a_part_of_the_plan():
+    from emulator.run import why_no_pilots
+
+    assert why_no_pilots(_pilot_plan(200), None) is None
+    assert "no more than one pilot" in why_no_pilots(_pilot_plan(30), None)
+    assert "no more than one pilot" in why_no_pilots(_pilot_plan(32, concurrency=8), None)  # 4 rounds of 8
+    assert why_no_pilots(_pilot_plan(40, concurrency=8), None) is None
+    assert "Locust" in why_no_pilots(_pilot_plan(200), object())
+
+
+def test_a_spec_sets_its_time_dilation_only_when_it_names_it(tmp_path):
+    from emulator.spec import load_clusters, sets_time_dilation, with_time_dilation
+
+    quickstart = load_clusters(str(Path(ROOT) / "examples" / "quickstart.yaml"))[0]
+    assert not sets_time_dilation(quickstart)
+    assert sets_time_dilation(with_time_dilation(quickstart, 1.0))  # `--time-dilation 1`: no pilots
+    text = Path(example("quickstart.yaml")).read_text().replace("spec:\n", "spec:\n  emulation: {timeDilation: 1}\n", 1)
+    (tmp_path / "q.yaml").write_text(text)
+    assert sets_time_dilation(load_clusters(str(tmp_path / "q.yaml"))[0])
 
 
 def test_validate_says_which_engine_profile_prices_the_spec(tmp_path):

@@ -280,6 +280,39 @@ def test_infemu_run_closed_loop_concurrency(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["completed"] == 9
+    # the spec sets no time dilation, and a pilot would be the whole plan: it runs at D=1 and says why
+    assert "the plan's 9 requests are no more than one pilot: running at D=1" in r.stderr
+    assert "pilot 1" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_spec_without_a_time_dilation_runs_at_the_one_its_pilots_chose(tmp_path):
+    """`infemu run` of a spec that leaves the dilation to the host: pilots of the plan's first requests
+    measure it (issue 17: chosen from measured headroom when the spec does not say), and the run uses the
+    last pilot's D, which its report records."""
+    r = run_infemu(
+        "run",
+        example("quickstart.yaml"),
+        "--requests",
+        "60",
+        "--rate",
+        "12",
+        "--output-len",
+        "32",
+        "--out",
+        "rep",
+        "--json",
+        "--shaping",
+        "inproc",
+        cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "the spec sets none, so pilots choose it" in r.stderr
+    assert "time dilation auto: pilot 1 (30 requests at D=1)" in r.stderr
+    chosen = float(re.search(r"time dilation auto: running at D=([0-9.]+)", r.stderr).group(1))
+    assert json.loads(r.stdout)["completed"] == 60  # the run itself, not a pilot
+    trust = json.loads((tmp_path / "rep" / "trust.json").read_text())
+    assert trust["time_dilation"] == chosen
 
 
 def test_a_cluster_that_fails_to_start_names_the_instance_and_leaves_nothing(tmp_path):

@@ -44,6 +44,8 @@ def test_prometheus_agrees_with_the_client_and_serves_every_dashboard_query(tmp_
             "--json",
             "--shaping",
             "inproc",
+            "--time-dilation",  # the spec sets none: no pilots before the run this test reads
+            "1",
         ],
         capture_output=True,
         text=True,
