@@ -227,7 +227,7 @@ def test_an_emulated_sweep_says_at_each_rate_whether_the_host_kept_time(tmp_path
         "--rates",
         "6,12",
         "--requests",
-        "16",
+        "10",
         "--shaping",
         "inproc",
         "--json",
@@ -240,7 +240,7 @@ def test_an_emulated_sweep_says_at_each_rate_whether_the_host_kept_time(tmp_path
     for p in points:
         assert p["trust"]["verdict"] in ("faithful", "degraded") and p["trust"]["time_dilation"] == 1.0, p
     kept = json.loads((tmp_path / "sweep.json").read_text())["points"]
-    assert [p["trust"] for p in kept] == [p["trust"] for p in points] and kept[0]["completed"] == 16
+    assert [p["trust"] for p in kept] == [p["trust"] for p in points] and kept[0]["completed"] == 10
 
 
 def test_the_sweep_tables_trust_column_names_the_dilation_that_would_fix_a_rate():

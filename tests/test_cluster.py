@@ -294,9 +294,9 @@ def test_a_spec_without_a_time_dilation_runs_at_the_one_its_pilots_chose(tmp_pat
         "run",
         example("quickstart.yaml"),
         "--requests",
-        "60",
+        "40",
         "--rate",
-        "12",
+        "16",
         "--output-len",
         "32",
         "--out",
@@ -310,7 +310,7 @@ def test_a_spec_without_a_time_dilation_runs_at_the_one_its_pilots_chose(tmp_pat
     assert "the spec sets none, so pilots choose it" in r.stderr
     assert "time dilation auto: pilot 1 (30 requests at D=1)" in r.stderr
     chosen = float(re.search(r"time dilation auto: running at D=([0-9.]+)", r.stderr).group(1))
-    assert json.loads(r.stdout)["completed"] == 60  # the run itself, not a pilot
+    assert json.loads(r.stdout)["completed"] == 40  # the run itself, not a pilot
     trust = json.loads((tmp_path / "rep" / "trust.json").read_text())
     assert trust["time_dilation"] == chosen
 

@@ -61,3 +61,24 @@ def test_ids_are_deterministic_and_prefix_stable():
 def test_a_word_always_gets_the_same_number_of_pieces():
     assert all(word_pieces(w) >= 1 for w in ("a", "supercalifragilistic", "tokenization"))
     assert word_pieces("internationalization") == word_pieces("internationalization") >= 3
+
+
+def test_a_streamed_tokens_json_is_its_text_and_answers_spread_over_the_vocabulary():
+    """The streaming path sends ``output_token_json`` (pre-encoded) where whole answers use
+    ``output_token``'s text: they must be the same token. The hash behind both spreads ids and words."""
+    from collections import Counter
+
+    from emulator.serve.tokens import WORDS, output_token, output_token_json
+
+    vocab = 128256
+    ids, words = set(), Counter()
+    for seed in (0, 1, 2**63 + 12345, 2**64 - 1):
+        for position in range(400):
+            token_id, text = output_token(seed, position, vocab)
+            assert json.loads(output_token_json(seed, position)) == text
+            assert text == (" " if position else "") + text.strip() and 0 <= token_id < vocab
+            assert output_token(seed, position, vocab) == (token_id, text)  # deterministic
+            ids.add(token_id)
+            words[text.strip()] += 1
+    assert len(ids) > 1550  # 1,600 draws from 128k ids: nearly all distinct
+    assert set(words) == set(WORDS) and max(words.values()) < 3 * 1600 / len(WORDS)

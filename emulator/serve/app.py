@@ -55,6 +55,7 @@ from emulator.serve.tokens import (
     chat_prompt,
     detokenize,
     output_token,
+    output_token_json,
     prompt_seed,
     stop_hit,
     synthetic_eos,
@@ -495,7 +496,6 @@ class Worker:
                 opening = stream_chunk(g, public, "", None, first=True, counts=(n_prompt, 0) if counted else None)
                 await _sse(resp, opening)
             head, tail = token_chunk_frame(g, public)
-            vocab = self.model.vocab
             first_due = None
             transport = request.transport
             frame = body_framer(resp)
@@ -517,11 +517,15 @@ class Worker:
             def tokens_due() -> bytes:
                 """The due tokens as SSE events, one per token."""
                 nonlocal position, due
+                if due == 1 and not counted and not texts:  # a step's one token: the common case, kept lean
+                    position += 1
+                    due = 0
+                    return head + output_token_json(seed, position - 1) + tail
                 events = []
                 for _ in range(due):
-                    text = texts[position] if texts else output_token(seed, position, vocab)[1]
+                    text = json_text(texts[position]) if texts else output_token_json(seed, position)
                     position += 1
-                    events += (head, json_text(text), with_usage(tail, n_prompt, position) if counted else tail)
+                    events += (head, text, with_usage(tail, n_prompt, position) if counted else tail)
                 due = 0
                 return b"".join(events)
 
@@ -530,7 +534,8 @@ class Worker:
                 at once, then every ``interval`` tokens (the rest wait), as vLLM's --stream-interval does
                 (``costmodel.engines.sending_tokens``); the events are built when they are sent."""
                 nonlocal due, sent
-                mark_prefilled(ev)
+                if not sent:  # the stream's first tokens (later ones find both marks set)
+                    mark_prefilled(ev)
                 due += ev.count
                 if sent and due < interval:
                     return b""

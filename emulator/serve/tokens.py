@@ -119,11 +119,33 @@ def detokenize(ids: Sequence[int]) -> str:
     return " ".join(WORDS[int(i) % len(WORDS)] for i in ids)
 
 
+_MASK64 = (1 << 64) - 1
+# each word's text as a streamed token carries it, JSON-encoded: first in the answer, and after a space
+_FIRST_JSON = tuple(json.dumps(w).encode() for w in WORDS)
+_LATER_JSON = tuple(json.dumps(" " + w).encode() for w in WORDS)
+
+
+def _token_hash(seed: int, position: int) -> int:
+    """A request's position-th output token as a 64-bit hash: splitmix64's finaliser (Steele, Lea and
+    Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014) over seed + golden-ratio steps.
+    Every streamed token pays for it, so it is integer arithmetic, not a digest of a formatted string."""
+    x = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def output_token(seed: int, position: int, vocab_size: int) -> tuple[int, str]:
     """The position-th output token of a request: (id, text)."""
-    h = _h(f"{seed}:{position}")
+    h = _token_hash(seed, position)
     word = WORDS[h % len(WORDS)]
     return h % vocab_size, (" " + word if position else word)
+
+
+def output_token_json(seed: int, position: int) -> bytes:
+    """The position-th output token's text as a JSON string (``output_token``'s, pre-encoded): the
+    streaming hot path's form."""
+    return (_LATER_JSON if position else _FIRST_JSON)[_token_hash(seed, position) % len(WORDS)]
 
 
 @dataclass(frozen=True)
