@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from emulator.overrides import WorkloadOverrides, apply_overrides
-from emulator.spec import InferenceCluster
+from emulator.spec import InferenceCluster, sets_time_dilation
 from emulator.workload.plan import plan_for
 
 
@@ -40,8 +40,11 @@ def sweep(
 
             points.append(SweepPoint(rate, simulate(c, plan).summary))
         else:
-            from emulator.run import run
+            from emulator.run import choose_time_dilation, run, why_no_pilots
 
+            if not sets_time_dilation(c) and why_no_pilots(plan, None) is None:
+                # as `infemu run` does: each rate's own load decides the dilation its host needs
+                c = choose_time_dilation(c, spec_path, plan, shaping)
             result = run(c, spec_path, plan, None, shaping=shaping)
             points.append(SweepPoint(rate, result.summary, result.trust))
     return points
@@ -61,7 +64,8 @@ def trust_mark(point: SweepPoint) -> str:
     if point.trust is None:
         return ""
     if point.trust.get("verdict") == "faithful":
-        return "faithful"
+        dilation = point.trust.get("time_dilation") or 1.0
+        return "faithful" if dilation == 1.0 else f"faithful at D={dilation:g}"
     suggested = point.trust.get("suggested_time_dilation")
     return f"NOT faithful (timeDilation {suggested:g} would be)" if suggested else "NOT faithful"
 

@@ -243,11 +243,43 @@ def test_an_emulated_sweep_says_at_each_rate_whether_the_host_kept_time(tmp_path
     assert [p["trust"] for p in kept] == [p["trust"] for p in points] and kept[0]["completed"] == 10
 
 
+def test_an_emulated_sweep_lets_pilots_choose_each_rates_dilation_when_the_spec_sets_none(monkeypatch):
+    """Each rate's load decides its dilation, as `infemu run` decides a run's: pilots where the spec sets
+    none and the plan is longer than a pilot; the spec's own D (or a plan of one pilot) runs as it is."""
+    from types import SimpleNamespace
+
+    import emulator.run
+    from emulator.spec import load_clusters, with_time_dilation
+    from emulator.sweep import sweep
+
+    piloted, ran = [], []
+
+    def pilots(cluster, spec_path, plan, shaping):
+        piloted.append(len(plan.requests))
+        return with_time_dilation(cluster, 3.0)
+
+    def run(cluster, spec_path, plan, out_dir, shaping):
+        ran.append(cluster.spec.emulation.time_dilation)
+        return SimpleNamespace(summary={"slo_attainment": 1.0}, trust={"verdict": "faithful"})
+
+    monkeypatch.setattr(emulator.run, "choose_time_dilation", pilots)
+    monkeypatch.setattr(emulator.run, "run", run)
+    quickstart = load_clusters(example("quickstart.yaml"))[0]
+    sweep(quickstart, example("quickstart.yaml"), [4.0, 8.0], simulate_only=False, requests=200)
+    assert piloted == [200, 200] and ran == [3.0, 3.0]
+    piloted.clear()
+    ran.clear()
+    sweep(with_time_dilation(quickstart, 2.0), example("quickstart.yaml"), [4.0], simulate_only=False, requests=200)
+    sweep(quickstart, example("quickstart.yaml"), [4.0], simulate_only=False, requests=20)  # one pilot's worth
+    assert piloted == [] and ran == [2.0, 1.0]
+
+
 def test_the_sweep_tables_trust_column_names_the_dilation_that_would_fix_a_rate():
     from emulator.sweep import SweepPoint, trust_mark
 
     assert trust_mark(SweepPoint(8.0, {})) == ""  # simulated
-    assert trust_mark(SweepPoint(8.0, {}, {"verdict": "faithful"})) == "faithful"
+    assert trust_mark(SweepPoint(8.0, {}, {"verdict": "faithful", "time_dilation": 1.0})) == "faithful"
+    assert trust_mark(SweepPoint(20.0, {}, {"verdict": "faithful", "time_dilation": 2.0})) == "faithful at D=2"
     degraded = {"verdict": "degraded", "suggested_time_dilation": 4.0}
     assert trust_mark(SweepPoint(30.0, {}, degraded)) == "NOT faithful (timeDilation 4 would be)"
 
