@@ -423,7 +423,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from emulator.overrides import apply_overrides
     from emulator.report import print_summary_table
     from emulator.run import run
-    from emulator.spec import sets_time_dilation
     from emulator.workload.plan import plan_for
 
     locust = None
@@ -438,25 +437,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides = dataclasses.replace(overrides, concurrency=None, duration=None)
     cluster = apply_overrides(_one_cluster(args), overrides)
     plan = plan_for(cluster, os.path.dirname(os.path.abspath(args.spec)))
-    asked = args.time_dilation
-    if asked is None and not sets_time_dilation(cluster):  # the host decides, where pilots can measure it
-        from emulator.run import why_no_pilots
+    if args.time_dilation is None:  # the spec's D, or the host's where the spec sets none
+        from emulator.run import host_chosen_dilation
 
-        reason = why_no_pilots(plan, locust)
-        if reason is None:
-            asked = "auto"
-            print("time dilation: the spec sets none, so pilots choose it (set spec.emulation.timeDilation or"
-                  " --time-dilation to skip them)", file=sys.stderr)  # fmt: skip
-        else:
-            print(f"time dilation: the spec sets none and {reason}: running at D=1 (the report says whether"
-                  " this host kept time, and the D that would)", file=sys.stderr)  # fmt: skip
-    if asked == "auto":
+        cluster = host_chosen_dilation(cluster, args.spec, plan, args.shaping, locust)
+    elif args.time_dilation == "auto":
         from emulator.run import choose_time_dilation
 
         if locust is not None:
             raise SpecError(["--time-dilation auto: pilots replay the spec's plan; with --workload give a number"])
         cluster = choose_time_dilation(cluster, args.spec, plan, args.shaping)
-    elif asked is not None:
+    else:
         from emulator.spec import with_time_dilation
 
         try:

@@ -24,7 +24,7 @@ from emulator.cluster.local import LocalCluster
 from emulator.faults.accounting import fault_accounting
 from emulator.locust_driver import LocustLoad, run_locust
 from emulator.results import RequestRecord, goodput, summarize
-from emulator.spec import InferenceCluster, with_time_dilation
+from emulator.spec import InferenceCluster, sets_time_dilation, with_time_dilation
 from emulator.trust import trust_verdict
 from emulator.workload.clients import ClientBehaviour
 from emulator.workload.plan import RequestPlan
@@ -343,6 +343,28 @@ def why_no_pilots(plan: RequestPlan, locust: LocustLoad | None) -> str | None:
     if len(pilot_plan(plan).requests) >= len(plan.requests):
         return f"the plan's {len(plan.requests)} requests are no more than one pilot"
     return None
+
+
+def host_chosen_dilation(
+    cluster: InferenceCluster,
+    spec_path: str,
+    plan: RequestPlan,
+    shaping: str = "auto",
+    locust: LocustLoad | None = None,
+) -> InferenceCluster:
+    """The cluster at the dilation its run uses when the command line names none: the spec's own, or,
+    when the spec sets none, the one pilots choose (``choose_time_dilation``) where they can replay a
+    part of the plan, else D=1; stderr says which (``infemu run`` and each rate of ``infemu sweep``)."""
+    if sets_time_dilation(cluster):
+        return cluster
+    reason = why_no_pilots(plan, locust)
+    if reason is not None:
+        print(f"time dilation: the spec sets none and {reason}: running at D=1 (the report says whether"
+              " this host kept time, and the D that would)", file=sys.stderr)  # fmt: skip
+        return cluster
+    print("time dilation: the spec sets none, so pilots choose it (set spec.emulation.timeDilation or"
+          " --time-dilation to skip them)", file=sys.stderr)  # fmt: skip
+    return choose_time_dilation(cluster, spec_path, plan, shaping)
 
 
 def choose_time_dilation(

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from emulator.overrides import WorkloadOverrides, apply_overrides
-from emulator.spec import InferenceCluster, sets_time_dilation
+from emulator.spec import InferenceCluster
 from emulator.workload.plan import plan_for
 
 
@@ -40,12 +40,10 @@ def sweep(
 
             points.append(SweepPoint(rate, simulate(c, plan).summary))
         else:
-            from emulator.run import choose_time_dilation, run, why_no_pilots
+            from emulator.run import host_chosen_dilation, run
 
-            if not sets_time_dilation(c) and why_no_pilots(plan, None) is None:
-                # as `infemu run` does: each rate's own load decides the dilation its host needs
-                c = choose_time_dilation(c, spec_path, plan, shaping)
-            result = run(c, spec_path, plan, None, shaping=shaping)
+            # as `infemu run` does: each rate's own load decides the dilation its host needs
+            result = run(host_chosen_dilation(c, spec_path, plan, shaping), spec_path, plan, None, shaping=shaping)
             points.append(SweepPoint(rate, result.summary, result.trust))
     return points
 

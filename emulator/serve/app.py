@@ -517,10 +517,6 @@ class Worker:
             def tokens_due() -> bytes:
                 """The due tokens as SSE events, one per token."""
                 nonlocal position, due
-                if due == 1 and not counted and not texts:  # a step's one token: the common case, kept lean
-                    position += 1
-                    due = 0
-                    return head + output_token_json(seed, position - 1) + tail
                 events = []
                 for _ in range(due):
                     text = json_text(texts[position]) if texts else output_token_json(seed, position)
