@@ -23,15 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from aiohttp import (
-    ClientConnectorError,
-    ClientError,
-    ClientSession,
-    ClientTimeout,
-    ConnectionTimeoutError,
-    TCPConnector,
-    web,
-)
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from emulator.engine.hashing import hashes_from_tokens
@@ -40,6 +32,7 @@ from emulator.router.backends import Backend, BackendPool
 from emulator.router.pipeline import PipelineRunner
 from emulator.router.policies import KVAware, NoEndpointError, RoutingRequest, make_policy
 from emulator.router.resilience import Resilience, RetryBudget, overloaded
+from emulator.router.upstream import Answer, NoFirstByte, UpstreamError, UpstreamPool
 from emulator.serve.app import (
     ARRIVAL_HEADER,
     FIRST_DUE_HEADER,
@@ -161,7 +154,8 @@ class Router:
             registry=self.registry,
         )
         self.pool.on_eject = lambda b, reason: self.ejections.labels(b.name, reason).inc()
-        self.session: ClientSession | None = None
+        self.session: ClientSession | None = None  # the router's own calls: retrievers, pipeline stages
+        self.upstream: UpstreamPool | None = None  # the requests it routes: answers relayed as they arrive
         self.pipelines = PipelineRunner(self, list(settings.retrievers), self.registry)
 
     async def start(self) -> None:
@@ -170,10 +164,13 @@ class Router:
             timeout=ClientTimeout(total=None, sock_connect=self.res.connect_s, sock_read=None),
             connector=TCPConnector(limit=0),
         )
+        self.upstream = UpstreamPool(self.res.connect_s)
         await self.pool.start()
 
     async def stop(self) -> None:
         await self.pool.stop()
+        if self.upstream is not None:
+            self.upstream.close()
         if self.session is not None:
             await self.session.close()
 
@@ -335,7 +332,7 @@ class Router:
             )
         except BackendFailed as exc:
             return await state.fail(APIError(502, str(exc), None, "backend_failed", "ServiceUnavailable"))
-        except ClientError as exc:  # a backend's connection broke where no path above converted it
+        except (ClientError, UpstreamError) as exc:  # a backend's connection broke where no path above converted it
             log.exception("backend connection broke outside the relay")
             return await state.fail(
                 APIError(502, f"a backend failed: {exc}", None, "backend_failed", "ServiceUnavailable")
@@ -373,7 +370,6 @@ class Router:
     ) -> web.StreamResponse:
         """Forward body to backend and relay its answer; BackendFailed only while nothing was sent.
         Every failure of the backend (not of the request) is reported to the circuit breaker."""
-        assert self.session is not None
         backend.in_flight += 1
         try:
             return await self._relay_once(backend, path, body, state, raw)
@@ -422,33 +418,24 @@ class Router:
         raw: bytes | None,
         streamed: bool | None = None,
         probe: bool | None = None,
-    ):
-        """POST to the backend and wait for its response headers, within the first-byte timeout when the
+    ) -> Answer:
+        """POST to the backend and wait for its answer's headers, within the first-byte timeout when the
         answer is ``streamed`` (the client's choice unless told)."""
-        assert self.session is not None
+        assert self.upstream is not None
         if backend.unreachable:
             raise BackendFailed(f"{backend.name} is partitioned from the router", refused=True)
         headers = self._headers(state, probe=state.probe if probe is None else probe)
-        if raw is not None:  # unchanged body: forward the client's bytes, no re-encoding
-            call = self.session.post(
-                f"{backend.url}{path}", data=raw, headers={"Content-Type": "application/json", **headers}
-            )
-        else:
-            call = self.session.post(f"{backend.url}{path}", json=body, headers=headers)
+        data = raw if raw is not None else json.dumps(body).encode()  # unchanged: the client's own bytes
         # a non-streamed answer comes whole at the end: only the request's deadline bounds it
         wait = self.res.first_byte_s if (state.stream if streamed is None else streamed) else None
+        head_by = None if wait is None else asyncio.get_running_loop().time() + wait
         try:
-            return await asyncio.wait_for(call, wait)
-        except (ClientConnectorError, ConnectionRefusedError, ConnectionTimeoutError) as exc:
-            # never reached it (aiohttp's connect timeout is a TimeoutError too: caught here first)
-            raise BackendFailed(str(exc), refused=True) from None
-        except asyncio.TimeoutError as exc:
-            if wait is None:  # no first-byte deadline: a timeout of aiohttp's own
-                raise BackendFailed(f"{backend.name}: {exc}") from None
+            return await self.upstream.post(backend.url, path, data, headers, head_by)
+        except UpstreamError as exc:
+            raise BackendFailed(f"{backend.name}: {exc}", refused=exc.refused) from None
+        except asyncio.TimeoutError:
             self.timeouts.labels("first_byte").inc()
             raise BackendFailed(f"{backend.name} sent no response within {wait:.1f} s") from None
-        except (ClientError, OSError) as exc:
-            raise BackendFailed(str(exc)) from None
 
     async def _relay_once(
         self, backend: Backend, path: str, body: dict, state: _ClientStream, raw: bytes | None
@@ -458,10 +445,10 @@ class Router:
         first_by = asyncio.get_running_loop().time() + self.res.first_byte_s
         resp = await self._open(backend, path, body, state, raw)
         async with resp:
-            whole = resp.status >= 400 or "text/event-stream" not in resp.headers.get("Content-Type", "")
+            whole = resp.status >= 400 or "text/event-stream" not in resp.headers.get("content-type", "")
             try:
                 data = await resp.read() if whole else b""
-            except (ClientError, asyncio.TimeoutError, OSError) as exc:  # it died while answering
+            except OSError as exc:  # it died while answering (UpstreamError)
                 raise BackendFailed(f"{backend.name} broke off its answer: {exc}") from None
             if resp.status >= 500:
                 raise BackendFailed(f"status {resp.status}: {_message_of(data)}")
@@ -471,11 +458,11 @@ class Router:
                 self.requests.labels(backend.name, "ok" if resp.status < 400 else "client_error").inc()
                 return await state.whole(data, resp.status)
             try:
-                await _relay_blocks(resp, state, self.res.idle_s, first_by)
-            except _NoFirstByte:
+                await resp.relay(state.write_now, state.write, self.res.idle_s, first_by)
+            except NoFirstByte:
                 self.timeouts.labels("first_byte").inc()
                 raise BackendFailed(f"{backend.name} sent no response within {self.res.first_byte_s:.1f} s") from None
-            except (ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (asyncio.TimeoutError, UpstreamError) as exc:
                 stalled = isinstance(exc, asyncio.TimeoutError)
                 if stalled:
                     self.timeouts.labels("idle").inc()
@@ -558,7 +545,6 @@ class Router:
         self, path: str, prefill_body: dict, rr: RoutingRequest, state: _ClientStream
     ) -> dict | web.StreamResponse:
         """The prefill leg: its answer, or the response that already answered the client."""
-        assert self.session is not None
         tried: set[str] = set()
         prefills = [b for b in self.pool.by_role(*PRODUCERS) if b.healthy]
         self._admit(prefills)
@@ -582,7 +568,7 @@ class Router:
                 self.pool.mark_ok(p)
                 self.requests.labels(p.name, "ok").inc()
                 return first
-            except (BackendFailed, ClientError, OSError, ValueError) as exc:
+            except (BackendFailed, OSError, ValueError) as exc:
                 log.warning("prefill %s failed: %s", p.name, exc)
                 self.pool.mark_failed(p, refused=isinstance(exc, BackendFailed) and exc.refused)
                 self.requests.labels(p.name, "retried").inc()
@@ -663,55 +649,6 @@ class Router:
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+: a rescheduled deadline, no task per await
 
 
-# a stream's stall is declared between idle_s and idle_s * (1 + IDLE_SLACK) of silence: moving its
-# deadline at every read (two timer operations per streamed block) cost more than relaying the block
-IDLE_SLACK = 1 / 64
-
-
-class _NoFirstByte(Exception):
-    """The stream's headers came, its first body byte not by the first-byte deadline."""
-
-
-async def _relay_blocks(resp, state: _ClientStream, idle_s: float, first_by: float | None = None) -> None:
-    """Relay whole reads, not line by line, until the backend ends the stream; a silence past
-    ``idle_s`` is a stall (TimeoutError). The first read waits until ``first_by`` (loop time; None:
-    ``idle_s``), past which it is no response at all (_NoFirstByte). One deadline moved forward now
-    and then instead of a ``wait_for`` per read, which wraps every read in a task of its own (the
-    relay's largest cost per token)."""
-    read = resp.content.readany
-    if first_by is not None:
-        try:
-            block = await asyncio.wait_for(read(), max(first_by - asyncio.get_running_loop().time(), 0.0))
-        except asyncio.TimeoutError:
-            raise _NoFirstByte from None
-        if not block:
-            return
-        await state.write(block)
-    if _timeout is None:
-        while block := await asyncio.wait_for(read(), idle_s):
-            await state.write(block)
-        return
-    loop = asyncio.get_running_loop()
-    slack = idle_s * IDLE_SLACK
-    async with _timeout(idle_s) as deadline:
-        armed = loop.time()
-        while True:
-            block = await read()
-            if not block:
-                return
-            if state.writes_at_once(len(block)):
-                await state.write(block)  # cannot wait: the read deadline need not pause for it
-                now = loop.time()
-                if now - armed > slack:  # moved only once in a while: never before idle_s of silence
-                    armed = now
-                    deadline.reschedule(now + idle_s + slack)
-            else:
-                deadline.reschedule(None)  # the write has its own limit (a client that does not read)
-                await state.write(block)
-                armed = loop.time()
-                deadline.reschedule(armed + idle_s + slack)
-
-
 class _ClientStream:
     """What the client has been sent so far: decides between retrying and an explicit error."""
 
@@ -739,6 +676,7 @@ class _ClientStream:
         self.tokens = 0
         self.ok = False
         self._held = b""  # bytes that go out with the first write (the client is told nothing before)
+        self._now = asyncio.get_running_loop().time
 
     def hold(self, data: bytes) -> None:
         """Send ``data`` ahead of the first bytes written, not now: until then a failed backend may still
@@ -751,10 +689,8 @@ class _ClientStream:
         mark: a transport at or below the low mark is not paused, and a write that keeps it there does
         not pause it."""
         transport = self.request.transport
-        if self.resp is None or transport is None:
+        if self._low_water is None or transport is None:  # not prepared yet, or the client is gone
             return False
-        if self._low_water is None:
-            self._low_water = transport.get_write_buffer_limits()[0]
         return transport.get_write_buffer_size() + size <= self._low_water
 
     async def _prepare(self) -> web.StreamResponse:
@@ -762,11 +698,29 @@ class _ClientStream:
             self.resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await self.resp.prepare(self.request)
             self._frame = body_framer(self.resp)
+            if (transport := self.request.transport) is not None:
+                self._low_water = transport.get_write_buffer_limits()[0]
         return self.resp
 
+    def write_now(self, line: bytes) -> bool:
+        """Write ``line`` straight to the client's socket if that cannot wait (the headers are out, nothing
+        is held and the socket takes it without pausing), framed as ``resp.write`` frames it; False leaves
+        it to ``write``. The relay calls this where a backend's block is parsed: a coroutine per block cost
+        more than the write."""
+        if not self.started or self._held:
+            return False
+        transport = self.request.transport
+        if self._low_water is None or transport is None:
+            return False
+        if transport.get_write_buffer_size() + len(line) > self._low_water:
+            return False
+        if transport.is_closing():
+            raise ClientGone("the client closed the connection")
+        transport.write(self._frame(line))
+        self._sent(line)
+        return True
+
     async def write(self, line: bytes) -> None:
-        if b"data: [DONE]" in line[-16:]:
-            self.done = True
         if self._held:
             line, self._held = self._held + line, b""
         try:
@@ -790,6 +744,12 @@ class _ClientStream:
             self.write_timed_out = True
             raise ClientGone(f"the client took no bytes for {self.write_timeout_s} s") from None
         self.started = True
+        self._sent(line)
+
+    def _sent(self, line: bytes) -> None:
+        """What the client now has: the tokens counted by their events, the stream's end."""
+        if b"data: [DONE]" in line[-16:]:
+            self.done = True
         n = (
             line.count(b'"text":"')
             - line.count(b'"text":"",')
@@ -797,7 +757,7 @@ class _ClientStream:
             - line.count(b'"content":""')
         )
         if n > 0:
-            now = asyncio.get_running_loop().time()
+            now = self._now()
             if self.first_token_at is None:
                 self.first_token_at = now
             self.last_token_at = now
