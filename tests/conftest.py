@@ -82,6 +82,27 @@ def metric_value(url: str, sample: str, **labels: str) -> float:
     return sum(values)
 
 
+def metric_samples(text: str) -> dict:
+    """An exposition's samples by (name, finished_reason label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(text)
+    return {(s.name, s.labels.get("finished_reason")): s.value for f in families for s in f.samples}
+
+
+async def until_aborted(worker) -> dict:
+    """Poll a worker's /metrics (an aiohttp TestClient) until it has counted one aborted request, which it
+    does at the first write after its client left; its samples then."""
+    import asyncio
+
+    for _ in range(500):
+        await asyncio.sleep(0.01)
+        now = metric_samples(await (await worker.get("/metrics")).text())
+        if now[("vllm:request_success_total", "abort")] == 1.0:
+            return now
+    raise AssertionError("the request was never counted as aborted")
+
+
 def skip_if_workers_overloaded(urls: list[str]) -> None:
     """A timing gate's escape on a busy host: when any worker measured its own engine steps waking too
     late to be faithful (``infemu_emulation_overloaded``), the host, not the code, is what failed; skip

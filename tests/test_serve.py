@@ -8,7 +8,7 @@ import os
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import ROOT, example
+from conftest import ROOT, example, metric_samples, until_aborted
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulator.serve.app import WorkerSettings, create_app
@@ -800,13 +800,6 @@ async def test_a_client_that_leaves_mid_stream_aborts_its_request_quietly(caplog
     worker's log (aiohttp logged one per stream, ~1.5 ms of CPU each, when the handler raised)."""
     import logging
 
-    def samples(text: str) -> dict:
-        return {
-            (s.name, s.labels.get("finished_reason")): s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-        }
-
     body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
 
     class WorkerServer(TestServer):
@@ -822,15 +815,9 @@ async def test_a_client_that_leaves_mid_stream_aborts_its_request_quietly(caplog
         resp = await c.post("/v1/completions", json=body)
         assert resp.status == 200
         await resp.content.readline()  # the stream runs
-        assert samples(await (await c.get("/metrics")).text())[("vllm:num_requests_running", None)] == 1.0
+        assert metric_samples(await (await c.get("/metrics")).text())[("vllm:num_requests_running", None)] == 1.0
         resp.close()  # and the client leaves
-        for _ in range(500):  # until the worker has noticed (its next step's write)
-            await asyncio.sleep(0.01)
-            now = samples(await (await c.get("/metrics")).text())
-            if now[("vllm:request_success_total", "abort")] == 1.0:
-                break
-        else:
-            raise AssertionError("the request was never counted as aborted")
+        now = await until_aborted(c)
         assert now[("vllm:num_requests_running", None)] == 0.0
         assert now[("vllm:request_success_total", "length")] == 0.0
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]

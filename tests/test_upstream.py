@@ -224,8 +224,7 @@ async def test_routed_streams_share_a_kept_connection_and_a_client_that_leaves_a
     then leaves mid-stream makes the router drop its connection to the worker, which counts the
     request as vLLM's aborted one and frees its sequence."""
     from aiohttp.test_utils import TestClient
-    from conftest import example
-    from prometheus_client.parser import text_string_to_metric_families
+    from conftest import example, until_aborted
 
     from emulator.router.proxy import RouterSettings, create_router_app
     from emulator.serve.app import WorkerSettings, create_app
@@ -238,13 +237,6 @@ async def test_routed_streams_share_a_kept_connection_and_a_client_that_leaves_a
 
         async def _make_runner(self, **kwargs):
             return await super()._make_runner(**{**kwargs, "handler_cancellation": False})
-
-    def samples(text: str) -> dict:
-        return {
-            (s.name, s.labels.get("finished_reason")): s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-        }
 
     peers: set = set()
 
@@ -269,11 +261,5 @@ async def test_routed_streams_share_a_kept_connection_and_a_client_that_leaves_a
             assert resp.status == 200
             await resp.content.readline()  # the stream runs
             resp.close()  # and the client leaves
-            for _ in range(500):
-                await asyncio.sleep(0.01)
-                now = samples(await (await worker.get("/metrics")).text())
-                if now[("vllm:request_success_total", "abort")] == 1.0:
-                    break
-            else:
-                raise AssertionError("the worker never counted the request as aborted")
+            now = await until_aborted(worker)
             assert now[("vllm:num_requests_running", None)] == 0.0
