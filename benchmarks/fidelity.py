@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from emulator.calibration import fit as F
 from emulator.calibration.express import SIMULATION_BUDGET_TOKENS, TEMPLATES, Skip, express, over_budget
-from emulator.calibration.rows import DEFAULT_PATH, dedupe, load_rows
+from emulator.calibration.rows import DEFAULT_PATH, copies_expressed, dedupe, load_rows
 from emulator.calibration.score import (
     TREND_MIN_ROWS,
     RowOutcome,
@@ -114,7 +114,8 @@ def main() -> int:
         print(f"error: {args.data}: no such file; pass --data PATH to silicon_calibration.csv", file=sys.stderr)
         return 2
 
-    rows = select(dedupe(load_rows(args.data)), args)
+    every_row = load_rows(args.data)
+    rows = select(dedupe(every_row), args)
     t0 = time.perf_counter()
     outcomes: dict[str, RowOutcome] = {}
     expressed = []
@@ -158,6 +159,12 @@ def main() -> int:
     results = list(outcomes.values())
     families = score(results)
     head = headline(results)
+    if not args.limit:  # the data set's rows of the families run, copies included (the count)
+        every_row = select(every_row, args)
+        head["csv_rows"] = len(every_row)
+        head["csv_rows_expressed"] = copies_expressed(
+            every_row, [o.row for o in results if o.skip is None or o.expressible]
+        )
     wall = time.perf_counter() - t0
     label = "in-sample" if args.no_cv else "cross-validated"
     print(f"\nfidelity against {os.path.basename(args.data)} ({label}; |predicted/measured - 1| of mean TTFT and TPOT)")
@@ -193,9 +200,14 @@ def main() -> int:
         f"disaggregated ({head['disagg_rows']} rows): TTFT {show(head['disagg_ttft_median_pct'])},"
         f" TPOT {show(head['disagg_tpot_median_pct'])}"
     )
+    copies = (
+        f"; {head['csv_rows_expressed']} of the data set's {head['csv_rows']} rows, copies counted (target >= 3000)"
+        if "csv_rows" in head
+        else ""
+    )
     print(
-        f"rows expressed: {head['expressed']} of {head['rows']} (target >= 3000), {head['simulated']} simulated;"
-        f" {wall:.0f} s"
+        f"measurements expressed: {head['expressed']} of {head['rows']} (each counted once){copies};"
+        f" {head['simulated']} simulated; {wall:.0f} s"
     )
     correction = per_group_correction(results)
     if correction["rows"]:
