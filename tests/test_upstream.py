@@ -263,3 +263,22 @@ async def test_routed_streams_share_a_kept_connection_and_a_client_that_leaves_a
             resp.close()  # and the client leaves
             now = await until_aborted(worker)
             assert now[("vllm:num_requests_running", None)] == 0.0
+
+
+async def test_a_kept_connection_the_backend_closed_is_replaced_without_failing_the_request():
+    """The backend answers keep-alive (HTTP/1.1, no Connection: close) and then closes every connection:
+    each next request finds its kept connection closed, at once or while it is sent, and goes out on a
+    new one."""
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+
+    server, url = await _raw_backend(answer)
+    pool = UpstreamPool(connect_s=2.0)
+    async with server:
+        for i in range(6):
+            async with await pool.post(url, "/x", b"{}", {}) as ans:
+                assert ans.status == 200 and await ans.read() == b"{}"
+            if i % 2:
+                await asyncio.sleep(0.05)  # the close has arrived: the kept connection is gone before it is taken
+    pool.close()
