@@ -173,6 +173,12 @@ async def test_a_head_that_never_completes_times_out_and_an_oversized_one_is_an_
         writer.write(b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"a" * 2000 + b"\r\n" * 1)
         writer.write(b"X-More: " + b"b" * 2000 + b"\r\nContent-Length: 0\r\n\r\n")
 
+    async def endless_header(writer: asyncio.StreamWriter) -> None:  # one value that never ends
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Filler: ")
+        for _ in range(100):
+            writer.write(b"a" * 1000)
+            await writer.drain()
+
     loop = asyncio.get_running_loop()
     pool = UpstreamPool(connect_s=2.0)
     server, url = await _raw_backend(half_head)
@@ -181,6 +187,10 @@ async def test_a_head_that_never_completes_times_out_and_an_oversized_one_is_an_
             await pool.post(url, "/x", b"{}", {}, loop.time() + 0.3)
     monkeypatch.setattr(upstream, "MAX_HEADER_BYTES", 3000)
     server, url = await _raw_backend(huge_head)
+    async with server:
+        with pytest.raises(UpstreamError, match="headers exceed 3000 bytes"):
+            await pool.post(url, "/x", b"{}", {}, loop.time() + 5)
+    server, url = await _raw_backend(endless_header)
     async with server:
         with pytest.raises(UpstreamError, match="headers exceed 3000 bytes"):
             await pool.post(url, "/x", b"{}", {}, loop.time() + 5)

@@ -63,6 +63,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers: dict[str, str] = {}  # by lower-case name
         self._header_bytes = 0
+        self._head_rx = 0  # bytes received while the head is incomplete
         self.head: asyncio.Future[None] = self.loop.create_future()
         self.complete = False
         self.keep_alive = False
@@ -89,6 +90,12 @@ class _Connection(asyncio.Protocol):
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
             self._fail(cause if isinstance(cause, UpstreamError) else UpstreamError(f"a malformed answer: {exc}"))
             self.close()
+            return
+        if not self.head.done():  # httptools gathers a header's value whole before on_header sees it
+            self._head_rx += len(data)
+            if self._head_rx > MAX_HEADER_BYTES:
+                self._fail(UpstreamError(f"the answer's headers exceed {MAX_HEADER_BYTES} bytes"))
+                self.close()
 
     def eof_received(self) -> bool:
         return False  # the transport closes: connection_lost says what that meant
