@@ -683,16 +683,6 @@ class _ClientStream:
         be replaced by another, which only an untouched response allows."""
         self._held += data
 
-    def writes_at_once(self, size: int) -> bool:
-        """Whether a write of ``size`` bytes cannot wait. aiohttp's write waits only while the transport
-        has paused its writers, which it does past its high-water mark and undoes at its low-water
-        mark: a transport at or below the low mark is not paused, and a write that keeps it there does
-        not pause it."""
-        transport = self.request.transport
-        if self._low_water is None or transport is None:  # not prepared yet, or the client is gone
-            return False
-        return transport.get_write_buffer_size() + size <= self._low_water
-
     async def _prepare(self) -> web.StreamResponse:
         if self.resp is None:
             self.resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -706,14 +696,16 @@ class _ClientStream:
         """Write ``line`` straight to the client's socket if that cannot wait (the headers are out, nothing
         is held and the socket takes it without pausing), framed as ``resp.write`` frames it; False leaves
         it to ``write``. The relay calls this where a backend's block is parsed: a coroutine per block cost
-        more than the write."""
+        more than the write.
+
+        Such a write cannot wait: aiohttp's write waits only while the transport has paused its writers,
+        which it does past its high-water mark and undoes at its low-water mark, so a transport at or
+        below the low mark is not paused, and a write that keeps it there does not pause it."""
         if not self.started or self._held:
             return False
-        transport = self.request.transport
-        if self._low_water is None or transport is None:
-            return False
-        if transport.get_write_buffer_size() + len(line) > self._low_water:
-            return False
+        transport, low = self.request.transport, self._low_water
+        if transport is None or low is None or transport.get_write_buffer_size() + len(line) > low:
+            return False  # the client is gone, or its socket is backed up: the awaited write decides
         if transport.is_closing():
             raise ClientGone("the client closed the connection")
         transport.write(self._frame(line))
@@ -723,16 +715,11 @@ class _ClientStream:
     async def write(self, line: bytes) -> None:
         if self._held:
             line, self._held = self._held + line, b""
+        if self.write_now(line):  # the socket takes it without pausing: no coroutine of aiohttp's
+            return
         try:
             resp = self.resp or await self._prepare()
-            if self.started and self.writes_at_once(len(line)):
-                # the headers are out and the socket takes it without pausing: straight to the socket,
-                # framed as resp.write frames it (its coroutine cost more than the write)
-                transport = self.request.transport
-                if transport.is_closing():
-                    raise ConnectionResetError("the client closed the connection")
-                transport.write(self._frame(line))
-            elif self.write_timeout_s is None or _timeout is None:
+            if self.write_timeout_s is None or _timeout is None:
                 await asyncio.wait_for(resp.write(line), self.write_timeout_s)
             else:  # a deadline without the task wait_for makes around every write
                 async with _timeout(self.write_timeout_s):

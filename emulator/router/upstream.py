@@ -71,7 +71,6 @@ class _Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self.body: collections.deque[bytes] = collections.deque()
         self.body_bytes = 0
-        self.body_limit = MAX_WHOLE_BYTES
         self.sink: Sink | None = None
         self.last_rx = 0.0
         self.paused = False
@@ -112,9 +111,6 @@ class _Connection(asyncio.Protocol):
         self._fail(UpstreamError(f"the backend closed the connection before its answer ended{why}"))
 
     # ---- httptools callbacks -------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.complete = False
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > MAX_HEADER_BYTES:
@@ -139,8 +135,8 @@ class _Connection(asyncio.Protocol):
                 return
             self.pause()  # the client's socket is backed up: the backend's bytes wait in the kernel
         self.body_bytes += len(body)
-        if self.sink is None and self.body_bytes > self.body_limit:
-            raise UpstreamError(f"the answer exceeds {self.body_limit} bytes")
+        if self.sink is None and self.body_bytes > MAX_WHOLE_BYTES:
+            raise UpstreamError(f"the answer exceeds {MAX_WHOLE_BYTES} bytes")
         self.body.append(body)
         self._wake()
 
