@@ -11,7 +11,8 @@ while the streamed tokens/s (wall) shrink D-fold.
     python benchmarks/emulation_capacity.py [--sizes 1,2,4,8,16,32] [--seconds 15] [--clients-per-instance 8]
     python benchmarks/emulation_capacity.py --sizes 32 --per-process 16   # 32 instances on 2 worker processes
     python benchmarks/emulation_capacity.py --profile 8,256 --seconds 10   # CPU per token, and where it goes
-    python benchmarks/emulation_capacity.py --sizes 32,64 --per-process 8 --find-dilation   # the D each size needs
+    python benchmarks/emulation_capacity.py --sizes 32,64 --per-process 8 --find-dilation   # the D each size needs,
+        # and the smallest D whose step-timing error p99 is within 1 emulated ms (issue 17's bound)
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from emulator.cluster.local import LocalCluster
 from emulator.trust import MIN_TIMED_STEPS
 
 MODEL = "llama-3.1-8b"
+# issue 17's bound on the step-timing error p99, in emulated time (the workers' own verdict is stricter:
+# 5% of a step, 0.35 ms for this model's ~7 ms decode steps)
+BOUND_EMULATED_MS = 1.0
 
 
 def spec_for(n: int, dilation: float, per_process: int = 1, stream_interval: int = 1) -> dict:
@@ -350,25 +354,33 @@ def find_dilations(sizes: list[int], args: argparse.Namespace) -> None:
     overloaded: what `infemu run --time-dilation auto` would settle on for this load, searched exhaustively."""
     found = []
     for n in sizes:
-        dilation = args.dilation
+        dilation, within = args.dilation, None
         while True:
             # a step lasts ~7 ms x D: long enough for every worker to time the steps its verdict needs
             seconds = max(args.seconds, 0.6 * dilation)
             row = run_size(n, seconds, args.clients_per_instance, dilation, args.per_process, args.stream_interval)
             if not args.json:
                 print_row(row)
+            if within is None and row["measured"] and row["worst_p99_ms"] / dilation <= BOUND_EMULATED_MS:
+                within = dilation
             if row["faithful"] or dilation >= 64:
                 break
             dilation *= 2
-        found.append(row)
+        found.append({**row, "within_bound_from": within})
     if args.json:
         print(json.dumps(found))
         return
     for row in found:
+        within = row["within_bound_from"]
         print(
             f"{row['instances']} instances: "
             + (f"faithful from D={row['dilation']:g}" if row["faithful"] else "not faithful at D=64")
-            + f" (worst step-timing error p99 {row['worst_p99_ms'] / row['dilation']:.2f} emulated ms)"
+            + f" (worst step-timing error p99 {row['worst_p99_ms'] / row['dilation']:.2f} emulated ms); "
+            + (
+                f"p99 within {BOUND_EMULATED_MS:g} emulated ms from D={within:g}"
+                if within is not None
+                else f"p99 over {BOUND_EMULATED_MS:g} emulated ms at every D tried"
+            )
         )
 
 

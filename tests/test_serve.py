@@ -988,3 +988,55 @@ async def test_malformed_chat_bodies_are_the_workers_400_even_through_a_prefix_a
                     resp = await client.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, **body})
                     assert resp.status == 400, (body, await resp.text())
                     assert (await resp.json())["error"]["code"] == "invalid_value"
+
+
+async def test_engines_ending_steps_in_one_wake_up_deliver_before_either_launches_its_next_step(tmp_path):
+    """Instances sharing a worker process (instancesPerProcess) end their steps in the same wake-up when
+    their deadlines coincide. Each step's tokens are what the clients see; launching the next step
+    (scheduling, pricing, metrics) is the engine's own bookkeeping, and its next step starts at the
+    deadline whenever that runs. So every engine due in the wake-up delivers first, and the launches
+    follow: otherwise each engine's launch work lies between the next engine's deadline and its tokens.
+    Fails when an engine launches its next step inside its step's end."""
+    from emulator.engine.request import Request
+    from emulator.serve.app import WORKER
+    from emulator.serve.engine_loop import Handle
+
+    spec = tmp_path / "two.yaml"
+    spec.write_text(
+        "apiVersion: infemu.io/v1alpha1\nkind: InferenceCluster\nmetadata: {name: two}\n"
+        "spec:\n  model: llama-3.1-8b\n  pools:\n    - {name: agg, replicas: 2}\n"
+    )
+    cluster = load_clusters(str(spec))[0]
+    order: list[str] = []
+    async with (
+        TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-0")))) as a,
+        TestClient(TestServer(create_app(WorkerSettings(cluster, "agg-1")))) as b,
+    ):
+        engines = {"agg-0": a.app[WORKER].engine, "agg-1": b.app[WORKER].engine}
+        for engine in engines.values():
+            engine.api_path = None  # tokens leave at the step's end, not after a modelled API-server delay
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.05  # both admit their request at the same instant: the same deadlines
+        done = {name: loop.create_future() for name in engines}
+        for name, engine in engines.items():
+            launch = engine._try_launch
+
+            def logged(start, _name=name, _launch=launch):
+                order.append(f"launch {_name}")
+                _launch(start)
+
+            engine._try_launch = logged
+
+            def sink(ev, _name=name) -> bool:
+                if ev.kind == "tokens":
+                    order.append(f"tokens {_name}")
+                elif not done[_name].done():
+                    done[_name].set_result(None)
+                return True
+
+            handle: Handle = engine.add(Request(f"r-{name}", 16, 3, start), start_at=start)
+            handle.sink = sink
+        await asyncio.wait_for(asyncio.gather(*done.values()), 10)
+    # the first launches (at admission), then per step: both engines' tokens, then both launches
+    kinds = [entry.split()[0] for entry in order]
+    assert kinds == ["launch", "launch"] + ["tokens", "tokens", "launch", "launch"] * 3, order

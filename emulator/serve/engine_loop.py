@@ -235,8 +235,13 @@ class RealTimeEngine:
             self.loop.call_at(release, _deliver, events)
         else:
             _deliver(events)
-        # an overloaded host must not fall ever further behind: restart from now then
-        self._try_launch(deadline if lateness < 0.05 else self.now())
+        # The next step starts at this deadline whenever it is launched (an overloaded host must not fall
+        # ever further behind: from now then). Launching it is the step's own bookkeeping (scheduling,
+        # pricing, metrics), so it waits until the other steps that came due in this wake-up have
+        # delivered their tokens: engines sharing a process end their steps together, and each one's
+        # launch work lay between the next one's deadline and its tokens. 32 instances on 2 processes
+        # at D=8: worst step-timing error p99 5.5-5.6 ms before, 2.6-2.9 ms deferred (2026-11-29).
+        self.loop.call_soon(self._try_launch, deadline if lateness < 0.05 else self.now())
 
     def _finish(self, handle: Handle, reason: str) -> StreamEvent:
         req = handle.request
