@@ -205,15 +205,23 @@ class RealTimeEngine:
         self._end_step(out, deadline, duration, True)
 
     def _end_step(self, out: SchedulerOutput, deadline: float, duration: float, on_time: bool) -> None:
+        """The step's tokens to their streams; the rest waits for ``_after_step``.
+
+        Only the tokens are what the clients see. The rest is the engine's own bookkeeping: timing
+        statistics, the finished requests' histograms, and launching the next step, which starts at
+        this deadline whenever it is launched. Engines that share a process (instancesPerProcess) end
+        their steps in the same wake-up, and each one's bookkeeping lay between the next one's deadline
+        and its tokens, so it runs once the wake-up's other steps have delivered. 32 instances on 2
+        processes at D=8, worst step-timing error p99 (2026-11-29, each pair alternated in one sitting):
+        4.5-5.6 ms with all of it inside the step's end, then 2.6-3.5 ms with the launch deferred; 3.0-4.7
+        ms with the launch deferred, then 2.1-3.6 ms with the statistics and histograms deferred too."""
         lateness = self.now() - deadline
-        if on_time:  # a step held back by its exchange says nothing about this host's timer accuracy
-            self._learn_lead(lateness)
-            self._record_timing(lateness, duration)
         self.in_flight -= 1
         results = self.scheduler.update_from_output(out, deadline)
         release = self.api_path.release(deadline, len(results)) if self.api_path is not None else deadline
         events: list[tuple[Handle, StreamEvent]] = []
         firsts: list[tuple[Handle, StreamEvent]] = []
+        finished: list[Request] = []
         for ro in results:
             handle = self.handles.get(ro.request_id)
             if handle is None:
@@ -228,27 +236,30 @@ class RealTimeEngine:
                 self.handles.pop(ro.request_id, None)
                 events.append((handle, StreamEvent("error", message=handle.request.error or "request failed")))
             elif ro.finished:
-                events.append((handle, self._finish(handle, ro.finish_reason or "length")))
+                reason = ro.finish_reason or "length"
+                del self.handles[ro.request_id]
+                if reason != "remote_decode":  # a P/D prefill's request is observed where it decodes
+                    finished.append(handle.request)
+                events.append((handle, StreamEvent("finish", reason=reason)))
         if firsts:
             events = firsts + events
         if release > self.now():
             self.loop.call_at(release, _deliver, events)
         else:
             _deliver(events)
-        # The next step starts at this deadline whenever it is launched (an overloaded host must not fall
-        # ever further behind: from now then). Launching it is the step's own bookkeeping (scheduling,
-        # pricing, metrics), so it waits until the other steps that came due in this wake-up have
-        # delivered their tokens: engines sharing a process end their steps together, and each one's
-        # launch work lay between the next one's deadline and its tokens. 32 instances on 2 processes
-        # at D=8: worst step-timing error p99 5.5-5.6 ms before, 2.6-2.9 ms deferred (2026-11-29).
-        self.loop.call_soon(self._try_launch, deadline if lateness < 0.05 else self.now())
+        # an overloaded host must not fall ever further behind: the next step starts from now then
+        start = deadline if lateness < 0.05 else self.now()
+        # a step held back by its exchange says nothing about this host's timer accuracy
+        self.loop.call_soon(self._after_step, lateness if on_time else None, duration, finished, start)
 
-    def _finish(self, handle: Handle, reason: str) -> StreamEvent:
-        req = handle.request
-        del self.handles[req.request_id]
-        if reason != "remote_decode":
+    def _after_step(self, lateness: float | None, duration: float, finished: list[Request], start: float) -> None:
+        if lateness is not None:
+            self._learn_lead(lateness)  # before the launch: its timer fires early by the lead
+        self._try_launch(start)
+        if lateness is not None:
+            self._record_timing(lateness, duration)
+        for req in finished:
             self._observe_request(req)
-        return StreamEvent("finish", reason=reason)
 
     def _observe_request(self, req: Request) -> None:
         """Per-request histograms in emulated seconds (wall seconds / dilation)."""
