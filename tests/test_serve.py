@@ -1021,9 +1021,9 @@ async def test_engines_ending_steps_in_one_wake_up_deliver_before_either_launche
         for name, engine in engines.items():
             launch = engine._try_launch
 
-            def logged(start, _name=name, _launch=launch):
+            def logged(begin, _name=name, _launch=launch):
                 order.append(f"launch {_name}")
-                _launch(start)
+                _launch(begin)
 
             engine._try_launch = logged
 
